@@ -1,0 +1,139 @@
+//! The `EgressGuard` custom resource (`egressguard.io/v1alpha1`, cluster-scoped).
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Desired egress shaping for the nodes a guard selects.
+///
+/// Rates use tc's bit units (`20Mbit`), sizes tc's byte units (`15k`).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "egressguard.io",
+    version = "v1alpha1",
+    kind = "EgressGuard",
+    plural = "egressguards",
+    shortname = "eg",
+    status = "EgressGuardStatus",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"Nodes","type":"integer","jsonPath":".status.selectedNodes"}"#,
+    printcolumn = r#"{"name":"Enforced","type":"integer","jsonPath":".status.enforcedNodes"}"#,
+    printcolumn = r#"{"name":"Quarantined","type":"integer","jsonPath":".status.quarantinedNodes"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressGuardSpec {
+    /// Nodes this guard applies to; empty or absent selects every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<LabelSelector>,
+    /// Interfaces to shape; absent means the interfaces of the host's default routes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interfaces: Option<Vec<String>>,
+    /// The whole egress budget of each shaped interface.
+    pub uplink: Uplink,
+    /// Traffic to abnormal destinations, squeezed into a small class.
+    pub throttle: Throttle,
+    /// Destination CIDRs that are never throttled and are served first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub whitelist: Vec<String>,
+    /// How the operator enforces this guard.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Also whitelist the other nodes' InternalIPs (the API server endpoints always are).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protect_cluster_traffic: Option<bool>,
+}
+
+/// The egress budget of an interface.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Uplink {
+    /// Rate in tc bit units, e.g. `20Mbit`.
+    pub rate: String,
+    /// Burst in tc byte units, e.g. `15k`; default max(1600 bytes, 1 ms at rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<String>,
+}
+
+/// The throttled class and what goes into it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Throttle {
+    /// Guaranteed rate of throttled traffic, e.g. `1Mbit`.
+    pub rate: String,
+    /// Most throttled traffic may borrow up to; defaults to `rate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceil: Option<String>,
+    /// Burst in tc byte units; default max(1600 bytes, 1 ms at rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<String>,
+    /// Abnormal destinations: traffic matching any of them is throttled.
+    pub destinations: Vec<Destination>,
+}
+
+/// A destination port or inclusive port range.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Destination {
+    /// Transport protocol; `Any` means TCP or UDP.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Destination port, 1..65535.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i64,
+    /// Last port of an inclusive range starting at `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub end_port: Option<i64>,
+}
+
+/// Transport protocol of a destination.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum Protocol {
+    /// TCP only.
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+    /// UDP only.
+    #[serde(rename = "UDP")]
+    Udp,
+    /// TCP and UDP.
+    Any,
+}
+
+/// How the operator treats a guard.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Mode {
+    /// Program the selected nodes now.
+    #[default]
+    Enforce,
+    /// Program a node only while it is quarantined by a metric or alert.
+    Auto,
+    /// Compute and report everything; program nothing.
+    DryRun,
+}
+
+/// What the operator observed about a guard.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressGuardStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Standard conditions: Ready, Degraded, Conflict.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Nodes the selector matches.
+    #[serde(default)]
+    pub selected_nodes: i32,
+    /// Nodes whose agent reports the plan enforced.
+    #[serde(default)]
+    pub enforced_nodes: i32,
+    /// Nodes quarantined by a metric or alert.
+    #[serde(default)]
+    pub quarantined_nodes: i32,
+    /// Nodes whose agent reports an error.
+    #[serde(default)]
+    pub failed_nodes: i32,
+}

@@ -1,0 +1,15 @@
+//! The EgressGuard API (`egressguard.io/v1alpha1`): the custom resource, tc's
+//! units, and the one validation shared by the operator and node-shaper.
+
+pub mod guard;
+pub mod load;
+pub mod units;
+pub mod validate;
+
+pub use guard::{
+    Destination, EgressGuard, EgressGuardSpec, EgressGuardStatus, Mode, Protocol, Throttle, Uplink,
+};
+pub use validate::{validate, FieldError, ValidSpec, ValidationErrors};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,119 @@
+//! Reading EgressGuards from YAML files, as `kubectl apply -f` users write them.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::guard::EgressGuard;
+
+/// Why a file could not be turned into guards.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The YAML does not parse or does not fit the schema.
+    #[error("{path}: document {doc}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based document index in the file.
+        doc: usize,
+        /// What went wrong, with the field where known.
+        message: String,
+    },
+    /// The file holds no EgressGuard.
+    #[error("{path}: no EgressGuard found (expected apiVersion: egressguard.io/v1alpha1, kind: EgressGuard)")]
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// Loads every EgressGuard in a YAML file (documents of other kinds are skipped).
+pub fn load_file(path: &Path) -> Result<Vec<EgressGuard>, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let guards = parse_str(&text).map_err(|(doc, message)| LoadError::Parse {
+        path: path.to_path_buf(),
+        doc,
+        message,
+    })?;
+    if guards.is_empty() {
+        return Err(LoadError::Empty { path: path.to_path_buf() });
+    }
+    Ok(guards)
+}
+
+/// Parses EgressGuards from YAML text; errors carry the 1-based document index.
+pub fn parse_str(text: &str) -> Result<Vec<EgressGuard>, (usize, String)> {
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let n = i + 1;
+        let value = Value::deserialize(doc).map_err(|e| (n, e.to_string()))?;
+        if value.is_null() {
+            continue;
+        }
+        let api = value.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
+        let kind = value.get("kind").and_then(Value::as_str).unwrap_or_default();
+        if kind != "EgressGuard" {
+            continue;
+        }
+        if api != "egressguard.io/v1alpha1" {
+            return Err((n, format!("apiVersion: {api:?} is not served; use egressguard.io/v1alpha1")));
+        }
+        let guard: EgressGuard = serde_path_to_error::deserialize(value.clone())
+            .map_err(|e| (n, format!("{}: {}", e.path(), e.inner())))?;
+        let typed = serde_json::to_value(&guard).map_err(|e| (n, e.to_string()))?;
+        let mut unknown = Vec::new();
+        unknown_fields(&value, &typed, "", &mut unknown);
+        if !unknown.is_empty() {
+            let list: Vec<String> = unknown
+                .iter()
+                .map(|p| format!("{p}: unknown field; check its spelling against the API reference"))
+                .collect();
+            return Err((n, list.join("\n")));
+        }
+        out.push(guard);
+    }
+    Ok(out)
+}
+
+/// Collects paths present in the input but dropped by the typed round trip.
+fn unknown_fields(input: &Value, typed: &Value, path: &str, out: &mut Vec<String>) {
+    match (input, typed) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in a {
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                match b.get(k) {
+                    Some(tv) => unknown_fields(v, tv, &p, out),
+                    None if is_empty(v) => {}
+                    None => out.push(p),
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            for (i, (v, tv)) in a.iter().zip(b).enumerate() {
+                unknown_fields(v, tv, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
+}

@@ -1,0 +1,160 @@
+//! Validation and loading, as a table of inputs and the exact messages users see.
+
+use crate::load::parse_str;
+use crate::validate::validate;
+
+const GOOD: &str = r#"
+apiVersion: egressguard.io/v1alpha1
+kind: EgressGuard
+metadata: {name: idc-uplink}
+spec:
+  nodeSelector: {matchLabels: {site: idc-a}}
+  interfaces: [enp1s0]
+  uplink: {rate: 20Mbit, burst: 15k}
+  throttle:
+    rate: 1Mbit
+    ceil: 1Mbit
+    burst: 1k
+    destinations:
+      - {protocol: TCP, port: 80}
+      - {protocol: TCP, port: 443}
+      - {protocol: UDP, port: 8000, endPort: 8100}
+  whitelist: [203.0.113.10/32, 198.51.100.0/24, 2001:db8:1::/48]
+  mode: Enforce
+"#;
+
+fn errors_for(patch: &str) -> Vec<String> {
+    let mut value: serde_json::Value = serde_yaml::from_str(GOOD).unwrap();
+    let patch: serde_json::Value = serde_yaml::from_str(patch).unwrap();
+    merge(&mut value, patch);
+    let text = serde_yaml::to_string(&value).unwrap();
+    match parse_str(&text) {
+        Err((_, m)) => m.lines().map(str::to_string).collect(),
+        Ok(guards) => match validate(&guards[0].spec) {
+            Ok(_) => vec![],
+            Err(e) => e.0.iter().map(ToString::to_string).collect(),
+        },
+    }
+}
+
+fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
+    match (a, b) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (a, b) => *a = b,
+    }
+}
+
+#[test]
+fn the_incident_guard_is_valid() {
+    let guards = parse_str(GOOD).unwrap();
+    let v = validate(&guards[0].spec).unwrap();
+    assert_eq!(v.uplink_rate.bits_per_sec(), 20_000_000);
+    assert_eq!(v.uplink_burst.map(|b| b.bytes()), Some(15360));
+    assert_eq!(v.throttle_ceil.bits_per_sec(), 1_000_000);
+    assert_eq!(v.destinations.len(), 3);
+    assert_eq!((v.destinations[2].first, v.destinations[2].last), (8000, 8100));
+    assert_eq!(v.whitelist.len(), 3);
+}
+
+#[test]
+fn bad_inputs_name_the_field_and_the_fix() {
+    let table: &[(&str, &[&str])] = &[
+        (
+            "spec: {throttle: {destinations: [{port: 80}, {port: 443}, {protocol: UDP, port: 8000, endPort: 70000}]}}",
+            &["spec.throttle.destinations[2].endPort: 70000 is above 65535"],
+        ),
+        (
+            "spec: {throttle: {destinations: [{port: 0}]}}",
+            &["spec.throttle.destinations[0].port: 0 is below 1"],
+        ),
+        (
+            "spec: {throttle: {destinations: [{port: 443, endPort: 80}]}}",
+            &["spec.throttle.destinations[0].endPort: 80 is below port 443; endPort is the last port of an inclusive range"],
+        ),
+        (
+            "spec: {throttle: {destinations: []}}",
+            &["spec.throttle.destinations: is empty; list at least one destination, e.g. {protocol: TCP, port: 443}"],
+        ),
+        (
+            "spec: {uplink: {rate: 20mbps}}",
+            &["spec.uplink.rate: \"20mbps\" uses \"mbps\", which tc reads as bytes per second (160000000 bit/s); if you meant bits per second write \"20mbit\""],
+        ),
+        ("spec: {uplink: {rate: 0mbit}}", &["spec.uplink.rate: must be greater than 0"]),
+        (
+            "spec: {throttle: {rate: 2mbit, ceil: 1mbit}}",
+            &["spec.throttle.ceil: 1mbit is below spec.throttle.rate (2mbit); ceil must be at least rate"],
+        ),
+        (
+            "spec: {throttle: {ceil: 30mbit}}",
+            &["spec.throttle.ceil: 30mbit is above spec.uplink.rate (20mbit); throttled traffic cannot exceed the uplink"],
+        ),
+        (
+            "spec: {throttle: {rate: 20mbit, ceil: 20mbit}}",
+            &["spec.throttle.rate: 20mbit must be below spec.uplink.rate (20mbit) so ordinary and whitelisted traffic keep a share of the uplink"],
+        ),
+        (
+            "spec: {whitelist: [198.51.100.7/24]}",
+            &["spec.whitelist[0]: 198.51.100.7/24 has host bits set; the network is 198.51.100.0/24"],
+        ),
+        (
+            "spec: {whitelist: [10.0.0.0/8, 'example.com', 2001:db8::1/32]}",
+            &[
+                "spec.whitelist[1]: \"example.com\" is not a CIDR; write an address and prefix length such as 203.0.113.0/24 or 2001:db8::/48",
+                "spec.whitelist[2]: 2001:db8::1/32 has host bits set; the network is 2001:db8::/32",
+            ],
+        ),
+        ("spec: {uplink: {burst: 15kbit}}", &["spec.uplink.burst: \"15kbit\" has unknown unit \"kbit\"; use one of b, k/kb, m/mb, g/gb"]),
+        ("spec: {interfaces: [eth0, eth0]}", &["spec.interfaces[1]: \"eth0\" is listed twice"]),
+        (
+            "spec: {interfaces: [averyveryverylongname0]}",
+            &["spec.interfaces[0]: \"averyveryverylongname0\" is longer than 15 bytes, the kernel's limit for interface names"],
+        ),
+        (
+            "spec: {throttle: {destinations: [{protocol: SCTP, port: 1}]}}",
+            &["spec.throttle.destinations[0].protocol: unknown variant `SCTP`, expected one of `TCP`, `UDP`, `Any`"],
+        ),
+        (
+            "spec: {throttle: {destinations: [{port: https}]}}",
+            &["spec.throttle.destinations[0].port: invalid type: string \"https\", expected i64"],
+        ),
+        ("spec: {whitlist: [10.0.0.0/8]}", &["spec.whitlist: unknown field; check its spelling against the API reference"]),
+        // Several problems are reported together, in field order.
+        (
+            "spec: {uplink: {rate: fast}, throttle: {rate: 1mbps, destinations: [{port: 99999}]}, whitelist: [300.1.1.1/32]}",
+            &[
+                "spec.uplink.rate: \"fast\" does not start with a number; write e.g. 20Mbit",
+                "spec.throttle.rate: \"1mbps\" uses \"mbps\", which tc reads as bytes per second (8000000 bit/s); if you meant bits per second write \"1mbit\"",
+                "spec.throttle.destinations[0].port: 99999 is above 65535",
+                "spec.whitelist[0]: \"300.1.1.1/32\" is not a CIDR; write an address and prefix length such as 203.0.113.0/24 or 2001:db8::/48",
+            ],
+        ),
+    ];
+    for (patch, want) in table {
+        let got = errors_for(patch);
+        let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        assert_eq!(got, want, "for patch {patch}");
+    }
+}
+
+#[test]
+fn bare_addresses_are_host_routes_and_defaults_apply() {
+    let text = GOOD.replace("203.0.113.10/32", "203.0.113.10").replace("    ceil: 1Mbit\n", "");
+    let g = parse_str(&text).unwrap();
+    let v = validate(&g[0].spec).unwrap();
+    assert_eq!(v.whitelist[0].net.to_string(), "203.0.113.10/32");
+    assert_eq!(v.throttle_ceil, v.throttle_rate);
+    assert_eq!(g[0].spec.throttle.destinations[0].protocol, crate::Protocol::Tcp);
+}
+
+#[test]
+fn wrong_api_version_is_named() {
+    let text = GOOD.replace("egressguard.io/v1alpha1", "egressguard.io/v1");
+    assert_eq!(
+        parse_str(&text).unwrap_err(),
+        (1, "apiVersion: \"egressguard.io/v1\" is not served; use egressguard.io/v1alpha1".to_string())
+    );
+}

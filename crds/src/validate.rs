@@ -1,0 +1,291 @@
+//! One validation for every entry point (node-shaper, the operator, `validate`).
+//!
+//! It reports every problem at once, each with its field path, and turns the
+//! stringly-typed spec into checked values the planners consume.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::guard::{EgressGuardSpec, Protocol};
+use crate::units::{parse_rate, parse_size, Rate, Size};
+
+/// Nanoseconds per HTB tick on every kernel since 2.6.x (`/proc/net/psched`).
+pub const NS_PER_TICK: u64 = 64;
+
+/// One problem with one field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path of the field, e.g. `spec.throttle.destinations[2].endPort`.
+    pub path: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every problem found in a spec.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationErrors(pub Vec<FieldError>);
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A destination port range after validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    /// Protocol to match.
+    pub protocol: Protocol,
+    /// First port, inclusive.
+    pub first: u16,
+    /// Last port, inclusive.
+    pub last: u16,
+    /// Index in `spec.throttle.destinations`.
+    pub index: usize,
+}
+
+/// A whitelist entry after validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WhitelistEntry {
+    /// The network, host bits clear.
+    pub net: IpNet,
+    /// Index in `spec.whitelist`.
+    pub index: usize,
+}
+
+/// A spec whose every field has been checked and parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidSpec {
+    /// Interfaces named by the spec, if any.
+    pub interfaces: Option<Vec<String>>,
+    /// Egress budget.
+    pub uplink_rate: Rate,
+    /// Burst of the uplink class.
+    pub uplink_burst: Option<Size>,
+    /// Guaranteed rate of the throttled class.
+    pub throttle_rate: Rate,
+    /// Ceiling of the throttled class.
+    pub throttle_ceil: Rate,
+    /// Burst of the throttled class.
+    pub throttle_burst: Option<Size>,
+    /// Throttled destinations, in spec order.
+    pub destinations: Vec<PortRange>,
+    /// Whitelisted networks, in spec order.
+    pub whitelist: Vec<WhitelistEntry>,
+}
+
+/// HTB burst in ticks as the kernel stores it: ceil(bytes * 1e9 / rate / 64).
+pub fn burst_ticks(burst: Size, rate: Rate) -> Option<u64> {
+    let bps = rate.bytes_per_sec().max(1) as u128;
+    let ns = (burst.bytes() as u128 * 1_000_000_000).div_ceil(bps);
+    let ticks = ns.div_ceil(NS_PER_TICK as u128);
+    u32::try_from(ticks).ok().map(u64::from)
+}
+
+/// Parses a whitelist entry; a bare address means a host route.
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    let net: IpNet = s.parse().map_err(|_| {
+        format!("{s:?} is not a CIDR; write an address and prefix length such as 203.0.113.0/24 or 2001:db8::/48")
+    })?;
+    if net.trunc() != net {
+        return Err(format!(
+            "{s} has host bits set; the network is {}",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+struct Collector(Vec<FieldError>);
+
+impl Collector {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn rate(&mut self, path: &str, value: &str) -> Option<Rate> {
+        match parse_rate(value) {
+            Ok(r) if r.bits_per_sec() == 0 => {
+                self.push(path, "must be greater than 0");
+                None
+            }
+            Ok(r) if r.bytes_per_sec() == 0 => {
+                self.push(path, format!("{value:?} is below 8bit, the smallest rate HTB can express"));
+                None
+            }
+            Ok(r) => Some(r),
+            Err(e) => {
+                self.push(path, e.to_string());
+                None
+            }
+        }
+    }
+
+    fn size(&mut self, path: &str, value: Option<&String>) -> Option<Option<Size>> {
+        let Some(value) = value else { return Some(None) };
+        match parse_size(value) {
+            Ok(s) if s.bytes() == 0 => {
+                self.push(path, "must be greater than 0");
+                None
+            }
+            Ok(s) => Some(Some(s)),
+            Err(e) => {
+                self.push(path, e.to_string());
+                None
+            }
+        }
+    }
+
+    fn port(&mut self, path: String, value: i64) -> Option<u16> {
+        if value < 1 {
+            self.push(path, format!("{value} is below 1"));
+            None
+        } else if value > 65535 {
+            self.push(path, format!("{value} is above 65535"));
+            None
+        } else {
+            u16::try_from(value).ok()
+        }
+    }
+
+    fn burst_fits(&mut self, path: &str, burst: Option<Size>, rate: Option<Rate>) {
+        if let (Some(b), Some(r)) = (burst, rate) {
+            if burst_ticks(b, r).is_none() {
+                self.push(path, format!("{b} takes too long to drain at {r}; HTB stores bursts as 32-bit ticks of 64ns, so use a smaller burst"));
+            }
+        }
+    }
+}
+
+fn interface_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("is empty")
+    } else if name.len() > 15 {
+        Some("is longer than 15 bytes, the kernel's limit for interface names")
+    } else if name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) || name == "." || name == ".." {
+        Some("is not a valid interface name")
+    } else {
+        None
+    }
+}
+
+/// Checks a spec and returns its parsed form, or every problem found.
+pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
+    let mut c = Collector(Vec::new());
+
+    let interfaces = spec.interfaces.as_ref().map(|ifaces| {
+        if ifaces.is_empty() {
+            c.push("spec.interfaces", "is empty; list interfaces or omit the field to use the default-route interfaces");
+        }
+        for (i, name) in ifaces.iter().enumerate() {
+            if let Some(p) = interface_name_problem(name) {
+                c.push(format!("spec.interfaces[{i}]"), format!("{name:?} {p}"));
+            } else if ifaces[..i].contains(name) {
+                c.push(format!("spec.interfaces[{i}]"), format!("{name:?} is listed twice"));
+            }
+        }
+        ifaces.clone()
+    });
+
+    let uplink_rate = c.rate("spec.uplink.rate", &spec.uplink.rate);
+    let uplink_burst = c.size("spec.uplink.burst", spec.uplink.burst.as_ref());
+    let throttle_rate = c.rate("spec.throttle.rate", &spec.throttle.rate);
+    let throttle_ceil = match &spec.throttle.ceil {
+        Some(ceil) => c.rate("spec.throttle.ceil", ceil),
+        None => throttle_rate,
+    };
+    let throttle_burst = c.size("spec.throttle.burst", spec.throttle.burst.as_ref());
+    c.burst_fits("spec.uplink.burst", uplink_burst.flatten(), uplink_rate);
+    c.burst_fits("spec.throttle.burst", throttle_burst.flatten(), throttle_rate);
+
+    if let (Some(rate), Some(ceil)) = (throttle_rate, throttle_ceil) {
+        if spec.throttle.ceil.is_some() && ceil < rate {
+            c.push("spec.throttle.ceil", format!("{ceil} is below spec.throttle.rate ({rate}); ceil must be at least rate"));
+        }
+    }
+    if let (Some(up), Some(ceil)) = (uplink_rate, throttle_ceil) {
+        if spec.throttle.ceil.is_some() && ceil > up {
+            c.push("spec.throttle.ceil", format!("{ceil} is above spec.uplink.rate ({up}); throttled traffic cannot exceed the uplink"));
+        }
+    }
+    if let (Some(up), Some(rate)) = (uplink_rate, throttle_rate) {
+        if rate >= up {
+            c.push("spec.throttle.rate", format!("{rate} must be below spec.uplink.rate ({up}) so ordinary and whitelisted traffic keep a share of the uplink"));
+        }
+    }
+
+    let mut destinations = Vec::new();
+    if spec.throttle.destinations.is_empty() {
+        c.push("spec.throttle.destinations", "is empty; list at least one destination, e.g. {protocol: TCP, port: 443}");
+    }
+    for (i, d) in spec.throttle.destinations.iter().enumerate() {
+        let base = format!("spec.throttle.destinations[{i}]");
+        let first = c.port(format!("{base}.port"), d.port);
+        let last = match d.end_port {
+            Some(end) => c.port(format!("{base}.endPort"), end),
+            None => first,
+        };
+        if let (Some(f), Some(l), Some(_)) = (first, last, d.end_port) {
+            if l < f {
+                c.push(format!("{base}.endPort"), format!("{l} is below port {f}; endPort is the last port of an inclusive range"));
+                continue;
+            }
+        }
+        if let (Some(first), Some(last)) = (first, last) {
+            destinations.push(PortRange { protocol: d.protocol, first, last, index: i });
+        }
+    }
+
+    let mut whitelist = Vec::new();
+    for (i, s) in spec.whitelist.iter().enumerate() {
+        match parse_cidr(s) {
+            Ok(net) => whitelist.push(WhitelistEntry { net, index: i }),
+            Err(m) => c.push(format!("spec.whitelist[{i}]"), m),
+        }
+    }
+
+    if !c.0.is_empty() {
+        return Err(ValidationErrors(c.0));
+    }
+    match (uplink_rate, uplink_burst, throttle_rate, throttle_ceil, throttle_burst) {
+        (Some(uplink_rate), Some(uplink_burst), Some(throttle_rate), Some(throttle_ceil), Some(throttle_burst)) => {
+            Ok(ValidSpec {
+                interfaces,
+                uplink_rate,
+                uplink_burst,
+                throttle_rate,
+                throttle_ceil,
+                throttle_burst,
+                destinations,
+                whitelist,
+            })
+        }
+        // Every None above pushed an error, so this arm is unreachable in practice;
+        // keep it an error rather than a panic.
+        _ => Err(ValidationErrors(vec![FieldError {
+            path: "spec".into(),
+            message: "could not be parsed".into(),
+        }])),
+    }
+}
