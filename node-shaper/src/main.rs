@@ -1,1 +1,311 @@
-fn main(){}
+//! `node-shaper`: the EgressGuard node agent and standalone CLI.
+//!
+//! Exit codes: 0 success, 1 runtime failure, 2 invalid input.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use egressguard_crds::{load::load_file, validate, EgressGuard, ValidSpec};
+use node_shaper::engine::{self, EngineError};
+use node_shaper::iface::{self, Interface};
+use node_shaper::netlink::{observe, Netlink};
+use node_shaper::plan::{plan, LeafChoice};
+use node_shaper::sim::L4;
+use node_shaper::{diff, explain, render, show};
+
+#[derive(Parser)]
+#[command(name = "node-shaper", version, about = "Enforce EgressGuard egress shaping on this host (HTB + SFQ + u32 over netlink)")]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Proto {
+    #[value(name = "TCP", alias = "tcp")]
+    Tcp,
+    #[value(name = "UDP", alias = "udp")]
+    Udp,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Enforce a guard's shaping on this host (spec.mode is ignored: mode is the operator's concern).
+    Apply {
+        /// EgressGuard YAML file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Shape this interface instead of spec.interfaces / the default-route interfaces.
+        #[arg(long)]
+        interface: Option<String>,
+        /// Replace a root qdisc node-shaper did not install.
+        #[arg(long)]
+        force: bool,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Change nothing; print the equivalent tc commands for review.
+    Plan {
+        /// EgressGuard YAML file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Interface name to print in the commands.
+        #[arg(long)]
+        interface: Option<String>,
+    },
+    /// What is enforced, with per-class counters labelled by role.
+    Show {
+        /// Interface (default: the default-route interfaces).
+        #[arg(long)]
+        interface: Option<String>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Which class a destination lands in, and why.
+    Explain {
+        /// Interface.
+        #[arg(long)]
+        interface: String,
+        /// Destination address.
+        dest: String,
+        /// Destination port.
+        #[arg(long, default_value_t = 443)]
+        port: u16,
+        /// Transport protocol.
+        #[arg(long, value_enum, default_value = "TCP")]
+        protocol: Proto,
+        /// The guard, to name spec fields (default: the one last applied to the interface).
+        #[arg(short = 'f', long = "file")]
+        file: Option<PathBuf>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Remove node-shaper's shaping and restore the device default qdisc.
+    Reset {
+        /// Interface (default: the default-route interfaces).
+        #[arg(long)]
+        interface: Option<String>,
+        /// Also remove a root qdisc node-shaper did not install.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Failures sorted by exit code.
+enum Failure {
+    Input(anyhow::Error),
+    Runtime(anyhow::Error),
+}
+
+impl From<EngineError> for Failure {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::BucketFull { .. } => Failure::Input(e.into()),
+            _ => Failure::Runtime(e.into()),
+        }
+    }
+}
+
+fn input<E: Into<anyhow::Error>>(e: E) -> Failure {
+    Failure::Input(e.into())
+}
+
+fn runtime<E: Into<anyhow::Error>>(e: E) -> Failure {
+    Failure::Runtime(e.into())
+}
+
+fn load_one(file: &Path) -> Result<(EgressGuard, ValidSpec), Failure> {
+    let mut guards = load_file(file).map_err(input)?;
+    if guards.len() > 1 {
+        return Err(input(anyhow::anyhow!(
+            "{}: holds {} EgressGuards; node-shaper applies one at a time",
+            file.display(),
+            guards.len()
+        )));
+    }
+    let guard = guards.remove(0);
+    let name = guard.metadata.name.clone().unwrap_or_default();
+    let valid = validate(&guard.spec)
+        .map_err(|e| input(anyhow::anyhow!("{}: EgressGuard {name:?} is invalid:\n{e}", file.display())))?;
+    Ok((guard, valid))
+}
+
+fn state_dir() -> PathBuf {
+    std::env::var_os("EGRESSGUARD_STATE_DIR").map_or_else(|| PathBuf::from("/run/egressguard"), PathBuf::from)
+}
+
+/// Remembers the applied guard so `explain` can name spec fields later.
+fn remember(iface: &Interface, guard: &EgressGuard) {
+    let dir = state_dir();
+    let write = || -> anyhow::Result<()> {
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join(format!("{}.yaml", iface.name)), serde_yaml::to_string(guard)?)?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        tracing::warn!(error = %e, "could not record the applied guard; explain will show kernel handles only");
+    }
+}
+
+fn netlink() -> Result<Netlink, Failure> {
+    Netlink::open().context("cannot open an rtnetlink socket (node-shaper needs CAP_NET_ADMIN)").map_err(runtime)
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.cmd {
+        Cmd::Apply { file, interface, force, output } => {
+            let (guard, spec) = load_one(&file)?;
+            let ifaces = iface::resolve(interface.as_deref(), spec.interfaces.as_deref()).map_err(input)?;
+            let mut nl = netlink()?;
+            let mut reports = Vec::new();
+            for i in &ifaces {
+                let r = engine::apply(&mut nl, i, &spec, force)?;
+                remember(i, &guard);
+                reports.push(r);
+            }
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&reports).map_err(runtime)?),
+                Output::Text => {
+                    for r in &reports {
+                        if r.changes.is_empty() {
+                            println!("{}: already enforced, no changes", r.interface);
+                        } else {
+                            println!("{}: {} netlink writes in {:.1} ms", r.interface, r.writes, r.millis);
+                            const SHOWN: usize = 40;
+                            for c in r.changes.iter().take(SHOWN) {
+                                println!("  {c}");
+                            }
+                            if r.changes.len() > SHOWN {
+                                println!("  ... and {} more", r.changes.len() - SHOWN);
+                            }
+                        }
+                        println!("  leaf qdisc: {}; {} u32 filters", r.leaf, r.filters);
+                        if let Some(f) = &r.fallback {
+                            println!("  DEGRADED: {f}");
+                        }
+                        for w in &r.warnings {
+                            println!("  kernel warning: {w}");
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+        Cmd::Plan { file, interface } => {
+            let (_, spec) = load_one(&file)?;
+            let devs: Vec<String> = match (interface, &spec.interfaces) {
+                (Some(i), _) => vec![i],
+                (None, Some(s)) => s.clone(),
+                (None, None) => {
+                    let d = iface::default_route_interfaces();
+                    if d.is_empty() {
+                        vec!["DEV".into()]
+                    } else {
+                        d
+                    }
+                }
+            };
+            let desired = plan(&spec, LeafChoice::Sfq);
+            for dev in devs {
+                println!("# node-shaper plan for {dev}: {} u32 filters", desired.node_count());
+                for op in diff::diff(&Default::default(), &desired) {
+                    println!("{}", render::tc_command(&op, &dev));
+                }
+            }
+            Ok(())
+        }
+        Cmd::Show { interface, output } => {
+            let ifaces = iface::resolve(interface.as_deref(), None).map_err(input)?;
+            let mut nl = netlink()?;
+            let mut reports = Vec::new();
+            for i in &ifaces {
+                let obs = observe(&mut nl, i.index).map_err(runtime)?;
+                reports.push(show::report(&i.name, &obs));
+            }
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&reports).map_err(runtime)?),
+                Output::Text => reports.iter().for_each(|r| print!("{}", show::render(r))),
+            }
+            Ok(())
+        }
+        Cmd::Explain { interface, dest, port, protocol, file, output } => {
+            let dst: IpAddr = dest
+                .parse()
+                .map_err(|_| input(anyhow::anyhow!("DEST: {dest:?} is not an IP address; give the destination as 203.0.113.10 or 2001:db8::1")))?;
+            let i = iface::by_name(&interface).map_err(input)?;
+            let mut nl = netlink()?;
+            let obs = observe(&mut nl, i.index).map_err(runtime)?;
+            if obs.root != node_shaper::netlink::RootState::Owned {
+                println!("{}", show::report(&i.name, &obs).state);
+                return Ok(());
+            }
+            let path = file.unwrap_or_else(|| state_dir().join(format!("{}.yaml", i.name)));
+            let spec = load_one(&path).ok().map(|(_, s)| s);
+            let l4 = match protocol {
+                Proto::Tcp => L4::Tcp,
+                Proto::Udp => L4::Udp,
+            };
+            let e = explain::explain(&obs.shape, spec.as_ref(), dst, port, l4);
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&e).map_err(runtime)?),
+                Output::Text => {
+                    println!("{} (class {})", e.reason, e.class);
+                    if let Some(f) = e.filter {
+                        println!("  kernel filter: {f}");
+                    }
+                }
+            }
+            Ok(())
+        }
+        Cmd::Reset { interface, force } => {
+            let ifaces = iface::resolve(interface.as_deref(), None).map_err(input)?;
+            let mut nl = netlink()?;
+            for i in &ifaces {
+                let r = engine::reset(&mut nl, i, force)?;
+                match r.removed {
+                    Some(what) => println!("{}: removed {what}; device default qdisc restored", r.interface),
+                    None => println!("{}: nothing to reset (device default qdisc)", r.interface),
+                }
+                let _ = std::fs::remove_file(state_dir().join(format!("{}.yaml", i.name)));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cli.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Input(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

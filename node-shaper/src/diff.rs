@@ -1,0 +1,282 @@
+//! Observed shape + desired shape → the fewest kernel operations. Pure.
+//!
+//! Ordering is what makes updates hitless and failures recoverable: additions
+//! and in-place changes first (parents before children, hash-table entries
+//! before the links that lead to them), deletions last (filters before tables
+//! before classes). A failure part-way therefore leaves only additions and
+//! changes to undo.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::model::*;
+
+/// One kernel operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Create our root qdisc; `graft` replaces a foreign root (`--force`).
+    AddRoot {
+        /// The qdisc.
+        root: Root,
+        /// Replace whatever root is there.
+        graft: bool,
+    },
+    /// Delete our root qdisc, restoring the device default.
+    DelRoot,
+    /// Create or update an HTB class in place.
+    PutClass(Class),
+    /// Delete a class.
+    DelClass(u32),
+    /// Graft a leaf qdisc under a class (replaces the previous leaf).
+    PutLeaf(Leaf),
+    /// Create a u32 hash table.
+    AddTable {
+        /// Prio.
+        prio: u16,
+        /// Ethertype.
+        protocol: u16,
+        /// The table.
+        table: HashTable,
+    },
+    /// Delete a u32 hash table.
+    DelTable {
+        /// Prio.
+        prio: u16,
+        /// Ethertype.
+        protocol: u16,
+        /// Table handle.
+        handle: u32,
+    },
+    /// Create a u32 node; `node.id` is set.
+    AddNode {
+        /// Prio.
+        prio: u16,
+        /// Ethertype.
+        protocol: u16,
+        /// The node.
+        node: Node,
+    },
+    /// Change classid/link of an existing node (the kernel keeps its selector).
+    ChangeNode {
+        /// Prio.
+        prio: u16,
+        /// Ethertype.
+        protocol: u16,
+        /// Full handle of the existing node.
+        handle: u32,
+        /// The new content.
+        node: Node,
+    },
+    /// Delete one u32 node.
+    DelNode {
+        /// Prio.
+        prio: u16,
+        /// Ethertype.
+        protocol: u16,
+        /// Full handle.
+        handle: u32,
+    },
+    /// Delete every filter of a prio.
+    DelPrio {
+        /// Prio.
+        prio: u16,
+        /// Ethertype.
+        protocol: u16,
+    },
+}
+
+/// Full kernel handle of an observed node.
+pub fn node_handle(prio: &Prio, n: &Node) -> u32 {
+    let htid = match n.table {
+        Table::Root => prio.root_handle.unwrap_or(0),
+        Table::User(h) => h,
+    };
+    htid | (u32::from(n.bucket) << 12) | n.id.unwrap_or(0)
+}
+
+#[derive(Default)]
+struct Phases {
+    pre: Vec<Op>,
+    root: Vec<Op>,
+    classes: Vec<Op>,
+    leaves: Vec<Op>,
+    tables: Vec<Op>,
+    user_nodes: Vec<Op>,
+    root_nodes: Vec<Op>,
+    node_dels: Vec<Op>,
+    table_dels: Vec<Op>,
+    prio_dels: Vec<Op>,
+    class_dels: Vec<Op>,
+}
+
+/// Operations that turn `observed` (our tree, or empty) into `desired`.
+pub fn diff(observed: &Shape, desired: &Shape) -> Vec<Op> {
+    let mut ph = Phases::default();
+    let empty = Shape::default();
+    let observed = if observed.root.is_some() && observed.root != desired.root && desired.root.is_some() {
+        // Root parameters (defcls, r2q) cannot change in place: rebuild.
+        ph.pre.push(Op::DelRoot);
+        &empty
+    } else {
+        observed
+    };
+    match (&observed.root, &desired.root) {
+        (None, Some(r)) => ph.root.push(Op::AddRoot { root: r.clone(), graft: false }),
+        (Some(_), None) => {
+            ph.pre.push(Op::DelRoot);
+            return ph.pre;
+        }
+        _ => {}
+    }
+    diff_classes(observed, desired, &mut ph);
+    for l in &desired.leaves {
+        if observed.leaves.iter().find(|o| o.parent == l.parent) != Some(l) {
+            ph.leaves.push(Op::PutLeaf(l.clone()));
+        }
+    }
+    for p in &desired.prios {
+        let obs = observed.prios.iter().find(|o| o.prio == p.prio);
+        let obs = match obs {
+            Some(o) if o.protocol != p.protocol || tables_conflict(o, p) => {
+                ph.pre.push(Op::DelPrio { prio: o.prio, protocol: o.protocol });
+                None
+            }
+            other => other,
+        };
+        diff_prio(obs, p, &mut ph);
+    }
+    for o in &observed.prios {
+        if !desired.prios.iter().any(|p| p.prio == o.prio) {
+            ph.prio_dels.push(Op::DelPrio { prio: o.prio, protocol: o.protocol });
+        }
+    }
+    let Phases { pre, root, classes, leaves, tables, user_nodes, root_nodes, node_dels, table_dels, prio_dels, class_dels } = ph;
+    [pre, root, classes, leaves, tables, user_nodes, root_nodes, node_dels, table_dels, prio_dels, class_dels]
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+fn tables_conflict(o: &Prio, p: &Prio) -> bool {
+    p.tables.iter().any(|t| o.tables.iter().any(|ot| ot.handle == t.handle && ot.divisor != t.divisor))
+}
+
+fn diff_classes(observed: &Shape, desired: &Shape, ph: &mut Phases) {
+    for c in &desired.classes {
+        if observed.classes.iter().find(|o| o.classid == c.classid) != Some(c) {
+            ph.classes.push(Op::PutClass(c.clone()));
+        }
+    }
+    // Children before parents: deeper classes first.
+    let depth = |mut id: u32| {
+        let mut d = 0;
+        while let Some(c) = observed.classes.iter().find(|c| c.classid == id) {
+            id = c.parent;
+            d += 1;
+            if d > 8 {
+                break;
+            }
+        }
+        d
+    };
+    let mut extra: Vec<&Class> = observed
+        .classes
+        .iter()
+        .filter(|o| !desired.classes.iter().any(|c| c.classid == o.classid))
+        .collect();
+    extra.sort_by_key(|c| std::cmp::Reverse(depth(c.classid)));
+    ph.class_dels.extend(extra.into_iter().map(|c| Op::DelClass(c.classid)));
+}
+
+fn diff_prio(obs: Option<&Prio>, p: &Prio, ph: &mut Phases) {
+    let (prio, protocol) = (p.prio, p.protocol);
+    let empty = Prio { prio, protocol, root_handle: None, tables: vec![], nodes: vec![] };
+    let obs = obs.unwrap_or(&empty);
+    for t in &p.tables {
+        if !obs.tables.contains(t) {
+            ph.tables.push(Op::AddTable { prio, protocol, table: *t });
+        }
+    }
+    // Index observed nodes per (table, bucket); `used` marks the ones we keep.
+    let mut used = vec![false; obs.nodes.len()];
+    let mut taken: BTreeMap<(Table, u8), BTreeSet<u32>> = BTreeMap::new();
+    for n in &obs.nodes {
+        taken.entry((n.table, n.bucket)).or_default().insert(n.id.unwrap_or(0));
+    }
+    let mut pending = Vec::new();
+    // Nodes with a fixed id (rollback to a snapshot) claim their id first.
+    for d in p.nodes.iter().filter(|d| d.id.is_some()) {
+        let at = obs.nodes.iter().position(|o| o.table == d.table && o.bucket == d.bucket && o.id == d.id);
+        match at {
+            Some(i) if obs.nodes[i].same_rule(d) => used[i] = true,
+            Some(i) if obs.nodes[i].sel == d.sel => {
+                used[i] = true;
+                let handle = node_handle(obs, &obs.nodes[i]);
+                ph.root_nodes.push(Op::ChangeNode { prio, protocol, handle, node: d.clone() });
+            }
+            Some(i) => {
+                used[i] = true;
+                ph.pre.push(Op::DelNode { prio, protocol, handle: node_handle(obs, &obs.nodes[i]) });
+                pending.push(d.clone());
+            }
+            None => pending.push(d.clone()),
+        }
+    }
+    let mut changes = Vec::new();
+    for d in p.nodes.iter().filter(|d| d.id.is_none()) {
+        let free = |pred: &dyn Fn(&Node) -> bool, used: &mut Vec<bool>| {
+            let i = obs.nodes.iter().enumerate().position(|(i, o)| !used[i] && pred(o))?;
+            used[i] = true;
+            Some(i)
+        };
+        if free(&|o: &Node| o.same_rule(d), &mut used).is_some() {
+            continue;
+        }
+        let same_sel = |o: &Node| o.table == d.table && o.bucket == d.bucket && o.sel == d.sel;
+        if let Some(i) = free(&same_sel, &mut used) {
+            let handle = node_handle(obs, &obs.nodes[i]);
+            changes.push(Op::ChangeNode { prio, protocol, handle, node: d.clone() });
+            continue;
+        }
+        pending.push(d.clone());
+    }
+    for mut d in pending {
+        let ids = taken.entry((d.table, d.bucket)).or_default();
+        let id = match d.id {
+            Some(id) => id,
+            // Lowest id free in this bucket; ids of nodes about to be deleted
+            // stay taken because deletions run after additions.
+            None => (1..0x1000).find(|i| !ids.contains(i)).unwrap_or(0xfff),
+        };
+        ids.insert(id);
+        d.id = Some(id);
+        let op = Op::AddNode { prio, protocol, node: d };
+        match op {
+            Op::AddNode { node: Node { table: Table::Root, .. }, .. } => ph.root_nodes.push(op),
+            _ => ph.user_nodes.push(op),
+        }
+    }
+    ph.root_nodes.extend(changes);
+    for (i, o) in obs.nodes.iter().enumerate() {
+        if !used[i] {
+            ph.node_dels.push(Op::DelNode { prio, protocol, handle: node_handle(obs, o) });
+        }
+    }
+    for t in &obs.tables {
+        if !p.tables.iter().any(|d| d.handle == t.handle) {
+            ph.table_dels.push(Op::DelTable { prio, protocol, handle: t.handle });
+        }
+    }
+}
+
+/// Counts nodes whose bucket would overflow the kernel's 12-bit node ids.
+pub fn overfull_buckets(shape: &Shape) -> Vec<(u16, Table, u8, usize)> {
+    let mut out = Vec::new();
+    for p in &shape.prios {
+        let mut counts: BTreeMap<(Table, u8), usize> = BTreeMap::new();
+        for n in &p.nodes {
+            *counts.entry((n.table, n.bucket)).or_default() += 1;
+        }
+        out.extend(counts.into_iter().filter(|(_, c)| *c > 0xffe).map(|((t, b), c)| (p.prio, t, b, c)));
+    }
+    out
+}

@@ -1,0 +1,292 @@
+//! Apply, reset and inspect one interface, transactionally.
+//!
+//! # Guarantees
+//! - Idempotent: applying the same spec twice sends nothing the second time.
+//! - All or nothing: when the kernel refuses any request, the interface is
+//!   driven back to the state read before the change, and the error names the
+//!   object and the kernel's reason.
+//! - Ownership: only a root `htb e9:` is ours. A foreign root qdisc is never
+//!   replaced or removed without `force`.
+
+use std::time::Instant;
+
+use egressguard_crds::ValidSpec;
+use tracing::{info, warn};
+
+use crate::diff::{diff, overfull_buckets, Op};
+use crate::iface::Interface;
+use crate::model::{fmt_handle, LeafKind, Shape};
+use crate::netlink::{encode, observe, KernelError, Netlink, Observed, Outcome, RootState};
+use crate::plan::{plan, LeafChoice};
+
+/// Why an operation on an interface failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The root qdisc belongs to someone else.
+    #[error(
+        "{dev}: root qdisc is {kind} {handle}, which node-shaper did not install; \
+         refusing to replace it (pass --force to replace it; `tc qdisc show dev {dev}` shows it)"
+    )]
+    ForeignRoot {
+        /// Interface.
+        dev: String,
+        /// Kind of the foreign root.
+        kind: String,
+        /// Its handle.
+        handle: String,
+    },
+    /// The kernel refused part of a change; the interface was rolled back.
+    #[error("{dev}: {source}; rolled back: {rollback}")]
+    Refused {
+        /// Interface.
+        dev: String,
+        /// The first refusal.
+        source: KernelError,
+        /// What the rollback achieved.
+        rollback: String,
+    },
+    /// Too many whitelist entries share one hash bucket.
+    #[error("{dev}: {count} whitelist entries share hash bucket {bucket:#04x} of prio {prio}; u32 holds at most 4094 per bucket, spread the entries or aggregate them into shorter prefixes")]
+    BucketFull {
+        /// Interface.
+        dev: String,
+        /// Filter prio.
+        prio: u16,
+        /// Bucket.
+        bucket: u8,
+        /// Entries in it.
+        count: usize,
+    },
+    /// Talking to the kernel failed.
+    #[error("{dev}: netlink: {source}")]
+    Io {
+        /// Interface.
+        dev: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// After applying, the kernel does not hold what we wrote.
+    #[error("{dev}: after applying, the kernel state still differs from the plan in {0} places; run `node-shaper show` and report a bug", .remaining)]
+    Diverged {
+        /// Interface.
+        dev: String,
+        /// Operations still needed.
+        remaining: usize,
+    },
+}
+
+/// What an apply did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ApplyReport {
+    /// Interface.
+    pub interface: String,
+    /// Human-readable changes, in order.
+    pub changes: Vec<String>,
+    /// Netlink write requests sent.
+    pub writes: usize,
+    /// Leaf qdisc in use.
+    pub leaf: String,
+    /// Set when sfq was missing and pfifo leaves are used instead.
+    pub fallback: Option<String>,
+    /// Kernel warnings that came with successful requests.
+    pub warnings: Vec<String>,
+    /// Filters (u32 nodes) installed.
+    pub filters: usize,
+    /// Wall time.
+    pub millis: f64,
+}
+
+fn io(dev: &str) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
+    move |source| EngineError::Io { dev: dev.to_string(), source }
+}
+
+/// Sends `ops`; returns the first refusal and every warning.
+fn run(nl: &mut Netlink, iface: &Interface, ops: &[Op]) -> Result<(Option<KernelError>, Vec<String>), EngineError> {
+    let reqs: Vec<_> = ops.iter().map(|op| encode(op, iface.index, &iface.name)).collect();
+    let outcomes = nl.execute(&reqs).map_err(io(&iface.name))?;
+    let mut first = None;
+    let mut warnings = Vec::new();
+    for o in outcomes {
+        match o {
+            Outcome::Ok(Some(w)) => warnings.push(w),
+            Outcome::Ok(None) => {}
+            Outcome::Err(e) => {
+                if first.is_none() {
+                    first = Some(e);
+                }
+            }
+        }
+    }
+    Ok((first, warnings))
+}
+
+fn is_unknown_kind(e: &KernelError) -> bool {
+    e.errno == libc_enoent() && e.what.contains("sfq")
+}
+
+const fn libc_enoent() -> i32 {
+    2
+}
+
+/// Picks the leaf kind: keep a pfifo fallback already in place (so re-applying
+/// writes nothing), otherwise ask for sfq and fall back if the kernel lacks it.
+fn leaf_choice(obs: &Observed) -> LeafChoice {
+    let has_fallback = obs.shape.leaves.iter().any(|l| l.kind == LeafKind::Pfifo);
+    if has_fallback {
+        LeafChoice::PfifoFallback
+    } else {
+        LeafChoice::Sfq
+    }
+}
+
+/// Applies `spec` to `iface`.
+pub fn apply(nl: &mut Netlink, iface: &Interface, spec: &ValidSpec, force: bool) -> Result<ApplyReport, EngineError> {
+    let start = Instant::now();
+    let dev = iface.name.as_str();
+    let writes_before = nl.writes;
+    let before = observe(nl, iface.index).map_err(io(dev))?;
+    if let RootState::Foreign { kind, handle } = &before.root {
+        if !force {
+            return Err(EngineError::ForeignRoot { dev: dev.into(), kind: kind.clone(), handle: fmt_handle(*handle) });
+        }
+        warn!(interface = dev, kind, "replacing foreign root qdisc (--force)");
+    }
+    let mut choice = leaf_choice(&before);
+    let mut fallback = None;
+    if choice == LeafChoice::PfifoFallback {
+        fallback = Some("pfifo leaves kept from an earlier apply where sfq was unavailable; `node-shaper reset` then apply to retry sfq".to_string());
+    }
+    let mut desired = plan(spec, choice);
+    if let Some((prio, _, bucket, count)) = overfull_buckets(&desired).into_iter().next() {
+        return Err(EngineError::BucketFull { dev: dev.into(), prio, bucket, count });
+    }
+    let mut ops = diff(&before.shape, &desired);
+    if let (RootState::Foreign { .. }, Some(Op::AddRoot { graft, .. })) = (&before.root, ops.first_mut()) {
+        *graft = true;
+    }
+    let mut changes: Vec<String> = Vec::new();
+    let mut warnings = Vec::new();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        changes.extend(ops.iter().map(|op| encode(op, iface.index, dev).what));
+        let (err, w) = run(nl, iface, &ops)?;
+        warnings.extend(w);
+        let Some(err) = err else { break };
+        if choice == LeafChoice::Sfq && is_unknown_kind(&err) && attempt == 1 {
+            // This kernel has no sch_sfq: degrade to pfifo leaves, visibly.
+            warn!(interface = dev, reason = %err.reason, "sfq is not available on this kernel; falling back to pfifo leaves (rates are still enforced, flows are not fair-queued)");
+            fallback = Some(format!("sfq unavailable ({}); using pfifo leaves", err.reason));
+            choice = LeafChoice::PfifoFallback;
+            desired = plan(spec, choice);
+            let now = observe(nl, iface.index).map_err(io(dev))?;
+            ops = diff(&now.shape, &desired);
+            changes.retain(|c| !c.contains("attach sfq"));
+            continue;
+        }
+        let rollback = rollback(nl, iface, &before);
+        return Err(EngineError::Refused { dev: dev.into(), source: err, rollback });
+    }
+    let after = observe(nl, iface.index).map_err(io(dev))?;
+    let remaining = diff(&after.shape, &desired);
+    if !remaining.is_empty() {
+        for op in &remaining {
+            warn!(interface = dev, op = ?op, "still differs after apply");
+        }
+        return Err(EngineError::Diverged { dev: dev.into(), remaining: remaining.len() });
+    }
+    for w in &warnings {
+        warn!(interface = dev, warning = %w, "kernel warning");
+    }
+    let leaf = match choice {
+        LeafChoice::Sfq => "sfq",
+        LeafChoice::PfifoFallback => "pfifo",
+    };
+    let report = ApplyReport {
+        interface: dev.into(),
+        writes: nl.writes - writes_before,
+        changes,
+        leaf: leaf.into(),
+        fallback,
+        warnings,
+        filters: after.shape.node_count(),
+        millis: start.elapsed().as_secs_f64() * 1000.0,
+    };
+    info!(interface = dev, writes = report.writes, leaf, filters = report.filters, "applied");
+    Ok(report)
+}
+
+/// Drives the interface back to `before`; returns a sentence for the error.
+fn rollback(nl: &mut Netlink, iface: &Interface, before: &Observed) -> String {
+    let dev = iface.name.as_str();
+    let now = match observe(nl, iface.index) {
+        Ok(o) => o,
+        Err(e) => return format!("could not read state to roll back ({e})"),
+    };
+    let ops = match &before.root {
+        RootState::Owned => {
+            let mut target: Shape = before.shape.clone();
+            // The kernel renumbers root tables; matching is by node id within them.
+            for p in &mut target.prios {
+                p.root_handle = None;
+            }
+            diff(&now.shape, &target)
+        }
+        _ if now.root == RootState::Owned => vec![Op::DelRoot],
+        _ => vec![],
+    };
+    match run(nl, iface, &ops) {
+        Ok((None, _)) => match &before.root {
+            RootState::Foreign { kind, .. } => format!("removed the partial tree; the foreign {kind} root it replaced is gone and the device default is back"),
+            RootState::Default(k) => format!("removed the partial tree; device default ({k}) restored"),
+            RootState::Owned => format!("restored the previous configuration ({} requests)", ops.len()),
+        },
+        Ok((Some(e), _)) => {
+            warn!(interface = dev, error = %e, "rollback incomplete");
+            format!("rollback incomplete: {e}")
+        }
+        Err(e) => format!("rollback failed: {e}"),
+    }
+}
+
+/// What a reset did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ResetReport {
+    /// Interface.
+    pub interface: String,
+    /// What was removed, if anything.
+    pub removed: Option<String>,
+}
+
+/// Removes our root qdisc (and with `force`, a foreign one), restoring the device default.
+pub fn reset(nl: &mut Netlink, iface: &Interface, force: bool) -> Result<ResetReport, EngineError> {
+    let dev = iface.name.as_str();
+    let obs = observe(nl, iface.index).map_err(io(dev))?;
+    let op = match &obs.root {
+        RootState::Default(_) => return Ok(ResetReport { interface: dev.into(), removed: None }),
+        RootState::Owned => (Op::DelRoot, "node-shaper's htb e9: tree".to_string()),
+        RootState::Foreign { kind, handle } if force => {
+            // DelRoot names our handle; a foreign one needs its own.
+            let _ = handle;
+            (Op::DelRoot, format!("foreign {kind} root"))
+        }
+        RootState::Foreign { kind, handle } => {
+            return Err(EngineError::ForeignRoot { dev: dev.into(), kind: kind.clone(), handle: fmt_handle(*handle) })
+        }
+    };
+    let mut req = encode(&op.0, iface.index, dev);
+    if let RootState::Foreign { handle, .. } = obs.root {
+        if let netlink_packet_core::NetlinkPayload::InnerMessage(netlink_packet_route::RouteNetlinkMessage::DelQueueDiscipline(m)) =
+            &mut req.message.payload
+        {
+            m.header.handle = handle.into();
+        }
+    }
+    match nl.execute(&[req]).map_err(io(dev))?.pop() {
+        Some(Outcome::Err(e)) => Err(EngineError::Refused { dev: dev.into(), source: e, rollback: "nothing was changed".into() }),
+        _ => {
+            info!(interface = dev, removed = %op.1, "reset");
+            Ok(ResetReport { interface: dev.into(), removed: Some(op.1) })
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! "Why is this destination slow?": which class a packet lands in, and why.
+
+use std::net::IpAddr;
+
+use egressguard_crds::ValidSpec;
+use serde::Serialize;
+
+use crate::layout::{Role, CLASS_DEFAULT};
+use crate::model::{fmt_handle, fmt_u32_handle, Origin, Shape};
+use crate::plan::{plan, LeafChoice};
+use crate::sim::{classify, Packet, L4};
+use crate::diff::node_handle;
+
+/// The answer to `node-shaper explain`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Explanation {
+    /// Role of the class (`whitelist`, `throttled`, `default`).
+    pub role: String,
+    /// Class id, e.g. `e9:10`.
+    pub class: String,
+    /// The sentence an on-call engineer reads.
+    pub reason: String,
+    /// The kernel filter that matched, if any (`prio 40 handle 200:0:1`).
+    pub filter: Option<String>,
+}
+
+/// Classifies `dst:port/proto` against the kernel's `observed` shape; `spec`
+/// (the applied guard, when known) turns filter handles into spec fields.
+pub fn explain(observed: &Shape, spec: Option<&ValidSpec>, dst: IpAddr, port: u16, l4: L4) -> Explanation {
+    let pkt = Packet::new(dst, l4, port, 0);
+    let proto = match l4 {
+        L4::Tcp => "TCP",
+        L4::Udp => "UDP",
+    };
+    let Some(v) = classify(observed, &pkt) else {
+        return Explanation {
+            role: "default".into(),
+            class: fmt_handle(CLASS_DEFAULT),
+            reason: format!("default: {dst} {proto} port {port} matches no whitelist entry and no throttled destination, so it is ordinary traffic"),
+            filter: None,
+        };
+    };
+    let classid = v.node.classid.unwrap_or(CLASS_DEFAULT);
+    let role = Role::of(classid).map_or("unknown", |r| r.name());
+    let prio = observed.prios.iter().find(|p| p.prio == v.prio);
+    let filter = prio.map(|p| format!("prio {} handle {}", p.prio, fmt_u32_handle(node_handle(p, v.node))));
+    // Find which spec field produced this node by planning the spec again.
+    let origin = spec.and_then(|s| {
+        let desired = plan(s, LeafChoice::Sfq);
+        desired.prios.iter().flat_map(|p| p.nodes.iter()).find(|n| n.same_rule(v.node)).map(|n| n.origin.clone())
+    });
+    let reason = match (origin, spec) {
+        (Some(Origin::Whitelist(i)), Some(s)) => {
+            let net = s.whitelist.iter().find(|e| e.index == i).map(|e| e.net.to_string()).unwrap_or_default();
+            format!("whitelist: destination {dst} is inside {net}, spec.whitelist[{i}]; never throttled, served first")
+        }
+        (Some(Origin::Destination(i)), Some(s)) => {
+            let d = s.destinations.iter().find(|d| d.index == i);
+            let what = d.map_or(String::new(), |d| {
+                if d.first == d.last {
+                    format!("{} {}", d.protocol, d.first)
+                } else {
+                    format!("{} {}-{}", d.protocol, d.first, d.last)
+                }
+            });
+            format!("throttled: destination port {port} ({proto}) matches spec.throttle.destinations[{i}] ({what})")
+        }
+        _ => format!("{role}: {dst} {proto} port {port} matches kernel filter {} into class {}", filter.clone().unwrap_or_default(), fmt_handle(classid)),
+    };
+    Explanation { role: role.into(), class: fmt_handle(classid), reason, filter }
+}

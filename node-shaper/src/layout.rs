@@ -1,0 +1,139 @@
+//! The stable handles and priorities node-shaper uses. They are part of the
+//! product: runbooks, dashboards and `tc -s class show` readers rely on them.
+//!
+//! ```text
+//! e9:    htb root, default 20 (r2q 10, quanta set explicitly)
+//! └─ e9:1   uplink     rate = ceil = spec.uplink.rate
+//!    ├─ e9:30 whitelist prio 0   rate = half of what throttle leaves, ceil uplink   leaf 30: sfq (130: pfifo)
+//!    ├─ e9:20 default   prio 1   rate = the other half,               ceil uplink   leaf 20: sfq (120: pfifo)
+//!    └─ e9:10 throttled prio 2   rate/ceil = spec.throttle                          leaf 10: sfq (110: pfifo)
+//! filters on e9: (u32)
+//!   prio 10     ip    whitelist /0-/7, linear in the root table
+//!   prio 11-14  ip    whitelist /8-15, /16-23, /24-31, /32: tables 101:-104:, 256 buckets on dst byte 1..4
+//!   prio 20     ipv6  whitelist /0-/15, linear
+//!   prio 21-25  ipv6  whitelist /16-31, /32-47, /48-63, /64-127, /128: tables 111:-115:, on dst byte 2,4,6,8,16
+//!   prio 40     ip    throttle: link on proto (+ IHL, non-fragment) to 200: (tcp) / 201: (udp)
+//!   prio 41     ipv6  throttle: link on next header to 210: (tcp) / 211: (udp)
+//! ```
+//!
+//! Whitelist prios come first so a whitelisted destination on a throttled port
+//! is never throttled. Each whitelist entry lives in exactly one bucket: the one
+//! of the last address byte its prefix fully covers, so per-packet cost is one
+//! short bucket walk per prefix-length group, whatever the list length.
+
+/// Major number of every handle we own; `e9` reads as "eg" in `tc` output.
+pub const MAJOR: u32 = 0xe9;
+/// Root qdisc handle `e9:`; its presence is how we recognise our own tree.
+pub const ROOT: u32 = MAJOR << 16;
+/// `default 20`.
+pub const DEFCLS: u32 = 0x20;
+/// HTB's rate-to-quantum divisor (iproute2's default).
+pub const R2Q: u32 = 10;
+
+/// Parent class at the uplink rate.
+pub const CLASS_UPLINK: u32 = ROOT | 0x1;
+/// Throttled destinations.
+pub const CLASS_THROTTLED: u32 = ROOT | 0x10;
+/// Everything else.
+pub const CLASS_DEFAULT: u32 = ROOT | DEFCLS;
+/// Whitelisted destinations.
+pub const CLASS_WHITELIST: u32 = ROOT | 0x30;
+
+/// The role of one of our classes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// `e9:1`.
+    Uplink,
+    /// `e9:10`.
+    Throttled,
+    /// `e9:20`.
+    Default,
+    /// `e9:30`.
+    Whitelist,
+}
+
+impl Role {
+    /// The role of a class id, if it is one of ours.
+    pub fn of(classid: u32) -> Option<Role> {
+        match classid {
+            CLASS_UPLINK => Some(Role::Uplink),
+            CLASS_THROTTLED => Some(Role::Throttled),
+            CLASS_DEFAULT => Some(Role::Default),
+            CLASS_WHITELIST => Some(Role::Whitelist),
+            _ => None,
+        }
+    }
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Uplink => "uplink",
+            Role::Throttled => "throttled",
+            Role::Default => "default",
+            Role::Whitelist => "whitelist",
+        }
+    }
+}
+
+/// Leaf qdisc handle for a class: sfq at `<minor>:`, the pfifo fallback at
+/// `1<minor>:` (a kind cannot change under one handle, so they differ).
+pub fn leaf_handle(classid: u32, sfq: bool) -> u32 {
+    let minor = classid & 0xffff;
+    if sfq {
+        minor << 16
+    } else {
+        (0x100 | minor) << 16
+    }
+}
+
+/// Linear IPv4 whitelist (prefixes shorter than /8).
+pub const PRIO_V4_WHITELIST: u16 = 10;
+/// Linear IPv6 whitelist (prefixes shorter than /16).
+pub const PRIO_V6_WHITELIST: u16 = 20;
+/// IPv4 throttle rules.
+pub const PRIO_V4_THROTTLE: u16 = 40;
+/// IPv6 throttle rules.
+pub const PRIO_V6_THROTTLE: u16 = 41;
+
+/// A hashed whitelist group: prefixes whose last fully covered byte is `byte`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HashGroup {
+    /// Filter prio.
+    pub prio: u16,
+    /// Table handle.
+    pub table: u32,
+    /// Index of the destination-address byte that picks the bucket.
+    pub byte: usize,
+    /// Shortest prefix in the group.
+    pub min_len: u8,
+}
+
+const fn table(htid: u32) -> u32 {
+    htid << 20
+}
+
+/// IPv4 groups, by shortest prefix length.
+pub const V4_GROUPS: [HashGroup; 4] = [
+    HashGroup { prio: 11, table: table(0x101), byte: 0, min_len: 8 },
+    HashGroup { prio: 12, table: table(0x102), byte: 1, min_len: 16 },
+    HashGroup { prio: 13, table: table(0x103), byte: 2, min_len: 24 },
+    HashGroup { prio: 14, table: table(0x104), byte: 3, min_len: 32 },
+];
+
+/// IPv6 groups, by shortest prefix length.
+pub const V6_GROUPS: [HashGroup; 5] = [
+    HashGroup { prio: 21, table: table(0x111), byte: 1, min_len: 16 },
+    HashGroup { prio: 22, table: table(0x112), byte: 3, min_len: 32 },
+    HashGroup { prio: 23, table: table(0x113), byte: 5, min_len: 48 },
+    HashGroup { prio: 24, table: table(0x114), byte: 7, min_len: 64 },
+    HashGroup { prio: 25, table: table(0x115), byte: 15, min_len: 128 },
+];
+
+/// IPv4 TCP destination ports.
+pub const TABLE_V4_TCP: u32 = table(0x200);
+/// IPv4 UDP destination ports.
+pub const TABLE_V4_UDP: u32 = table(0x201);
+/// IPv6 TCP destination ports.
+pub const TABLE_V6_TCP: u32 = table(0x210);
+/// IPv6 UDP destination ports.
+pub const TABLE_V6_UDP: u32 = table(0x211);

@@ -1,0 +1,332 @@
+//! Reading an interface's tc state back from the kernel into a [`Shape`],
+//! with per-class counters.
+
+use std::io;
+
+use netlink_packet_core::Nla;
+use netlink_packet_route::tc::{TcAttribute, TcFilterU32Option, TcHandle, TcMessage, TcOption, TcStats2};
+use netlink_packet_route::RouteNetlinkMessage;
+use serde::Serialize;
+
+use super::encode::TC_H_ROOT;
+use super::socket::Netlink;
+use crate::layout::ROOT;
+use crate::model::*;
+
+/// Who owns the root qdisc.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RootState {
+    /// The device default (handle 0: noqueue, pfifo_fast, fq_codel, mq...).
+    Default(String),
+    /// Ours (`htb e9:`).
+    Owned,
+    /// Somebody else's root qdisc.
+    Foreign {
+        /// Its kind.
+        kind: String,
+        /// Its handle.
+        handle: u32,
+    },
+}
+
+/// Counters of one class (HTB's STATS2), like `tc -s class show`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Counters {
+    /// Bytes sent, Ethernet header included.
+    pub bytes: u64,
+    /// Packets sent (GSO segments counted separately).
+    pub packets: u64,
+    /// Packets dropped.
+    pub drops: u32,
+    /// Times the class was over its rate.
+    pub overlimits: u32,
+    /// Bytes queued now.
+    pub backlog: u32,
+    /// Packets queued now.
+    pub qlen: u32,
+}
+
+/// Everything read from one interface.
+#[derive(Clone, Debug)]
+pub struct Observed {
+    /// Root ownership.
+    pub root: RootState,
+    /// Our tree (empty unless `root` is `Owned`).
+    pub shape: Shape,
+    /// Counters per class id.
+    pub counters: Vec<(u32, Counters)>,
+    /// Counters of the root qdisc (bytes through the interface's shaper).
+    pub root_counters: Counters,
+}
+
+fn kind_of(attrs: &[TcAttribute]) -> String {
+    attrs
+        .iter()
+        .find_map(|a| match a {
+            TcAttribute::Kind(k) => Some(k.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// The raw TCA_OPTIONS payload of a kind netlink-packet-route does not know.
+fn raw_options(attrs: &[TcAttribute]) -> Option<Vec<u8>> {
+    attrs.iter().find_map(|a| match a {
+        TcAttribute::Options(opts) => opts.iter().find_map(|o| match o {
+            TcOption::Other(nla) => {
+                let mut v = vec![0u8; nla.value_len()];
+                nla.emit_value(&mut v);
+                Some(v)
+            }
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+/// Walks a buffer of netlink attributes.
+fn attrs(buf: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + 4 <= buf.len() {
+        let len = u16::from_ne_bytes([buf[off], buf[off + 1]]) as usize;
+        let kind = u16::from_ne_bytes([buf[off + 2], buf[off + 3]]) & 0x3fff;
+        if len < 4 || off + len > buf.len() {
+            break;
+        }
+        out.push((kind, &buf[off + 4..off + len]));
+        off += (len + 3) & !3;
+    }
+    out
+}
+
+fn u32_at(b: &[u8], o: usize) -> u32 {
+    b.get(o..o + 4).map_or(0, |s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+fn u64_of(b: &[u8]) -> Option<u64> {
+    let s: [u8; 8] = b.get(0..8)?.try_into().ok()?;
+    Some(u64::from_ne_bytes(s))
+}
+
+fn counters(attrs: &[TcAttribute]) -> Counters {
+    let mut c = Counters::default();
+    for a in attrs {
+        if let TcAttribute::Stats2(stats) = a {
+            for s in stats {
+                match s {
+                    TcStats2::Basic(b) => {
+                        c.bytes = b.bytes;
+                        c.packets = u64::from(b.packets);
+                    }
+                    TcStats2::Queue(q) => {
+                        c.drops = q.drops;
+                        c.overlimits = q.overlimits;
+                        c.backlog = q.backlog;
+                        c.qlen = q.qlen;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    c
+}
+
+fn decode_class(msg: &TcMessage) -> Option<Class> {
+    let opts = raw_options(&msg.attributes)?;
+    let mut rate64 = None;
+    let mut ceil64 = None;
+    let mut parms = None;
+    for (kind, v) in attrs(&opts) {
+        match kind {
+            1 => parms = Some(v),
+            6 => rate64 = u64_of(v),
+            7 => ceil64 = u64_of(v),
+            _ => {}
+        }
+    }
+    let p = parms?;
+    if p.len() < 44 {
+        return None;
+    }
+    Some(Class {
+        classid: u32::from(msg.header.handle),
+        // Root classes report TC_H_ROOT as parent; we name the qdisc.
+        parent: match u32::from(msg.header.parent) {
+            TC_H_ROOT => ROOT,
+            p => p,
+        },
+        rate: rate64.unwrap_or(u64::from(u32_at(p, 8))),
+        ceil: ceil64.unwrap_or(u64::from(u32_at(p, 20))),
+        buffer: u32_at(p, 24),
+        cbuffer: u32_at(p, 28),
+        quantum: u32_at(p, 32),
+        prio: u32_at(p, 40),
+    })
+}
+
+fn selector(s: &netlink_packet_route::tc::TcU32Selector) -> Selector {
+    Selector {
+        flags: s.flags.bits(),
+        offshift: s.offshift,
+        offmask: s.offmask,
+        off: s.off,
+        offoff: s.offoff,
+        hoff: s.hoff,
+        hmask: s.hmask,
+        keys: s
+            .keys
+            .iter()
+            .map(|k| Key { mask: k.mask, val: k.val, off: k.off, offmask: k.offmask })
+            .collect(),
+    }
+}
+
+/// Reads root, classes, leaves and filters of `ifindex`.
+pub fn observe(nl: &mut Netlink, ifindex: i32) -> io::Result<Observed> {
+    let mut qdiscs = Vec::new();
+    for m in nl.dump(RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default()))? {
+        if let RouteNetlinkMessage::NewQueueDiscipline(q) = m {
+            if q.header.index == ifindex {
+                qdiscs.push(q);
+            }
+        }
+    }
+    let root_msg = qdiscs.iter().find(|q| u32::from(q.header.parent) == TC_H_ROOT);
+    let root_kind = root_msg.map(|q| kind_of(&q.attributes)).unwrap_or_else(|| "noop".into());
+    let root_handle = root_msg.map_or(0, |q| u32::from(q.header.handle));
+    let root_counters = root_msg.map(|q| counters(&q.attributes)).unwrap_or_default();
+    let root = if root_handle == 0 {
+        RootState::Default(root_kind.clone())
+    } else if root_handle == ROOT && root_kind == "htb" {
+        RootState::Owned
+    } else {
+        RootState::Foreign { kind: root_kind.clone(), handle: root_handle }
+    };
+    let mut obs = Observed { root, shape: Shape::default(), counters: vec![], root_counters };
+    if obs.root != RootState::Owned {
+        return Ok(obs);
+    }
+    if let Some(q) = root_msg {
+        let init = raw_options(&q.attributes).unwrap_or_default();
+        let glob = attrs(&init).into_iter().find(|(k, _)| *k == 2).map(|(_, v)| v).unwrap_or_default();
+        obs.shape.root = Some(Root { handle: ROOT, r2q: u32_at(glob, 4), defcls: u32_at(glob, 8) });
+    }
+    for q in &qdiscs {
+        let parent = u32::from(q.header.parent);
+        if parent == TC_H_ROOT || parent >> 16 != ROOT >> 16 {
+            continue;
+        }
+        let kind = match kind_of(&q.attributes).as_str() {
+            "sfq" => {
+                let perturb = raw_options(&q.attributes).map_or(0, |o| u32_at(&o, 4) as i32);
+                LeafKind::Sfq { perturb }
+            }
+            "pfifo" => LeafKind::Pfifo,
+            other => LeafKind::Other(other.to_string()),
+        };
+        obs.shape.leaves.push(Leaf { handle: u32::from(q.header.handle), parent, kind });
+    }
+    let mut req = TcMessage::with_index(ifindex);
+    req.header.parent = TcHandle::from(0);
+    for m in nl.dump(RouteNetlinkMessage::GetTrafficClass(req))? {
+        if let RouteNetlinkMessage::NewTrafficClass(c) = m {
+            if kind_of(&c.attributes) == "htb" {
+                if let Some(class) = decode_class(&c) {
+                    obs.counters.push((class.classid, counters(&c.attributes)));
+                    obs.shape.classes.push(class);
+                }
+            }
+        }
+    }
+    // Parents before children, as plans list them.
+    let classes = std::mem::take(&mut obs.shape.classes);
+    let mut ordered: Vec<Class> = Vec::new();
+    let mut rest = classes;
+    while !rest.is_empty() {
+        let before = rest.len();
+        let (ready, later): (Vec<Class>, Vec<Class>) = rest
+            .into_iter()
+            .partition(|c| c.parent == ROOT || c.parent == TC_H_ROOT || ordered.iter().any(|o| o.classid == c.parent));
+        ordered.extend(ready);
+        rest = later;
+        if rest.len() == before {
+            ordered.append(&mut rest);
+        }
+    }
+    obs.shape.classes = ordered;
+
+    let mut req = TcMessage::with_index(ifindex);
+    req.header.parent = TcHandle::from(ROOT);
+    for m in nl.dump(RouteNetlinkMessage::GetTrafficFilter(req))? {
+        let RouteNetlinkMessage::NewTrafficFilter(f) = m else { continue };
+        let prio = (f.header.info >> 16) as u16;
+        let protocol = u16::from_be((f.header.info & 0xffff) as u16);
+        let handle = u32::from(f.header.handle);
+        let idx = match obs.shape.prios.iter().position(|p| p.prio == prio) {
+            Some(i) => i,
+            None => {
+                obs.shape.prios.push(Prio { prio, protocol, root_handle: None, tables: vec![], nodes: vec![] });
+                obs.shape.prios.len() - 1
+            }
+        };
+        let p = &mut obs.shape.prios[idx];
+        if handle == 0 || kind_of(&f.attributes) != "u32" {
+            continue;
+        }
+        let opts: Vec<&TcFilterU32Option> = f
+            .attributes
+            .iter()
+            .filter_map(|a| match a {
+                TcAttribute::Options(o) => Some(o),
+                _ => None,
+            })
+            .flatten()
+            .filter_map(|o| match o {
+                TcOption::U32(u) => Some(u),
+                _ => None,
+            })
+            .collect();
+        let htid = handle & 0xfff0_0000;
+        let is_root_table = htid >> 20 >= 0x800;
+        if handle & 0x000f_ffff == 0 {
+            if is_root_table {
+                p.root_handle = Some(htid);
+            } else {
+                let divisor = opts
+                    .iter()
+                    .find_map(|o| match o {
+                        TcFilterU32Option::Divisor(d) => Some(*d),
+                        _ => None,
+                    })
+                    .unwrap_or(1);
+                p.tables.push(HashTable { handle: htid, divisor });
+            }
+            continue;
+        }
+        let mut node = Node {
+            table: if is_root_table { Table::Root } else { Table::User(htid) },
+            bucket: ((handle >> 12) & 0xff) as u8,
+            id: Some(handle & 0xfff),
+            sel: Selector::default(),
+            classid: None,
+            link: None,
+            origin: Origin::Unknown,
+        };
+        for o in opts {
+            match o {
+                TcFilterU32Option::Selector(s) => node.sel = selector(s),
+                TcFilterU32Option::ClassId(c) => node.classid = Some(u32::from(*c)),
+                TcFilterU32Option::Link(l) if *l != 0 => node.link = Some(*l),
+                _ => {}
+            }
+        }
+        if is_root_table {
+            p.root_handle = Some(htid);
+        }
+        p.nodes.push(node);
+    }
+    obs.shape.prios.sort_by_key(|p| p.prio);
+    Ok(obs)
+}

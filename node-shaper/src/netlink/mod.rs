@@ -1,0 +1,9 @@
+//! The netlink edge: encoding operations, a pipelined socket, reading state back.
+
+pub mod decode;
+pub mod encode;
+pub mod socket;
+
+pub use decode::{observe, Counters, Observed, RootState};
+pub use encode::{encode, Request};
+pub use socket::{KernelError, Netlink, Outcome};

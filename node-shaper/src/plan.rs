@@ -1,0 +1,301 @@
+//! From a validated spec to the desired [`Shape`] of one interface. Pure.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use egressguard_crds::validate::{burst_ticks, ValidSpec};
+use egressguard_crds::units::{Rate, Size};
+use egressguard_crds::Protocol;
+use ipnet::IpNet;
+
+use crate::layout::*;
+use crate::model::*;
+use crate::ports;
+
+/// Which leaf qdisc the kernel can give us.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeafChoice {
+    /// `sfq perturb 10`, what production kernels have.
+    Sfq,
+    /// `pfifo`, when this kernel lacks `sch_sfq`.
+    PfifoFallback,
+}
+
+/// SFQ's hash perturbation period, as in the incident's hand-typed script.
+pub const SFQ_PERTURB: i32 = 10;
+/// Smallest quantum: one full-size Ethernet frame.
+const MIN_QUANTUM: u64 = 1514;
+/// HTB's own upper clamp for computed quanta.
+const MAX_QUANTUM: u64 = 200_000;
+/// iproute2's default burst when none is given is rate/HZ + MTU; one MTU plus
+/// one millisecond at rate keeps GSO bursts from starving low rates.
+const MIN_BURST: u64 = 1600;
+
+fn default_burst(rate: Rate) -> Size {
+    Size::from_bytes(MIN_BURST.max(rate.bytes_per_sec() / 1000))
+}
+
+fn ticks(burst: Size, rate: Rate) -> u32 {
+    // Validation rejected bursts that overflow; saturate rather than panic.
+    burst_ticks(burst, rate).and_then(|t| u32::try_from(t).ok()).unwrap_or(u32::MAX)
+}
+
+fn class(classid: u32, parent: u32, rate: Rate, ceil: Rate, burst: Option<Size>, prio: u32) -> Class {
+    let b = burst.unwrap_or_else(|| default_burst(rate));
+    let cb = burst.unwrap_or_else(|| default_burst(ceil));
+    let quantum = (rate.bytes_per_sec() / u64::from(R2Q)).clamp(MIN_QUANTUM, MAX_QUANTUM);
+    Class {
+        classid,
+        parent,
+        rate: rate.bytes_per_sec(),
+        ceil: ceil.bytes_per_sec(),
+        buffer: ticks(b, rate),
+        cbuffer: ticks(cb, ceil),
+        quantum: quantum as u32,
+        prio,
+    }
+}
+
+/// The desired shape for a spec.
+pub fn plan(spec: &ValidSpec, leaf: LeafChoice) -> Shape {
+    let up = spec.uplink_rate;
+    // Children's rates must add up to at most the parent's, or HTB lets green
+    // children exceed the uplink. Throttle keeps its own rate; the rest is
+    // split between whitelist and default, both allowed to borrow up to uplink.
+    let rest = up.bits_per_sec().saturating_sub(spec.throttle_rate.bits_per_sec()).max(16);
+    let wl = Rate::from_bits_per_sec(rest.div_ceil(2));
+    let def = Rate::from_bits_per_sec((rest - rest.div_ceil(2)).max(8));
+    let classes = vec![
+        class(CLASS_UPLINK, ROOT, up, up, spec.uplink_burst, 0),
+        class(CLASS_WHITELIST, CLASS_UPLINK, wl, up, spec.uplink_burst, 0),
+        class(CLASS_DEFAULT, CLASS_UPLINK, def, up, spec.uplink_burst, 1),
+        class(CLASS_THROTTLED, CLASS_UPLINK, spec.throttle_rate, spec.throttle_ceil, spec.throttle_burst, 2),
+    ];
+    let sfq = leaf == LeafChoice::Sfq;
+    let leaves = [CLASS_WHITELIST, CLASS_DEFAULT, CLASS_THROTTLED]
+        .into_iter()
+        .map(|c| Leaf {
+            handle: leaf_handle(c, sfq),
+            parent: c,
+            kind: if sfq { LeafKind::Sfq { perturb: SFQ_PERTURB } } else { LeafKind::Pfifo },
+        })
+        .collect();
+    let mut prios = whitelist_prios(spec);
+    prios.extend(throttle_prios(spec));
+    Shape {
+        root: Some(Root { handle: ROOT, defcls: DEFCLS, r2q: R2Q }),
+        classes,
+        leaves,
+        prios,
+    }
+}
+
+/// Keys matching destination `net`: IPv4 dst at 16, IPv6 dst at 24..40.
+pub fn dst_keys(net: &IpNet) -> Vec<Key> {
+    let len = u32::from(net.prefix_len());
+    match net.network() {
+        IpAddr::V4(a) => {
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            vec![Key { mask, val: u32::from(a) & mask, off: 16, offmask: 0 }]
+        }
+        IpAddr::V6(a) => {
+            let bits = u128::from(a);
+            let mut keys = Vec::new();
+            for w in 0..4u32 {
+                let covered = len.saturating_sub(32 * w).min(32);
+                if covered == 0 {
+                    continue;
+                }
+                let mask = u32::MAX << (32 - covered);
+                let word = (bits >> (96 - 32 * w)) as u32;
+                keys.push(Key { mask, val: word & mask, off: 24 + 4 * w as i32, offmask: 0 });
+            }
+            if keys.is_empty() {
+                // ::/0 matches everything; tc spells that `match u32 0 0`.
+                keys.push(Key { mask: 0, val: 0, off: 0, offmask: 0 });
+            }
+            keys
+        }
+    }
+}
+
+fn terminal(keys: Vec<Key>) -> Selector {
+    Selector { flags: U32_TERMINAL, keys, ..Selector::default() }
+}
+
+/// The hash group an entry belongs to, or `None` for the linear group.
+pub fn group_of(net: &IpNet) -> Option<HashGroup> {
+    let groups: &[HashGroup] = match net {
+        IpNet::V4(_) => &V4_GROUPS,
+        IpNet::V6(_) => &V6_GROUPS,
+    };
+    groups.iter().rev().find(|g| net.prefix_len() >= g.min_len).copied()
+}
+
+/// Word offset and mask the kernel hashes for a group (`hashkey mask M at O`).
+pub fn hash_key(net_is_v4: bool, byte: usize) -> (i16, u32) {
+    let base = if net_is_v4 { 16 } else { 24 };
+    let word = base + (byte / 4) * 4;
+    let shift = 8 * (3 - (byte % 4));
+    (word as i16, 0xff << shift)
+}
+
+fn addr_byte(net: &IpNet, byte: usize) -> u8 {
+    match net.network() {
+        IpAddr::V4(a) => a.octets()[byte],
+        IpAddr::V6(a) => a.octets()[byte],
+    }
+}
+
+fn whitelist_prios(spec: &ValidSpec) -> Vec<Prio> {
+    // Duplicates (same network written twice) collapse to the first mention.
+    let mut seen = BTreeSet::new();
+    let entries: Vec<_> = spec.whitelist.iter().filter(|e| seen.insert(e.net)).collect();
+    let mut prios = Vec::new();
+    for v4 in [true, false] {
+        let (linear_prio, proto, groups): (u16, u16, &[HashGroup]) = if v4 {
+            (PRIO_V4_WHITELIST, ETH_P_IP, &V4_GROUPS)
+        } else {
+            (PRIO_V6_WHITELIST, ETH_P_IPV6, &V6_GROUPS)
+        };
+        let family: Vec<_> = entries.iter().filter(|e| e.net.network().is_ipv4() == v4).collect();
+        let linear: Vec<Node> = family
+            .iter()
+            .filter(|e| group_of(&e.net).is_none())
+            .map(|e| Node {
+                table: Table::Root,
+                bucket: 0,
+                id: None,
+                sel: terminal(dst_keys(&e.net)),
+                classid: Some(CLASS_WHITELIST),
+                link: None,
+                origin: Origin::Whitelist(e.index),
+            })
+            .collect();
+        if !linear.is_empty() {
+            prios.push(Prio { prio: linear_prio, protocol: proto, root_handle: None, tables: vec![], nodes: linear });
+        }
+        for g in groups {
+            let members: Vec<_> = family.iter().filter(|e| group_of(&e.net) == Some(*g)).collect();
+            if members.is_empty() {
+                continue;
+            }
+            let (hoff, hmask) = hash_key(v4, g.byte);
+            let mut nodes = vec![Node {
+                table: Table::Root,
+                bucket: 0,
+                id: None,
+                sel: Selector { hoff, hmask, keys: vec![Key { mask: 0, val: 0, off: 0, offmask: 0 }], ..Selector::default() },
+                classid: None,
+                link: Some(g.table),
+                origin: Origin::Link("whitelist hash"),
+            }];
+            nodes.extend(members.iter().map(|e| Node {
+                table: Table::User(g.table),
+                bucket: addr_byte(&e.net, g.byte),
+                id: None,
+                sel: terminal(dst_keys(&e.net)),
+                classid: Some(CLASS_WHITELIST),
+                link: None,
+                origin: Origin::Whitelist(e.index),
+            }));
+            prios.push(Prio {
+                prio: g.prio,
+                protocol: proto,
+                root_handle: None,
+                tables: vec![HashTable { handle: g.table, divisor: 256 }],
+                nodes,
+            });
+        }
+    }
+    prios
+}
+
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+
+/// The node in a prio's root table that sends TCP or UDP packets to a port table.
+///
+/// IPv4: matches the protocol and "not a later fragment" (only first fragments
+/// carry ports), then moves past the header using IHL so IP options are handled
+/// (`offset at 0 mask 0x0f00 shift 6 eat`). IPv6: next header, fixed 40 bytes
+/// (packets with extension headers before TCP/UDP are not matched).
+pub fn l4_link(v4: bool, ipproto: u32, table: u32) -> Node {
+    let sel = if v4 {
+        Selector {
+            flags: U32_VAROFFSET | U32_EAT,
+            offshift: 6,
+            offmask: 0x0f00,
+            keys: vec![
+                Key { mask: 0x00ff_0000, val: ipproto << 16, off: 8, offmask: 0 },
+                Key { mask: 0x0000_1fff, val: 0, off: 4, offmask: 0 },
+            ],
+            ..Selector::default()
+        }
+    } else {
+        Selector {
+            flags: U32_OFFSET | U32_EAT,
+            off: 40,
+            keys: vec![Key { mask: 0x0000_ff00, val: ipproto << 8, off: 4, offmask: 0 }],
+            ..Selector::default()
+        }
+    };
+    Node {
+        table: Table::Root,
+        bucket: 0,
+        id: None,
+        sel,
+        classid: None,
+        link: Some(table),
+        origin: Origin::Link(if ipproto == IPPROTO_TCP { "tcp ports" } else { "udp ports" }),
+    }
+}
+
+fn throttle_prios(spec: &ValidSpec) -> Vec<Prio> {
+    let mut prios = Vec::new();
+    for v4 in [true, false] {
+        let (prio, protocol, tcp_t, udp_t) = if v4 {
+            (PRIO_V4_THROTTLE, ETH_P_IP, TABLE_V4_TCP, TABLE_V4_UDP)
+        } else {
+            (PRIO_V6_THROTTLE, ETH_P_IPV6, TABLE_V6_TCP, TABLE_V6_UDP)
+        };
+        let mut tables = Vec::new();
+        let mut links = Vec::new();
+        let mut ports_nodes = Vec::new();
+        for (proto, table, wants) in [
+            (IPPROTO_TCP, tcp_t, [Protocol::Tcp, Protocol::Any]),
+            (IPPROTO_UDP, udp_t, [Protocol::Udp, Protocol::Any]),
+        ] {
+            let mut seen = BTreeSet::new();
+            let mut nodes = Vec::new();
+            for d in spec.destinations.iter().filter(|d| wants.contains(&d.protocol)) {
+                for (value, mask) in ports::blocks(d.first, d.last) {
+                    if !seen.insert((value, mask)) {
+                        continue;
+                    }
+                    nodes.push(Node {
+                        table: Table::User(table),
+                        bucket: 0,
+                        id: None,
+                        sel: terminal(vec![Key { mask: u32::from(mask), val: u32::from(value), off: 0, offmask: 0 }]),
+                        classid: Some(CLASS_THROTTLED),
+                        link: None,
+                        origin: Origin::Destination(d.index),
+                    });
+                }
+            }
+            if nodes.is_empty() {
+                continue;
+            }
+            tables.push(HashTable { handle: table, divisor: 1 });
+            links.push(l4_link(v4, proto, table));
+            ports_nodes.extend(nodes);
+        }
+        if tables.is_empty() {
+            continue;
+        }
+        links.extend(ports_nodes);
+        prios.push(Prio { prio, protocol, root_handle: None, tables, nodes: links });
+    }
+    prios
+}

@@ -1,0 +1,101 @@
+//! `node-shaper show`: what is enforced, with counters labelled by role.
+
+use serde::Serialize;
+
+use crate::layout::Role;
+use crate::model::{fmt_handle, Shape};
+use crate::netlink::{Counters, Observed, RootState};
+
+/// One class in the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassRow {
+    /// Role (uplink, throttled, whitelist, default) or `foreign`.
+    pub role: String,
+    /// Class id.
+    pub class: String,
+    /// Rate, tc units.
+    pub rate: String,
+    /// Ceil, tc units.
+    pub ceil: String,
+    /// Leaf qdisc kind.
+    pub leaf: Option<String>,
+    /// Counters.
+    pub counters: Counters,
+}
+
+/// The report for one interface.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Interface.
+    pub interface: String,
+    /// `enforced`, `not shaped (default root qdisc X)` or `foreign root qdisc`.
+    pub state: String,
+    /// Classes.
+    pub classes: Vec<ClassRow>,
+    /// u32 filter nodes installed.
+    pub filters: usize,
+    /// Filter prios present.
+    pub prios: Vec<u16>,
+}
+
+fn rate(bytes: u64) -> String {
+    egressguard_crds::units::Rate::from_bits_per_sec(bytes * 8).to_string()
+}
+
+/// Builds the report from observed state.
+pub fn report(interface: &str, obs: &Observed) -> Report {
+    let state = match &obs.root {
+        RootState::Owned => "enforced".to_string(),
+        RootState::Default(k) => format!("not shaped (device default root qdisc {k})"),
+        RootState::Foreign { kind, handle } => format!("foreign root qdisc {kind} {} (not managed by node-shaper)", fmt_handle(*handle)),
+    };
+    let shape: &Shape = &obs.shape;
+    let classes = shape
+        .classes
+        .iter()
+        .map(|c| ClassRow {
+            role: Role::of(c.classid).map_or("foreign".to_string(), |r| r.name().to_string()),
+            class: fmt_handle(c.classid),
+            rate: rate(c.rate),
+            ceil: rate(c.ceil),
+            leaf: shape.leaves.iter().find(|l| l.parent == c.classid).map(|l| l.kind.kind().to_string()),
+            counters: obs.counters.iter().find(|(id, _)| *id == c.classid).map(|(_, k)| k.clone()).unwrap_or_default(),
+        })
+        .collect();
+    Report {
+        interface: interface.to_string(),
+        state,
+        classes,
+        filters: shape.node_count(),
+        prios: shape.prios.iter().map(|p| p.prio).collect(),
+    }
+}
+
+/// Text rendering, one row per class like `tc -s class show`.
+pub fn render(r: &Report) -> String {
+    let mut s = format!("{}: {}\n", r.interface, r.state);
+    if r.classes.is_empty() {
+        return s;
+    }
+    s.push_str(&format!(
+        "  {:<10} {:<6} {:>10} {:>10} {:<6} {:>14} {:>10} {:>8} {:>10} {:>8}\n",
+        "ROLE", "CLASS", "RATE", "CEIL", "LEAF", "BYTES", "PACKETS", "DROPS", "OVERLIMITS", "BACKLOG"
+    ));
+    for c in &r.classes {
+        s.push_str(&format!(
+            "  {:<10} {:<6} {:>10} {:>10} {:<6} {:>14} {:>10} {:>8} {:>10} {:>7}b\n",
+            c.role,
+            c.class,
+            c.rate,
+            c.ceil,
+            c.leaf.as_deref().unwrap_or("-"),
+            c.counters.bytes,
+            c.counters.packets,
+            c.counters.drops,
+            c.counters.overlimits,
+            c.counters.backlog
+        ));
+    }
+    s.push_str(&format!("  filters: {} u32 nodes in prios {:?}\n", r.filters, r.prios));
+    s
+}

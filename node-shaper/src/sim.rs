@@ -1,0 +1,182 @@
+//! A model of the kernel's u32 classifier (`net/sched/cls_u32.c`), run on a
+//! synthetic packet. `explain` uses it on the state read back from the kernel,
+//! and the tests use it to prove the hashed layout classifies exactly like a
+//! flat list would.
+
+use std::net::IpAddr;
+
+use crate::model::*;
+
+/// A packet as u32 sees it: the network header onwards.
+#[derive(Clone, Debug)]
+pub struct Packet {
+    /// Ethertype.
+    pub protocol: u16,
+    /// Bytes from the IP header on.
+    pub bytes: Vec<u8>,
+}
+
+/// Transport protocol of a synthetic packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4 {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Packet {
+    /// A TCP or UDP packet to `dst:port`; `ip_options` adds IPv4 option words.
+    pub fn new(dst: IpAddr, l4: L4, port: u16, ip_options: usize) -> Packet {
+        let proto = match l4 {
+            L4::Tcp => 6u8,
+            L4::Udp => 17u8,
+        };
+        let mut l4hdr = vec![0u8; 20];
+        l4hdr[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        l4hdr[2..4].copy_from_slice(&port.to_be_bytes());
+        match dst {
+            IpAddr::V4(a) => {
+                let ihl = 5 + ip_options.min(10);
+                let mut h = vec![0u8; ihl * 4];
+                h[0] = 0x40 | ihl as u8;
+                h[6] = 0x40; // DF, fragment offset 0
+                h[8] = 64;
+                h[9] = proto;
+                h[12..16].copy_from_slice(&[192, 0, 2, 1]);
+                h[16..20].copy_from_slice(&a.octets());
+                for b in h.iter_mut().skip(20) {
+                    *b = 1; // NOP options
+                }
+                h.extend(l4hdr);
+                Packet { protocol: ETH_P_IP, bytes: h }
+            }
+            IpAddr::V6(a) => {
+                let mut h = vec![0u8; 40];
+                h[0] = 0x60;
+                h[6] = proto;
+                h[7] = 64;
+                h[8] = 0x20;
+                h[24..40].copy_from_slice(&a.octets());
+                h.extend(l4hdr);
+                Packet { protocol: ETH_P_IPV6, bytes: h }
+            }
+        }
+    }
+
+    fn word(&self, off: i64) -> Option<u32> {
+        let off = usize::try_from(off).ok()?;
+        let b = self.bytes.get(off..off + 4)?;
+        Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+}
+
+/// The outcome of classifying a packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict<'a> {
+    /// The prio whose filter matched.
+    pub prio: u16,
+    /// The terminal node that matched.
+    pub node: &'a Node,
+}
+
+fn table_nodes<'a>(p: &'a Prio, table: Table, bucket: u8) -> Vec<&'a Node> {
+    let mut v: Vec<&Node> = p.nodes.iter().filter(|n| n.table == table && n.bucket == bucket).collect();
+    // The kernel keeps a bucket ordered by node id; planned nodes keep plan order.
+    v.sort_by_key(|n| n.id.unwrap_or(0));
+    v
+}
+
+fn table_of(p: &Prio, link: u32) -> (Table, u32) {
+    let divisor = p.tables.iter().find(|t| t.handle == link).map_or(1, |t| t.divisor);
+    (Table::User(link), divisor)
+}
+
+/// Runs one prio's u32 filter; returns the matching terminal node.
+fn run_prio<'a>(p: &'a Prio, pkt: &Packet) -> Option<&'a Node> {
+    // Explicit stack mirrors the kernel's (depth limit 8).
+    struct Frame<'a> {
+        nodes: Vec<&'a Node>,
+        idx: usize,
+        off: i64,
+    }
+    let mut stack: Vec<Frame<'a>> = vec![Frame { nodes: table_nodes(p, Table::Root, 0), idx: 0, off: 0 }];
+    let mut off2: i64 = 0;
+    loop {
+        let depth = stack.len();
+        let Some(top) = stack.last_mut() else { break };
+        let Some(n) = top.nodes.get(top.idx).copied() else {
+            stack.pop();
+            if let Some(parent) = stack.last_mut() {
+                // POP: back at the link node; it is not terminal, so move on.
+                let link = parent.nodes[parent.idx];
+                if link.sel.flags & U32_TERMINAL != 0 {
+                    return Some(link);
+                }
+                parent.idx += 1;
+            }
+            continue;
+        };
+        let off = top.off;
+        let mut matched = true;
+        for k in &n.sel.keys {
+            let toff = off + i64::from(k.off) + (off2 & i64::from(k.offmask));
+            let w = pkt.word(toff)?;
+            if (w ^ k.val) & k.mask != 0 {
+                matched = false;
+                break;
+            }
+        }
+        if !matched {
+            top.idx += 1;
+            continue;
+        }
+        let Some(link) = n.link else {
+            if n.sel.flags & U32_TERMINAL != 0 {
+                return Some(n);
+            }
+            top.idx += 1;
+            continue;
+        };
+        if depth >= 8 {
+            return None;
+        }
+        let (table, divisor) = table_of(p, link);
+        let mut bucket = 0u8;
+        if divisor > 1 {
+            let data = pkt.word(off + i64::from(n.sel.hoff))?;
+            let fshift = if n.sel.hmask == 0 { 0 } else { n.sel.hmask.trailing_zeros() };
+            bucket = (((data & n.sel.hmask) >> fshift) & (divisor - 1)) as u8;
+        }
+        let mut new_off = off;
+        if n.sel.flags & (U32_OFFSET | U32_VAROFFSET) != 0 {
+            off2 = i64::from(n.sel.off) + 3;
+            if n.sel.flags & U32_VAROFFSET != 0 {
+                let w = pkt.word(off + i64::from(n.sel.offoff))?;
+                let half = (w >> 16) as u16;
+                off2 += i64::from((half & n.sel.offmask) >> n.sel.offshift);
+            }
+            off2 &= !3;
+        }
+        if n.sel.flags & U32_EAT != 0 {
+            new_off += off2;
+            off2 = 0;
+        }
+        if new_off < pkt.bytes.len() as i64 {
+            stack.push(Frame { nodes: table_nodes(p, table, bucket), idx: 0, off: new_off });
+        } else {
+            top.idx += 1;
+        }
+    }
+    None
+}
+
+/// Classifies a packet through every prio in order, as `tcf_classify` does.
+pub fn classify<'a>(shape: &'a Shape, pkt: &Packet) -> Option<Verdict<'a>> {
+    let mut prios: Vec<&Prio> = shape.prios.iter().collect();
+    prios.sort_by_key(|p| p.prio);
+    prios
+        .into_iter()
+        .filter(|p| p.protocol == pkt.protocol)
+        .find_map(|p| run_prio(p, pkt).map(|node| Verdict { prio: p.prio, node }))
+}
