@@ -66,6 +66,16 @@ pub enum Op {
         /// The new content.
         node: Node,
     },
+    /// Point a link node at no table, releasing its reference, so the table
+    /// can be deleted while the node keeps its prio alive.
+    Unlink {
+        /// Prio.
+        prio: u16,
+        /// Ethertype.
+        protocol: u16,
+        /// Full handle.
+        handle: u32,
+    },
     /// Delete one u32 node.
     DelNode {
         /// Prio.
@@ -137,7 +147,7 @@ pub fn diff(observed: &Shape, desired: &Shape) -> Vec<Op> {
         let obs = observed.prios.iter().find(|o| o.prio == p.prio);
         let obs = match obs {
             Some(o) if o.protocol != p.protocol || tables_conflict(o, p) => {
-                ph.pre.push(Op::DelPrio { prio: o.prio, protocol: o.protocol });
+                ph.pre.extend(remove_prio(o));
                 None
             }
             other => other,
@@ -146,7 +156,13 @@ pub fn diff(observed: &Shape, desired: &Shape) -> Vec<Op> {
     }
     for o in &observed.prios {
         if !desired.prios.iter().any(|p| p.prio == o.prio) {
-            ph.prio_dels.push(Op::DelPrio { prio: o.prio, protocol: o.protocol });
+            for op in remove_prio(o) {
+                match op {
+                    Op::Unlink { .. } => ph.node_dels.push(op),
+                    Op::DelTable { .. } => ph.table_dels.push(op),
+                    _ => ph.prio_dels.push(op),
+                }
+            }
         }
     }
     let Phases { pre, root, classes, leaves, tables, user_nodes, root_nodes, node_dels, table_dels, prio_dels, class_dels } = ph;
@@ -154,6 +170,24 @@ pub fn diff(observed: &Shape, desired: &Shape) -> Vec<Op> {
         .into_iter()
         .flatten()
         .collect()
+}
+
+/// Removing a prio must remove its hash tables explicitly: tables live in the
+/// qdisc-wide u32 state, and deleting the prio alone would orphan them
+/// (invisible in dumps, their ids taken). Deleting the links instead can let
+/// the kernel drop the emptied prio first, with the same effect. So: unlink
+/// (the nodes stay), delete the tables, then delete the prio.
+fn remove_prio(o: &Prio) -> Vec<Op> {
+    let (prio, protocol) = (o.prio, o.protocol);
+    let mut ops: Vec<Op> = o
+        .nodes
+        .iter()
+        .filter(|n| n.link.is_some())
+        .map(|n| Op::Unlink { prio, protocol, handle: node_handle(o, n) })
+        .collect();
+    ops.extend(o.tables.iter().map(|t| Op::DelTable { prio, protocol, handle: t.handle }));
+    ops.push(Op::DelPrio { prio, protocol });
+    ops
 }
 
 fn tables_conflict(o: &Prio, p: &Prio) -> bool {

@@ -101,21 +101,47 @@ fn io(dev: &str) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
 }
 
 /// Sends `ops`; returns the first refusal and every warning.
+///
+/// Table deletions form their own chunk, finished (with retries) before
+/// anything after them is sent: a deleted or unlinked node releases its table
+/// only after an RCU grace period (EBUSY until then), and a prio deleted while
+/// its table is still referenced would orphan that table.
 fn run(nl: &mut Netlink, iface: &Interface, ops: &[Op]) -> Result<(Option<KernelError>, Vec<String>), EngineError> {
-    let reqs: Vec<_> = ops.iter().map(|op| encode(op, iface.index, &iface.name)).collect();
-    let outcomes = nl.execute(&reqs).map_err(io(&iface.name))?;
     let mut first = None;
     let mut warnings = Vec::new();
-    for o in outcomes {
-        match o {
-            Outcome::Ok(Some(w)) => warnings.push(w),
-            Outcome::Ok(None) => {}
-            Outcome::Err(e) => {
-                if first.is_none() {
-                    first = Some(e);
+    let is_table_del = |op: &Op| matches!(op, Op::DelTable { .. });
+    let mut start = 0;
+    while start < ops.len() {
+        let kind = is_table_del(&ops[start]);
+        let end = ops[start..].iter().position(|o| is_table_del(o) != kind).map_or(ops.len(), |p| start + p);
+        let chunk = &ops[start..end];
+        let reqs: Vec<_> = chunk.iter().map(|op| encode(op, iface.index, &iface.name)).collect();
+        let mut outcomes = nl.execute(&reqs).map_err(io(&iface.name))?;
+        for _ in 0..100 {
+            let busy: Vec<usize> = (0..outcomes.len())
+                .filter(|&i| kind && matches!(&outcomes[i], Outcome::Err(e) if e.errno == EBUSY))
+                .collect();
+            if busy.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            let retry: Vec<_> = busy.iter().map(|&i| reqs[i].clone()).collect();
+            for (i, o) in busy.into_iter().zip(nl.execute(&retry).map_err(io(&iface.name))?) {
+                outcomes[i] = o;
+            }
+        }
+        for o in outcomes {
+            match o {
+                Outcome::Ok(Some(w)) => warnings.push(w),
+                Outcome::Ok(None) => {}
+                Outcome::Err(e) => {
+                    if first.is_none() {
+                        first = Some(e);
+                    }
                 }
             }
         }
+        start = end;
     }
     Ok((first, warnings))
 }
@@ -127,6 +153,8 @@ fn is_unknown_kind(e: &KernelError) -> bool {
 const fn libc_enoent() -> i32 {
     2
 }
+
+const EBUSY: i32 = 16;
 
 /// Picks the leaf kind: keep a pfifo fallback already in place (so re-applying
 /// writes nothing), otherwise ask for sfq and fall back if the kernel lacks it.
@@ -214,6 +242,19 @@ pub fn apply(nl: &mut Netlink, iface: &Interface, spec: &ValidSpec, force: bool)
     };
     info!(interface = dev, writes = report.writes, leaf, filters = report.filters, "applied");
     Ok(report)
+}
+
+/// Sends `ops`; if the kernel refuses any of them, drives the interface back
+/// to `before` and returns the refusal. Returns kernel warnings on success.
+pub fn transact(nl: &mut Netlink, iface: &Interface, before: &Observed, ops: &[Op]) -> Result<Vec<String>, EngineError> {
+    let (err, warnings) = run(nl, iface, ops)?;
+    match err {
+        None => Ok(warnings),
+        Some(source) => {
+            let rollback = rollback(nl, iface, before);
+            Err(EngineError::Refused { dev: iface.name.clone(), source, rollback })
+        }
+    }
 }
 
 /// Drives the interface back to `before`; returns a sentence for the error.

@@ -117,6 +117,9 @@ pub fn tc_command(op: &Op, dev: &str) -> String {
             s.push_str(&comment(&node.origin));
             s
         }
+        Op::Unlink { prio, protocol, handle } => {
+            format!("{} handle {} u32 link 0", filt(*prio, *protocol).replace("{}", "change"), fmt_u32_handle(*handle))
+        }
         Op::DelNode { prio, protocol, handle } => {
             format!("{} handle {} u32", filt(*prio, *protocol).replace("{}", "del"), fmt_u32_handle(*handle))
         }

@@ -50,9 +50,18 @@ pub fn report(interface: &str, obs: &Observed) -> Report {
         RootState::Foreign { kind, handle } => format!("foreign root qdisc {kind} {} (not managed by node-shaper)", fmt_handle(*handle)),
     };
     let shape: &Shape = &obs.shape;
-    let classes = shape
-        .classes
-        .iter()
+    // Layout order (parent, then by who is served first), foreign classes last.
+    let rank = |id: u32| match Role::of(id) {
+        Some(Role::Uplink) => 0,
+        Some(Role::Whitelist) => 1,
+        Some(Role::Default) => 2,
+        Some(Role::Throttled) => 3,
+        None => 4,
+    };
+    let mut sorted: Vec<_> = shape.classes.iter().collect();
+    sorted.sort_by_key(|c| (rank(c.classid), c.classid));
+    let classes = sorted
+        .into_iter()
         .map(|c| ClassRow {
             role: Role::of(c.classid).map_or("foreign".to_string(), |r| r.name().to_string()),
             class: fmt_handle(c.classid),

@@ -69,6 +69,8 @@ impl Kernel {
                 }
                 Op::AddTable { prio, protocol, table } => self.prio(*prio, *protocol).tables.push(*table),
                 Op::DelTable { prio, handle, .. } => {
+                    let linked = self.shape.prios.iter().flat_map(|p| &p.nodes).any(|n| n.link == Some(*handle));
+                    assert!(!linked, "deleting table {handle:#x} while a node links to it (kernel: EBUSY)");
                     if let Some(p) = self.shape.prios.iter_mut().find(|p| p.prio == *prio) {
                         p.tables.retain(|t| t.handle != *handle);
                         p.nodes.retain(|n| n.table != Table::User(*handle));
@@ -96,6 +98,11 @@ impl Kernel {
                     let keep: Vec<Node> = p.nodes.iter().filter(|n| node_handle(p, n) != *handle).cloned().collect();
                     assert_eq!(keep.len() + 1, before, "deleting a node that does not exist");
                     p.nodes = keep;
+                }
+                Op::Unlink { prio, handle, .. } => {
+                    let p = self.shape.prios.iter_mut().find(|p| p.prio == *prio).expect("prio");
+                    let i = (0..p.nodes.len()).find(|&i| node_handle(p, &p.nodes[i]) == *handle).expect("node");
+                    p.nodes[i].link = None;
                 }
                 Op::DelPrio { prio, .. } => self.shape.prios.retain(|p| p.prio != *prio),
             }

@@ -246,6 +246,13 @@ pub fn encode(op: &Op, ifindex: i32, dev: &str) -> Request {
             );
             (M::NewTrafficFilter(msg), NLM_F_CREATE, format!("change u32 filter {} (prio {prio}) on {dev}", fmt_u32_handle(*handle)))
         }
+        Op::Unlink { prio, protocol, handle } => {
+            let msg = TcMessage::from_parts(
+                header(ifindex, *handle, ROOT, filter_info(*prio, *protocol)),
+                vec![kind("u32"), TcAttribute::Options(vec![TcOption::U32(TcFilterU32Option::Link(0))])],
+            );
+            (M::NewTrafficFilter(msg), NLM_F_CREATE, format!("unlink u32 filter {} (prio {prio}) on {dev}", fmt_u32_handle(*handle)))
+        }
         Op::DelNode { prio, protocol, handle } => {
             let msg = TcMessage::from_parts(header(ifindex, *handle, ROOT, filter_info(*prio, *protocol)), vec![kind("u32")]);
             (M::DelTrafficFilter(msg), 0, format!("delete u32 filter {} (prio {prio}) on {dev}", fmt_u32_handle(*handle)))

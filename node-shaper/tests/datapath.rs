@@ -1,0 +1,237 @@
+//! Real traffic through real kernel shaping, in network namespaces, measured
+//! with iperf3. Rates are compared in Ethernet-frame terms (what HTB counts):
+//! see `lab::l2_rate`. Needs root and iperf3; skipped (with a message) without.
+
+mod lab;
+
+use lab::*;
+
+const UPLINK: f64 = 20e6;
+const THROTTLE: f64 = 1e6;
+const DESTS: &str = "[{protocol: TCP, port: 443}, {protocol: UDP, port: 8000, endPort: 8100}]";
+
+fn ok(o: &std::process::Output) -> String {
+    assert!(o.status.success(), "exit {:?}\nstdout: {}\nstderr: {}", o.status.code(), String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn incident_lab(tag: &str) -> (Lab, String) {
+    let lab = Lab::new(tag);
+    let g = lab.write_guard("guard.yaml", &guard(&format!("[{WHITE4}/32, {WHITE6}/128]"), DESTS, "1Mbit"));
+    (lab, g)
+}
+
+#[test]
+fn throttled_port_gets_the_throttle_rate_tcp_and_udp() {
+    if !available() {
+        return;
+    }
+    let (mut lab, g) = incident_lab("thr");
+    lab.serve(443);
+    lab.serve(8050);
+    let out = ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
+    assert!(out.contains("leaf qdisc:"), "{out}");
+    // Four parallel flows: the class holds the rate for all of them together.
+    let r = lab.measure(SERVER4, 443, 6, &["-P", "4"]);
+    let rate = l2_rate(r.goodput, false);
+    eprintln!("throttled TCP/443: configured {THROTTLE} measured L2 {rate:.0} ({:.1}%)", 100.0 * rate / THROTTLE);
+    assert!((0.85 * THROTTLE..=1.02 * THROTTLE).contains(&rate), "throttled rate {rate}");
+    // UDP to a port inside the 8000-8100 range, offered at 10x the throttle.
+    let u = lab.measure(SERVER4, 8050, 5, &["-u", "-b", "10M", "-l", "1400"]);
+    let urate = u.goodput * (1400.0 + 42.0) / 1400.0;
+    eprintln!("throttled UDP/8050: measured L2 {urate:.0} ({:.1}%)", 100.0 * urate / THROTTLE);
+    assert!((0.85 * THROTTLE..=1.02 * THROTTLE).contains(&urate), "udp throttled rate {urate}");
+}
+
+#[test]
+fn whitelist_and_unlisted_ports_keep_the_uplink_during_a_flood() {
+    if !available() {
+        return;
+    }
+    let (mut lab, g) = incident_lab("wl");
+    lab.serve_on(Some(SERVER4), 443);
+    lab.serve_on(Some(WHITE4), 443);
+    lab.serve(5201);
+    lab.serve(4443);
+    ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
+    // The flood: several flows to the throttled port for the whole test.
+    let flood = lab.client(SERVER4, 443, 14, &["-P", "4"]);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    // Same port, whitelisted destination.
+    let w = lab.measure(WHITE4, 4443, 4, &[]);
+    let w443 = lab.measure(WHITE4, 443, 4, &[]);
+    // Unlisted port, ordinary destination.
+    let d = lab.measure(SERVER4, 5201, 4, &[]);
+    let f = Iperf::parse(flood.wait_with_output().expect("flood"));
+    for (name, r) in [("whitelisted:4443", &w), ("whitelisted:443", &w443), ("unlisted:5201", &d)] {
+        let rate = l2_rate(r.goodput, false);
+        eprintln!("{name}: measured L2 {rate:.0} ({:.1}% of uplink)", 100.0 * rate / UPLINK);
+        assert!(rate >= 0.85 * UPLINK, "{name} got {rate}");
+        assert!(rate <= 1.02 * UPLINK, "{name} exceeded the uplink: {rate}");
+    }
+    let frate = l2_rate(f.goodput, false);
+    eprintln!("flood to 443 meanwhile: {frate:.0}");
+    assert!(frate <= 1.05 * THROTTLE, "flood escaped the throttle: {frate}");
+}
+
+#[test]
+fn ipv6_is_shaped_too() {
+    if !available() {
+        return;
+    }
+    let (mut lab, g) = incident_lab("v6");
+    lab.serve(443);
+    ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
+    let t = lab.measure(SERVER6, 443, 6, &["-P", "2"]);
+    let trate = l2_rate(t.goodput, true);
+    eprintln!("v6 throttled: {trate:.0} ({:.1}%)", 100.0 * trate / THROTTLE);
+    assert!((0.85 * THROTTLE..=1.02 * THROTTLE).contains(&trate), "v6 throttled {trate}");
+    let w = lab.measure(WHITE6, 443, 4, &[]);
+    let wrate = l2_rate(w.goodput, true);
+    eprintln!("v6 whitelisted: {wrate:.0} ({:.1}% of uplink)", 100.0 * wrate / UPLINK);
+    assert!(wrate >= 0.85 * UPLINK && wrate <= 1.02 * UPLINK, "v6 whitelisted {wrate}");
+}
+
+#[test]
+fn update_is_incremental_and_hitless() {
+    if !available() {
+        return;
+    }
+    let (mut lab, g) = incident_lab("upd");
+    lab.serve(443);
+    let first = ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
+    assert!(first.contains("netlink writes"), "{first}");
+    let again = ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
+    assert!(again.contains("already enforced, no changes"), "second apply wrote something: {again}");
+
+    let flow = lab.client(WHITE4, 443, 8, &[]);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let (h1, b1) = lab.root_bytes();
+    let g2 = lab.write_guard(
+        "guard2.yaml",
+        &guard(&format!("[{WHITE4}/32, {WHITE6}/128, 192.0.2.0/24]"), "[{protocol: TCP, port: 443}, {protocol: TCP, port: 80}]", "2Mbit"),
+    );
+    let upd = ok(&lab.shaper(&["apply", "-f", &g2, "--interface", DEV]));
+    let (h2, b2) = lab.root_bytes();
+    let r = Iperf::parse(flow.wait_with_output().expect("flow"));
+    eprintln!("update output:\n{upd}");
+    assert!(!upd.contains("root qdisc"), "update touched the root qdisc: {upd}");
+    assert_eq!(h1, h2, "root qdisc was replaced");
+    assert!(b2 > b1, "root byte counter did not keep growing ({b1} -> {b2})");
+    assert_eq!(r.retransmits, 0, "whitelisted flow lost packets across the update");
+    assert!(r.intervals.iter().all(|&i| i > 0.5 * UPLINK), "a gap in the whitelisted flow: {:?}", r.intervals);
+    let classes = String::from_utf8_lossy(&lab.in_cli(&["tc", "class", "show", "dev", DEV]).stdout).into_owned();
+    assert!(classes.contains("class htb e9:10 parent e9:1") && classes.contains("rate 2Mbit"), "{classes}");
+}
+
+#[test]
+fn foreign_root_is_refused_then_forced_and_reset_restores_default() {
+    if !available() {
+        return;
+    }
+    let (lab, g) = incident_lab("own");
+    // The incident's hand-typed tree, owned by nobody we know.
+    lab.in_cli(&["tc", "qdisc", "add", "dev", DEV, "root", "handle", "1:", "htb", "default", "20"]);
+    let before = lab.tc_dump();
+    let o = lab.shaper(&["apply", "-f", &g, "--interface", DEV]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("root qdisc is htb 1:, which node-shaper did not install") && err.contains("--force"), "{err}");
+    assert_eq!(lab.tc_dump(), before, "refusal changed the kernel");
+    let o = lab.shaper(&["reset", "--interface", DEV]);
+    assert_eq!(o.status.code(), Some(1), "reset removed a foreign root without --force");
+    assert_eq!(lab.tc_dump(), before);
+
+    ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV, "--force"]));
+    assert!(lab.tc_dump().contains("qdisc htb e9: root"));
+    let out = ok(&lab.shaper(&["reset", "--interface", DEV]));
+    assert!(out.contains("removed node-shaper's htb e9: tree"), "{out}");
+    let dump = lab.tc_dump();
+    assert!(dump.contains("qdisc noqueue 0: root"), "veth default not restored: {dump}");
+    let out = ok(&lab.shaper(&["reset", "--interface", DEV]));
+    assert!(out.contains("nothing to reset"), "{out}");
+}
+
+#[test]
+fn bad_input_exits_2_and_leaves_the_kernel_byte_identical() {
+    if !available() {
+        return;
+    }
+    let (lab, g) = incident_lab("bad");
+    ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
+    let before = lab.tc_dump();
+    let bad = lab.write_guard("bad.yaml", &guard("[10.0.0.1/8]", "[{port: 70000}]", "1mbps"));
+    let o = lab.shaper(&["apply", "-f", &bad, "--interface", DEV]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    for want in [
+        "spec.throttle.rate: \"1mbps\" uses \"mbps\", which tc reads as bytes per second",
+        "spec.throttle.destinations[0].port: 70000 is above 65535",
+        "spec.whitelist[0]: 10.0.0.1/8 has host bits set; the network is 10.0.0.0/8",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in {err}");
+    }
+    let garbage = lab.write_guard("garbage.yaml", "spec: [unclosed");
+    assert_eq!(lab.shaper(&["apply", "-f", &garbage, "--interface", DEV]).status.code(), Some(2));
+    assert_eq!(lab.shaper(&["apply", "-f", &g, "--interface", "nosuchdev0"]).status.code(), Some(2));
+    assert_eq!(lab.shaper(&["apply", "-f", "/nonexistent.yaml"]).status.code(), Some(2));
+    assert_eq!(lab.tc_dump(), before, "bad input changed kernel state");
+}
+
+#[test]
+fn apply_cycles_do_not_leak_filters_or_classes() {
+    if !available() {
+        return;
+    }
+    let (lab, g) = incident_lab("leak");
+    let many: Vec<String> = (0..300).map(|i| format!("10.{}.{}.0/24", 100 + i / 250, i % 250)).collect();
+    let g2 = lab.write_guard("big.yaml", &guard(&format!("[{}]", many.join(", ")), "[{protocol: Any, port: 1000, endPort: 2000}]", "3Mbit"));
+    let count = || {
+        let f = String::from_utf8_lossy(&lab.in_cli(&["tc", "filter", "show", "dev", DEV]).stdout).matches(" fh ").count();
+        let c = String::from_utf8_lossy(&lab.in_cli(&["tc", "class", "show", "dev", DEV]).stdout).lines().count();
+        (f, c)
+    };
+    ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
+    let small = count();
+    ok(&lab.shaper(&["apply", "-f", &g2, "--interface", DEV]));
+    let big = count();
+    for _ in 0..3 {
+        ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
+        assert_eq!(count(), small);
+        ok(&lab.shaper(&["apply", "-f", &g2, "--interface", DEV]));
+        assert_eq!(count(), big);
+    }
+    assert!(big.0 > small.0 + 300, "{big:?} vs {small:?}");
+}
+
+#[test]
+fn missing_sfq_degrades_visibly_and_show_explain_report_it() {
+    if !available() {
+        return;
+    }
+    let (lab, g) = incident_lab("fb");
+    let o = lab.shaper(&["apply", "-f", &g, "--interface", DEV]);
+    let out = ok(&o);
+    let dump = lab.tc_dump();
+    if dump.contains("qdisc sfq") {
+        // A kernel with sch_sfq: the real leaves, perturb 10.
+        assert!(dump.contains("perturb 10sec"), "{dump}");
+    } else {
+        assert!(out.contains("DEGRADED: sfq unavailable") && out.contains("leaf qdisc: pfifo"), "{out}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("falling back to pfifo leaves"));
+        assert!(dump.contains("qdisc pfifo 110: parent e9:10"), "{dump}");
+        // Re-applying keeps the fallback and writes nothing.
+        let again = ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
+        assert!(again.contains("no changes") && again.contains("DEGRADED"), "{again}");
+    }
+    let show = ok(&lab.shaper(&["show", "--interface", DEV, "-o", "json"]));
+    let v: serde_json::Value = serde_json::from_str(&show).expect("show json");
+    let roles: Vec<&str> = v[0]["classes"].as_array().expect("classes").iter().filter_map(|c| c["role"].as_str()).collect();
+    assert_eq!(roles, vec!["uplink", "whitelist", "default", "throttled"], "rows in layout order");
+    let e = ok(&lab.shaper(&["explain", "--interface", DEV, SERVER4, "--port", "443"]));
+    assert!(e.starts_with("throttled: destination port 443 (TCP) matches spec.throttle.destinations[0] (TCP 443)"), "{e}");
+    let e = ok(&lab.shaper(&["explain", "--interface", DEV, WHITE4, "--port", "443"]));
+    assert!(e.starts_with(&format!("whitelist: destination {WHITE4} is inside {WHITE4}/32, spec.whitelist[0]")), "{e}");
+    let e = ok(&lab.shaper(&["explain", "--interface", DEV, SERVER6, "--port", "9090", "--protocol", "UDP"]));
+    assert!(e.starts_with("default:"), "{e}");
+}

@@ -1,0 +1,227 @@
+//! A two-namespace lab: `cli` (the shaped host) and `srv` (iperf3 servers),
+//! joined by a veth pair. Everything is named per test and torn down on drop,
+//! also when the test panics. Traffic only ever flows between these two
+//! namespaces.
+
+#![allow(dead_code)]
+
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub const CLIENT4: &str = "10.211.0.1";
+pub const SERVER4: &str = "10.211.0.2";
+/// A second server address, whitelisted in the tests' guards.
+pub const WHITE4: &str = "10.211.0.3";
+pub const CLIENT6: &str = "fd00:e9::1";
+pub const SERVER6: &str = "fd00:e9::2";
+pub const WHITE6: &str = "fd00:e9::3";
+/// The shaped interface inside the client namespace.
+pub const DEV: &str = "eg0";
+
+pub struct Lab {
+    pub cli: String,
+    pub srv: String,
+    servers: Vec<Child>,
+    pub dir: std::path::PathBuf,
+}
+
+pub fn sh(args: &[&str]) -> Output {
+    Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+fn must(args: &[&str]) {
+    let o = sh(args);
+    assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// True when this process may create namespaces (root) and iperf3 exists.
+pub fn available() -> bool {
+    let root = sh(&["id", "-u"]).stdout.starts_with(b"0");
+    let iperf = Command::new("iperf3").arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
+    if !(root && iperf) {
+        eprintln!("skipping: datapath tests need root and iperf3 (the README's test command installs it)");
+    }
+    root && iperf
+}
+
+impl Lab {
+    pub fn new(tag: &str) -> Lab {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{}-{}-{n}", tag, std::process::id());
+        let dir = std::env::temp_dir().join(format!("eglab-{id}"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        // Built before anything is created, so Drop cleans up whatever follows.
+        let lab = Lab { cli: format!("egc-{id}"), srv: format!("egs-{id}"), servers: vec![], dir };
+        must(&["ip", "netns", "add", &lab.cli]);
+        must(&["ip", "netns", "add", &lab.srv]);
+        must(&["ip", "-n", &lab.cli, "link", "add", "name", DEV, "type", "veth", "peer", "name", "egpeer", "netns", &lab.srv]);
+        for (ns, dev) in [(&lab.cli, DEV), (&lab.srv, "egpeer")] {
+            must(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+            must(&["ip", "-n", ns, "link", "set", dev, "up"]);
+        }
+        must(&["ip", "-n", &lab.cli, "addr", "add", &format!("{CLIENT4}/24"), "dev", DEV]);
+        must(&["ip", "-n", &lab.cli, "addr", "add", &format!("{CLIENT6}/64"), "dev", DEV, "nodad"]);
+        for a in [SERVER4, WHITE4] {
+            must(&["ip", "-n", &lab.srv, "addr", "add", &format!("{a}/24"), "dev", "egpeer"]);
+        }
+        for a in [SERVER6, WHITE6] {
+            must(&["ip", "-n", &lab.srv, "addr", "add", &format!("{a}/64"), "dev", "egpeer", "nodad"]);
+        }
+        lab
+    }
+
+    /// Starts an iperf3 server on `port` in the server namespace.
+    pub fn serve(&mut self, port: u16) {
+        self.serve_on(None, port);
+    }
+
+    /// Starts an iperf3 server bound to one address, so two can share a port.
+    pub fn serve_on(&mut self, addr: Option<&str>, port: u16) {
+        let mut args = vec!["netns", "exec", &self.srv, "iperf3", "-s"];
+        if let Some(a) = addr {
+            args.extend(["-B", a]);
+        }
+        let port = port.to_string();
+        args.extend(["-p", &port]);
+        let child = Command::new("ip")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("iperf3 server");
+        self.servers.push(child);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    pub fn in_cli(&self, args: &[&str]) -> Output {
+        let mut v = vec!["ip", "netns", "exec", &self.cli];
+        v.extend_from_slice(args);
+        sh(&v)
+    }
+
+    /// Runs node-shaper in the client namespace.
+    pub fn shaper(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.cli, env!("CARGO_BIN_EXE_node-shaper")])
+            .args(args)
+            .env("EGRESSGUARD_STATE_DIR", &self.dir)
+            .output()
+            .expect("node-shaper")
+    }
+
+    pub fn write_guard(&self, name: &str, body: &str) -> String {
+        let p = self.dir.join(name);
+        std::fs::write(&p, body).expect("write guard");
+        p.to_string_lossy().into_owned()
+    }
+
+    /// The kernel's tc state as iproute2 renders the netlink dumps, counters excluded.
+    pub fn tc_dump(&self) -> String {
+        let mut s = String::new();
+        for what in ["qdisc", "class", "filter"] {
+            let o = self.in_cli(&["tc", "-d", what, "show", "dev", DEV]);
+            s.push_str(&String::from_utf8_lossy(&o.stdout));
+        }
+        s
+    }
+
+    /// Root qdisc bytes counter, read with iproute2 (an independent reader).
+    pub fn root_bytes(&self) -> (String, u64) {
+        let o = self.in_cli(&["tc", "-s", "-j", "qdisc", "show", "dev", DEV, "root"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("tc json");
+        let q = &v[0];
+        (q["handle"].as_str().unwrap_or_default().to_string(), q["bytes"].as_u64().unwrap_or(0))
+    }
+
+    /// Spawns an iperf3 client (JSON output) in the client namespace.
+    pub fn client(&self, dst: &str, port: u16, secs: u32, extra: &[&str]) -> Child {
+        let mut args: Vec<String> = vec!["netns".into(), "exec".into(), self.cli.clone(), "iperf3".into(), "-J".into(), "-c".into(), dst.into()];
+        args.extend(["-p".into(), port.to_string(), "-t".into(), secs.to_string(), "-O".into(), "1".into()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Command::new("ip").args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("iperf3 client")
+    }
+
+    /// Runs a client to completion (retrying while the server finishes a previous test).
+    pub fn measure(&self, dst: &str, port: u16, secs: u32, extra: &[&str]) -> Iperf {
+        for _ in 0..20 {
+            let out = self.client(dst, port, secs, extra).wait_with_output().expect("iperf3");
+            if String::from_utf8_lossy(&out.stdout).contains("the server is busy") {
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+            return Iperf::parse(out);
+        }
+        panic!("iperf3 server on {dst}:{port} stayed busy");
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.servers {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Kill anything still running inside the namespaces, then remove them.
+        for ns in [&self.cli, &self.srv] {
+            if let Ok(o) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What an iperf3 client reported.
+#[derive(Debug)]
+pub struct Iperf {
+    /// Receiver goodput, bits/s.
+    pub goodput: f64,
+    /// TCP retransmissions (sender side).
+    pub retransmits: u64,
+    /// Per-interval goodput, bits/s.
+    pub intervals: Vec<f64>,
+}
+
+impl Iperf {
+    pub fn parse(out: Output) -> Iperf {
+        let raw = String::from_utf8_lossy(&out.stdout).into_owned();
+        let v: serde_json::Value = serde_json::from_str(&raw).unwrap_or_else(|e| panic!("iperf3 JSON: {e}: {raw}"));
+        if let Some(err) = v.get("error") {
+            panic!("iperf3 failed: {err}");
+        }
+        let end = &v["end"];
+        let goodput = match end.get("sum_received") {
+            Some(r) => r["bits_per_second"].as_f64().unwrap_or(0.0),
+            // UDP: the server's view of what arrived.
+            None => {
+                let s = &end["sum"];
+                s["bits_per_second"].as_f64().unwrap_or(0.0) * (1.0 - s["lost_percent"].as_f64().unwrap_or(0.0) / 100.0)
+            }
+        };
+        let intervals = v["intervals"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|i| i["sum"]["bits_per_second"].as_f64()).collect())
+            .unwrap_or_default();
+        Iperf { goodput, retransmits: end["sum_sent"]["retransmits"].as_u64().unwrap_or(0), intervals }
+    }
+}
+
+/// Converts TCP goodput to the Ethernet-frame rate HTB shapes: each full
+/// segment of `mss` payload bytes costs mss + 66 bytes on the wire (14
+/// Ethernet + 20 IPv4 + 32 TCP with timestamps), mss + 86 for IPv6.
+pub fn l2_rate(goodput: f64, v6: bool) -> f64 {
+    let (mss, overhead) = if v6 { (1428.0, 86.0) } else { (1448.0, 66.0) };
+    goodput * (mss + overhead) / mss
+}
+
+pub fn guard(whitelist: &str, dests: &str, throttle: &str) -> String {
+    format!(
+        "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {{name: lab}}\nspec:\n  uplink: {{rate: 20Mbit, burst: 32k}}\n  throttle: {{rate: {throttle}, ceil: {throttle}, burst: 4k, destinations: {dests}}}\n  whitelist: {whitelist}\n"
+    )
+}
