@@ -100,20 +100,35 @@ fn io(dev: &str) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
     move |source| EngineError::Io { dev: dev.to_string(), source }
 }
 
+/// Which operations may share a pipelined chunk.
+fn stage(op: &Op) -> u8 {
+    match op {
+        Op::DelRoot => 0,
+        Op::AddRoot { .. } | Op::PutClass(_) | Op::PutLeaf(_) | Op::AddTable { .. } | Op::AddNode { .. } | Op::ChangeNode { .. } => 1,
+        Op::DelNode { .. } | Op::Unlink { .. } => 2,
+        Op::DelTable { .. } => 3,
+        Op::DelPrio { .. } => 4,
+        Op::DelClass(_) => 5,
+    }
+}
+
 /// Sends `ops`; returns the first refusal and every warning.
 ///
-/// Table deletions form their own chunk, finished (with retries) before
-/// anything after them is sent: a deleted or unlinked node releases its table
-/// only after an RCU grace period (EBUSY until then), and a prio deleted while
-/// its table is still referenced would orphan that table.
+/// Requests are pipelined within a stage (additions and changes, node
+/// deletions, table deletions, ...) and stages run one after another; after a
+/// refusal no later stage is sent, so a failed change never got as far as
+/// deleting anything, and rolling back only undoes additions and changes.
+/// Table deletions are retried on EBUSY: a deleted or unlinked node releases
+/// its table only after an RCU grace period, and a prio deleted while its
+/// table is still referenced would orphan that table.
 fn run(nl: &mut Netlink, iface: &Interface, ops: &[Op]) -> Result<(Option<KernelError>, Vec<String>), EngineError> {
     let mut first = None;
     let mut warnings = Vec::new();
-    let is_table_del = |op: &Op| matches!(op, Op::DelTable { .. });
     let mut start = 0;
-    while start < ops.len() {
-        let kind = is_table_del(&ops[start]);
-        let end = ops[start..].iter().position(|o| is_table_del(o) != kind).map_or(ops.len(), |p| start + p);
+    while start < ops.len() && first.is_none() {
+        let st = stage(&ops[start]);
+        let kind = st == 3;
+        let end = ops[start..].iter().position(|o| stage(o) != st).map_or(ops.len(), |p| start + p);
         let chunk = &ops[start..end];
         let reqs: Vec<_> = chunk.iter().map(|op| encode(op, iface.index, &iface.name)).collect();
         let mut outcomes = nl.execute(&reqs).map_err(io(&iface.name))?;

@@ -235,3 +235,71 @@ fn missing_sfq_degrades_visibly_and_show_explain_report_it() {
     let e = ok(&lab.shaper(&["explain", "--interface", DEV, SERVER6, "--port", "9090", "--protocol", "UDP"]));
     assert!(e.starts_with("default:"), "{e}");
 }
+
+/// The kernel refuses the last request of a real update (an HTB class with
+/// rate 0, which sch_htb rejects): every earlier request of the update had
+/// succeeded, and the interface must come back byte-identical.
+#[test]
+fn kernel_refusal_rolls_back_to_the_previous_state() {
+    if !available() {
+        return;
+    }
+    let (lab, g) = incident_lab("rb");
+    ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
+    let before = lab.tc_dump();
+    let g2 = lab.write_guard(
+        "guard2.yaml",
+        &guard(&format!("[{WHITE4}/32, {WHITE6}/128, 192.0.2.0/24, 10.9.0.0/16]"), "[{protocol: TCP, port: 80}, {protocol: Any, port: 443}]", "3Mbit"),
+    );
+    // The transaction must run inside the lab's namespace: re-run this test
+    // binary there, selecting only the inner half.
+    let exe = std::env::current_exe().expect("test binary");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.cli])
+        .arg(exe)
+        .args(["--exact", "inner_refused_update", "--ignored", "--nocapture", "--test-threads", "1"])
+        .env("EG_INNER_GUARD", &g2)
+        .output()
+        .expect("inner test");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "inner half failed:\n{text}");
+    assert!(text.contains("1 passed"), "inner half did not run:\n{text}");
+    assert_eq!(lab.tc_dump(), before, "kernel state differs after rollback");
+}
+
+#[test]
+#[ignore = "run inside a lab namespace by kernel_refusal_rolls_back_to_the_previous_state"]
+fn inner_refused_update() {
+    use egressguard_crds::{load::load_file, validate};
+    use node_shaper::diff::{diff, Op};
+    use node_shaper::engine::{transact, EngineError};
+    use node_shaper::netlink::{observe, Netlink};
+    use node_shaper::plan::{plan, LeafChoice};
+
+    let path = std::env::var("EG_INNER_GUARD").expect("EG_INNER_GUARD");
+    let guard = load_file(std::path::Path::new(&path)).expect("guard").remove(0);
+    let spec = validate(&guard.spec).expect("valid");
+    let iface = node_shaper::iface::by_name(DEV).expect("iface");
+    let mut nl = Netlink::open().expect("netlink");
+    let before = observe(&mut nl, iface.index).expect("observe");
+    let mut ops = diff(&before.shape, &plan(&spec, LeafChoice::PfifoFallback));
+    let adds = ops.iter().filter(|o| matches!(o, Op::AddNode { .. } | Op::PutClass(_))).count();
+    assert!(adds > 5, "the update should add filters and change classes: {ops:?}");
+    let mut bad = match ops.iter().find(|o| matches!(o, Op::PutClass(_))) {
+        Some(Op::PutClass(c)) => c.clone(),
+        _ => panic!("no class change in {ops:?}"),
+    };
+    bad.rate = 0;
+    let at = ops.iter().position(|o| !matches!(o, Op::AddRoot { .. } | Op::PutClass(_) | Op::PutLeaf(_) | Op::AddTable { .. } | Op::AddNode { .. } | Op::ChangeNode { .. })).unwrap_or(ops.len());
+    ops.insert(at, Op::PutClass(bad));
+    match transact(&mut nl, &iface, &before, &ops) {
+        Err(EngineError::Refused { source, rollback, .. }) => {
+            assert_eq!(source.errno, 22, "{source}");
+            assert!(source.to_string().starts_with("kernel refused to set htb class e9:"), "{source}");
+            assert!(rollback.starts_with("restored the previous configuration"), "{rollback}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let after = observe(&mut nl, iface.index).expect("observe");
+    assert!(diff(&after.shape, &before.shape).is_empty(), "not rolled back");
+}
