@@ -48,7 +48,9 @@ pub fn load_file(path: &Path) -> Result<Vec<EgressGuard>, LoadError> {
         message,
     })?;
     if guards.is_empty() {
-        return Err(LoadError::Empty { path: path.to_path_buf() });
+        return Err(LoadError::Empty {
+            path: path.to_path_buf(),
+        });
     }
     Ok(guards)
 }
@@ -62,13 +64,22 @@ pub fn parse_str(text: &str) -> Result<Vec<EgressGuard>, (usize, String)> {
         if value.is_null() {
             continue;
         }
-        let api = value.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
-        let kind = value.get("kind").and_then(Value::as_str).unwrap_or_default();
+        let api = value
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let kind = value
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         if kind != "EgressGuard" {
             continue;
         }
         if api != "egressguard.io/v1alpha1" {
-            return Err((n, format!("apiVersion: {api:?} is not served; use egressguard.io/v1alpha1")));
+            return Err((
+                n,
+                format!("apiVersion: {api:?} is not served; use egressguard.io/v1alpha1"),
+            ));
         }
         let guard: EgressGuard = serde_path_to_error::deserialize(value.clone())
             .map_err(|e| (n, format!("{}: {}", e.path(), e.inner())))?;
@@ -78,7 +89,9 @@ pub fn parse_str(text: &str) -> Result<Vec<EgressGuard>, (usize, String)> {
         if !unknown.is_empty() {
             let list: Vec<String> = unknown
                 .iter()
-                .map(|p| format!("{p}: unknown field; check its spelling against the API reference"))
+                .map(|p| {
+                    format!("{p}: unknown field; check its spelling against the API reference")
+                })
                 .collect();
             return Err((n, list.join("\n")));
         }
@@ -92,7 +105,11 @@ fn unknown_fields(input: &Value, typed: &Value, path: &str, out: &mut Vec<String
     match (input, typed) {
         (Value::Object(a), Value::Object(b)) => {
             for (k, v) in a {
-                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
                 match b.get(k) {
                     Some(tv) => unknown_fields(v, tv, &p, out),
                     None if is_empty(v) => {}

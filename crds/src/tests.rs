@@ -56,7 +56,10 @@ fn the_incident_guard_is_valid() {
     assert_eq!(v.uplink_burst.map(|b| b.bytes()), Some(15360));
     assert_eq!(v.throttle_ceil.bits_per_sec(), 1_000_000);
     assert_eq!(v.destinations.len(), 3);
-    assert_eq!((v.destinations[2].first, v.destinations[2].last), (8000, 8100));
+    assert_eq!(
+        (v.destinations[2].first, v.destinations[2].last),
+        (8000, 8100)
+    );
     assert_eq!(v.whitelist.len(), 3);
 }
 
@@ -142,12 +145,17 @@ fn bad_inputs_name_the_field_and_the_fix() {
 
 #[test]
 fn bare_addresses_are_host_routes_and_defaults_apply() {
-    let text = GOOD.replace("203.0.113.10/32", "203.0.113.10").replace("    ceil: 1Mbit\n", "");
+    let text = GOOD
+        .replace("203.0.113.10/32", "203.0.113.10")
+        .replace("    ceil: 1Mbit\n", "");
     let g = parse_str(&text).unwrap();
     let v = validate(&g[0].spec).unwrap();
     assert_eq!(v.whitelist[0].net.to_string(), "203.0.113.10/32");
     assert_eq!(v.throttle_ceil, v.throttle_rate);
-    assert_eq!(g[0].spec.throttle.destinations[0].protocol, crate::Protocol::Tcp);
+    assert_eq!(
+        g[0].spec.throttle.destinations[0].protocol,
+        crate::Protocol::Tcp
+    );
 }
 
 #[test]
@@ -155,6 +163,10 @@ fn wrong_api_version_is_named() {
     let text = GOOD.replace("egressguard.io/v1alpha1", "egressguard.io/v1");
     assert_eq!(
         parse_str(&text).unwrap_err(),
-        (1, "apiVersion: \"egressguard.io/v1\" is not served; use egressguard.io/v1alpha1".to_string())
+        (
+            1,
+            "apiVersion: \"egressguard.io/v1\" is not served; use egressguard.io/v1alpha1"
+                .to_string()
+        )
     );
 }

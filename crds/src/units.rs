@@ -37,7 +37,7 @@ impl fmt::Display for Rate {
             (1_000_000, "mbit"),
             (1_000, "kbit"),
         ] {
-            if b >= div && b % div == 0 {
+            if b >= div && b.is_multiple_of(div) {
                 return write!(f, "{}{unit}", b / div);
             }
         }
@@ -64,7 +64,7 @@ impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
         for (div, unit) in [(1 << 30, "gb"), (1 << 20, "mb"), (1 << 10, "kb")] {
-            if b >= div && b % div == 0 {
+            if b >= div && b.is_multiple_of(div) {
                 return write!(f, "{}{unit}", b / div);
             }
         }
@@ -263,8 +263,14 @@ mod tests {
             "\"20mbps\" uses \"mbps\", which tc reads as bytes per second (160000000 bit/s); \
              if you meant bits per second write \"20mbit\""
         );
-        assert!(matches!(parse_rate("5Kbps"), Err(UnitError::ByteRate { .. })));
-        assert!(matches!(parse_rate("1bps"), Err(UnitError::ByteRate { .. })));
+        assert!(matches!(
+            parse_rate("5Kbps"),
+            Err(UnitError::ByteRate { .. })
+        ));
+        assert!(matches!(
+            parse_rate("1bps"),
+            Err(UnitError::ByteRate { .. })
+        ));
     }
 
     #[test]
@@ -273,16 +279,29 @@ mod tests {
             parse_rate("fast").unwrap_err().to_string(),
             "\"fast\" does not start with a number; write e.g. 20Mbit"
         );
-        assert!(matches!(parse_rate("10 furlongs"), Err(UnitError::UnknownUnit { .. })));
+        assert!(matches!(
+            parse_rate("10 furlongs"),
+            Err(UnitError::UnknownUnit { .. })
+        ));
         assert!(matches!(parse_rate(""), Err(UnitError::Empty { .. })));
     }
 
     #[test]
     fn sizes_follow_tc() {
-        for (s, bytes) in [("15k", 15360), ("15kb", 15360), ("1600", 1600), ("1600b", 1600), ("1m", 1 << 20), ("2MB", 2 << 20)] {
+        for (s, bytes) in [
+            ("15k", 15360),
+            ("15kb", 15360),
+            ("1600", 1600),
+            ("1600b", 1600),
+            ("1m", 1 << 20),
+            ("2MB", 2 << 20),
+        ] {
             assert_eq!(parse_size(s).map(Size::bytes), Ok(bytes), "{s}");
         }
-        assert!(matches!(parse_size("1kbit"), Err(UnitError::UnknownUnit { .. })));
+        assert!(matches!(
+            parse_size("1kbit"),
+            Err(UnitError::UnknownUnit { .. })
+        ));
     }
 
     #[test]

@@ -131,7 +131,10 @@ impl Collector {
                 None
             }
             Ok(r) if r.bytes_per_sec() == 0 => {
-                self.push(path, format!("{value:?} is below 8bit, the smallest rate HTB can express"));
+                self.push(
+                    path,
+                    format!("{value:?} is below 8bit, the smallest rate HTB can express"),
+                );
                 None
             }
             Ok(r) => Some(r),
@@ -143,7 +146,9 @@ impl Collector {
     }
 
     fn size(&mut self, path: &str, value: Option<&String>) -> Option<Option<Size>> {
-        let Some(value) = value else { return Some(None) };
+        let Some(value) = value else {
+            return Some(None);
+        };
         match parse_size(value) {
             Ok(s) if s.bytes() == 0 => {
                 self.push(path, "must be greater than 0");
@@ -183,7 +188,12 @@ fn interface_name_problem(name: &str) -> Option<&'static str> {
         Some("is empty")
     } else if name.len() > 15 {
         Some("is longer than 15 bytes, the kernel's limit for interface names")
-    } else if name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) || name == "." || name == ".." {
+    } else if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace())
+        || name == "."
+        || name == ".."
+    {
         Some("is not a valid interface name")
     } else {
         None
@@ -196,13 +206,19 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
 
     let interfaces = spec.interfaces.as_ref().map(|ifaces| {
         if ifaces.is_empty() {
-            c.push("spec.interfaces", "is empty; list interfaces or omit the field to use the default-route interfaces");
+            c.push(
+                "spec.interfaces",
+                "is empty; list interfaces or omit the field to use the default-route interfaces",
+            );
         }
         for (i, name) in ifaces.iter().enumerate() {
             if let Some(p) = interface_name_problem(name) {
                 c.push(format!("spec.interfaces[{i}]"), format!("{name:?} {p}"));
             } else if ifaces[..i].contains(name) {
-                c.push(format!("spec.interfaces[{i}]"), format!("{name:?} is listed twice"));
+                c.push(
+                    format!("spec.interfaces[{i}]"),
+                    format!("{name:?} is listed twice"),
+                );
             }
         }
         ifaces.clone()
@@ -217,11 +233,18 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
     };
     let throttle_burst = c.size("spec.throttle.burst", spec.throttle.burst.as_ref());
     c.burst_fits("spec.uplink.burst", uplink_burst.flatten(), uplink_rate);
-    c.burst_fits("spec.throttle.burst", throttle_burst.flatten(), throttle_rate);
+    c.burst_fits(
+        "spec.throttle.burst",
+        throttle_burst.flatten(),
+        throttle_rate,
+    );
 
     if let (Some(rate), Some(ceil)) = (throttle_rate, throttle_ceil) {
         if spec.throttle.ceil.is_some() && ceil < rate {
-            c.push("spec.throttle.ceil", format!("{ceil} is below spec.throttle.rate ({rate}); ceil must be at least rate"));
+            c.push(
+                "spec.throttle.ceil",
+                format!("{ceil} is below spec.throttle.rate ({rate}); ceil must be at least rate"),
+            );
         }
     }
     if let (Some(up), Some(ceil)) = (uplink_rate, throttle_ceil) {
@@ -237,7 +260,10 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
 
     let mut destinations = Vec::new();
     if spec.throttle.destinations.is_empty() {
-        c.push("spec.throttle.destinations", "is empty; list at least one destination, e.g. {protocol: TCP, port: 443}");
+        c.push(
+            "spec.throttle.destinations",
+            "is empty; list at least one destination, e.g. {protocol: TCP, port: 443}",
+        );
     }
     for (i, d) in spec.throttle.destinations.iter().enumerate() {
         let base = format!("spec.throttle.destinations[{i}]");
@@ -248,12 +274,22 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
         };
         if let (Some(f), Some(l), Some(_)) = (first, last, d.end_port) {
             if l < f {
-                c.push(format!("{base}.endPort"), format!("{l} is below port {f}; endPort is the last port of an inclusive range"));
+                c.push(
+                    format!("{base}.endPort"),
+                    format!(
+                        "{l} is below port {f}; endPort is the last port of an inclusive range"
+                    ),
+                );
                 continue;
             }
         }
         if let (Some(first), Some(last)) = (first, last) {
-            destinations.push(PortRange { protocol: d.protocol, first, last, index: i });
+            destinations.push(PortRange {
+                protocol: d.protocol,
+                first,
+                last,
+                index: i,
+            });
         }
     }
 
@@ -268,19 +304,29 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
     if !c.0.is_empty() {
         return Err(ValidationErrors(c.0));
     }
-    match (uplink_rate, uplink_burst, throttle_rate, throttle_ceil, throttle_burst) {
-        (Some(uplink_rate), Some(uplink_burst), Some(throttle_rate), Some(throttle_ceil), Some(throttle_burst)) => {
-            Ok(ValidSpec {
-                interfaces,
-                uplink_rate,
-                uplink_burst,
-                throttle_rate,
-                throttle_ceil,
-                throttle_burst,
-                destinations,
-                whitelist,
-            })
-        }
+    match (
+        uplink_rate,
+        uplink_burst,
+        throttle_rate,
+        throttle_ceil,
+        throttle_burst,
+    ) {
+        (
+            Some(uplink_rate),
+            Some(uplink_burst),
+            Some(throttle_rate),
+            Some(throttle_ceil),
+            Some(throttle_burst),
+        ) => Ok(ValidSpec {
+            interfaces,
+            uplink_rate,
+            uplink_burst,
+            throttle_rate,
+            throttle_ceil,
+            throttle_burst,
+            destinations,
+            whitelist,
+        }),
         // Every None above pushed an error, so this arm is unreachable in practice;
         // keep it an error rather than a panic.
         _ => Err(ValidationErrors(vec![FieldError {

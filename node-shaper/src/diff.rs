@@ -122,15 +122,19 @@ struct Phases {
 pub fn diff(observed: &Shape, desired: &Shape) -> Vec<Op> {
     let mut ph = Phases::default();
     let empty = Shape::default();
-    let observed = if observed.root.is_some() && observed.root != desired.root && desired.root.is_some() {
-        // Root parameters (defcls, r2q) cannot change in place: rebuild.
-        ph.pre.push(Op::DelRoot);
-        &empty
-    } else {
-        observed
-    };
+    let observed =
+        if observed.root.is_some() && observed.root != desired.root && desired.root.is_some() {
+            // Root parameters (defcls, r2q) cannot change in place: rebuild.
+            ph.pre.push(Op::DelRoot);
+            &empty
+        } else {
+            observed
+        };
     match (&observed.root, &desired.root) {
-        (None, Some(r)) => ph.root.push(Op::AddRoot { root: r.clone(), graft: false }),
+        (None, Some(r)) => ph.root.push(Op::AddRoot {
+            root: r.clone(),
+            graft: false,
+        }),
         (Some(_), None) => {
             ph.pre.push(Op::DelRoot);
             return ph.pre;
@@ -165,11 +169,26 @@ pub fn diff(observed: &Shape, desired: &Shape) -> Vec<Op> {
             }
         }
     }
-    let Phases { pre, root, classes, leaves, tables, user_nodes, root_nodes, node_dels, table_dels, prio_dels, class_dels } = ph;
-    [pre, root, classes, leaves, tables, user_nodes, root_nodes, node_dels, table_dels, prio_dels, class_dels]
-        .into_iter()
-        .flatten()
-        .collect()
+    let Phases {
+        pre,
+        root,
+        classes,
+        leaves,
+        tables,
+        user_nodes,
+        root_nodes,
+        node_dels,
+        table_dels,
+        prio_dels,
+        class_dels,
+    } = ph;
+    [
+        pre, root, classes, leaves, tables, user_nodes, root_nodes, node_dels, table_dels,
+        prio_dels, class_dels,
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// Removing a prio must remove its hash tables explicitly: tables live in the
@@ -183,15 +202,27 @@ fn remove_prio(o: &Prio) -> Vec<Op> {
         .nodes
         .iter()
         .filter(|n| n.link.is_some())
-        .map(|n| Op::Unlink { prio, protocol, handle: node_handle(o, n) })
+        .map(|n| Op::Unlink {
+            prio,
+            protocol,
+            handle: node_handle(o, n),
+        })
         .collect();
-    ops.extend(o.tables.iter().map(|t| Op::DelTable { prio, protocol, handle: t.handle }));
+    ops.extend(o.tables.iter().map(|t| Op::DelTable {
+        prio,
+        protocol,
+        handle: t.handle,
+    }));
     ops.push(Op::DelPrio { prio, protocol });
     ops
 }
 
 fn tables_conflict(o: &Prio, p: &Prio) -> bool {
-    p.tables.iter().any(|t| o.tables.iter().any(|ot| ot.handle == t.handle && ot.divisor != t.divisor))
+    p.tables.iter().any(|t| {
+        o.tables
+            .iter()
+            .any(|ot| ot.handle == t.handle && ot.divisor != t.divisor)
+    })
 }
 
 fn diff_classes(observed: &Shape, desired: &Shape, ph: &mut Phases) {
@@ -218,38 +249,64 @@ fn diff_classes(observed: &Shape, desired: &Shape, ph: &mut Phases) {
         .filter(|o| !desired.classes.iter().any(|c| c.classid == o.classid))
         .collect();
     extra.sort_by_key(|c| std::cmp::Reverse(depth(c.classid)));
-    ph.class_dels.extend(extra.into_iter().map(|c| Op::DelClass(c.classid)));
+    ph.class_dels
+        .extend(extra.into_iter().map(|c| Op::DelClass(c.classid)));
 }
 
 fn diff_prio(obs: Option<&Prio>, p: &Prio, ph: &mut Phases) {
     let (prio, protocol) = (p.prio, p.protocol);
-    let empty = Prio { prio, protocol, root_handle: None, tables: vec![], nodes: vec![] };
+    let empty = Prio {
+        prio,
+        protocol,
+        root_handle: None,
+        tables: vec![],
+        nodes: vec![],
+    };
     let obs = obs.unwrap_or(&empty);
     for t in &p.tables {
         if !obs.tables.contains(t) {
-            ph.tables.push(Op::AddTable { prio, protocol, table: *t });
+            ph.tables.push(Op::AddTable {
+                prio,
+                protocol,
+                table: *t,
+            });
         }
     }
     // Index observed nodes per (table, bucket); `used` marks the ones we keep.
     let mut used = vec![false; obs.nodes.len()];
     let mut taken: BTreeMap<(Table, u8), BTreeSet<u32>> = BTreeMap::new();
     for n in &obs.nodes {
-        taken.entry((n.table, n.bucket)).or_default().insert(n.id.unwrap_or(0));
+        taken
+            .entry((n.table, n.bucket))
+            .or_default()
+            .insert(n.id.unwrap_or(0));
     }
     let mut pending = Vec::new();
     // Nodes with a fixed id (rollback to a snapshot) claim their id first.
     for d in p.nodes.iter().filter(|d| d.id.is_some()) {
-        let at = obs.nodes.iter().position(|o| o.table == d.table && o.bucket == d.bucket && o.id == d.id);
+        let at = obs
+            .nodes
+            .iter()
+            .position(|o| o.table == d.table && o.bucket == d.bucket && o.id == d.id);
         match at {
             Some(i) if obs.nodes[i].same_rule(d) => used[i] = true,
             Some(i) if obs.nodes[i].sel == d.sel => {
                 used[i] = true;
                 let handle = node_handle(obs, &obs.nodes[i]);
-                ph.root_nodes.push(Op::ChangeNode { prio, protocol, handle, node: d.clone() });
+                ph.root_nodes.push(Op::ChangeNode {
+                    prio,
+                    protocol,
+                    handle,
+                    node: d.clone(),
+                });
             }
             Some(i) => {
                 used[i] = true;
-                ph.pre.push(Op::DelNode { prio, protocol, handle: node_handle(obs, &obs.nodes[i]) });
+                ph.pre.push(Op::DelNode {
+                    prio,
+                    protocol,
+                    handle: node_handle(obs, &obs.nodes[i]),
+                });
                 pending.push(d.clone());
             }
             None => pending.push(d.clone()),
@@ -258,7 +315,11 @@ fn diff_prio(obs: Option<&Prio>, p: &Prio, ph: &mut Phases) {
     let mut changes = Vec::new();
     for d in p.nodes.iter().filter(|d| d.id.is_none()) {
         let free = |pred: &dyn Fn(&Node) -> bool, used: &mut Vec<bool>| {
-            let i = obs.nodes.iter().enumerate().position(|(i, o)| !used[i] && pred(o))?;
+            let i = obs
+                .nodes
+                .iter()
+                .enumerate()
+                .position(|(i, o)| !used[i] && pred(o))?;
             used[i] = true;
             Some(i)
         };
@@ -268,7 +329,12 @@ fn diff_prio(obs: Option<&Prio>, p: &Prio, ph: &mut Phases) {
         let same_sel = |o: &Node| o.table == d.table && o.bucket == d.bucket && o.sel == d.sel;
         if let Some(i) = free(&same_sel, &mut used) {
             let handle = node_handle(obs, &obs.nodes[i]);
-            changes.push(Op::ChangeNode { prio, protocol, handle, node: d.clone() });
+            changes.push(Op::ChangeNode {
+                prio,
+                protocol,
+                handle,
+                node: d.clone(),
+            });
             continue;
         }
         pending.push(d.clone());
@@ -283,21 +349,38 @@ fn diff_prio(obs: Option<&Prio>, p: &Prio, ph: &mut Phases) {
         };
         ids.insert(id);
         d.id = Some(id);
-        let op = Op::AddNode { prio, protocol, node: d };
+        let op = Op::AddNode {
+            prio,
+            protocol,
+            node: d,
+        };
         match op {
-            Op::AddNode { node: Node { table: Table::Root, .. }, .. } => ph.root_nodes.push(op),
+            Op::AddNode {
+                node: Node {
+                    table: Table::Root, ..
+                },
+                ..
+            } => ph.root_nodes.push(op),
             _ => ph.user_nodes.push(op),
         }
     }
     ph.root_nodes.extend(changes);
     for (i, o) in obs.nodes.iter().enumerate() {
         if !used[i] {
-            ph.node_dels.push(Op::DelNode { prio, protocol, handle: node_handle(obs, o) });
+            ph.node_dels.push(Op::DelNode {
+                prio,
+                protocol,
+                handle: node_handle(obs, o),
+            });
         }
     }
     for t in &obs.tables {
         if !p.tables.iter().any(|d| d.handle == t.handle) {
-            ph.table_dels.push(Op::DelTable { prio, protocol, handle: t.handle });
+            ph.table_dels.push(Op::DelTable {
+                prio,
+                protocol,
+                handle: t.handle,
+            });
         }
     }
 }
@@ -310,7 +393,12 @@ pub fn overfull_buckets(shape: &Shape) -> Vec<(u16, Table, u8, usize)> {
         for n in &p.nodes {
             *counts.entry((n.table, n.bucket)).or_default() += 1;
         }
-        out.extend(counts.into_iter().filter(|(_, c)| *c > 0xffe).map(|((t, b), c)| (p.prio, t, b, c)));
+        out.extend(
+            counts
+                .into_iter()
+                .filter(|(_, c)| *c > 0xffe)
+                .map(|((t, b), c)| (p.prio, t, b, c)),
+        );
     }
     out
 }

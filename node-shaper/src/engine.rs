@@ -97,14 +97,22 @@ pub struct ApplyReport {
 }
 
 fn io(dev: &str) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
-    move |source| EngineError::Io { dev: dev.to_string(), source }
+    move |source| EngineError::Io {
+        dev: dev.to_string(),
+        source,
+    }
 }
 
 /// Which operations may share a pipelined chunk.
 fn stage(op: &Op) -> u8 {
     match op {
         Op::DelRoot => 0,
-        Op::AddRoot { .. } | Op::PutClass(_) | Op::PutLeaf(_) | Op::AddTable { .. } | Op::AddNode { .. } | Op::ChangeNode { .. } => 1,
+        Op::AddRoot { .. }
+        | Op::PutClass(_)
+        | Op::PutLeaf(_)
+        | Op::AddTable { .. }
+        | Op::AddNode { .. }
+        | Op::ChangeNode { .. } => 1,
         Op::DelNode { .. } | Op::Unlink { .. } => 2,
         Op::DelTable { .. } => 3,
         Op::DelPrio { .. } => 4,
@@ -121,16 +129,26 @@ fn stage(op: &Op) -> u8 {
 /// Table deletions are retried on EBUSY: a deleted or unlinked node releases
 /// its table only after an RCU grace period, and a prio deleted while its
 /// table is still referenced would orphan that table.
-fn run(nl: &mut Netlink, iface: &Interface, ops: &[Op]) -> Result<(Option<KernelError>, Vec<String>), EngineError> {
+fn run(
+    nl: &mut Netlink,
+    iface: &Interface,
+    ops: &[Op],
+) -> Result<(Option<KernelError>, Vec<String>), EngineError> {
     let mut first = None;
     let mut warnings = Vec::new();
     let mut start = 0;
     while start < ops.len() && first.is_none() {
         let st = stage(&ops[start]);
         let kind = st == 3;
-        let end = ops[start..].iter().position(|o| stage(o) != st).map_or(ops.len(), |p| start + p);
+        let end = ops[start..]
+            .iter()
+            .position(|o| stage(o) != st)
+            .map_or(ops.len(), |p| start + p);
         let chunk = &ops[start..end];
-        let reqs: Vec<_> = chunk.iter().map(|op| encode(op, iface.index, &iface.name)).collect();
+        let reqs: Vec<_> = chunk
+            .iter()
+            .map(|op| encode(op, iface.index, &iface.name))
+            .collect();
         let mut outcomes = nl.execute(&reqs).map_err(io(&iface.name))?;
         for _ in 0..100 {
             let busy: Vec<usize> = (0..outcomes.len())
@@ -141,7 +159,10 @@ fn run(nl: &mut Netlink, iface: &Interface, ops: &[Op]) -> Result<(Option<Kernel
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
             let retry: Vec<_> = busy.iter().map(|&i| reqs[i].clone()).collect();
-            for (i, o) in busy.into_iter().zip(nl.execute(&retry).map_err(io(&iface.name))?) {
+            for (i, o) in busy
+                .into_iter()
+                .zip(nl.execute(&retry).map_err(io(&iface.name))?)
+            {
                 outcomes[i] = o;
             }
         }
@@ -183,16 +204,28 @@ fn leaf_choice(obs: &Observed) -> LeafChoice {
 }
 
 /// Applies `spec` to `iface`.
-pub fn apply(nl: &mut Netlink, iface: &Interface, spec: &ValidSpec, force: bool) -> Result<ApplyReport, EngineError> {
+pub fn apply(
+    nl: &mut Netlink,
+    iface: &Interface,
+    spec: &ValidSpec,
+    force: bool,
+) -> Result<ApplyReport, EngineError> {
     let start = Instant::now();
     let dev = iface.name.as_str();
     let writes_before = nl.writes;
     let before = observe(nl, iface.index).map_err(io(dev))?;
     if let RootState::Foreign { kind, handle } = &before.root {
         if !force {
-            return Err(EngineError::ForeignRoot { dev: dev.into(), kind: kind.clone(), handle: fmt_handle(*handle) });
+            return Err(EngineError::ForeignRoot {
+                dev: dev.into(),
+                kind: kind.clone(),
+                handle: fmt_handle(*handle),
+            });
         }
-        warn!(interface = dev, kind, "replacing foreign root qdisc (--force)");
+        warn!(
+            interface = dev,
+            kind, "replacing foreign root qdisc (--force)"
+        );
     }
     let mut choice = leaf_choice(&before);
     let mut fallback = None;
@@ -201,10 +234,17 @@ pub fn apply(nl: &mut Netlink, iface: &Interface, spec: &ValidSpec, force: bool)
     }
     let mut desired = plan(spec, choice);
     if let Some((prio, _, bucket, count)) = overfull_buckets(&desired).into_iter().next() {
-        return Err(EngineError::BucketFull { dev: dev.into(), prio, bucket, count });
+        return Err(EngineError::BucketFull {
+            dev: dev.into(),
+            prio,
+            bucket,
+            count,
+        });
     }
     let mut ops = diff(&before.shape, &desired);
-    if let (RootState::Foreign { .. }, Some(Op::AddRoot { graft, .. })) = (&before.root, ops.first_mut()) {
+    if let (RootState::Foreign { .. }, Some(Op::AddRoot { graft, .. })) =
+        (&before.root, ops.first_mut())
+    {
         *graft = true;
     }
     let mut changes: Vec<String> = Vec::new();
@@ -219,7 +259,10 @@ pub fn apply(nl: &mut Netlink, iface: &Interface, spec: &ValidSpec, force: bool)
         if choice == LeafChoice::Sfq && is_unknown_kind(&err) && attempt == 1 {
             // This kernel has no sch_sfq: degrade to pfifo leaves, visibly.
             warn!(interface = dev, reason = %err.reason, "sfq is not available on this kernel; falling back to pfifo leaves (rates are still enforced, flows are not fair-queued)");
-            fallback = Some(format!("sfq unavailable ({}); using pfifo leaves", err.reason));
+            fallback = Some(format!(
+                "sfq unavailable ({}); using pfifo leaves",
+                err.reason
+            ));
             choice = LeafChoice::PfifoFallback;
             desired = plan(spec, choice);
             let now = observe(nl, iface.index).map_err(io(dev))?;
@@ -228,7 +271,11 @@ pub fn apply(nl: &mut Netlink, iface: &Interface, spec: &ValidSpec, force: bool)
             continue;
         }
         let rollback = rollback(nl, iface, &before);
-        return Err(EngineError::Refused { dev: dev.into(), source: err, rollback });
+        return Err(EngineError::Refused {
+            dev: dev.into(),
+            source: err,
+            rollback,
+        });
     }
     let after = observe(nl, iface.index).map_err(io(dev))?;
     let remaining = diff(&after.shape, &desired);
@@ -236,7 +283,10 @@ pub fn apply(nl: &mut Netlink, iface: &Interface, spec: &ValidSpec, force: bool)
         for op in &remaining {
             warn!(interface = dev, op = ?op, "still differs after apply");
         }
-        return Err(EngineError::Diverged { dev: dev.into(), remaining: remaining.len() });
+        return Err(EngineError::Diverged {
+            dev: dev.into(),
+            remaining: remaining.len(),
+        });
     }
     for w in &warnings {
         warn!(interface = dev, warning = %w, "kernel warning");
@@ -255,19 +305,34 @@ pub fn apply(nl: &mut Netlink, iface: &Interface, spec: &ValidSpec, force: bool)
         filters: after.shape.node_count(),
         millis: start.elapsed().as_secs_f64() * 1000.0,
     };
-    info!(interface = dev, writes = report.writes, leaf, filters = report.filters, "applied");
+    info!(
+        interface = dev,
+        writes = report.writes,
+        leaf,
+        filters = report.filters,
+        "applied"
+    );
     Ok(report)
 }
 
 /// Sends `ops`; if the kernel refuses any of them, drives the interface back
 /// to `before` and returns the refusal. Returns kernel warnings on success.
-pub fn transact(nl: &mut Netlink, iface: &Interface, before: &Observed, ops: &[Op]) -> Result<Vec<String>, EngineError> {
+pub fn transact(
+    nl: &mut Netlink,
+    iface: &Interface,
+    before: &Observed,
+    ops: &[Op],
+) -> Result<Vec<String>, EngineError> {
     let (err, warnings) = run(nl, iface, ops)?;
     match err {
         None => Ok(warnings),
         Some(source) => {
             let rollback = rollback(nl, iface, before);
-            Err(EngineError::Refused { dev: iface.name.clone(), source, rollback })
+            Err(EngineError::Refused {
+                dev: iface.name.clone(),
+                source,
+                rollback,
+            })
         }
     }
 }
@@ -319,7 +384,12 @@ pub fn reset(nl: &mut Netlink, iface: &Interface, force: bool) -> Result<ResetRe
     let dev = iface.name.as_str();
     let obs = observe(nl, iface.index).map_err(io(dev))?;
     let op = match &obs.root {
-        RootState::Default(_) => return Ok(ResetReport { interface: dev.into(), removed: None }),
+        RootState::Default(_) => {
+            return Ok(ResetReport {
+                interface: dev.into(),
+                removed: None,
+            })
+        }
         RootState::Owned => (Op::DelRoot, "node-shaper's htb e9: tree".to_string()),
         RootState::Foreign { kind, handle } if force => {
             // DelRoot names our handle; a foreign one needs its own.
@@ -327,22 +397,34 @@ pub fn reset(nl: &mut Netlink, iface: &Interface, force: bool) -> Result<ResetRe
             (Op::DelRoot, format!("foreign {kind} root"))
         }
         RootState::Foreign { kind, handle } => {
-            return Err(EngineError::ForeignRoot { dev: dev.into(), kind: kind.clone(), handle: fmt_handle(*handle) })
+            return Err(EngineError::ForeignRoot {
+                dev: dev.into(),
+                kind: kind.clone(),
+                handle: fmt_handle(*handle),
+            })
         }
     };
     let mut req = encode(&op.0, iface.index, dev);
     if let RootState::Foreign { handle, .. } = obs.root {
-        if let netlink_packet_core::NetlinkPayload::InnerMessage(netlink_packet_route::RouteNetlinkMessage::DelQueueDiscipline(m)) =
-            &mut req.message.payload
+        if let netlink_packet_core::NetlinkPayload::InnerMessage(
+            netlink_packet_route::RouteNetlinkMessage::DelQueueDiscipline(m),
+        ) = &mut req.message.payload
         {
             m.header.handle = handle.into();
         }
     }
     match nl.execute(&[req]).map_err(io(dev))?.pop() {
-        Some(Outcome::Err(e)) => Err(EngineError::Refused { dev: dev.into(), source: e, rollback: "nothing was changed".into() }),
+        Some(Outcome::Err(e)) => Err(EngineError::Refused {
+            dev: dev.into(),
+            source: e,
+            rollback: "nothing was changed".into(),
+        }),
         _ => {
             info!(interface = dev, removed = %op.1, "reset");
-            Ok(ResetReport { interface: dev.into(), removed: Some(op.1) })
+            Ok(ResetReport {
+                interface: dev.into(),
+                removed: Some(op.1),
+            })
         }
     }
 }

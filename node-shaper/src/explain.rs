@@ -5,11 +5,11 @@ use std::net::IpAddr;
 use egressguard_crds::ValidSpec;
 use serde::Serialize;
 
+use crate::diff::node_handle;
 use crate::layout::{Role, CLASS_DEFAULT};
 use crate::model::{fmt_handle, fmt_u32_handle, Origin, Shape};
 use crate::plan::{plan, LeafChoice};
 use crate::sim::{classify, Packet, L4};
-use crate::diff::node_handle;
 
 /// The answer to `node-shaper explain`.
 #[derive(Debug, Clone, Serialize)]
@@ -26,7 +26,13 @@ pub struct Explanation {
 
 /// Classifies `dst:port/proto` against the kernel's `observed` shape; `spec`
 /// (the applied guard, when known) turns filter handles into spec fields.
-pub fn explain(observed: &Shape, spec: Option<&ValidSpec>, dst: IpAddr, port: u16, l4: L4) -> Explanation {
+pub fn explain(
+    observed: &Shape,
+    spec: Option<&ValidSpec>,
+    dst: IpAddr,
+    port: u16,
+    l4: L4,
+) -> Explanation {
     let pkt = Packet::new(dst, l4, port, 0);
     let proto = match l4 {
         L4::Tcp => "TCP",
@@ -43,15 +49,31 @@ pub fn explain(observed: &Shape, spec: Option<&ValidSpec>, dst: IpAddr, port: u1
     let classid = v.node.classid.unwrap_or(CLASS_DEFAULT);
     let role = Role::of(classid).map_or("unknown", |r| r.name());
     let prio = observed.prios.iter().find(|p| p.prio == v.prio);
-    let filter = prio.map(|p| format!("prio {} handle {}", p.prio, fmt_u32_handle(node_handle(p, v.node))));
+    let filter = prio.map(|p| {
+        format!(
+            "prio {} handle {}",
+            p.prio,
+            fmt_u32_handle(node_handle(p, v.node))
+        )
+    });
     // Find which spec field produced this node by planning the spec again.
     let origin = spec.and_then(|s| {
         let desired = plan(s, LeafChoice::Sfq);
-        desired.prios.iter().flat_map(|p| p.nodes.iter()).find(|n| n.same_rule(v.node)).map(|n| n.origin.clone())
+        desired
+            .prios
+            .iter()
+            .flat_map(|p| p.nodes.iter())
+            .find(|n| n.same_rule(v.node))
+            .map(|n| n.origin.clone())
     });
     let reason = match (origin, spec) {
         (Some(Origin::Whitelist(i)), Some(s)) => {
-            let net = s.whitelist.iter().find(|e| e.index == i).map(|e| e.net.to_string()).unwrap_or_default();
+            let net = s
+                .whitelist
+                .iter()
+                .find(|e| e.index == i)
+                .map(|e| e.net.to_string())
+                .unwrap_or_default();
             format!("whitelist: destination {dst} is inside {net}, spec.whitelist[{i}]; never throttled, served first")
         }
         (Some(Origin::Destination(i)), Some(s)) => {
@@ -65,7 +87,16 @@ pub fn explain(observed: &Shape, spec: Option<&ValidSpec>, dst: IpAddr, port: u1
             });
             format!("throttled: destination port {port} ({proto}) matches spec.throttle.destinations[{i}] ({what})")
         }
-        _ => format!("{role}: {dst} {proto} port {port} matches kernel filter {} into class {}", filter.clone().unwrap_or_default(), fmt_handle(classid)),
+        _ => format!(
+            "{role}: {dst} {proto} port {port} matches kernel filter {} into class {}",
+            filter.clone().unwrap_or_default(),
+            fmt_handle(classid)
+        ),
     };
-    Explanation { role: role.into(), class: fmt_handle(classid), reason, filter }
+    Explanation {
+        role: role.into(),
+        class: fmt_handle(classid),
+        reason,
+        filter,
+    }
 }

@@ -18,7 +18,9 @@ pub enum IfaceError {
     #[error("interface {0:?} does not exist on this host (see `ip link`); fix spec.interfaces or --interface")]
     Missing(String),
     /// No default route to infer interfaces from.
-    #[error("no interface given and no default route found; set spec.interfaces or pass --interface")]
+    #[error(
+        "no interface given and no default route found; set spec.interfaces or pass --interface"
+    )]
     NoDefaultRoute,
 }
 
@@ -31,7 +33,10 @@ pub fn by_name(name: &str) -> Result<Interface, IfaceError> {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .ok_or_else(|| IfaceError::Missing(name.to_string()))?;
-    Ok(Interface { name: name.to_string(), index: idx })
+    Ok(Interface {
+        name: name.to_string(),
+        index: idx,
+    })
 }
 
 /// Interfaces of the default IPv4 and IPv6 routes, deduplicated.
@@ -41,7 +46,11 @@ pub fn default_route_interfaces() -> Vec<String> {
         for line in t.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
             // Iface Destination Gateway Flags RefCnt Use Metric Mask
-            if f.len() > 7 && f[1] == "00000000" && f[7] == "00000000" && !out.iter().any(|o| o == f[0]) {
+            if f.len() > 7
+                && f[1] == "00000000"
+                && f[7] == "00000000"
+                && !out.iter().any(|o| o == f[0])
+            {
                 out.push(f[0].to_string());
             }
         }
@@ -50,7 +59,12 @@ pub fn default_route_interfaces() -> Vec<String> {
         for line in t.lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
             // dst dst_len src src_len nexthop metric refcnt use flags iface
-            if f.len() == 10 && f[0] == "00000000000000000000000000000000" && f[1] == "00" && f[9] != "lo" && !out.iter().any(|o| o == f[9]) {
+            if f.len() == 10
+                && f[0] == "00000000000000000000000000000000"
+                && f[1] == "00"
+                && f[9] != "lo"
+                && !out.iter().any(|o| o == f[9])
+            {
                 out.push(f[9].to_string());
             }
         }

@@ -114,19 +114,64 @@ const fn table(htid: u32) -> u32 {
 
 /// IPv4 groups, by shortest prefix length.
 pub const V4_GROUPS: [HashGroup; 4] = [
-    HashGroup { prio: 11, table: table(0x101), byte: 0, min_len: 8 },
-    HashGroup { prio: 12, table: table(0x102), byte: 1, min_len: 16 },
-    HashGroup { prio: 13, table: table(0x103), byte: 2, min_len: 24 },
-    HashGroup { prio: 14, table: table(0x104), byte: 3, min_len: 32 },
+    HashGroup {
+        prio: 11,
+        table: table(0x101),
+        byte: 0,
+        min_len: 8,
+    },
+    HashGroup {
+        prio: 12,
+        table: table(0x102),
+        byte: 1,
+        min_len: 16,
+    },
+    HashGroup {
+        prio: 13,
+        table: table(0x103),
+        byte: 2,
+        min_len: 24,
+    },
+    HashGroup {
+        prio: 14,
+        table: table(0x104),
+        byte: 3,
+        min_len: 32,
+    },
 ];
 
 /// IPv6 groups, by shortest prefix length.
 pub const V6_GROUPS: [HashGroup; 5] = [
-    HashGroup { prio: 21, table: table(0x111), byte: 1, min_len: 16 },
-    HashGroup { prio: 22, table: table(0x112), byte: 3, min_len: 32 },
-    HashGroup { prio: 23, table: table(0x113), byte: 5, min_len: 48 },
-    HashGroup { prio: 24, table: table(0x114), byte: 7, min_len: 64 },
-    HashGroup { prio: 25, table: table(0x115), byte: 15, min_len: 128 },
+    HashGroup {
+        prio: 21,
+        table: table(0x111),
+        byte: 1,
+        min_len: 16,
+    },
+    HashGroup {
+        prio: 22,
+        table: table(0x112),
+        byte: 3,
+        min_len: 32,
+    },
+    HashGroup {
+        prio: 23,
+        table: table(0x113),
+        byte: 5,
+        min_len: 48,
+    },
+    HashGroup {
+        prio: 24,
+        table: table(0x114),
+        byte: 7,
+        min_len: 64,
+    },
+    HashGroup {
+        prio: 25,
+        table: table(0x115),
+        byte: 15,
+        min_len: 128,
+    },
 ];
 
 /// IPv4 TCP destination ports.

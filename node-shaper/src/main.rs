@@ -17,7 +17,11 @@ use node_shaper::sim::L4;
 use node_shaper::{diff, explain, render, show};
 
 #[derive(Parser)]
-#[command(name = "node-shaper", version, about = "Enforce EgressGuard egress shaping on this host (HTB + SFQ + u32 over netlink)")]
+#[command(
+    name = "node-shaper",
+    version,
+    about = "Enforce EgressGuard egress shaping on this host (HTB + SFQ + u32 over netlink)"
+)]
 struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long, global = true)]
@@ -106,6 +110,14 @@ enum Cmd {
     },
 }
 
+/// Prints to stdout; a closed pipe (`| head`) ends output quietly instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 /// Failures sorted by exit code.
 enum Failure {
     Input(anyhow::Error),
@@ -140,13 +152,18 @@ fn load_one(file: &Path) -> Result<(EgressGuard, ValidSpec), Failure> {
     }
     let guard = guards.remove(0);
     let name = guard.metadata.name.clone().unwrap_or_default();
-    let valid = validate(&guard.spec)
-        .map_err(|e| input(anyhow::anyhow!("{}: EgressGuard {name:?} is invalid:\n{e}", file.display())))?;
+    let valid = validate(&guard.spec).map_err(|e| {
+        input(anyhow::anyhow!(
+            "{}: EgressGuard {name:?} is invalid:\n{e}",
+            file.display()
+        ))
+    })?;
     Ok((guard, valid))
 }
 
 fn state_dir() -> PathBuf {
-    std::env::var_os("EGRESSGUARD_STATE_DIR").map_or_else(|| PathBuf::from("/run/egressguard"), PathBuf::from)
+    std::env::var_os("EGRESSGUARD_STATE_DIR")
+        .map_or_else(|| PathBuf::from("/run/egressguard"), PathBuf::from)
 }
 
 /// Remembers the applied guard so `explain` can name spec fields later.
@@ -154,7 +171,10 @@ fn remember(iface: &Interface, guard: &EgressGuard) {
     let dir = state_dir();
     let write = || -> anyhow::Result<()> {
         std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join(format!("{}.yaml", iface.name)), serde_yaml::to_string(guard)?)?;
+        std::fs::write(
+            dir.join(format!("{}.yaml", iface.name)),
+            serde_yaml::to_string(guard)?,
+        )?;
         Ok(())
     };
     if let Err(e) = write() {
@@ -163,14 +183,22 @@ fn remember(iface: &Interface, guard: &EgressGuard) {
 }
 
 fn netlink() -> Result<Netlink, Failure> {
-    Netlink::open().context("cannot open an rtnetlink socket (node-shaper needs CAP_NET_ADMIN)").map_err(runtime)
+    Netlink::open()
+        .context("cannot open an rtnetlink socket (node-shaper needs CAP_NET_ADMIN)")
+        .map_err(runtime)
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.cmd {
-        Cmd::Apply { file, interface, force, output } => {
+        Cmd::Apply {
+            file,
+            interface,
+            force,
+            output,
+        } => {
             let (guard, spec) = load_one(&file)?;
-            let ifaces = iface::resolve(interface.as_deref(), spec.interfaces.as_deref()).map_err(input)?;
+            let ifaces =
+                iface::resolve(interface.as_deref(), spec.interfaces.as_deref()).map_err(input)?;
             let mut nl = netlink()?;
             let mut reports = Vec::new();
             for i in &ifaces {
@@ -179,27 +207,35 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 reports.push(r);
             }
             match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&reports).map_err(runtime)?),
+                Output::Json => out!(
+                    "{}",
+                    serde_json::to_string_pretty(&reports).map_err(runtime)?
+                ),
                 Output::Text => {
                     for r in &reports {
                         if r.changes.is_empty() {
-                            println!("{}: already enforced, no changes", r.interface);
+                            out!("{}: already enforced, no changes", r.interface);
                         } else {
-                            println!("{}: {} netlink writes in {:.1} ms", r.interface, r.writes, r.millis);
+                            out!(
+                                "{}: {} netlink writes in {:.1} ms",
+                                r.interface,
+                                r.writes,
+                                r.millis
+                            );
                             const SHOWN: usize = 40;
                             for c in r.changes.iter().take(SHOWN) {
-                                println!("  {c}");
+                                out!("  {c}");
                             }
                             if r.changes.len() > SHOWN {
-                                println!("  ... and {} more", r.changes.len() - SHOWN);
+                                out!("  ... and {} more", r.changes.len() - SHOWN);
                             }
                         }
-                        println!("  leaf qdisc: {}; {} u32 filters", r.leaf, r.filters);
+                        out!("  leaf qdisc: {}; {} u32 filters", r.leaf, r.filters);
                         if let Some(f) = &r.fallback {
-                            println!("  DEGRADED: {f}");
+                            out!("  DEGRADED: {f}");
                         }
                         for w in &r.warnings {
-                            println!("  kernel warning: {w}");
+                            out!("  kernel warning: {w}");
                         }
                     }
                 }
@@ -222,9 +258,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             let desired = plan(&spec, LeafChoice::Sfq);
             for dev in devs {
-                println!("# node-shaper plan for {dev}: {} u32 filters", desired.node_count());
+                out!(
+                    "# node-shaper plan for {dev}: {} u32 filters",
+                    desired.node_count()
+                );
                 for op in diff::diff(&Default::default(), &desired) {
-                    println!("{}", render::tc_command(&op, &dev));
+                    out!("{}", render::tc_command(&op, &dev));
                 }
             }
             Ok(())
@@ -238,12 +277,24 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 reports.push(show::report(&i.name, &obs));
             }
             match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&reports).map_err(runtime)?),
-                Output::Text => reports.iter().for_each(|r| print!("{}", show::render(r))),
+                Output::Json => out!(
+                    "{}",
+                    serde_json::to_string_pretty(&reports).map_err(runtime)?
+                ),
+                Output::Text => reports
+                    .iter()
+                    .for_each(|r| out!("{}", show::render(r).trim_end())),
             }
             Ok(())
         }
-        Cmd::Explain { interface, dest, port, protocol, file, output } => {
+        Cmd::Explain {
+            interface,
+            dest,
+            port,
+            protocol,
+            file,
+            output,
+        } => {
             let dst: IpAddr = dest
                 .parse()
                 .map_err(|_| input(anyhow::anyhow!("DEST: {dest:?} is not an IP address; give the destination as 203.0.113.10 or 2001:db8::1")))?;
@@ -251,7 +302,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let mut nl = netlink()?;
             let obs = observe(&mut nl, i.index).map_err(runtime)?;
             if obs.root != node_shaper::netlink::RootState::Owned {
-                println!("{}", show::report(&i.name, &obs).state);
+                out!("{}", show::report(&i.name, &obs).state);
                 return Ok(());
             }
             let path = file.unwrap_or_else(|| state_dir().join(format!("{}.yaml", i.name)));
@@ -262,11 +313,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             let e = explain::explain(&obs.shape, spec.as_ref(), dst, port, l4);
             match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&e).map_err(runtime)?),
+                Output::Json => out!("{}", serde_json::to_string_pretty(&e).map_err(runtime)?),
                 Output::Text => {
-                    println!("{} (class {})", e.reason, e.class);
+                    out!("{} (class {})", e.reason, e.class);
                     if let Some(f) = e.filter {
-                        println!("  kernel filter: {f}");
+                        out!("  kernel filter: {f}");
                     }
                 }
             }
@@ -278,8 +329,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             for i in &ifaces {
                 let r = engine::reset(&mut nl, i, force)?;
                 match r.removed {
-                    Some(what) => println!("{}: removed {what}; device default qdisc restored", r.interface),
-                    None => println!("{}: nothing to reset (device default qdisc)", r.interface),
+                    Some(what) => out!(
+                        "{}: removed {what}; device default qdisc restored",
+                        r.interface
+                    ),
+                    None => out!("{}: nothing to reset (device default qdisc)", r.interface),
                 }
                 let _ = std::fs::remove_file(state_dir().join(format!("{}.yaml", i.name)));
             }
@@ -290,8 +344,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     if cli.log_json {
         builder.json().init();
     } else {

@@ -3,8 +3,8 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use egressguard_crds::validate::{burst_ticks, ValidSpec};
 use egressguard_crds::units::{Rate, Size};
+use egressguard_crds::validate::{burst_ticks, ValidSpec};
 use egressguard_crds::Protocol;
 use ipnet::IpNet;
 
@@ -37,10 +37,19 @@ fn default_burst(rate: Rate) -> Size {
 
 fn ticks(burst: Size, rate: Rate) -> u32 {
     // Validation rejected bursts that overflow; saturate rather than panic.
-    burst_ticks(burst, rate).and_then(|t| u32::try_from(t).ok()).unwrap_or(u32::MAX)
+    burst_ticks(burst, rate)
+        .and_then(|t| u32::try_from(t).ok())
+        .unwrap_or(u32::MAX)
 }
 
-fn class(classid: u32, parent: u32, rate: Rate, ceil: Rate, burst: Option<Size>, prio: u32) -> Class {
+fn class(
+    classid: u32,
+    parent: u32,
+    rate: Rate,
+    ceil: Rate,
+    burst: Option<Size>,
+    prio: u32,
+) -> Class {
     let b = burst.unwrap_or_else(|| default_burst(rate));
     let cb = burst.unwrap_or_else(|| default_burst(ceil));
     let quantum = (rate.bytes_per_sec() / u64::from(R2Q)).clamp(MIN_QUANTUM, MAX_QUANTUM);
@@ -62,14 +71,24 @@ pub fn plan(spec: &ValidSpec, leaf: LeafChoice) -> Shape {
     // Children's rates must add up to at most the parent's, or HTB lets green
     // children exceed the uplink. Throttle keeps its own rate; the rest is
     // split between whitelist and default, both allowed to borrow up to uplink.
-    let rest = up.bits_per_sec().saturating_sub(spec.throttle_rate.bits_per_sec()).max(16);
+    let rest = up
+        .bits_per_sec()
+        .saturating_sub(spec.throttle_rate.bits_per_sec())
+        .max(16);
     let wl = Rate::from_bits_per_sec(rest.div_ceil(2));
     let def = Rate::from_bits_per_sec((rest - rest.div_ceil(2)).max(8));
     let classes = vec![
         class(CLASS_UPLINK, ROOT, up, up, spec.uplink_burst, 0),
         class(CLASS_WHITELIST, CLASS_UPLINK, wl, up, spec.uplink_burst, 0),
         class(CLASS_DEFAULT, CLASS_UPLINK, def, up, spec.uplink_burst, 1),
-        class(CLASS_THROTTLED, CLASS_UPLINK, spec.throttle_rate, spec.throttle_ceil, spec.throttle_burst, 2),
+        class(
+            CLASS_THROTTLED,
+            CLASS_UPLINK,
+            spec.throttle_rate,
+            spec.throttle_ceil,
+            spec.throttle_burst,
+            2,
+        ),
     ];
     let sfq = leaf == LeafChoice::Sfq;
     let leaves = [CLASS_WHITELIST, CLASS_DEFAULT, CLASS_THROTTLED]
@@ -77,13 +96,23 @@ pub fn plan(spec: &ValidSpec, leaf: LeafChoice) -> Shape {
         .map(|c| Leaf {
             handle: leaf_handle(c, sfq),
             parent: c,
-            kind: if sfq { LeafKind::Sfq { perturb: SFQ_PERTURB } } else { LeafKind::Pfifo },
+            kind: if sfq {
+                LeafKind::Sfq {
+                    perturb: SFQ_PERTURB,
+                }
+            } else {
+                LeafKind::Pfifo
+            },
         })
         .collect();
     let mut prios = whitelist_prios(spec);
     prios.extend(throttle_prios(spec));
     Shape {
-        root: Some(Root { handle: ROOT, defcls: DEFCLS, r2q: R2Q }),
+        root: Some(Root {
+            handle: ROOT,
+            defcls: DEFCLS,
+            r2q: R2Q,
+        }),
         classes,
         leaves,
         prios,
@@ -96,7 +125,12 @@ pub fn dst_keys(net: &IpNet) -> Vec<Key> {
     match net.network() {
         IpAddr::V4(a) => {
             let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-            vec![Key { mask, val: u32::from(a) & mask, off: 16, offmask: 0 }]
+            vec![Key {
+                mask,
+                val: u32::from(a) & mask,
+                off: 16,
+                offmask: 0,
+            }]
         }
         IpAddr::V6(a) => {
             let bits = u128::from(a);
@@ -108,11 +142,21 @@ pub fn dst_keys(net: &IpNet) -> Vec<Key> {
                 }
                 let mask = u32::MAX << (32 - covered);
                 let word = (bits >> (96 - 32 * w)) as u32;
-                keys.push(Key { mask, val: word & mask, off: 24 + 4 * w as i32, offmask: 0 });
+                keys.push(Key {
+                    mask,
+                    val: word & mask,
+                    off: 24 + 4 * w as i32,
+                    offmask: 0,
+                });
             }
             if keys.is_empty() {
                 // ::/0 matches everything; tc spells that `match u32 0 0`.
-                keys.push(Key { mask: 0, val: 0, off: 0, offmask: 0 });
+                keys.push(Key {
+                    mask: 0,
+                    val: 0,
+                    off: 0,
+                    offmask: 0,
+                });
             }
             keys
         }
@@ -120,7 +164,11 @@ pub fn dst_keys(net: &IpNet) -> Vec<Key> {
 }
 
 fn terminal(keys: Vec<Key>) -> Selector {
-    Selector { flags: U32_TERMINAL, keys, ..Selector::default() }
+    Selector {
+        flags: U32_TERMINAL,
+        keys,
+        ..Selector::default()
+    }
 }
 
 /// The hash group an entry belongs to, or `None` for the linear group.
@@ -129,7 +177,11 @@ pub fn group_of(net: &IpNet) -> Option<HashGroup> {
         IpNet::V4(_) => &V4_GROUPS,
         IpNet::V6(_) => &V6_GROUPS,
     };
-    groups.iter().rev().find(|g| net.prefix_len() >= g.min_len).copied()
+    groups
+        .iter()
+        .rev()
+        .find(|g| net.prefix_len() >= g.min_len)
+        .copied()
 }
 
 /// Word offset and mask the kernel hashes for a group (`hashkey mask M at O`).
@@ -150,7 +202,11 @@ fn addr_byte(net: &IpNet, byte: usize) -> u8 {
 fn whitelist_prios(spec: &ValidSpec) -> Vec<Prio> {
     // Duplicates (same network written twice) collapse to the first mention.
     let mut seen = BTreeSet::new();
-    let entries: Vec<_> = spec.whitelist.iter().filter(|e| seen.insert(e.net)).collect();
+    let entries: Vec<_> = spec
+        .whitelist
+        .iter()
+        .filter(|e| seen.insert(e.net))
+        .collect();
     let mut prios = Vec::new();
     for v4 in [true, false] {
         let (linear_prio, proto, groups): (u16, u16, &[HashGroup]) = if v4 {
@@ -158,7 +214,10 @@ fn whitelist_prios(spec: &ValidSpec) -> Vec<Prio> {
         } else {
             (PRIO_V6_WHITELIST, ETH_P_IPV6, &V6_GROUPS)
         };
-        let family: Vec<_> = entries.iter().filter(|e| e.net.network().is_ipv4() == v4).collect();
+        let family: Vec<_> = entries
+            .iter()
+            .filter(|e| e.net.network().is_ipv4() == v4)
+            .collect();
         let linear: Vec<Node> = family
             .iter()
             .filter(|e| group_of(&e.net).is_none())
@@ -173,10 +232,19 @@ fn whitelist_prios(spec: &ValidSpec) -> Vec<Prio> {
             })
             .collect();
         if !linear.is_empty() {
-            prios.push(Prio { prio: linear_prio, protocol: proto, root_handle: None, tables: vec![], nodes: linear });
+            prios.push(Prio {
+                prio: linear_prio,
+                protocol: proto,
+                root_handle: None,
+                tables: vec![],
+                nodes: linear,
+            });
         }
         for g in groups {
-            let members: Vec<_> = family.iter().filter(|e| group_of(&e.net) == Some(*g)).collect();
+            let members: Vec<_> = family
+                .iter()
+                .filter(|e| group_of(&e.net) == Some(*g))
+                .collect();
             if members.is_empty() {
                 continue;
             }
@@ -185,7 +253,17 @@ fn whitelist_prios(spec: &ValidSpec) -> Vec<Prio> {
                 table: Table::Root,
                 bucket: 0,
                 id: None,
-                sel: Selector { hoff, hmask, keys: vec![Key { mask: 0, val: 0, off: 0, offmask: 0 }], ..Selector::default() },
+                sel: Selector {
+                    hoff,
+                    hmask,
+                    keys: vec![Key {
+                        mask: 0,
+                        val: 0,
+                        off: 0,
+                        offmask: 0,
+                    }],
+                    ..Selector::default()
+                },
                 classid: None,
                 link: Some(g.table),
                 origin: Origin::Link("whitelist hash"),
@@ -203,7 +281,10 @@ fn whitelist_prios(spec: &ValidSpec) -> Vec<Prio> {
                 prio: g.prio,
                 protocol: proto,
                 root_handle: None,
-                tables: vec![HashTable { handle: g.table, divisor: 256 }],
+                tables: vec![HashTable {
+                    handle: g.table,
+                    divisor: 256,
+                }],
                 nodes,
             });
         }
@@ -227,8 +308,18 @@ pub fn l4_link(v4: bool, ipproto: u32, table: u32) -> Node {
             offshift: 6,
             offmask: 0x0f00,
             keys: vec![
-                Key { mask: 0x00ff_0000, val: ipproto << 16, off: 8, offmask: 0 },
-                Key { mask: 0x0000_1fff, val: 0, off: 4, offmask: 0 },
+                Key {
+                    mask: 0x00ff_0000,
+                    val: ipproto << 16,
+                    off: 8,
+                    offmask: 0,
+                },
+                Key {
+                    mask: 0x0000_1fff,
+                    val: 0,
+                    off: 4,
+                    offmask: 0,
+                },
             ],
             ..Selector::default()
         }
@@ -236,7 +327,12 @@ pub fn l4_link(v4: bool, ipproto: u32, table: u32) -> Node {
         Selector {
             flags: U32_OFFSET | U32_EAT,
             off: 40,
-            keys: vec![Key { mask: 0x0000_ff00, val: ipproto << 8, off: 4, offmask: 0 }],
+            keys: vec![Key {
+                mask: 0x0000_ff00,
+                val: ipproto << 8,
+                off: 4,
+                offmask: 0,
+            }],
             ..Selector::default()
         }
     };
@@ -247,7 +343,11 @@ pub fn l4_link(v4: bool, ipproto: u32, table: u32) -> Node {
         sel,
         classid: None,
         link: Some(table),
-        origin: Origin::Link(if ipproto == IPPROTO_TCP { "tcp ports" } else { "udp ports" }),
+        origin: Origin::Link(if ipproto == IPPROTO_TCP {
+            "tcp ports"
+        } else {
+            "udp ports"
+        }),
     }
 }
 
@@ -268,7 +368,11 @@ fn throttle_prios(spec: &ValidSpec) -> Vec<Prio> {
         ] {
             let mut seen = BTreeSet::new();
             let mut nodes = Vec::new();
-            for d in spec.destinations.iter().filter(|d| wants.contains(&d.protocol)) {
+            for d in spec
+                .destinations
+                .iter()
+                .filter(|d| wants.contains(&d.protocol))
+            {
                 for (value, mask) in ports::blocks(d.first, d.last) {
                     if !seen.insert((value, mask)) {
                         continue;
@@ -277,7 +381,12 @@ fn throttle_prios(spec: &ValidSpec) -> Vec<Prio> {
                         table: Table::User(table),
                         bucket: 0,
                         id: None,
-                        sel: terminal(vec![Key { mask: u32::from(mask), val: u32::from(value), off: 0, offmask: 0 }]),
+                        sel: terminal(vec![Key {
+                            mask: u32::from(mask),
+                            val: u32::from(value),
+                            off: 0,
+                            offmask: 0,
+                        }]),
                         classid: Some(CLASS_THROTTLED),
                         link: None,
                         origin: Origin::Destination(d.index),
@@ -287,7 +396,10 @@ fn throttle_prios(spec: &ValidSpec) -> Vec<Prio> {
             if nodes.is_empty() {
                 continue;
             }
-            tables.push(HashTable { handle: table, divisor: 1 });
+            tables.push(HashTable {
+                handle: table,
+                divisor: 1,
+            });
             links.push(l4_link(v4, proto, table));
             ports_nodes.extend(nodes);
         }
@@ -295,7 +407,13 @@ fn throttle_prios(spec: &ValidSpec) -> Vec<Prio> {
             continue;
         }
         links.extend(ports_nodes);
-        prios.push(Prio { prio, protocol, root_handle: None, tables, nodes: links });
+        prios.push(Prio {
+            prio,
+            protocol,
+            root_handle: None,
+            tables,
+            nodes: links,
+        });
     }
     prios
 }

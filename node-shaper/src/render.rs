@@ -26,7 +26,10 @@ fn table_id(h: u32) -> String {
 fn selector_words(sel: &Selector) -> String {
     let mut w = Vec::new();
     if sel.flags & U32_VAROFFSET != 0 {
-        w.push(format!("offset at {} mask {:#06x} shift {}", sel.offoff, sel.offmask, sel.offshift));
+        w.push(format!(
+            "offset at {} mask {:#06x} shift {}",
+            sel.offoff, sel.offmask, sel.offshift
+        ));
     } else if sel.flags & U32_OFFSET != 0 {
         w.push(format!("offset plus {}", sel.off));
     }
@@ -34,8 +37,15 @@ fn selector_words(sel: &Selector) -> String {
         w.push("eat".into());
     }
     for k in &sel.keys {
-        let at = if k.offmask != 0 { format!("nexthdr+{}", k.off) } else { k.off.to_string() };
-        w.push(format!("match u32 {:#010x} {:#010x} at {at}", k.val, k.mask));
+        let at = if k.offmask != 0 {
+            format!("nexthdr+{}", k.off)
+        } else {
+            k.off.to_string()
+        };
+        w.push(format!(
+            "match u32 {:#010x} {:#010x} at {at}",
+            k.val, k.mask
+        ));
     }
     w.join(" ")
 }
@@ -51,7 +61,12 @@ fn comment(o: &Origin) -> String {
 
 /// One `tc` command per operation.
 pub fn tc_command(op: &Op, dev: &str) -> String {
-    let filt = |prio: u16, proto: u16| format!("tc filter {{}} dev {dev} parent e9: prio {prio} protocol {}", proto_name(proto));
+    let filt = |prio: u16, proto: u16| {
+        format!(
+            "tc filter {{}} dev {dev} parent e9: prio {prio} protocol {}",
+            proto_name(proto)
+        )
+    };
     match op {
         Op::AddRoot { root, graft } => format!(
             "tc qdisc {} dev {dev} root handle {} htb default {:x} r2q {}",

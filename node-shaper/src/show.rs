@@ -47,7 +47,10 @@ pub fn report(interface: &str, obs: &Observed) -> Report {
     let state = match &obs.root {
         RootState::Owned => "enforced".to_string(),
         RootState::Default(k) => format!("not shaped (device default root qdisc {k})"),
-        RootState::Foreign { kind, handle } => format!("foreign root qdisc {kind} {} (not managed by node-shaper)", fmt_handle(*handle)),
+        RootState::Foreign { kind, handle } => format!(
+            "foreign root qdisc {kind} {} (not managed by node-shaper)",
+            fmt_handle(*handle)
+        ),
     };
     let shape: &Shape = &obs.shape;
     // Layout order (parent, then by who is served first), foreign classes last.
@@ -67,8 +70,17 @@ pub fn report(interface: &str, obs: &Observed) -> Report {
             class: fmt_handle(c.classid),
             rate: rate(c.rate),
             ceil: rate(c.ceil),
-            leaf: shape.leaves.iter().find(|l| l.parent == c.classid).map(|l| l.kind.kind().to_string()),
-            counters: obs.counters.iter().find(|(id, _)| *id == c.classid).map(|(_, k)| k.clone()).unwrap_or_default(),
+            leaf: shape
+                .leaves
+                .iter()
+                .find(|l| l.parent == c.classid)
+                .map(|l| l.kind.kind().to_string()),
+            counters: obs
+                .counters
+                .iter()
+                .find(|(id, _)| *id == c.classid)
+                .map(|(_, k)| k.clone())
+                .unwrap_or_default(),
         })
         .collect();
     Report {
@@ -88,7 +100,16 @@ pub fn render(r: &Report) -> String {
     }
     s.push_str(&format!(
         "  {:<10} {:<6} {:>10} {:>10} {:<6} {:>14} {:>10} {:>8} {:>10} {:>8}\n",
-        "ROLE", "CLASS", "RATE", "CEIL", "LEAF", "BYTES", "PACKETS", "DROPS", "OVERLIMITS", "BACKLOG"
+        "ROLE",
+        "CLASS",
+        "RATE",
+        "CEIL",
+        "LEAF",
+        "BYTES",
+        "PACKETS",
+        "DROPS",
+        "OVERLIMITS",
+        "BACKLOG"
     ));
     for c in &r.classes {
         s.push_str(&format!(
@@ -105,6 +126,9 @@ pub fn render(r: &Report) -> String {
             c.counters.backlog
         ));
     }
-    s.push_str(&format!("  filters: {} u32 nodes in prios {:?}\n", r.filters, r.prios));
+    s.push_str(&format!(
+        "  filters: {} u32 nodes in prios {:?}\n",
+        r.filters, r.prios
+    ));
     s
 }

@@ -49,7 +49,10 @@ impl Packet {
                     *b = 1; // NOP options
                 }
                 h.extend(l4hdr);
-                Packet { protocol: ETH_P_IP, bytes: h }
+                Packet {
+                    protocol: ETH_P_IP,
+                    bytes: h,
+                }
             }
             IpAddr::V6(a) => {
                 let mut h = vec![0u8; 40];
@@ -59,7 +62,10 @@ impl Packet {
                 h[8] = 0x20;
                 h[24..40].copy_from_slice(&a.octets());
                 h.extend(l4hdr);
-                Packet { protocol: ETH_P_IPV6, bytes: h }
+                Packet {
+                    protocol: ETH_P_IPV6,
+                    bytes: h,
+                }
             }
         }
     }
@@ -80,15 +86,23 @@ pub struct Verdict<'a> {
     pub node: &'a Node,
 }
 
-fn table_nodes<'a>(p: &'a Prio, table: Table, bucket: u8) -> Vec<&'a Node> {
-    let mut v: Vec<&Node> = p.nodes.iter().filter(|n| n.table == table && n.bucket == bucket).collect();
+fn table_nodes(p: &Prio, table: Table, bucket: u8) -> Vec<&Node> {
+    let mut v: Vec<&Node> = p
+        .nodes
+        .iter()
+        .filter(|n| n.table == table && n.bucket == bucket)
+        .collect();
     // The kernel keeps a bucket ordered by node id; planned nodes keep plan order.
     v.sort_by_key(|n| n.id.unwrap_or(0));
     v
 }
 
 fn table_of(p: &Prio, link: u32) -> (Table, u32) {
-    let divisor = p.tables.iter().find(|t| t.handle == link).map_or(1, |t| t.divisor);
+    let divisor = p
+        .tables
+        .iter()
+        .find(|t| t.handle == link)
+        .map_or(1, |t| t.divisor);
     (Table::User(link), divisor)
 }
 
@@ -100,7 +114,11 @@ fn run_prio<'a>(p: &'a Prio, pkt: &Packet) -> Option<&'a Node> {
         idx: usize,
         off: i64,
     }
-    let mut stack: Vec<Frame<'a>> = vec![Frame { nodes: table_nodes(p, Table::Root, 0), idx: 0, off: 0 }];
+    let mut stack: Vec<Frame<'a>> = vec![Frame {
+        nodes: table_nodes(p, Table::Root, 0),
+        idx: 0,
+        off: 0,
+    }];
     let mut off2: i64 = 0;
     loop {
         let depth = stack.len();
@@ -145,7 +163,11 @@ fn run_prio<'a>(p: &'a Prio, pkt: &Packet) -> Option<&'a Node> {
         let mut bucket = 0u8;
         if divisor > 1 {
             let data = pkt.word(off + i64::from(n.sel.hoff))?;
-            let fshift = if n.sel.hmask == 0 { 0 } else { n.sel.hmask.trailing_zeros() };
+            let fshift = if n.sel.hmask == 0 {
+                0
+            } else {
+                n.sel.hmask.trailing_zeros()
+            };
             bucket = (((data & n.sel.hmask) >> fshift) & (divisor - 1)) as u8;
         }
         let mut new_off = off;
@@ -163,7 +185,11 @@ fn run_prio<'a>(p: &'a Prio, pkt: &Packet) -> Option<&'a Node> {
             off2 = 0;
         }
         if new_off < pkt.bytes.len() as i64 {
-            stack.push(Frame { nodes: table_nodes(p, table, bucket), idx: 0, off: new_off });
+            stack.push(Frame {
+                nodes: table_nodes(p, table, bucket),
+                idx: 0,
+                off: new_off,
+            });
         } else {
             top.idx += 1;
         }

@@ -19,7 +19,10 @@ use node_shaper::netlink::encode;
 use node_shaper::plan::{dst_keys, hash_key, l4_link};
 
 fn fixture(name: &str) -> Vec<u8> {
-    let path = format!("{}/tests/fixtures/tc/{name}.hex", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/tests/fixtures/tc/{name}.hex",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     text.lines()
         .filter(|l| !l.starts_with('#'))
@@ -71,7 +74,12 @@ fn strip_rate_tables(b: &[u8]) -> Vec<u8> {
 
 fn hex(b: &[u8]) -> String {
     b.chunks(16)
-        .map(|c| c.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" "))
+        .map(|c| {
+            c.iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -87,11 +95,26 @@ fn assert_conforms(name: &str, op: Op) {
     let mut got = vec![0u8; req.message.buffer_len()];
     req.message.serialize(&mut got);
     zero_seq_pid(&mut got);
-    assert_eq!(got, want, "{name}: ours\n{}\n---- tc\n{}", hex(&got), hex(&want));
+    assert_eq!(
+        got,
+        want,
+        "{name}: ours\n{}\n---- tc\n{}",
+        hex(&got),
+        hex(&want)
+    );
 }
 
 fn class(classid: u32, parent: u32, rate: u64, buffer: u32, quantum: u32, prio: u32) -> Class {
-    Class { classid, parent, rate, ceil: rate, buffer, cbuffer: buffer, quantum, prio }
+    Class {
+        classid,
+        parent,
+        rate,
+        ceil: rate,
+        buffer,
+        cbuffer: buffer,
+        quantum,
+        prio,
+    }
 }
 
 fn node(table: Table, bucket: u8, id: u32, keys: Vec<Key>, classid: u32) -> Node {
@@ -99,7 +122,11 @@ fn node(table: Table, bucket: u8, id: u32, keys: Vec<Key>, classid: u32) -> Node
         table,
         bucket,
         id: Some(id),
-        sel: Selector { flags: U32_TERMINAL, keys, ..Selector::default() },
+        sel: Selector {
+            flags: U32_TERMINAL,
+            keys,
+            ..Selector::default()
+        },
         classid: Some(classid),
         link: None,
         origin: Origin::Unknown,
@@ -116,7 +143,17 @@ fn hash_link(v4: bool, byte: usize, table: u32) -> Node {
         table: Table::Root,
         bucket: 0,
         id: Some(1),
-        sel: Selector { hoff, hmask, keys: vec![Key { mask: 0, val: 0, off: 0, offmask: 0 }], ..Selector::default() },
+        sel: Selector {
+            hoff,
+            hmask,
+            keys: vec![Key {
+                mask: 0,
+                val: 0,
+                off: 0,
+                offmask: 0,
+            }],
+            ..Selector::default()
+        },
         classid: None,
         link: Some(table),
         origin: Origin::Unknown,
@@ -129,63 +166,254 @@ fn with_id(mut n: Node, id: u32) -> Node {
 }
 
 fn port(table: u32, id: u32, value: u32, mask: u32) -> Node {
-    node(Table::User(table), 0, id, vec![Key { mask, val: value, off: 0, offmask: 0 }], CLASS_THROTTLED)
+    node(
+        Table::User(table),
+        0,
+        id,
+        vec![Key {
+            mask,
+            val: value,
+            off: 0,
+            offmask: 0,
+        }],
+        CLASS_THROTTLED,
+    )
 }
 
 #[test]
 fn htb_root_qdisc() {
-    assert_conforms("qdisc_htb_root", Op::AddRoot { root: Root { handle: ROOT, defcls: DEFCLS, r2q: R2Q }, graft: false });
+    assert_conforms(
+        "qdisc_htb_root",
+        Op::AddRoot {
+            root: Root {
+                handle: ROOT,
+                defcls: DEFCLS,
+                r2q: R2Q,
+            },
+            graft: false,
+        },
+    );
 }
 
 #[test]
 fn htb_classes() {
-    assert_conforms("class_htb_throttled", Op::PutClass(class(CLASS_THROTTLED, CLASS_UPLINK, 125_000, 128_000, 1514, 2)));
-    assert_conforms("class_htb_uplink", Op::PutClass(class(CLASS_UPLINK, ROOT, 2_500_000, 96_000, 200_000, 0)));
+    assert_conforms(
+        "class_htb_throttled",
+        Op::PutClass(class(
+            CLASS_THROTTLED,
+            CLASS_UPLINK,
+            125_000,
+            128_000,
+            1514,
+            2,
+        )),
+    );
+    assert_conforms(
+        "class_htb_uplink",
+        Op::PutClass(class(CLASS_UPLINK, ROOT, 2_500_000, 96_000, 200_000, 0)),
+    );
     // 40gbit does not fit tc_ratespec's u32: RATE64/CEIL64 come first.
-    assert_conforms("class_htb_rate64", Op::PutClass(class(CLASS_DEFAULT, CLASS_UPLINK, 5_000_000_000, 15_625, 200_000, 1)));
+    assert_conforms(
+        "class_htb_rate64",
+        Op::PutClass(class(
+            CLASS_DEFAULT,
+            CLASS_UPLINK,
+            5_000_000_000,
+            15_625,
+            200_000,
+            1,
+        )),
+    );
 }
 
 #[test]
 fn leaf_qdiscs() {
-    let sfq = Leaf { handle: leaf_handle(CLASS_THROTTLED, true), parent: CLASS_THROTTLED, kind: LeafKind::Sfq { perturb: 10 } };
+    let sfq = Leaf {
+        handle: leaf_handle(CLASS_THROTTLED, true),
+        parent: CLASS_THROTTLED,
+        kind: LeafKind::Sfq { perturb: 10 },
+    };
     assert_conforms("qdisc_sfq_leaf", Op::PutLeaf(sfq));
-    let pfifo = Leaf { handle: leaf_handle(CLASS_THROTTLED, false), parent: CLASS_THROTTLED, kind: LeafKind::Pfifo };
+    let pfifo = Leaf {
+        handle: leaf_handle(CLASS_THROTTLED, false),
+        parent: CLASS_THROTTLED,
+        kind: LeafKind::Pfifo,
+    };
     assert_conforms("qdisc_pfifo_leaf", Op::PutLeaf(pfifo));
 }
 
 #[test]
 fn whitelist_hash_tables_and_entries() {
     let t104 = 0x104 << 20;
-    assert_conforms("filter_table_v4", Op::AddTable { prio: 14, protocol: ETH_P_IP, table: HashTable { handle: t104, divisor: 256 } });
-    assert_conforms("filter_link_v4_hash", Op::AddNode { prio: 14, protocol: ETH_P_IP, node: hash_link(true, 3, t104) });
-    let host = node(Table::User(t104), 0x0a, 1, dst_keys(&net("203.0.113.10/32")), CLASS_WHITELIST);
-    assert_conforms("filter_v4_host", Op::AddNode { prio: 14, protocol: ETH_P_IP, node: host });
-    let n24 = node(Table::User(0x103 << 20), 0x64, 1, dst_keys(&net("198.51.100.0/24")), CLASS_WHITELIST);
-    assert_conforms("filter_v4_net24", Op::AddNode { prio: 13, protocol: ETH_P_IP, node: n24 });
-    assert_conforms("filter_link_v6_hash", Op::AddNode { prio: 23, protocol: ETH_P_IPV6, node: hash_link(false, 5, 0x113 << 20) });
-    let n48 = node(Table::User(0x113 << 20), 1, 1, dst_keys(&net("2001:db8:1::/48")), CLASS_WHITELIST);
-    assert_conforms("filter_v6_net48", Op::AddNode { prio: 23, protocol: ETH_P_IPV6, node: n48 });
-    let h128 = node(Table::User(0x115 << 20), 0x42, 1, dst_keys(&net("2001:db8::42/128")), CLASS_WHITELIST);
-    assert_conforms("filter_v6_host", Op::AddNode { prio: 25, protocol: ETH_P_IPV6, node: h128 });
+    assert_conforms(
+        "filter_table_v4",
+        Op::AddTable {
+            prio: 14,
+            protocol: ETH_P_IP,
+            table: HashTable {
+                handle: t104,
+                divisor: 256,
+            },
+        },
+    );
+    assert_conforms(
+        "filter_link_v4_hash",
+        Op::AddNode {
+            prio: 14,
+            protocol: ETH_P_IP,
+            node: hash_link(true, 3, t104),
+        },
+    );
+    let host = node(
+        Table::User(t104),
+        0x0a,
+        1,
+        dst_keys(&net("203.0.113.10/32")),
+        CLASS_WHITELIST,
+    );
+    assert_conforms(
+        "filter_v4_host",
+        Op::AddNode {
+            prio: 14,
+            protocol: ETH_P_IP,
+            node: host,
+        },
+    );
+    let n24 = node(
+        Table::User(0x103 << 20),
+        0x64,
+        1,
+        dst_keys(&net("198.51.100.0/24")),
+        CLASS_WHITELIST,
+    );
+    assert_conforms(
+        "filter_v4_net24",
+        Op::AddNode {
+            prio: 13,
+            protocol: ETH_P_IP,
+            node: n24,
+        },
+    );
+    assert_conforms(
+        "filter_link_v6_hash",
+        Op::AddNode {
+            prio: 23,
+            protocol: ETH_P_IPV6,
+            node: hash_link(false, 5, 0x113 << 20),
+        },
+    );
+    let n48 = node(
+        Table::User(0x113 << 20),
+        1,
+        1,
+        dst_keys(&net("2001:db8:1::/48")),
+        CLASS_WHITELIST,
+    );
+    assert_conforms(
+        "filter_v6_net48",
+        Op::AddNode {
+            prio: 23,
+            protocol: ETH_P_IPV6,
+            node: n48,
+        },
+    );
+    let h128 = node(
+        Table::User(0x115 << 20),
+        0x42,
+        1,
+        dst_keys(&net("2001:db8::42/128")),
+        CLASS_WHITELIST,
+    );
+    assert_conforms(
+        "filter_v6_host",
+        Op::AddNode {
+            prio: 25,
+            protocol: ETH_P_IPV6,
+            node: h128,
+        },
+    );
 }
 
 #[test]
 fn throttle_links_and_ports() {
-    assert_conforms("filter_link_v4_tcp", Op::AddNode { prio: 40, protocol: ETH_P_IP, node: with_id(l4_link(true, 6, TABLE_V4_TCP), 1) });
-    assert_conforms("filter_link_v4_udp", Op::AddNode { prio: 40, protocol: ETH_P_IP, node: with_id(l4_link(true, 17, TABLE_V4_UDP), 2) });
-    assert_conforms("filter_link_v6_tcp", Op::AddNode { prio: 41, protocol: ETH_P_IPV6, node: with_id(l4_link(false, 6, TABLE_V6_TCP), 1) });
-    assert_conforms("filter_port_443", Op::AddNode { prio: 40, protocol: ETH_P_IP, node: port(TABLE_V4_TCP, 2, 443, 0xffff) });
-    assert_conforms("filter_port_block", Op::AddNode { prio: 40, protocol: ETH_P_IP, node: port(TABLE_V4_UDP, 1, 8000, 0xffe0) });
+    assert_conforms(
+        "filter_link_v4_tcp",
+        Op::AddNode {
+            prio: 40,
+            protocol: ETH_P_IP,
+            node: with_id(l4_link(true, 6, TABLE_V4_TCP), 1),
+        },
+    );
+    assert_conforms(
+        "filter_link_v4_udp",
+        Op::AddNode {
+            prio: 40,
+            protocol: ETH_P_IP,
+            node: with_id(l4_link(true, 17, TABLE_V4_UDP), 2),
+        },
+    );
+    assert_conforms(
+        "filter_link_v6_tcp",
+        Op::AddNode {
+            prio: 41,
+            protocol: ETH_P_IPV6,
+            node: with_id(l4_link(false, 6, TABLE_V6_TCP), 1),
+        },
+    );
+    assert_conforms(
+        "filter_port_443",
+        Op::AddNode {
+            prio: 40,
+            protocol: ETH_P_IP,
+            node: port(TABLE_V4_TCP, 2, 443, 0xffff),
+        },
+    );
+    assert_conforms(
+        "filter_port_block",
+        Op::AddNode {
+            prio: 40,
+            protocol: ETH_P_IP,
+            node: port(TABLE_V4_UDP, 1, 8000, 0xffe0),
+        },
+    );
     let mut changed = port(TABLE_V4_TCP, 2, 443, 0xffff);
     changed.classid = Some(CLASS_WHITELIST);
-    assert_conforms("filter_change_node", Op::ChangeNode { prio: 40, protocol: ETH_P_IP, handle: TABLE_V4_TCP | 2, node: changed });
+    assert_conforms(
+        "filter_change_node",
+        Op::ChangeNode {
+            prio: 40,
+            protocol: ETH_P_IP,
+            handle: TABLE_V4_TCP | 2,
+            node: changed,
+        },
+    );
 }
 
 #[test]
 fn deletes() {
-    assert_conforms("filter_del_node", Op::DelNode { prio: 14, protocol: ETH_P_IP, handle: (0x104 << 20) | (0x0a << 12) | 1 });
-    assert_conforms("filter_del_table", Op::DelTable { prio: 14, protocol: ETH_P_IP, handle: 0x104 << 20 });
-    assert_conforms("filter_del_prio", Op::DelPrio { prio: 14, protocol: ETH_P_IP });
+    assert_conforms(
+        "filter_del_node",
+        Op::DelNode {
+            prio: 14,
+            protocol: ETH_P_IP,
+            handle: (0x104 << 20) | (0x0a << 12) | 1,
+        },
+    );
+    assert_conforms(
+        "filter_del_table",
+        Op::DelTable {
+            prio: 14,
+            protocol: ETH_P_IP,
+            handle: 0x104 << 20,
+        },
+    );
+    assert_conforms(
+        "filter_del_prio",
+        Op::DelPrio {
+            prio: 14,
+            protocol: ETH_P_IP,
+        },
+    );
     assert_conforms("class_del", Op::DelClass(CLASS_THROTTLED));
     assert_conforms("qdisc_del_root", Op::DelRoot);
 }
@@ -194,9 +422,22 @@ fn deletes() {
 fn planned_keys_match_tc_match_syntax() {
     // `match ip6 dst 2001:db8:1::/48` is two keys; tc_u32 keys carry masked values.
     let k = dst_keys(&net("2001:db8:1::/48"));
-    assert_eq!(k, vec![
-        Key { mask: 0xffff_ffff, val: 0x2001_0db8, off: 24, offmask: 0 },
-        Key { mask: 0xffff_0000, val: 0x0001_0000, off: 28, offmask: 0 },
-    ]);
+    assert_eq!(
+        k,
+        vec![
+            Key {
+                mask: 0xffff_ffff,
+                val: 0x2001_0db8,
+                off: 24,
+                offmask: 0
+            },
+            Key {
+                mask: 0xffff_0000,
+                val: 0x0001_0000,
+                off: 28,
+                offmask: 0
+            },
+        ]
+    );
     let _ = IpAddr::from([0u8; 4]);
 }

@@ -11,13 +11,22 @@ const THROTTLE: f64 = 1e6;
 const DESTS: &str = "[{protocol: TCP, port: 443}, {protocol: UDP, port: 8000, endPort: 8100}]";
 
 fn ok(o: &std::process::Output) -> String {
-    assert!(o.status.success(), "exit {:?}\nstdout: {}\nstderr: {}", o.status.code(), String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 fn incident_lab(tag: &str) -> (Lab, String) {
     let lab = Lab::new(tag);
-    let g = lab.write_guard("guard.yaml", &guard(&format!("[{WHITE4}/32, {WHITE6}/128]"), DESTS, "1Mbit"));
+    let g = lab.write_guard(
+        "guard.yaml",
+        &guard(&format!("[{WHITE4}/32, {WHITE6}/128]"), DESTS, "1Mbit"),
+    );
     (lab, g)
 }
 
@@ -34,13 +43,25 @@ fn throttled_port_gets_the_throttle_rate_tcp_and_udp() {
     // Four parallel flows: the class holds the rate for all of them together.
     let r = lab.measure(SERVER4, 443, 6, &["-P", "4"]);
     let rate = l2_rate(r.goodput, false);
-    eprintln!("throttled TCP/443: configured {THROTTLE} measured L2 {rate:.0} ({:.1}%)", 100.0 * rate / THROTTLE);
-    assert!((0.85 * THROTTLE..=1.02 * THROTTLE).contains(&rate), "throttled rate {rate}");
+    eprintln!(
+        "throttled TCP/443: configured {THROTTLE} measured L2 {rate:.0} ({:.1}%)",
+        100.0 * rate / THROTTLE
+    );
+    assert!(
+        (0.85 * THROTTLE..=1.02 * THROTTLE).contains(&rate),
+        "throttled rate {rate}"
+    );
     // UDP to a port inside the 8000-8100 range, offered at 10x the throttle.
     let u = lab.measure(SERVER4, 8050, 5, &["-u", "-b", "10M", "-l", "1400"]);
     let urate = u.goodput * (1400.0 + 42.0) / 1400.0;
-    eprintln!("throttled UDP/8050: measured L2 {urate:.0} ({:.1}%)", 100.0 * urate / THROTTLE);
-    assert!((0.85 * THROTTLE..=1.02 * THROTTLE).contains(&urate), "udp throttled rate {urate}");
+    eprintln!(
+        "throttled UDP/8050: measured L2 {urate:.0} ({:.1}%)",
+        100.0 * urate / THROTTLE
+    );
+    assert!(
+        (0.85 * THROTTLE..=1.02 * THROTTLE).contains(&urate),
+        "udp throttled rate {urate}"
+    );
 }
 
 #[test]
@@ -63,15 +84,25 @@ fn whitelist_and_unlisted_ports_keep_the_uplink_during_a_flood() {
     // Unlisted port, ordinary destination.
     let d = lab.measure(SERVER4, 5201, 4, &[]);
     let f = Iperf::parse(flood.wait_with_output().expect("flood"));
-    for (name, r) in [("whitelisted:4443", &w), ("whitelisted:443", &w443), ("unlisted:5201", &d)] {
+    for (name, r) in [
+        ("whitelisted:4443", &w),
+        ("whitelisted:443", &w443),
+        ("unlisted:5201", &d),
+    ] {
         let rate = l2_rate(r.goodput, false);
-        eprintln!("{name}: measured L2 {rate:.0} ({:.1}% of uplink)", 100.0 * rate / UPLINK);
+        eprintln!(
+            "{name}: measured L2 {rate:.0} ({:.1}% of uplink)",
+            100.0 * rate / UPLINK
+        );
         assert!(rate >= 0.85 * UPLINK, "{name} got {rate}");
         assert!(rate <= 1.02 * UPLINK, "{name} exceeded the uplink: {rate}");
     }
     let frate = l2_rate(f.goodput, false);
     eprintln!("flood to 443 meanwhile: {frate:.0}");
-    assert!(frate <= 1.05 * THROTTLE, "flood escaped the throttle: {frate}");
+    assert!(
+        frate <= 1.05 * THROTTLE,
+        "flood escaped the throttle: {frate}"
+    );
 }
 
 #[test]
@@ -84,12 +115,24 @@ fn ipv6_is_shaped_too() {
     ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
     let t = lab.measure(SERVER6, 443, 6, &["-P", "2"]);
     let trate = l2_rate(t.goodput, true);
-    eprintln!("v6 throttled: {trate:.0} ({:.1}%)", 100.0 * trate / THROTTLE);
-    assert!((0.85 * THROTTLE..=1.02 * THROTTLE).contains(&trate), "v6 throttled {trate}");
+    eprintln!(
+        "v6 throttled: {trate:.0} ({:.1}%)",
+        100.0 * trate / THROTTLE
+    );
+    assert!(
+        (0.85 * THROTTLE..=1.02 * THROTTLE).contains(&trate),
+        "v6 throttled {trate}"
+    );
     let w = lab.measure(WHITE6, 443, 4, &[]);
     let wrate = l2_rate(w.goodput, true);
-    eprintln!("v6 whitelisted: {wrate:.0} ({:.1}% of uplink)", 100.0 * wrate / UPLINK);
-    assert!(wrate >= 0.85 * UPLINK && wrate <= 1.02 * UPLINK, "v6 whitelisted {wrate}");
+    eprintln!(
+        "v6 whitelisted: {wrate:.0} ({:.1}% of uplink)",
+        100.0 * wrate / UPLINK
+    );
+    assert!(
+        (0.85 * UPLINK..=1.02 * UPLINK).contains(&wrate),
+        "v6 whitelisted {wrate}"
+    );
 }
 
 #[test]
@@ -102,26 +145,50 @@ fn update_is_incremental_and_hitless() {
     let first = ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
     assert!(first.contains("netlink writes"), "{first}");
     let again = ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
-    assert!(again.contains("already enforced, no changes"), "second apply wrote something: {again}");
+    assert!(
+        again.contains("already enforced, no changes"),
+        "second apply wrote something: {again}"
+    );
 
     let flow = lab.client(WHITE4, 443, 8, &[]);
     std::thread::sleep(std::time::Duration::from_secs(3));
     let (h1, b1) = lab.root_bytes();
     let g2 = lab.write_guard(
         "guard2.yaml",
-        &guard(&format!("[{WHITE4}/32, {WHITE6}/128, 192.0.2.0/24]"), "[{protocol: TCP, port: 443}, {protocol: TCP, port: 80}]", "2Mbit"),
+        &guard(
+            &format!("[{WHITE4}/32, {WHITE6}/128, 192.0.2.0/24]"),
+            "[{protocol: TCP, port: 443}, {protocol: TCP, port: 80}]",
+            "2Mbit",
+        ),
     );
     let upd = ok(&lab.shaper(&["apply", "-f", &g2, "--interface", DEV]));
     let (h2, b2) = lab.root_bytes();
     let r = Iperf::parse(flow.wait_with_output().expect("flow"));
     eprintln!("update output:\n{upd}");
-    assert!(!upd.contains("root qdisc"), "update touched the root qdisc: {upd}");
+    assert!(
+        !upd.contains("root qdisc"),
+        "update touched the root qdisc: {upd}"
+    );
     assert_eq!(h1, h2, "root qdisc was replaced");
-    assert!(b2 > b1, "root byte counter did not keep growing ({b1} -> {b2})");
-    assert_eq!(r.retransmits, 0, "whitelisted flow lost packets across the update");
-    assert!(r.intervals.iter().all(|&i| i > 0.5 * UPLINK), "a gap in the whitelisted flow: {:?}", r.intervals);
-    let classes = String::from_utf8_lossy(&lab.in_cli(&["tc", "class", "show", "dev", DEV]).stdout).into_owned();
-    assert!(classes.contains("class htb e9:10 parent e9:1") && classes.contains("rate 2Mbit"), "{classes}");
+    assert!(
+        b2 > b1,
+        "root byte counter did not keep growing ({b1} -> {b2})"
+    );
+    assert_eq!(
+        r.retransmits, 0,
+        "whitelisted flow lost packets across the update"
+    );
+    assert!(
+        r.intervals.iter().all(|&i| i > 0.5 * UPLINK),
+        "a gap in the whitelisted flow: {:?}",
+        r.intervals
+    );
+    let classes = String::from_utf8_lossy(&lab.in_cli(&["tc", "class", "show", "dev", DEV]).stdout)
+        .into_owned();
+    assert!(
+        classes.contains("class htb e9:10 parent e9:1") && classes.contains("rate 2Mbit"),
+        "{classes}"
+    );
 }
 
 #[test]
@@ -131,15 +198,25 @@ fn foreign_root_is_refused_then_forced_and_reset_restores_default() {
     }
     let (lab, g) = incident_lab("own");
     // The incident's hand-typed tree, owned by nobody we know.
-    lab.in_cli(&["tc", "qdisc", "add", "dev", DEV, "root", "handle", "1:", "htb", "default", "20"]);
+    lab.in_cli(&[
+        "tc", "qdisc", "add", "dev", DEV, "root", "handle", "1:", "htb", "default", "20",
+    ]);
     let before = lab.tc_dump();
     let o = lab.shaper(&["apply", "-f", &g, "--interface", DEV]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("root qdisc is htb 1:, which node-shaper did not install") && err.contains("--force"), "{err}");
+    assert!(
+        err.contains("root qdisc is htb 1:, which node-shaper did not install")
+            && err.contains("--force"),
+        "{err}"
+    );
     assert_eq!(lab.tc_dump(), before, "refusal changed the kernel");
     let o = lab.shaper(&["reset", "--interface", DEV]);
-    assert_eq!(o.status.code(), Some(1), "reset removed a foreign root without --force");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "reset removed a foreign root without --force"
+    );
     assert_eq!(lab.tc_dump(), before);
 
     ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV, "--force"]));
@@ -147,7 +224,10 @@ fn foreign_root_is_refused_then_forced_and_reset_restores_default() {
     let out = ok(&lab.shaper(&["reset", "--interface", DEV]));
     assert!(out.contains("removed node-shaper's htb e9: tree"), "{out}");
     let dump = lab.tc_dump();
-    assert!(dump.contains("qdisc noqueue 0: root"), "veth default not restored: {dump}");
+    assert!(
+        dump.contains("qdisc noqueue 0: root"),
+        "veth default not restored: {dump}"
+    );
     let out = ok(&lab.shaper(&["reset", "--interface", DEV]));
     assert!(out.contains("nothing to reset"), "{out}");
 }
@@ -160,7 +240,10 @@ fn bad_input_exits_2_and_leaves_the_kernel_byte_identical() {
     let (lab, g) = incident_lab("bad");
     ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
     let before = lab.tc_dump();
-    let bad = lab.write_guard("bad.yaml", &guard("[10.0.0.1/8]", "[{port: 70000}]", "1mbps"));
+    let bad = lab.write_guard(
+        "bad.yaml",
+        &guard("[10.0.0.1/8]", "[{port: 70000}]", "1mbps"),
+    );
     let o = lab.shaper(&["apply", "-f", &bad, "--interface", DEV]);
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
@@ -172,9 +255,24 @@ fn bad_input_exits_2_and_leaves_the_kernel_byte_identical() {
         assert!(err.contains(want), "missing {want:?} in {err}");
     }
     let garbage = lab.write_guard("garbage.yaml", "spec: [unclosed");
-    assert_eq!(lab.shaper(&["apply", "-f", &garbage, "--interface", DEV]).status.code(), Some(2));
-    assert_eq!(lab.shaper(&["apply", "-f", &g, "--interface", "nosuchdev0"]).status.code(), Some(2));
-    assert_eq!(lab.shaper(&["apply", "-f", "/nonexistent.yaml"]).status.code(), Some(2));
+    assert_eq!(
+        lab.shaper(&["apply", "-f", &garbage, "--interface", DEV])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(
+        lab.shaper(&["apply", "-f", &g, "--interface", "nosuchdev0"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(
+        lab.shaper(&["apply", "-f", "/nonexistent.yaml"])
+            .status
+            .code(),
+        Some(2)
+    );
     assert_eq!(lab.tc_dump(), before, "bad input changed kernel state");
 }
 
@@ -184,11 +282,24 @@ fn apply_cycles_do_not_leak_filters_or_classes() {
         return;
     }
     let (lab, g) = incident_lab("leak");
-    let many: Vec<String> = (0..300).map(|i| format!("10.{}.{}.0/24", 100 + i / 250, i % 250)).collect();
-    let g2 = lab.write_guard("big.yaml", &guard(&format!("[{}]", many.join(", ")), "[{protocol: Any, port: 1000, endPort: 2000}]", "3Mbit"));
+    let many: Vec<String> = (0..300)
+        .map(|i| format!("10.{}.{}.0/24", 100 + i / 250, i % 250))
+        .collect();
+    let g2 = lab.write_guard(
+        "big.yaml",
+        &guard(
+            &format!("[{}]", many.join(", ")),
+            "[{protocol: Any, port: 1000, endPort: 2000}]",
+            "3Mbit",
+        ),
+    );
     let count = || {
-        let f = String::from_utf8_lossy(&lab.in_cli(&["tc", "filter", "show", "dev", DEV]).stdout).matches(" fh ").count();
-        let c = String::from_utf8_lossy(&lab.in_cli(&["tc", "class", "show", "dev", DEV]).stdout).lines().count();
+        let f = String::from_utf8_lossy(&lab.in_cli(&["tc", "filter", "show", "dev", DEV]).stdout)
+            .matches(" fh ")
+            .count();
+        let c = String::from_utf8_lossy(&lab.in_cli(&["tc", "class", "show", "dev", DEV]).stdout)
+            .lines()
+            .count();
         (f, c)
     };
     ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
@@ -217,22 +328,56 @@ fn missing_sfq_degrades_visibly_and_show_explain_report_it() {
         // A kernel with sch_sfq: the real leaves, perturb 10.
         assert!(dump.contains("perturb 10sec"), "{dump}");
     } else {
-        assert!(out.contains("DEGRADED: sfq unavailable") && out.contains("leaf qdisc: pfifo"), "{out}");
+        assert!(
+            out.contains("DEGRADED: sfq unavailable") && out.contains("leaf qdisc: pfifo"),
+            "{out}"
+        );
         assert!(String::from_utf8_lossy(&o.stderr).contains("falling back to pfifo leaves"));
         assert!(dump.contains("qdisc pfifo 110: parent e9:10"), "{dump}");
         // Re-applying keeps the fallback and writes nothing.
         let again = ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
-        assert!(again.contains("no changes") && again.contains("DEGRADED"), "{again}");
+        assert!(
+            again.contains("no changes") && again.contains("DEGRADED"),
+            "{again}"
+        );
     }
     let show = ok(&lab.shaper(&["show", "--interface", DEV, "-o", "json"]));
     let v: serde_json::Value = serde_json::from_str(&show).expect("show json");
-    let roles: Vec<&str> = v[0]["classes"].as_array().expect("classes").iter().filter_map(|c| c["role"].as_str()).collect();
-    assert_eq!(roles, vec!["uplink", "whitelist", "default", "throttled"], "rows in layout order");
+    let roles: Vec<&str> = v[0]["classes"]
+        .as_array()
+        .expect("classes")
+        .iter()
+        .filter_map(|c| c["role"].as_str())
+        .collect();
+    assert_eq!(
+        roles,
+        vec!["uplink", "whitelist", "default", "throttled"],
+        "rows in layout order"
+    );
     let e = ok(&lab.shaper(&["explain", "--interface", DEV, SERVER4, "--port", "443"]));
-    assert!(e.starts_with("throttled: destination port 443 (TCP) matches spec.throttle.destinations[0] (TCP 443)"), "{e}");
+    assert!(
+        e.starts_with(
+            "throttled: destination port 443 (TCP) matches spec.throttle.destinations[0] (TCP 443)"
+        ),
+        "{e}"
+    );
     let e = ok(&lab.shaper(&["explain", "--interface", DEV, WHITE4, "--port", "443"]));
-    assert!(e.starts_with(&format!("whitelist: destination {WHITE4} is inside {WHITE4}/32, spec.whitelist[0]")), "{e}");
-    let e = ok(&lab.shaper(&["explain", "--interface", DEV, SERVER6, "--port", "9090", "--protocol", "UDP"]));
+    assert!(
+        e.starts_with(&format!(
+            "whitelist: destination {WHITE4} is inside {WHITE4}/32, spec.whitelist[0]"
+        )),
+        "{e}"
+    );
+    let e = ok(&lab.shaper(&[
+        "explain",
+        "--interface",
+        DEV,
+        SERVER6,
+        "--port",
+        "9090",
+        "--protocol",
+        "UDP",
+    ]));
     assert!(e.starts_with("default:"), "{e}");
 }
 
@@ -249,7 +394,11 @@ fn kernel_refusal_rolls_back_to_the_previous_state() {
     let before = lab.tc_dump();
     let g2 = lab.write_guard(
         "guard2.yaml",
-        &guard(&format!("[{WHITE4}/32, {WHITE6}/128, 192.0.2.0/24, 10.9.0.0/16]"), "[{protocol: TCP, port: 80}, {protocol: Any, port: 443}]", "3Mbit"),
+        &guard(
+            &format!("[{WHITE4}/32, {WHITE6}/128, 192.0.2.0/24, 10.9.0.0/16]"),
+            "[{protocol: TCP, port: 80}, {protocol: Any, port: 443}]",
+            "3Mbit",
+        ),
     );
     // The transaction must run inside the lab's namespace: re-run this test
     // binary there, selecting only the inner half.
@@ -257,11 +406,19 @@ fn kernel_refusal_rolls_back_to_the_previous_state() {
     let out = std::process::Command::new("ip")
         .args(["netns", "exec", &lab.cli])
         .arg(exe)
-        .args(["--exact", "inner_refused_update", "--ignored", "--nocapture", "--test-threads", "1"])
+        .args([
+            "--exact",
+            "inner_refused_update",
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
         .env("EG_INNER_GUARD", &g2)
         .output()
         .expect("inner test");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "inner half failed:\n{text}");
     assert!(text.contains("1 passed"), "inner half did not run:\n{text}");
     assert_eq!(lab.tc_dump(), before, "kernel state differs after rollback");
@@ -277,29 +434,63 @@ fn inner_refused_update() {
     use node_shaper::plan::{plan, LeafChoice};
 
     let path = std::env::var("EG_INNER_GUARD").expect("EG_INNER_GUARD");
-    let guard = load_file(std::path::Path::new(&path)).expect("guard").remove(0);
+    let guard = load_file(std::path::Path::new(&path))
+        .expect("guard")
+        .remove(0);
     let spec = validate(&guard.spec).expect("valid");
     let iface = node_shaper::iface::by_name(DEV).expect("iface");
     let mut nl = Netlink::open().expect("netlink");
     let before = observe(&mut nl, iface.index).expect("observe");
     let mut ops = diff(&before.shape, &plan(&spec, LeafChoice::PfifoFallback));
-    let adds = ops.iter().filter(|o| matches!(o, Op::AddNode { .. } | Op::PutClass(_))).count();
-    assert!(adds > 5, "the update should add filters and change classes: {ops:?}");
+    let adds = ops
+        .iter()
+        .filter(|o| matches!(o, Op::AddNode { .. } | Op::PutClass(_)))
+        .count();
+    assert!(
+        adds > 5,
+        "the update should add filters and change classes: {ops:?}"
+    );
     let mut bad = match ops.iter().find(|o| matches!(o, Op::PutClass(_))) {
         Some(Op::PutClass(c)) => c.clone(),
         _ => panic!("no class change in {ops:?}"),
     };
     bad.rate = 0;
-    let at = ops.iter().position(|o| !matches!(o, Op::AddRoot { .. } | Op::PutClass(_) | Op::PutLeaf(_) | Op::AddTable { .. } | Op::AddNode { .. } | Op::ChangeNode { .. })).unwrap_or(ops.len());
+    let at = ops
+        .iter()
+        .position(|o| {
+            !matches!(
+                o,
+                Op::AddRoot { .. }
+                    | Op::PutClass(_)
+                    | Op::PutLeaf(_)
+                    | Op::AddTable { .. }
+                    | Op::AddNode { .. }
+                    | Op::ChangeNode { .. }
+            )
+        })
+        .unwrap_or(ops.len());
     ops.insert(at, Op::PutClass(bad));
     match transact(&mut nl, &iface, &before, &ops) {
-        Err(EngineError::Refused { source, rollback, .. }) => {
+        Err(EngineError::Refused {
+            source, rollback, ..
+        }) => {
             assert_eq!(source.errno, 22, "{source}");
-            assert!(source.to_string().starts_with("kernel refused to set htb class e9:"), "{source}");
-            assert!(rollback.starts_with("restored the previous configuration"), "{rollback}");
+            assert!(
+                source
+                    .to_string()
+                    .starts_with("kernel refused to set htb class e9:"),
+                "{source}"
+            );
+            assert!(
+                rollback.starts_with("restored the previous configuration"),
+                "{rollback}"
+            );
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
     let after = observe(&mut nl, iface.index).expect("observe");
-    assert!(diff(&after.shape, &before.shape).is_empty(), "not rolled back");
+    assert!(
+        diff(&after.shape, &before.shape).is_empty(),
+        "not rolled back"
+    );
 }

@@ -15,7 +15,11 @@ use node_shaper::plan::{plan, LeafChoice};
 use node_shaper::sim::{classify, Packet, L4};
 
 fn spec_with(whitelist: &[String], dests: &str) -> ValidSpec {
-    let wl = whitelist.iter().map(|w| format!("'{w}'")).collect::<Vec<_>>().join(", ");
+    let wl = whitelist
+        .iter()
+        .map(|w| format!("'{w}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let text = format!(
         "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {{name: t}}\nspec:\n  uplink: {{rate: 20Mbit, burst: 15k}}\n  throttle:\n    rate: 1Mbit\n    destinations: {dests}\n  whitelist: [{wl}]\n"
     );
@@ -50,7 +54,11 @@ impl Kernel {
             });
             self.shape.prios.sort_by_key(|p| p.prio);
         }
-        self.shape.prios.iter_mut().find(|p| p.prio == prio).expect("just inserted")
+        self.shape
+            .prios
+            .iter_mut()
+            .find(|p| p.prio == prio)
+            .expect("just inserted")
     }
 
     fn apply(&mut self, ops: &[Op]) {
@@ -58,7 +66,12 @@ impl Kernel {
             match op {
                 Op::AddRoot { root, .. } => self.shape.root = Some(root.clone()),
                 Op::DelRoot => self.shape = Shape::default(),
-                Op::PutClass(c) => match self.shape.classes.iter_mut().find(|o| o.classid == c.classid) {
+                Op::PutClass(c) => match self
+                    .shape
+                    .classes
+                    .iter_mut()
+                    .find(|o| o.classid == c.classid)
+                {
                     Some(o) => *o = c.clone(),
                     None => self.shape.classes.push(c.clone()),
                 },
@@ -67,41 +80,89 @@ impl Kernel {
                     self.shape.leaves.retain(|o| o.parent != l.parent);
                     self.shape.leaves.push(l.clone());
                 }
-                Op::AddTable { prio, protocol, table } => self.prio(*prio, *protocol).tables.push(*table),
+                Op::AddTable {
+                    prio,
+                    protocol,
+                    table,
+                } => self.prio(*prio, *protocol).tables.push(*table),
                 Op::DelTable { prio, handle, .. } => {
-                    let linked = self.shape.prios.iter().flat_map(|p| &p.nodes).any(|n| n.link == Some(*handle));
-                    assert!(!linked, "deleting table {handle:#x} while a node links to it (kernel: EBUSY)");
+                    let linked = self
+                        .shape
+                        .prios
+                        .iter()
+                        .flat_map(|p| &p.nodes)
+                        .any(|n| n.link == Some(*handle));
+                    assert!(
+                        !linked,
+                        "deleting table {handle:#x} while a node links to it (kernel: EBUSY)"
+                    );
                     if let Some(p) = self.shape.prios.iter_mut().find(|p| p.prio == *prio) {
                         p.tables.retain(|t| t.handle != *handle);
                         p.nodes.retain(|n| n.table != Table::User(*handle));
                     }
                 }
-                Op::AddNode { prio, protocol, node } => {
+                Op::AddNode {
+                    prio,
+                    protocol,
+                    node,
+                } => {
                     let p = self.prio(*prio, *protocol);
                     let mut n = node.clone();
                     n.origin = Origin::Unknown;
                     assert!(
-                        !p.nodes.iter().any(|o| o.table == n.table && o.bucket == n.bucket && o.id == n.id),
+                        !p.nodes
+                            .iter()
+                            .any(|o| o.table == n.table && o.bucket == n.bucket && o.id == n.id),
                         "node id reused while taken: {n:?}"
                     );
                     p.nodes.push(n);
                 }
-                Op::ChangeNode { prio, handle, node, .. } => {
-                    let p = self.shape.prios.iter_mut().find(|p| p.prio == *prio).expect("prio");
-                    let i = (0..p.nodes.len()).find(|&i| node_handle(p, &p.nodes[i]) == *handle).expect("node");
+                Op::ChangeNode {
+                    prio, handle, node, ..
+                } => {
+                    let p = self
+                        .shape
+                        .prios
+                        .iter_mut()
+                        .find(|p| p.prio == *prio)
+                        .expect("prio");
+                    let i = (0..p.nodes.len())
+                        .find(|&i| node_handle(p, &p.nodes[i]) == *handle)
+                        .expect("node");
                     p.nodes[i].classid = node.classid;
                     p.nodes[i].link = node.link;
                 }
                 Op::DelNode { prio, handle, .. } => {
-                    let p = self.shape.prios.iter_mut().find(|p| p.prio == *prio).expect("prio");
+                    let p = self
+                        .shape
+                        .prios
+                        .iter_mut()
+                        .find(|p| p.prio == *prio)
+                        .expect("prio");
                     let before = p.nodes.len();
-                    let keep: Vec<Node> = p.nodes.iter().filter(|n| node_handle(p, n) != *handle).cloned().collect();
-                    assert_eq!(keep.len() + 1, before, "deleting a node that does not exist");
+                    let keep: Vec<Node> = p
+                        .nodes
+                        .iter()
+                        .filter(|n| node_handle(p, n) != *handle)
+                        .cloned()
+                        .collect();
+                    assert_eq!(
+                        keep.len() + 1,
+                        before,
+                        "deleting a node that does not exist"
+                    );
                     p.nodes = keep;
                 }
                 Op::Unlink { prio, handle, .. } => {
-                    let p = self.shape.prios.iter_mut().find(|p| p.prio == *prio).expect("prio");
-                    let i = (0..p.nodes.len()).find(|&i| node_handle(p, &p.nodes[i]) == *handle).expect("node");
+                    let p = self
+                        .shape
+                        .prios
+                        .iter_mut()
+                        .find(|p| p.prio == *prio)
+                        .expect("prio");
+                    let i = (0..p.nodes.len())
+                        .find(|&i| node_handle(p, &p.nodes[i]) == *handle)
+                        .expect("node");
                     p.nodes[i].link = None;
                 }
                 Op::DelPrio { prio, .. } => self.shape.prios.retain(|p| p.prio != *prio),
@@ -120,7 +181,15 @@ impl Kernel {
 fn incident_plan_has_the_documented_layout() {
     let s = plan(&incident(), LeafChoice::Sfq);
     let ids: Vec<u32> = s.classes.iter().map(|c| c.classid).collect();
-    assert_eq!(ids, vec![CLASS_UPLINK, CLASS_WHITELIST, CLASS_DEFAULT, CLASS_THROTTLED]);
+    assert_eq!(
+        ids,
+        vec![
+            CLASS_UPLINK,
+            CLASS_WHITELIST,
+            CLASS_DEFAULT,
+            CLASS_THROTTLED
+        ]
+    );
     let uplink = &s.classes[0];
     assert_eq!((uplink.rate, uplink.ceil), (2_500_000, 2_500_000));
     // Children's guaranteed rates never exceed the parent's.
@@ -130,12 +199,30 @@ fn incident_plan_has_the_documented_layout() {
     assert_eq!((thr.rate, thr.ceil, thr.prio), (125_000, 125_000, 2));
     assert_eq!(s.classes[1].prio, 0, "whitelist is served first");
     // Quanta are explicit and inside HTB's range, so the kernel never warns.
-    assert!(s.classes.iter().all(|c| (1514..=200_000).contains(&c.quantum)));
-    assert!(s.leaves.iter().all(|l| matches!(l.kind, LeafKind::Sfq { perturb: 10 })));
+    assert!(s
+        .classes
+        .iter()
+        .all(|c| (1514..=200_000).contains(&c.quantum)));
+    assert!(s
+        .leaves
+        .iter()
+        .all(|l| matches!(l.kind, LeafKind::Sfq { perturb: 10 })));
     let prios: Vec<(u16, u16)> = s.prios.iter().map(|p| (p.prio, p.protocol)).collect();
-    assert_eq!(prios, vec![(13, ETH_P_IP), (14, ETH_P_IP), (23, ETH_P_IPV6), (40, ETH_P_IP), (41, ETH_P_IPV6)]);
+    assert_eq!(
+        prios,
+        vec![
+            (13, ETH_P_IP),
+            (14, ETH_P_IP),
+            (23, ETH_P_IPV6),
+            (40, ETH_P_IP),
+            (41, ETH_P_IPV6)
+        ]
+    );
     let fallback = plan(&incident(), LeafChoice::PfifoFallback);
-    assert!(fallback.leaves.iter().all(|l| l.kind == LeafKind::Pfifo && l.handle >> 16 >= 0x110));
+    assert!(fallback
+        .leaves
+        .iter()
+        .all(|l| l.kind == LeafKind::Pfifo && l.handle >> 16 >= 0x110));
 }
 
 #[test]
@@ -149,14 +236,19 @@ fn applying_twice_sends_nothing_the_second_time() {
 
 #[test]
 fn one_whitelist_entry_changes_with_at_most_two_writes() {
-    let mut wl: Vec<String> = (0..10_000u32).map(|i| format!("10.{}.{}.{}/32", i >> 16, (i >> 8) & 0xff, i & 0xff)).collect();
+    let mut wl: Vec<String> = (0..10_000u32)
+        .map(|i| format!("10.{}.{}.{}/32", i >> 16, (i >> 8) & 0xff, i & 0xff))
+        .collect();
     let mut k = Kernel::default();
     k.converge(&plan(&spec_with(&wl, "[{port: 443}]"), LeafChoice::Sfq));
     let nodes = k.shape.node_count();
     wl[1234] = "172.16.9.9/32".into();
     let ops = k.converge(&plan(&spec_with(&wl, "[{port: 443}]"), LeafChoice::Sfq));
     assert_eq!(ops.len(), 2, "{ops:?}");
-    assert!(matches!(ops[0], Op::AddNode { .. }) && matches!(ops[1], Op::DelNode { .. }), "add before delete");
+    assert!(
+        matches!(ops[0], Op::AddNode { .. }) && matches!(ops[1], Op::DelNode { .. }),
+        "add before delete"
+    );
     assert_eq!(k.shape.node_count(), nodes);
     // A rate change is one in-place class update; the root is never touched.
     let mut spec = spec_with(&wl, "[{port: 443}]");
@@ -170,13 +262,23 @@ fn one_whitelist_entry_changes_with_at_most_two_writes() {
 fn cycles_never_grow_beyond_the_plan() {
     let specs = [
         incident(),
-        spec_with(&["10.0.0.0/8".into(), "2001:db8::/32".into()], "[{protocol: Any, port: 1, endPort: 1024}]"),
+        spec_with(
+            &["10.0.0.0/8".into(), "2001:db8::/32".into()],
+            "[{protocol: Any, port: 1, endPort: 1024}]",
+        ),
         spec_with(&[], "[{port: 443}]"),
     ];
     let mut k = Kernel::default();
     for round in 0..20 {
         let s = &specs[round % specs.len()];
-        let desired = plan(s, if round % 2 == 0 { LeafChoice::Sfq } else { LeafChoice::PfifoFallback });
+        let desired = plan(
+            s,
+            if round % 2 == 0 {
+                LeafChoice::Sfq
+            } else {
+                LeafChoice::PfifoFallback
+            },
+        );
         k.converge(&desired);
         assert_eq!(k.shape.node_count(), desired.node_count(), "round {round}");
         assert_eq!(k.shape.classes.len(), desired.classes.len());
@@ -205,12 +307,20 @@ impl Rng {
 fn random_net(r: &mut Rng) -> ipnet::IpNet {
     if r.below(3) == 0 {
         let len = [0, 8, 15, 16, 31, 32, 47, 48, 63, 64, 100, 127, 128][r.below(13) as usize];
-        let a = u128::from(0x2001_0db8u32) << 96 | u128::from(r.next()) << 32 | u128::from(r.below(4));
-        ipnet::IpNet::new(IpAddr::from(a.to_be_bytes()), len).expect("len").trunc()
+        let a =
+            u128::from(0x2001_0db8u32) << 96 | u128::from(r.next()) << 32 | u128::from(r.below(4));
+        ipnet::IpNet::new(IpAddr::from(a.to_be_bytes()), len)
+            .expect("len")
+            .trunc()
     } else {
         let len = [0, 1, 7, 8, 9, 15, 16, 17, 23, 24, 25, 31, 32][r.below(13) as usize];
-        let a = 0x0a00_0000u32 | (r.below(4) as u32) << 16 | (r.below(4) as u32) << 8 | r.below(8) as u32;
-        ipnet::IpNet::new(IpAddr::from(a.to_be_bytes()), len).expect("len").trunc()
+        let a = 0x0a00_0000u32
+            | (r.below(4) as u32) << 16
+            | (r.below(4) as u32) << 8
+            | r.below(8) as u32;
+        ipnet::IpNet::new(IpAddr::from(a.to_be_bytes()), len)
+            .expect("len")
+            .trunc()
     }
 }
 
@@ -232,10 +342,16 @@ fn hashed_layout_classifies_like_a_flat_list() {
         let mut k = Kernel::default();
         k.converge(&shape);
         for _ in 0..300 {
-            let dst = if r.below(2) == 0 { wl[r.below(n as u64) as usize].network() } else { random_net(&mut r).network() };
+            let dst = if r.below(2) == 0 {
+                wl[r.below(n as u64) as usize].network()
+            } else {
+                random_net(&mut r).network()
+            };
             let dst = match dst {
                 IpAddr::V4(a) => IpAddr::from((u32::from(a) | r.below(4) as u32).to_be_bytes()),
-                IpAddr::V6(a) => IpAddr::from((u128::from(a) | u128::from(r.below(4))).to_be_bytes()),
+                IpAddr::V6(a) => {
+                    IpAddr::from((u128::from(a) | u128::from(r.below(4))).to_be_bytes())
+                }
             };
             let l4 = if r.below(2) == 0 { L4::Tcp } else { L4::Udp };
             let port = [443, 8000, 8050, 8100, 8101, 53, 80, 7999][r.below(8) as usize];
@@ -257,7 +373,10 @@ fn hashed_layout_classifies_like_a_flat_list() {
                 }
                 let pkt = Packet::new(dst, l4, port, options);
                 let got = classify(&k.shape, &pkt).and_then(|v| v.node.classid);
-                assert_eq!(got, want, "case {case}: {dst} {l4:?} {port} options {options} whitelist {wl:?}");
+                assert_eq!(
+                    got, want,
+                    "case {case}: {dst} {l4:?} {port} options {options} whitelist {wl:?}"
+                );
             }
         }
     }
@@ -270,16 +389,30 @@ fn plan_prints_reviewable_tc_commands() {
         .iter()
         .map(|op| node_shaper::render::tc_command(op, "enp1s0"))
         .collect();
-    assert_eq!(cmds[0], "tc qdisc add dev enp1s0 root handle e9: htb default 20 r2q 10");
-    assert!(cmds.iter().any(|c| c == "tc qdisc replace dev enp1s0 parent e9:10 handle 10: sfq perturb 10"));
-    assert!(cmds.iter().any(|c| c.contains("classid e9:30 ht 104:a: match u32 0xcb00710a 0xffffffff at 16  # spec.whitelist[0]")), "{cmds:#?}");
-    assert!(cmds.iter().any(|c| c.contains("link 200: offset at 0 mask 0x0f00 shift 6 eat")));
+    assert_eq!(
+        cmds[0],
+        "tc qdisc add dev enp1s0 root handle e9: htb default 20 r2q 10"
+    );
+    assert!(cmds
+        .iter()
+        .any(|c| c == "tc qdisc replace dev enp1s0 parent e9:10 handle 10: sfq perturb 10"));
+    assert!(
+        cmds.iter().any(|c| c.contains(
+            "classid e9:30 ht 104:a: match u32 0xcb00710a 0xffffffff at 16  # spec.whitelist[0]"
+        )),
+        "{cmds:#?}"
+    );
+    assert!(cmds
+        .iter()
+        .any(|c| c.contains("link 200: offset at 0 mask 0x0f00 shift 6 eat")));
 }
 
 #[test]
 fn buckets_that_overflow_u32_node_ids_are_reported() {
     // 5,000 hosts that all end in .1 land in one bucket of the /32 table.
-    let wl: Vec<String> = (0..5000u32).map(|i| format!("10.{}.{}.1/32", i >> 8, i & 0xff)).collect();
+    let wl: Vec<String> = (0..5000u32)
+        .map(|i| format!("10.{}.{}.1/32", i >> 8, i & 0xff))
+        .collect();
     let shape = plan(&spec_with(&wl, "[{port: 443}]"), LeafChoice::Sfq);
     let full = node_shaper::diff::overfull_buckets(&shape);
     assert_eq!(full.len(), 1);

@@ -1,1 +1,119 @@
-fn main() {}
+//! `egressguard-operator`: the EgressGuard controller.
+//!
+//! Today it ships the offline pieces GitOps pipelines need: `validate` (the
+//! same validation node-shaper runs) and `crd` (the generated CRD). The
+//! reconcile loop is tracked in the operator issue.
+//!
+//! Exit codes: 0 success, 1 runtime failure, 2 invalid input.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use egressguard_crds::{load::load_file, validate, EgressGuard};
+use kube::CustomResourceExt;
+
+#[derive(Parser)]
+#[command(
+    name = "egressguard-operator",
+    version,
+    about = "EgressGuard controller"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Validate EgressGuard manifests offline (a file, or every *.yaml/*.yml under a directory).
+    Validate {
+        /// File or directory.
+        #[arg(short = 'f', long = "file")]
+        path: PathBuf,
+    },
+    /// Print the EgressGuard CustomResourceDefinition as YAML.
+    Crd,
+}
+
+fn manifests(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let p = entry?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Validates every guard found; prints each problem; returns the number of invalid guards.
+fn validate_path(path: &Path) -> Result<usize, String> {
+    let files = manifests(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut bad = 0;
+    let mut seen = 0;
+    for f in &files {
+        let guards = match load_file(f) {
+            Ok(g) => g,
+            // In a directory, files without guards are other manifests.
+            Err(egressguard_crds::load::LoadError::Empty { .. }) if path.is_dir() => continue,
+            Err(e) => {
+                eprintln!("{e}");
+                bad += 1;
+                continue;
+            }
+        };
+        for g in guards {
+            seen += 1;
+            let name = g.metadata.name.clone().unwrap_or_default();
+            match validate(&g.spec) {
+                Ok(_) => println!("{}: EgressGuard {name}: valid", f.display()),
+                Err(errs) => {
+                    bad += 1;
+                    for e in errs.0 {
+                        eprintln!("{}: EgressGuard {name}: {e}", f.display());
+                    }
+                }
+            }
+        }
+    }
+    if seen == 0 && bad == 0 {
+        return Err(format!("{}: no EgressGuard found", path.display()));
+    }
+    Ok(bad)
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().cmd {
+        Cmd::Validate { path } => match validate_path(&path) {
+            Ok(0) => ExitCode::SUCCESS,
+            Ok(n) => {
+                eprintln!("{n} invalid EgressGuard manifest(s)");
+                ExitCode::from(2)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Cmd::Crd => match serde_yaml::to_string(&EgressGuard::crd()) {
+            Ok(y) => {
+                print!("{y}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}

@@ -1,1 +1,1 @@
-
+//! End-to-end checks that span crates. See `tests/tests/`.

@@ -4,7 +4,9 @@
 use std::io;
 
 use netlink_packet_core::Nla;
-use netlink_packet_route::tc::{TcAttribute, TcFilterU32Option, TcHandle, TcMessage, TcOption, TcStats2};
+use netlink_packet_route::tc::{
+    TcAttribute, TcFilterU32Option, TcHandle, TcMessage, TcOption, TcStats2,
+};
 use netlink_packet_route::RouteNetlinkMessage;
 use serde::Serialize;
 
@@ -101,7 +103,8 @@ fn attrs(buf: &[u8]) -> Vec<(u16, &[u8])> {
 }
 
 fn u32_at(b: &[u8], o: usize) -> u32 {
-    b.get(o..o + 4).map_or(0, |s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
+    b.get(o..o + 4)
+        .map_or(0, |s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
 }
 
 fn u64_of(b: &[u8]) -> Option<u64> {
@@ -178,7 +181,12 @@ fn selector(s: &netlink_packet_route::tc::TcU32Selector) -> Selector {
         keys: s
             .keys
             .iter()
-            .map(|k| Key { mask: k.mask, val: k.val, off: k.off, offmask: k.offmask })
+            .map(|k| Key {
+                mask: k.mask,
+                val: k.val,
+                off: k.off,
+                offmask: k.offmask,
+            })
             .collect(),
     }
 }
@@ -193,25 +201,47 @@ pub fn observe(nl: &mut Netlink, ifindex: i32) -> io::Result<Observed> {
             }
         }
     }
-    let root_msg = qdiscs.iter().find(|q| u32::from(q.header.parent) == TC_H_ROOT);
-    let root_kind = root_msg.map(|q| kind_of(&q.attributes)).unwrap_or_else(|| "noop".into());
+    let root_msg = qdiscs
+        .iter()
+        .find(|q| u32::from(q.header.parent) == TC_H_ROOT);
+    let root_kind = root_msg
+        .map(|q| kind_of(&q.attributes))
+        .unwrap_or_else(|| "noop".into());
     let root_handle = root_msg.map_or(0, |q| u32::from(q.header.handle));
-    let root_counters = root_msg.map(|q| counters(&q.attributes)).unwrap_or_default();
+    let root_counters = root_msg
+        .map(|q| counters(&q.attributes))
+        .unwrap_or_default();
     let root = if root_handle == 0 {
         RootState::Default(root_kind.clone())
     } else if root_handle == ROOT && root_kind == "htb" {
         RootState::Owned
     } else {
-        RootState::Foreign { kind: root_kind.clone(), handle: root_handle }
+        RootState::Foreign {
+            kind: root_kind.clone(),
+            handle: root_handle,
+        }
     };
-    let mut obs = Observed { root, shape: Shape::default(), counters: vec![], root_counters };
+    let mut obs = Observed {
+        root,
+        shape: Shape::default(),
+        counters: vec![],
+        root_counters,
+    };
     if obs.root != RootState::Owned {
         return Ok(obs);
     }
     if let Some(q) = root_msg {
         let init = raw_options(&q.attributes).unwrap_or_default();
-        let glob = attrs(&init).into_iter().find(|(k, _)| *k == 2).map(|(_, v)| v).unwrap_or_default();
-        obs.shape.root = Some(Root { handle: ROOT, r2q: u32_at(glob, 4), defcls: u32_at(glob, 8) });
+        let glob = attrs(&init)
+            .into_iter()
+            .find(|(k, _)| *k == 2)
+            .map(|(_, v)| v)
+            .unwrap_or_default();
+        obs.shape.root = Some(Root {
+            handle: ROOT,
+            r2q: u32_at(glob, 4),
+            defcls: u32_at(glob, 8),
+        });
     }
     for q in &qdiscs {
         let parent = u32::from(q.header.parent);
@@ -226,7 +256,11 @@ pub fn observe(nl: &mut Netlink, ifindex: i32) -> io::Result<Observed> {
             "pfifo" => LeafKind::Pfifo,
             other => LeafKind::Other(other.to_string()),
         };
-        obs.shape.leaves.push(Leaf { handle: u32::from(q.header.handle), parent, kind });
+        obs.shape.leaves.push(Leaf {
+            handle: u32::from(q.header.handle),
+            parent,
+            kind,
+        });
     }
     let mut req = TcMessage::with_index(ifindex);
     req.header.parent = TcHandle::from(0);
@@ -246,9 +280,11 @@ pub fn observe(nl: &mut Netlink, ifindex: i32) -> io::Result<Observed> {
     let mut rest = classes;
     while !rest.is_empty() {
         let before = rest.len();
-        let (ready, later): (Vec<Class>, Vec<Class>) = rest
-            .into_iter()
-            .partition(|c| c.parent == ROOT || c.parent == TC_H_ROOT || ordered.iter().any(|o| o.classid == c.parent));
+        let (ready, later): (Vec<Class>, Vec<Class>) = rest.into_iter().partition(|c| {
+            c.parent == ROOT
+                || c.parent == TC_H_ROOT
+                || ordered.iter().any(|o| o.classid == c.parent)
+        });
         ordered.extend(ready);
         rest = later;
         if rest.len() == before {
@@ -260,14 +296,22 @@ pub fn observe(nl: &mut Netlink, ifindex: i32) -> io::Result<Observed> {
     let mut req = TcMessage::with_index(ifindex);
     req.header.parent = TcHandle::from(ROOT);
     for m in nl.dump(RouteNetlinkMessage::GetTrafficFilter(req))? {
-        let RouteNetlinkMessage::NewTrafficFilter(f) = m else { continue };
+        let RouteNetlinkMessage::NewTrafficFilter(f) = m else {
+            continue;
+        };
         let prio = (f.header.info >> 16) as u16;
         let protocol = u16::from_be((f.header.info & 0xffff) as u16);
         let handle = u32::from(f.header.handle);
         let idx = match obs.shape.prios.iter().position(|p| p.prio == prio) {
             Some(i) => i,
             None => {
-                obs.shape.prios.push(Prio { prio, protocol, root_handle: None, tables: vec![], nodes: vec![] });
+                obs.shape.prios.push(Prio {
+                    prio,
+                    protocol,
+                    root_handle: None,
+                    tables: vec![],
+                    nodes: vec![],
+                });
                 obs.shape.prios.len() - 1
             }
         };
@@ -301,12 +345,19 @@ pub fn observe(nl: &mut Netlink, ifindex: i32) -> io::Result<Observed> {
                         _ => None,
                     })
                     .unwrap_or(1);
-                p.tables.push(HashTable { handle: htid, divisor });
+                p.tables.push(HashTable {
+                    handle: htid,
+                    divisor,
+                });
             }
             continue;
         }
         let mut node = Node {
-            table: if is_root_table { Table::Root } else { Table::User(htid) },
+            table: if is_root_table {
+                Table::Root
+            } else {
+                Table::User(htid)
+            },
             bucket: ((handle >> 12) & 0xff) as u8,
             id: Some(handle & 0xfff),
             sel: Selector::default(),

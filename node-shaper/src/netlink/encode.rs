@@ -6,18 +6,18 @@
 //! parts and encode the qdisc-specific payloads here.
 
 use netlink_packet_core::{
-    DefaultNla, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE,
-    NLM_F_REQUEST,
+    DefaultNla, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL,
+    NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::tc::{
-    TcAttribute, TcFilterU32Option, TcHandle, TcHeader, TcMessage, TcOption, TcU32Key, TcU32Selector,
-    TcU32SelectorFlags,
+    TcAttribute, TcFilterU32Option, TcHandle, TcHeader, TcMessage, TcOption, TcU32Key,
+    TcU32Selector, TcU32SelectorFlags,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 
+use crate::diff::Op;
 use crate::layout::ROOT;
 use crate::model::*;
-use crate::diff::Op;
 
 const TCA_OPTIONS: u16 = 2;
 const TCA_HTB_PARMS: u16 = 1;
@@ -103,12 +103,13 @@ pub fn sfq_options(perturb: i32) -> Vec<u8> {
 }
 
 fn header(ifindex: i32, handle: u32, parent: u32, info: u32) -> TcHeader {
-    let mut h = TcHeader::default();
-    h.index = ifindex;
-    h.handle = TcHandle::from(handle);
-    h.parent = TcHandle::from(parent);
-    h.info = info;
-    h
+    TcHeader {
+        index: ifindex,
+        handle: TcHandle::from(handle),
+        parent: TcHandle::from(parent),
+        info,
+        ..Default::default()
+    }
 }
 
 /// `tcm_info` of a filter: prio in the high half, ethertype in network order.
@@ -150,9 +151,13 @@ fn node_options(node: &Node) -> Vec<TcOption> {
         opts.push(TcOption::U32(TcFilterU32Option::Link(l)));
     }
     if let Table::User(t) = node.table {
-        opts.push(TcOption::U32(TcFilterU32Option::Hash(t | (u32::from(node.bucket) << 12))));
+        opts.push(TcOption::U32(TcFilterU32Option::Hash(
+            t | (u32::from(node.bucket) << 12),
+        )));
     }
-    opts.push(TcOption::U32(TcFilterU32Option::Selector(selector(&node.sel))));
+    opts.push(TcOption::U32(TcFilterU32Option::Selector(selector(
+        &node.sel,
+    ))));
     opts
 }
 
@@ -184,23 +189,43 @@ pub fn encode(op: &Op, ifindex: i32, dev: &str) -> Request {
                 header(ifindex, root.handle, TC_H_ROOT, 0),
                 vec![kind("htb"), raw_options(htb_init(root))],
             );
-            let flags = if *graft { NLM_F_CREATE | NLM_F_REPLACE } else { NLM_F_CREATE | NLM_F_EXCL };
-            (M::NewQueueDiscipline(msg), flags, format!("create htb root qdisc {} on {dev}", fmt_handle(root.handle)))
+            let flags = if *graft {
+                NLM_F_CREATE | NLM_F_REPLACE
+            } else {
+                NLM_F_CREATE | NLM_F_EXCL
+            };
+            (
+                M::NewQueueDiscipline(msg),
+                flags,
+                format!("create htb root qdisc {} on {dev}", fmt_handle(root.handle)),
+            )
         }
         Op::DelRoot => {
             let msg = TcMessage::from_parts(header(ifindex, ROOT, TC_H_ROOT, 0), vec![]);
-            (M::DelQueueDiscipline(msg), 0, format!("delete root qdisc {} on {dev}", fmt_handle(ROOT)))
+            (
+                M::DelQueueDiscipline(msg),
+                0,
+                format!("delete root qdisc {} on {dev}", fmt_handle(ROOT)),
+            )
         }
         Op::PutClass(c) => {
             let msg = TcMessage::from_parts(
                 header(ifindex, c.classid, c.parent, 0),
                 vec![kind("htb"), raw_options(htb_class_options(c))],
             );
-            (M::NewTrafficClass(msg), NLM_F_CREATE, format!("set htb class {} on {dev}", fmt_handle(c.classid)))
+            (
+                M::NewTrafficClass(msg),
+                NLM_F_CREATE,
+                format!("set htb class {} on {dev}", fmt_handle(c.classid)),
+            )
         }
         Op::DelClass(id) => {
             let msg = TcMessage::from_parts(header(ifindex, *id, 0, 0), vec![]);
-            (M::DelTrafficClass(msg), 0, format!("delete class {} on {dev}", fmt_handle(*id)))
+            (
+                M::DelTrafficClass(msg),
+                0,
+                format!("delete class {} on {dev}", fmt_handle(*id)),
+            )
         }
         Op::PutLeaf(l) => {
             let mut attrs = vec![kind(l.kind.kind())];
@@ -211,58 +236,147 @@ pub fn encode(op: &Op, ifindex: i32, dev: &str) -> Request {
             (
                 M::NewQueueDiscipline(msg),
                 NLM_F_CREATE | NLM_F_REPLACE,
-                format!("attach {} leaf {} under class {} on {dev}", l.kind.kind(), fmt_handle(l.handle), fmt_handle(l.parent)),
+                format!(
+                    "attach {} leaf {} under class {} on {dev}",
+                    l.kind.kind(),
+                    fmt_handle(l.handle),
+                    fmt_handle(l.parent)
+                ),
             )
         }
-        Op::AddTable { prio, protocol, table } => {
+        Op::AddTable {
+            prio,
+            protocol,
+            table,
+        } => {
             let msg = TcMessage::from_parts(
                 header(ifindex, table.handle, ROOT, filter_info(*prio, *protocol)),
-                vec![kind("u32"), TcAttribute::Options(vec![TcOption::U32(TcFilterU32Option::Divisor(table.divisor))])],
+                vec![
+                    kind("u32"),
+                    TcAttribute::Options(vec![TcOption::U32(TcFilterU32Option::Divisor(
+                        table.divisor,
+                    ))]),
+                ],
             );
             (
                 M::NewTrafficFilter(msg),
                 NLM_F_CREATE | NLM_F_EXCL,
-                format!("create u32 table {:x}: (prio {prio}) on {dev}", table.handle >> 20),
+                format!(
+                    "create u32 table {:x}: (prio {prio}) on {dev}",
+                    table.handle >> 20
+                ),
             )
         }
-        Op::DelTable { prio, protocol, handle } => {
-            let msg = TcMessage::from_parts(header(ifindex, *handle, ROOT, filter_info(*prio, *protocol)), vec![kind("u32")]);
-            (M::DelTrafficFilter(msg), 0, format!("delete u32 table {:x}: (prio {prio}) on {dev}", handle >> 20))
+        Op::DelTable {
+            prio,
+            protocol,
+            handle,
+        } => {
+            let msg = TcMessage::from_parts(
+                header(ifindex, *handle, ROOT, filter_info(*prio, *protocol)),
+                vec![kind("u32")],
+            );
+            (
+                M::DelTrafficFilter(msg),
+                0,
+                format!(
+                    "delete u32 table {:x}: (prio {prio}) on {dev}",
+                    handle >> 20
+                ),
+            )
         }
-        Op::AddNode { prio, protocol, node } => {
+        Op::AddNode {
+            prio,
+            protocol,
+            node,
+        } => {
             let handle = new_node_handle(node);
             let msg = TcMessage::from_parts(
                 header(ifindex, handle, ROOT, filter_info(*prio, *protocol)),
                 vec![kind("u32"), TcAttribute::Options(node_options(node))],
             );
-            (M::NewTrafficFilter(msg), NLM_F_CREATE | NLM_F_EXCL, format!("add u32 filter {} (prio {prio}) on {dev}", describe(node)))
+            (
+                M::NewTrafficFilter(msg),
+                NLM_F_CREATE | NLM_F_EXCL,
+                format!("add u32 filter {} (prio {prio}) on {dev}", describe(node)),
+            )
         }
-        Op::ChangeNode { prio, protocol, handle, node } => {
+        Op::ChangeNode {
+            prio,
+            protocol,
+            handle,
+            node,
+        } => {
             let mut opts = node_options(node);
             opts.retain(|o| !matches!(o, TcOption::U32(TcFilterU32Option::Hash(_))));
             let msg = TcMessage::from_parts(
                 header(ifindex, *handle, ROOT, filter_info(*prio, *protocol)),
                 vec![kind("u32"), TcAttribute::Options(opts)],
             );
-            (M::NewTrafficFilter(msg), NLM_F_CREATE, format!("change u32 filter {} (prio {prio}) on {dev}", fmt_u32_handle(*handle)))
+            (
+                M::NewTrafficFilter(msg),
+                NLM_F_CREATE,
+                format!(
+                    "change u32 filter {} (prio {prio}) on {dev}",
+                    fmt_u32_handle(*handle)
+                ),
+            )
         }
-        Op::Unlink { prio, protocol, handle } => {
+        Op::Unlink {
+            prio,
+            protocol,
+            handle,
+        } => {
             let msg = TcMessage::from_parts(
                 header(ifindex, *handle, ROOT, filter_info(*prio, *protocol)),
-                vec![kind("u32"), TcAttribute::Options(vec![TcOption::U32(TcFilterU32Option::Link(0))])],
+                vec![
+                    kind("u32"),
+                    TcAttribute::Options(vec![TcOption::U32(TcFilterU32Option::Link(0))]),
+                ],
             );
-            (M::NewTrafficFilter(msg), NLM_F_CREATE, format!("unlink u32 filter {} (prio {prio}) on {dev}", fmt_u32_handle(*handle)))
+            (
+                M::NewTrafficFilter(msg),
+                NLM_F_CREATE,
+                format!(
+                    "unlink u32 filter {} (prio {prio}) on {dev}",
+                    fmt_u32_handle(*handle)
+                ),
+            )
         }
-        Op::DelNode { prio, protocol, handle } => {
-            let msg = TcMessage::from_parts(header(ifindex, *handle, ROOT, filter_info(*prio, *protocol)), vec![kind("u32")]);
-            (M::DelTrafficFilter(msg), 0, format!("delete u32 filter {} (prio {prio}) on {dev}", fmt_u32_handle(*handle)))
+        Op::DelNode {
+            prio,
+            protocol,
+            handle,
+        } => {
+            let msg = TcMessage::from_parts(
+                header(ifindex, *handle, ROOT, filter_info(*prio, *protocol)),
+                vec![kind("u32")],
+            );
+            (
+                M::DelTrafficFilter(msg),
+                0,
+                format!(
+                    "delete u32 filter {} (prio {prio}) on {dev}",
+                    fmt_u32_handle(*handle)
+                ),
+            )
         }
         Op::DelPrio { prio, protocol } => {
-            let msg = TcMessage::from_parts(header(ifindex, 0, ROOT, filter_info(*prio, *protocol)), vec![]);
-            (M::DelTrafficFilter(msg), 0, format!("delete filter prio {prio} on {dev}"))
+            let msg = TcMessage::from_parts(
+                header(ifindex, 0, ROOT, filter_info(*prio, *protocol)),
+                vec![],
+            );
+            (
+                M::DelTrafficFilter(msg),
+                0,
+                format!("delete filter prio {prio} on {dev}"),
+            )
         }
     };
-    Request { message: message(inner, flags), what }
+    Request {
+        message: message(inner, flags),
+        what,
+    }
 }
 
 fn describe(node: &Node) -> String {

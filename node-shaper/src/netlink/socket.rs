@@ -3,7 +3,9 @@
 
 use std::io;
 
-use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
@@ -60,7 +62,11 @@ impl Netlink {
         sock.set_cap_ack(true)?;
         // A 10,000-entry dump arrives faster than we parse it.
         let _ = sock.set_rx_buf_sz(4 << 20);
-        Ok(Netlink { sock, seq: 1, writes: 0 })
+        Ok(Netlink {
+            sock,
+            seq: 1,
+            writes: 0,
+        })
     }
 
     fn next_seq(&mut self) -> u32 {
@@ -97,7 +103,8 @@ impl Netlink {
                     if hdr.message_type != NLMSG_ERROR {
                         continue;
                     }
-                    let Some(&(_, idx)) = seqs.iter().find(|(s, _)| *s == hdr.sequence_number) else {
+                    let Some(&(_, idx)) = seqs.iter().find(|(s, _)| *s == hdr.sequence_number)
+                    else {
                         continue;
                     };
                     if outcomes[idx].is_some() {
@@ -112,7 +119,11 @@ impl Netlink {
                             Some(m) => format!("{base}: {m}"),
                             None => base,
                         };
-                        Outcome::Err(KernelError { what: reqs[idx].what.clone(), errno: -errno, reason })
+                        Outcome::Err(KernelError {
+                            what: reqs[idx].what.clone(),
+                            errno: -errno,
+                            reason,
+                        })
                     });
                     pending -= 1;
                 }
@@ -148,7 +159,10 @@ impl Netlink {
                         let (errno, msg) = parse_error(hdr.flags, payload);
                         if errno != 0 {
                             let e = io::Error::from_raw_os_error(-errno);
-                            return Err(io_err("netlink dump failed", msg.map_or(e.to_string(), |m| format!("{e}: {m}"))));
+                            return Err(io_err(
+                                "netlink dump failed",
+                                msg.map_or(e.to_string(), |m| format!("{e}: {m}")),
+                            ));
                         }
                     }
                     _ => {

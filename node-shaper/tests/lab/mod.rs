@@ -29,20 +29,33 @@ pub struct Lab {
 }
 
 pub fn sh(args: &[&str]) -> Output {
-    Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
 }
 
 fn must(args: &[&str]) {
     let o = sh(args);
-    assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// True when this process may create namespaces (root) and iperf3 exists.
 pub fn available() -> bool {
     let root = sh(&["id", "-u"]).stdout.starts_with(b"0");
-    let iperf = Command::new("iperf3").arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
+    let iperf = Command::new("iperf3")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
     if !(root && iperf) {
-        eprintln!("skipping: datapath tests need root and iperf3 (the README's test command installs it)");
+        eprintln!(
+            "skipping: datapath tests need root and iperf3 (the README's test command installs it)"
+        );
     }
     root && iperf
 }
@@ -54,21 +67,67 @@ impl Lab {
         let dir = std::env::temp_dir().join(format!("eglab-{id}"));
         std::fs::create_dir_all(&dir).expect("temp dir");
         // Built before anything is created, so Drop cleans up whatever follows.
-        let lab = Lab { cli: format!("egc-{id}"), srv: format!("egs-{id}"), servers: vec![], dir };
+        let lab = Lab {
+            cli: format!("egc-{id}"),
+            srv: format!("egs-{id}"),
+            servers: vec![],
+            dir,
+        };
         must(&["ip", "netns", "add", &lab.cli]);
         must(&["ip", "netns", "add", &lab.srv]);
-        must(&["ip", "-n", &lab.cli, "link", "add", "name", DEV, "type", "veth", "peer", "name", "egpeer", "netns", &lab.srv]);
+        must(&[
+            "ip", "-n", &lab.cli, "link", "add", "name", DEV, "type", "veth", "peer", "name",
+            "egpeer", "netns", &lab.srv,
+        ]);
         for (ns, dev) in [(&lab.cli, DEV), (&lab.srv, "egpeer")] {
             must(&["ip", "-n", ns, "link", "set", "lo", "up"]);
             must(&["ip", "-n", ns, "link", "set", dev, "up"]);
         }
-        must(&["ip", "-n", &lab.cli, "addr", "add", &format!("{CLIENT4}/24"), "dev", DEV]);
-        must(&["ip", "-n", &lab.cli, "addr", "add", &format!("{CLIENT6}/64"), "dev", DEV, "nodad"]);
+        must(&[
+            "ip",
+            "-n",
+            &lab.cli,
+            "addr",
+            "add",
+            &format!("{CLIENT4}/24"),
+            "dev",
+            DEV,
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            &lab.cli,
+            "addr",
+            "add",
+            &format!("{CLIENT6}/64"),
+            "dev",
+            DEV,
+            "nodad",
+        ]);
         for a in [SERVER4, WHITE4] {
-            must(&["ip", "-n", &lab.srv, "addr", "add", &format!("{a}/24"), "dev", "egpeer"]);
+            must(&[
+                "ip",
+                "-n",
+                &lab.srv,
+                "addr",
+                "add",
+                &format!("{a}/24"),
+                "dev",
+                "egpeer",
+            ]);
         }
         for a in [SERVER6, WHITE6] {
-            must(&["ip", "-n", &lab.srv, "addr", "add", &format!("{a}/64"), "dev", "egpeer", "nodad"]);
+            must(&[
+                "ip",
+                "-n",
+                &lab.srv,
+                "addr",
+                "add",
+                &format!("{a}/64"),
+                "dev",
+                "egpeer",
+                "nodad",
+            ]);
         }
         lab
     }
@@ -105,7 +164,12 @@ impl Lab {
     /// Runs node-shaper in the client namespace.
     pub fn shaper(&self, args: &[&str]) -> Output {
         Command::new("ip")
-            .args(["netns", "exec", &self.cli, env!("CARGO_BIN_EXE_node-shaper")])
+            .args([
+                "netns",
+                "exec",
+                &self.cli,
+                env!("CARGO_BIN_EXE_node-shaper"),
+            ])
             .args(args)
             .env("EGRESSGUARD_STATE_DIR", &self.dir)
             .output()
@@ -125,7 +189,27 @@ impl Lab {
             let o = self.in_cli(&["tc", "-d", what, "show", "dev", DEV]);
             s.push_str(&String::from_utf8_lossy(&o.stdout));
         }
-        s
+        // HTB prints one counter even without -s; drop it.
+        let mut words: Vec<&str> = Vec::new();
+        let mut skip = false;
+        let mut out = String::new();
+        for line in s.lines() {
+            words.clear();
+            for w in line.split(' ') {
+                if skip {
+                    skip = false;
+                    continue;
+                }
+                if w == "direct_packets_stat" {
+                    skip = true;
+                    continue;
+                }
+                words.push(w);
+            }
+            out.push_str(&words.join(" "));
+            out.push('\n');
+        }
+        out
     }
 
     /// Root qdisc bytes counter, read with iproute2 (an independent reader).
@@ -133,21 +217,47 @@ impl Lab {
         let o = self.in_cli(&["tc", "-s", "-j", "qdisc", "show", "dev", DEV, "root"]);
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("tc json");
         let q = &v[0];
-        (q["handle"].as_str().unwrap_or_default().to_string(), q["bytes"].as_u64().unwrap_or(0))
+        (
+            q["handle"].as_str().unwrap_or_default().to_string(),
+            q["bytes"].as_u64().unwrap_or(0),
+        )
     }
 
     /// Spawns an iperf3 client (JSON output) in the client namespace.
     pub fn client(&self, dst: &str, port: u16, secs: u32, extra: &[&str]) -> Child {
-        let mut args: Vec<String> = vec!["netns".into(), "exec".into(), self.cli.clone(), "iperf3".into(), "-J".into(), "-c".into(), dst.into()];
-        args.extend(["-p".into(), port.to_string(), "-t".into(), secs.to_string(), "-O".into(), "1".into()]);
+        let mut args: Vec<String> = vec![
+            "netns".into(),
+            "exec".into(),
+            self.cli.clone(),
+            "iperf3".into(),
+            "-J".into(),
+            "-c".into(),
+            dst.into(),
+        ];
+        args.extend([
+            "-p".into(),
+            port.to_string(),
+            "-t".into(),
+            secs.to_string(),
+            "-O".into(),
+            "1".into(),
+        ]);
         args.extend(extra.iter().map(|s| s.to_string()));
-        Command::new("ip").args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("iperf3 client")
+        Command::new("ip")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("iperf3 client")
     }
 
     /// Runs a client to completion (retrying while the server finishes a previous test).
     pub fn measure(&self, dst: &str, port: u16, secs: u32, extra: &[&str]) -> Iperf {
         for _ in 0..20 {
-            let out = self.client(dst, port, secs, extra).wait_with_output().expect("iperf3");
+            let out = self
+                .client(dst, port, secs, extra)
+                .wait_with_output()
+                .expect("iperf3");
             if String::from_utf8_lossy(&out.stdout).contains("the server is busy") {
                 std::thread::sleep(Duration::from_millis(500));
                 continue;
@@ -191,7 +301,8 @@ pub struct Iperf {
 impl Iperf {
     pub fn parse(out: Output) -> Iperf {
         let raw = String::from_utf8_lossy(&out.stdout).into_owned();
-        let v: serde_json::Value = serde_json::from_str(&raw).unwrap_or_else(|e| panic!("iperf3 JSON: {e}: {raw}"));
+        let v: serde_json::Value =
+            serde_json::from_str(&raw).unwrap_or_else(|e| panic!("iperf3 JSON: {e}: {raw}"));
         if let Some(err) = v.get("error") {
             panic!("iperf3 failed: {err}");
         }
@@ -201,14 +312,23 @@ impl Iperf {
             // UDP: the server's view of what arrived.
             None => {
                 let s = &end["sum"];
-                s["bits_per_second"].as_f64().unwrap_or(0.0) * (1.0 - s["lost_percent"].as_f64().unwrap_or(0.0) / 100.0)
+                s["bits_per_second"].as_f64().unwrap_or(0.0)
+                    * (1.0 - s["lost_percent"].as_f64().unwrap_or(0.0) / 100.0)
             }
         };
         let intervals = v["intervals"]
             .as_array()
-            .map(|a| a.iter().filter_map(|i| i["sum"]["bits_per_second"].as_f64()).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|i| i["sum"]["bits_per_second"].as_f64())
+                    .collect()
+            })
             .unwrap_or_default();
-        Iperf { goodput, retransmits: end["sum_sent"]["retransmits"].as_u64().unwrap_or(0), intervals }
+        Iperf {
+            goodput,
+            retransmits: end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+            intervals,
+        }
     }
 }
 

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The project's test command: installs dependencies, then checks formatting,
+# lints and runs every test (unit, conformance, datapath in network namespaces).
+# Run as root on Debian 12 (the datapath tests create namespaces and veths).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace --no-fail-fast
