@@ -8,3 +8,6 @@ scripts/install-deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --no-fail-fast
+# The benchmark's short smoke mode (the full benchmark is too slow for CI):
+# exercises every comparison and enforces the write-count and loss targets.
+cargo bench -p node-shaper --bench lab -- --smoke

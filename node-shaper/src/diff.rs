@@ -6,7 +6,7 @@
 //! before classes). A failure part-way therefore leaves only additions and
 //! changes to undo.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::model::*;
 
@@ -272,22 +272,28 @@ fn diff_prio(obs: Option<&Prio>, p: &Prio, ph: &mut Phases) {
             });
         }
     }
-    // Index observed nodes per (table, bucket); `used` marks the ones we keep.
+    // Index observed nodes per (table, bucket), so matching costs one bucket
+    // walk per desired node; `used` marks the ones we keep.
     let mut used = vec![false; obs.nodes.len()];
     let mut taken: BTreeMap<(Table, u8), BTreeSet<u32>> = BTreeMap::new();
-    for n in &obs.nodes {
+    let mut by_bucket: HashMap<(Table, u8), Vec<usize>> = HashMap::new();
+    for (i, n) in obs.nodes.iter().enumerate() {
         taken
             .entry((n.table, n.bucket))
             .or_default()
             .insert(n.id.unwrap_or(0));
+        by_bucket.entry((n.table, n.bucket)).or_default().push(i);
     }
+    let no_candidates: Vec<usize> = Vec::new();
     let mut pending = Vec::new();
     // Nodes with a fixed id (rollback to a snapshot) claim their id first.
     for d in p.nodes.iter().filter(|d| d.id.is_some()) {
-        let at = obs
-            .nodes
+        let at = by_bucket
+            .get(&(d.table, d.bucket))
+            .unwrap_or(&no_candidates)
             .iter()
-            .position(|o| o.table == d.table && o.bucket == d.bucket && o.id == d.id);
+            .copied()
+            .find(|&i| obs.nodes[i].id == d.id);
         match at {
             Some(i) if obs.nodes[i].same_rule(d) => used[i] = true,
             Some(i) if obs.nodes[i].sel == d.sel => {
@@ -314,12 +320,14 @@ fn diff_prio(obs: Option<&Prio>, p: &Prio, ph: &mut Phases) {
     }
     let mut changes = Vec::new();
     for d in p.nodes.iter().filter(|d| d.id.is_none()) {
+        let candidates = by_bucket
+            .get(&(d.table, d.bucket))
+            .unwrap_or(&no_candidates);
         let free = |pred: &dyn Fn(&Node) -> bool, used: &mut Vec<bool>| {
-            let i = obs
-                .nodes
+            let i = candidates
                 .iter()
-                .enumerate()
-                .position(|(i, o)| !used[i] && pred(o))?;
+                .copied()
+                .find(|&i| !used[i] && pred(&obs.nodes[i]))?;
             used[i] = true;
             Some(i)
         };

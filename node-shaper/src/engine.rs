@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use egressguard_crds::ValidSpec;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::diff::{diff, overfull_buckets, Op};
 use crate::iface::Interface;
@@ -203,17 +203,36 @@ fn leaf_choice(obs: &Observed) -> LeafChoice {
     }
 }
 
+/// How to apply.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApplyOptions {
+    /// Replace a foreign root qdisc.
+    pub force: bool,
+    /// Read the whole tree back afterwards and fail if it differs from the
+    /// plan. Every request is already acknowledged by the kernel; this also
+    /// checks node-shaper's own logic, at the cost of one more full dump.
+    pub verify: bool,
+}
+
 /// Applies `spec` to `iface`.
 pub fn apply(
     nl: &mut Netlink,
     iface: &Interface,
     spec: &ValidSpec,
-    force: bool,
+    opts: ApplyOptions,
 ) -> Result<ApplyReport, EngineError> {
+    let force = opts.force;
     let start = Instant::now();
     let dev = iface.name.as_str();
     let writes_before = nl.writes;
     let before = observe(nl, iface.index).map_err(io(dev))?;
+    let ms = |t: &Instant| t.elapsed().as_secs_f64() * 1000.0;
+    debug!(
+        interface = dev,
+        ms = ms(&start),
+        filters = before.shape.node_count(),
+        "observed"
+    );
     if let RootState::Foreign { kind, handle } = &before.root {
         if !force {
             return Err(EngineError::ForeignRoot {
@@ -247,6 +266,12 @@ pub fn apply(
     {
         *graft = true;
     }
+    debug!(
+        interface = dev,
+        ms = ms(&start),
+        ops = ops.len(),
+        "planned and diffed"
+    );
     let mut changes: Vec<String> = Vec::new();
     let mut warnings = Vec::new();
     let mut attempt = 0;
@@ -277,16 +302,20 @@ pub fn apply(
             rollback,
         });
     }
-    let after = observe(nl, iface.index).map_err(io(dev))?;
-    let remaining = diff(&after.shape, &desired);
-    if !remaining.is_empty() {
-        for op in &remaining {
-            warn!(interface = dev, op = ?op, "still differs after apply");
+    debug!(interface = dev, ms = ms(&start), "sent");
+    if opts.verify {
+        let after = observe(nl, iface.index).map_err(io(dev))?;
+        let remaining = diff(&after.shape, &desired);
+        debug!(interface = dev, ms = ms(&start), "verified");
+        if !remaining.is_empty() {
+            for op in &remaining {
+                warn!(interface = dev, op = ?op, "still differs after apply");
+            }
+            return Err(EngineError::Diverged {
+                dev: dev.into(),
+                remaining: remaining.len(),
+            });
         }
-        return Err(EngineError::Diverged {
-            dev: dev.into(),
-            remaining: remaining.len(),
-        });
     }
     for w in &warnings {
         warn!(interface = dev, warning = %w, "kernel warning");
@@ -302,7 +331,7 @@ pub fn apply(
         leaf: leaf.into(),
         fallback,
         warnings,
-        filters: after.shape.node_count(),
+        filters: desired.node_count(),
         millis: start.elapsed().as_secs_f64() * 1000.0,
     };
     info!(

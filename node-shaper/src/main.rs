@@ -57,6 +57,9 @@ enum Cmd {
         /// Replace a root qdisc node-shaper did not install.
         #[arg(long)]
         force: bool,
+        /// Read the whole tree back afterwards and fail unless it matches the plan.
+        #[arg(long)]
+        verify: bool,
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
@@ -194,6 +197,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             file,
             interface,
             force,
+            verify,
             output,
         } => {
             let (guard, spec) = load_one(&file)?;
@@ -202,7 +206,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let mut nl = netlink()?;
             let mut reports = Vec::new();
             for i in &ifaces {
-                let r = engine::apply(&mut nl, i, &spec, force)?;
+                let r = engine::apply(&mut nl, i, &spec, engine::ApplyOptions { force, verify })?;
                 remember(i, &guard);
                 reports.push(r);
             }

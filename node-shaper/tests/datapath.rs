@@ -38,7 +38,7 @@ fn throttled_port_gets_the_throttle_rate_tcp_and_udp() {
     let (mut lab, g) = incident_lab("thr");
     lab.serve(443);
     lab.serve(8050);
-    let out = ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
+    let out = ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV, "--verify"]));
     assert!(out.contains("leaf qdisc:"), "{out}");
     // Four parallel flows: the class holds the rate for all of them together.
     let r = lab.measure(SERVER4, 443, 6, &["-P", "4"]);
@@ -74,7 +74,7 @@ fn whitelist_and_unlisted_ports_keep_the_uplink_during_a_flood() {
     lab.serve_on(Some(WHITE4), 443);
     lab.serve(5201);
     lab.serve(4443);
-    ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
+    ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV, "--verify"]));
     // The flood: several flows to the throttled port for the whole test.
     let flood = lab.client(SERVER4, 443, 14, &["-P", "4"]);
     std::thread::sleep(std::time::Duration::from_secs(2));
@@ -112,7 +112,7 @@ fn ipv6_is_shaped_too() {
     }
     let (mut lab, g) = incident_lab("v6");
     lab.serve(443);
-    ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
+    ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV, "--verify"]));
     let t = lab.measure(SERVER6, 443, 6, &["-P", "2"]);
     let trate = l2_rate(t.goodput, true);
     eprintln!(
@@ -142,9 +142,9 @@ fn update_is_incremental_and_hitless() {
     }
     let (mut lab, g) = incident_lab("upd");
     lab.serve(443);
-    let first = ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
+    let first = ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV, "--verify"]));
     assert!(first.contains("netlink writes"), "{first}");
-    let again = ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
+    let again = ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV, "--verify"]));
     assert!(
         again.contains("already enforced, no changes"),
         "second apply wrote something: {again}"
@@ -161,7 +161,7 @@ fn update_is_incremental_and_hitless() {
             "2Mbit",
         ),
     );
-    let upd = ok(&lab.shaper(&["apply", "-f", &g2, "--interface", DEV]));
+    let upd = ok(&lab.shaper(&["apply", "-f", &g2, "--interface", DEV, "--verify"]));
     let (h2, b2) = lab.root_bytes();
     let r = Iperf::parse(flow.wait_with_output().expect("flow"));
     eprintln!("update output:\n{upd}");
@@ -221,14 +221,14 @@ fn foreign_root_is_refused_then_forced_and_reset_restores_default() {
 
     ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV, "--force"]));
     assert!(lab.tc_dump().contains("qdisc htb e9: root"));
-    let out = ok(&lab.shaper(&["reset", "--interface", DEV]));
+    let out = ok(&lab.shaper(&["reset", "--interface", DEV, "--verify"]));
     assert!(out.contains("removed node-shaper's htb e9: tree"), "{out}");
     let dump = lab.tc_dump();
     assert!(
         dump.contains("qdisc noqueue 0: root"),
         "veth default not restored: {dump}"
     );
-    let out = ok(&lab.shaper(&["reset", "--interface", DEV]));
+    let out = ok(&lab.shaper(&["reset", "--interface", DEV, "--verify"]));
     assert!(out.contains("nothing to reset"), "{out}");
 }
 
@@ -238,7 +238,7 @@ fn bad_input_exits_2_and_leaves_the_kernel_byte_identical() {
         return;
     }
     let (lab, g) = incident_lab("bad");
-    ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
+    ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV, "--verify"]));
     let before = lab.tc_dump();
     let bad = lab.write_guard(
         "bad.yaml",
@@ -302,14 +302,14 @@ fn apply_cycles_do_not_leak_filters_or_classes() {
             .count();
         (f, c)
     };
-    ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
+    ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV, "--verify"]));
     let small = count();
-    ok(&lab.shaper(&["apply", "-f", &g2, "--interface", DEV]));
+    ok(&lab.shaper(&["apply", "-f", &g2, "--interface", DEV, "--verify"]));
     let big = count();
     for _ in 0..3 {
-        ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
+        ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV, "--verify"]));
         assert_eq!(count(), small);
-        ok(&lab.shaper(&["apply", "-f", &g2, "--interface", DEV]));
+        ok(&lab.shaper(&["apply", "-f", &g2, "--interface", DEV, "--verify"]));
         assert_eq!(count(), big);
     }
     assert!(big.0 > small.0 + 300, "{big:?} vs {small:?}");
@@ -335,7 +335,7 @@ fn missing_sfq_degrades_visibly_and_show_explain_report_it() {
         assert!(String::from_utf8_lossy(&o.stderr).contains("falling back to pfifo leaves"));
         assert!(dump.contains("qdisc pfifo 110: parent e9:10"), "{dump}");
         // Re-applying keeps the fallback and writes nothing.
-        let again = ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
+        let again = ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV, "--verify"]));
         assert!(
             again.contains("no changes") && again.contains("DEGRADED"),
             "{again}"
@@ -390,7 +390,7 @@ fn kernel_refusal_rolls_back_to_the_previous_state() {
         return;
     }
     let (lab, g) = incident_lab("rb");
-    ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV]));
+    ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV, "--verify"]));
     let before = lab.tc_dump();
     let g2 = lab.write_guard(
         "guard2.yaml",

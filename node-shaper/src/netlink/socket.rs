@@ -18,6 +18,8 @@ const NLM_F_ACK_TLVS: u16 = 0x200;
 const NLMSGERR_ATTR_MSG: u16 = 1;
 /// Requests per write; keeps the ACKs of one batch well inside the receive buffer.
 const BATCH_BYTES: usize = 48 * 1024;
+/// Receive buffer per datagram (dump batches are at most 32 KiB).
+const RECV_BYTES: usize = 128 * 1024;
 
 /// A kernel refusal.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -69,6 +71,16 @@ impl Netlink {
         })
     }
 
+    /// Reads one datagram. The buffer is large on purpose: the kernel sizes
+    /// dump batches by the largest receive buffer it has seen (up to 32 KiB),
+    /// and each batch of a u32 dump re-walks the filters already sent, so
+    /// small reads make a 10,000-filter dump quadratic.
+    fn recv(&mut self) -> io::Result<Vec<u8>> {
+        let mut buf: Vec<u8> = Vec::with_capacity(RECV_BYTES);
+        self.sock.recv(&mut buf, 0)?;
+        Ok(buf)
+    }
+
     fn next_seq(&mut self) -> u32 {
         self.seq = self.seq.wrapping_add(1).max(1);
         self.seq
@@ -98,7 +110,7 @@ impl Netlink {
             self.writes += seqs.len();
             let mut pending = seqs.len();
             while pending > 0 {
-                let (data, _) = self.sock.recv_from_full()?;
+                let data = self.recv()?;
                 for (hdr, _, payload) in frames(&data) {
                     if hdr.message_type != NLMSG_ERROR {
                         continue;
@@ -137,6 +149,24 @@ impl Netlink {
 
     /// Runs a dump request and returns every message until NLMSG_DONE.
     pub fn dump(&mut self, inner: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkMessage>> {
+        let mut out = Vec::new();
+        self.dump_with(inner, |raw| {
+            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(raw)
+                .map_err(|e| io_err("cannot parse netlink dump", e))?;
+            if let NetlinkPayload::InnerMessage(inner) = msg.payload {
+                out.push(inner);
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Runs a dump request, handing each raw message (header included) to `each`.
+    pub fn dump_with(
+        &mut self,
+        inner: RouteNetlinkMessage,
+        mut each: impl FnMut(&[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
         let mut h = NetlinkHeader::default();
         h.flags = NLM_F_REQUEST | NLM_F_DUMP;
         let seq = self.next_seq();
@@ -146,15 +176,14 @@ impl Netlink {
         let mut buf = vec![0u8; m.buffer_len()];
         m.serialize(&mut buf);
         self.sock.send(&buf, 0)?;
-        let mut out = Vec::new();
         loop {
-            let (data, _) = self.sock.recv_from_full()?;
+            let data = self.recv()?;
             for (hdr, raw, payload) in frames(&data) {
                 if hdr.sequence_number != seq {
                     continue;
                 }
                 match hdr.message_type {
-                    NLMSG_DONE => return Ok(out),
+                    NLMSG_DONE => return Ok(()),
                     NLMSG_ERROR => {
                         let (errno, msg) = parse_error(hdr.flags, payload);
                         if errno != 0 {
@@ -165,13 +194,7 @@ impl Netlink {
                             ));
                         }
                     }
-                    _ => {
-                        let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(raw)
-                            .map_err(|e| io_err("cannot parse netlink dump", e))?;
-                        if let NetlinkPayload::InnerMessage(inner) = msg.payload {
-                            out.push(inner);
-                        }
-                    }
+                    _ => each(raw)?,
                 }
             }
         }

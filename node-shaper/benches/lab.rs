@@ -1,0 +1,338 @@
+//! Performance benchmark: builds the two-namespace lab, runs every comparison
+//! of the performance issue against its baseline in the same run, prints the
+//! ratios, and exits non-zero when a target is missed.
+//!
+//! ```text
+//! cargo bench -p node-shaper --bench lab              # full run (a few minutes)
+//! cargo bench -p node-shaper --bench lab -- --smoke   # short functional run (CI)
+//! ```
+//!
+//! Throughput is one TCP flow through HTB with the uplink at 100gbit, so the
+//! CPU is the limit and classification cost shows; configurations are
+//! measured in five interleaved rounds and each figure is the median.
+
+#[path = "../tests/lab/mod.rs"]
+mod lab;
+
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use lab::*;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// A mixed whitelist: thirds of /32, /24 and /16 IPv4 networks plus `v6`
+/// IPv6 prefixes (/48, /64, /128), deterministic, never covering the lab.
+fn whitelist(n4: usize, v6: usize) -> Vec<String> {
+    let mut r = Rng(0x2545_f491_4f6c_dd1d);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    while out.len() < n4 {
+        let a = 11 + (r.next() % 212) as u32; // 11.0.0.0 - 222.255.255.255: never the lab's 10.211/16
+        let x = r.next() as u32;
+        let net = match out.len() % 3 {
+            0 => format!(
+                "{a}.{}.{}.{}/32",
+                x >> 24,
+                (x >> 16) & 0xff,
+                (x >> 8) & 0xff
+            ),
+            1 => format!("{a}.{}.{}.0/24", x >> 24, (x >> 16) & 0xff),
+            _ => format!("{a}.{}.0.0/16", x >> 24),
+        };
+        if seen.insert(net.clone()) {
+            out.push(net);
+        }
+    }
+    let mut i = 0;
+    while out.len() < n4 + v6 {
+        let x = r.next();
+        let net = match i % 3 {
+            0 => format!("2001:db8:{:x}::/48", x & 0xffff),
+            1 => format!("2001:db8:{:x}:{:x}::/64", x & 0xffff, (x >> 16) & 0xffff),
+            _ => format!(
+                "2001:db8:{:x}:{:x}::{:x}/128",
+                x & 0xffff,
+                (x >> 16) & 0xffff,
+                (x >> 32) & 0xffff
+            ),
+        };
+        i += 1;
+        if seen.insert(net.clone()) {
+            out.push(net);
+        }
+    }
+    out
+}
+
+fn guard_yaml(wl: &[String]) -> String {
+    format!(
+        "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {{name: bench}}\nspec:\n  uplink: {{rate: 100gbit}}\n  throttle: {{rate: 1gbit, destinations: [{{protocol: TCP, port: 443}}]}}\n  whitelist: [{}]\n",
+        wl.join(", ")
+    )
+}
+
+fn apply(lab: &Lab, file: &str) -> (serde_json::Value, f64) {
+    let t = Instant::now();
+    let o = lab.shaper(&["apply", "-f", file, "--interface", DEV, "-o", "json"]);
+    let wall = t.elapsed().as_secs_f64() * 1000.0;
+    assert!(
+        o.status.success(),
+        "apply failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("apply json");
+    (v[0].clone(), wall)
+}
+
+fn throughput(lab: &Lab, secs: u32, runs: usize) -> f64 {
+    // Let TCP memory and the previous flow's state settle.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut v: Vec<f64> = (0..runs)
+        .map(|_| lab.measure(SERVER4, 5201, secs, &[]).goodput)
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn drops(lab: &Lab) -> u64 {
+    let o = lab.shaper(&["show", "--interface", DEV, "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("show json");
+    v[0]["classes"].as_array().map_or(0, |a| {
+        a.iter()
+            .map(|c| c["counters"]["drops"].as_u64().unwrap_or(0))
+            .sum()
+    })
+}
+
+/// `tc -batch` installing the same entries as linear u32 filters: the baseline.
+fn tc_batch_linear(lab: &Lab, wl: &[String]) -> f64 {
+    let mut b = String::new();
+    let _ = writeln!(b, "qdisc add dev {DEV} root handle 1: htb default 20");
+    let _ = writeln!(
+        b,
+        "class add dev {DEV} parent 1: classid 1:1 htb rate 100gbit"
+    );
+    let _ = writeln!(
+        b,
+        "class add dev {DEV} parent 1:1 classid 1:20 htb rate 50gbit ceil 100gbit"
+    );
+    let _ = writeln!(
+        b,
+        "class add dev {DEV} parent 1:1 classid 1:30 htb rate 50gbit ceil 100gbit"
+    );
+    for w in wl {
+        if w.contains(':') {
+            let _ = writeln!(b, "filter add dev {DEV} parent 1: prio 2 protocol ipv6 u32 match ip6 dst {w} flowid 1:30");
+        } else {
+            let _ = writeln!(b, "filter add dev {DEV} parent 1: prio 1 protocol ip u32 match ip dst {w} flowid 1:30");
+        }
+    }
+    let file = lab.write_guard("batch.tc", &b);
+    let t = Instant::now();
+    let o = lab.in_cli(&["tc", "-batch", &file]);
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    assert!(
+        o.status.success(),
+        "tc -batch: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    ms
+}
+
+#[derive(Default)]
+struct Report {
+    met: usize,
+    missed: usize,
+}
+
+impl Report {
+    fn check(&mut self, what: &str, value: String, target: &str, ok: bool) {
+        println!(
+            "{what:<60} {value:>24}  target {target:<8} {}",
+            if ok { "met" } else { "MISSED" }
+        );
+        if ok {
+            self.met += 1;
+        } else {
+            self.missed += 1;
+        }
+    }
+}
+
+fn main() {
+    let smoke = std::env::args().any(|a| a == "--smoke");
+    if !available() {
+        eprintln!("the benchmark needs root and iperf3");
+        std::process::exit(2);
+    }
+    let (n10k, n50k, v6, secs, runs) = if smoke {
+        (900, 1800, 100, 1, 1)
+    } else {
+        (9000, 48000, 1000, 3, 5)
+    };
+    let mut lab = Lab::new("bench");
+    lab.serve(5201);
+    lab.serve(4443);
+    let mut rep = Report::default();
+    println!(
+        "node-shaper benchmark ({})",
+        if smoke {
+            "smoke: small lists, short runs, time and throughput ratios printed, not enforced"
+        } else {
+            "full"
+        }
+    );
+
+    // 1. Classification cost does not grow with the whitelist.
+    let empty = lab.write_guard("empty.yaml", &guard_yaml(&[]));
+    let wl10 = whitelist(n10k, v6);
+    let wl50 = whitelist(n50k, 2 * v6);
+    let g10 = lab.write_guard("10k.yaml", &guard_yaml(&wl10));
+    let g50 = lab.write_guard("50k.yaml", &guard_yaml(&wl50));
+    // Configurations are measured in interleaved rounds (empty, 10k, 50k,
+    // linear, empty, ...) so a slow phase of the machine hits all of them;
+    // each figure is the median of its rounds.
+    let mut samples: [Vec<f64>; 4] = Default::default();
+    let mut batch_ms = f64::MAX;
+    for _ in 0..runs {
+        for (i, g) in [&empty, &g10, &g50].into_iter().enumerate() {
+            apply(&lab, g);
+            samples[i].push(throughput(&lab, secs, 1));
+        }
+        lab.shaper(&["reset", "--interface", DEV]);
+        batch_ms = batch_ms.min(tc_batch_linear(&lab, &wl10));
+        samples[3].push(throughput(&lab, secs, 1));
+        lab.in_cli(&["tc", "qdisc", "del", "dev", DEV, "root"]);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let [mut s0, mut s1, mut s2, mut s3] = samples;
+    let (base, t10, t50, linear) = (
+        median(&mut s0),
+        median(&mut s1),
+        median(&mut s2),
+        median(&mut s3),
+    );
+    println!(
+        "  one TCP flow: empty whitelist {:.2} Gbit/s | {} hashed {:.2} | {} hashed {:.2} | {} linear u32 (baseline) {:.2}",
+        base / 1e9,
+        wl10.len(),
+        t10 / 1e9,
+        wl50.len(),
+        t50 / 1e9,
+        wl10.len(),
+        linear / 1e9
+    );
+    let (r10, r50) = (t10 / base, t50 / base);
+    rep.check(
+        &format!("throughput, {} entries / empty whitelist", wl10.len()),
+        format!("{:.1}%", 100.0 * r10),
+        ">= 90%",
+        smoke || r10 >= 0.90,
+    );
+    rep.check(
+        &format!("throughput, {} entries / empty whitelist", wl50.len()),
+        format!("{:.1}%", 100.0 * r50),
+        ">= 80%",
+        smoke || r50 >= 0.80,
+    );
+    println!(
+        "{:<60} {:>24}",
+        format!("(baseline) throughput, {} linear u32 / empty", wl10.len()),
+        format!("{:.1}%", 100.0 * linear / base)
+    );
+
+    // 2. Programming from scratch, against tc -batch of the equivalent linear filters.
+    lab.shaper(&["reset", "--interface", DEV]);
+    let (r, wall) = apply(&lab, &g10);
+    let inner = r["millis"].as_f64().unwrap_or(f64::MAX);
+    println!(
+        "  apply {} entries from scratch: {:.1} ms inside node-shaper, {:.1} ms wall (process start included), {} writes; tc -batch linear: {:.1} ms",
+        wl10.len(),
+        inner,
+        wall,
+        r["writes"],
+        batch_ms
+    );
+    rep.check(
+        &format!(
+            "apply {} from scratch (wall) / tc -batch linear",
+            wl10.len()
+        ),
+        format!("{:.2}", wall / batch_ms),
+        "<= 0.50",
+        smoke || wall / batch_ms <= 0.5,
+    );
+
+    // One-entry change in the big guard.
+    let mut one = wl10.clone();
+    one[17] = "203.0.113.77/32".into();
+    let g1 = lab.write_guard("one.yaml", &guard_yaml(&one));
+    let (r, wall) = apply(&lab, &g1);
+    let writes = r["writes"].as_u64().unwrap_or(u64::MAX);
+    let ms = r["millis"].as_f64().unwrap_or(f64::MAX);
+    rep.check(
+        "one-entry change: netlink writes",
+        writes.to_string(),
+        "<= 10",
+        writes <= 10,
+    );
+    rep.check(
+        "one-entry change: ms inside node-shaper (wall)",
+        format!("{ms:.1} ({wall:.1})"),
+        "<= 20",
+        smoke || ms <= 20.0,
+    );
+
+    // 1,000 entries change while a whitelisted flow runs.
+    let mut many = one.clone();
+    for (i, w) in many.iter_mut().enumerate().take(1000) {
+        *w = format!("100.{}.{}.{}/32", 64 + i / 65536, (i / 256) % 256, i % 256);
+    }
+    let white = vec![format!("{WHITE4}/32")];
+    let gw = lab.write_guard(
+        "white.yaml",
+        &guard_yaml(&[one.clone(), white.clone()].concat()),
+    );
+    let gm = lab.write_guard("many.yaml", &guard_yaml(&[many, white].concat()));
+    apply(&lab, &gw);
+    let d0 = drops(&lab);
+    // TCP paced at 1 Gbit/s, so the flow itself never overruns a queue: any
+    // retransmission would mean the change dropped or misrouted packets.
+    let flow = lab.client(WHITE4, 4443, 4 + secs, &["-b", "1G"]);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let (r, _) = apply(&lab, &gm);
+    let f = Iperf::parse(flow.wait_with_output().expect("flow"));
+    let d1 = drops(&lab);
+    println!(
+        "  1,000-entry change under a whitelisted TCP flow paced at 1 Gbit/s: {} writes in {:.1} ms; {} retransmits, {} class drops, {:?} Mbit/s per second",
+        r["writes"],
+        r["millis"].as_f64().unwrap_or(0.0),
+        f.retransmits,
+        d1.saturating_sub(d0),
+        f.intervals.iter().map(|i| (i / 1e6).round()).collect::<Vec<_>>()
+    );
+    rep.check(
+        "whitelisted flow during a 1,000-entry change: losses",
+        format!("{} retx, {} drops", f.retransmits, d1.saturating_sub(d0)),
+        "0",
+        f.retransmits == 0 && d1 == d0,
+    );
+
+    println!("{} of {} targets met", rep.met, rep.met + rep.missed);
+    drop(lab);
+    if rep.missed > 0 {
+        std::process::exit(1);
+    }
+}
