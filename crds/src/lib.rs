@@ -3,12 +3,14 @@
 
 pub mod guard;
 pub mod load;
+pub mod node_shaping;
 pub mod units;
 pub mod validate;
 
 pub use guard::{
     Destination, EgressGuard, EgressGuardSpec, EgressGuardStatus, Mode, Protocol, Throttle, Uplink,
 };
+pub use node_shaping::{NodeShaping, NodeShapingSpec, NodeShapingStatus};
 pub use validate::{validate, FieldError, ValidSpec, ValidationErrors};
 
 #[cfg(test)]

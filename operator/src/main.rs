@@ -32,7 +32,7 @@ enum Cmd {
         #[arg(short = 'f', long = "file")]
         path: PathBuf,
     },
-    /// Print the EgressGuard CustomResourceDefinition as YAML.
+    /// Print the CustomResourceDefinitions (EgressGuard, NodeShaping) as YAML.
     Crd,
 }
 
@@ -92,6 +92,15 @@ fn validate_path(path: &Path) -> Result<usize, String> {
     Ok(bad)
 }
 
+/// Both CRDs as one multi-document YAML stream.
+fn crds_yaml() -> Result<String, serde_yaml::Error> {
+    Ok(format!(
+        "{}---\n{}",
+        serde_yaml::to_string(&EgressGuard::crd())?,
+        serde_yaml::to_string(&egressguard_crds::NodeShaping::crd())?
+    ))
+}
+
 fn main() -> ExitCode {
     match Cli::parse().cmd {
         Cmd::Validate { path } => match validate_path(&path) {
@@ -105,7 +114,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Cmd::Crd => match serde_yaml::to_string(&EgressGuard::crd()) {
+        Cmd::Crd => match crds_yaml() {
             Ok(y) => {
                 print!("{y}");
                 ExitCode::SUCCESS

@@ -7,18 +7,26 @@ fn root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// `crds/egressguard.io_egressguards.yaml` is generated from the Rust types;
-/// regenerate with `cargo run -p egressguard-operator -- crd > crds/egressguard.io_egressguards.yaml`.
+/// The CRD YAML under `crds/` is generated from the Rust types; regenerate with
+/// `scripts/gen-crds.sh`.
 #[test]
 fn committed_crd_yaml_is_current() {
-    let path = root().join("crds/egressguard.io_egressguards.yaml");
-    let committed = std::fs::read_to_string(&path).unwrap_or_default();
-    let generated = serde_yaml::to_string(&EgressGuard::crd()).expect("serialize CRD");
-    assert!(
-        committed == generated,
-        "{} is stale: run `cargo run -p egressguard-operator -- crd > crds/egressguard.io_egressguards.yaml`",
-        path.display()
-    );
+    for (file, crd) in [
+        ("crds/egressguard.io_egressguards.yaml", EgressGuard::crd()),
+        (
+            "crds/egressguard.io_nodeshapings.yaml",
+            egressguard_crds::NodeShaping::crd(),
+        ),
+    ] {
+        let path = root().join(file);
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        let generated = serde_yaml::to_string(&crd).expect("serialize CRD");
+        assert!(
+            committed == generated,
+            "{} is stale: run scripts/gen-crds.sh",
+            path.display()
+        );
+    }
 }
 
 #[test]

@@ -1,0 +1,388 @@
+//! Which node enforces what: guards + nodes + control-plane endpoints in,
+//! one plan per node and one outcome per guard out. Pure, deterministic.
+//!
+//! # Rules
+//! - A guard that fails validation selects nothing and reports why.
+//! - A guard being deleted no longer plans anything.
+//! - A node carries at most one guard's plan. When several guards select a
+//!   node, the oldest guard (creation time, then name) wins and the others
+//!   report a `Conflict` for that node. The winner never depends on the order
+//!   objects arrive in, so the choice never flaps.
+//! - Every plan protects the API server endpoints; unless the guard sets
+//!   `protectClusterTraffic: false`, also every other node's InternalIPs.
+//! - `Enforce` programs; `DryRun` computes and reports only; `Auto` waits for
+//!   a quarantine trigger (not implemented yet) and so programs nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use egressguard_crds::node_shaping::{GuardRef, NodeShapingSpec, ProtectedEntry};
+use egressguard_crds::{validate, EgressGuard, Mode};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+/// What the operator knows about a node (from a metadata-only watch plus addresses).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// Node name.
+    pub name: String,
+    /// Node labels.
+    pub labels: BTreeMap<String, String>,
+    /// `status.addresses` of type InternalIP.
+    pub internal_ips: Vec<IpAddr>,
+}
+
+/// A node a guard selects but does not get, and who has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    /// The node.
+    pub node: String,
+    /// The guard whose plan the node carries.
+    pub winner: String,
+}
+
+/// What happened to one guard.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuardOutcome {
+    /// Nodes the selector matches.
+    pub selected: Vec<String>,
+    /// Nodes that carry this guard's plan.
+    pub planned: Vec<String>,
+    /// Nodes lost to an older guard.
+    pub conflicts: Vec<Conflict>,
+    /// Why the guard plans nothing at all, if it does not.
+    pub invalid: Option<String>,
+}
+
+/// The decision for the whole cluster.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Decision {
+    /// Desired NodeShaping spec per node name; nodes absent here get no shaping.
+    pub plans: BTreeMap<String, NodeShapingSpec>,
+    /// Outcome per guard name.
+    pub guards: BTreeMap<String, GuardOutcome>,
+}
+
+/// Does `selector` match `labels`? An absent or empty selector matches every node.
+pub fn selects(
+    selector: Option<&LabelSelector>,
+    labels: &BTreeMap<String, String>,
+) -> Result<bool, String> {
+    let Some(sel) = selector else { return Ok(true) };
+    if let Some(ml) = &sel.match_labels {
+        if ml.iter().any(|(k, v)| labels.get(k) != Some(v)) {
+            return Ok(false);
+        }
+    }
+    for (i, e) in sel.match_expressions.iter().flatten().enumerate() {
+        let values = e.values.clone().unwrap_or_default();
+        let have = labels.get(&e.key);
+        let ok = match e.operator.as_str() {
+            "In" => have.is_some_and(|v| values.contains(v)),
+            "NotIn" => !have.is_some_and(|v| values.contains(v)),
+            "Exists" => have.is_some(),
+            "DoesNotExist" => have.is_none(),
+            other => {
+                return Err(format!(
+                    "spec.nodeSelector.matchExpressions[{i}].operator: {other:?} is not one of In, NotIn, Exists, DoesNotExist"
+                ))
+            }
+        };
+        if !ok {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn host_cidr(ip: &IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => format!("{a}/32"),
+        IpAddr::V6(a) => format!("{a}/128"),
+    }
+}
+
+/// Age order: older first; objects without a creation time sort last.
+fn age_key(g: &EgressGuard) -> (bool, Option<String>, String) {
+    let created = g
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.to_string());
+    (
+        created.is_none(),
+        created,
+        g.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Computes every node's plan and every guard's outcome.
+pub fn decide(guards: &[EgressGuard], nodes: &[NodeFacts], api_endpoints: &[IpAddr]) -> Decision {
+    let mut d = Decision::default();
+    let mut ordered: Vec<&EgressGuard> = guards.iter().collect();
+    ordered.sort_by_key(|g| age_key(g));
+    let mut owner: BTreeMap<String, String> = BTreeMap::new();
+    for g in ordered {
+        let name = g.metadata.name.clone().unwrap_or_default();
+        let out = d.guards.entry(name.clone()).or_default();
+        if g.metadata.deletion_timestamp.is_some() {
+            out.invalid = Some("being deleted".into());
+            continue;
+        }
+        if let Err(e) = validate(&g.spec) {
+            out.invalid = Some(e.to_string());
+            continue;
+        }
+        let mut selected = Vec::new();
+        for n in nodes {
+            match selects(g.spec.node_selector.as_ref(), &n.labels) {
+                Ok(true) => selected.push(n),
+                Ok(false) => {}
+                Err(e) => {
+                    out.invalid = Some(e);
+                    selected.clear();
+                    break;
+                }
+            }
+        }
+        out.selected = selected.iter().map(|n| n.name.clone()).collect();
+        for n in selected {
+            if let Some(winner) = owner.get(&n.name) {
+                out.conflicts.push(Conflict {
+                    node: n.name.clone(),
+                    winner: winner.clone(),
+                });
+                continue;
+            }
+            owner.insert(n.name.clone(), name.clone());
+            out.planned.push(n.name.clone());
+            let mut protected: BTreeSet<ProtectedEntry> = api_endpoints
+                .iter()
+                .map(|ip| ProtectedEntry {
+                    cidr: host_cidr(ip),
+                    reason: "kubernetes API endpoint".into(),
+                })
+                .collect();
+            if g.spec.protect_cluster_traffic.unwrap_or(true) {
+                for other in nodes.iter().filter(|o| o.name != n.name) {
+                    for ip in &other.internal_ips {
+                        protected.insert(ProtectedEntry {
+                            cidr: host_cidr(ip),
+                            reason: format!("node {} InternalIP", other.name),
+                        });
+                    }
+                }
+            }
+            d.plans.insert(
+                n.name.clone(),
+                NodeShapingSpec {
+                    node_name: n.name.clone(),
+                    guard: Some(GuardRef {
+                        name: name.clone(),
+                        uid: g.metadata.uid.clone().unwrap_or_default(),
+                        generation: g.metadata.generation.unwrap_or_default(),
+                    }),
+                    shaping: Some(g.spec.clone()),
+                    protected: protected.into_iter().collect(),
+                    enforce: g.spec.mode == Mode::Enforce,
+                },
+            );
+        }
+    }
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use egressguard_crds::load::parse_str;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelectorRequirement, Time};
+
+    fn guard(name: &str, created: &str, extra: &str) -> EgressGuard {
+        let text = format!(
+            "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {{name: {name}}}\nspec:\n  uplink: {{rate: 20Mbit}}\n  throttle: {{rate: 1Mbit, destinations: [{{port: 443}}]}}\n{extra}"
+        );
+        let mut g = parse_str(&text).expect("guard").remove(0);
+        g.metadata.creation_timestamp = Some(Time(created.parse().expect("time")));
+        g.metadata.uid = Some(format!("uid-{name}"));
+        g.metadata.generation = Some(3);
+        g
+    }
+
+    fn node(name: &str, site: &str, ip: &str) -> NodeFacts {
+        NodeFacts {
+            name: name.into(),
+            labels: [("site".to_string(), site.to_string())]
+                .into_iter()
+                .collect(),
+            internal_ips: vec![ip.parse().expect("ip")],
+        }
+    }
+
+    fn nodes() -> Vec<NodeFacts> {
+        vec![
+            node("a1", "idc-a", "10.0.0.1"),
+            node("a2", "idc-a", "10.0.0.2"),
+            node("b1", "idc-b", "10.0.1.1"),
+        ]
+    }
+
+    const API: [IpAddr; 1] = [IpAddr::V4(std::net::Ipv4Addr::new(10, 96, 0, 1))];
+
+    #[test]
+    fn selector_picks_nodes_and_protects_control_plane_and_peers() {
+        let g = guard(
+            "idc",
+            "2026-01-01T00:00:00Z",
+            "  nodeSelector: {matchLabels: {site: idc-a}}\n",
+        );
+        let d = decide(&[g], &nodes(), &API);
+        assert_eq!(d.plans.keys().collect::<Vec<_>>(), ["a1", "a2"]);
+        let a1 = &d.plans["a1"];
+        assert!(a1.enforce);
+        assert_eq!(
+            a1.guard.as_ref().map(|r| (r.name.as_str(), r.generation)),
+            Some(("idc", 3))
+        );
+        let cidrs: Vec<(&str, &str)> = a1
+            .protected
+            .iter()
+            .map(|p| (p.cidr.as_str(), p.reason.as_str()))
+            .collect();
+        assert_eq!(
+            cidrs,
+            [
+                ("10.0.0.2/32", "node a2 InternalIP"),
+                ("10.0.1.1/32", "node b1 InternalIP"),
+                ("10.96.0.1/32", "kubernetes API endpoint"),
+            ]
+        );
+        assert_eq!(d.guards["idc"].selected, ["a1", "a2"]);
+    }
+
+    #[test]
+    fn opting_out_of_cluster_protection_keeps_the_api_server() {
+        let g = guard(
+            "idc",
+            "2026-01-01T00:00:00Z",
+            "  protectClusterTraffic: false\n",
+        );
+        let d = decide(&[g], &nodes(), &API);
+        assert_eq!(
+            d.plans["b1"].protected,
+            vec![ProtectedEntry {
+                cidr: "10.96.0.1/32".into(),
+                reason: "kubernetes API endpoint".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn the_older_guard_wins_whatever_the_input_order() {
+        let old = guard("zz-old", "2026-01-01T00:00:00Z", "");
+        let new = guard(
+            "aa-new",
+            "2026-02-01T00:00:00Z",
+            "  nodeSelector: {matchLabels: {site: idc-a}}\n",
+        );
+        for input in [
+            vec![old.clone(), new.clone()],
+            vec![new.clone(), old.clone()],
+        ] {
+            let d = decide(&input, &nodes(), &API);
+            assert!(d
+                .plans
+                .values()
+                .all(|p| p.guard.as_ref().map(|g| g.name.as_str()) == Some("zz-old")));
+            let lost = &d.guards["aa-new"];
+            assert_eq!(lost.planned, Vec::<String>::new());
+            assert_eq!(
+                lost.conflicts,
+                vec![
+                    Conflict {
+                        node: "a1".into(),
+                        winner: "zz-old".into()
+                    },
+                    Conflict {
+                        node: "a2".into(),
+                        winner: "zz-old".into()
+                    }
+                ]
+            );
+        }
+        // Same creation time: the name decides.
+        let a = guard("a", "2026-01-01T00:00:00Z", "");
+        let b = guard("b", "2026-01-01T00:00:00Z", "");
+        let d = decide(&[b, a], &nodes(), &API);
+        assert_eq!(
+            d.plans["a1"].guard.as_ref().map(|g| g.name.as_str()),
+            Some("a")
+        );
+    }
+
+    #[test]
+    fn invalid_and_deleted_guards_plan_nothing() {
+        let mut bad = guard("bad", "2026-01-01T00:00:00Z", "");
+        bad.spec.throttle.rate = "1mbps".into();
+        let mut gone = guard("gone", "2025-01-01T00:00:00Z", "");
+        gone.metadata.deletion_timestamp =
+            Some(Time("2026-03-01T00:00:00Z".parse().expect("time")));
+        let d = decide(&[bad, gone], &nodes(), &API);
+        assert!(d.plans.is_empty());
+        assert!(d.guards["bad"]
+            .invalid
+            .as_deref()
+            .is_some_and(|m| m.starts_with("spec.throttle.rate: \"1mbps\" uses \"mbps\"")));
+        assert_eq!(d.guards["gone"].invalid.as_deref(), Some("being deleted"));
+    }
+
+    #[test]
+    fn modes_decide_whether_agents_program() {
+        let dry = guard("dry", "2026-01-01T00:00:00Z", "  mode: DryRun\n");
+        assert!(decide(&[dry], &nodes(), &API)
+            .plans
+            .values()
+            .all(|p| !p.enforce));
+        let auto = guard("auto", "2026-01-01T00:00:00Z", "  mode: Auto\n");
+        assert!(decide(&[auto], &nodes(), &API)
+            .plans
+            .values()
+            .all(|p| !p.enforce));
+    }
+
+    #[test]
+    fn match_expressions() {
+        let labels: BTreeMap<String, String> = [
+            ("site".into(), "idc-a".into()),
+            ("tier".into(), "edge".into()),
+        ]
+        .into_iter()
+        .collect();
+        let expr = |key: &str, op: &str, values: &[&str]| LabelSelector {
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: key.into(),
+                operator: op.into(),
+                values: Some(values.iter().map(|v| v.to_string()).collect()),
+            }]),
+            ..Default::default()
+        };
+        assert_eq!(
+            selects(Some(&expr("site", "In", &["idc-a", "idc-b"])), &labels),
+            Ok(true)
+        );
+        assert_eq!(
+            selects(Some(&expr("site", "NotIn", &["idc-a"])), &labels),
+            Ok(false)
+        );
+        assert_eq!(
+            selects(Some(&expr("gpu", "DoesNotExist", &[])), &labels),
+            Ok(true)
+        );
+        assert_eq!(
+            selects(Some(&expr("tier", "Exists", &[])), &labels),
+            Ok(true)
+        );
+        assert!(selects(Some(&expr("tier", "Matches", &[])), &labels).is_err());
+        assert_eq!(selects(None, &labels), Ok(true));
+        assert_eq!(selects(Some(&LabelSelector::default()), &labels), Ok(true));
+    }
+}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Regenerates crds/*.yaml from the Rust types (a test fails when they are stale).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo run -q -p egressguard-operator -- crd > /tmp/egressguard-crds.$$.yaml
+python3 - /tmp/egressguard-crds.$$.yaml <<'PY'
+import sys
+docs = open(sys.argv[1]).read().split("---\n")
+names = ["crds/egressguard.io_egressguards.yaml", "crds/egressguard.io_nodeshapings.yaml"]
+for name, doc in zip(names, docs):
+    open(name, "w").write(doc)
+PY
+rm -f /tmp/egressguard-crds.$$.yaml
+echo "regenerated: crds/egressguard.io_egressguards.yaml crds/egressguard.io_nodeshapings.yaml"
