@@ -6,6 +6,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::guard::EgressGuard;
+use crate::node_shaping::NodeShaping;
 
 /// Why a file could not be turned into guards.
 #[derive(Debug, thiserror::Error)]
@@ -36,17 +37,31 @@ pub enum LoadError {
     },
 }
 
-/// Loads every EgressGuard in a YAML file (documents of other kinds are skipped).
-pub fn load_file(path: &Path) -> Result<Vec<EgressGuard>, LoadError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+/// A document node-shaper can enforce.
+#[derive(Debug, Clone)]
+pub enum Manifest {
+    /// An EgressGuard.
+    Guard(EgressGuard),
+    /// The operator's plan for one node (what the agent enforces).
+    NodeShaping(NodeShaping),
+}
+
+fn read(path: &Path) -> Result<String, LoadError> {
+    std::fs::read_to_string(path).map_err(|source| LoadError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    let guards = parse_str(&text).map_err(|(doc, message)| LoadError::Parse {
-        path: path.to_path_buf(),
-        doc,
-        message,
-    })?;
+    })
+}
+
+/// Loads every EgressGuard in a YAML file (documents of other kinds are skipped).
+pub fn load_file(path: &Path) -> Result<Vec<EgressGuard>, LoadError> {
+    let guards: Vec<EgressGuard> = load_manifests(path)?
+        .into_iter()
+        .filter_map(|m| match m {
+            Manifest::Guard(g) => Some(g),
+            Manifest::NodeShaping(_) => None,
+        })
+        .collect();
     if guards.is_empty() {
         return Err(LoadError::Empty {
             path: path.to_path_buf(),
@@ -55,8 +70,54 @@ pub fn load_file(path: &Path) -> Result<Vec<EgressGuard>, LoadError> {
     Ok(guards)
 }
 
+/// Loads every EgressGuard and NodeShaping in a YAML file.
+pub fn load_manifests(path: &Path) -> Result<Vec<Manifest>, LoadError> {
+    let text = read(path)?;
+    let found = parse_manifests(&text).map_err(|(doc, message)| LoadError::Parse {
+        path: path.to_path_buf(),
+        doc,
+        message,
+    })?;
+    if found.is_empty() {
+        return Err(LoadError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(found)
+}
+
 /// Parses EgressGuards from YAML text; errors carry the 1-based document index.
 pub fn parse_str(text: &str) -> Result<Vec<EgressGuard>, (usize, String)> {
+    Ok(parse_manifests(text)?
+        .into_iter()
+        .filter_map(|m| match m {
+            Manifest::Guard(g) => Some(g),
+            Manifest::NodeShaping(_) => None,
+        })
+        .collect())
+}
+
+fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(
+    n: usize,
+    value: &Value,
+) -> Result<T, (usize, String)> {
+    let obj: T = serde_path_to_error::deserialize(value.clone())
+        .map_err(|e| (n, format!("{}: {}", e.path(), e.inner())))?;
+    let round = serde_json::to_value(&obj).map_err(|e| (n, e.to_string()))?;
+    let mut unknown = Vec::new();
+    unknown_fields(value, &round, "", &mut unknown);
+    if !unknown.is_empty() {
+        let list: Vec<String> = unknown
+            .iter()
+            .map(|p| format!("{p}: unknown field; check its spelling against the API reference"))
+            .collect();
+        return Err((n, list.join("\n")));
+    }
+    Ok(obj)
+}
+
+/// Parses EgressGuards and NodeShapings from YAML text; other kinds are skipped.
+pub fn parse_manifests(text: &str) -> Result<Vec<Manifest>, (usize, String)> {
     let mut out = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let n = i + 1;
@@ -72,7 +133,7 @@ pub fn parse_str(text: &str) -> Result<Vec<EgressGuard>, (usize, String)> {
             .get("kind")
             .and_then(Value::as_str)
             .unwrap_or_default();
-        if kind != "EgressGuard" {
+        if kind != "EgressGuard" && kind != "NodeShaping" {
             continue;
         }
         if api != "egressguard.io/v1alpha1" {
@@ -81,21 +142,11 @@ pub fn parse_str(text: &str) -> Result<Vec<EgressGuard>, (usize, String)> {
                 format!("apiVersion: {api:?} is not served; use egressguard.io/v1alpha1"),
             ));
         }
-        let guard: EgressGuard = serde_path_to_error::deserialize(value.clone())
-            .map_err(|e| (n, format!("{}: {}", e.path(), e.inner())))?;
-        let typed = serde_json::to_value(&guard).map_err(|e| (n, e.to_string()))?;
-        let mut unknown = Vec::new();
-        unknown_fields(&value, &typed, "", &mut unknown);
-        if !unknown.is_empty() {
-            let list: Vec<String> = unknown
-                .iter()
-                .map(|p| {
-                    format!("{p}: unknown field; check its spelling against the API reference")
-                })
-                .collect();
-            return Err((n, list.join("\n")));
-        }
-        out.push(guard);
+        out.push(if kind == "EgressGuard" {
+            Manifest::Guard(typed(n, &value)?)
+        } else {
+            Manifest::NodeShaping(typed(n, &value)?)
+        });
     }
     Ok(out)
 }

@@ -10,14 +10,14 @@
 
 use std::time::Instant;
 
-use egressguard_crds::ValidSpec;
 use tracing::{debug, info, warn};
 
 use crate::diff::{diff, overfull_buckets, Op};
 use crate::iface::Interface;
 use crate::model::{fmt_handle, LeafKind, Shape};
 use crate::netlink::{encode, observe, KernelError, Netlink, Observed, Outcome, RootState};
-use crate::plan::{plan, LeafChoice};
+use crate::plan::{plan_protected, LeafChoice};
+use crate::target::Target;
 
 /// Why an operation on an interface failed.
 #[derive(Debug, thiserror::Error)]
@@ -218,7 +218,7 @@ pub struct ApplyOptions {
 pub fn apply(
     nl: &mut Netlink,
     iface: &Interface,
-    spec: &ValidSpec,
+    target: &Target,
     opts: ApplyOptions,
 ) -> Result<ApplyReport, EngineError> {
     let force = opts.force;
@@ -251,7 +251,7 @@ pub fn apply(
     if choice == LeafChoice::PfifoFallback {
         fallback = Some("pfifo leaves kept from an earlier apply where sfq was unavailable; `node-shaper reset` then apply to retry sfq".to_string());
     }
-    let mut desired = plan(spec, choice);
+    let mut desired = plan_protected(&target.valid, &target.protected, choice);
     if let Some((prio, _, bucket, count)) = overfull_buckets(&desired).into_iter().next() {
         return Err(EngineError::BucketFull {
             dev: dev.into(),
@@ -289,7 +289,7 @@ pub fn apply(
                 err.reason
             ));
             choice = LeafChoice::PfifoFallback;
-            desired = plan(spec, choice);
+            desired = plan_protected(&target.valid, &target.protected, choice);
             let now = observe(nl, iface.index).map_err(io(dev))?;
             ops = diff(&now.shape, &desired);
             changes.retain(|c| !c.contains("attach sfq"));

@@ -2,14 +2,14 @@
 
 use std::net::IpAddr;
 
-use egressguard_crds::ValidSpec;
 use serde::Serialize;
 
 use crate::diff::node_handle;
 use crate::layout::{Role, CLASS_DEFAULT};
 use crate::model::{fmt_handle, fmt_u32_handle, Origin, Shape};
-use crate::plan::{plan, LeafChoice};
+use crate::plan::{plan_protected, LeafChoice};
 use crate::sim::{classify, Packet, L4};
+use crate::target::Target;
 
 /// The answer to `node-shaper explain`.
 #[derive(Debug, Clone, Serialize)]
@@ -24,11 +24,11 @@ pub struct Explanation {
     pub filter: Option<String>,
 }
 
-/// Classifies `dst:port/proto` against the kernel's `observed` shape; `spec`
-/// (the applied guard, when known) turns filter handles into spec fields.
+/// Classifies `dst:port/proto` against the kernel's `observed` shape; `target`
+/// (what was applied, when known) turns filter handles into spec fields.
 pub fn explain(
     observed: &Shape,
-    spec: Option<&ValidSpec>,
+    target: Option<&Target>,
     dst: IpAddr,
     port: u16,
     l4: L4,
@@ -57,8 +57,9 @@ pub fn explain(
         )
     });
     // Find which spec field produced this node by planning the spec again.
-    let origin = spec.and_then(|s| {
-        let desired = plan(s, LeafChoice::Sfq);
+    let spec = target.map(|t| &t.valid);
+    let origin = target.and_then(|t| {
+        let desired = plan_protected(&t.valid, &t.protected, LeafChoice::Sfq);
         desired
             .prios
             .iter()
@@ -67,6 +68,13 @@ pub fn explain(
             .map(|n| n.origin.clone())
     });
     let reason = match (origin, spec) {
+        (Some(Origin::Protected(i)), _) => {
+            let p = target.and_then(|t| t.protected.get(i));
+            let (net, why) = p.map_or((String::new(), String::new()), |p| {
+                (p.net.to_string(), p.reason.clone())
+            });
+            format!("protected: destination {dst} is inside {net} ({why}); never throttled, served first")
+        }
         (Some(Origin::Whitelist(i)), Some(s)) => {
             let net = s
                 .whitelist

@@ -17,3 +17,4 @@ pub mod ports;
 pub mod render;
 pub mod show;
 pub mod sim;
+pub mod target;

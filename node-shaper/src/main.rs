@@ -8,12 +8,13 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use egressguard_crds::{load::load_file, validate, EgressGuard, ValidSpec};
+use egressguard_crds::load::load_manifests;
 use node_shaper::engine::{self, EngineError};
 use node_shaper::iface::{self, Interface};
 use node_shaper::netlink::{observe, Netlink};
-use node_shaper::plan::{plan, LeafChoice};
+use node_shaper::plan::{plan_protected, LeafChoice};
 use node_shaper::sim::L4;
+use node_shaper::target::Target;
 use node_shaper::{diff, explain, render, show};
 
 #[derive(Parser)]
@@ -144,24 +145,17 @@ fn runtime<E: Into<anyhow::Error>>(e: E) -> Failure {
     Failure::Runtime(e.into())
 }
 
-fn load_one(file: &Path) -> Result<(EgressGuard, ValidSpec), Failure> {
-    let mut guards = load_file(file).map_err(input)?;
-    if guards.len() > 1 {
+/// Loads the one EgressGuard or NodeShaping in `file` and validates it.
+fn load_one(file: &Path) -> Result<Target, Failure> {
+    let found = load_manifests(file).map_err(input)?;
+    if found.len() > 1 {
         return Err(input(anyhow::anyhow!(
-            "{}: holds {} EgressGuards; node-shaper applies one at a time",
+            "{}: holds {} EgressGuard/NodeShaping documents; node-shaper applies one at a time",
             file.display(),
-            guards.len()
+            found.len()
         )));
     }
-    let guard = guards.remove(0);
-    let name = guard.metadata.name.clone().unwrap_or_default();
-    let valid = validate(&guard.spec).map_err(|e| {
-        input(anyhow::anyhow!(
-            "{}: EgressGuard {name:?} is invalid:\n{e}",
-            file.display()
-        ))
-    })?;
-    Ok((guard, valid))
+    Target::from_manifest(&found[0]).map_err(|e| input(anyhow::anyhow!("{}: {e}", file.display())))
 }
 
 fn state_dir() -> PathBuf {
@@ -169,14 +163,14 @@ fn state_dir() -> PathBuf {
         .map_or_else(|| PathBuf::from("/run/egressguard"), PathBuf::from)
 }
 
-/// Remembers the applied guard so `explain` can name spec fields later.
-fn remember(iface: &Interface, guard: &EgressGuard) {
+/// Remembers what was applied so `explain` and `show` can name spec fields later.
+fn remember(iface: &Interface, target: &Target) {
     let dir = state_dir();
     let write = || -> anyhow::Result<()> {
         std::fs::create_dir_all(&dir)?;
         std::fs::write(
             dir.join(format!("{}.yaml", iface.name)),
-            serde_yaml::to_string(guard)?,
+            serde_yaml::to_string(&target.to_node_shaping(&iface.name))?,
         )?;
         Ok(())
     };
@@ -200,14 +194,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
             verify,
             output,
         } => {
-            let (guard, spec) = load_one(&file)?;
+            let target = load_one(&file)?;
+            let spec = &target.valid;
             let ifaces =
                 iface::resolve(interface.as_deref(), spec.interfaces.as_deref()).map_err(input)?;
             let mut nl = netlink()?;
             let mut reports = Vec::new();
             for i in &ifaces {
-                let r = engine::apply(&mut nl, i, &spec, engine::ApplyOptions { force, verify })?;
-                remember(i, &guard);
+                let r = engine::apply(&mut nl, i, &target, engine::ApplyOptions { force, verify })?;
+                remember(i, &target);
                 reports.push(r);
             }
             match output {
@@ -247,7 +242,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Cmd::Plan { file, interface } => {
-            let (_, spec) = load_one(&file)?;
+            let target = load_one(&file)?;
+            let spec = &target.valid;
             let devs: Vec<String> = match (interface, &spec.interfaces) {
                 (Some(i), _) => vec![i],
                 (None, Some(s)) => s.clone(),
@@ -260,7 +256,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     }
                 }
             };
-            let desired = plan(&spec, LeafChoice::Sfq);
+            let desired = plan_protected(spec, &target.protected, LeafChoice::Sfq);
             for dev in devs {
                 out!(
                     "# node-shaper plan for {dev}: {} u32 filters",
@@ -278,7 +274,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let mut reports = Vec::new();
             for i in &ifaces {
                 let obs = observe(&mut nl, i.index).map_err(runtime)?;
-                reports.push(show::report(&i.name, &obs));
+                let applied = load_one(&state_dir().join(format!("{}.yaml", i.name))).ok();
+                reports.push(show::report(&i.name, &obs, applied.as_ref()));
             }
             match output {
                 Output::Json => out!(
@@ -306,16 +303,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let mut nl = netlink()?;
             let obs = observe(&mut nl, i.index).map_err(runtime)?;
             if obs.root != node_shaper::netlink::RootState::Owned {
-                out!("{}", show::report(&i.name, &obs).state);
+                out!("{}", show::report(&i.name, &obs, None).state);
                 return Ok(());
             }
             let path = file.unwrap_or_else(|| state_dir().join(format!("{}.yaml", i.name)));
-            let spec = load_one(&path).ok().map(|(_, s)| s);
+            let target = load_one(&path).ok();
             let l4 = match protocol {
                 Proto::Tcp => L4::Tcp,
                 Proto::Udp => L4::Udp,
             };
-            let e = explain::explain(&obs.shape, spec.as_ref(), dst, port, l4);
+            let e = explain::explain(&obs.shape, target.as_ref(), dst, port, l4);
             match output {
                 Output::Json => out!("{}", serde_json::to_string_pretty(&e).map_err(runtime)?),
                 Output::Text => {

@@ -129,6 +129,8 @@ pub enum Origin {
     Unknown,
     /// `spec.whitelist[i]`.
     Whitelist(usize),
+    /// The i-th protected destination (control plane, other nodes).
+    Protected(usize),
     /// `spec.throttle.destinations[i]`.
     Destination(usize),
     /// Plumbing: a node that links to a table.

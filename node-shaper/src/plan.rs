@@ -67,6 +67,11 @@ fn class(
 
 /// The desired shape for a spec.
 pub fn plan(spec: &ValidSpec, leaf: LeafChoice) -> Shape {
+    plan_protected(spec, &[], leaf)
+}
+
+/// The desired shape for a spec plus destinations that are always whitelisted.
+pub fn plan_protected(spec: &ValidSpec, protected: &[Protected], leaf: LeafChoice) -> Shape {
     let up = spec.uplink_rate;
     // Children's rates must add up to at most the parent's, or HTB lets green
     // children exceed the uplink. Throttle keeps its own rate; the rest is
@@ -105,7 +110,7 @@ pub fn plan(spec: &ValidSpec, leaf: LeafChoice) -> Shape {
             },
         })
         .collect();
-    let mut prios = whitelist_prios(spec);
+    let mut prios = whitelist_prios(spec, protected);
     prios.extend(throttle_prios(spec));
     Shape {
         root: Some(Root {
@@ -199,12 +204,37 @@ fn addr_byte(net: &IpNet, byte: usize) -> u8 {
     }
 }
 
-fn whitelist_prios(spec: &ValidSpec) -> Vec<Prio> {
-    // Duplicates (same network written twice) collapse to the first mention.
+/// A destination that must never be throttled whatever the guard says
+/// (the control plane, the other nodes), with the reason shown to users.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Protected {
+    /// The network.
+    pub net: IpNet,
+    /// Why, e.g. `kubernetes API endpoint`.
+    pub reason: String,
+}
+
+/// One whitelist-class entry and where it comes from.
+struct Entry {
+    net: IpNet,
+    origin: Origin,
+}
+
+fn whitelist_prios(spec: &ValidSpec, protected: &[Protected]) -> Vec<Prio> {
+    // Protected entries first, then the user's; a network listed twice
+    // collapses to its first mention.
     let mut seen = BTreeSet::new();
-    let entries: Vec<_> = spec
-        .whitelist
+    let entries: Vec<Entry> = protected
         .iter()
+        .enumerate()
+        .map(|(i, p)| Entry {
+            net: p.net.trunc(),
+            origin: Origin::Protected(i),
+        })
+        .chain(spec.whitelist.iter().map(|e| Entry {
+            net: e.net,
+            origin: Origin::Whitelist(e.index),
+        }))
         .filter(|e| seen.insert(e.net))
         .collect();
     let mut prios = Vec::new();
@@ -228,7 +258,7 @@ fn whitelist_prios(spec: &ValidSpec) -> Vec<Prio> {
                 sel: terminal(dst_keys(&e.net)),
                 classid: Some(CLASS_WHITELIST),
                 link: None,
-                origin: Origin::Whitelist(e.index),
+                origin: e.origin.clone(),
             })
             .collect();
         if !linear.is_empty() {
@@ -275,7 +305,7 @@ fn whitelist_prios(spec: &ValidSpec) -> Vec<Prio> {
                 sel: terminal(dst_keys(&e.net)),
                 classid: Some(CLASS_WHITELIST),
                 link: None,
-                origin: Origin::Whitelist(e.index),
+                origin: e.origin.clone(),
             }));
             prios.push(Prio {
                 prio: g.prio,

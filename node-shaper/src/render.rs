@@ -53,6 +53,7 @@ fn selector_words(sel: &Selector) -> String {
 fn comment(o: &Origin) -> String {
     match o {
         Origin::Whitelist(i) => format!("  # spec.whitelist[{i}]"),
+        Origin::Protected(i) => format!("  # protected[{i}]"),
         Origin::Destination(i) => format!("  # spec.throttle.destinations[{i}]"),
         Origin::Link(what) => format!("  # {what}"),
         Origin::Unknown => String::new(),

@@ -3,8 +3,10 @@
 use serde::Serialize;
 
 use crate::layout::Role;
-use crate::model::{fmt_handle, Shape};
+use crate::model::{fmt_handle, Node, Origin, Shape};
 use crate::netlink::{Counters, Observed, RootState};
+use crate::plan::{plan_protected, LeafChoice};
+use crate::target::Target;
 
 /// One class in the report.
 #[derive(Debug, Clone, Serialize)]
@@ -23,6 +25,17 @@ pub struct ClassRow {
     pub counters: Counters,
 }
 
+/// A protected destination and whether the kernel holds its filter.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProtectedRow {
+    /// Network.
+    pub cidr: String,
+    /// Why it is protected.
+    pub reason: String,
+    /// Its filter is in the kernel.
+    pub installed: bool,
+}
+
 /// The report for one interface.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -36,14 +49,19 @@ pub struct Report {
     pub filters: usize,
     /// Filter prios present.
     pub prios: Vec<u16>,
+    /// User whitelist entries of the applied guard (when known).
+    pub whitelist_entries: Option<usize>,
+    /// Protected destinations (control plane, other nodes), distinct from the user's whitelist.
+    pub protected: Vec<ProtectedRow>,
 }
 
 fn rate(bytes: u64) -> String {
     egressguard_crds::units::Rate::from_bits_per_sec(bytes * 8).to_string()
 }
 
-/// Builds the report from observed state.
-pub fn report(interface: &str, obs: &Observed) -> Report {
+/// Builds the report from observed state; `target` (what was applied, when
+/// known) labels whitelist entries as the user's or protected.
+pub fn report(interface: &str, obs: &Observed, target: Option<&Target>) -> Report {
     let state = match &obs.root {
         RootState::Owned => "enforced".to_string(),
         RootState::Default(k) => format!("not shaped (device default root qdisc {k})"),
@@ -89,7 +107,27 @@ pub fn report(interface: &str, obs: &Observed) -> Report {
         classes,
         filters: shape.node_count(),
         prios: shape.prios.iter().map(|p| p.prio).collect(),
+        whitelist_entries: target.map(|t| t.valid.whitelist.len()),
+        protected: target.map_or_else(Vec::new, |t| protected_rows(shape, t)),
     }
+}
+
+fn protected_rows(observed: &Shape, t: &Target) -> Vec<ProtectedRow> {
+    let desired = plan_protected(&t.valid, &t.protected, LeafChoice::Sfq);
+    let installed: Vec<&Node> = observed.prios.iter().flat_map(|p| &p.nodes).collect();
+    desired
+        .prios
+        .iter()
+        .flat_map(|p| &p.nodes)
+        .filter_map(|n| match n.origin {
+            Origin::Protected(i) => t.protected.get(i).map(|p| ProtectedRow {
+                cidr: p.net.to_string(),
+                reason: p.reason.clone(),
+                installed: installed.iter().any(|o| o.same_rule(n)),
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Text rendering, one row per class like `tc -s class show`.
@@ -130,5 +168,18 @@ pub fn render(r: &Report) -> String {
         "  filters: {} u32 nodes in prios {:?}\n",
         r.filters, r.prios
     ));
+    if let Some(n) = r.whitelist_entries {
+        s.push_str(&format!(
+            "  whitelist: {n} entries from the guard, {} protected\n",
+            r.protected.len()
+        ));
+    }
+    for p in &r.protected {
+        let state = if p.installed { "" } else { "  (NOT INSTALLED)" };
+        s.push_str(&format!(
+            "    protected {:<20} {}{state}\n",
+            p.cidr, p.reason
+        ));
+    }
     s
 }

@@ -494,3 +494,46 @@ fn inner_refused_update() {
         "not rolled back"
     );
 }
+
+/// The agent's input, a NodeShaping, applies the same way; its protected
+/// entries (here WHITE4 plays the API server) are never throttled and are
+/// reported apart from the user's whitelist.
+#[test]
+fn node_shaping_protected_entries_are_never_throttled() {
+    if !available() {
+        return;
+    }
+    let mut lab = Lab::new("prot");
+    lab.serve_on(Some(WHITE4), 443);
+    let ns = format!(
+        "apiVersion: egressguard.io/v1alpha1\nkind: NodeShaping\nmetadata: {{name: node-a}}\nspec:\n  nodeName: node-a\n  enforce: true\n  shaping:\n    uplink: {{rate: 20Mbit, burst: 32k}}\n    throttle: {{rate: 1Mbit, burst: 4k, destinations: [{{port: 443}}]}}\n    whitelist: [{WHITE6}/128]\n  protected:\n    - {{cidr: {WHITE4}/32, reason: kubernetes API endpoint}}\n"
+    );
+    let f = lab.write_guard("ns.yaml", &ns);
+    ok(&lab.shaper(&["apply", "-f", &f, "--interface", DEV, "--verify"]));
+    let e = ok(&lab.shaper(&["explain", "--interface", DEV, WHITE4, "--port", "443"]));
+    assert!(
+        e.starts_with(&format!(
+            "protected: destination {WHITE4} is inside {WHITE4}/32 (kubernetes API endpoint)"
+        )),
+        "{e}"
+    );
+    let show = ok(&lab.shaper(&["show", "--interface", DEV, "-o", "json"]));
+    let v: serde_json::Value = serde_json::from_str(&show).expect("json");
+    assert_eq!(v[0]["whitelist_entries"], 1);
+    assert_eq!(v[0]["protected"][0]["cidr"], format!("{WHITE4}/32"));
+    assert_eq!(v[0]["protected"][0]["installed"], true);
+    let r = lab.measure(WHITE4, 443, 3, &[]);
+    let rate = l2_rate(r.goodput, false);
+    assert!(
+        rate >= 0.85 * UPLINK,
+        "protected destination throttled: {rate}"
+    );
+    // A NodeShaping without shaping asks for removal: apply refuses, naming reset.
+    let rm = lab.write_guard(
+        "rm.yaml",
+        "apiVersion: egressguard.io/v1alpha1\nkind: NodeShaping\nmetadata: {name: node-a}\nspec: {nodeName: node-a}\n",
+    );
+    let o = lab.shaper(&["apply", "-f", &rm, "--interface", DEV]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("asks for removal"));
+}

@@ -382,6 +382,7 @@ pub fn encode(op: &Op, ifindex: i32, dev: &str) -> Request {
 fn describe(node: &Node) -> String {
     match node.origin {
         Origin::Whitelist(i) => format!("for spec.whitelist[{i}]"),
+        Origin::Protected(i) => format!("for protected[{i}]"),
         Origin::Destination(i) => format!("for spec.throttle.destinations[{i}]"),
         Origin::Link(l) => format!("linking {l}"),
         Origin::Unknown => "(restore)".to_string(),
