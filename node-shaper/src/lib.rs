@@ -5,6 +5,7 @@
 //! into a [`model::Shape`], [`netlink::observe`] reads the kernel's shape,
 //! [`diff`] computes operations, and [`engine`] sends them transactionally.
 
+pub mod agent;
 pub mod diff;
 pub mod engine;
 pub mod explain;

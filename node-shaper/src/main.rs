@@ -103,6 +103,18 @@ enum Cmd {
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Run as the DaemonSet agent: enforce this node's NodeShaping from the API server.
+    Run {
+        /// This node's name (set NODE_NAME from the downward API).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        /// Address for /metrics, /healthz and /readyz.
+        #[arg(long, default_value = "0.0.0.0:9464")]
+        metrics_addr: std::net::SocketAddr,
+        /// Reconcile at least this often (seconds), repairing drift.
+        #[arg(long, default_value_t = 30)]
+        resync_seconds: u64,
+    },
     /// Remove node-shaper's shaping and restore the device default qdisc.
     Reset {
         /// Interface (default: the default-route interfaces).
@@ -323,6 +335,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             Ok(())
+        }
+        Cmd::Run { node_name, metrics_addr, resync_seconds } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(runtime)?;
+            let cfg = node_shaper::agent::AgentConfig {
+                node: node_name,
+                metrics_addr,
+                resync: std::time::Duration::from_secs(resync_seconds.max(1)),
+            };
+            rt.block_on(node_shaper::agent::run(cfg)).map_err(runtime)
         }
         Cmd::Reset { interface, force } => {
             let ifaces = iface::resolve(interface.as_deref(), None).map_err(input)?;

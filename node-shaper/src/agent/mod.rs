@@ -1,0 +1,163 @@
+//! `node-shaper run`: the DaemonSet agent.
+//!
+//! It watches only its own node's `NodeShaping` (field selector on the name),
+//! reconciles the kernel on every change and every resync period (repairing
+//! drift such as a hand-typed `tc qdisc del`), writes what it did to the
+//! object's status, and serves `/metrics`, `/healthz` and `/readyz`.
+//!
+//! # Guarantees
+//! - Shaping is removed only when the plan says so: the object asks for
+//!   removal, is gone after a successful list, or stops enforcing. An
+//!   unreachable API server changes nothing in the kernel.
+//! - SIGTERM leaves enforcement in place, so a rolling update opens no gap.
+
+mod http;
+mod metrics;
+mod reconcile;
+mod status;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use egressguard_crds::NodeShaping;
+use futures::StreamExt;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+pub use metrics::Metrics;
+pub use reconcile::{reconcile, Memory, Outcome};
+pub use status::status_for;
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This node's name (the NodeShaping's name), usually from the downward API.
+    pub node: String,
+    /// Where `/metrics`, `/healthz` and `/readyz` listen.
+    pub metrics_addr: SocketAddr,
+    /// Reconcile at least this often, to repair drift.
+    pub resync: Duration,
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// No usable kubeconfig / in-cluster config.
+    #[error("cannot build a Kubernetes client (in-cluster config or KUBECONFIG): {0}")]
+    Client(#[source] kube::Error),
+    /// The metrics port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Signal handling could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Shared between the reconcile loop and the HTTP endpoints.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// The first list of our NodeShaping completed.
+    pub synced: bool,
+    /// Current metrics.
+    pub metrics: Metrics,
+}
+
+/// Runs until SIGTERM/SIGINT.
+pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
+    let client = kube::Client::try_default().await.map_err(AgentError::Client)?;
+    let api: Api<NodeShaping> = Api::all(client);
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
+        .await
+        .map_err(|source| AgentError::Listen { addr: cfg.metrics_addr, source })?;
+    tokio::spawn(http::serve(listener, shared.clone()));
+
+    // The watcher feeds the latest version of our object (None = absent).
+    let (tx, mut rx) = watch::channel::<Option<Option<NodeShaping>>>(None);
+    let wc = watcher::Config::default().fields(&format!("metadata.name={}", cfg.node));
+    let stream = watcher::watcher(api.clone(), wc).default_backoff();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut listing: Option<NodeShaping> = None;
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(Event::Init) => listing = None,
+                Ok(Event::InitApply(o)) => listing = Some(o),
+                Ok(Event::InitDone) => {
+                    let _ = tx.send(Some(listing.take()));
+                }
+                Ok(Event::Apply(o)) => {
+                    let _ = tx.send(Some(Some(o)));
+                }
+                Ok(Event::Delete(_)) => {
+                    let _ = tx.send(Some(None));
+                }
+                Err(e) => warn!(error = %e, "watch of NodeShaping failed; retrying with backoff"),
+            }
+        }
+    });
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+    let mut ticker = tokio::time::interval(cfg.resync);
+    let mut memory = Memory::default();
+    let mut last_status = None;
+    info!(node = %cfg.node, "node-shaper agent started");
+    loop {
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { break },
+            _ = ticker.tick() => {}
+            _ = sigterm.recv() => {
+                info!("SIGTERM: leaving enforcement in place (a rolling update must not open a gap); exiting");
+                break;
+            }
+            _ = sigint.recv() => {
+                info!("SIGINT: leaving enforcement in place; exiting");
+                break;
+            }
+        }
+        // Nothing is decided before the first complete list.
+        let Some(current) = rx.borrow().clone() else { continue };
+        let node = cfg.node.clone();
+        let (outcome, mem) = match tokio::task::spawn_blocking(move || {
+            let outcome = reconcile(&node, current.as_ref(), &mut memory);
+            (outcome, memory)
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "reconcile task failed");
+                memory = Memory::default();
+                continue;
+            }
+        };
+        memory = mem;
+        {
+            let mut s = shared.lock().unwrap_or_else(|p| p.into_inner());
+            s.synced = true;
+            s.metrics.record(&outcome);
+        }
+        if let Some(obj) = rx.borrow().clone().flatten() {
+            let status = status_for(&obj, &outcome, last_status.as_ref());
+            if last_status.as_ref() != Some(&status) || outcome.wrote {
+                let patch = serde_json::json!({ "status": status });
+                match api.patch_status(&cfg.node, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                    Ok(_) => last_status = Some(status),
+                    Err(e) => warn!(error = %e, "cannot write NodeShaping status; will retry"),
+                }
+            }
+        }
+    }
+    Ok(())
+}

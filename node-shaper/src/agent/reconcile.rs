@@ -1,0 +1,195 @@
+//! One reconcile pass: NodeShaping (or its absence) → kernel. Blocking
+//! (netlink), run on a blocking thread.
+
+use std::collections::BTreeSet;
+
+use egressguard_crds::node_shaping::{ClassCounters, InterfaceStatus};
+use egressguard_crds::NodeShaping;
+use tracing::{info, warn};
+
+use crate::engine::{self, ApplyOptions};
+use crate::iface::{self, Interface};
+use crate::layout::Role;
+use crate::netlink::{observe, Netlink, RootState};
+use crate::plan::{plan_protected, LeafChoice};
+use crate::target::Target;
+
+/// What the agent remembers between passes.
+#[derive(Debug, Default)]
+pub struct Memory {
+    /// Interfaces currently carrying our tree.
+    pub shaped: BTreeSet<String>,
+    /// The startup scan for leftovers ran.
+    pub scanned: bool,
+}
+
+/// The result of one pass.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Outcome {
+    /// Guard the plan came from.
+    pub guard: Option<String>,
+    /// Per-interface results.
+    pub interfaces: Vec<InterfaceStatus>,
+    /// The plan could not be used at all (invalid, no interface...).
+    pub error: Option<String>,
+    /// Shaping was removed or intentionally not programmed.
+    pub removed: bool,
+    /// DryRun: what would be programmed.
+    pub dry_run: Option<String>,
+    /// The pass wrote to the kernel.
+    pub wrote: bool,
+    /// When the pass finished (RFC 3339).
+    pub at: String,
+}
+
+mod chrono_free {
+    /// Current UTC time as RFC 3339, without a date crate.
+    pub fn now_rfc3339() -> String {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let days = secs / 86_400;
+        let rem = secs % 86_400;
+        // Civil-from-days (Howard Hinnant's algorithm).
+        let z = days as i64 + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let d = doy - (153 * mp + 2) / 5 + 1;
+        let m = if mp < 10 { mp + 3 } else { mp - 9 };
+        let y = yoe + era * 400 + i64::from(m <= 2);
+        format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem / 60) % 60, rem % 60)
+    }
+}
+
+/// Every interface of this host whose root qdisc is ours.
+fn owned_interfaces(nl: &mut Netlink) -> Vec<Interface> {
+    let Ok(dir) = std::fs::read_dir("/sys/class/net") else { return vec![] };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| iface::by_name(&e.file_name().to_string_lossy()).ok())
+        .filter(|i| observe(nl, i.index).is_ok_and(|o| o.root == RootState::Owned))
+        .collect()
+}
+
+fn counters_of(nl: &mut Netlink, i: &Interface) -> Vec<ClassCounters> {
+    let Ok(obs) = observe(nl, i.index) else { return vec![] };
+    obs.counters
+        .iter()
+        .filter_map(|(id, c)| {
+            Role::of(*id).map(|r| ClassCounters {
+                role: r.name().into(),
+                bytes: c.bytes as i64,
+                packets: c.packets as i64,
+                drops: i64::from(c.drops),
+                overlimits: i64::from(c.overlimits),
+            })
+        })
+        .collect()
+}
+
+fn remove(nl: &mut Netlink, names: impl IntoIterator<Item = String>, out: &mut Outcome) {
+    for name in names {
+        let Ok(i) = iface::by_name(&name) else { continue };
+        match engine::reset(nl, &i, false) {
+            Ok(r) => {
+                if r.removed.is_some() {
+                    out.wrote = true;
+                    info!(interface = %name, "removed shaping (plan no longer enforces it)");
+                }
+                out.interfaces.push(InterfaceStatus { name, enforced: false, ..Default::default() });
+            }
+            Err(e) => out.interfaces.push(InterfaceStatus { name, enforced: false, error: Some(e.to_string()), ..Default::default() }),
+        }
+    }
+}
+
+/// Drives the kernel to what `ns` asks for on node `node`.
+pub fn reconcile(node: &str, ns: Option<&NodeShaping>, mem: &mut Memory) -> Outcome {
+    let mut out = Outcome { at: chrono_free::now_rfc3339(), ..Outcome::default() };
+    let mut nl = match Netlink::open() {
+        Ok(nl) => nl,
+        Err(e) => {
+            out.error = Some(format!("cannot open rtnetlink: {e}"));
+            return out;
+        }
+    };
+    if !mem.scanned {
+        mem.shaped = owned_interfaces(&mut nl).into_iter().map(|i| i.name).collect();
+        mem.scanned = true;
+    }
+    let spec = ns.map(|n| &n.spec);
+    out.guard = spec.and_then(|s| s.guard.as_ref()).map(|g| g.name.clone());
+    let target = match spec.and_then(|s| s.shaping.as_ref().map(|sh| (s, sh))) {
+        None => {
+            out.removed = true;
+            let names = std::mem::take(&mut mem.shaped);
+            remove(&mut nl, names, &mut out);
+            return out;
+        }
+        Some((s, shaping)) => match Target::new(node, shaping, &s.protected) {
+            Ok(t) => t,
+            Err(e) => {
+                // An invalid plan never touches the kernel: what runs stays.
+                out.error = Some(format!("invalid plan, kernel left unchanged:\n{e}"));
+                warn!(error = %e, "invalid NodeShaping; kernel left unchanged");
+                return out;
+            }
+        },
+    };
+    let enforce = spec.is_some_and(|s| s.enforce);
+    let ifaces = match iface::resolve(None, target.valid.interfaces.as_deref()) {
+        Ok(i) => i,
+        Err(e) => {
+            out.error = Some(e.to_string());
+            return out;
+        }
+    };
+    if !enforce {
+        let shape = plan_protected(&target.valid, &target.protected, LeafChoice::Sfq);
+        out.dry_run = Some(format!(
+            "dry run: would program {} classes and {} u32 filters on {}",
+            shape.classes.len(),
+            shape.node_count(),
+            ifaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
+        ));
+        out.removed = true;
+        let names = std::mem::take(&mut mem.shaped);
+        remove(&mut nl, names, &mut out);
+        return out;
+    }
+    let wanted: BTreeSet<String> = ifaces.iter().map(|i| i.name.clone()).collect();
+    let stale: Vec<String> = mem.shaped.difference(&wanted).cloned().collect();
+    remove(&mut nl, stale.clone(), &mut out);
+    for s in stale {
+        mem.shaped.remove(&s);
+    }
+    for i in &ifaces {
+        match engine::apply(&mut nl, i, &target, ApplyOptions::default()) {
+            Ok(r) => {
+                mem.shaped.insert(i.name.clone());
+                out.wrote |= r.writes > 0;
+                out.interfaces.push(InterfaceStatus {
+                    name: i.name.clone(),
+                    enforced: true,
+                    leaf: Some(r.leaf.clone()),
+                    fallback: r.fallback.clone(),
+                    error: None,
+                    filters: r.filters as i64,
+                    counters: counters_of(&mut nl, i),
+                });
+            }
+            Err(e) => {
+                warn!(interface = %i.name, error = %e, "apply failed");
+                out.interfaces.push(InterfaceStatus {
+                    name: i.name.clone(),
+                    enforced: false,
+                    error: Some(e.to_string()),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    out
+}

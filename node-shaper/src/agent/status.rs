@@ -1,0 +1,88 @@
+//! The NodeShaping status the agent writes: pure, from a reconcile outcome.
+
+use egressguard_crds::node_shaping::NodeShapingStatus;
+use egressguard_crds::NodeShaping;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use super::Outcome;
+
+/// Condition reasons.
+pub mod reasons {
+    /// The plan is in the kernel on every interface.
+    pub const ENFORCED: &str = "Enforced";
+    /// The plan asks for no shaping, and there is none.
+    pub const REMOVED: &str = "Removed";
+    /// DryRun: computed, not programmed.
+    pub const DRY_RUN: &str = "DryRun";
+    /// The kernel refused, or an interface is missing.
+    pub const APPLY_FAILED: &str = "ApplyFailed";
+    /// The plan does not validate; the kernel was left as it was.
+    pub const INVALID_PLAN: &str = "InvalidPlan";
+    /// Running with a fallback (e.g. pfifo leaves instead of sfq).
+    pub const FALLBACK: &str = "QdiscFallback";
+    /// Nothing degraded.
+    pub const AS_PLANNED: &str = "AsPlanned";
+}
+
+fn condition(type_: &str, ok: bool, reason: &str, message: String, gen: Option<i64>, previous: Option<&NodeShapingStatus>, now: &Time) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    // Keep the transition time while the condition's status stays the same.
+    let since = previous
+        .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
+        .filter(|c| c.status == status)
+        .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: gen,
+        last_transition_time: since,
+    }
+}
+
+/// The status for `obj` after `outcome`; `previous` keeps transition times stable.
+pub fn status_for(obj: &NodeShaping, outcome: &Outcome, previous: Option<&NodeShapingStatus>) -> NodeShapingStatus {
+    let gen = obj.metadata.generation;
+    let now = Time(outcome.at.parse().unwrap_or_default());
+    let failed: Vec<String> = outcome
+        .interfaces
+        .iter()
+        .filter_map(|i| i.error.as_ref().map(|e| format!("{}: {e}", i.name)))
+        .chain(outcome.error.clone())
+        .collect();
+    let (ready, reason, message) = if let Some(e) = &outcome.error {
+        let r = if e.starts_with("invalid plan") { reasons::INVALID_PLAN } else { reasons::APPLY_FAILED };
+        (false, r, e.clone())
+    } else if !failed.is_empty() {
+        (false, reasons::APPLY_FAILED, failed.join("; "))
+    } else if let Some(d) = &outcome.dry_run {
+        (true, reasons::DRY_RUN, d.clone())
+    } else if outcome.removed {
+        (true, reasons::REMOVED, "no shaping is planned for this node, and none is installed".into())
+    } else {
+        let names: Vec<&str> = outcome.interfaces.iter().map(|i| i.name.as_str()).collect();
+        (true, reasons::ENFORCED, format!("enforced on {}", names.join(", ")))
+    };
+    let fallbacks: Vec<String> = outcome
+        .interfaces
+        .iter()
+        .filter_map(|i| i.fallback.as_ref().map(|f| format!("{}: {f}", i.name)))
+        .collect();
+    let (degraded, dreason, dmsg) = if !failed.is_empty() || outcome.error.is_some() {
+        (true, reason, message.clone())
+    } else if !fallbacks.is_empty() {
+        (true, reasons::FALLBACK, fallbacks.join("; "))
+    } else {
+        (false, reasons::AS_PLANNED, String::new())
+    };
+    NodeShapingStatus {
+        observed_generation: gen,
+        interfaces: outcome.interfaces.clone(),
+        conditions: vec![
+            condition("Ready", ready, reason, message, gen, previous, &now),
+            condition("Degraded", degraded, dreason, dmsg, gen, previous, &now),
+        ],
+        last_apply_time: Some(now),
+    }
+}
