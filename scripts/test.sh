@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# End-to-end tests run the real binaries (node-shaper, k8s-standin): build them first.
+cargo build --workspace --bins
 cargo test --workspace --no-fail-fast
 # The benchmark's short smoke mode (the full benchmark is too slow for CI):
 # exercises every comparison and enforces the write-count and loss targets.

@@ -336,7 +336,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Cmd::Run { node_name, metrics_addr, resync_seconds } => {
+        Cmd::Run {
+            node_name,
+            metrics_addr,
+            resync_seconds,
+        } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

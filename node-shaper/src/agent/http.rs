@@ -11,7 +11,9 @@ use super::Shared;
 /// Serves until the process exits.
 pub async fn serve(listener: TcpListener, shared: Arc<Mutex<Shared>>) {
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 2048];
@@ -34,7 +36,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Mutex<Shared>>) {
                     "/metrics" => ("200 OK", s.metrics.render()),
                     "/healthz" => ("200 OK", "ok\n".to_string()),
                     "/readyz" if s.synced => ("200 OK", "ok\n".to_string()),
-                    "/readyz" => ("503 Service Unavailable", "waiting for the first NodeShaping list\n".to_string()),
+                    "/readyz" => (
+                        "503 Service Unavailable",
+                        "waiting for the first NodeShaping list\n".to_string(),
+                    ),
                     _ => ("404 Not Found", "not found\n".to_string()),
                 }
             };

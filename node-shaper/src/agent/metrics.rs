@@ -30,7 +30,10 @@ impl Metrics {
                 self.apply_errors += 1;
             }
             for c in &i.counters {
-                self.classes.insert((guard.clone(), i.name.clone(), c.role.clone()), [c.bytes, c.packets, c.drops, c.overlimits]);
+                self.classes.insert(
+                    (guard.clone(), i.name.clone(), c.role.clone()),
+                    [c.bytes, c.packets, c.drops, c.overlimits],
+                );
             }
         }
         if o.error.is_some() {
@@ -46,29 +49,53 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut s = String::new();
         for (i, (name, help)) in [
-            ("egressguard_class_bytes_total", "Bytes sent through the class (Ethernet header included)."),
-            ("egressguard_class_packets_total", "Packets sent through the class."),
-            ("egressguard_class_drops_total", "Packets dropped by the class."),
-            ("egressguard_class_overlimits_total", "Times the class was over its rate."),
+            (
+                "egressguard_class_bytes_total",
+                "Bytes sent through the class (Ethernet header included).",
+            ),
+            (
+                "egressguard_class_packets_total",
+                "Packets sent through the class.",
+            ),
+            (
+                "egressguard_class_drops_total",
+                "Packets dropped by the class.",
+            ),
+            (
+                "egressguard_class_overlimits_total",
+                "Times the class was over its rate.",
+            ),
         ]
         .into_iter()
         .enumerate()
         {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
             for ((g, iface, role), v) in &self.classes {
-                let _ = writeln!(s, "{name}{{guard=\"{g}\",interface=\"{iface}\",class=\"{role}\"}} {}", v[i]);
+                let _ = writeln!(
+                    s,
+                    "{name}{{guard=\"{g}\",interface=\"{iface}\",class=\"{role}\"}} {}",
+                    v[i]
+                );
             }
         }
         let _ = writeln!(s, "# HELP egressguard_enforced Whether the plan is in the kernel on the interface.\n# TYPE egressguard_enforced gauge");
         for (iface, e) in &self.enforced {
-            let _ = writeln!(s, "egressguard_enforced{{interface=\"{iface}\"}} {}", u8::from(*e));
+            let _ = writeln!(
+                s,
+                "egressguard_enforced{{interface=\"{iface}\"}} {}",
+                u8::from(*e)
+            );
         }
         let _ = writeln!(s, "# HELP egressguard_apply_errors_total Failed applies.\n# TYPE egressguard_apply_errors_total counter");
         let _ = writeln!(s, "egressguard_apply_errors_total {}", self.apply_errors);
         let _ = writeln!(s, "# HELP egressguard_reconciles_total Reconcile passes.\n# TYPE egressguard_reconciles_total counter");
         let _ = writeln!(s, "egressguard_reconciles_total {}", self.reconciles);
         let _ = writeln!(s, "# HELP egressguard_last_apply_timestamp_seconds When the last pass finished.\n# TYPE egressguard_last_apply_timestamp_seconds gauge");
-        let _ = writeln!(s, "egressguard_last_apply_timestamp_seconds {:.3}", self.last_apply_unix);
+        let _ = writeln!(
+            s,
+            "egressguard_last_apply_timestamp_seconds {:.3}",
+            self.last_apply_unix
+        );
         s
     }
 }

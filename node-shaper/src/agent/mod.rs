@@ -73,12 +73,17 @@ pub struct Shared {
 
 /// Runs until SIGTERM/SIGINT.
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
-    let client = kube::Client::try_default().await.map_err(AgentError::Client)?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(AgentError::Client)?;
     let api: Api<NodeShaping> = Api::all(client);
     let shared = Arc::new(Mutex::new(Shared::default()));
     let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
         .await
-        .map_err(|source| AgentError::Listen { addr: cfg.metrics_addr, source })?;
+        .map_err(|source| AgentError::Listen {
+            addr: cfg.metrics_addr,
+            source,
+        })?;
     tokio::spawn(http::serve(listener, shared.clone()));
 
     // The watcher feeds the latest version of our object (None = absent).
@@ -127,7 +132,9 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             }
         }
         // Nothing is decided before the first complete list.
-        let Some(current) = rx.borrow().clone() else { continue };
+        let Some(current) = rx.borrow().clone() else {
+            continue;
+        };
         let node = cfg.node.clone();
         let (outcome, mem) = match tokio::task::spawn_blocking(move || {
             let outcome = reconcile(&node, current.as_ref(), &mut memory);
@@ -148,11 +155,17 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             s.synced = true;
             s.metrics.record(&outcome);
         }
-        if let Some(obj) = rx.borrow().clone().flatten() {
+        // Clone out of the channel first: a borrow held across the await below
+        // would block the watcher's send, and with it this single-threaded runtime.
+        let latest = rx.borrow().clone().flatten();
+        if let Some(obj) = latest {
             let status = status_for(&obj, &outcome, last_status.as_ref());
             if last_status.as_ref() != Some(&status) || outcome.wrote {
                 let patch = serde_json::json!({ "status": status });
-                match api.patch_status(&cfg.node, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                match api
+                    .patch_status(&cfg.node, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
                     Ok(_) => last_status = Some(status),
                     Err(e) => warn!(error = %e, "cannot write NodeShaping status; will retry"),
                 }

@@ -60,13 +60,20 @@ mod chrono_free {
         let d = doy - (153 * mp + 2) / 5 + 1;
         let m = if mp < 10 { mp + 3 } else { mp - 9 };
         let y = yoe + era * 400 + i64::from(m <= 2);
-        format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem / 60) % 60, rem % 60)
+        format!(
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+            rem / 3600,
+            (rem / 60) % 60,
+            rem % 60
+        )
     }
 }
 
 /// Every interface of this host whose root qdisc is ours.
 fn owned_interfaces(nl: &mut Netlink) -> Vec<Interface> {
-    let Ok(dir) = std::fs::read_dir("/sys/class/net") else { return vec![] };
+    let Ok(dir) = std::fs::read_dir("/sys/class/net") else {
+        return vec![];
+    };
     dir.filter_map(|e| e.ok())
         .filter_map(|e| iface::by_name(&e.file_name().to_string_lossy()).ok())
         .filter(|i| observe(nl, i.index).is_ok_and(|o| o.root == RootState::Owned))
@@ -74,7 +81,9 @@ fn owned_interfaces(nl: &mut Netlink) -> Vec<Interface> {
 }
 
 fn counters_of(nl: &mut Netlink, i: &Interface) -> Vec<ClassCounters> {
-    let Ok(obs) = observe(nl, i.index) else { return vec![] };
+    let Ok(obs) = observe(nl, i.index) else {
+        return vec![];
+    };
     obs.counters
         .iter()
         .filter_map(|(id, c)| {
@@ -91,23 +100,37 @@ fn counters_of(nl: &mut Netlink, i: &Interface) -> Vec<ClassCounters> {
 
 fn remove(nl: &mut Netlink, names: impl IntoIterator<Item = String>, out: &mut Outcome) {
     for name in names {
-        let Ok(i) = iface::by_name(&name) else { continue };
+        let Ok(i) = iface::by_name(&name) else {
+            continue;
+        };
         match engine::reset(nl, &i, false) {
             Ok(r) => {
                 if r.removed.is_some() {
                     out.wrote = true;
                     info!(interface = %name, "removed shaping (plan no longer enforces it)");
                 }
-                out.interfaces.push(InterfaceStatus { name, enforced: false, ..Default::default() });
+                out.interfaces.push(InterfaceStatus {
+                    name,
+                    enforced: false,
+                    ..Default::default()
+                });
             }
-            Err(e) => out.interfaces.push(InterfaceStatus { name, enforced: false, error: Some(e.to_string()), ..Default::default() }),
+            Err(e) => out.interfaces.push(InterfaceStatus {
+                name,
+                enforced: false,
+                error: Some(e.to_string()),
+                ..Default::default()
+            }),
         }
     }
 }
 
 /// Drives the kernel to what `ns` asks for on node `node`.
 pub fn reconcile(node: &str, ns: Option<&NodeShaping>, mem: &mut Memory) -> Outcome {
-    let mut out = Outcome { at: chrono_free::now_rfc3339(), ..Outcome::default() };
+    let mut out = Outcome {
+        at: chrono_free::now_rfc3339(),
+        ..Outcome::default()
+    };
     let mut nl = match Netlink::open() {
         Ok(nl) => nl,
         Err(e) => {
@@ -116,7 +139,10 @@ pub fn reconcile(node: &str, ns: Option<&NodeShaping>, mem: &mut Memory) -> Outc
         }
     };
     if !mem.scanned {
-        mem.shaped = owned_interfaces(&mut nl).into_iter().map(|i| i.name).collect();
+        mem.shaped = owned_interfaces(&mut nl)
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
         mem.scanned = true;
     }
     let spec = ns.map(|n| &n.spec);
@@ -152,7 +178,11 @@ pub fn reconcile(node: &str, ns: Option<&NodeShaping>, mem: &mut Memory) -> Outc
             "dry run: would program {} classes and {} u32 filters on {}",
             shape.classes.len(),
             shape.node_count(),
-            ifaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
+            ifaces
+                .iter()
+                .map(|i| i.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
         out.removed = true;
         let names = std::mem::take(&mut mem.shaped);

@@ -24,7 +24,15 @@ pub mod reasons {
     pub const AS_PLANNED: &str = "AsPlanned";
 }
 
-fn condition(type_: &str, ok: bool, reason: &str, message: String, gen: Option<i64>, previous: Option<&NodeShapingStatus>, now: &Time) -> Condition {
+fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    gen: Option<i64>,
+    previous: Option<&NodeShapingStatus>,
+    now: &Time,
+) -> Condition {
     let status = if ok { "True" } else { "False" };
     // Keep the transition time while the condition's status stays the same.
     let since = previous
@@ -42,7 +50,11 @@ fn condition(type_: &str, ok: bool, reason: &str, message: String, gen: Option<i
 }
 
 /// The status for `obj` after `outcome`; `previous` keeps transition times stable.
-pub fn status_for(obj: &NodeShaping, outcome: &Outcome, previous: Option<&NodeShapingStatus>) -> NodeShapingStatus {
+pub fn status_for(
+    obj: &NodeShaping,
+    outcome: &Outcome,
+    previous: Option<&NodeShapingStatus>,
+) -> NodeShapingStatus {
     let gen = obj.metadata.generation;
     let now = Time(outcome.at.parse().unwrap_or_default());
     let failed: Vec<String> = outcome
@@ -52,17 +64,29 @@ pub fn status_for(obj: &NodeShaping, outcome: &Outcome, previous: Option<&NodeSh
         .chain(outcome.error.clone())
         .collect();
     let (ready, reason, message) = if let Some(e) = &outcome.error {
-        let r = if e.starts_with("invalid plan") { reasons::INVALID_PLAN } else { reasons::APPLY_FAILED };
+        let r = if e.starts_with("invalid plan") {
+            reasons::INVALID_PLAN
+        } else {
+            reasons::APPLY_FAILED
+        };
         (false, r, e.clone())
     } else if !failed.is_empty() {
         (false, reasons::APPLY_FAILED, failed.join("; "))
     } else if let Some(d) = &outcome.dry_run {
         (true, reasons::DRY_RUN, d.clone())
     } else if outcome.removed {
-        (true, reasons::REMOVED, "no shaping is planned for this node, and none is installed".into())
+        (
+            true,
+            reasons::REMOVED,
+            "no shaping is planned for this node, and none is installed".into(),
+        )
     } else {
         let names: Vec<&str> = outcome.interfaces.iter().map(|i| i.name.as_str()).collect();
-        (true, reasons::ENFORCED, format!("enforced on {}", names.join(", ")))
+        (
+            true,
+            reasons::ENFORCED,
+            format!("enforced on {}", names.join(", ")),
+        )
     };
     let fallbacks: Vec<String> = outcome
         .interfaces

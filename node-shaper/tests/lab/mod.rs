@@ -44,6 +44,23 @@ fn must(args: &[&str]) {
     );
 }
 
+/// The node-shaper binary: Cargo's path when this file is built inside the
+/// node-shaper package, else the one next to this test binary (`target/debug`).
+pub fn shaper_bin() -> std::path::PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_node-shaper") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("node-shaper");
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo build --workspace --bins` first",
+        bin.display()
+    );
+    bin
+}
+
 /// True when this process may create namespaces (root) and iperf3 exists.
 pub fn available() -> bool {
     let root = sh(&["id", "-u"]).stdout.starts_with(b"0");
@@ -164,12 +181,8 @@ impl Lab {
     /// Runs node-shaper in the client namespace.
     pub fn shaper(&self, args: &[&str]) -> Output {
         Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.cli,
-                env!("CARGO_BIN_EXE_node-shaper"),
-            ])
+            .args(["netns", "exec", &self.cli])
+            .arg(shaper_bin())
             .args(args)
             .env("EGRESSGUARD_STATE_DIR", &self.dir)
             .output()
