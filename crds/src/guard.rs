@@ -146,4 +146,20 @@ pub struct EgressGuardStatus {
     /// Nodes whose agent reports an error.
     #[serde(default)]
     pub failed_nodes: i32,
+    /// Per-node state, at most 100 entries (counts above are complete).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeState>,
+}
+
+/// One node's state for a guard.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeState {
+    /// Node name.
+    pub name: String,
+    /// Pending, Enforced, DryRun, Failed, Conflict, Removing.
+    pub state: String,
+    /// Details (errors, the guard that won a conflict).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }

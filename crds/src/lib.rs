@@ -8,7 +8,8 @@ pub mod units;
 pub mod validate;
 
 pub use guard::{
-    Destination, EgressGuard, EgressGuardSpec, EgressGuardStatus, Mode, Protocol, Throttle, Uplink,
+    Destination, EgressGuard, EgressGuardSpec, EgressGuardStatus, Mode, NodeState, Protocol,
+    Throttle, Uplink,
 };
 pub use node_shaping::{NodeShaping, NodeShapingSpec, NodeShapingStatus};
 pub use validate::{validate, FieldError, ValidSpec, ValidationErrors};

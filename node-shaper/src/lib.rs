@@ -18,4 +18,5 @@ pub mod ports;
 pub mod render;
 pub mod show;
 pub mod sim;
+pub mod state;
 pub mod target;

@@ -171,24 +171,11 @@ fn load_one(file: &Path) -> Result<Target, Failure> {
 }
 
 fn state_dir() -> PathBuf {
-    std::env::var_os("EGRESSGUARD_STATE_DIR")
-        .map_or_else(|| PathBuf::from("/run/egressguard"), PathBuf::from)
+    node_shaper::state::dir()
 }
 
-/// Remembers what was applied so `explain` and `show` can name spec fields later.
 fn remember(iface: &Interface, target: &Target) {
-    let dir = state_dir();
-    let write = || -> anyhow::Result<()> {
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(
-            dir.join(format!("{}.yaml", iface.name)),
-            serde_yaml::to_string(&target.to_node_shaping(&iface.name))?,
-        )?;
-        Ok(())
-    };
-    if let Err(e) = write() {
-        tracing::warn!(error = %e, "could not record the applied guard; explain will show kernel handles only");
-    }
+    node_shaper::state::remember(iface, target);
 }
 
 fn netlink() -> Result<Netlink, Failure> {

@@ -1,5 +1,8 @@
-//! The EgressGuard operator's logic, kept free of I/O so it can be tested as
-//! plain functions: [`decide`] turns guards, nodes and control-plane endpoints
-//! into one plan per node.
+//! The EgressGuard operator. [`decide`] is the pure core (guards, nodes and
+//! control-plane endpoints in, one plan per node out); [`run`] is the process
+//! around it (watches, writes, status, events, finalizer, leader election).
 
 pub mod decide;
+pub mod http;
+pub mod leader;
+pub mod run;

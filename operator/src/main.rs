@@ -34,6 +34,24 @@ enum Cmd {
     },
     /// Print the CustomResourceDefinitions (EgressGuard, NodeShaping) as YAML.
     Crd,
+    /// Run the controller (in-cluster config or KUBECONFIG).
+    Run {
+        /// Namespace of the leader-election Lease.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "egressguard-system")]
+        namespace: String,
+        /// This replica's identity.
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
+        /// Address for /metrics, /healthz and /readyz.
+        #[arg(long, default_value = "0.0.0.0:9465")]
+        metrics_addr: std::net::SocketAddr,
+        /// Seconds a deleted guard waits for its nodes to confirm removal.
+        #[arg(long, default_value_t = 60)]
+        cleanup_timeout_seconds: u64,
+        /// Log JSON lines.
+        #[arg(long)]
+        log_json: bool,
+    },
 }
 
 fn manifests(path: &Path) -> std::io::Result<Vec<PathBuf>> {
@@ -114,6 +132,51 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Cmd::Run {
+            namespace,
+            identity,
+            metrics_addr,
+            cleanup_timeout_seconds,
+            log_json,
+        } => {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into());
+            let b = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr);
+            if log_json {
+                b.json().init();
+            } else {
+                b.with_ansi(false).init();
+            }
+            let identity =
+                identity.unwrap_or_else(|| format!("egressguard-operator-{}", std::process::id()));
+            let cfg = egressguard_operator::run::OperatorConfig {
+                namespace,
+                identity,
+                metrics_addr,
+                cleanup_timeout: std::time::Duration::from_secs(cleanup_timeout_seconds),
+                resync: std::time::Duration::from_secs(30),
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(egressguard_operator::run::run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Cmd::Crd => match crds_yaml() {
             Ok(y) => {
                 print!("{y}");

@@ -105,6 +105,7 @@ fn remove(nl: &mut Netlink, names: impl IntoIterator<Item = String>, out: &mut O
         };
         match engine::reset(nl, &i, false) {
             Ok(r) => {
+                crate::state::forget(&name);
                 if r.removed.is_some() {
                     out.wrote = true;
                     info!(interface = %name, "removed shaping (plan no longer enforces it)");
@@ -199,6 +200,7 @@ pub fn reconcile(node: &str, ns: Option<&NodeShaping>, mem: &mut Memory) -> Outc
         match engine::apply(&mut nl, i, &target, ApplyOptions::default()) {
             Ok(r) => {
                 mem.shaped.insert(i.name.clone());
+                crate::state::remember(i, &target);
                 out.wrote |= r.writes > 0;
                 out.interfaces.push(InterfaceStatus {
                     name: i.name.clone(),

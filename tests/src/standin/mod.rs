@@ -7,7 +7,9 @@
 //! `/version`); get/list/create/update/patch/delete for nodes, namespaces,
 //! events, leases, endpointslices, egressguards and nodeshapings; list and
 //! watch with resource versions, bookmarks and `410 Gone` for compacted
-//! versions; `409` on a stale resourceVersion; merge, JSON and apply patches;
+//! versions; `409` on a stale resourceVersion; merge and JSON patches, and
+//! server-side apply for a single field manager (the sections an applied
+//! configuration names are replaced, metadata is merged);
 //! the status subresource (spec changes bump `metadata.generation`, status
 //! writes touch only status); finalizers and `deletionTimestamp`; label and
 //! field selectors; CRD `openAPIV3Schema` validation with pruning (from

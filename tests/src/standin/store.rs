@@ -736,6 +736,21 @@ impl Store {
         };
         if content_type.contains("json-patch") {
             json_patch(&mut obj, &patch).map_err(|e| ApiError::new(422, "Invalid", e))?;
+        } else if content_type.contains("apply-patch") {
+            // Server-side apply, assuming one field manager: the sections the
+            // applied configuration names (spec, status, ...) are replaced, so
+            // fields it no longer sets disappear; metadata is merged.
+            if let (Some(o), Some(p)) = (obj.as_object_mut(), patch.as_object()) {
+                for (k, v) in p {
+                    match k.as_str() {
+                        "metadata" => merge_patch(o.entry("metadata").or_insert(Value::Null), v),
+                        "apiVersion" | "kind" => {}
+                        _ => {
+                            o.insert(k.clone(), v.clone());
+                        }
+                    }
+                }
+            }
         } else {
             merge_patch(&mut obj, &patch);
         }

@@ -1,0 +1,114 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease, so two replicas are
+//! safe: only the holder reconciles; a holder that stops renewing for
+//! `LEASE_SECONDS` is replaced.
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube::Client;
+use tracing::{info, warn};
+
+/// Seconds a lease stays valid without renewal.
+pub const LEASE_SECONDS: i32 = 15;
+
+/// One replica's view of the lease.
+pub struct Leader {
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    leading: bool,
+}
+
+impl Leader {
+    /// A contender for `name` in `namespace`.
+    pub fn new(client: Client, namespace: &str, name: &str, identity: &str) -> Leader {
+        Leader {
+            api: Api::namespaced(client, namespace),
+            name: name.into(),
+            identity: identity.into(),
+            leading: false,
+        }
+    }
+
+    /// Acquires or renews the lease; true while this replica leads.
+    pub async fn try_lead(&mut self) -> bool {
+        let now = MicroTime(Timestamp::now());
+        let mine = |l: &mut Lease, acquire: bool| {
+            let spec = l.spec.get_or_insert_with(LeaseSpec::default);
+            spec.holder_identity = Some(self.identity.clone());
+            spec.lease_duration_seconds = Some(LEASE_SECONDS);
+            spec.renew_time = Some(now.clone());
+            if acquire {
+                spec.acquire_time = Some(now.clone());
+                spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+            }
+        };
+        let result = match self.api.get_opt(&self.name).await {
+            Ok(None) => {
+                let mut l = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(self.name.clone()),
+                        ..Default::default()
+                    },
+                    spec: None,
+                };
+                mine(&mut l, true);
+                self.api
+                    .create(&PostParams::default(), &l)
+                    .await
+                    .map(|_| true)
+            }
+            Ok(Some(mut l)) => {
+                let spec = l.spec.clone().unwrap_or_default();
+                let held_by_me = spec.holder_identity.as_deref() == Some(self.identity.as_str());
+                let expired = spec.renew_time.as_ref().is_none_or(|t| {
+                    Timestamp::now().duration_since(t.0).as_secs()
+                        > i64::from(spec.lease_duration_seconds.unwrap_or(LEASE_SECONDS))
+                });
+                if held_by_me || expired {
+                    mine(&mut l, !held_by_me);
+                    // The resourceVersion in `l` makes a racing replica's write a 409.
+                    self.api
+                        .replace(&self.name, &PostParams::default(), &l)
+                        .await
+                        .map(|_| true)
+                } else {
+                    Ok(false)
+                }
+            }
+            Err(e) => Err(e),
+        };
+        let leading = match result {
+            Ok(b) => b,
+            Err(kube::Error::Api(e)) if e.code == 409 => false,
+            Err(e) => {
+                warn!(error = %e, "lease update failed");
+                false
+            }
+        };
+        if leading != self.leading {
+            info!(identity = %self.identity, leading, "leadership changed");
+        }
+        self.leading = leading;
+        leading
+    }
+
+    /// Gives the lease up on shutdown so another replica takes over at once.
+    pub async fn release(&mut self) {
+        if !self.leading {
+            return;
+        }
+        if let Ok(Some(mut l)) = self.api.get_opt(&self.name).await {
+            if let Some(spec) = l.spec.as_mut() {
+                spec.holder_identity = None;
+                spec.renew_time = None;
+            }
+            let _ = self
+                .api
+                .replace(&self.name, &PostParams::default(), &l)
+                .await;
+        }
+        self.leading = false;
+    }
+}

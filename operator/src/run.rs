@@ -1,0 +1,652 @@
+//! The operator process: watches guards, nodes, the API server's endpoints
+//! and its own NodeShapings, and on every change recomputes the whole
+//! decision ([`crate::decide`]) and writes only what differs.
+//!
+//! # Guarantees
+//! - Only status and the operator's own objects (NodeShapings, Events, its
+//!   Lease, the guard finalizer) are written; guard specs belong to GitOps.
+//! - Recomputing from the caches makes every pass idempotent: a restart, a
+//!   lost watch or a second replica that becomes leader converges to the
+//!   same writes.
+//! - A guard being deleted keeps its finalizer until every node confirmed the
+//!   removal, or `cleanup_timeout` passed (then a Warning Event lists the nodes).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use egressguard_crds::node_shaping::NodeShapingSpec;
+use egressguard_crds::{EgressGuard, EgressGuardStatus, NodeShaping, NodeState};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, Resource, ResourceExt};
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use crate::decide::{decide, Decision, NodeFacts};
+use crate::leader::Leader;
+
+/// The finalizer that holds a guard until its shaping is gone from every node.
+pub const FINALIZER: &str = "egressguard.io/cleanup";
+/// Field manager for server-side apply.
+pub const MANAGER: &str = "egressguard-operator";
+/// At most this many nodes are listed in a guard's status.
+const MAX_NODES_IN_STATUS: usize = 100;
+
+/// How the operator runs.
+#[derive(Debug, Clone)]
+pub struct OperatorConfig {
+    /// Namespace of the leader-election Lease.
+    pub namespace: String,
+    /// This replica's identity (pod name).
+    pub identity: String,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_addr: SocketAddr,
+    /// How long a deleted guard waits for its nodes before giving up.
+    pub cleanup_timeout: Duration,
+    /// Recompute at least this often.
+    pub resync: Duration,
+}
+
+/// Why the operator stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    /// No usable kubeconfig / in-cluster config.
+    #[error("cannot build a Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+    /// The metrics port could not be bound.
+    #[error("cannot listen on {0}: {1}")]
+    Listen(SocketAddr, #[source] std::io::Error),
+    /// Signal handling could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct OpMetrics {
+    /// Reconcile passes.
+    pub reconciles: u64,
+    /// Failed passes.
+    pub errors: u64,
+    /// Sum of pass durations.
+    pub seconds: f64,
+    /// This replica leads.
+    pub leader: bool,
+    /// Caches are synced.
+    pub ready: bool,
+}
+
+impl OpMetrics {
+    fn render(&self) -> String {
+        format!(
+            "# HELP egressguard_operator_reconciles_total Reconcile passes.\n# TYPE egressguard_operator_reconciles_total counter\negressguard_operator_reconciles_total {}\n\
+             # HELP egressguard_operator_reconcile_errors_total Failed reconcile passes.\n# TYPE egressguard_operator_reconcile_errors_total counter\negressguard_operator_reconcile_errors_total {}\n\
+             # HELP egressguard_operator_reconcile_duration_seconds Time spent reconciling.\n# TYPE egressguard_operator_reconcile_duration_seconds summary\negressguard_operator_reconcile_duration_seconds_sum {:.6}\negressguard_operator_reconcile_duration_seconds_count {}\n\
+             # HELP egressguard_operator_leader Whether this replica holds the lease.\n# TYPE egressguard_operator_leader gauge\negressguard_operator_leader {}\n",
+            self.reconciles,
+            self.errors,
+            self.seconds,
+            self.reconciles,
+            u8::from(self.leader)
+        )
+    }
+}
+
+struct Caches {
+    guards: Store<EgressGuard>,
+    nodes: Store<Node>,
+    shapings: Store<NodeShaping>,
+    slices: Store<EndpointSlice>,
+}
+
+fn spawn_reflector<K>(api: Api<K>, cfg: watcher::Config, notify: Arc<Notify>) -> Store<K>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher::watcher(api, cfg)).default_backoff();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(_) => notify.notify_one(),
+                Err(e) => warn!(error = %e, "watch failed; retrying with backoff"),
+            }
+        }
+    });
+    reader
+}
+
+fn facts(n: &Node) -> NodeFacts {
+    NodeFacts {
+        name: n.name_any(),
+        labels: n.labels().clone(),
+        internal_ips: n
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .collect(),
+    }
+}
+
+fn api_endpoints(slices: &[Arc<EndpointSlice>]) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = slices
+        .iter()
+        .flat_map(|s| s.endpoints.iter().flatten())
+        .flat_map(|e| e.addresses.iter())
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// A node's state for a guard, from its NodeShaping.
+fn node_state(ns: Option<&NodeShaping>, guard: &EgressGuard) -> NodeState {
+    let name = ns.map(|n| n.name_any()).unwrap_or_default();
+    let Some(ns) = ns else {
+        return NodeState {
+            name,
+            state: "Pending".into(),
+            message: String::new(),
+        };
+    };
+    let current = ns
+        .spec
+        .guard
+        .as_ref()
+        .is_some_and(|g| g.generation == guard.metadata.generation.unwrap_or_default());
+    let st = ns.status.as_ref();
+    let observed = st.and_then(|s| s.observed_generation) == ns.metadata.generation;
+    let ready = st.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+    let (state, message) = match ready {
+        Some(c) if current && observed && c.status == "True" && c.reason == "DryRun" => {
+            ("DryRun", c.message.clone())
+        }
+        Some(c) if current && observed && c.status == "True" => ("Enforced", String::new()),
+        Some(c) if current && observed => ("Failed", c.message.clone()),
+        _ => ("Pending", String::new()),
+    };
+    NodeState {
+        name,
+        state: state.into(),
+        message,
+    }
+}
+
+fn cond(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    gen: Option<i64>,
+    prev: Option<&EgressGuardStatus>,
+) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    let since = prev
+        .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
+        .filter(|c| c.status == status)
+        .map_or_else(
+            || Time(Timestamp::now()),
+            |c| c.last_transition_time.clone(),
+        );
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: gen,
+        last_transition_time: since,
+    }
+}
+
+/// The status a guard should have now.
+pub fn guard_status(
+    g: &EgressGuard,
+    d: &Decision,
+    shapings: &BTreeMap<String, Arc<NodeShaping>>,
+) -> EgressGuardStatus {
+    let name = g.name_any();
+    let out = d.guards.get(&name).cloned().unwrap_or_default();
+    let prev = g.status.as_ref();
+    let gen = g.metadata.generation;
+    let mut nodes: Vec<NodeState> = out
+        .planned
+        .iter()
+        .map(|n| {
+            let mut s = node_state(shapings.get(n).map(|a| a.as_ref()), g);
+            s.name = n.clone();
+            s
+        })
+        .collect();
+    nodes.extend(out.conflicts.iter().map(|c| NodeState {
+        name: c.node.clone(),
+        state: "Conflict".into(),
+        message: format!("node carries EgressGuard {}'s plan (older)", c.winner),
+    }));
+    let enforced = nodes
+        .iter()
+        .filter(|n| n.state == "Enforced" || n.state == "DryRun")
+        .count();
+    let failed: Vec<&NodeState> = nodes.iter().filter(|n| n.state == "Failed").collect();
+    let pending = nodes.iter().filter(|n| n.state == "Pending").count();
+    let conditions = if let Some(why) = &out.invalid {
+        vec![
+            cond(
+                "Ready",
+                false,
+                if why == "being deleted" {
+                    "Deleting"
+                } else {
+                    "InvalidSpec"
+                },
+                why.clone(),
+                gen,
+                prev,
+            ),
+            cond("Degraded", true, "InvalidSpec", why.clone(), gen, prev),
+            cond("Conflict", false, "NoConflict", String::new(), gen, prev),
+        ]
+    } else {
+        let ready = failed.is_empty() && pending == 0;
+        let (reason, msg) = if !failed.is_empty() {
+            (
+                "NodesFailed",
+                failed
+                    .iter()
+                    .map(|n| format!("{}: {}", n.name, n.message))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        } else if pending > 0 {
+            (
+                "Progressing",
+                format!("{pending} of {} nodes not confirmed yet", out.planned.len()),
+            )
+        } else {
+            (
+                "Enforced",
+                format!(
+                    "{enforced} of {} selected nodes enforce this guard",
+                    out.selected.len()
+                ),
+            )
+        };
+        vec![
+            cond("Ready", ready, reason, msg, gen, prev),
+            cond(
+                "Degraded",
+                !failed.is_empty(),
+                if failed.is_empty() {
+                    "AsPlanned"
+                } else {
+                    "NodesFailed"
+                },
+                String::new(),
+                gen,
+                prev,
+            ),
+            cond(
+                "Conflict",
+                !out.conflicts.is_empty(),
+                if out.conflicts.is_empty() {
+                    "NoConflict"
+                } else {
+                    "NodeClaimedByOlderGuard"
+                },
+                out.conflicts
+                    .iter()
+                    .map(|c| format!("{} is enforced by {}", c.node, c.winner))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                gen,
+                prev,
+            ),
+        ]
+    };
+    let failed_count = failed.len() as i32;
+    nodes.truncate(MAX_NODES_IN_STATUS);
+    EgressGuardStatus {
+        observed_generation: gen,
+        conditions,
+        selected_nodes: out.selected.len() as i32,
+        enforced_nodes: enforced as i32,
+        quarantined_nodes: 0,
+        failed_nodes: failed_count,
+        nodes,
+    }
+}
+
+fn removal(node: &str) -> NodeShapingSpec {
+    NodeShapingSpec {
+        node_name: node.into(),
+        guard: None,
+        shaping: None,
+        protected: vec![],
+        enforce: false,
+    }
+}
+
+/// Removal confirmed by the agent: it acted on the current generation and nothing is enforced.
+fn removal_confirmed(ns: &NodeShaping) -> bool {
+    let st = ns.status.as_ref();
+    ns.spec.shaping.is_none()
+        && st.and_then(|s| s.observed_generation) == ns.metadata.generation
+        && st.is_some_and(|s| s.interfaces.iter().all(|i| !i.enforced))
+}
+
+struct Ctx {
+    client: Client,
+    caches: Caches,
+    recorder: Recorder,
+    cleanup_timeout: Duration,
+}
+
+async fn event(ctx: &Ctx, g: &EgressGuard, type_: EventType, reason: &str, note: String) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &g.object_ref(&())).await {
+        warn!(error = %e, "cannot publish event");
+    }
+}
+
+/// One full pass: decide, then write the differences.
+async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
+    let guards: Vec<EgressGuard> = ctx
+        .caches
+        .guards
+        .state()
+        .iter()
+        .map(|g| (**g).clone())
+        .collect();
+    let nodes: Vec<NodeFacts> = ctx.caches.nodes.state().iter().map(|n| facts(n)).collect();
+    let node_names: std::collections::BTreeSet<String> =
+        nodes.iter().map(|n| n.name.clone()).collect();
+    let endpoints = api_endpoints(&ctx.caches.slices.state());
+    let shapings: BTreeMap<String, Arc<NodeShaping>> = ctx
+        .caches
+        .shapings
+        .state()
+        .into_iter()
+        .map(|s| (s.name_any(), s))
+        .collect();
+    let d = decide(&guards, &nodes, &endpoints);
+    let g_api: Api<EgressGuard> = Api::all(ctx.client.clone());
+    let ns_api: Api<NodeShaping> = Api::all(ctx.client.clone());
+    let apply = PatchParams::apply(MANAGER).force();
+
+    // Finalizers first, so no guard can vanish with shaping left behind.
+    for g in guards.iter().filter(|g| {
+        g.metadata.deletion_timestamp.is_none() && !g.finalizers().iter().any(|f| f == FINALIZER)
+    }) {
+        let mut fins = g.finalizers().to_vec();
+        fins.push(FINALIZER.into());
+        let patch = serde_json::json!({"metadata": {"finalizers": fins, "resourceVersion": g.resource_version()}});
+        g_api
+            .patch(
+                &g.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
+    }
+
+    // Plans.
+    for (node, spec) in &d.plans {
+        if shapings.get(node).is_some_and(|s| &s.spec == spec) {
+            continue;
+        }
+        let obj = NodeShaping {
+            metadata: ObjectMeta {
+                name: Some(node.clone()),
+                ..Default::default()
+            },
+            spec: spec.clone(),
+            status: None,
+        };
+        let mut value = serde_json::to_value(&obj).unwrap_or_default();
+        value["apiVersion"] = "egressguard.io/v1alpha1".into();
+        value["kind"] = "NodeShaping".into();
+        ns_api.patch(node, &apply, &Patch::Apply(&value)).await?;
+        info!(node, guard = ?spec.guard.as_ref().map(|g| &g.name), "plan written");
+    }
+    for (node, s) in &shapings {
+        if d.plans.contains_key(node) {
+            continue;
+        }
+        if !node_names.contains(node) || removal_confirmed(s) {
+            // Node gone, or the agent confirmed: the object has done its job.
+            match ns_api.delete(node, &DeleteParams::default()).await {
+                Ok(_) => info!(node, "plan deleted"),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        } else if s.spec != removal(node) {
+            let obj = NodeShaping {
+                metadata: ObjectMeta {
+                    name: Some(node.clone()),
+                    ..Default::default()
+                },
+                spec: removal(node),
+                status: None,
+            };
+            let mut value = serde_json::to_value(&obj).unwrap_or_default();
+            value["apiVersion"] = "egressguard.io/v1alpha1".into();
+            value["kind"] = "NodeShaping".into();
+            ns_api.patch(node, &apply, &Patch::Apply(&value)).await?;
+            info!(node, "removal written");
+        }
+    }
+
+    // Guard status, events, and the finalizer release.
+    for g in &guards {
+        let status = guard_status(g, &d, &shapings);
+        let before = g.status.clone().unwrap_or_default();
+        if before != status {
+            for c in &status.conditions {
+                let was = before.conditions.iter().find(|p| p.type_ == c.type_);
+                if was.map(|w| (&w.status, &w.reason)) != Some((&c.status, &c.reason)) {
+                    let t = if (c.type_ == "Ready" && c.status == "False")
+                        || (c.type_ != "Ready" && c.status == "True")
+                    {
+                        EventType::Warning
+                    } else {
+                        EventType::Normal
+                    };
+                    event(
+                        ctx,
+                        g,
+                        t,
+                        &c.reason,
+                        format!("{} is {}: {}", c.type_, c.status, c.message),
+                    )
+                    .await;
+                }
+            }
+            let patch = serde_json::json!({"status": status});
+            g_api
+                .patch_status(
+                    &g.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await?;
+        }
+        if let Some(ts) = &g.metadata.deletion_timestamp {
+            if !g.finalizers().iter().any(|f| f == FINALIZER) {
+                continue;
+            }
+            let left: Vec<String> = shapings
+                .values()
+                .filter(|s| node_names.contains(&s.name_any()) && !removal_confirmed(s))
+                .filter(|s| {
+                    s.spec
+                        .guard
+                        .as_ref()
+                        .is_some_and(|r| r.name == g.name_any())
+                        || s.spec.guard.is_none()
+                })
+                .map(|s| s.name_any())
+                .collect();
+            let waited = Timestamp::now().duration_since(ts.0);
+            let timed_out = waited.as_secs() >= ctx.cleanup_timeout.as_secs() as i64;
+            if left.is_empty() || timed_out {
+                if !left.is_empty() {
+                    event(
+                        ctx,
+                        g,
+                        EventType::Warning,
+                        "CleanupTimedOut",
+                        format!(
+                            "gave up waiting after {}s; shaping may remain on: {}",
+                            ctx.cleanup_timeout.as_secs(),
+                            left.join(", ")
+                        ),
+                    )
+                    .await;
+                }
+                let fins: Vec<String> = g
+                    .finalizers()
+                    .iter()
+                    .filter(|f| *f != FINALIZER)
+                    .cloned()
+                    .collect();
+                let patch = serde_json::json!({"metadata": {"finalizers": fins}});
+                g_api
+                    .patch(
+                        &g.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await?;
+                info!(guard = %g.name_any(), "cleanup done; finalizer removed");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs until SIGTERM/SIGINT.
+pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
+    let client = Client::try_default().await.map_err(OperatorError::Client)?;
+    let metrics = Arc::new(Mutex::new(OpMetrics::default()));
+    let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
+        .await
+        .map_err(|e| OperatorError::Listen(cfg.metrics_addr, e))?;
+    tokio::spawn(crate::http::serve(
+        listener,
+        metrics.clone(),
+        |m: &OpMetrics| m.render(),
+        |m: &OpMetrics| m.ready,
+    ));
+    let notify = Arc::new(Notify::new());
+    let caches = Caches {
+        guards: spawn_reflector(
+            Api::<EgressGuard>::all(client.clone()),
+            watcher::Config::default(),
+            notify.clone(),
+        ),
+        nodes: spawn_reflector(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default(),
+            notify.clone(),
+        ),
+        shapings: spawn_reflector(
+            Api::<NodeShaping>::all(client.clone()),
+            watcher::Config::default(),
+            notify.clone(),
+        ),
+        slices: spawn_reflector(
+            Api::<EndpointSlice>::namespaced(client.clone(), "default"),
+            watcher::Config::default().labels("kubernetes.io/service-name=kubernetes"),
+            notify.clone(),
+        ),
+    };
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: MANAGER.into(),
+            instance: Some(cfg.identity.clone()),
+        },
+    );
+    let ctx = Ctx {
+        client: client.clone(),
+        caches,
+        recorder,
+        cleanup_timeout: cfg.cleanup_timeout,
+    };
+    let mut leader = Leader::new(
+        client,
+        &cfg.namespace,
+        "egressguard-operator",
+        &cfg.identity,
+    );
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigterm = signal(SignalKind::terminate()).map_err(OperatorError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(OperatorError::Signal)?;
+    let mut backoff = Duration::from_millis(200);
+    info!(identity = %cfg.identity, "egressguard-operator started");
+    loop {
+        tokio::select! {
+            _ = notify.notified() => {}
+            _ = tokio::time::sleep(cfg.resync.min(Duration::from_secs(5))) => {}
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+        let leads = leader.try_lead().await;
+        metrics.lock().unwrap_or_else(|p| p.into_inner()).leader = leads;
+        if !leads {
+            continue;
+        }
+        // Let a burst of events settle before recomputing.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let ready = ctx.caches.guards.wait_until_ready().await.is_ok()
+            && ctx.caches.nodes.wait_until_ready().await.is_ok()
+            && ctx.caches.shapings.wait_until_ready().await.is_ok()
+            && ctx.caches.slices.wait_until_ready().await.is_ok();
+        if !ready {
+            continue;
+        }
+        let t = Instant::now();
+        let res = reconcile_all(&ctx).await;
+        {
+            let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
+            m.ready = true;
+            m.reconciles += 1;
+            m.seconds += t.elapsed().as_secs_f64();
+            m.errors += u64::from(res.is_err());
+        }
+        match res {
+            Ok(()) => backoff = Duration::from_millis(200),
+            Err(e) => {
+                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "reconcile failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                notify.notify_one();
+            }
+        }
+    }
+    leader.release().await;
+    info!("egressguard-operator stopped");
+    Ok(())
+}
