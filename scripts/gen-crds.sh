@@ -9,6 +9,8 @@ docs = open(sys.argv[1]).read().split("---\n")
 names = ["crds/egressguard.io_egressguards.yaml", "crds/egressguard.io_nodeshapings.yaml"]
 for name, doc in zip(names, docs):
     open(name, "w").write(doc)
+    # The Helm chart ships the same files.
+    open("charts/egressguard/" + name, "w").write(doc)
 PY
 rm -f /tmp/egressguard-crds.$$.yaml
-echo "regenerated: crds/egressguard.io_egressguards.yaml crds/egressguard.io_nodeshapings.yaml"
+echo "regenerated: crds/*.yaml and charts/egressguard/crds/*.yaml"

@@ -5,4 +5,5 @@
 pub mod decide;
 pub mod http;
 pub mod leader;
+pub mod rbac;
 pub mod run;

@@ -1,0 +1,44 @@
+//! The API calls each component makes, as RBAC rules. The Helm chart must
+//! grant exactly these (tests/tests/chart.rs renders it with real Helm and
+//! compares); change this table together with the code that calls the API.
+
+/// One rule: API group, resource, verbs.
+pub type Rule = (&'static str, &'static str, &'static [&'static str]);
+
+/// Cluster-wide calls of `egressguard-operator run` (`run.rs`).
+pub const OPERATOR_CLUSTER: &[Rule] = &[
+    // reflector (list, watch); finalizer add/remove (patch).
+    (
+        "egressguard.io",
+        "egressguards",
+        &["list", "watch", "patch"],
+    ),
+    ("egressguard.io", "egressguards/status", &["patch"]),
+    // reflector; server-side apply of plans (patch); delete after confirmed removal.
+    (
+        "egressguard.io",
+        "nodeshapings",
+        &["list", "watch", "patch", "delete"],
+    ),
+    ("", "nodes", &["list", "watch"]),
+    // kube-runtime's event Recorder creates events and patches their series.
+    ("events.k8s.io", "events", &["create", "patch"]),
+];
+
+/// Calls of the operator in the `default` namespace: the API server's EndpointSlices.
+pub const OPERATOR_DEFAULT_NS: &[Rule] =
+    &[("discovery.k8s.io", "endpointslices", &["list", "watch"])];
+
+/// Calls of the operator in its own namespace: the leader-election Lease (`leader.rs`).
+pub const OPERATOR_OWN_NS: &[Rule] = &[(
+    "coordination.k8s.io",
+    "leases",
+    &["get", "create", "update"],
+)];
+
+/// Cluster-wide calls of `node-shaper run`: a field-selected watch of its
+/// own NodeShaping and status patches.
+pub const AGENT_CLUSTER: &[Rule] = &[
+    ("egressguard.io", "nodeshapings", &["list", "watch"]),
+    ("egressguard.io", "nodeshapings/status", &["patch"]),
+];

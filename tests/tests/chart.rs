@@ -1,0 +1,263 @@
+//! The Helm chart, linted and rendered with real Helm (helm-python-sdk embeds
+//! Helm v4's Go SDK). Rendered manifests must parse as the Kubernetes types,
+//! grant exactly the RBAC the code uses, and run node-shaper with NET_ADMIN
+//! only.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use egressguard_operator::rbac::{self, Rule};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use serde_json::Value;
+
+fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+struct Rendered {
+    docs: Vec<Value>,
+    lint: Value,
+}
+
+fn render(values: &str) -> Rendered {
+    let out = Command::new("python3")
+        .arg(root().join("tests/helm/render.py"))
+        .arg(root().join("charts/egressguard"))
+        .arg(values)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "helm render failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("render output");
+    let mut docs = Vec::new();
+    for text in v["manifests"].as_object().expect("manifests").values() {
+        for doc in serde_yaml::Deserializer::from_str(text.as_str().unwrap_or_default()) {
+            let d: Value = serde::Deserialize::deserialize(doc).expect("rendered YAML parses");
+            if !d.is_null() {
+                docs.push(d);
+            }
+        }
+    }
+    Rendered {
+        docs,
+        lint: v["lint"].clone(),
+    }
+}
+
+fn of_kind<T: serde::de::DeserializeOwned>(r: &Rendered, kind: &str) -> Vec<T> {
+    r.docs
+        .iter()
+        .filter(|d| d["kind"] == kind)
+        .map(|d| {
+            serde_json::from_value(d.clone())
+                .unwrap_or_else(|e| panic!("{kind} does not parse as the Kubernetes type: {e}"))
+        })
+        .collect()
+}
+
+fn rules_set(rules: &[PolicyRule]) -> BTreeSet<(String, String, Vec<String>)> {
+    rules
+        .iter()
+        .flat_map(|r| {
+            let groups = r.api_groups.clone().unwrap_or_default();
+            let resources = r.resources.clone().unwrap_or_default();
+            let mut verbs = r.verbs.clone();
+            verbs.sort();
+            groups.into_iter().flat_map(move |g| {
+                let verbs = verbs.clone();
+                resources
+                    .clone()
+                    .into_iter()
+                    .map(move |res| (g.clone(), res, verbs.clone()))
+            })
+        })
+        .collect()
+}
+
+fn expected(rules: &[Rule]) -> BTreeSet<(String, String, Vec<String>)> {
+    rules
+        .iter()
+        .map(|(g, r, v)| {
+            let mut v: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+            v.sort();
+            (g.to_string(), r.to_string(), v)
+        })
+        .collect()
+}
+
+#[test]
+fn chart_lints_and_renders_with_real_helm() {
+    let r = render("{}");
+    assert_eq!(
+        r.lint["errors"],
+        serde_json::json!([]),
+        "helm lint: {}",
+        r.lint
+    );
+    let severe: Vec<&Value> = r.lint["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["severity"].as_i64() >= Some(2))
+        .collect();
+    assert!(severe.is_empty(), "helm lint warnings: {severe:?}");
+
+    // Every manifest parses as its Kubernetes type.
+    let deployments: Vec<Deployment> = of_kind(&r, "Deployment");
+    let daemonsets: Vec<DaemonSet> = of_kind(&r, "DaemonSet");
+    let _: Vec<ServiceAccount> = of_kind(&r, "ServiceAccount");
+    let _: Vec<Service> = of_kind(&r, "Service");
+    let cluster_roles: Vec<ClusterRole> = of_kind(&r, "ClusterRole");
+    let _: Vec<ClusterRoleBinding> = of_kind(&r, "ClusterRoleBinding");
+    let roles: Vec<Role> = of_kind(&r, "Role");
+    let _: Vec<RoleBinding> = of_kind(&r, "RoleBinding");
+    assert_eq!(deployments.len(), 1);
+    assert_eq!(daemonsets.len(), 1);
+    assert!(
+        r.docs.iter().all(|d| d["kind"] != "ServiceMonitor"),
+        "ServiceMonitor rendered while disabled"
+    );
+
+    // RBAC: exactly what the code calls.
+    let role = |name: &str| {
+        cluster_roles
+            .iter()
+            .find(|c| c.metadata.name.as_deref() == Some(name))
+            .expect(name)
+            .rules
+            .clone()
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        rules_set(&role("eg-operator")),
+        expected(rbac::OPERATOR_CLUSTER)
+    );
+    assert_eq!(
+        rules_set(&role("eg-node-shaper")),
+        expected(rbac::AGENT_CLUSTER)
+    );
+    let ns_role = |name: &str| {
+        roles
+            .iter()
+            .find(|c| c.metadata.name.as_deref() == Some(name))
+            .expect(name)
+            .clone()
+    };
+    let ep = ns_role("eg-operator-endpoints");
+    assert_eq!(ep.metadata.namespace.as_deref(), Some("default"));
+    assert_eq!(
+        rules_set(&ep.rules.unwrap_or_default()),
+        expected(rbac::OPERATOR_DEFAULT_NS)
+    );
+    let lease = ns_role("eg-operator-lease");
+    assert_eq!(
+        lease.metadata.namespace.as_deref(),
+        Some("egressguard-system")
+    );
+    assert_eq!(
+        rules_set(&lease.rules.unwrap_or_default()),
+        expected(rbac::OPERATOR_OWN_NS)
+    );
+
+    // node-shaper: host network, NET_ADMIN only, not privileged, read-only root, on every node.
+    let ds = daemonsets[0].spec.template.spec.clone().expect("pod spec");
+    assert_eq!(ds.host_network, Some(true));
+    let c = &ds.containers[0];
+    let sc = c.security_context.clone().expect("securityContext");
+    assert_eq!(sc.privileged, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    let caps = sc.capabilities.expect("capabilities");
+    assert_eq!(caps.add, Some(vec!["NET_ADMIN".to_string()]));
+    assert_eq!(caps.drop, Some(vec!["ALL".to_string()]));
+    assert!(ds
+        .tolerations
+        .unwrap_or_default()
+        .iter()
+        .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()));
+    assert_eq!(
+        c.args.as_ref().and_then(|a| a.first()).map(String::as_str),
+        Some("run")
+    );
+    let env = c.env.clone().unwrap_or_default();
+    let node_name = env
+        .iter()
+        .find(|e| e.name == "NODE_NAME")
+        .expect("NODE_NAME");
+    assert_eq!(
+        node_name
+            .value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str()),
+        Some("spec.nodeName")
+    );
+    assert!(
+        c.image.as_deref().is_some_and(|i| i.ends_with(":0.1.0")),
+        "{:?}",
+        c.image
+    );
+
+    // The operator: two replicas (leader election), non-root, read-only root.
+    let op = &deployments[0].spec;
+    assert_eq!(op.replicas, Some(2));
+    let oc = &op.template.spec.as_ref().expect("pod").containers[0];
+    assert_eq!(
+        oc.security_context
+            .as_ref()
+            .and_then(|s| s.read_only_root_filesystem),
+        Some(true)
+    );
+    assert!(oc
+        .env
+        .clone()
+        .unwrap_or_default()
+        .iter()
+        .any(|e| e.name == "POD_NAMESPACE"));
+}
+
+#[test]
+fn chart_values_images_and_servicemonitor() {
+    let r = render(
+        r#"{"nodeShaper": {"image": {"tag": "v9"}}, "serviceMonitor": {"enabled": true, "labels": {"release": "prom"}}}"#,
+    );
+    let ds: Vec<DaemonSet> = of_kind(&r, "DaemonSet");
+    let image = ds[0]
+        .spec
+        .template
+        .spec
+        .as_ref()
+        .map(|p| p.containers[0].image.clone());
+    assert_eq!(
+        image.flatten().as_deref(),
+        Some("ghcr.io/egressguard/node-shaper:v9")
+    );
+    let sm: Vec<&Value> = r
+        .docs
+        .iter()
+        .filter(|d| d["kind"] == "ServiceMonitor")
+        .collect();
+    assert_eq!(sm.len(), 1);
+    assert_eq!(sm[0]["metadata"]["labels"]["release"], "prom");
+}
+
+#[test]
+fn chart_ships_the_generated_crds() {
+    for f in [
+        "egressguard.io_egressguards.yaml",
+        "egressguard.io_nodeshapings.yaml",
+    ] {
+        let chart = std::fs::read_to_string(root().join("charts/egressguard/crds").join(f))
+            .unwrap_or_default();
+        let generated = std::fs::read_to_string(root().join("crds").join(f)).unwrap_or_default();
+        assert!(
+            !generated.is_empty() && chart == generated,
+            "charts/egressguard/crds/{f} is stale: run scripts/gen-crds.sh"
+        );
+    }
+}
