@@ -50,9 +50,11 @@ pub struct EgressGuardSpec {
 #[serde(rename_all = "camelCase")]
 pub struct Uplink {
     /// Rate in tc bit units, e.g. `20Mbit`.
+    #[schemars(regex(pattern = r"(?i)^[0-9]+(\.[0-9]+)?(([kmgt]i?)?bit)?$"))]
     pub rate: String,
     /// Burst in tc byte units, e.g. `15k`; default max(1600 bytes, 1 ms at rate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"(?i)^[0-9]+(\.[0-9]+)?([kmg]b?|b)?$"))]
     pub burst: Option<String>,
 }
 
@@ -61,20 +63,25 @@ pub struct Uplink {
 #[serde(rename_all = "camelCase")]
 pub struct Throttle {
     /// Guaranteed rate of throttled traffic, e.g. `1Mbit`.
+    #[schemars(regex(pattern = r"(?i)^[0-9]+(\.[0-9]+)?(([kmgt]i?)?bit)?$"))]
     pub rate: String,
     /// Most throttled traffic may borrow up to; defaults to `rate`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"(?i)^[0-9]+(\.[0-9]+)?(([kmgt]i?)?bit)?$"))]
     pub ceil: Option<String>,
     /// Burst in tc byte units; default max(1600 bytes, 1 ms at rate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"(?i)^[0-9]+(\.[0-9]+)?([kmg]b?|b)?$"))]
     pub burst: Option<String>,
     /// Abnormal destinations: traffic matching any of them is throttled.
+    #[schemars(length(min = 1))]
     pub destinations: Vec<Destination>,
 }
 
 /// A destination port or inclusive port range.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{"rule": "!has(self.endPort) || self.endPort >= self.port", "message": "endPort must be at least port (it is the last port of an inclusive range)"}]))]
 pub struct Destination {
     /// Transport protocol; `Any` means TCP or UDP.
     #[serde(default)]

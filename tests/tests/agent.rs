@@ -278,6 +278,9 @@ fn e2e_agent_enforces_repairs_updates_survives_restarts_and_removes() {
         .write_guard("faults.json", "{\"failNext\": 5, \"code\": 500}");
     c.kubectl_ok(&["create", "--raw", "/standin/faults", "-f", &faults]);
     c.kubectl_ok(&["create", "--raw", "/standin/drop-watches", "-f", &faults]);
+    // Compaction: the agent's watch resumes from a forgotten resourceVersion,
+    // gets 410 Gone, and must re-list.
+    c.kubectl_ok(&["create", "--raw", "/standin/compact", "-f", &faults]);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(c.lab.tc_dump(), before, "API faults changed the kernel");
     c.apply(&plan("3Mbit", &format!("[{WHITE4}/32]")));
@@ -300,8 +303,9 @@ fn e2e_agent_enforces_repairs_updates_survives_restarts_and_removes() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(c.lab.tc_dump(), kept, "a restart disturbed the tree");
 
-    // An invalid plan (passes the schema, fails validation) leaves the kernel as it is.
-    c.apply(&plan("1mbps", &format!("[{WHITE4}/32]")));
+    // An invalid plan (passes the schema, fails validation: throttle above the
+    // uplink) leaves the kernel as it is.
+    c.apply(&plan("30Mbit", &format!("[{WHITE4}/32]")));
     wait_for("invalid plan reported", 20, || {
         c.node_shaping().is_some_and(|n| {
             n["status"]["observedGeneration"] == 4
@@ -331,6 +335,16 @@ fn standin_refuses_invalid_objects_and_stale_writes() {
             "spec.throttle.destinations[0].port in body should be less than or equal to 65535"
         ),
         "{err}"
+    );
+    // Schema patterns: a byte-rate unit is refused by the API itself.
+    let mbps = "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {name: mbps}\nspec:\n  uplink: {rate: 20mbps}\n  throttle: {rate: 1Mbit, destinations: [{port: 443}]}\n";
+    let f = c.lab.write_guard("mbps.yaml", mbps);
+    let o = c.kubectl(&["create", "--validate=false", "-f", &f]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("spec.uplink.rate in body should match"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
     );
     let good = "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {name: good}\nspec:\n  uplink: {rate: 20Mbit}\n  throttle: {rate: 1Mbit, destinations: [{port: 443}]}\n";
     let f = c.lab.write_guard("good.yaml", good);

@@ -12,11 +12,14 @@
 //! configuration names are replaced, metadata is merged);
 //! the status subresource (spec changes bump `metadata.generation`, status
 //! writes touch only status); finalizers and `deletionTimestamp`; label and
-//! field selectors; CRD `openAPIV3Schema` validation with pruning (from
+//! field selectors; CRD `openAPIV3Schema` validation (types, required, enum,
+//! minimum/maximum, pattern, minItems) with pruning of unknown fields (from
 //! `crds/*.yaml`); fault injection (`POST /standin/faults {"failNext": N,
 //! "code": 500}`, `POST /standin/drop-watches`, `POST /standin/compact`).
 //!
-//! Not imitated: authentication and RBAC, admission, CEL rules, strategic
+//! Not imitated: authentication and RBAC, admission, CEL rules
+//! (`x-kubernetes-validations`), server-side printer columns (kubectl shows
+//! NAME and AGE only), strategic
 //! merge semantics (treated as merge patch), managed fields, server-side
 //! apply conflicts, pagination (`limit` is ignored), protobuf, HTTP/2, TLS,
 //! aggregated discovery, OpenAPI documents, garbage collection by owner.

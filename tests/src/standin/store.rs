@@ -400,6 +400,21 @@ pub fn validate_schema(schema: &Value, v: &mut Value, path: &str, errs: &mut Vec
             ));
         }
     }
+    if let (Some(pat), Some(text)) = (schema["pattern"].as_str(), v.as_str()) {
+        if regex::Regex::new(pat).is_ok_and(|re| !re.is_match(text)) {
+            errs.push(format!(
+                "{path}: Invalid value: \"{text}\": {path} in body should match '{pat}'"
+            ));
+        }
+    }
+    if let (Some(min), Some(a)) = (schema["minItems"].as_u64(), v.as_array()) {
+        if (a.len() as u64) < min {
+            errs.push(format!(
+                "{path}: Invalid value: {}: {path} in body should have at least {min} items",
+                a.len()
+            ));
+        }
+    }
     if let Some(n) = v.as_f64() {
         if let Some(max) = schema["maximum"].as_f64() {
             if n > max {
