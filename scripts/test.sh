@@ -13,3 +13,6 @@ cargo test --workspace --no-fail-fast
 # The benchmark's short smoke mode (the full benchmark is too slow for CI):
 # exercises every comparison and enforces the write-count and loss targets.
 cargo bench -p node-shaper --bench lab -- --smoke
+# The footprint benchmark's smoke mode (agent and operator against the stand-in).
+cargo build --release --workspace --bins
+cargo bench -p egressguard-e2e --bench footprint -- --smoke

@@ -9,7 +9,9 @@
 //!   report a `Conflict` for that node. The winner never depends on the order
 //!   objects arrive in, so the choice never flaps.
 //! - Every plan protects the API server endpoints; unless the guard sets
-//!   `protectClusterTraffic: false`, also every other node's InternalIPs.
+//!   `protectClusterTraffic: false`, also the nodes' InternalIPs (all of them,
+//!   the node's own included, aggregated into prefixes: one small list for
+//!   every plan instead of N lists of N addresses).
 //! - `Enforce` programs; `DryRun` computes and reports only; `Auto` waits for
 //!   a quarantine trigger (not implemented yet) and so programs nothing.
 
@@ -101,6 +103,66 @@ fn host_cidr(ip: &IpAddr) -> String {
     }
 }
 
+/// Node InternalIPs as few prefixes as cover exactly them: consecutive
+/// addresses (as IPAM hands them out) merge into aligned blocks. A block of
+/// one node names it; a larger block counts its nodes.
+pub fn aggregate_nodes(nodes: &[NodeFacts]) -> Vec<ProtectedEntry> {
+    let mut v4: Vec<(u32, &str)> = Vec::new();
+    let mut out = Vec::new();
+    for n in nodes {
+        for ip in &n.internal_ips {
+            match ip {
+                IpAddr::V4(a) => v4.push((u32::from(*a), n.name.as_str())),
+                IpAddr::V6(_) => out.push(ProtectedEntry {
+                    cidr: host_cidr(ip),
+                    reason: format!("node {} InternalIP", n.name),
+                }),
+            }
+        }
+    }
+    v4.sort();
+    v4.dedup_by_key(|(a, _)| *a);
+    let mut i = 0;
+    while i < v4.len() {
+        // A run of consecutive addresses, split into aligned power-of-two blocks.
+        let mut j = i;
+        while j + 1 < v4.len() && v4[j + 1].0 == v4[j].0 + 1 {
+            j += 1;
+        }
+        let (mut lo, hi) = (u64::from(v4[i].0), u64::from(v4[j].0));
+        while lo <= hi {
+            let mut size: u64 = if lo == 0 {
+                1 << 32
+            } else {
+                1 << lo.trailing_zeros().min(32)
+            };
+            while lo + size - 1 > hi {
+                size >>= 1;
+            }
+            let len = 32 - size.trailing_zeros();
+            let first = i + (lo - u64::from(v4[i].0)) as usize;
+            let net = std::net::Ipv4Addr::from(lo as u32);
+            let reason = if size == 1 {
+                format!("node {} InternalIP", v4[first].1)
+            } else {
+                format!(
+                    "InternalIPs of {size} nodes ({} ... {})",
+                    v4[first].1,
+                    v4[first + size as usize - 1].1
+                )
+            };
+            out.push(ProtectedEntry {
+                cidr: format!("{net}/{len}"),
+                reason,
+            });
+            lo += size;
+        }
+        i = j + 1;
+    }
+    out.sort();
+    out
+}
+
 /// Age order: older first; objects without a creation time sort last.
 fn age_key(g: &EgressGuard) -> (bool, Option<String>, String) {
     let created = g
@@ -121,6 +183,9 @@ pub fn decide(guards: &[EgressGuard], nodes: &[NodeFacts], api_endpoints: &[IpAd
     let mut ordered: Vec<&EgressGuard> = guards.iter().collect();
     ordered.sort_by_key(|g| age_key(g));
     let mut owner: BTreeMap<String, String> = BTreeMap::new();
+    // One list for every plan (a node's own address is harmless to protect),
+    // aggregated into prefixes so plans stay small on big clusters.
+    let node_entries = aggregate_nodes(nodes);
     for g in ordered {
         let name = g.metadata.name.clone().unwrap_or_default();
         let out = d.guards.entry(name.clone()).or_default();
@@ -163,14 +228,7 @@ pub fn decide(guards: &[EgressGuard], nodes: &[NodeFacts], api_endpoints: &[IpAd
                 })
                 .collect();
             if g.spec.protect_cluster_traffic.unwrap_or(true) {
-                for other in nodes.iter().filter(|o| o.name != n.name) {
-                    for ip in &other.internal_ips {
-                        protected.insert(ProtectedEntry {
-                            cidr: host_cidr(ip),
-                            reason: format!("node {} InternalIP", other.name),
-                        });
-                    }
-                }
+                protected.extend(node_entries.iter().cloned());
             }
             d.plans.insert(
                 n.name.clone(),
@@ -251,12 +309,41 @@ mod tests {
         assert_eq!(
             cidrs,
             [
+                ("10.0.0.1/32", "node a1 InternalIP"),
                 ("10.0.0.2/32", "node a2 InternalIP"),
                 ("10.0.1.1/32", "node b1 InternalIP"),
                 ("10.96.0.1/32", "kubernetes API endpoint"),
             ]
         );
         assert_eq!(d.guards["idc"].selected, ["a1", "a2"]);
+    }
+
+    #[test]
+    fn consecutive_node_addresses_aggregate() {
+        let ns: Vec<NodeFacts> = (0..2000u32)
+            .map(|i| NodeFacts {
+                name: format!("n{i}"),
+                labels: BTreeMap::new(),
+                internal_ips: vec![IpAddr::from((0x0a00_0000u32 + 256 + i).to_be_bytes())],
+            })
+            .collect();
+        let agg = aggregate_nodes(&ns);
+        assert!(agg.len() <= 8, "{agg:?}");
+        // The blocks cover exactly the 2,000 addresses.
+        let covered: u64 = agg
+            .iter()
+            .map(|p| {
+                1u64 << (32
+                    - p.cidr
+                        .split('/')
+                        .nth(1)
+                        .and_then(|l| l.parse::<u32>().ok())
+                        .unwrap_or(32))
+            })
+            .sum();
+        assert_eq!(covered, 2000);
+        assert_eq!(agg[0].cidr, "10.0.1.0/24");
+        assert_eq!(agg[0].reason, "InternalIPs of 256 nodes (n0 ... n255)");
     }
 
     #[test]

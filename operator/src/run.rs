@@ -629,6 +629,11 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
         }
         let t = Instant::now();
         let res = reconcile_all(&ctx).await;
+        tracing::debug!(
+            ms = t.elapsed().as_millis() as u64,
+            ok = res.is_ok(),
+            "reconcile pass"
+        );
         {
             let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
             m.ready = true;

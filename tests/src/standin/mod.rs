@@ -206,6 +206,7 @@ fn discovery(path: &str) -> Option<Value> {
 }
 
 async fn connection(sock: TcpStream, server: Arc<Server>) {
+    let _ = sock.set_nodelay(true);
     let (r, mut w) = sock.into_split();
     let mut r = BufReader::new(r);
     while let Ok(Some(req)) = read_request(&mut r).await {
