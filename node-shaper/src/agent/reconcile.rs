@@ -42,33 +42,6 @@ pub struct Outcome {
     pub at: String,
 }
 
-mod chrono_free {
-    /// Current UTC time as RFC 3339, without a date crate.
-    pub fn now_rfc3339() -> String {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let days = secs / 86_400;
-        let rem = secs % 86_400;
-        // Civil-from-days (Howard Hinnant's algorithm).
-        let z = days as i64 + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z.rem_euclid(146_097);
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let d = doy - (153 * mp + 2) / 5 + 1;
-        let m = if mp < 10 { mp + 3 } else { mp - 9 };
-        let y = yoe + era * 400 + i64::from(m <= 2);
-        format!(
-            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-            rem / 3600,
-            (rem / 60) % 60,
-            rem % 60
-        )
-    }
-}
-
 /// Every interface of this host whose root qdisc is ours.
 fn owned_interfaces(nl: &mut Netlink) -> Vec<Interface> {
     let Ok(dir) = std::fs::read_dir("/sys/class/net") else {
@@ -129,7 +102,7 @@ fn remove(nl: &mut Netlink, names: impl IntoIterator<Item = String>, out: &mut O
 /// Drives the kernel to what `ns` asks for on node `node`.
 pub fn reconcile(node: &str, ns: Option<&NodeShaping>, mem: &mut Memory) -> Outcome {
     let mut out = Outcome {
-        at: chrono_free::now_rfc3339(),
+        at: k8s_openapi::jiff::Timestamp::now().to_string(),
         ..Outcome::default()
     };
     let mut nl = match Netlink::open() {
