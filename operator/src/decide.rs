@@ -197,6 +197,18 @@ pub fn decide(guards: &[EgressGuard], nodes: &[NodeFacts], api_endpoints: &[IpAd
             out.invalid = Some(e.to_string());
             continue;
         }
+        // A bad operator makes the guard invalid whatever the nodes' labels are.
+        let bad_op = g.spec.node_selector.as_ref().and_then(|sel| {
+            sel.match_expressions.iter().flatten().enumerate().find_map(|(i, e)| {
+                (!matches!(e.operator.as_str(), "In" | "NotIn" | "Exists" | "DoesNotExist")).then(|| {
+                    format!("spec.nodeSelector.matchExpressions[{i}].operator: {:?} is not one of In, NotIn, Exists, DoesNotExist", e.operator)
+                })
+            })
+        });
+        if let Some(e) = bad_op {
+            out.invalid = Some(e);
+            continue;
+        }
         let mut selected = Vec::new();
         for n in nodes {
             match selects(g.spec.node_selector.as_ref(), &n.labels) {

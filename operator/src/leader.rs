@@ -100,6 +100,13 @@ impl Leader {
             return;
         }
         if let Ok(Some(mut l)) = self.api.get_opt(&self.name).await {
+            // Only give up what is still ours.
+            let ours = l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
+                == Some(self.identity.as_str());
+            if !ours {
+                self.leading = false;
+                return;
+            }
             if let Some(spec) = l.spec.as_mut() {
                 spec.holder_identity = None;
                 spec.renew_time = None;

@@ -341,12 +341,20 @@ fn removal(node: &str) -> NodeShapingSpec {
     }
 }
 
-/// Removal confirmed by the agent: it acted on the current generation and nothing is enforced.
+/// Removal confirmed by the agent: it acted on the current generation,
+/// nothing is enforced, no removal failed, and it says Ready.
 fn removal_confirmed(ns: &NodeShaping) -> bool {
     let st = ns.status.as_ref();
     ns.spec.shaping.is_none()
         && st.and_then(|s| s.observed_generation) == ns.metadata.generation
-        && st.is_some_and(|s| s.interfaces.iter().all(|i| !i.enforced))
+        && st.is_some_and(|s| {
+            s.interfaces
+                .iter()
+                .all(|i| !i.enforced && i.error.is_none())
+                && s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
 }
 
 struct Ctx {
@@ -369,8 +377,21 @@ async fn event(ctx: &Ctx, g: &EgressGuard, type_: EventType, reason: &str, note:
     }
 }
 
-/// One full pass: decide, then write the differences.
+/// Keeps the first error of a pass; one bad object must not block the others.
+fn note(first: &mut Option<kube::Error>, what: &str, r: Result<(), kube::Error>) {
+    if let Err(e) = r {
+        warn!(error = %e, what, "write failed; continuing with the other objects");
+        if first.is_none() {
+            *first = Some(e);
+        }
+    }
+}
+
+/// One full pass: decide, then write the differences. A failed write is
+/// logged and the pass goes on (one bad object must not block the others);
+/// the first error is returned so the pass is retried with backoff.
 async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
+    let mut first: Option<kube::Error> = None;
     let guards: Vec<EgressGuard> = ctx
         .caches
         .guards
@@ -393,6 +414,8 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
     let g_api: Api<EgressGuard> = Api::all(ctx.client.clone());
     let ns_api: Api<NodeShaping> = Api::all(ctx.client.clone());
     let apply = PatchParams::apply(MANAGER).force();
+    let mut removals_written: std::collections::BTreeSet<String> =
+        std::collections::BTreeSet::new();
 
     // Finalizers first, so no guard can vanish with shaping left behind.
     for g in guards.iter().filter(|g| {
@@ -401,33 +424,44 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
         let mut fins = g.finalizers().to_vec();
         fins.push(FINALIZER.into());
         let patch = serde_json::json!({"metadata": {"finalizers": fins, "resourceVersion": g.resource_version()}});
-        g_api
+        let r = g_api
             .patch(
                 &g.name_any(),
                 &PatchParams::default(),
                 &Patch::Merge(&patch),
             )
-            .await?;
+            .await
+            .map(|_| ());
+        note(&mut first, "add finalizer", r);
     }
 
     // Plans.
-    for (node, spec) in &d.plans {
-        if shapings.get(node).is_some_and(|s| &s.spec == spec) {
-            continue;
-        }
+    let as_value = |node: &str, spec: NodeShapingSpec| {
         let obj = NodeShaping {
             metadata: ObjectMeta {
-                name: Some(node.clone()),
+                name: Some(node.to_string()),
                 ..Default::default()
             },
-            spec: spec.clone(),
+            spec,
             status: None,
         };
         let mut value = serde_json::to_value(&obj).unwrap_or_default();
         value["apiVersion"] = "egressguard.io/v1alpha1".into();
         value["kind"] = "NodeShaping".into();
-        ns_api.patch(node, &apply, &Patch::Apply(&value)).await?;
-        info!(node, guard = ?spec.guard.as_ref().map(|g| &g.name), "plan written");
+        value
+    };
+    for (node, spec) in &d.plans {
+        if shapings.get(node).is_some_and(|s| &s.spec == spec) {
+            continue;
+        }
+        let r = ns_api
+            .patch(node, &apply, &Patch::Apply(&as_value(node, spec.clone())))
+            .await
+            .map(|_| ());
+        if r.is_ok() {
+            info!(node, guard = ?spec.guard.as_ref().map(|g| &g.name), "plan written");
+        }
+        note(&mut first, "write plan", r);
     }
     for (node, s) in &shapings {
         if d.plans.contains_key(node) {
@@ -438,22 +472,18 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
             match ns_api.delete(node, &DeleteParams::default()).await {
                 Ok(_) => info!(node, "plan deleted"),
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e),
+                Err(e) => note(&mut first, "delete plan", Err(e)),
             }
         } else if s.spec != removal(node) {
-            let obj = NodeShaping {
-                metadata: ObjectMeta {
-                    name: Some(node.clone()),
-                    ..Default::default()
-                },
-                spec: removal(node),
-                status: None,
-            };
-            let mut value = serde_json::to_value(&obj).unwrap_or_default();
-            value["apiVersion"] = "egressguard.io/v1alpha1".into();
-            value["kind"] = "NodeShaping".into();
-            ns_api.patch(node, &apply, &Patch::Apply(&value)).await?;
-            info!(node, "removal written");
+            let r = ns_api
+                .patch(node, &apply, &Patch::Apply(&as_value(node, removal(node))))
+                .await
+                .map(|_| ());
+            if r.is_ok() {
+                info!(node, "removal written");
+            }
+            note(&mut first, "write removal", r);
+            removals_written.insert(node.clone());
         }
     }
 
@@ -465,9 +495,9 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
             for c in &status.conditions {
                 let was = before.conditions.iter().find(|p| p.type_ == c.type_);
                 if was.map(|w| (&w.status, &w.reason)) != Some((&c.status, &c.reason)) {
-                    let t = if (c.type_ == "Ready" && c.status == "False")
-                        || (c.type_ != "Ready" && c.status == "True")
-                    {
+                    let bad = (c.type_ == "Ready" && c.status == "False")
+                        || (c.type_ != "Ready" && c.status == "True");
+                    let t = if bad {
                         EventType::Warning
                     } else {
                         EventType::Normal
@@ -483,66 +513,73 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
                 }
             }
             let patch = serde_json::json!({"status": status});
-            g_api
+            let r = g_api
                 .patch_status(
                     &g.name_any(),
                     &PatchParams::default(),
                     &Patch::Merge(&patch),
                 )
-                .await?;
+                .await
+                .map(|_| ());
+            note(&mut first, "write guard status", r);
         }
-        if let Some(ts) = &g.metadata.deletion_timestamp {
-            if !g.finalizers().iter().any(|f| f == FINALIZER) {
-                continue;
+        let Some(ts) = &g.metadata.deletion_timestamp else {
+            continue;
+        };
+        if !g.finalizers().iter().any(|f| f == FINALIZER) {
+            continue;
+        }
+        // Removals written in this pass are not in the cache yet: they count as left.
+        let mut left: Vec<String> = shapings
+            .values()
+            .filter(|s| node_names.contains(&s.name_any()) && !removal_confirmed(s))
+            .filter(|s| {
+                s.spec
+                    .guard
+                    .as_ref()
+                    .is_some_and(|r| r.name == g.name_any())
+                    || s.spec.guard.is_none()
+            })
+            .map(|s| s.name_any())
+            .collect();
+        for n in &removals_written {
+            if !left.contains(n) {
+                left.push(n.clone());
             }
-            let left: Vec<String> = shapings
-                .values()
-                .filter(|s| node_names.contains(&s.name_any()) && !removal_confirmed(s))
-                .filter(|s| {
-                    s.spec
-                        .guard
-                        .as_ref()
-                        .is_some_and(|r| r.name == g.name_any())
-                        || s.spec.guard.is_none()
-                })
-                .map(|s| s.name_any())
+        }
+        let waited = Timestamp::now().duration_since(ts.0);
+        let timed_out = waited.as_secs() >= ctx.cleanup_timeout.as_secs() as i64;
+        if left.is_empty() || timed_out {
+            if !left.is_empty() {
+                let note_text = format!(
+                    "gave up waiting after {}s; shaping may remain on: {}",
+                    ctx.cleanup_timeout.as_secs(),
+                    left.join(", ")
+                );
+                event(ctx, g, EventType::Warning, "CleanupTimedOut", note_text).await;
+            }
+            let fins: Vec<String> = g
+                .finalizers()
+                .iter()
+                .filter(|f| *f != FINALIZER)
+                .cloned()
                 .collect();
-            let waited = Timestamp::now().duration_since(ts.0);
-            let timed_out = waited.as_secs() >= ctx.cleanup_timeout.as_secs() as i64;
-            if left.is_empty() || timed_out {
-                if !left.is_empty() {
-                    event(
-                        ctx,
-                        g,
-                        EventType::Warning,
-                        "CleanupTimedOut",
-                        format!(
-                            "gave up waiting after {}s; shaping may remain on: {}",
-                            ctx.cleanup_timeout.as_secs(),
-                            left.join(", ")
-                        ),
-                    )
-                    .await;
-                }
-                let fins: Vec<String> = g
-                    .finalizers()
-                    .iter()
-                    .filter(|f| *f != FINALIZER)
-                    .cloned()
-                    .collect();
-                let patch = serde_json::json!({"metadata": {"finalizers": fins}});
-                g_api
-                    .patch(
-                        &g.name_any(),
-                        &PatchParams::default(),
-                        &Patch::Merge(&patch),
-                    )
-                    .await?;
+            let patch = serde_json::json!({"metadata": {"finalizers": fins}});
+            let r = g_api
+                .patch(
+                    &g.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+                .map(|_| ());
+            if r.is_ok() {
                 info!(guard = %g.name_any(), "cleanup done; finalizer removed");
             }
+            note(&mut first, "remove finalizer", r);
         }
     }
-    Ok(())
+    first.map_or(Ok(()), Err)
 }
 
 /// Runs until SIGTERM/SIGINT.
@@ -646,7 +683,8 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
             Err(e) => {
                 warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "reconcile failed; retrying");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                // Capped well below the lease duration, so the lease is renewed in time.
+                backoff = (backoff * 2).min(Duration::from_secs(5));
                 notify.notify_one();
             }
         }

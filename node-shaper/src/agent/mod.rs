@@ -14,7 +14,7 @@
 mod http;
 mod metrics;
 mod reconcile;
-mod status;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -117,6 +117,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let mut ticker = tokio::time::interval(cfg.resync);
     let mut memory = Memory::default();
     let mut last_status = None;
+    let mut last_write: Option<std::time::Instant> = None;
     info!(node = %cfg.node, "node-shaper agent started");
     loop {
         tokio::select! {
@@ -140,23 +141,33 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         // malloc arena that keeps a big plan's peak allocation resident,
         // costing several MiB of idle RSS on a 10,000-entry plan.
         let outcome = reconcile(&cfg.node, current.as_ref(), &mut memory);
+        let reconciled = current;
         {
             let mut s = shared.lock().unwrap_or_else(|p| p.into_inner());
             s.synced = true;
             s.metrics.record(&outcome);
         }
-        // Clone out of the channel first: a borrow held across the await below
-        // would block the watcher's send, and with it this single-threaded runtime.
-        let latest = rx.borrow().clone().flatten();
-        if let Some(obj) = latest {
+        // The status describes the object this pass acted on (its generation),
+        // not a newer one that may have arrived meanwhile: that one gets its own pass.
+        if let Some(obj) = reconciled {
             let status = status_for(&obj, &outcome, last_status.as_ref());
-            if last_status.as_ref() != Some(&status) || outcome.wrote {
+            // Counters and timestamps change every pass; write for them at most
+            // every five minutes, and at once for anything else.
+            let stale = last_write
+                .is_none_or(|t: std::time::Instant| t.elapsed() > Duration::from_secs(300));
+            if stale
+                || outcome.wrote
+                || last_status.as_ref().map(status::essence) != Some(status::essence(&status))
+            {
                 let patch = serde_json::json!({ "status": status });
                 match api
                     .patch_status(&cfg.node, &PatchParams::default(), &Patch::Merge(&patch))
                     .await
                 {
-                    Ok(_) => last_status = Some(status),
+                    Ok(_) => {
+                        last_status = Some(status);
+                        last_write = Some(std::time::Instant::now());
+                    }
                     Err(e) => warn!(error = %e, "cannot write NodeShaping status; will retry"),
                 }
             }

@@ -71,8 +71,16 @@ fn counters_of(nl: &mut Netlink, i: &Interface) -> Vec<ClassCounters> {
         .collect()
 }
 
-fn remove(nl: &mut Netlink, names: impl IntoIterator<Item = String>, out: &mut Outcome) {
+/// Removes our tree from `names`; returns the interfaces where removal
+/// failed, which stay remembered so the next pass retries them.
+fn remove(
+    nl: &mut Netlink,
+    names: impl IntoIterator<Item = String>,
+    out: &mut Outcome,
+) -> BTreeSet<String> {
+    let mut failed = BTreeSet::new();
     for name in names {
+        // An interface that is gone took its qdiscs with it.
         let Ok(i) = iface::by_name(&name) else {
             continue;
         };
@@ -89,14 +97,18 @@ fn remove(nl: &mut Netlink, names: impl IntoIterator<Item = String>, out: &mut O
                     ..Default::default()
                 });
             }
-            Err(e) => out.interfaces.push(InterfaceStatus {
-                name,
-                enforced: false,
-                error: Some(e.to_string()),
-                ..Default::default()
-            }),
+            Err(e) => {
+                failed.insert(name.clone());
+                out.interfaces.push(InterfaceStatus {
+                    name,
+                    enforced: false,
+                    error: Some(e.to_string()),
+                    ..Default::default()
+                });
+            }
         }
     }
+    failed
 }
 
 /// Drives the kernel to what `ns` asks for on node `node`.
@@ -125,7 +137,7 @@ pub fn reconcile(node: &str, ns: Option<&NodeShaping>, mem: &mut Memory) -> Outc
         None => {
             out.removed = true;
             let names = std::mem::take(&mut mem.shaped);
-            remove(&mut nl, names, &mut out);
+            mem.shaped = remove(&mut nl, names, &mut out);
             return out;
         }
         Some((s, shaping)) => match Target::new(node, shaping, &s.protected) {
@@ -160,13 +172,13 @@ pub fn reconcile(node: &str, ns: Option<&NodeShaping>, mem: &mut Memory) -> Outc
         ));
         out.removed = true;
         let names = std::mem::take(&mut mem.shaped);
-        remove(&mut nl, names, &mut out);
+        mem.shaped = remove(&mut nl, names, &mut out);
         return out;
     }
     let wanted: BTreeSet<String> = ifaces.iter().map(|i| i.name.clone()).collect();
     let stale: Vec<String> = mem.shaped.difference(&wanted).cloned().collect();
-    remove(&mut nl, stale.clone(), &mut out);
-    for s in stale {
+    let kept = remove(&mut nl, stale.clone(), &mut out);
+    for s in stale.into_iter().filter(|s| !kept.contains(s)) {
         mem.shaped.remove(&s);
     }
     for i in &ifaces {

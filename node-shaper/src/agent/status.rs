@@ -110,3 +110,17 @@ pub fn status_for(
         last_apply_time: Some(now),
     }
 }
+
+/// The status without what changes on every pass (counters, times), to decide
+/// whether a write is needed.
+pub fn essence(s: &NodeShapingStatus) -> NodeShapingStatus {
+    let mut e = s.clone();
+    e.last_apply_time = None;
+    for i in &mut e.interfaces {
+        i.counters.clear();
+    }
+    for c in &mut e.conditions {
+        c.last_transition_time = Time(Default::default());
+    }
+    e
+}
