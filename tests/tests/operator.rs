@@ -470,6 +470,20 @@ fn e2e_operator_selects_protects_moves_resolves_conflicts_and_cleans_up() {
         "idc"
     );
 
+    // The API server "restarts" (watches end, 503s for 2 s): nothing changes, the
+    // controllers reconnect and keep converging.
+    let restart = c.dir.join("restart.json");
+    std::fs::write(&restart, "{\"downSeconds\": 2}").expect("write");
+    c.kubectl_ok(&[
+        "create",
+        "--raw",
+        "/standin/restart",
+        "-f",
+        &restart.to_string_lossy(),
+    ]);
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(c.shaped(1));
+
     // The operator dies and comes back: nothing is lost, nothing is rewritten.
     if let Some(mut op) = c.operator.take() {
         let _ = op.kill();

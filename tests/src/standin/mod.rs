@@ -15,7 +15,9 @@
 //! field selectors; CRD `openAPIV3Schema` validation (types, required, enum,
 //! minimum/maximum, pattern, minItems) with pruning of unknown fields (from
 //! `crds/*.yaml`); fault injection (`POST /standin/faults {"failNext": N,
-//! "code": 500}`, `POST /standin/drop-watches`, `POST /standin/compact`).
+//! "code": 500}`, `POST /standin/drop-watches`, `POST /standin/compact`,
+//! `POST /standin/restart {"downSeconds": N}`: watches end and every request
+//! gets 503 for N seconds with the data kept, as clients see an API restart).
 //!
 //! Not imitated: authentication and RBAC, admission, CEL rules
 //! (`x-kubernetes-validations`), server-side printer columns (kubectl shows
@@ -45,6 +47,7 @@ pub struct Server {
     events: broadcast::Sender<WatchEvent>,
     drop_watches: broadcast::Sender<()>,
     faults: Mutex<(u32, u16)>,
+    down_until: Mutex<Option<std::time::Instant>>,
 }
 
 impl Server {
@@ -84,6 +87,7 @@ impl Server {
             events,
             drop_watches,
             faults: Mutex::new((0, 500)),
+            down_until: Mutex::new(None),
         })
     }
 
@@ -233,6 +237,15 @@ fn injected(server: &Server, path: &str) -> Option<ApiError> {
     if path.starts_with("/standin/") {
         return None;
     }
+    let down = server.down_until.lock().unwrap_or_else(|p| p.into_inner());
+    if down.is_some_and(|t| std::time::Instant::now() < t) {
+        return Some(ApiError {
+            code: 503,
+            reason: "ServiceUnavailable",
+            message: "the stand-in is restarting".into(),
+        });
+    }
+    drop(down);
     let mut f = server.faults.lock().unwrap_or_else(|p| p.into_inner());
     if f.0 > 0 {
         f.0 -= 1;
@@ -256,6 +269,16 @@ fn handle(req: &Request, server: &Server) -> Result<(u16, Value), ApiError> {
             let code = v["code"].as_u64().unwrap_or(500) as u16;
             *server.faults.lock().unwrap_or_else(|p| p.into_inner()) = (n, code);
             return Ok((200, json!({"failNext": n, "code": code})));
+        }
+        ("POST", "/standin/restart") => {
+            // What clients see of an API server restart: every connection's
+            // watch ends and requests fail until it is back; the data survives.
+            let v: Value = serde_json::from_slice(&req.body).unwrap_or_default();
+            let secs = v["downSeconds"].as_u64().unwrap_or(2);
+            *server.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(std::time::Instant::now() + Duration::from_secs(secs));
+            let _ = server.drop_watches.send(());
+            return Ok((200, json!({"downSeconds": secs})));
         }
         ("POST", "/standin/drop-watches") => {
             let _ = server.drop_watches.send(());
