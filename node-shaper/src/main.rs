@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use egressguard_crds::load::load_manifests;
 use node_shaper::engine::{self, EngineError};
-use node_shaper::iface::{self, Interface};
+use node_shaper::iface;
 use node_shaper::netlink::{observe, Netlink};
 use node_shaper::plan::{plan_protected, LeafChoice};
 use node_shaper::sim::L4;
@@ -170,14 +170,6 @@ fn load_one(file: &Path) -> Result<Target, Failure> {
     Target::from_manifest(&found[0]).map_err(|e| input(anyhow::anyhow!("{}: {e}", file.display())))
 }
 
-fn state_dir() -> PathBuf {
-    node_shaper::state::dir()
-}
-
-fn remember(iface: &Interface, target: &Target) {
-    node_shaper::state::remember(iface, target);
-}
-
 fn netlink() -> Result<Netlink, Failure> {
     Netlink::open()
         .context("cannot open an rtnetlink socket (node-shaper needs CAP_NET_ADMIN)")
@@ -201,7 +193,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let mut reports = Vec::new();
             for i in &ifaces {
                 let r = engine::apply(&mut nl, i, &target, engine::ApplyOptions { force, verify })?;
-                remember(i, &target);
+                node_shaper::state::remember(i, &target);
                 reports.push(r);
             }
             match output {
@@ -273,7 +265,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let mut reports = Vec::new();
             for i in &ifaces {
                 let obs = observe(&mut nl, i.index).map_err(runtime)?;
-                let applied = load_one(&state_dir().join(format!("{}.yaml", i.name))).ok();
+                let applied = load_one(&node_shaper::state::path(&i.name)).ok();
                 reports.push(show::report(&i.name, &obs, applied.as_ref()));
             }
             match output {
@@ -305,7 +297,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 out!("{}", show::report(&i.name, &obs, None).state);
                 return Ok(());
             }
-            let path = file.unwrap_or_else(|| state_dir().join(format!("{}.yaml", i.name)));
+            let path = file.unwrap_or_else(|| node_shaper::state::path(&i.name));
             let target = load_one(&path).ok();
             let l4 = match protocol {
                 Proto::Tcp => L4::Tcp,
@@ -351,7 +343,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     ),
                     None => out!("{}: nothing to reset (device default qdisc)", r.interface),
                 }
-                let _ = std::fs::remove_file(state_dir().join(format!("{}.yaml", i.name)));
+                let _ = std::fs::remove_file(node_shaper::state::path(&i.name));
             }
             Ok(())
         }

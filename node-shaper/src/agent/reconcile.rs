@@ -10,7 +10,7 @@ use tracing::{info, warn};
 use crate::engine::{self, ApplyOptions};
 use crate::iface::{self, Interface};
 use crate::layout::Role;
-use crate::netlink::{observe, Netlink, RootState};
+use crate::netlink::{class_counters, observe, Netlink, RootState};
 use crate::plan::{plan_protected, LeafChoice};
 use crate::target::Target;
 
@@ -54,10 +54,11 @@ fn owned_interfaces(nl: &mut Netlink) -> Vec<Interface> {
 }
 
 fn counters_of(nl: &mut Netlink, i: &Interface) -> Vec<ClassCounters> {
-    let Ok(obs) = observe(nl, i.index) else {
+    // Only the class dump: apply already read the whole tree this pass.
+    let Ok(counters) = class_counters(nl, i.index) else {
         return vec![];
     };
-    obs.counters
+    counters
         .iter()
         .filter_map(|(id, c)| {
             Role::of(*id).map(|r| ClassCounters {

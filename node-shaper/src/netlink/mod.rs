@@ -4,6 +4,6 @@ pub mod decode;
 pub mod encode;
 pub mod socket;
 
-pub use decode::{observe, Counters, Observed, RootState};
+pub use decode::{class_counters, observe, Counters, Observed, RootState};
 pub use encode::{encode, Request};
 pub use socket::{KernelError, Netlink, Outcome};
