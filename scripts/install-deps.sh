@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need on a fresh Debian 12 machine (as root):
-# iproute2 (ip, tc), iperf3, strace (fixture capture), and cargo's fmt/clippy.
+# iproute2 (ip, tc), iperf3, strace (fixture capture), curl, openssl (the test
+# control plane's certificates), python3-venv, real Helm v4 (helm-python-sdk, in
+# a virtualenv: Debian's python refuses system-wide pip, PEP 668), cargo's
+# fmt/clippy, and the Go modules of the test control plane (built by
+# scripts/dev-cluster.sh build).
 set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+venv="${EG_VENV:-/opt/egressguard-venv}"
 need=()
-for pair in ip:iproute2 tc:iproute2 iperf3:iperf3 strace:strace curl:curl; do
+for pair in ip:iproute2 tc:iproute2 iperf3:iperf3 strace:strace curl:curl openssl:openssl; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
 done
+if [[ ! -x "$venv/bin/python" ]] && ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then
+  need+=(python3-venv)
+fi
 if ((${#need[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
@@ -13,12 +22,21 @@ if ((${#need[@]})); then
   echo "iperf3 iperf3/start_daemon boolean false" | debconf-set-selections 2>/dev/null || true
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-# Real Helm v4 (its Go SDK) for the chart tests.
-if ! python3 -c "import helm_python" >/dev/null 2>&1; then
-  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore helm-python-sdk
+# Real Helm v4 (its Go SDK) for the chart tests and for installing the chart
+# into the test control plane.
+if ! "$venv/bin/python" -c "import helm_python" >/dev/null 2>&1; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check helm-python-sdk
 fi
 # kubectl drives the end-to-end tests (preinstalled on these machines).
 command -v kubectl >/dev/null 2>&1 || echo "warning: kubectl not found; the end-to-end tests need it" >&2
 if command -v rustup >/dev/null 2>&1; then
   rustup component add rustfmt clippy >/dev/null 2>&1 || true
 fi
+# The control plane the end-to-end tests run against: Go modules through the
+# module proxy, compiled once into a cache (about 5 minutes cold on 2 cores).
+command -v go >/dev/null 2>&1 || {
+  echo "error: go not found; the test control plane is built from Go modules (Go 1.26+)" >&2
+  exit 1
+}
+"$root/scripts/dev-cluster.sh" build >/dev/null

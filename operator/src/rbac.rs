@@ -14,11 +14,12 @@ pub const OPERATOR_CLUSTER: &[Rule] = &[
         &["list", "watch", "patch"],
     ),
     ("egressguard.io", "egressguards/status", &["patch"]),
-    // reflector; server-side apply of plans (patch); delete after confirmed removal.
+    // reflector; server-side apply of plans (patch, and create: an apply that
+    // creates the object is authorized as create); delete after confirmed removal.
     (
         "egressguard.io",
         "nodeshapings",
-        &["list", "watch", "patch", "delete"],
+        &["list", "watch", "create", "patch", "delete"],
     ),
     ("", "nodes", &["list", "watch"]),
     // kube-runtime's event Recorder creates events and patches their series.

@@ -427,7 +427,10 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
         let r = g_api
             .patch(
                 &g.name_any(),
-                &PatchParams::default(),
+                &PatchParams {
+                    field_manager: Some(MANAGER.into()),
+                    ..PatchParams::default()
+                },
                 &Patch::Merge(&patch),
             )
             .await
@@ -516,7 +519,10 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
             let r = g_api
                 .patch_status(
                     &g.name_any(),
-                    &PatchParams::default(),
+                    &PatchParams {
+                        field_manager: Some(MANAGER.into()),
+                        ..PatchParams::default()
+                    },
                     &Patch::Merge(&patch),
                 )
                 .await
@@ -568,7 +574,10 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
             let r = g_api
                 .patch(
                     &g.name_any(),
-                    &PatchParams::default(),
+                    &PatchParams {
+                        field_manager: Some(MANAGER.into()),
+                        ..PatchParams::default()
+                    },
                     &Patch::Merge(&patch),
                 )
                 .await

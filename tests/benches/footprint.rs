@@ -1,5 +1,6 @@
-//! Footprint benchmark (performance issue, target 3), against the
-//! Kubernetes-API stand-in (not Kubernetes):
+//! Footprint benchmark (performance issue, target 3), against a real control
+//! plane (`scripts/dev-cluster.sh`), components authenticated as the chart's
+//! ServiceAccounts:
 //! - `node-shaper run` idle RSS with a 10,000-entry plan enforced (< 20 MiB);
 //! - `egressguard-operator run` with 2,000 nodes and 50 guards: time from
 //!   process start to every plan and guard status written (< 10 s), and RSS
@@ -11,18 +12,14 @@
 #[path = "../../node-shaper/tests/lab/mod.rs"]
 mod lab;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use egressguard_e2e::cluster::{self, rss_mib, ControlPlane, Options};
 use lab::*;
 use serde_json::{json, Value};
 
 fn release_bin(name: &str) -> std::path::PathBuf {
-    if name == "k8s-standin" {
-        return env!("CARGO_BIN_EXE_k8s-standin").into();
-    }
     let exe = std::env::current_exe().expect("bench binary");
     let bin = exe
         .parent()
@@ -39,64 +36,6 @@ fn release_bin(name: &str) -> std::path::PathBuf {
     bin
 }
 
-fn rss_mib(pid: u32) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-/// One HTTP/1.1 request to the stand-in on loopback.
-fn http(addr: &str, method: &str, path: &str, ctype: &str, body: &str) -> (u16, Value) {
-    let mut s = TcpStream::connect(addr).expect("connect stand-in");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).expect("write");
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).expect("read");
-    let text = String::from_utf8_lossy(&resp);
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (code, serde_json::from_str(body).unwrap_or(Value::Null))
-}
-
-fn spawn_standin(netns: Option<&str>, kubeconfig: &str) -> (Child, String) {
-    let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
-    let mut cmd = match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns])
-                .arg(release_bin("k8s-standin"));
-            c
-        }
-        None => Command::new(release_bin("k8s-standin")),
-    };
-    let mut child = cmd
-        .args([
-            "--crds",
-            &crds.to_string_lossy(),
-            "--kubeconfig",
-            kubeconfig,
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("stand-in");
-    let mut line = String::new();
-    if let Some(out) = child.stdout.take() {
-        let _ = BufReader::new(out).read_line(&mut line);
-    }
-    let addr = line.trim().trim_start_matches("listening on ").to_string();
-    (child, addr)
-}
-
 struct Kill(Vec<Child>);
 impl Drop for Kill {
     fn drop(&mut self) {
@@ -107,45 +46,37 @@ impl Drop for Kill {
     }
 }
 
+/// Creates many objects with one kubectl call (a List manifest).
+fn create_all(cp: &ControlPlane, items: Vec<Value>) {
+    let f = cp.dir.join(format!("list-{}.json", cluster::unique()));
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+    std::fs::write(&f, list.to_string()).expect("write list");
+    let o = cp.kubectl(&["create", "-f", &f.to_string_lossy(), "-o", "name"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 fn agent_rss(entries: usize) -> f64 {
     let lab = Lab::new("fp");
-    let kc = lab.dir.join("kc").to_string_lossy().into_owned();
-    let (standin, _) = spawn_standin(Some(&lab.cli), &kc);
-    let mut procs = Kill(vec![standin]);
+    let cp = ControlPlane::start(
+        &lab.dir.join("cp"),
+        Options {
+            netns: Some(lab.cli.clone()),
+            ..Options::default()
+        },
+    );
+    cp.helm_install(&json!({}));
+    let kc =
+        cp.service_account_kubeconfig(&format!("{}-node-shaper", cluster::RELEASE), &cp.server);
     let wl: Vec<String> = (0..entries)
-        .map(|i| {
-            format!(
-                "\"{}.{}.{}.0/24\"",
-                11 + i / 65536,
-                (i / 256) % 256,
-                i % 256
-            )
-        })
+        .map(|i| format!("{}.{}.{}.0/24", 11 + i / 65536, (i / 256) % 256, i % 256))
         .collect();
     let plan = json!({
         "apiVersion": "egressguard.io/v1alpha1", "kind": "NodeShaping", "metadata": {"name": "node-a"},
         "spec": {"nodeName": "node-a", "enforce": true,
                  "shaping": {"interfaces": [DEV], "uplink": {"rate": "1gbit"}, "throttle": {"rate": "10mbit", "destinations": [{"port": 443}]},
-                             "whitelist": serde_json::from_str::<Value>(&format!("[{}]", wl.join(","))).unwrap_or_default()}}
+                             "whitelist": wl}}
     });
-    let f = lab.write_guard("plan.json", &plan.to_string());
-    let o = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.cli,
-            "kubectl",
-            "--kubeconfig",
-            &kc,
-            "--request-timeout=20s",
-            "create",
-            "--validate=false",
-            "-f",
-            &f,
-        ])
-        .output()
-        .expect("kubectl");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    create_all(&cp, vec![plan]);
     let agent = Command::new("ip")
         .args(["netns", "exec", &lab.cli])
         .arg(release_bin("node-shaper"))
@@ -162,26 +93,16 @@ fn agent_rss(entries: usize) -> f64 {
         .spawn()
         .expect("agent");
     let pid = agent.id();
-    procs.0.push(agent);
+    let _procs = Kill(vec![agent]);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let o = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &lab.cli,
-                "kubectl",
-                "--kubeconfig",
-                &kc,
-                "--request-timeout=5s",
-                "get",
-                "nodeshapings.egressguard.io",
-                "node-a",
-                "-o",
-                "jsonpath={.status.interfaces[0].enforced}",
-            ])
-            .output()
-            .expect("kubectl");
+        let o = cp.kubectl(&[
+            "get",
+            "nodeshapings.egressguard.io",
+            "node-a",
+            "-o",
+            "jsonpath={.status.interfaces[0].enforced}",
+        ]);
         if String::from_utf8_lossy(&o.stdout) == "true" {
             break;
         }
@@ -193,60 +114,34 @@ fn agent_rss(entries: usize) -> f64 {
     rss_mib(pid)
 }
 
-fn operator_resync(nodes: usize, guards: usize) -> (f64, f64) {
-    let dir = std::env::temp_dir().join(format!("egfp-{}", std::process::id()));
-    let _ = std::fs::create_dir_all(&dir);
-    let kc = dir.join("kc").to_string_lossy().into_owned();
-    let (standin, addr) = spawn_standin(None, &kc);
-    let mut procs = Kill(vec![standin]);
-    for i in 0..nodes {
-        let ip = std::net::Ipv4Addr::from(0x0a64_0000u32 + 10 + i as u32);
-        let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": format!("node-{i}"), "labels": {"group": format!("g{}", i % guards)}}});
-        let (c, _) = http(
-            &addr,
-            "POST",
-            "/api/v1/nodes",
-            "application/json",
-            &node.to_string(),
-        );
-        assert_eq!(c, 201);
-        let st =
-            json!({"status": {"addresses": [{"type": "InternalIP", "address": ip.to_string()}]}});
-        http(
-            &addr,
-            "PATCH",
-            &format!("/api/v1/nodes/node-{i}/status"),
-            "application/merge-patch+json",
-            &st.to_string(),
-        );
-    }
-    let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"kubernetes.io/service-name": "kubernetes"}}, "addressType": "IPv4", "endpoints": [{"addresses": ["10.96.0.1"]}]});
-    http(
-        &addr,
-        "POST",
-        "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices",
-        "application/json",
-        &slice.to_string(),
-    );
-    for g in 0..guards {
-        let guard = json!({"apiVersion": "egressguard.io/v1alpha1", "kind": "EgressGuard", "metadata": {"name": format!("guard-{g}")},
+/// Returns (seconds to converge, operator RSS MiB, control plane RSS MiB).
+fn operator_resync(nodes: usize, guards: usize) -> (f64, f64, f64) {
+    let dir = std::env::temp_dir().join(format!("egfp-{}", cluster::unique()));
+    let cp = ControlPlane::start(&dir, Options::default());
+    cp.helm_install(&json!({}));
+    let kc = cp.service_account_kubeconfig(&format!("{}-operator", cluster::RELEASE), &cp.server);
+    // Nodes as kubelets register them: status (addresses) included on create.
+    let items = (0..nodes)
+        .map(|i| {
+            let ip = std::net::Ipv4Addr::from(0x0a64_0000u32 + 10 + i as u32);
+            json!({"apiVersion": "v1", "kind": "Node",
+                   "metadata": {"name": format!("node-{i}"), "labels": {"group": format!("g{}", i % guards)}},
+                   "status": {"addresses": [{"type": "InternalIP", "address": ip.to_string()}]}})
+        })
+        .collect();
+    create_all(&cp, items);
+    let items = (0..guards)
+        .map(|g| json!({"apiVersion": "egressguard.io/v1alpha1", "kind": "EgressGuard", "metadata": {"name": format!("guard-{g}")},
             "spec": {"nodeSelector": {"matchLabels": {"group": format!("g{g}")}}, "uplink": {"rate": "1gbit"},
-                     "throttle": {"rate": "10mbit", "destinations": [{"port": 443}, {"port": 80}]}, "whitelist": ["203.0.113.0/24"]}});
-        let (c, _) = http(
-            &addr,
-            "POST",
-            "/apis/egressguard.io/v1alpha1/egressguards",
-            "application/json",
-            &guard.to_string(),
-        );
-        assert_eq!(c, 201);
-    }
+                     "throttle": {"rate": "10mbit", "destinations": [{"port": 443}, {"port": 80}]}, "whitelist": ["203.0.113.0/24"]}}))
+        .collect();
+    create_all(&cp, items);
     let start = Instant::now();
     let op = Command::new(release_bin("egressguard-operator"))
         .args([
             "run",
             "--namespace",
-            "default",
+            cluster::NAMESPACE,
             "--metrics-addr",
             "127.0.0.1:0",
         ])
@@ -262,48 +157,43 @@ fn operator_resync(nodes: usize, guards: usize) -> (f64, f64) {
         .spawn()
         .expect("operator");
     let pid = op.id();
-    procs.0.push(op);
-    let per_guard = nodes / guards;
+    let _procs = Kill(vec![op]);
+    let per_guard = (nodes / guards) as u64;
     loop {
-        let (_, ns) = http(
-            &addr,
-            "GET",
-            "/apis/egressguard.io/v1alpha1/nodeshapings",
-            "application/json",
-            "",
-        );
-        let (_, gs) = http(
-            &addr,
-            "GET",
-            "/apis/egressguard.io/v1alpha1/egressguards",
-            "application/json",
-            "",
-        );
-        let plans = ns["items"].as_array().map_or(0, Vec::len);
+        let plans = cp
+            .kubectl_ok(&["get", "egns", "-o", "name"])
+            .lines()
+            .count();
+        let gs: Value =
+            serde_json::from_str(&cp.kubectl_ok(&["get", "eg", "-o", "json"])).unwrap_or_default();
         let done = gs["items"].as_array().is_some_and(|a| {
             a.iter()
-                .all(|g| g["status"]["selectedNodes"].as_u64() == Some(per_guard as u64))
+                .all(|g| g["status"]["selectedNodes"].as_u64() == Some(per_guard))
         });
         if plans == nodes && done {
             break;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "operator did not converge: {plans} plans"
+            start.elapsed() < Duration::from_secs(180),
+            "operator did not converge: {plans} plans\n{}",
+            std::fs::read_to_string(dir.join("operator.log")).unwrap_or_default()
         );
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(200));
     }
     let secs = start.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(3));
     let rss = rss_mib(pid);
+    let cp_rss = ["etcd", "kube-apiserver", "kube-controller-manager"]
+        .iter()
+        .map(|c| cp.rss_mib(c))
+        .sum();
     if std::env::var("EG_OPERATOR_LOG").is_ok() {
         let _ = std::fs::copy(
             dir.join("operator.log"),
             "/tmp/egressguard-operator-bench.log",
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    (secs, rss)
+    (secs, rss, cp_rss)
 }
 
 fn main() {
@@ -317,7 +207,7 @@ fn main() {
         (10_000, 2_000, 50)
     };
     println!(
-        "footprint benchmark ({}) against the Kubernetes-API stand-in",
+        "footprint benchmark ({}) against a real control plane",
         if smoke { "smoke" } else { "full" }
     );
     let mut missed = 0;
@@ -335,7 +225,11 @@ fn main() {
         "< 20",
         smoke || a < 20.0,
     );
-    let (secs, rss) = operator_resync(nodes, guards);
+    let (secs, rss, cp_rss) = operator_resync(nodes, guards);
+    println!(
+        "{:<62} {cp_rss:>12.1}",
+        "control plane RSS (etcd + apiserver + controller-manager, MiB)"
+    );
     check(
         &format!("operator full resync, {nodes} nodes / {guards} guards (s)"),
         format!("{secs:.2}"),

@@ -1,5 +1,4 @@
-//! End-to-end tests (see `tests/`) and the Kubernetes-API stand-in they run
-//! against on machines without a real API server. The stand-in is test
-//! infrastructure only: it is not Kubernetes.
+//! End-to-end test support (see `tests/`): a real Kubernetes control plane per
+//! test, started from the binaries `tests/control-plane` builds.
 
-pub mod standin;
+pub mod cluster;

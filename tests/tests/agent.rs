@@ -1,24 +1,26 @@
-//! End to end: the real `node-shaper run` agent against the Kubernetes-API
-//! stand-in (not Kubernetes; see `egressguard_e2e::standin`), driven with the
-//! machine's `kubectl`, asserting on kernel state, the NodeShaping status and
-//! `/metrics`. The agent, the stand-in and kubectl all run inside the test's
-//! own network namespace and talk over its loopback.
+//! End to end: the real `node-shaper run` agent against a real control plane
+//! (etcd, kube-apiserver, kube-controller-manager from `scripts/dev-cluster.sh`)
+//! with the chart installed by real Helm, the agent authenticated as the chart's
+//! ServiceAccount, asserting on kernel state, the NodeShaping status and
+//! `/metrics`. The agent, the control plane and kubectl all run inside the
+//! test's own network namespace and talk over its loopback.
 
 #[path = "../../node-shaper/tests/lab/mod.rs"]
 mod lab;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use egressguard_e2e::cluster::{self, condition, ControlPlane, Options};
 use lab::*;
 use serde_json::Value;
 
 struct Cluster {
-    lab: Lab,
-    standin: Child,
     agent: Option<Child>,
-    kubeconfig: String,
+    // Declared before `lab`: the control plane stops before its namespace goes.
+    cp: ControlPlane,
+    lab: Lab,
+    kubeconfig: std::path::PathBuf,
 }
 
 impl Drop for Cluster {
@@ -27,48 +29,26 @@ impl Drop for Cluster {
             let _ = a.kill();
             let _ = a.wait();
         }
-        let _ = self.standin.kill();
-        let _ = self.standin.wait();
     }
-}
-
-fn bin(name: &str) -> std::path::PathBuf {
-    if name == "k8s-standin" {
-        return env!("CARGO_BIN_EXE_k8s-standin").into();
-    }
-    shaper_bin()
 }
 
 impl Cluster {
     fn start(tag: &str) -> Cluster {
         let lab = Lab::new(tag);
-        let kubeconfig = lab.dir.join("kubeconfig").to_string_lossy().into_owned();
-        let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
-        let mut standin = Command::new("ip")
-            .args(["netns", "exec", &lab.cli])
-            .arg(bin("k8s-standin"))
-            .args([
-                "--crds",
-                &crds.to_string_lossy(),
-                "--kubeconfig",
-                &kubeconfig,
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("stand-in");
-        let mut line = String::new();
-        if let Some(out) = standin.stdout.take() {
-            let _ = BufReader::new(out).read_line(&mut line);
-        }
-        assert!(
-            line.starts_with("listening on"),
-            "stand-in did not start: {line:?}"
+        let cp = ControlPlane::start(
+            &lab.dir.join("cp"),
+            Options {
+                netns: Some(lab.cli.clone()),
+                ..Options::default()
+            },
         );
+        cp.helm_install(&serde_json::json!({}));
+        let kubeconfig =
+            cp.service_account_kubeconfig(&format!("{}-node-shaper", cluster::RELEASE), &cp.server);
         Cluster {
-            lab,
-            standin,
             agent: None,
+            cp,
+            lab,
             kubeconfig,
         }
     }
@@ -76,7 +56,7 @@ impl Cluster {
     fn start_agent(&mut self) {
         let child = Command::new("ip")
             .args(["netns", "exec", &self.lab.cli])
-            .arg(bin("node-shaper"))
+            .arg(shaper_bin())
             .args([
                 "run",
                 "--node-name",
@@ -100,9 +80,7 @@ impl Cluster {
     fn stop_agent(&mut self) -> (Option<i32>, String) {
         let mut a = self.agent.take().expect("agent running");
         // `ip netns exec` replaces itself with the agent, so the pid is the agent's.
-        let _ = Command::new("kill")
-            .args(["-TERM", &a.id().to_string()])
-            .status();
+        cluster::signal(a.id(), "TERM");
         let deadline = Instant::now() + Duration::from_secs(10);
         let status = loop {
             if let Ok(Some(s)) = a.try_wait() {
@@ -121,40 +99,8 @@ impl Cluster {
         (status, log)
     }
 
-    fn kubectl(&self, args: &[&str]) -> Output {
-        let mut v = vec![
-            "netns",
-            "exec",
-            &self.lab.cli,
-            "kubectl",
-            "--kubeconfig",
-            &self.kubeconfig,
-            "--request-timeout=5s",
-        ];
-        v.extend_from_slice(args);
-        Command::new("ip").args(v).output().expect("kubectl")
-    }
-
-    fn kubectl_ok(&self, args: &[&str]) -> String {
-        let o = self.kubectl(args);
-        assert!(
-            o.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    fn apply(&self, yaml: &str) {
-        let f = self.lab.write_guard("obj.yaml", yaml);
-        self.kubectl_ok(&["apply", "--validate=false", "-f", &f]);
-    }
-
     fn node_shaping(&self) -> Option<Value> {
-        let o = self.kubectl(&["get", "nodeshapings.egressguard.io", "node-a", "-o", "json"]);
-        o.status
-            .success()
-            .then(|| serde_json::from_slice(&o.stdout).expect("json"))
+        self.cp.get("nodeshapings.egressguard.io", "node-a")
     }
 
     fn http(&self, path: &str) -> String {
@@ -165,9 +111,6 @@ impl Cluster {
             "3",
             &format!("http://127.0.0.1:9464{path}"),
         ]);
-        if !o.status.success() {
-            eprintln!("curl {path}: {}", String::from_utf8_lossy(&o.stderr));
-        }
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
@@ -177,27 +120,8 @@ impl Cluster {
     }
 }
 
-fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("timed out after {secs}s waiting for: {what}");
-}
-
-fn condition(ns: &Value, t: &str) -> (String, String) {
-    let c = ns["status"]["conditions"]
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["type"] == t))
-        .cloned()
-        .unwrap_or_default();
-    (
-        c["status"].as_str().unwrap_or_default().to_string(),
-        c["reason"].as_str().unwrap_or_default().to_string(),
-    )
+fn wait_for(what: &str, secs: u64, f: impl FnMut() -> bool) {
+    cluster::wait_for(what, secs, f, String::new);
 }
 
 fn plan(rate: &str, whitelist: &str) -> String {
@@ -227,7 +151,7 @@ fn e2e_agent_enforces_repairs_updates_survives_restarts_and_removes() {
     );
 
     // A plan arrives: the kernel gets it, the status says so.
-    c.apply(&plan("1Mbit", &format!("[{WHITE4}/32]")));
+    c.cp.apply(&plan("1Mbit", &format!("[{WHITE4}/32]")));
     wait_for(
         "tree in the kernel and status observedGeneration 1",
         20,
@@ -260,7 +184,7 @@ fn e2e_agent_enforces_repairs_updates_survives_restarts_and_removes() {
     });
 
     // An update changes the class in place.
-    c.apply(&plan("2Mbit", &format!("[{WHITE4}/32]")));
+    c.cp.apply(&plan("2Mbit", &format!("[{WHITE4}/32]")));
     wait_for("generation 2 applied", 20, || generation_applied(&c, 2));
     let classes =
         String::from_utf8_lossy(&c.lab.in_cli(&["tc", "class", "show", "dev", DEV]).stdout)
@@ -270,20 +194,41 @@ fn e2e_agent_enforces_repairs_updates_survives_restarts_and_removes() {
         "{classes}"
     );
 
-    // API faults: failed requests and dropped watches do not touch the kernel,
-    // and the agent converges once the API answers again.
+    // API faults with the real processes: etcd paused (requests hang), the
+    // API server killed and restarted (watches end, requests fail), and etcd
+    // compacted past the agent's resourceVersion before a restart, so its watch
+    // resumes into 410 Gone and must re-list. None of it touches the kernel.
     let before = c.lab.tc_dump();
-    let faults = c
-        .lab
-        .write_guard("faults.json", "{\"failNext\": 5, \"code\": 500}");
-    c.kubectl_ok(&["create", "--raw", "/standin/faults", "-f", &faults]);
-    c.kubectl_ok(&["create", "--raw", "/standin/drop-watches", "-f", &faults]);
-    // Compaction: the agent's watch resumes from a forgotten resourceVersion,
-    // gets 410 Gone, and must re-list.
-    c.kubectl_ok(&["create", "--raw", "/standin/compact", "-f", &faults]);
+    c.cp.signal("etcd", "STOP");
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(c.lab.tc_dump(), before, "etcd paused: kernel changed");
+    c.cp.signal("etcd", "CONT");
+    c.cp.restart_apiserver(Duration::from_secs(2));
+    assert_eq!(
+        c.lab.tc_dump(),
+        before,
+        "API server restart: kernel changed"
+    );
+    let old_rv = c.node_shaping().expect("plan")["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    c.cp.apply("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: bump, namespace: default}\n");
+    c.cp.compact_etcd();
+    c.cp.restart_apiserver(Duration::from_secs(1));
+    // The fault is real: a watch from the old resourceVersion is gone.
+    let gone = c.cp.kubectl_ok(&[
+        "get",
+        "--raw",
+        &format!("/apis/egressguard.io/v1alpha1/nodeshapings?watch=1&resourceVersion={old_rv}&timeoutSeconds=2"),
+    ]);
+    assert!(
+        gone.contains("\"code\":410"),
+        "no 410 after compaction: {gone}"
+    );
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(c.lab.tc_dump(), before, "API faults changed the kernel");
-    c.apply(&plan("3Mbit", &format!("[{WHITE4}/32]")));
+    c.cp.apply(&plan("3Mbit", &format!("[{WHITE4}/32]")));
     wait_for("generation 3 applied after faults", 30, || {
         generation_applied(&c, 3)
     });
@@ -304,7 +249,7 @@ fn e2e_agent_enforces_repairs_updates_survives_restarts_and_removes() {
 
     // An invalid plan (passes the schema, fails validation: throttle above the
     // uplink) leaves the kernel as it is.
-    c.apply(&plan("30Mbit", &format!("[{WHITE4}/32]")));
+    c.cp.apply(&plan("30Mbit", &format!("[{WHITE4}/32]")));
     wait_for("invalid plan reported", 20, || {
         c.node_shaping().is_some_and(|n| {
             n["status"]["observedGeneration"] == 4
@@ -314,136 +259,108 @@ fn e2e_agent_enforces_repairs_updates_survives_restarts_and_removes() {
     assert_eq!(c.lab.tc_dump(), kept, "an invalid plan changed the kernel");
 
     // The plan goes away: shaping is removed.
-    c.kubectl_ok(&["delete", "nodeshapings.egressguard.io", "node-a"]);
+    c.cp.kubectl_ok(&["delete", "nodeshapings.egressguard.io", "node-a"]);
     wait_for("shaping removed", 20, || !c.root_qdisc().contains("e9:"));
 }
 
+/// What the CRD promises is enforced by the real API server: OpenAPI ranges and
+/// patterns, the CEL rule, the status subresource, printer columns.
 #[test]
-fn standin_refuses_invalid_objects_and_stale_writes() {
+fn api_server_enforces_the_crd_schema_cel_and_printer_columns() {
     if !available() {
         return;
     }
-    let c = Cluster::start("standin");
-    let bad = "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {name: bad}\nspec:\n  uplink: {rate: 20Mbit}\n  throttle: {rate: 1Mbit, destinations: [{port: 70000}]}\n";
-    let f = c.lab.write_guard("bad.yaml", bad);
-    let o = c.kubectl(&["create", "--validate=false", "-f", &f]);
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains(
-            "spec.throttle.destinations[0].port in body should be less than or equal to 65535"
-        ),
-        "{err}"
+    let c = Cluster::start("schema");
+    let refused = |name: &str, spec: &str, expect: &str| {
+        let yaml = format!(
+            "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {{name: {name}}}\nspec:\n{spec}"
+        );
+        let o = c.cp.apply_output(&yaml);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!o.status.success(), "{name} was accepted");
+        assert!(err.contains(expect), "{name}: expected {expect:?} in {err}");
+    };
+    refused(
+        "port",
+        "  uplink: {rate: 20Mbit}\n  throttle: {rate: 1Mbit, destinations: [{port: 70000}]}\n",
+        "spec.throttle.destinations[0].port: Invalid value: 70000: spec.throttle.destinations[0].port in body should be less than or equal to 65535",
     );
-    // Schema patterns: a byte-rate unit is refused by the API itself.
-    let mbps = "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {name: mbps}\nspec:\n  uplink: {rate: 20mbps}\n  throttle: {rate: 1Mbit, destinations: [{port: 443}]}\n";
-    let f = c.lab.write_guard("mbps.yaml", mbps);
-    let o = c.kubectl(&["create", "--validate=false", "-f", &f]);
-    assert!(!o.status.success());
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("spec.uplink.rate in body should match"),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
+    refused(
+        "mbps",
+        "  uplink: {rate: 20mbps}\n  throttle: {rate: 1Mbit, destinations: [{port: 443}]}\n",
+        "spec.uplink.rate: Invalid value: \"20mbps\": spec.uplink.rate in body should match",
     );
-    let good = "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {name: good}\nspec:\n  uplink: {rate: 20Mbit}\n  throttle: {rate: 1Mbit, destinations: [{port: 443}]}\n";
-    let f = c.lab.write_guard("good.yaml", good);
-    c.kubectl_ok(&["create", "--validate=false", "-f", &f]);
-    let rv0: Value = serde_json::from_str(&c.kubectl_ok(&[
-        "get",
-        "egressguards.egressguard.io",
-        "good",
-        "-o",
-        "json",
-    ]))
-    .expect("json");
-    let rv0 = rv0["metadata"]["resourceVersion"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    // Spec changes bump the generation; status writes do not.
-    c.kubectl_ok(&[
-        "patch",
-        "egressguards.egressguard.io",
-        "good",
-        "--type",
-        "merge",
-        "-p",
-        "{\"spec\":{\"throttle\":{\"rate\":\"2Mbit\"}}}",
-    ]);
-    // A write carrying the old resourceVersion is a conflict.
-    let stale = format!("{{\"metadata\":{{\"resourceVersion\":\"{rv0}\"}},\"spec\":{{\"throttle\":{{\"rate\":\"5Mbit\"}}}}}}");
-    let o = c.kubectl(&[
-        "patch",
-        "egressguards.egressguard.io",
-        "good",
-        "--type",
-        "merge",
-        "-p",
-        &stale,
-    ]);
-    assert!(!o.status.success());
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("the object has been modified"),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
+    // The CEL rule is evaluated by the server, with its message and field path.
+    refused(
+        "range",
+        "  uplink: {rate: 20Mbit}\n  throttle: {rate: 1Mbit, destinations: [{port: 443, endPort: 80}]}\n",
+        "spec.throttle.destinations[0]: Invalid value: endPort must be at least port",
     );
-    c.kubectl_ok(&[
+    c.cp.apply("apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {name: good}\nspec:\n  mode: DryRun\n  uplink: {rate: 20Mbit}\n  throttle: {rate: 1Mbit, destinations: [{port: 443}]}\n");
+    // Status is a subresource: a status write leaves the generation alone, a
+    // spec write through the main resource cannot set status.
+    c.cp.kubectl_ok(&[
         "patch",
-        "egressguards.egressguard.io",
+        "eg",
         "good",
         "--subresource",
         "status",
         "--type",
         "merge",
         "-p",
-        "{\"status\":{\"selectedNodes\":3}}",
+        "{\"status\":{\"selectedNodes\":3,\"enforcedNodes\":2}}",
     ]);
-    let v: Value = serde_json::from_str(&c.kubectl_ok(&[
-        "get",
-        "egressguards.egressguard.io",
-        "good",
-        "-o",
-        "json",
-    ]))
-    .expect("json");
-    assert_eq!(v["metadata"]["generation"], 2);
-    assert_eq!(v["status"]["selectedNodes"], 3);
-    // Finalizers hold deletion until they are removed.
-    c.kubectl_ok(&[
+    c.cp.kubectl_ok(&[
         "patch",
-        "egressguards.egressguard.io",
+        "eg",
         "good",
         "--type",
         "merge",
         "-p",
-        "{\"metadata\":{\"finalizers\":[\"egressguard.io/cleanup\"]}}",
+        "{\"spec\":{\"throttle\":{\"rate\":\"2Mbit\"}},\"status\":{\"selectedNodes\":9}}",
     ]);
-    c.kubectl_ok(&[
-        "delete",
-        "egressguards.egressguard.io",
-        "good",
-        "--wait=false",
-    ]);
-    let v: Value = serde_json::from_str(&c.kubectl_ok(&[
-        "get",
-        "egressguards.egressguard.io",
-        "good",
-        "-o",
-        "json",
-    ]))
-    .expect("json");
-    assert!(v["metadata"]["deletionTimestamp"].is_string());
-    c.kubectl_ok(&[
-        "patch",
-        "egressguards.egressguard.io",
-        "good",
-        "--type",
-        "merge",
-        "-p",
-        "{\"metadata\":{\"finalizers\":null}}",
-    ]);
-    assert!(!c
-        .kubectl(&["get", "egressguards.egressguard.io", "good"])
-        .status
-        .success());
+    let g = c.cp.get("eg", "good").expect("guard");
+    assert_eq!(g["metadata"]["generation"], 2);
+    assert_eq!(g["status"]["selectedNodes"], 3);
+    // Printer columns, rendered by the server (short names included).
+    let table = c.cp.kubectl_ok(&["get", "eg"]);
+    let mut lines = table.lines();
+    let head: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        head,
+        ["NAME", "MODE", "NODES", "ENFORCED", "QUARANTINED", "AGE"],
+        "{table}"
+    );
+    let row: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(&row[..4], ["good", "DryRun", "3", "2"], "{table}");
+    c.cp.apply(&plan("1Mbit", &format!("[{WHITE4}/32]")));
+    let table = c.cp.kubectl_ok(&["get", "egns"]);
+    let head: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        head,
+        ["NAME", "GUARD", "ENFORCE", "APPLIED", "AGE"],
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("node-a ")
+                && l.contains(" idc ")
+                && l.contains(" true ")),
+        "{table}"
+    );
 }

@@ -22,7 +22,7 @@ struct Rendered {
 }
 
 fn render(values: &str) -> Rendered {
-    let out = Command::new("python3")
+    let out = Command::new(egressguard_e2e::cluster::helm_python())
         .arg(root().join("tests/helm/render.py"))
         .arg(root().join("charts/egressguard"))
         .arg(values)

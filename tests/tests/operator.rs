@@ -1,21 +1,20 @@
 //! End to end: the real `egressguard-operator` and two real `node-shaper run`
-//! agents against the Kubernetes-API stand-in (not Kubernetes; see
-//! `egressguard_e2e::standin`), driven with kubectl.
+//! agents against a real control plane (etcd, kube-apiserver and
+//! kube-controller-manager from `scripts/dev-cluster.sh`), with the chart
+//! installed by real Helm and every component authenticated as the chart's
+//! ServiceAccount, so the chart's RBAC authorizes each call. Driven with kubectl.
 //!
 //! Topology, all created and removed by the test: an "api" network namespace
-//! runs the stand-in, the operator and kubectl; each node is its own network
-//! namespace whose uplink `eg0` is a veth into the api namespace, so every
-//! agent reaches the API server through the interface it shapes — which is
-//! why the API endpoints must be (and are checked to be) protected.
+//! runs the control plane, the operator and kubectl; each node is its own
+//! network namespace whose uplink `eg0` is a veth into the api namespace, so
+//! every agent reaches the API server through the interface it shapes — which
+//! is why the API endpoints must be (and are checked to be) protected.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use egressguard_e2e::cluster::{self, condition as cond, ControlPlane, Options};
 use serde_json::Value;
-
-static N: AtomicU32 = AtomicU32::new(0);
 
 fn sh(args: &[&str]) -> Output {
     Command::new(args[0])
@@ -34,9 +33,6 @@ fn must(args: &[&str]) {
 }
 
 fn target_bin(name: &str) -> std::path::PathBuf {
-    if name == "k8s-standin" {
-        return env!("CARGO_BIN_EXE_k8s-standin").into();
-    }
     let exe = std::env::current_exe().expect("test binary");
     let bin = exe
         .parent()
@@ -59,27 +55,12 @@ fn available() -> bool {
     root
 }
 
-struct Cluster {
-    api: String,
-    nodes: Vec<String>,
-    dir: std::path::PathBuf,
-    standin: Option<Child>,
-    operator: Option<Child>,
-    agents: Vec<Child>,
-}
+/// Network namespaces, removed on drop (after the control plane stopped).
+struct Netns(Vec<String>);
 
-impl Drop for Cluster {
+impl Drop for Netns {
     fn drop(&mut self) {
-        for c in self
-            .agents
-            .iter_mut()
-            .chain(self.operator.iter_mut())
-            .chain(self.standin.iter_mut())
-        {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in self.nodes.iter().chain(std::iter::once(&self.api)) {
+        for ns in &self.0 {
             if let Ok(o) = Command::new("ip").args(["netns", "pids", ns]).output() {
                 for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
                     let _ = Command::new("kill").args(["-9", pid]).status();
@@ -87,125 +68,129 @@ impl Drop for Cluster {
             }
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-const PORT: &str = "6443";
+struct Cluster {
+    operators: Vec<(String, Child)>,
+    agents: Vec<Child>,
+    // Field order is drop order: processes, then the control plane, then namespaces.
+    cp: ControlPlane,
+    _netns: Netns,
+    api: String,
+    nodes: Vec<String>,
+    dir: std::path::PathBuf,
+    _dir: cluster::TempDir,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in self
+            .agents
+            .iter_mut()
+            .chain(self.operators.iter_mut().map(|(_, c)| c))
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
 
 impl Cluster {
     fn new(nodes: usize) -> Cluster {
-        let id = format!(
-            "{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
+        let id = cluster::unique();
         let dir = std::env::temp_dir().join(format!("egop-{id}"));
         std::fs::create_dir_all(&dir).expect("dir");
-        let mut c = Cluster {
-            api: format!("ega-{id}"),
-            nodes: vec![],
-            dir,
-            standin: None,
-            operator: None,
-            agents: vec![],
-        };
-        must(&["ip", "netns", "add", &c.api]);
-        must(&["ip", "-n", &c.api, "link", "set", "lo", "up"]);
+        let api = format!("ega-{id}");
+        let mut netns = Netns(vec![]);
+        must(&["ip", "netns", "add", &api]);
+        netns.0.push(api.clone());
+        must(&["ip", "-n", &api, "link", "set", "lo", "up"]);
+        let mut names = vec![];
         for i in 1..=nodes {
             let ns = format!("egn{i}-{id}");
             must(&["ip", "netns", "add", &ns]);
-            c.nodes.push(ns.clone());
+            netns.0.push(ns.clone());
+            names.push(ns.clone());
             let up = format!("n{i}");
             must(&[
                 "ip", "-n", &ns, "link", "add", "name", "eg0", "type", "veth", "peer", "name", &up,
-                "netns", &c.api,
+                "netns", &api,
             ]);
             must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
             must(&["ip", "-n", &ns, "link", "set", "eg0", "up"]);
-            must(&["ip", "-n", &c.api, "link", "set", &up, "up"]);
-            must(&[
-                "ip",
-                "-n",
-                &c.api,
-                "addr",
-                "add",
-                &format!("10.230.{i}.1/24"),
-                "dev",
-                &up,
-            ]);
-            must(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("10.230.{i}.2/24"),
-                "dev",
-                "eg0",
-            ]);
+            must(&["ip", "-n", &api, "link", "set", &up, "up"]);
+            let a = format!("10.230.{i}.1/24");
+            must(&["ip", "-n", &api, "addr", "add", &a, "dev", &up]);
+            let n = format!("10.230.{i}.2/24");
+            must(&["ip", "-n", &ns, "addr", "add", &n, "dev", "eg0"]);
         }
-        c
-    }
-
-    fn kubeconfig(&self, server: &str) -> String {
-        let p = self.dir.join(format!("kc-{server}"));
-        let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: s\n  cluster:\n    server: http://{server}:{PORT}\ncontexts:\n- name: s\n  context:\n    cluster: s\n    user: s\n    namespace: default\ncurrent-context: s\nusers:\n- name: s\n  user: {{}}\n"
+        // The API server listens on every address of the api namespace and
+        // publishes 10.230.1.1 in the `kubernetes` EndpointSlice.
+        let cp = ControlPlane::start(
+            &dir.join("cp"),
+            Options {
+                netns: Some(api.clone()),
+                bind: Some("0.0.0.0".into()),
+                advertise: Some("10.230.1.1".into()),
+                sans: (1..=nodes).map(|i| format!("10.230.{i}.1")).collect(),
+            },
         );
-        std::fs::write(&p, text).expect("kubeconfig");
-        p.to_string_lossy().into_owned()
-    }
-
-    fn start_standin(&mut self) {
-        let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.api])
-            .arg(target_bin("k8s-standin"))
-            .args([
-                "--listen",
-                &format!("0.0.0.0:{PORT}"),
-                "--crds",
-                &crds.to_string_lossy(),
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("stand-in");
-        let mut line = String::new();
-        if let Some(out) = child.stdout.take() {
-            let _ = BufReader::new(out).read_line(&mut line);
+        cp.helm_install(&serde_json::json!({}));
+        Cluster {
+            operators: vec![],
+            agents: vec![],
+            cp,
+            _netns: netns,
+            api,
+            nodes: names,
+            dir: dir.clone(),
+            _dir: cluster::TempDir(dir),
         }
-        assert!(line.starts_with("listening on"), "stand-in: {line:?}");
-        self.standin = Some(child);
     }
 
-    fn start_operator(&mut self) {
-        let kc = self.kubeconfig("127.0.0.1");
-        let log = std::fs::File::create(self.dir.join("operator.log")).expect("log");
+    fn start_operator(&mut self, identity: &str) {
+        let kc = self
+            .cp
+            .service_account_kubeconfig(&format!("{}-operator", cluster::RELEASE), &self.cp.server);
+        let log =
+            std::fs::File::create(self.dir.join(format!("operator-{identity}.log"))).expect("log");
+        let port = 9465 + self.operators.len();
         let child = Command::new("ip")
             .args(["netns", "exec", &self.api])
             .arg(target_bin("egressguard-operator"))
             .args([
                 "run",
                 "--namespace",
-                "default",
+                cluster::NAMESPACE,
                 "--metrics-addr",
-                "127.0.0.1:9465",
+                &format!("127.0.0.1:{port}"),
                 "--cleanup-timeout-seconds",
                 "30",
                 "--identity",
-                "op-1",
+                identity,
             ])
             .env("KUBECONFIG", kc)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("operator");
-        self.operator = Some(child);
+        self.operators.push((identity.to_string(), child));
+    }
+
+    fn stop_operator(&mut self, identity: &str) {
+        if let Some(i) = self.operators.iter().position(|(id, _)| id == identity) {
+            let (_, mut c) = self.operators.remove(i);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     fn start_agent(&mut self, i: usize) {
-        let kc = self.kubeconfig(&format!("10.230.{i}.1"));
+        let server = format!("https://10.230.{i}.1:{}", self.cp.port);
+        let kc = self
+            .cp
+            .service_account_kubeconfig(&format!("{}-node-shaper", cluster::RELEASE), &server);
         let child = Command::new("ip")
             .args(["netns", "exec", &self.nodes[i - 1]])
             .arg(target_bin("node-shaper"))
@@ -228,43 +213,19 @@ impl Cluster {
     }
 
     fn kubectl(&self, args: &[&str]) -> Output {
-        let kc = self.kubeconfig("127.0.0.1");
-        let mut v = vec![
-            "netns",
-            "exec",
-            &self.api,
-            "kubectl",
-            "--kubeconfig",
-            &kc,
-            "--request-timeout=5s",
-        ];
-        v.extend_from_slice(args);
-        Command::new("ip").args(v).output().expect("kubectl")
+        self.cp.kubectl(args)
     }
 
     fn kubectl_ok(&self, args: &[&str]) -> String {
-        let o = self.kubectl(args);
-        assert!(
-            o.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        self.cp.kubectl_ok(args)
     }
 
     fn apply(&self, yaml: &str) {
-        let f = self
-            .dir
-            .join(format!("obj-{}.yaml", N.fetch_add(1, Ordering::SeqCst)));
-        std::fs::write(&f, yaml).expect("write");
-        self.kubectl_ok(&["apply", "--validate=false", "-f", &f.to_string_lossy()]);
+        self.cp.apply(yaml);
     }
 
     fn get(&self, what: &str, name: &str) -> Option<Value> {
-        let o = self.kubectl(&["get", what, name, "-o", "json"]);
-        o.status
-            .success()
-            .then(|| serde_json::from_slice(&o.stdout).expect("json"))
+        self.cp.get(what, name)
     }
 
     fn shaped(&self, i: usize) -> bool {
@@ -283,22 +244,35 @@ impl Cluster {
     }
 
     fn operator_log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("operator.log")).unwrap_or_default()
+        let mut all = String::new();
+        for (id, _) in &self.operators {
+            let log = std::fs::read_to_string(self.dir.join(format!("operator-{id}.log")))
+                .unwrap_or_default();
+            all.push_str(&format!("--- operator {id}\n{log}"));
+        }
+        all
+    }
+
+    fn metrics(&self, index: usize) -> String {
+        let o = sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.api,
+            "curl",
+            "-sS",
+            "--max-time",
+            "3",
+            &format!("http://127.0.0.1:{}/metrics", 9465 + index),
+        ]);
+        String::from_utf8_lossy(&o.stdout).into_owned()
     }
 }
 
-fn wait_for(c: &Cluster, what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    panic!(
-        "timed out after {secs}s waiting for: {what}\noperator log:\n{}",
-        c.operator_log()
-    );
+fn wait_for(c: &Cluster, what: &str, secs: u64, f: impl FnMut() -> bool) {
+    cluster::wait_for(what, secs, f, || {
+        format!("operator log:\n{}", c.operator_log())
+    });
 }
 
 /// Registers a node as a kubelet would: the object, then its status.
@@ -328,31 +302,17 @@ fn guard(name: &str, site: &str) -> String {
     )
 }
 
-fn cond(v: &Value, t: &str) -> (String, String) {
-    let c = v["status"]["conditions"]
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["type"] == t))
-        .cloned()
-        .unwrap_or_default();
-    (
-        c["status"].as_str().unwrap_or_default().to_string(),
-        c["reason"].as_str().unwrap_or_default().to_string(),
-    )
-}
-
 #[test]
 fn e2e_operator_selects_protects_moves_resolves_conflicts_and_cleans_up() {
     if !available() {
         return;
     }
     let mut c = Cluster::new(2);
-    c.start_standin();
     // Nodes as kubelets would register them; node-3 has no agent here.
     add_node(&c, "node-1", "a", "10.230.1.2");
     add_node(&c, "node-2", "a", "10.230.2.2");
     add_node(&c, "node-3", "b", "10.230.3.2");
-    c.apply("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: kubernetes, namespace: default, labels: {kubernetes.io/service-name: kubernetes}}\naddressType: IPv4\nendpoints: [{addresses: [10.230.1.1, 10.230.2.1]}]\nports: [{name: https, port: 6443, protocol: TCP}]\n");
-    c.start_operator();
+    c.start_operator("op-1");
     c.start_agent(1);
     c.start_agent(2);
 
@@ -369,6 +329,57 @@ fn e2e_operator_selects_protects_moves_resolves_conflicts_and_cleans_up() {
                     .is_some_and(|g| {
                         g["status"]["enforcedNodes"] == 2 && cond(&g, "Ready").0 == "True"
                     })
+        },
+    );
+    // The real server's conditions serve `kubectl wait`.
+    c.kubectl_ok(&["wait", "--for=condition=Ready", "eg/idc", "--timeout=30s"]);
+    // Server-side apply ownership: a person edits a field of a plan the
+    // operator owns (an update, as `kubectl edit` does); the operator takes it back.
+    c.kubectl_ok(&[
+        "patch",
+        "egns",
+        "node-1",
+        "--type",
+        "merge",
+        "-p",
+        "{\"spec\":{\"enforce\":false}}",
+    ]);
+    cluster::wait_for(
+        "the operator restores spec.enforce and owns it again",
+        20,
+        || {
+            let o = c.kubectl(&[
+                "get",
+                "egns",
+                "node-1",
+                "-o",
+                "json",
+                "--show-managed-fields",
+            ]);
+            serde_json::from_slice::<Value>(&o.stdout).is_ok_and(|p| {
+                p["spec"]["enforce"] == true
+                    && p["metadata"]["managedFields"].as_array().is_some_and(|m| {
+                        m.iter().any(|f| {
+                            f["manager"] == "egressguard-operator"
+                                && f["operation"] == "Apply"
+                                && f["fieldsV1"]["f:spec"]["f:enforce"].is_object()
+                        })
+                    })
+            })
+        },
+        || {
+            format!(
+                "plan: {}\n{}",
+                c.kubectl_ok(&[
+                    "get",
+                    "egns",
+                    "node-1",
+                    "-o",
+                    "yaml",
+                    "--show-managed-fields"
+                ]),
+                c.operator_log()
+            )
         },
     );
     let g = c.get("egressguards.egressguard.io", "idc").expect("guard");
@@ -470,26 +481,24 @@ fn e2e_operator_selects_protects_moves_resolves_conflicts_and_cleans_up() {
         "idc"
     );
 
-    // The API server "restarts" (watches end, 503s for 2 s): nothing changes, the
-    // controllers reconnect and keep converging.
-    let restart = c.dir.join("restart.json");
-    std::fs::write(&restart, "{\"downSeconds\": 2}").expect("write");
-    c.kubectl_ok(&[
-        "create",
-        "--raw",
-        "/standin/restart",
-        "-f",
-        &restart.to_string_lossy(),
-    ]);
+    // The real API server is killed and restarted (watches end, requests
+    // fail), then etcd is paused and resumed: nothing changes, the controllers
+    // reconnect and keep converging.
+    c.cp.restart_apiserver(Duration::from_secs(2));
+    c.cp.signal("etcd", "STOP");
+    std::thread::sleep(Duration::from_secs(3));
+    c.cp.signal("etcd", "CONT");
     std::thread::sleep(Duration::from_secs(4));
     assert!(c.shaped(1));
+    assert_eq!(
+        c.get("nodeshapings.egressguard.io", "node-1").expect("p")["metadata"]["generation"],
+        plan_rv1,
+        "API faults made the operator rewrite a plan"
+    );
 
     // The operator dies and comes back: nothing is lost, nothing is rewritten.
-    if let Some(mut op) = c.operator.take() {
-        let _ = op.kill();
-        let _ = op.wait();
-    }
-    c.start_operator();
+    c.stop_operator("op-1");
+    c.start_operator("op-1");
     std::thread::sleep(Duration::from_secs(4));
     assert!(c.shaped(1));
     assert_eq!(
@@ -524,4 +533,113 @@ fn e2e_operator_selects_protects_moves_resolves_conflicts_and_cleans_up() {
     wait_for(&c, "node-1 plan deleted", 20, || {
         c.get("nodeshapings.egressguard.io", "node-1").is_none()
     });
+}
+
+/// The chart's RBAC is what authorizes the operator: with one rule taken out
+/// of its ClusterRole the operator reports the 403 (log, error metric, no
+/// status written); with the rule back it converges.
+#[test]
+fn e2e_operator_runs_under_the_charts_rbac() {
+    if !available() {
+        return;
+    }
+    let mut c = Cluster::new(1);
+    add_node(&c, "node-1", "a", "10.230.1.2");
+    let role = format!("{}-operator", cluster::RELEASE);
+    let original = c.kubectl_ok(&["get", "clusterrole", &role, "-o", "json"]);
+    let mut cut: Value = serde_json::from_str(&original).expect("role json");
+    let rules = cut["rules"].as_array_mut().expect("rules");
+    let before = rules.len();
+    rules.retain(|r| r["resources"] != serde_json::json!(["egressguards/status"]));
+    assert_eq!(
+        rules.len(),
+        before - 1,
+        "the chart grants egressguards/status"
+    );
+    cut["metadata"]["resourceVersion"] = Value::Null;
+    c.apply(&cut.to_string());
+    c.start_operator("op-1");
+    c.start_agent(1);
+    c.apply(&guard("idc", "a"));
+    wait_for(
+        &c,
+        "the 403 reported in the log and the error metric",
+        40,
+        || {
+            let log = c.operator_log();
+            (log.contains("403") || log.to_lowercase().contains("forbidden"))
+                && c.metrics(0)
+                    .lines()
+                    .find_map(|l| l.strip_prefix("egressguard_operator_reconcile_errors_total "))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .is_some_and(|n| n > 0)
+        },
+    );
+    assert!(
+        c.get("eg", "idc").is_some_and(|g| g["status"].is_null()),
+        "status written without the rule"
+    );
+    // The rule back (the chart's own ClusterRole): the operator converges.
+    let mut back: Value = serde_json::from_str(&original).expect("role json");
+    back["metadata"]["resourceVersion"] = Value::Null;
+    c.apply(&back.to_string());
+    wait_for(&c, "Ready with the rule restored", 60, || {
+        c.get("eg", "idc")
+            .is_some_and(|g| cond(&g, "Ready").0 == "True" && g["status"]["enforcedNodes"] == 1)
+    });
+    assert!(c.shaped(1));
+}
+
+/// The operator Lease's holder.
+fn holder(c: &Cluster) -> Option<String> {
+    let o = c.kubectl(&[
+        "get",
+        "lease",
+        "egressguard-operator",
+        "-n",
+        cluster::NAMESPACE,
+        "-o",
+        "json",
+    ]);
+    let l: Value = serde_json::from_slice(&o.stdout).ok()?;
+    l["spec"]["holderIdentity"].as_str().map(str::to_string)
+}
+
+/// Two operators on the real `coordination.k8s.io` Lease: one leads, the
+/// other takes over within the lease duration once the leader is killed.
+#[test]
+fn e2e_operator_leader_failover_on_a_real_lease() {
+    if !available() {
+        return;
+    }
+    let mut c = Cluster::new(1);
+    add_node(&c, "node-1", "a", "10.230.1.2");
+    c.start_operator("op-a");
+    c.start_operator("op-b");
+    wait_for(&c, "a leader", 30, || holder(&c).is_some());
+    let leader = holder(&c).expect("leader");
+    let other = if leader == "op-a" { "op-b" } else { "op-a" };
+    let leader_index = if leader == "op-a" { 0 } else { 1 };
+    assert!(c
+        .metrics(leader_index)
+        .contains("egressguard_operator_leader 1"));
+    assert!(c
+        .metrics(1 - leader_index)
+        .contains("egressguard_operator_leader 0"));
+    // The leader dies without releasing the Lease (SIGKILL).
+    let killed = Instant::now();
+    c.stop_operator(&leader);
+    wait_for(&c, "the other replica takes the Lease", 30, || {
+        holder(&c).as_deref() == Some(other)
+    });
+    let takeover = killed.elapsed();
+    eprintln!("leader failover: {:.1} s", takeover.as_secs_f64());
+    assert!(
+        takeover <= Duration::from_secs(20),
+        "takeover took {takeover:?}, more than the 15 s lease plus a retry"
+    );
+    // And it works as the leader: a guard gets its plan.
+    c.start_agent(1);
+    c.apply(&guard("idc", "a"));
+    wait_for(&c, "the new leader enforces", 40, || c.shaped(1));
 }

@@ -161,7 +161,14 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             {
                 let patch = serde_json::json!({ "status": status });
                 match api
-                    .patch_status(&cfg.node, &PatchParams::default(), &Patch::Merge(&patch))
+                    .patch_status(
+                        &cfg.node,
+                        &PatchParams {
+                            field_manager: Some("egressguard-node-shaper".into()),
+                            ..PatchParams::default()
+                        },
+                        &Patch::Merge(&patch),
+                    )
                     .await
                 {
                     Ok(_) => {
