@@ -1,16 +1,34 @@
 #!/usr/bin/env bash
-# The end-to-end scenario on a REAL cluster (kind or k3d), where one can run.
-# It cannot run on the development machines of this project (no kube-apiserver
-# or kind is installable there); tests/tests/operator.rs runs the same scenario
-# against the stand-in instead.
+# The end-to-end scenario on a REAL cluster (kind), where one can run (Docker
+# and kind are not available on the development machines; there, the same
+# scenario runs in tests/tests/operator.rs against a real control plane built
+# by scripts/dev-cluster.sh).
 #
-# Needs: docker, kind (or an existing cluster in KUBECONFIG), helm, kubectl.
+# It creates its own kind cluster (named egressguard-e2e-<pid>), points kubectl
+# and helm at that cluster's kubeconfig only, and deletes it at the end unless
+# --keep is given: it never touches the cluster your KUBECONFIG names.
+#
+# Needs: docker, kind, helm, kubectl.
 # Usage: scripts/e2e-kind.sh [--keep]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cluster=egressguard-e2e
-if [[ -z "${KUBECONFIG:-}" ]] || ! kubectl cluster-info >/dev/null 2>&1; then
-  kind create cluster --name "$cluster" --config - <<'KIND'
+keep="${1:-}"
+for tool in docker kind helm kubectl; do
+  command -v "$tool" >/dev/null || { echo "e2e-kind: $tool not found" >&2; exit 1; }
+done
+cluster="egressguard-e2e-$$"
+work="$(mktemp -d)"
+export KUBECONFIG="$work/kubeconfig"
+cleanup() {
+  if [[ "$keep" == --keep ]]; then
+    echo "kept kind cluster $cluster (KUBECONFIG=$KUBECONFIG); delete with: kind delete cluster --name $cluster" >&2
+  else
+    kind delete cluster --name "$cluster" >/dev/null 2>&1 || echo "e2e-kind: could not delete kind cluster $cluster" >&2
+    rm -rf "$work"
+  fi
+}
+trap cleanup EXIT
+kind create cluster --name "$cluster" --kubeconfig "$KUBECONFIG" --config - <<'KIND'
 kind: Cluster
 apiVersion: kind.x-k8s.io/v1alpha4
 nodes:
@@ -20,11 +38,10 @@ nodes:
   - role: worker
     labels: {site: b}
 KIND
-  trap '[[ "${1:-}" == --keep ]] || kind delete cluster --name '"$cluster" EXIT
-fi
 docker build -q -f operator/Dockerfile -t egressguard-operator:e2e .
 docker build -q -f node-shaper/Dockerfile -t node-shaper:e2e .
-kind load docker-image egressguard-operator:e2e node-shaper:e2e --name "$cluster" 2>/dev/null || true
+# A failed load would leave pods in ErrImageNeverPull: stop here, loudly.
+kind load docker-image egressguard-operator:e2e node-shaper:e2e --name "$cluster"
 helm upgrade --install eg charts/egressguard -n egressguard-system --create-namespace --wait \
   --set operator.image.repository=egressguard-operator --set operator.image.tag=e2e \
   --set nodeShaper.image.repository=node-shaper --set nodeShaper.image.tag=e2e \

@@ -76,6 +76,28 @@ pub struct Throttle {
     /// Abnormal destinations: traffic matching any of them is throttled.
     #[schemars(length(min = 1))]
     pub destinations: Vec<Destination>,
+    /// Packets whose ports cannot be read: IPv4 fragments after the first and
+    /// IPv6 packets with an extension header before TCP/UDP. `Throttle` (the
+    /// default) sends them to the throttled class unless their destination is
+    /// whitelisted or protected, so large datagrams to a throttled port cannot
+    /// ride past the throttle in fragments. `Pass` leaves them in the default
+    /// class (the guard can then be evaded; `plan` warns).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub portless: PortlessPolicy,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// What to do with packets whose destination port cannot be read.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum PortlessPolicy {
+    /// Throttle them (unless whitelisted or protected).
+    #[default]
+    Throttle,
+    /// Leave them in the default class.
+    Pass,
 }
 
 /// A destination port or inclusive port range.

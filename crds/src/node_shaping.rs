@@ -97,6 +97,11 @@ pub struct InterfaceStatus {
     /// Set when running degraded (e.g. sfq missing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<String>,
+    /// Set when the last apply could neither change the kernel incrementally
+    /// nor undo the attempt, and rebuilt part of the tree instead (a brief
+    /// disruption of the traffic that part classifies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuilt: Option<String>,
     /// The last error, in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

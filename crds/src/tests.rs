@@ -100,6 +100,15 @@ fn bad_inputs_name_the_field_and_the_fix() {
             &["spec.throttle.rate: 20mbit must be below spec.uplink.rate (20mbit) so ordinary and whitelisted traffic keep a share of the uplink"],
         ),
         (
+            // A typo that would starve the node's own traffic.
+            "spec: {uplink: {rate: 16bit, burst: null}, throttle: {rate: 8bit, ceil: 8bit, burst: null}}",
+            &["spec.uplink.rate: 16bit is below the 1Mbit floor: an uplink that small starves the node's own traffic; set at least 1Mbit"],
+        ),
+        (
+            "spec: {throttle: {portless: Drop}}",
+            &["spec.throttle.portless: unknown variant `Drop`, expected `Throttle` or `Pass`"],
+        ),
+        (
             "spec: {whitelist: [198.51.100.7/24]}",
             &["spec.whitelist[0]: 198.51.100.7/24 has host bits set; the network is 198.51.100.0/24"],
         ),

@@ -86,7 +86,16 @@ pub struct ValidSpec {
     pub destinations: Vec<PortRange>,
     /// Whitelisted networks, in spec order.
     pub whitelist: Vec<WhitelistEntry>,
+    /// Throttle packets whose ports cannot be read (later fragments, IPv6
+    /// extension headers), unless whitelisted or protected.
+    pub throttle_portless: bool,
 }
+
+/// The lowest uplink rate a guard may set. Below it the guard's own HTB
+/// classes cannot carry full-size frames smoothly (a 1500-byte frame is 12 ms
+/// at 1 Mbit) and everything unprotected on the node, control traffic
+/// included, would time out: a typo such as `16bit` must not cut a node off.
+pub const MIN_UPLINK_BITS: u64 = 1_000_000;
 
 /// HTB burst in ticks as the kernel stores it: ceil(bytes * 1e9 / rate / 64).
 pub fn burst_ticks(burst: Size, rate: Rate) -> Option<u64> {
@@ -252,6 +261,14 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
             c.push("spec.throttle.ceil", format!("{ceil} is above spec.uplink.rate ({up}); throttled traffic cannot exceed the uplink"));
         }
     }
+    if let Some(up) = uplink_rate {
+        if up.bits_per_sec() < MIN_UPLINK_BITS {
+            c.push(
+                "spec.uplink.rate",
+                format!("{up} is below the 1Mbit floor: an uplink that small starves the node's own traffic; set at least 1Mbit"),
+            );
+        }
+    }
     if let (Some(up), Some(rate)) = (uplink_rate, throttle_rate) {
         if rate >= up {
             c.push("spec.throttle.rate", format!("{rate} must be below spec.uplink.rate ({up}) so ordinary and whitelisted traffic keep a share of the uplink"));
@@ -326,6 +343,7 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
             throttle_burst,
             destinations,
             whitelist,
+            throttle_portless: spec.throttle.portless == crate::guard::PortlessPolicy::Throttle,
         }),
         // Every None above pushed an error, so this arm is unreachable in practice;
         // keep it an error rather than a panic.

@@ -85,6 +85,20 @@ pub enum Op {
         /// Full handle.
         handle: u32,
     },
+    /// Delete a u32 hash table that may exist without being visible: a
+    /// table whose prio was deleted (by a person, or a kernel that dropped an
+    /// emptied prio) stays in the qdisc's u32 state, invisible to dumps, and
+    /// blocks its handle forever. The kernel finds tables by handle across
+    /// prios, so it is deleted through `prio`, one that exists. "Not found" is
+    /// the expected outcome and not an error.
+    SweepTable {
+        /// An existing prio to reach the qdisc's u32 state through.
+        prio: u16,
+        /// Its ethertype.
+        protocol: u16,
+        /// Table handle.
+        handle: u32,
+    },
     /// Delete every filter of a prio.
     DelPrio {
         /// Prio.
@@ -92,6 +106,22 @@ pub enum Op {
         /// Ethertype.
         protocol: u16,
     },
+}
+
+impl Op {
+    /// The filter prio an operation touches, if it is a filter operation.
+    pub fn prio(&self) -> Option<u16> {
+        match self {
+            Op::AddTable { prio, .. }
+            | Op::DelTable { prio, .. }
+            | Op::AddNode { prio, .. }
+            | Op::ChangeNode { prio, .. }
+            | Op::Unlink { prio, .. }
+            | Op::DelNode { prio, .. }
+            | Op::DelPrio { prio, .. } => Some(*prio),
+            _ => None,
+        }
+    }
 }
 
 /// Full kernel handle of an observed node.
@@ -120,7 +150,15 @@ struct Phases {
 
 /// Operations that turn `observed` (our tree, or empty) into `desired`.
 pub fn diff(observed: &Shape, desired: &Shape) -> Vec<Op> {
+    diff_rebuilding(observed, desired, &BTreeSet::new())
+}
+
+/// Like [`diff`], but the prios in `rebuild` are removed whole and created
+/// again rather than changed in place: the fallback when the kernel refused
+/// an incremental change to them in a way a rollback could not undo.
+pub fn diff_rebuilding(observed: &Shape, desired: &Shape, rebuild: &BTreeSet<u16>) -> Vec<Op> {
     let mut ph = Phases::default();
+    let mut sweeps = Vec::new();
     let empty = Shape::default();
     let observed =
         if observed.root.is_some() && observed.root != desired.root && desired.root.is_some() {
@@ -150,7 +188,11 @@ pub fn diff(observed: &Shape, desired: &Shape) -> Vec<Op> {
     for p in &desired.prios {
         let obs = observed.prios.iter().find(|o| o.prio == p.prio);
         let obs = match obs {
-            Some(o) if o.protocol != p.protocol || tables_conflict(o, p) => {
+            Some(o)
+                if o.protocol != p.protocol
+                    || tables_conflict(o, p)
+                    || rebuild.contains(&o.prio) =>
+            {
                 ph.pre.extend(remove_prio(o));
                 None
             }
@@ -169,6 +211,7 @@ pub fn diff(observed: &Shape, desired: &Shape) -> Vec<Op> {
             }
         }
     }
+    sweep_hidden_tables(observed, &ph, &mut sweeps);
     let Phases {
         pre,
         root,
@@ -183,12 +226,37 @@ pub fn diff(observed: &Shape, desired: &Shape) -> Vec<Op> {
         class_dels,
     } = ph;
     [
-        pre, root, classes, leaves, tables, user_nodes, root_nodes, node_dels, table_dels,
+        sweeps, pre, root, classes, leaves, tables, user_nodes, root_nodes, node_dels, table_dels,
         prio_dels, class_dels,
     ]
     .into_iter()
     .flatten()
     .collect()
+}
+
+/// Before creating a table no visible prio holds, delete any invisible table
+/// under that handle (see [`Op::SweepTable`]). Orphans can only exist while
+/// some u32 prio of the qdisc does (the kernel frees them with the last one),
+/// so there is always a prio to reach them through.
+fn sweep_hidden_tables(observed: &Shape, ph: &Phases, sweeps: &mut Vec<Op>) {
+    let Some(via) = observed.prios.first() else {
+        return;
+    };
+    for op in &ph.tables {
+        if let Op::AddTable { table, .. } = op {
+            let visible = observed
+                .prios
+                .iter()
+                .any(|p| p.tables.iter().any(|t| t.handle == table.handle));
+            if !visible {
+                sweeps.push(Op::SweepTable {
+                    prio: via.prio,
+                    protocol: via.protocol,
+                    handle: table.handle,
+                });
+            }
+        }
+    }
 }
 
 /// Removing a prio must remove its hash tables explicitly: tables live in the
@@ -348,14 +416,24 @@ fn diff_prio(obs: Option<&Prio>, p: &Prio, ph: &mut Phases) {
         pending.push(d.clone());
     }
     for mut d in pending {
-        let ids = taken.entry((d.table, d.bucket)).or_default();
+        let key = (d.table, d.bucket);
         let id = match d.id {
             Some(id) => id,
             // Lowest id free in this bucket; ids of nodes about to be deleted
             // stay taken because deletions run after additions.
-            None => (1..0x1000).find(|i| !ids.contains(i)).unwrap_or(0xfff),
+            None => match lowest_free(taken.entry(key).or_default()) {
+                Some(id) => id,
+                None => {
+                    // The bucket's 12-bit id space is full of nodes we keep
+                    // plus nodes we are about to delete: delete this bucket's
+                    // unwanted nodes first (they are unwanted, so nothing
+                    // that stays loses a rule), which frees their ids.
+                    free_bucket_early(obs, key, &mut used, &mut taken, ph);
+                    lowest_free(taken.entry(key).or_default()).unwrap_or(0xfff)
+                }
+            },
         };
-        ids.insert(id);
+        taken.entry(key).or_default().insert(id);
         d.id = Some(id);
         let op = Op::AddNode {
             prio,
@@ -390,6 +468,35 @@ fn diff_prio(obs: Option<&Prio>, p: &Prio, ph: &mut Phases) {
                 handle: t.handle,
             });
         }
+    }
+}
+
+fn lowest_free(ids: &BTreeSet<u32>) -> Option<u32> {
+    (1..0x1000).find(|i| !ids.contains(i))
+}
+
+/// Schedules the deletion of a bucket's unwanted observed nodes ahead of the
+/// additions and releases their ids.
+fn free_bucket_early(
+    obs: &Prio,
+    key: (Table, u8),
+    used: &mut [bool],
+    taken: &mut BTreeMap<(Table, u8), BTreeSet<u32>>,
+    ph: &mut Phases,
+) {
+    for (i, o) in obs.nodes.iter().enumerate() {
+        if used[i] || (o.table, o.bucket) != key || o.link.is_some() {
+            continue;
+        }
+        used[i] = true;
+        if let Some(ids) = taken.get_mut(&key) {
+            ids.remove(&o.id.unwrap_or(0));
+        }
+        ph.pre.push(Op::DelNode {
+            prio: obs.prio,
+            protocol: obs.protocol,
+            handle: node_handle(obs, o),
+        });
     }
 }
 

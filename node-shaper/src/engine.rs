@@ -12,7 +12,9 @@ use std::time::Instant;
 
 use tracing::{debug, info, warn};
 
-use crate::diff::{diff, overfull_buckets, Op};
+use std::collections::BTreeSet;
+
+use crate::diff::{diff, diff_rebuilding, overfull_buckets, Op};
 use crate::iface::Interface;
 use crate::model::{fmt_handle, LeafKind, Shape};
 use crate::netlink::{encode, observe, KernelError, Netlink, Observed, Outcome, RootState};
@@ -57,6 +59,17 @@ pub enum EngineError {
         /// Entries in it.
         count: usize,
     },
+    /// Talking to the kernel failed part-way through a change; the
+    /// interface was driven back like after a refusal.
+    #[error("{dev}: netlink: {source}; rolled back: {rollback}")]
+    IoMidApply {
+        /// Interface.
+        dev: String,
+        /// The I/O error.
+        source: std::io::Error,
+        /// What the rollback achieved.
+        rollback: String,
+    },
     /// Talking to the kernel failed.
     #[error("{dev}: netlink: {source}")]
     Io {
@@ -88,6 +101,9 @@ pub struct ApplyReport {
     pub leaf: String,
     /// Set when sfq was missing and pfifo leaves are used instead.
     pub fallback: Option<String>,
+    /// Set when an incremental change could neither be applied nor undone and
+    /// part of the tree (or all of it) was rebuilt instead.
+    pub rebuilt: Option<String>,
     /// Kernel warnings that came with successful requests.
     pub warnings: Vec<String>,
     /// Filters (u32 nodes) installed.
@@ -103,6 +119,9 @@ fn io(dev: &str) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
     }
 }
 
+/// The first refused operation of a run: its index in the ops, and why.
+type Refusal = (usize, KernelError);
+
 /// Which operations may share a pipelined chunk.
 fn stage(op: &Op) -> u8 {
     match op {
@@ -114,13 +133,14 @@ fn stage(op: &Op) -> u8 {
         | Op::AddNode { .. }
         | Op::ChangeNode { .. } => 1,
         Op::DelNode { .. } | Op::Unlink { .. } => 2,
-        Op::DelTable { .. } => 3,
+        Op::DelTable { .. } | Op::SweepTable { .. } => 3,
         Op::DelPrio { .. } => 4,
         Op::DelClass(_) => 5,
     }
 }
 
-/// Sends `ops`; returns the first refusal and every warning.
+/// Sends `ops`; returns the first refusal (with the index of the refused
+/// operation) and every warning.
 ///
 /// Requests are pipelined within a stage (additions and changes, node
 /// deletions, table deletions, ...) and stages run one after another; after a
@@ -133,7 +153,7 @@ fn run(
     nl: &mut Netlink,
     iface: &Interface,
     ops: &[Op],
-) -> Result<(Option<KernelError>, Vec<String>), EngineError> {
+) -> Result<(Option<Refusal>, Vec<String>), EngineError> {
     let mut first = None;
     let mut warnings = Vec::new();
     let mut start = 0;
@@ -166,13 +186,15 @@ fn run(
                 outcomes[i] = o;
             }
         }
-        for o in outcomes {
+        for (i, (op, o)) in chunk.iter().zip(outcomes).enumerate() {
             match o {
                 Outcome::Ok(Some(w)) => warnings.push(w),
                 Outcome::Ok(None) => {}
+                // No hidden table under that handle: the usual case.
+                Outcome::Err(e) if matches!(op, Op::SweepTable { .. }) && e.errno == ENOENT => {}
                 Outcome::Err(e) => {
                     if first.is_none() {
-                        first = Some(e);
+                        first = Some((start + i, e));
                     }
                 }
             }
@@ -183,12 +205,10 @@ fn run(
 }
 
 fn is_unknown_kind(e: &KernelError) -> bool {
-    e.errno == libc_enoent() && e.what.contains("sfq")
+    e.errno == ENOENT && e.what.contains("sfq")
 }
 
-const fn libc_enoent() -> i32 {
-    2
-}
+const ENOENT: i32 = 2;
 
 const EBUSY: i32 = 16;
 
@@ -274,13 +294,26 @@ pub fn apply(
     );
     let mut changes: Vec<String> = Vec::new();
     let mut warnings = Vec::new();
+    let mut rebuilt = None;
     let mut attempt = 0;
     loop {
         attempt += 1;
         changes.extend(ops.iter().map(|op| encode(op, iface.index, dev).what));
-        let (err, w) = run(nl, iface, &ops)?;
+        let (err, w) = match run(nl, iface, &ops) {
+            Ok(r) => r,
+            // Part of the change may be in: undo it as for a refusal.
+            Err(EngineError::Io { source, .. }) => {
+                let (rollback, _) = rollback(nl, iface, &before);
+                return Err(EngineError::IoMidApply {
+                    dev: dev.into(),
+                    source,
+                    rollback,
+                });
+            }
+            Err(e) => return Err(e),
+        };
         warnings.extend(w);
-        let Some(err) = err else { break };
+        let Some((at, err)) = err else { break };
         if choice == LeafChoice::Sfq && is_unknown_kind(&err) && attempt == 1 {
             // This kernel has no sch_sfq: degrade to pfifo leaves, visibly.
             warn!(interface = dev, reason = %err.reason, "sfq is not available on this kernel; falling back to pfifo leaves (rates are still enforced, flows are not fair-queued)");
@@ -295,12 +328,37 @@ pub fn apply(
             changes.retain(|c| !c.contains("attach sfq"));
             continue;
         }
-        let rollback = rollback(nl, iface, &before);
-        return Err(EngineError::Refused {
-            dev: dev.into(),
-            source: err,
-            rollback,
-        });
+        let (rolled_back, complete) = rollback(nl, iface, &before);
+        if complete || rebuilt.is_some() {
+            return Err(EngineError::Refused {
+                dev: dev.into(),
+                source: err,
+                rollback: rolled_back,
+            });
+        }
+        // Neither the change nor its undo went through: the kernel holds
+        // something our view of it does not explain. Rebuild what the refused
+        // write touched instead of failing the same way on every pass: its
+        // prio, or else the whole tree. Traffic of that prio (or of the
+        // interface) is briefly classified by what remains: said loudly.
+        let now = observe(nl, iface.index).map_err(io(dev))?;
+        let scope = ops[at].prio();
+        ops = match scope {
+            Some(prio) => diff_rebuilding(&now.shape, &desired, &BTreeSet::from([prio])),
+            None => {
+                let mut v = vec![Op::DelRoot];
+                v.extend(diff(&Shape::default(), &desired));
+                v
+            }
+        };
+        let what = scope.map_or_else(
+            || "the whole e9: tree".to_string(),
+            |p| format!("filter prio {p}"),
+        );
+        warn!(interface = dev, error = %err, rollback = %rolled_back, rebuilt = %what, "incremental change refused and not undone; rebuilding (brief disruption)");
+        rebuilt = Some(format!(
+            "rebuilt {what} after the kernel refused an incremental change ({err}) and its rollback ({rolled_back}); traffic it classifies was briefly unclassified"
+        ));
     }
     debug!(interface = dev, ms = ms(&start), "sent");
     if opts.verify {
@@ -325,6 +383,7 @@ pub fn apply(
         LeafChoice::PfifoFallback => "pfifo",
     };
     let report = ApplyReport {
+        rebuilt,
         interface: dev.into(),
         writes: nl.writes - writes_before,
         changes,
@@ -355,8 +414,8 @@ pub fn transact(
     let (err, warnings) = run(nl, iface, ops)?;
     match err {
         None => Ok(warnings),
-        Some(source) => {
-            let rollback = rollback(nl, iface, before);
+        Some((_, source)) => {
+            let (rollback, _) = rollback(nl, iface, before);
             Err(EngineError::Refused {
                 dev: iface.name.clone(),
                 source,
@@ -366,12 +425,13 @@ pub fn transact(
     }
 }
 
-/// Drives the interface back to `before`; returns a sentence for the error.
-fn rollback(nl: &mut Netlink, iface: &Interface, before: &Observed) -> String {
+/// Drives the interface back to `before`; returns a sentence for the error
+/// and whether the rollback completed.
+fn rollback(nl: &mut Netlink, iface: &Interface, before: &Observed) -> (String, bool) {
     let dev = iface.name.as_str();
     let now = match observe(nl, iface.index) {
         Ok(o) => o,
-        Err(e) => return format!("could not read state to roll back ({e})"),
+        Err(e) => return (format!("could not read state to roll back ({e})"), false),
     };
     let ops = match &before.root {
         RootState::Owned => {
@@ -386,16 +446,16 @@ fn rollback(nl: &mut Netlink, iface: &Interface, before: &Observed) -> String {
         _ => vec![],
     };
     match run(nl, iface, &ops) {
-        Ok((None, _)) => match &before.root {
+        Ok((None, _)) => (match &before.root {
             RootState::Foreign { kind, .. } => format!("removed the partial tree; the foreign {kind} root it replaced is gone and the device default is back"),
             RootState::Default(k) => format!("removed the partial tree; device default ({k}) restored"),
             RootState::Owned => format!("restored the previous configuration ({} requests)", ops.len()),
-        },
-        Ok((Some(e), _)) => {
+        }, true),
+        Ok((Some((_, e)), _)) => {
             warn!(interface = dev, error = %e, "rollback incomplete");
-            format!("rollback incomplete: {e}")
+            (format!("rollback incomplete: {e}"), false)
         }
-        Err(e) => format!("rollback failed: {e}"),
+        Err(e) => (format!("rollback failed: {e}"), false),
     }
 }
 

@@ -14,6 +14,8 @@
 //!   prio 21-25  ipv6  whitelist /16-31, /32-47, /48-63, /64-127, /128: tables 111:-115:, on dst byte 2,4,6,8,16
 //!   prio 40     ip    throttle: link on proto (+ IHL, non-fragment) to 200: (tcp) / 201: (udp)
 //!   prio 41     ipv6  throttle: link on next header to 210: (tcp) / 211: (udp)
+//!   prio 42     ip    portless: a fragment offset bit set (a later fragment) -> throttled
+//!   prio 43     ipv6  portless: next header is an extension header -> throttled
 //! ```
 //!
 //! Whitelist prios come first so a whitelisted destination on a throttled port
@@ -94,6 +96,10 @@ pub const PRIO_V6_WHITELIST: u16 = 20;
 pub const PRIO_V4_THROTTLE: u16 = 40;
 /// IPv6 throttle rules.
 pub const PRIO_V6_THROTTLE: u16 = 41;
+/// IPv4 packets without ports (later fragments).
+pub const PRIO_V4_PORTLESS: u16 = 42;
+/// IPv6 packets whose TCP/UDP header sits behind an extension header.
+pub const PRIO_V6_PORTLESS: u16 = 43;
 
 /// A hashed whitelist group: prefixes whose last fully covered byte is `byte`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

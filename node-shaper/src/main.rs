@@ -224,6 +224,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                         if let Some(f) = &r.fallback {
                             out!("  DEGRADED: {f}");
                         }
+                        if let Some(b) = &r.rebuilt {
+                            out!("  REBUILT: {b}");
+                        }
                         for w in &r.warnings {
                             out!("  kernel warning: {w}");
                         }
@@ -248,6 +251,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
             };
             let desired = plan_protected(spec, &target.protected, LeafChoice::Sfq);
+            if !spec.throttle_portless {
+                out!("# warning: spec.throttle.portless is Pass: later IPv4 fragments and IPv6 packets with extension headers ride the default class, so large datagrams to a throttled port evade the throttle");
+            }
             for dev in devs {
                 out!(
                     "# node-shaper plan for {dev}: {} u32 filters",

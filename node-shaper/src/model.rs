@@ -135,6 +135,8 @@ pub enum Origin {
     Destination(usize),
     /// Plumbing: a node that links to a table.
     Link(&'static str),
+    /// A packet whose ports cannot be read (`spec.throttle.portless`).
+    Portless(&'static str),
 }
 
 /// Which table of a prio a node sits in.

@@ -112,6 +112,9 @@ pub fn plan_protected(spec: &ValidSpec, protected: &[Protected], leaf: LeafChoic
         .collect();
     let mut prios = whitelist_prios(spec, protected);
     prios.extend(throttle_prios(spec));
+    if spec.throttle_portless && !spec.destinations.is_empty() {
+        prios.extend(portless_prios());
+    }
     Shape {
         root: Some(Root {
             handle: ROOT,
@@ -379,6 +382,74 @@ pub fn l4_link(v4: bool, ipproto: u32, table: u32) -> Node {
             "udp ports"
         }),
     }
+}
+
+/// IPv6 next-header values that can stand between the fixed header and
+/// TCP/UDP (hop-by-hop, routing, fragment, ESP, AH, destination options,
+/// mobility, HIP, shim6): behind them the port is out of a fixed-offset
+/// match's reach.
+pub const IPV6_EXTENSION_HEADERS: [u32; 9] = [0, 43, 44, 50, 51, 60, 135, 139, 140];
+
+/// Packets a port rule cannot see go to the throttled class. They come after
+/// the whitelist prios, so whitelisted and protected destinations keep them.
+///
+/// IPv4: one node per bit of the 13-bit fragment offset (u32 keys only test
+/// equality under a mask, so "offset != 0" is thirteen single-bit matches;
+/// order-independent, and a first fragment never matches). IPv6: one node per
+/// extension header type in the next-header byte.
+fn portless_prios() -> Vec<Prio> {
+    let node = |key: Key, what: &'static str| Node {
+        table: Table::Root,
+        bucket: 0,
+        id: None,
+        sel: terminal(vec![key]),
+        classid: Some(CLASS_THROTTLED),
+        link: None,
+        origin: Origin::Portless(what),
+    };
+    let v4 = (0..13)
+        .map(|bit| {
+            node(
+                Key {
+                    mask: 1 << bit,
+                    val: 1 << bit,
+                    off: 4,
+                    offmask: 0,
+                },
+                "later ipv4 fragment",
+            )
+        })
+        .collect();
+    let v6 = IPV6_EXTENSION_HEADERS
+        .iter()
+        .map(|nh| {
+            node(
+                Key {
+                    mask: 0x0000_ff00,
+                    val: nh << 8,
+                    off: 4,
+                    offmask: 0,
+                },
+                "ipv6 extension header",
+            )
+        })
+        .collect();
+    vec![
+        Prio {
+            prio: PRIO_V4_PORTLESS,
+            protocol: ETH_P_IP,
+            root_handle: None,
+            tables: vec![],
+            nodes: v4,
+        },
+        Prio {
+            prio: PRIO_V6_PORTLESS,
+            protocol: ETH_P_IPV6,
+            root_handle: None,
+            tables: vec![],
+            nodes: v6,
+        },
+    ]
 }
 
 fn throttle_prios(spec: &ValidSpec) -> Vec<Prio> {

@@ -56,6 +56,7 @@ fn comment(o: &Origin) -> String {
         Origin::Protected(i) => format!("  # protected[{i}]"),
         Origin::Destination(i) => format!("  # spec.throttle.destinations[{i}]"),
         Origin::Link(what) => format!("  # {what}"),
+        Origin::Portless(what) => format!("  # spec.throttle.portless: {what}"),
         Origin::Unknown => String::new(),
     }
 }
@@ -102,7 +103,7 @@ pub fn tc_command(op: &Op, dev: &str) -> String {
             table_id(table.handle),
             table.divisor
         ),
-        Op::DelTable { prio, protocol, handle } => {
+        Op::DelTable { prio, protocol, handle } | Op::SweepTable { prio, protocol, handle } => {
             format!("{} handle {} u32", filt(*prio, *protocol).replace("{}", "del"), table_id(*handle))
         }
         Op::AddNode { prio, protocol, node } | Op::ChangeNode { prio, protocol, node, .. } => {

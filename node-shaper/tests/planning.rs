@@ -166,6 +166,8 @@ impl Kernel {
                     p.nodes[i].link = None;
                 }
                 Op::DelPrio { prio, .. } => self.shape.prios.retain(|p| p.prio != *prio),
+                // The model has no hidden tables: nothing to sweep.
+                Op::SweepTable { .. } => {}
             }
         }
     }
@@ -215,7 +217,9 @@ fn incident_plan_has_the_documented_layout() {
             (14, ETH_P_IP),
             (23, ETH_P_IPV6),
             (40, ETH_P_IP),
-            (41, ETH_P_IPV6)
+            (41, ETH_P_IPV6),
+            (42, ETH_P_IP),
+            (43, ETH_P_IPV6)
         ]
     );
     let fallback = plan(&incident(), LeafChoice::PfifoFallback);
@@ -256,6 +260,45 @@ fn one_whitelist_entry_changes_with_at_most_two_writes() {
     spec.throttle_ceil = spec.throttle_rate;
     let ops = k.converge(&plan(&spec, LeafChoice::Sfq));
     assert!(ops.iter().all(|o| matches!(o, Op::PutClass(_))), "{ops:?}");
+}
+
+/// Two lists of 3,000 /32 entries that share one hash bucket (the last
+/// address byte) need 6,000 node ids at once if every addition precedes every
+/// deletion; a bucket has 4,095. This wedged real interfaces ("Filter already
+/// exists"): the bucket's unwanted nodes must go first, and no id may repeat.
+#[test]
+fn switching_a_full_bucket_frees_ids_before_adding() {
+    let list = |first: u32| -> Vec<String> {
+        (0..3_000u32)
+            .map(|i| format!("{first}.{}.{}.7/32", i >> 8, i & 0xff))
+            .collect()
+    };
+    let mut k = Kernel::default();
+    k.converge(&plan(
+        &spec_with(&list(10), "[{port: 443}]"),
+        LeafChoice::Sfq,
+    ));
+    let desired = plan(&spec_with(&list(11), "[{port: 443}]"), LeafChoice::Sfq);
+    let ops = k.converge(&desired);
+    let first_add = ops
+        .iter()
+        .position(|o| matches!(o, Op::AddNode { .. }))
+        .expect("additions");
+    let early_dels = ops[..first_add]
+        .iter()
+        .filter(|o| matches!(o, Op::DelNode { .. }))
+        .count();
+    assert!(
+        early_dels >= 3_000 - (0xfff - 3_000),
+        "{early_dels} deletions first"
+    );
+    assert!(diff(&k.shape, &desired).is_empty(), "did not converge");
+    // A small change in the same full bucket stays add-before-delete.
+    let mut wl = list(11);
+    wl[5] = "12.0.0.7/32".into();
+    let ops = k.converge(&plan(&spec_with(&wl, "[{port: 443}]"), LeafChoice::Sfq));
+    assert_eq!(ops.len(), 2, "{ops:?}");
+    assert!(matches!(ops[0], Op::AddNode { .. }), "{ops:?}");
 }
 
 #[test]

@@ -12,6 +12,7 @@ pub struct Metrics {
     classes: BTreeMap<(String, String, String), [i64; 4]>,
     enforced: BTreeMap<String, bool>,
     apply_errors: u64,
+    rebuilds: u64,
     reconciles: u64,
     last_apply: Option<String>,
     last_apply_unix: f64,
@@ -28,6 +29,9 @@ impl Metrics {
             self.enforced.insert(i.name.clone(), i.enforced);
             if i.error.is_some() {
                 self.apply_errors += 1;
+            }
+            if i.rebuilt.is_some() {
+                self.rebuilds += 1;
             }
             for c in &i.counters {
                 self.classes.insert(
@@ -88,6 +92,8 @@ impl Metrics {
         }
         let _ = writeln!(s, "# HELP egressguard_apply_errors_total Failed applies.\n# TYPE egressguard_apply_errors_total counter");
         let _ = writeln!(s, "egressguard_apply_errors_total {}", self.apply_errors);
+        let _ = writeln!(s, "# HELP egressguard_rebuilds_total Applies that rebuilt part of the tree after an incremental change could not be applied or undone.\n# TYPE egressguard_rebuilds_total counter");
+        let _ = writeln!(s, "egressguard_rebuilds_total {}", self.rebuilds);
         let _ = writeln!(s, "# HELP egressguard_reconciles_total Reconcile passes.\n# TYPE egressguard_reconciles_total counter");
         let _ = writeln!(s, "egressguard_reconciles_total {}", self.reconciles);
         let _ = writeln!(s, "# HELP egressguard_last_apply_timestamp_seconds When the last pass finished.\n# TYPE egressguard_last_apply_timestamp_seconds gauge");

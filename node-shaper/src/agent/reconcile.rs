@@ -193,6 +193,7 @@ pub fn reconcile(node: &str, ns: Option<&NodeShaping>, mem: &mut Memory) -> Outc
                     enforced: true,
                     leaf: Some(r.leaf.clone()),
                     fallback: r.fallback.clone(),
+                    rebuilt: r.rebuilt.clone(),
                     error: None,
                     filters: r.filters as i64,
                     counters: counters_of(&mut nl, i),

@@ -20,6 +20,8 @@ pub mod reasons {
     pub const INVALID_PLAN: &str = "InvalidPlan";
     /// Running with a fallback (e.g. pfifo leaves instead of sfq).
     pub const FALLBACK: &str = "QdiscFallback";
+    /// The last apply rebuilt part of the tree (a brief disruption).
+    pub const REBUILT: &str = "Rebuilt";
     /// Nothing degraded.
     pub const AS_PLANNED: &str = "AsPlanned";
 }
@@ -93,8 +95,15 @@ pub fn status_for(
         .iter()
         .filter_map(|i| i.fallback.as_ref().map(|f| format!("{}: {f}", i.name)))
         .collect();
+    let rebuilt: Vec<String> = outcome
+        .interfaces
+        .iter()
+        .filter_map(|i| i.rebuilt.as_ref().map(|r| format!("{}: {r}", i.name)))
+        .collect();
     let (degraded, dreason, dmsg) = if !failed.is_empty() || outcome.error.is_some() {
         (true, reason, message.clone())
+    } else if !rebuilt.is_empty() {
+        (true, reasons::REBUILT, rebuilt.join("; "))
     } else if !fallbacks.is_empty() {
         (true, reasons::FALLBACK, fallbacks.join("; "))
     } else {

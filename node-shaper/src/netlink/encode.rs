@@ -271,19 +271,30 @@ pub fn encode(op: &Op, ifindex: i32, dev: &str) -> Request {
             prio,
             protocol,
             handle,
+        }
+        | Op::SweepTable {
+            prio,
+            protocol,
+            handle,
         } => {
+            // The same request; a sweep only reads differently (and its
+            // "not found" is expected, see engine::run).
             let msg = TcMessage::from_parts(
                 header(ifindex, *handle, ROOT, filter_info(*prio, *protocol)),
                 vec![kind("u32")],
             );
-            (
-                M::DelTrafficFilter(msg),
-                0,
+            let what = if matches!(op, Op::SweepTable { .. }) {
+                format!(
+                    "sweep hidden u32 table {:x}: (through prio {prio}) on {dev}",
+                    handle >> 20
+                )
+            } else {
                 format!(
                     "delete u32 table {:x}: (prio {prio}) on {dev}",
                     handle >> 20
-                ),
-            )
+                )
+            };
+            (M::DelTrafficFilter(msg), 0, what)
         }
         Op::AddNode {
             prio,
@@ -385,6 +396,7 @@ fn describe(node: &Node) -> String {
         Origin::Protected(i) => format!("for protected[{i}]"),
         Origin::Destination(i) => format!("for spec.throttle.destinations[{i}]"),
         Origin::Link(l) => format!("linking {l}"),
+        Origin::Portless(what) => format!("spec.throttle.portless ({what})"),
         Origin::Unknown => "(restore)".to_string(),
     }
 }

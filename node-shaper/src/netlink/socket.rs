@@ -48,6 +48,13 @@ pub struct Netlink {
     seq: u32,
     /// Writes sent since creation (requests, not dumps); for reports and tests.
     pub writes: usize,
+    /// Crash simulation for tests: after this many writes the socket behaves
+    /// as if the process died (nothing more is sent, every call fails).
+    write_budget: Option<usize>,
+    /// With a budget: fail once (a transient I/O error) instead of for good.
+    transient: bool,
+    /// Test hook: writes numbered in this range are refused without being sent.
+    refuse: Option<std::ops::Range<usize>>,
 }
 
 fn io_err(context: &str, e: impl std::fmt::Display) -> io::Error {
@@ -68,7 +75,39 @@ impl Netlink {
             sock,
             seq: 1,
             writes: 0,
+            write_budget: None,
+            transient: false,
+            refuse: None,
         })
+    }
+
+    /// Test hook: send at most `budget` more writes, then fail every call as a
+    /// process killed at that point would (used to prove that any prefix of
+    /// any apply, rollbacks included, converges on the next apply).
+    pub fn crash_after(&mut self, budget: usize) {
+        self.write_budget = Some(self.writes + budget);
+        self.transient = false;
+    }
+
+    /// Test hook: after `budget` more writes, fail one call with an I/O error,
+    /// then work again (a transient socket error in the middle of an apply).
+    pub fn io_error_after(&mut self, budget: usize) {
+        self.write_budget = Some(self.writes + budget);
+        self.transient = true;
+    }
+
+    fn budget_exhausted(&mut self) -> Option<io::Error> {
+        let b = self.write_budget?;
+        if self.writes < b {
+            return None;
+        }
+        if self.transient {
+            self.write_budget = None;
+            return Some(io::Error::other("simulated netlink I/O error (test hook)"));
+        }
+        Some(io::Error::other(
+            "simulated crash (test write budget exhausted)",
+        ))
     }
 
     /// Reads one datagram. The buffer is large on purpose: the kernel sizes
@@ -86,16 +125,50 @@ impl Netlink {
         self.seq
     }
 
+    /// Test hook: the next `count` writes starting `after` writes from now
+    /// are refused (EEXIST) without reaching the kernel; later ones go through.
+    pub fn refuse_writes(&mut self, after: usize, count: usize) {
+        self.refuse = Some(self.writes + after..self.writes + after + count);
+    }
+
     /// Sends requests in pipelined batches; returns one outcome per request.
     /// Later requests are still sent when an earlier one fails: the caller
     /// decides what to undo from the full list.
     pub fn execute(&mut self, reqs: &[Request]) -> io::Result<Vec<Outcome>> {
+        let Some(refuse) = self.refuse.clone() else {
+            return self.execute_batched(reqs);
+        };
+        // Test path: one request at a time, so refusals land on exact writes.
+        let mut out = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            if refuse.contains(&self.writes) {
+                self.writes += 1;
+                out.push(Outcome::Err(KernelError {
+                    what: r.what.clone(),
+                    errno: 17,
+                    reason: "File exists (os error 17): refused by the test hook".into(),
+                }));
+            } else {
+                out.extend(self.execute_batched(std::slice::from_ref(r))?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn execute_batched(&mut self, reqs: &[Request]) -> io::Result<Vec<Outcome>> {
         let mut outcomes: Vec<Option<Outcome>> = vec![None; reqs.len()];
         let mut i = 0;
         while i < reqs.len() {
+            if let Some(e) = self.budget_exhausted() {
+                return Err(e);
+            }
+            let limit = match self.write_budget {
+                Some(b) => (i + b - self.writes).min(reqs.len()),
+                None => reqs.len(),
+            };
             let mut buf = Vec::with_capacity(BATCH_BYTES);
             let mut seqs = Vec::new();
-            while i < reqs.len() && (buf.len() < BATCH_BYTES || seqs.is_empty()) {
+            while i < limit && (buf.len() < BATCH_BYTES || seqs.is_empty()) {
                 let mut m = reqs[i].message.clone();
                 let seq = self.next_seq();
                 m.header.sequence_number = seq;
@@ -167,6 +240,11 @@ impl Netlink {
         inner: RouteNetlinkMessage,
         mut each: impl FnMut(&[u8]) -> io::Result<()>,
     ) -> io::Result<()> {
+        if !self.transient {
+            if let Some(e) = self.budget_exhausted() {
+                return Err(e);
+            }
+        }
         let mut h = NetlinkHeader::default();
         h.flags = NLM_F_REQUEST | NLM_F_DUMP;
         let seq = self.next_seq();
