@@ -111,8 +111,8 @@ enum Cmd {
         /// Address for /metrics, /healthz and /readyz.
         #[arg(long, default_value = "0.0.0.0:9464")]
         metrics_addr: std::net::SocketAddr,
-        /// Reconcile at least this often (seconds), repairing drift.
-        #[arg(long, default_value_t = 30)]
+        /// Reconcile at least this often (seconds, 1..=86400), repairing drift.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
         resync_seconds: u64,
     },
     /// Remove node-shaper's shaping and restore the device default qdisc.

@@ -178,10 +178,17 @@ fn age_key(g: &EgressGuard) -> (bool, Option<String>, String) {
 }
 
 /// Computes every node's plan and every guard's outcome.
-pub fn decide(guards: &[EgressGuard], nodes: &[NodeFacts], api_endpoints: &[IpAddr]) -> Decision {
+pub fn decide(
+    guards: &[EgressGuard],
+    nodes: &[NodeFacts],
+    api_endpoints: &[IpAddr],
+    current: &BTreeMap<String, NodeShapingSpec>,
+) -> Decision {
     let mut d = Decision::default();
     let mut ordered: Vec<&EgressGuard> = guards.iter().collect();
-    ordered.sort_by_key(|g| age_key(g));
+    // Guards that program (Enforce, Auto) claim nodes before guards that only
+    // report (DryRun): a dry run never keeps a real guard off a node.
+    ordered.sort_by_key(|g| (g.spec.mode == Mode::DryRun, age_key(g)));
     let mut owner: BTreeMap<String, String> = BTreeMap::new();
     // One list for every plan (a node's own address is harmless to protect),
     // aggregated into prefixes so plans stay small on big clusters.
@@ -193,19 +200,27 @@ pub fn decide(guards: &[EgressGuard], nodes: &[NodeFacts], api_endpoints: &[IpAd
             out.invalid = Some("being deleted".into());
             continue;
         }
-        if let Err(e) = validate(&g.spec) {
-            out.invalid = Some(e.to_string());
-            continue;
-        }
-        // A bad operator makes the guard invalid whatever the nodes' labels are.
-        let bad_op = g.spec.node_selector.as_ref().and_then(|sel| {
-            sel.match_expressions.iter().flatten().enumerate().find_map(|(i, e)| {
-                (!matches!(e.operator.as_str(), "In" | "NotIn" | "Exists" | "DoesNotExist")).then(|| {
-                    format!("spec.nodeSelector.matchExpressions[{i}].operator: {:?} is not one of In, NotIn, Exists, DoesNotExist", e.operator)
+        let problem = validate(&g.spec).err().map(|e| e.to_string()).or_else(|| {
+            // A bad operator makes the guard invalid whatever the nodes' labels are.
+            g.spec.node_selector.as_ref().and_then(|sel| {
+                sel.match_expressions.iter().flatten().enumerate().find_map(|(i, e)| {
+                    (!matches!(e.operator.as_str(), "In" | "NotIn" | "Exists" | "DoesNotExist")).then(|| {
+                        format!("spec.nodeSelector.matchExpressions[{i}].operator: {:?} is not one of In, NotIn, Exists, DoesNotExist", e.operator)
+                    })
                 })
             })
         });
-        if let Some(e) = bad_op {
+        if let Some(e) = problem {
+            // Fail safe: an edit the validation refuses keeps the plans the
+            // last valid generation wrote; removing them would fail open.
+            let uid = g.metadata.uid.clone().unwrap_or_default();
+            for (node, spec) in current {
+                if spec.guard.as_ref().is_some_and(|r| r.uid == uid) && !owner.contains_key(node) {
+                    owner.insert(node.clone(), name.clone());
+                    out.planned.push(node.clone());
+                    d.plans.insert(node.clone(), spec.clone());
+                }
+            }
             out.invalid = Some(e);
             continue;
         }
@@ -305,7 +320,7 @@ mod tests {
             "2026-01-01T00:00:00Z",
             "  nodeSelector: {matchLabels: {site: idc-a}}\n",
         );
-        let d = decide(&[g], &nodes(), &API);
+        let d = decide(&[g], &nodes(), &API, &BTreeMap::new());
         assert_eq!(d.plans.keys().collect::<Vec<_>>(), ["a1", "a2"]);
         let a1 = &d.plans["a1"];
         assert!(a1.enforce);
@@ -365,7 +380,7 @@ mod tests {
             "2026-01-01T00:00:00Z",
             "  protectClusterTraffic: false\n",
         );
-        let d = decide(&[g], &nodes(), &API);
+        let d = decide(&[g], &nodes(), &API, &BTreeMap::new());
         assert_eq!(
             d.plans["b1"].protected,
             vec![ProtectedEntry {
@@ -387,7 +402,7 @@ mod tests {
             vec![old.clone(), new.clone()],
             vec![new.clone(), old.clone()],
         ] {
-            let d = decide(&input, &nodes(), &API);
+            let d = decide(&input, &nodes(), &API, &BTreeMap::new());
             assert!(d
                 .plans
                 .values()
@@ -411,7 +426,7 @@ mod tests {
         // Same creation time: the name decides.
         let a = guard("a", "2026-01-01T00:00:00Z", "");
         let b = guard("b", "2026-01-01T00:00:00Z", "");
-        let d = decide(&[b, a], &nodes(), &API);
+        let d = decide(&[b, a], &nodes(), &API, &BTreeMap::new());
         assert_eq!(
             d.plans["a1"].guard.as_ref().map(|g| g.name.as_str()),
             Some("a")
@@ -425,7 +440,7 @@ mod tests {
         let mut gone = guard("gone", "2025-01-01T00:00:00Z", "");
         gone.metadata.deletion_timestamp =
             Some(Time("2026-03-01T00:00:00Z".parse().expect("time")));
-        let d = decide(&[bad, gone], &nodes(), &API);
+        let d = decide(&[bad, gone], &nodes(), &API, &BTreeMap::new());
         assert!(d.plans.is_empty());
         assert!(d.guards["bad"]
             .invalid
@@ -437,15 +452,55 @@ mod tests {
     #[test]
     fn modes_decide_whether_agents_program() {
         let dry = guard("dry", "2026-01-01T00:00:00Z", "  mode: DryRun\n");
-        assert!(decide(&[dry], &nodes(), &API)
+        assert!(decide(&[dry], &nodes(), &API, &BTreeMap::new())
             .plans
             .values()
             .all(|p| !p.enforce));
         let auto = guard("auto", "2026-01-01T00:00:00Z", "  mode: Auto\n");
-        assert!(decide(&[auto], &nodes(), &API)
+        assert!(decide(&[auto], &nodes(), &API, &BTreeMap::new())
             .plans
             .values()
             .all(|p| !p.enforce));
+    }
+
+    #[test]
+    fn an_invalid_edit_keeps_the_last_valid_plans() {
+        let good = guard(
+            "idc",
+            "2026-01-01T00:00:00Z",
+            "  nodeSelector: {matchLabels: {site: idc-a}}\n",
+        );
+        let before = decide(
+            std::slice::from_ref(&good),
+            &nodes(),
+            &API,
+            &BTreeMap::new(),
+        );
+        assert_eq!(before.plans.len(), 2);
+        let mut bad = good;
+        bad.spec.throttle.rate = "1mbps".into();
+        bad.metadata.generation = Some(4);
+        let after = decide(&[bad], &nodes(), &API, &before.plans);
+        assert_eq!(after.plans, before.plans, "an invalid edit removed shaping");
+        assert!(after.guards["idc"].invalid.is_some());
+        assert_eq!(after.guards["idc"].planned, vec!["a1", "a2"]);
+        // Another guard's plans are not adopted.
+        let mut other = guard("other", "2026-01-01T00:00:00Z", "");
+        other.spec.throttle.rate = "1mbps".into();
+        assert!(decide(&[other], &nodes(), &API, &before.plans)
+            .plans
+            .is_empty());
+    }
+
+    #[test]
+    fn dry_run_guards_never_keep_a_real_guard_off_a_node() {
+        let dry = guard("dry", "2025-01-01T00:00:00Z", "  mode: DryRun\n");
+        let real = guard("real", "2026-06-01T00:00:00Z", "");
+        let d = decide(&[dry, real], &nodes(), &API, &BTreeMap::new());
+        assert!(d.guards["real"].conflicts.is_empty());
+        assert_eq!(d.guards["real"].planned.len(), 3);
+        assert!(d.plans.values().all(|p| p.enforce));
+        assert_eq!(d.guards["dry"].conflicts.len(), 3);
     }
 
     #[test]

@@ -119,3 +119,37 @@ impl Leader {
         self.leading = false;
     }
 }
+/// `<hostname>-<8 random hex digits>`: two replicas never share an identity,
+/// even in containers where both are pid 1 on hosts with the same name.
+pub fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "egressguard-operator".into());
+    let mut bytes = [0u8; 4];
+    let suffix = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .map_or_else(
+            // No urandom: time and pid still differ between replicas.
+            |_| {
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos());
+                t ^ std::process::id()
+            },
+            |()| u32::from_le_bytes(bytes),
+        );
+    format!("{host}-{suffix:08x}")
+}
+
+#[cfg(test)]
+mod identity_tests {
+    #[test]
+    fn default_identities_are_unique_and_name_the_host() {
+        let (a, b) = (super::default_identity(), super::default_identity());
+        assert_ne!(a, b);
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        assert!(a.starts_with(host.trim()), "{a}");
+    }
+}

@@ -39,14 +39,15 @@ enum Cmd {
         /// Namespace of the leader-election Lease.
         #[arg(long, env = "POD_NAMESPACE", default_value = "egressguard-system")]
         namespace: String,
-        /// This replica's identity.
+        /// This replica's identity (default: the host name plus a random suffix,
+        /// unique even where every container's pid is 1).
         #[arg(long, env = "POD_NAME")]
         identity: Option<String>,
         /// Address for /metrics, /healthz and /readyz.
         #[arg(long, default_value = "0.0.0.0:9465")]
         metrics_addr: std::net::SocketAddr,
-        /// Seconds a deleted guard waits for its nodes to confirm removal.
-        #[arg(long, default_value_t = 60)]
+        /// Seconds a deleted guard waits for its nodes to confirm removal (1..=86400).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
         cleanup_timeout_seconds: u64,
         /// Log JSON lines.
         #[arg(long)]
@@ -149,8 +150,7 @@ fn main() -> ExitCode {
             } else {
                 b.with_ansi(false).init();
             }
-            let identity =
-                identity.unwrap_or_else(|| format!("egressguard-operator-{}", std::process::id()));
+            let identity = identity.unwrap_or_else(egressguard_operator::leader::default_identity);
             let cfg = egressguard_operator::run::OperatorConfig {
                 namespace,
                 identity,

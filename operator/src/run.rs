@@ -238,10 +238,9 @@ pub fn guard_status(
         state: "Conflict".into(),
         message: format!("node carries EgressGuard {}'s plan (older)", c.winner),
     }));
-    let enforced = nodes
-        .iter()
-        .filter(|n| n.state == "Enforced" || n.state == "DryRun")
-        .count();
+    // A dry run enforces nothing: only programmed nodes count.
+    let enforced = nodes.iter().filter(|n| n.state == "Enforced").count();
+    let dry_run = nodes.iter().filter(|n| n.state == "DryRun").count();
     let failed: Vec<&NodeState> = nodes.iter().filter(|n| n.state == "Failed").collect();
     let pending = nodes.iter().filter(|n| n.state == "Pending").count();
     let conditions = if let Some(why) = &out.invalid {
@@ -276,6 +275,14 @@ pub fn guard_status(
             (
                 "Progressing",
                 format!("{pending} of {} nodes not confirmed yet", out.planned.len()),
+            )
+        } else if g.spec.mode == egressguard_crds::Mode::DryRun {
+            (
+                "DryRun",
+                format!(
+                    "dry run: {dry_run} of {} selected nodes would be shaped; nothing is programmed",
+                    out.selected.len()
+                ),
             )
         } else {
             (
@@ -410,7 +417,11 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
         .into_iter()
         .map(|s| (s.name_any(), s))
         .collect();
-    let d = decide(&guards, &nodes, &endpoints);
+    let current: BTreeMap<String, NodeShapingSpec> = shapings
+        .iter()
+        .map(|(n, s)| (n.clone(), s.spec.clone()))
+        .collect();
+    let d = decide(&guards, &nodes, &endpoints, &current);
     let g_api: Api<EgressGuard> = Api::all(ctx.client.clone());
     let ns_api: Api<NodeShaping> = Api::all(ctx.client.clone());
     let apply = PatchParams::apply(MANAGER).force();
@@ -570,7 +581,10 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
                 .filter(|f| *f != FINALIZER)
                 .cloned()
                 .collect();
-            let patch = serde_json::json!({"metadata": {"finalizers": fins}});
+            // The resourceVersion makes this a compare-and-swap: if another
+            // controller changed the list meanwhile, the write fails with 409
+            // and the next pass recomputes, never dropping its finalizer.
+            let patch = serde_json::json!({"metadata": {"finalizers": fins, "resourceVersion": g.resource_version()}});
             let r = g_api
                 .patch(
                     &g.name_any(),
@@ -674,7 +688,22 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
             continue;
         }
         let t = Instant::now();
-        let res = reconcile_all(&ctx).await;
+        // A pass may not outlive the half of the lease it started in: a
+        // stalled API call must not keep this replica writing after another
+        // one could have taken over. An abandoned pass is retried next turn.
+        let bound = Duration::from_secs(u64::from(crate::leader::LEASE_SECONDS.unsigned_abs()) / 2);
+        let res = match tokio::time::timeout(bound, reconcile_all(&ctx)).await {
+            Ok(r) => r,
+            Err(_) => {
+                warn!(
+                    seconds = bound.as_secs(),
+                    "reconcile pass abandoned: it would outlive the lease"
+                );
+                Err(kube::Error::Service(
+                    format!("reconcile pass exceeded {}s", bound.as_secs()).into(),
+                ))
+            }
+        };
         tracing::debug!(
             ms = t.elapsed().as_millis() as u64,
             ok = res.is_ok(),

@@ -228,25 +228,39 @@ impl ControlPlane {
             .expect("helm uninstall")
     }
 
-    /// A token for a ServiceAccount of the chart, from the TokenRequest API.
-    pub fn token(&self, service_account: &str) -> String {
-        self.kubectl_ok(&[
+    /// A token for a ServiceAccount of the chart, from the TokenRequest API;
+    /// with `node`, bound to that Node object, so the API server names the
+    /// node in the caller's identity as it does for a DaemonSet pod's token.
+    pub fn token(&self, service_account: &str, node: Option<&str>) -> String {
+        let mut args = vec![
             "create",
             "token",
             service_account,
             "-n",
             NAMESPACE,
             "--duration=2h",
-        ])
-        .trim()
-        .to_string()
+        ];
+        if let Some(n) = node {
+            args.extend(["--bound-object-kind", "Node", "--bound-object-name", n]);
+        }
+        self.kubectl_ok(&args).trim().to_string()
     }
 
     /// Writes a kubeconfig authenticating as `service_account` against `server`
     /// (`https://IP:PORT` as seen from where the component runs).
     pub fn service_account_kubeconfig(&self, service_account: &str, server: &str) -> PathBuf {
-        let token = self.token(service_account);
-        let path = self.dir.join(format!("kc-{service_account}-{}", unique()));
+        self.kubeconfig_with_token(&self.token(service_account, None), server)
+    }
+
+    /// The agent's kubeconfig: the chart's node-shaper ServiceAccount with a
+    /// token bound to `node` (which must exist as a Node).
+    pub fn agent_kubeconfig(&self, node: &str, server: &str) -> PathBuf {
+        let sa = format!("{RELEASE}-node-shaper");
+        self.kubeconfig_with_token(&self.token(&sa, Some(node)), server)
+    }
+
+    fn kubeconfig_with_token(&self, token: &str, server: &str) -> PathBuf {
+        let path = self.dir.join(format!("kc-{}", unique()));
         let ca = self.dir.join("pki/ca.crt");
         let text = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: \"{server}\", certificate-authority: \"{}\"}}\nusers:\n- name: u\n  user: {{token: \"{token}\"}}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u, namespace: {NAMESPACE}}}\ncurrent-context: c\n",
@@ -254,6 +268,29 @@ impl ControlPlane {
         );
         std::fs::write(&path, text).expect("kubeconfig");
         path
+    }
+
+    /// Registers a Node as a kubelet would (object and status addresses).
+    pub fn add_node(&self, name: &str, labels: &str, internal_ip: Option<&str>) {
+        self.apply(&format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{{labels}}}}}\n"
+        ));
+        if let Some(ip) = internal_ip {
+            let status = format!(
+                "{{\"status\":{{\"addresses\":[{{\"type\":\"InternalIP\",\"address\":\"{ip}\"}}]}}}}"
+            );
+            self.kubectl_ok(&[
+                "patch",
+                "node",
+                name,
+                "--subresource",
+                "status",
+                "--type",
+                "merge",
+                "-p",
+                &status,
+            ]);
+        }
     }
 
     /// The pid of a component this control plane started (`etcd`,

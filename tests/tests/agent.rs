@@ -43,8 +43,8 @@ impl Cluster {
             },
         );
         cp.helm_install(&serde_json::json!({}));
-        let kubeconfig =
-            cp.service_account_kubeconfig(&format!("{}-node-shaper", cluster::RELEASE), &cp.server);
+        cp.add_node("node-a", "", None);
+        let kubeconfig = cp.agent_kubeconfig("node-a", &cp.server);
         Cluster {
             agent: None,
             cp,
@@ -441,4 +441,61 @@ fn e2e_agent_converges_after_20_sigkills_during_plan_updates() {
         l2 / 1e6
     );
     assert!(l2 < 1.15e6, "throttle not enforced: {l2}");
+}
+
+/// The chart's ValidatingAdmissionPolicy: an agent's token (bound to its
+/// node, as a DaemonSet pod's is) may write its own node's NodeShaping
+/// status and is refused on another node's; RBAC alone would allow both.
+#[test]
+fn an_agent_cannot_write_another_nodes_status() {
+    if !available() {
+        return;
+    }
+    let c = Cluster::start("vap");
+    c.cp.add_node("node-b", "", None);
+    for n in ["node-a", "node-b"] {
+        c.cp.apply(&format!(
+            "apiVersion: egressguard.io/v1alpha1\nkind: NodeShaping\nmetadata: {{name: {n}}}\nspec: {{nodeName: {n}, enforce: false}}\n"
+        ));
+    }
+    let token =
+        c.cp.token(&format!("{}-node-shaper", cluster::RELEASE), Some("node-a"));
+    let patch = |node: &str| -> Value {
+        let o =
+            c.cp.command("curl")
+                .args(["-sS", "--cacert"])
+                .arg(c.cp.dir.join("pki/ca.crt"))
+                .args([
+                    "-H",
+                    &format!("Authorization: Bearer {token}"),
+                    "-H",
+                    "Content-Type: application/merge-patch+json",
+                    "-X",
+                    "PATCH",
+                    "-d",
+                    "{\"status\":{\"observedGeneration\":1}}",
+                    &format!(
+                        "{}/apis/egressguard.io/v1alpha1/nodeshapings/{node}/status",
+                        c.cp.server
+                    ),
+                ])
+                .output()
+                .expect("curl");
+        serde_json::from_slice(&o.stdout).expect("json")
+    };
+    let own = patch("node-a");
+    assert_eq!(own["kind"], "NodeShaping", "own status refused: {own}");
+    let other = patch("node-b");
+    assert_eq!(other["code"], 422, "{other}");
+    assert!(
+        other["message"].as_str().is_some_and(
+            |m| m.contains("node-shaper on node-a may only write its own node's NodeShaping")
+        ),
+        "{other}"
+    );
+    // The refused write changed nothing.
+    assert!(c
+        .cp
+        .get("egns", "node-b")
+        .is_some_and(|n| n["status"].is_null()));
 }

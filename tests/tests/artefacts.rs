@@ -69,3 +69,45 @@ fn shipped_examples_are_valid() {
     }
     assert!(n >= 1);
 }
+
+/// Numeric flags have ranges: values that used to panic (a resync near
+/// u64::MAX) or wrap negative (a cleanup timeout above i64::MAX, releasing
+/// the finalizer at once) are refused with exit code 2 and the range.
+#[test]
+fn numeric_flags_are_range_checked() {
+    let bin = |name: &str| {
+        let exe = std::env::current_exe().expect("test binary");
+        exe.parent()
+            .and_then(|d| d.parent())
+            .expect("target dir")
+            .join(name)
+    };
+    for (b, args) in [
+        (
+            "node-shaper",
+            vec![
+                "run",
+                "--node-name",
+                "n",
+                "--resync-seconds",
+                "18446744073709551615",
+            ],
+        ),
+        (
+            "node-shaper",
+            vec!["run", "--node-name", "n", "--resync-seconds", "0"],
+        ),
+        (
+            "egressguard-operator",
+            vec!["run", "--cleanup-timeout-seconds", "9223372036854775808"],
+        ),
+    ] {
+        let o = std::process::Command::new(bin(b))
+            .args(&args)
+            .output()
+            .expect(b);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{b} {args:?}: {err}");
+        assert!(err.contains("is not in 1..=86400"), "{err}");
+    }
+}

@@ -188,9 +188,7 @@ impl Cluster {
 
     fn start_agent(&mut self, i: usize) {
         let server = format!("https://10.230.{i}.1:{}", self.cp.port);
-        let kc = self
-            .cp
-            .service_account_kubeconfig(&format!("{}-node-shaper", cluster::RELEASE), &server);
+        let kc = self.cp.agent_kubeconfig(&format!("node-{i}"), &server);
         let child = Command::new("ip")
             .args(["netns", "exec", &self.nodes[i - 1]])
             .arg(target_bin("node-shaper"))
@@ -277,23 +275,7 @@ fn wait_for(c: &Cluster, what: &str, secs: u64, f: impl FnMut() -> bool) {
 
 /// Registers a node as a kubelet would: the object, then its status.
 fn add_node(c: &Cluster, name: &str, site: &str, ip: &str) {
-    c.apply(&format!(
-        "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{site: {site}}}}}\n"
-    ));
-    let status = format!(
-        "{{\"status\":{{\"addresses\":[{{\"type\":\"InternalIP\",\"address\":\"{ip}\"}}]}}}}"
-    );
-    c.kubectl_ok(&[
-        "patch",
-        "node",
-        name,
-        "--subresource",
-        "status",
-        "--type",
-        "merge",
-        "-p",
-        &status,
-    ]);
+    c.cp.add_node(name, &format!("site: {site}"), Some(ip));
 }
 
 fn guard(name: &str, site: &str) -> String {
@@ -642,4 +624,56 @@ fn e2e_operator_leader_failover_on_a_real_lease() {
     c.start_agent(1);
     c.apply(&guard("idc", "a"));
     wait_for(&c, "the new leader enforces", 40, || c.shaped(1));
+}
+
+/// Fail-safe and honest: an edit the schema admits but the validation
+/// refuses keeps the last valid plan enforced (Ready=False, InvalidSpec);
+/// a DryRun guard says DryRun, counts no enforced nodes and never keeps a
+/// newer Enforce guard off a node.
+#[test]
+fn e2e_invalid_edit_keeps_shaping_and_dry_run_is_reported_as_such() {
+    if !available() {
+        return;
+    }
+    let mut c = Cluster::new(1);
+    add_node(&c, "node-1", "a", "10.230.1.2");
+    c.start_operator("op-1");
+    c.start_agent(1);
+    c.apply(&guard("old-dry", "a").replace("spec:\n", "spec:\n  mode: DryRun\n"));
+    wait_for(&c, "the dry run reported", 40, || {
+        c.get("eg", "old-dry").is_some_and(|g| {
+            cond(&g, "Ready") == ("True".into(), "DryRun".into())
+                && g["status"]["enforcedNodes"] == 0
+        })
+    });
+    assert!(!c.shaped(1), "a dry run programmed the node");
+    // A newer Enforce guard takes the node from the older dry run.
+    c.apply(&guard("idc", "a"));
+    wait_for(&c, "the Enforce guard shapes the node", 40, || {
+        c.shaped(1)
+            && c.get("eg", "idc")
+                .is_some_and(|g| cond(&g, "Ready").0 == "True" && cond(&g, "Conflict").0 == "False")
+    });
+    let plan = c.get("egns", "node-1").expect("plan")["spec"].clone();
+    // Throttle above the uplink: admitted by the schema, refused by validation.
+    c.kubectl_ok(&[
+        "patch",
+        "eg",
+        "idc",
+        "--type",
+        "merge",
+        "-p",
+        "{\"spec\":{\"throttle\":{\"rate\":\"30Mbit\"}}}",
+    ]);
+    wait_for(&c, "InvalidSpec reported", 30, || {
+        c.get("eg", "idc")
+            .is_some_and(|g| cond(&g, "Ready") == ("False".into(), "InvalidSpec".into()))
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(c.shaped(1), "an invalid edit removed shaping (fail-open)");
+    assert_eq!(
+        c.get("egns", "node-1").expect("plan")["spec"],
+        plan,
+        "plan changed"
+    );
 }
