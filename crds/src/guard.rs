@@ -43,6 +43,10 @@ pub struct EgressGuardSpec {
     /// Also whitelist the other nodes' InternalIPs (the API server endpoints always are).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protect_cluster_traffic: Option<bool>,
+    /// Never shape SSH replies (TCP from source port 22), so a guard cannot
+    /// lock people out of the node; default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protect_ssh_replies: Option<bool>,
 }
 
 /// The egress budget of an interface.

@@ -89,6 +89,8 @@ pub struct ValidSpec {
     /// Throttle packets whose ports cannot be read (later fragments, IPv6
     /// extension headers), unless whitelisted or protected.
     pub throttle_portless: bool,
+    /// Send TCP from source port 22 past every class (SSH stays reachable).
+    pub protect_ssh_replies: bool,
 }
 
 /// The lowest uplink rate a guard may set. Below it the guard's own HTB
@@ -344,6 +346,7 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
             destinations,
             whitelist,
             throttle_portless: spec.throttle.portless == crate::guard::PortlessPolicy::Throttle,
+            protect_ssh_replies: spec.protect_ssh_replies.unwrap_or(true),
         }),
         // Every None above pushed an error, so this arm is unreachable in practice;
         // keep it an error rather than a panic.

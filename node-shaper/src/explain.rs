@@ -73,7 +73,7 @@ pub fn explain(
             let (net, why) = p.map_or((String::new(), String::new()), |p| {
                 (p.net.to_string(), p.reason.clone())
             });
-            format!("protected: destination {dst} is inside {net} ({why}); never throttled, served first")
+            format!("protected: destination {dst} is inside {net} ({why}); never throttled and held to no class or rate (HTB direct queue)")
         }
         (Some(Origin::Whitelist(i)), Some(s)) => {
             let net = s

@@ -3,6 +3,9 @@
 //!
 //! ```text
 //! e9:    htb root, default 20 (r2q 10, quanta set explicitly)
+//!        protected traffic is classified to e9:0 itself: HTB's direct queue,
+//!        sent ahead of every class and held to no rate, so no guard (not even
+//!        the smallest uplink) can starve the control plane or SSH
 //! └─ e9:1   uplink     rate = ceil = spec.uplink.rate
 //!    ├─ e9:30 whitelist prio 0   rate = half of what throttle leaves, ceil uplink   leaf 30: sfq (130: pfifo)
 //!    ├─ e9:20 default   prio 1   rate = the other half,               ceil uplink   leaf 20: sfq (120: pfifo)
@@ -12,6 +15,8 @@
 //!   prio 11-14  ip    whitelist /8-15, /16-23, /24-31, /32: tables 101:-104:, 256 buckets on dst byte 1..4
 //!   prio 20     ipv6  whitelist /0-/15, linear
 //!   prio 21-25  ipv6  whitelist /16-31, /32-47, /48-63, /64-127, /128: tables 111:-115:, on dst byte 2,4,6,8,16
+//!   prio 30     ip    SSH replies: TCP source port 22 -> e9:0 (direct), via table 220:
+//!   prio 31     ipv6  SSH replies, via table 221:
 //!   prio 40     ip    throttle: link on proto (+ IHL, non-fragment) to 200: (tcp) / 201: (udp)
 //!   prio 41     ipv6  throttle: link on next header to 210: (tcp) / 211: (udp)
 //!   prio 42     ip    portless: a fragment offset bit set (a later fragment) -> throttled
@@ -32,6 +37,9 @@ pub const DEFCLS: u32 = 0x20;
 /// HTB's rate-to-quantum divisor (iproute2's default).
 pub const R2Q: u32 = 10;
 
+/// Protected destinations go here: the qdisc's own handle, which HTB reads
+/// as "direct" (no class, no rate limit, dequeued first).
+pub const DIRECT: u32 = ROOT;
 /// Parent class at the uplink rate.
 pub const CLASS_UPLINK: u32 = ROOT | 0x1;
 /// Throttled destinations.
@@ -53,6 +61,8 @@ pub enum Role {
     Default,
     /// `e9:30`.
     Whitelist,
+    /// `e9:0`: HTB's direct queue (protected destinations, SSH replies).
+    Protected,
 }
 
 impl Role {
@@ -63,6 +73,7 @@ impl Role {
             CLASS_THROTTLED => Some(Role::Throttled),
             CLASS_DEFAULT => Some(Role::Default),
             CLASS_WHITELIST => Some(Role::Whitelist),
+            DIRECT => Some(Role::Protected),
             _ => None,
         }
     }
@@ -73,6 +84,7 @@ impl Role {
             Role::Throttled => "throttled",
             Role::Default => "default",
             Role::Whitelist => "whitelist",
+            Role::Protected => "protected",
         }
     }
 }
@@ -92,6 +104,14 @@ pub fn leaf_handle(classid: u32, sfq: bool) -> u32 {
 pub const PRIO_V4_WHITELIST: u16 = 10;
 /// Linear IPv6 whitelist (prefixes shorter than /16).
 pub const PRIO_V6_WHITELIST: u16 = 20;
+/// IPv4 SSH replies.
+pub const PRIO_V4_SSH: u16 = 30;
+/// IPv6 SSH replies.
+pub const PRIO_V6_SSH: u16 = 31;
+/// IPv4 TCP source ports of protected replies.
+pub const TABLE_V4_SSH: u32 = table(0x220);
+/// IPv6 TCP source ports of protected replies.
+pub const TABLE_V6_SSH: u32 = table(0x221);
 /// IPv4 throttle rules.
 pub const PRIO_V4_THROTTLE: u16 = 40;
 /// IPv6 throttle rules.

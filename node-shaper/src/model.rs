@@ -137,6 +137,8 @@ pub enum Origin {
     Link(&'static str),
     /// A packet whose ports cannot be read (`spec.throttle.portless`).
     Portless(&'static str),
+    /// An SSH reply (`spec.protectSshReplies`).
+    SshReplies,
 }
 
 /// Which table of a prio a node sits in.

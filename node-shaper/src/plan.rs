@@ -111,6 +111,9 @@ pub fn plan_protected(spec: &ValidSpec, protected: &[Protected], leaf: LeafChoic
         })
         .collect();
     let mut prios = whitelist_prios(spec, protected);
+    if spec.protect_ssh_replies {
+        prios.extend(ssh_prios());
+    }
     prios.extend(throttle_prios(spec));
     if spec.throttle_portless && !spec.destinations.is_empty() {
         prios.extend(portless_prios());
@@ -223,6 +226,56 @@ struct Entry {
     origin: Origin,
 }
 
+/// Protected destinations bypass every class (HTB direct); the user's
+/// whitelist is served first but stays under the uplink.
+fn class_of(origin: &Origin) -> u32 {
+    match origin {
+        Origin::Protected(_) => DIRECT,
+        _ => CLASS_WHITELIST,
+    }
+}
+
+/// SSH replies (TCP from source port 22) bypass every class, so no guard can
+/// lock people out of the node.
+fn ssh_prios() -> Vec<Prio> {
+    [
+        (true, PRIO_V4_SSH, ETH_P_IP, TABLE_V4_SSH),
+        (false, PRIO_V6_SSH, ETH_P_IPV6, TABLE_V6_SSH),
+    ]
+    .into_iter()
+    .map(|(v4, prio, protocol, table)| {
+        let mut link = l4_link(v4, IPPROTO_TCP, table);
+        link.origin = Origin::Link("tcp source ports");
+        Prio {
+            prio,
+            protocol,
+            root_handle: None,
+            tables: vec![HashTable {
+                handle: table,
+                divisor: 1,
+            }],
+            nodes: vec![
+                link,
+                Node {
+                    table: Table::User(table),
+                    bucket: 0,
+                    id: None,
+                    sel: terminal(vec![Key {
+                        mask: 0xffff_0000,
+                        val: 22 << 16,
+                        off: 0,
+                        offmask: 0,
+                    }]),
+                    classid: Some(DIRECT),
+                    link: None,
+                    origin: Origin::SshReplies,
+                },
+            ],
+        }
+    })
+    .collect()
+}
+
 fn whitelist_prios(spec: &ValidSpec, protected: &[Protected]) -> Vec<Prio> {
     // Protected entries first, then the user's; a network listed twice
     // collapses to its first mention.
@@ -259,7 +312,7 @@ fn whitelist_prios(spec: &ValidSpec, protected: &[Protected]) -> Vec<Prio> {
                 bucket: 0,
                 id: None,
                 sel: terminal(dst_keys(&e.net)),
-                classid: Some(CLASS_WHITELIST),
+                classid: Some(class_of(&e.origin)),
                 link: None,
                 origin: e.origin.clone(),
             })
@@ -306,7 +359,7 @@ fn whitelist_prios(spec: &ValidSpec, protected: &[Protected]) -> Vec<Prio> {
                 bucket: addr_byte(&e.net, g.byte),
                 id: None,
                 sel: terminal(dst_keys(&e.net)),
-                classid: Some(CLASS_WHITELIST),
+                classid: Some(class_of(&e.origin)),
                 link: None,
                 origin: e.origin.clone(),
             }));

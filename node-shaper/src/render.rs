@@ -57,6 +57,7 @@ fn comment(o: &Origin) -> String {
         Origin::Destination(i) => format!("  # spec.throttle.destinations[{i}]"),
         Origin::Link(what) => format!("  # {what}"),
         Origin::Portless(what) => format!("  # spec.throttle.portless: {what}"),
+        Origin::SshReplies => "  # spec.protectSshReplies: TCP source port 22, direct".to_string(),
         Origin::Unknown => String::new(),
     }
 }

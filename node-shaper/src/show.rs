@@ -73,6 +73,8 @@ pub fn report(interface: &str, obs: &Observed, target: Option<&Target>) -> Repor
     let shape: &Shape = &obs.shape;
     // Layout order (parent, then by who is served first), foreign classes last.
     let rank = |id: u32| match Role::of(id) {
+        // Not a class (HTB's direct queue); never listed here.
+        Some(Role::Protected) => 0,
         Some(Role::Uplink) => 0,
         Some(Role::Whitelist) => 1,
         Some(Role::Default) => 2,

@@ -677,3 +677,53 @@ fn ipv6_extension_header_cannot_evade_the_throttle() {
     );
     assert!(unlisted < 5, "unlisted port throttled: {unlisted}");
 }
+
+/// Never cut off: with the smallest uplink validation allows (1 Mbit) and a
+/// throttle on every unprivileged port, an SSH-like flow (replies from source
+/// port 22) and the API server (a protected destination, on a throttled
+/// port) still get far more than the uplink: they bypass every class.
+#[test]
+fn ssh_replies_and_the_api_server_are_never_cut_off() {
+    if !available() {
+        return;
+    }
+    let mut lab = Lab::new("cutoff");
+    let plan = format!(
+        "apiVersion: egressguard.io/v1alpha1\nkind: NodeShaping\nmetadata: {{name: n}}\nspec:\n  nodeName: n\n  enforce: true\n  guard: {{name: tight, uid: u, generation: 1}}\n  shaping:\n    uplink: {{rate: 1Mbit}}\n    throttle: {{rate: 100kbit, destinations: [{{protocol: Any, port: 1024, endPort: 65535}}]}}\n  protected:\n    - {{cidr: {SERVER4}/32, reason: kubernetes API endpoint}}\n"
+    );
+    let f = lab.write_guard("tight.yaml", &plan);
+    ok(&lab.shaper(&["apply", "-f", &f, "--interface", DEV, "--verify"]));
+    // The API server, on a throttled port: full rate.
+    lab.serve_on(Some(SERVER4), 6443);
+    let api = l2_rate(lab.measure(SERVER4, 6443, 3, &[]).goodput, false);
+    // An ordinary destination on a throttled port: held to the throttle.
+    lab.serve_on(Some(WHITE4), 6443);
+    let other = l2_rate(lab.measure(WHITE4, 6443, 3, &[]).goodput, false);
+    // SSH: a server on the node (port 22), a client outside; the node's
+    // replies leave from source port 22 through the shaped interface.
+    let mut sshd = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.cli, "iperf3", "-s", "-p", "22", "-1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3 on port 22");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let o = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", &lab.srv, "iperf3", "-J", "-c", CLIENT4, "-p", "22", "-R", "-t", "3",
+        ])
+        .output()
+        .expect("iperf3 -R");
+    let _ = sshd.kill();
+    let _ = sshd.wait();
+    let ssh = l2_rate(Iperf::parse(o).goodput, false);
+    eprintln!(
+        "uplink 1 Mbit, throttle 100 kbit on 1024-65535: API server {:.1} Mbit/s, SSH replies {:.1} Mbit/s, ordinary {:.3} Mbit/s",
+        api / 1e6,
+        ssh / 1e6,
+        other / 1e6
+    );
+    assert!(api > 10e6, "the API server was capped: {api}");
+    assert!(ssh > 10e6, "SSH replies were capped: {ssh}");
+    assert!(other < 0.15e6, "the throttle did not hold: {other}");
+}

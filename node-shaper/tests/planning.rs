@@ -216,6 +216,8 @@ fn incident_plan_has_the_documented_layout() {
             (13, ETH_P_IP),
             (14, ETH_P_IP),
             (23, ETH_P_IPV6),
+            (30, ETH_P_IP),
+            (31, ETH_P_IPV6),
             (40, ETH_P_IP),
             (41, ETH_P_IPV6),
             (42, ETH_P_IP),

@@ -666,14 +666,19 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(OperatorError::Signal)?;
     let mut backoff = Duration::from_millis(200);
     info!(identity = %cfg.identity, "egressguard-operator started");
+    let mut leading = false;
     loop {
+        // The leader renews every 5 s at the latest; a follower looks every
+        // 2 s, so it takes over within about 2 s of the lease expiring.
+        let tick = if leading { 5 } else { 2 };
         tokio::select! {
             _ = notify.notified() => {}
-            _ = tokio::time::sleep(cfg.resync.min(Duration::from_secs(5))) => {}
+            _ = tokio::time::sleep(cfg.resync.min(Duration::from_secs(tick))) => {}
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
         let leads = leader.try_lead().await;
+        leading = leads;
         metrics.lock().unwrap_or_else(|p| p.into_inner()).leader = leads;
         if !leads {
             continue;

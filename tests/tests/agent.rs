@@ -229,7 +229,9 @@ fn e2e_agent_enforces_repairs_updates_survives_restarts_and_removes() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(c.lab.tc_dump(), before, "API faults changed the kernel");
     c.cp.apply(&plan("3Mbit", &format!("[{WHITE4}/32]")));
-    wait_for("generation 3 applied after faults", 30, || {
+    // Watches reconnect with kube-runtime's backoff (up to 30 s between
+    // attempts after repeated failures while the server was away).
+    wait_for("generation 3 applied after faults", 90, || {
         generation_applied(&c, 3)
     });
 
@@ -417,7 +419,14 @@ fn e2e_agent_converges_after_20_sigkills_during_plan_updates() {
     });
     // The kernel holds exactly the plan: a verified apply of the same plan
     // as a file writes nothing.
-    let f = c.lab.write_guard("final.yaml", &plans[0]);
+    // (The agent also protects the API server it talks to, 127.0.0.1 here.)
+    let f = c.lab.write_guard(
+        "final.yaml",
+        &format!(
+            "{}    - {{cidr: 127.0.0.1/32, reason: API server of this agent}}\n",
+            plans[0]
+        ),
+    );
     let o = c
         .lab
         .shaper(&["apply", "-f", &f, "--interface", DEV, "--verify"]);

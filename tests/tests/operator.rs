@@ -616,8 +616,10 @@ fn e2e_operator_leader_failover_on_a_real_lease() {
     });
     let takeover = killed.elapsed();
     eprintln!("leader failover: {:.1} s", takeover.as_secs_f64());
+    // The lease lasts 15 s from the last renewal (at most 5 s before the
+    // kill); a follower looks every 2 s; slack for a loaded 2-core machine.
     assert!(
-        takeover <= Duration::from_secs(20),
+        takeover <= Duration::from_secs(22),
         "takeover took {takeover:?}, more than the 15 s lease plus a retry"
     );
     // And it works as the leader: a guard gets its plan.

@@ -71,11 +71,59 @@ pub struct Shared {
     pub metrics: Metrics,
 }
 
+/// The API server's addresses as protected entries: an IP literal as is, a
+/// host name resolved now (a name that does not resolve protects nothing,
+/// and says so in the log).
+pub fn api_server_entries(url: &str) -> Vec<egressguard_crds::node_shaping::ProtectedEntry> {
+    use std::net::ToSocketAddrs;
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or_default();
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    let (host, port) = match authority.strip_prefix('[') {
+        // [v6]:port
+        Some(v6) => {
+            let (h, p) = v6.split_once(']').unwrap_or((v6, ""));
+            (h, p.trim_start_matches(':'))
+        }
+        None => authority.rsplit_once(':').unwrap_or((authority, "")),
+    };
+    if host.is_empty() {
+        return vec![];
+    }
+    let port: u16 = port.parse().unwrap_or(443);
+    let addrs: Vec<std::net::IpAddr> = match host.parse() {
+        Ok(ip) => vec![ip],
+        Err(_) => match (host, port).to_socket_addrs() {
+            Ok(a) => a.map(|s| s.ip()).collect(),
+            Err(e) => {
+                warn!(host, error = %e, "cannot resolve the API server's name; it is not protected by the agent");
+                vec![]
+            }
+        },
+    };
+    let mut out: Vec<_> = addrs
+        .into_iter()
+        .map(|ip| egressguard_crds::node_shaping::ProtectedEntry {
+            cidr: match ip {
+                std::net::IpAddr::V4(_) => format!("{ip}/32"),
+                std::net::IpAddr::V6(_) => format!("{ip}/128"),
+            },
+            reason: format!("API server of this agent ({host})"),
+        })
+        .collect();
+    out.sort_by(|a, b| a.cidr.cmp(&b.cidr));
+    out.dedup();
+    out
+}
+
 /// Runs until SIGTERM/SIGINT.
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
-    let client = kube::Client::try_default()
+    let config = kube::Config::infer()
         .await
-        .map_err(AgentError::Client)?;
+        .map_err(|e| AgentError::Client(kube::Error::InferConfig(e)))?;
+    let own_protected = api_server_entries(&config.cluster_url.to_string());
+    info!(api = %config.cluster_url, protected = ?own_protected, "protecting the API server this agent talks to");
+    let client = kube::Client::try_from(config).map_err(AgentError::Client)?;
     let api: Api<NodeShaping> = Api::all(client);
     let shared = Arc::new(Mutex::new(Shared::default()));
     let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
@@ -115,7 +163,10 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut ticker = tokio::time::interval(cfg.resync);
-    let mut memory = Memory::default();
+    let mut memory = Memory {
+        own_protected,
+        ..Memory::default()
+    };
     let mut last_status = None;
     let mut last_write: Option<std::time::Instant> = None;
     info!(node = %cfg.node, "node-shaper agent started");
@@ -181,4 +232,24 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod api_server_tests {
+    use super::api_server_entries;
+
+    #[test]
+    fn the_agents_own_api_server_is_protected() {
+        let cidrs = |u: &str| -> Vec<String> {
+            api_server_entries(u).into_iter().map(|e| e.cidr).collect()
+        };
+        assert_eq!(cidrs("https://10.0.0.1:6443"), ["10.0.0.1/32"]);
+        assert_eq!(cidrs("https://[fd00::1]:443/"), ["fd00::1/128"]);
+        assert!(cidrs("https://localhost:6443")
+            .iter()
+            .any(|c| c == "127.0.0.1/32" || c == "::1/128"));
+        assert!(cidrs("https://no-such-host.invalid:6443").is_empty());
+        let e = api_server_entries("https://10.0.0.1:6443").remove(0);
+        assert_eq!(e.reason, "API server of this agent (10.0.0.1)");
+    }
 }

@@ -21,6 +21,10 @@ pub struct Memory {
     pub shaped: BTreeSet<String>,
     /// The startup scan for leftovers ran.
     pub scanned: bool,
+    /// Destinations this agent protects on its own, whatever the plan says:
+    /// the API server address its own kubeconfig or in-cluster config uses
+    /// (often a load-balancer VIP that no EndpointSlice lists).
+    pub own_protected: Vec<egressguard_crds::node_shaping::ProtectedEntry>,
 }
 
 /// The result of one pass.
@@ -141,7 +145,11 @@ pub fn reconcile(node: &str, ns: Option<&NodeShaping>, mem: &mut Memory) -> Outc
             mem.shaped = remove(&mut nl, names, &mut out);
             return out;
         }
-        Some((s, shaping)) => match Target::new(node, shaping, &s.protected) {
+        Some((s, shaping)) => match Target::new(
+            node,
+            shaping,
+            &[s.protected.as_slice(), mem.own_protected.as_slice()].concat(),
+        ) {
             Ok(t) => t,
             Err(e) => {
                 // An invalid plan never touches the kernel: what runs stays.

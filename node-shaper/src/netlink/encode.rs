@@ -397,6 +397,7 @@ fn describe(node: &Node) -> String {
         Origin::Destination(i) => format!("for spec.throttle.destinations[{i}]"),
         Origin::Link(l) => format!("linking {l}"),
         Origin::Portless(what) => format!("spec.throttle.portless ({what})"),
+        Origin::SshReplies => "spec.protectSshReplies (TCP source port 22)".to_string(),
         Origin::Unknown => "(restore)".to_string(),
     }
 }
