@@ -33,6 +33,93 @@ pub struct NodeFacts {
     pub internal_ips: Vec<IpAddr>,
 }
 
+/// Which self-reported node addresses may become protected destinations.
+///
+/// A node's kubelet writes its own Node status, so a compromised node could
+/// list its command-and-control server as an InternalIP and have every other
+/// node exempt it from shaping. Only addresses inside the cluster's node
+/// ranges count, and only a few per node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeAddressPolicy {
+    /// Ranges node addresses must fall in.
+    pub ranges: Vec<ipnet::IpNet>,
+    /// At most this many addresses per node (in the order the Node lists them).
+    pub max_per_node: usize,
+}
+
+impl Default for NodeAddressPolicy {
+    /// Private and shared address space (RFC 1918, RFC 6598, ULA), 4 per node.
+    fn default() -> Self {
+        NodeAddressPolicy {
+            ranges: DEFAULT_NODE_RANGES
+                .iter()
+                .filter_map(|r| r.parse().ok())
+                .collect(),
+            max_per_node: 4,
+        }
+    }
+}
+
+/// The default node ranges.
+pub const DEFAULT_NODE_RANGES: [&str; 5] = [
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "fc00::/7",
+];
+
+/// A node address left out of the protected list, and why.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct IgnoredAddress {
+    /// Node name.
+    pub node: String,
+    /// The address.
+    pub address: IpAddr,
+    /// Why it is not protected.
+    pub reason: String,
+}
+
+/// Applies `policy` to the nodes' addresses: the facts to plan with, and
+/// what was left out.
+pub fn limit_node_addresses(
+    nodes: &[NodeFacts],
+    policy: &NodeAddressPolicy,
+) -> (Vec<NodeFacts>, Vec<IgnoredAddress>) {
+    let mut ignored = Vec::new();
+    let kept = nodes
+        .iter()
+        .map(|n| {
+            let mut keep = Vec::new();
+            for ip in &n.internal_ips {
+                let reason = if !policy.ranges.iter().any(|r| r.contains(ip)) {
+                    Some("outside the configured node address ranges".to_string())
+                } else if keep.len() >= policy.max_per_node {
+                    Some(format!(
+                        "more than {} addresses on one node",
+                        policy.max_per_node
+                    ))
+                } else {
+                    None
+                };
+                match reason {
+                    Some(reason) => ignored.push(IgnoredAddress {
+                        node: n.name.clone(),
+                        address: *ip,
+                        reason,
+                    }),
+                    None => keep.push(*ip),
+                }
+            }
+            NodeFacts {
+                internal_ips: keep,
+                ..n.clone()
+            }
+        })
+        .collect();
+    (kept, ignored)
+}
+
 /// A node a guard selects but does not get, and who has it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Conflict {
@@ -501,6 +588,35 @@ mod tests {
         assert_eq!(d.guards["real"].planned.len(), 3);
         assert!(d.plans.values().all(|p| p.enforce));
         assert_eq!(d.guards["dry"].conflicts.len(), 3);
+    }
+
+    #[test]
+    fn a_node_cannot_widen_the_protected_list() {
+        let mut evil = node("evil", "idc-a", "10.0.0.9");
+        evil.internal_ips.push("198.51.100.66".parse().expect("ip"));
+        evil.internal_ips
+            .extend((10..20).map(|i| IpAddr::from([10, 0, 9, i])));
+        let policy = NodeAddressPolicy::default();
+        let (kept, ignored) = limit_node_addresses(&[evil], &policy);
+        assert_eq!(kept[0].internal_ips.len(), 4);
+        assert!(!kept[0]
+            .internal_ips
+            .contains(&"198.51.100.66".parse().expect("ip")));
+        assert_eq!(ignored.len(), 1 + 7);
+        assert_eq!(
+            ignored[0].reason,
+            "outside the configured node address ranges"
+        );
+        let d = decide(
+            &[guard("g", "2026-01-01T00:00:00Z", "")],
+            &kept,
+            &API,
+            &BTreeMap::new(),
+        );
+        assert!(d.plans.values().all(|p| p
+            .protected
+            .iter()
+            .all(|e| !e.cidr.starts_with("198.51.100."))));
     }
 
     #[test]

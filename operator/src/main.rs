@@ -52,6 +52,18 @@ enum Cmd {
         /// Log JSON lines.
         #[arg(long)]
         log_json: bool,
+        /// Ranges a Node's self-reported InternalIPs must fall in to be protected
+        /// on other nodes (comma separated CIDRs).
+        #[arg(
+            long,
+            env = "EGRESSGUARD_NODE_ADDRESS_RANGES",
+            value_delimiter = ',',
+            default_value = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,fc00::/7"
+        )]
+        node_address_ranges: Vec<ipnet::IpNet>,
+        /// At most this many protected addresses per node (1..=16).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=16))]
+        max_addresses_per_node: u64,
     },
 }
 
@@ -139,6 +151,8 @@ fn main() -> ExitCode {
             metrics_addr,
             cleanup_timeout_seconds,
             log_json,
+            node_address_ranges,
+            max_addresses_per_node,
         } => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info".into());
@@ -157,6 +171,10 @@ fn main() -> ExitCode {
                 metrics_addr,
                 cleanup_timeout: std::time::Duration::from_secs(cleanup_timeout_seconds),
                 resync: std::time::Duration::from_secs(30),
+                node_addresses: egressguard_operator::decide::NodeAddressPolicy {
+                    ranges: node_address_ranges,
+                    max_per_node: max_addresses_per_node as usize,
+                },
             };
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -54,6 +54,8 @@ pub struct OperatorConfig {
     pub cleanup_timeout: Duration,
     /// Recompute at least this often.
     pub resync: Duration,
+    /// Which node addresses may be protected.
+    pub node_addresses: crate::decide::NodeAddressPolicy,
 }
 
 /// Why the operator stopped.
@@ -83,6 +85,8 @@ pub struct OpMetrics {
     pub leader: bool,
     /// Caches are synced.
     pub ready: bool,
+    /// Node addresses left out of the protected list by the node address policy.
+    pub ignored_node_addresses: usize,
 }
 
 impl OpMetrics {
@@ -91,12 +95,14 @@ impl OpMetrics {
             "# HELP egressguard_operator_reconciles_total Reconcile passes.\n# TYPE egressguard_operator_reconciles_total counter\negressguard_operator_reconciles_total {}\n\
              # HELP egressguard_operator_reconcile_errors_total Failed reconcile passes.\n# TYPE egressguard_operator_reconcile_errors_total counter\negressguard_operator_reconcile_errors_total {}\n\
              # HELP egressguard_operator_reconcile_duration_seconds Time spent reconciling.\n# TYPE egressguard_operator_reconcile_duration_seconds summary\negressguard_operator_reconcile_duration_seconds_sum {:.6}\negressguard_operator_reconcile_duration_seconds_count {}\n\
-             # HELP egressguard_operator_leader Whether this replica holds the lease.\n# TYPE egressguard_operator_leader gauge\negressguard_operator_leader {}\n",
+             # HELP egressguard_operator_leader Whether this replica holds the lease.\n# TYPE egressguard_operator_leader gauge\negressguard_operator_leader {}\n\
+             # HELP egressguard_operator_ignored_node_addresses Node InternalIPs not protected (outside the node ranges, or over the per-node limit).\n# TYPE egressguard_operator_ignored_node_addresses gauge\negressguard_operator_ignored_node_addresses {}\n",
             self.reconciles,
             self.errors,
             self.seconds,
             self.reconciles,
-            u8::from(self.leader)
+            u8::from(self.leader),
+            self.ignored_node_addresses
         )
     }
 }
@@ -369,6 +375,48 @@ struct Ctx {
     caches: Caches,
     recorder: Recorder,
     cleanup_timeout: Duration,
+    node_addresses: crate::decide::NodeAddressPolicy,
+    /// Ignored node addresses already reported (an Event once per change).
+    reported: Mutex<std::collections::BTreeSet<crate::decide::IgnoredAddress>>,
+    metrics: Arc<Mutex<OpMetrics>>,
+}
+
+/// Node addresses left unprotected: a gauge, and a Warning Event on the Node
+/// (and a log line) when one first appears.
+async fn report_ignored(ctx: &Ctx, ignored: &[crate::decide::IgnoredAddress]) {
+    ctx.metrics
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .ignored_node_addresses = ignored.len();
+    let fresh: Vec<crate::decide::IgnoredAddress> = {
+        let mut seen = ctx.reported.lock().unwrap_or_else(|p| p.into_inner());
+        let now: std::collections::BTreeSet<_> = ignored.iter().cloned().collect();
+        let fresh = now.difference(&seen).cloned().collect();
+        *seen = now;
+        fresh
+    };
+    for i in fresh {
+        warn!(node = %i.node, address = %i.address, reason = %i.reason, "node address not protected");
+        let node_ref = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(i.node.clone()),
+            ..Default::default()
+        };
+        let ev = Event {
+            type_: EventType::Warning,
+            reason: "NodeAddressNotProtected".into(),
+            note: Some(format!(
+                "InternalIP {} is not protected on other nodes: {}",
+                i.address, i.reason
+            )),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &node_ref).await {
+            warn!(error = %e, "cannot publish event");
+        }
+    }
 }
 
 async fn event(ctx: &Ctx, g: &EgressGuard, type_: EventType, reason: &str, note: String) {
@@ -406,7 +454,9 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
         .iter()
         .map(|g| (**g).clone())
         .collect();
-    let nodes: Vec<NodeFacts> = ctx.caches.nodes.state().iter().map(|n| facts(n)).collect();
+    let reported: Vec<NodeFacts> = ctx.caches.nodes.state().iter().map(|n| facts(n)).collect();
+    let (nodes, ignored) = crate::decide::limit_node_addresses(&reported, &ctx.node_addresses);
+    report_ignored(ctx, &ignored).await;
     let node_names: std::collections::BTreeSet<String> =
         nodes.iter().map(|n| n.name.clone()).collect();
     let endpoints = api_endpoints(&ctx.caches.slices.state());
@@ -653,6 +703,9 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
         caches,
         recorder,
         cleanup_timeout: cfg.cleanup_timeout,
+        node_addresses: cfg.node_addresses.clone(),
+        reported: Mutex::new(Default::default()),
+        metrics: metrics.clone(),
     };
     let mut leader = Leader::new(
         client,

@@ -294,6 +294,8 @@ fn e2e_operator_selects_protects_moves_resolves_conflicts_and_cleans_up() {
     add_node(&c, "node-1", "a", "10.230.1.2");
     add_node(&c, "node-2", "a", "10.230.2.2");
     add_node(&c, "node-3", "b", "10.230.3.2");
+    // A kubelet that lies: its "InternalIP" is an internet address.
+    add_node(&c, "liar", "b", "198.51.100.66");
     c.start_operator("op-1");
     c.start_agent(1);
     c.start_agent(2);
@@ -394,6 +396,15 @@ fn e2e_operator_selects_protects_moves_resolves_conflicts_and_cleans_up() {
             "{cidr} missing from {protected:?}"
         );
     }
+    // The liar's address is not protected anywhere, and that is reported on its Node.
+    assert!(
+        !protected.iter().any(|(cidr, _)| cidr.starts_with("198.51.100.")),
+        "a node widened the protected list: {protected:?}"
+    );
+    wait_for(&c, "NodeAddressNotProtected event on the liar", 20, || {
+        c.kubectl_ok(&["get", "events.events.k8s.io", "-A", "-o", "json"])
+            .contains("NodeAddressNotProtected")
+    });
     // Throttling 443 never catches the API server: the agent classifies it as protected.
     let e = Command::new("ip")
         .args(["netns", "exec", &c.nodes[0]])
