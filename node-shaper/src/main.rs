@@ -114,6 +114,10 @@ enum Cmd {
         /// Reconcile at least this often (seconds, 1..=86400), repairing drift.
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
         resync_seconds: u64,
+        /// `namespace/name` of this agent's DaemonSet: on SIGTERM, shaping is
+        /// removed if it is gone (the chart was uninstalled), kept otherwise.
+        #[arg(long, env = "EGRESSGUARD_DAEMONSET")]
+        daemonset: Option<String>,
     },
     /// Remove node-shaper's shaping and restore the device default qdisc.
     Reset {
@@ -325,6 +329,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             node_name,
             metrics_addr,
             resync_seconds,
+            daemonset,
         } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -334,6 +339,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 node: node_name,
                 metrics_addr,
                 resync: std::time::Duration::from_secs(resync_seconds.max(1)),
+                daemonset: daemonset.and_then(|d| {
+                    d.split_once('/')
+                        .map(|(ns, n)| (ns.to_string(), n.to_string()))
+                }),
             };
             rt.block_on(node_shaper::agent::run(cfg)).map_err(runtime)
         }

@@ -43,3 +43,7 @@ pub const AGENT_CLUSTER: &[Rule] = &[
     ("egressguard.io", "nodeshapings", &["list", "watch"]),
     ("egressguard.io", "nodeshapings/status", &["patch"]),
 ];
+
+/// Calls of `node-shaper run` in its own namespace: on SIGTERM, whether its
+/// DaemonSet is gone (the chart was uninstalled) and shaping must go too.
+pub const AGENT_OWN_NS: &[Rule] = &[("apps", "daemonsets", &["get"])];

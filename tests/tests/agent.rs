@@ -68,6 +68,10 @@ impl Cluster {
             ])
             .env("KUBECONFIG", &self.kubeconfig)
             .env("EGRESSGUARD_STATE_DIR", &self.lab.dir)
+            .env(
+                "EGRESSGUARD_DAEMONSET",
+                format!("{}/{}-node-shaper", cluster::NAMESPACE, cluster::RELEASE),
+            )
             .env("RUST_LOG", "node_shaper=info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -507,4 +511,48 @@ fn an_agent_cannot_write_another_nodes_status() {
         .cp
         .get("egns", "node-b")
         .is_some_and(|n| n["status"].is_null()));
+}
+
+/// The uninstall story: `helm uninstall` (real Helm, real API server) removes
+/// the DaemonSet; the agent's SIGTERM then removes the shaping instead of
+/// leaving the node shaped with nothing left to manage it. (While the
+/// DaemonSet exists, SIGTERM keeps it: see the first test.)
+#[test]
+fn e2e_helm_uninstall_leaves_no_node_shaped() {
+    if !available() {
+        return;
+    }
+    let mut c = Cluster::start("uninstall");
+    c.start_agent();
+    c.cp.apply(&plan("1Mbit", &format!("[{WHITE4}/32]")));
+    wait_for("shaped", 30, || {
+        c.root_qdisc().contains("qdisc htb e9: root")
+    });
+    let o = c.cp.helm_uninstall();
+    assert!(
+        o.status.success(),
+        "helm uninstall: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let ds = c.cp.kubectl(&[
+        "get",
+        "daemonset",
+        "-n",
+        cluster::NAMESPACE,
+        "eg-node-shaper",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&ds.stderr).contains("NotFound"),
+        "the DaemonSet survived the uninstall: {}",
+        String::from_utf8_lossy(&ds.stdout)
+    );
+    // The kubelet would now stop the pod.
+    let (code, log) = c.stop_agent();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("the chart was uninstalled"), "{log}");
+    assert!(
+        !c.root_qdisc().contains("e9:"),
+        "node left shaped after uninstall: {}",
+        c.root_qdisc()
+    );
 }

@@ -154,6 +154,15 @@ fn chart_lints_and_renders_with_real_helm() {
         rules_set(&ep.rules.unwrap_or_default()),
         expected(rbac::OPERATOR_DEFAULT_NS)
     );
+    let own = ns_role("eg-node-shaper");
+    assert_eq!(
+        own.metadata.namespace.as_deref(),
+        Some("egressguard-system")
+    );
+    assert_eq!(
+        rules_set(&own.rules.unwrap_or_default()),
+        expected(rbac::AGENT_OWN_NS)
+    );
     let lease = ns_role("eg-operator-lease");
     assert_eq!(
         lease.metadata.namespace.as_deref(),

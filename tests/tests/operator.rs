@@ -398,7 +398,9 @@ fn e2e_operator_selects_protects_moves_resolves_conflicts_and_cleans_up() {
     }
     // The liar's address is not protected anywhere, and that is reported on its Node.
     assert!(
-        !protected.iter().any(|(cidr, _)| cidr.starts_with("198.51.100.")),
+        !protected
+            .iter()
+            .any(|(cidr, _)| cidr.starts_with("198.51.100.")),
         "a node widened the protected list: {protected:?}"
     );
     wait_for(&c, "NodeAddressNotProtected event on the liar", 20, || {

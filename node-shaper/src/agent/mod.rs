@@ -9,7 +9,9 @@
 //! - Shaping is removed only when the plan says so: the object asks for
 //!   removal, is gone after a successful list, or stops enforcing. An
 //!   unreachable API server changes nothing in the kernel.
-//! - SIGTERM leaves enforcement in place, so a rolling update opens no gap.
+//! - SIGTERM leaves enforcement in place, so a rolling update opens no gap —
+//!   unless the agent's own DaemonSet is gone or being deleted (the chart was
+//!   uninstalled): then nothing would ever remove the shaping, so it does.
 
 mod http;
 mod metrics;
@@ -41,6 +43,9 @@ pub struct AgentConfig {
     pub metrics_addr: SocketAddr,
     /// Reconcile at least this often, to repair drift.
     pub resync: Duration,
+    /// `namespace/name` of the DaemonSet running this agent; on SIGTERM, if
+    /// it is gone or being deleted, the agent removes its shaping.
+    pub daemonset: Option<(String, String)>,
 }
 
 /// Why the agent stopped.
@@ -116,6 +121,35 @@ pub fn api_server_entries(url: &str) -> Vec<egressguard_crds::node_shaping::Prot
     out
 }
 
+/// Is this agent's DaemonSet gone or being deleted? Unknown (no DaemonSet
+/// configured, API unreachable, any other error) counts as no: keeping the
+/// shaping is the safe default.
+async fn uninstalled(client: &kube::Client, ds: Option<&(String, String)>) -> bool {
+    let Some((ns, name)) = ds else {
+        return false;
+    };
+    let api: Api<k8s_openapi::api::apps::v1::DaemonSet> = Api::namespaced(client.clone(), ns);
+    match tokio::time::timeout(Duration::from_secs(5), api.get_opt(name)).await {
+        Ok(Ok(None)) => true,
+        Ok(Ok(Some(d))) => d.metadata.deletion_timestamp.is_some(),
+        // `helm uninstall` deletes the DaemonSet, then the Role, binding and
+        // ServiceAccount; by the time the pod gets SIGTERM this agent's own
+        // credentials are usually refused too. A rolling update keeps them.
+        Ok(Err(kube::Error::Api(e))) if e.code == 401 || e.code == 403 => {
+            info!(code = e.code, "this agent's own credentials are refused: its chart's ServiceAccount or Role is gone");
+            true
+        }
+        Ok(Err(e)) => {
+            warn!(error = %e, "cannot tell whether the DaemonSet is being deleted; keeping the shaping");
+            false
+        }
+        Err(_) => {
+            warn!("API server did not answer within 5 s; keeping the shaping");
+            false
+        }
+    }
+}
+
 /// Runs until SIGTERM/SIGINT.
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let config = kube::Config::infer()
@@ -124,7 +158,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let own_protected = api_server_entries(&config.cluster_url.to_string());
     info!(api = %config.cluster_url, protected = ?own_protected, "protecting the API server this agent talks to");
     let client = kube::Client::try_from(config).map_err(AgentError::Client)?;
-    let api: Api<NodeShaping> = Api::all(client);
+    let api: Api<NodeShaping> = Api::all(client.clone());
     let shared = Arc::new(Mutex::new(Shared::default()));
     let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
         .await
@@ -175,7 +209,15 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             changed = rx.changed() => if changed.is_err() { break },
             _ = ticker.tick() => {}
             _ = sigterm.recv() => {
-                info!("SIGTERM: leaving enforcement in place (a rolling update must not open a gap); exiting");
+                if uninstalled(&client, cfg.daemonset.as_ref()).await {
+                    info!("SIGTERM and this agent's DaemonSet is gone: the chart was uninstalled; removing shaping so no node stays shaped with nothing to manage it");
+                    let out = reconcile(&cfg.node, None, &mut memory);
+                    for i in &out.interfaces {
+                        info!(interface = %i.name, error = ?i.error, "shaping removed on uninstall");
+                    }
+                } else {
+                    info!("SIGTERM: leaving enforcement in place (a rolling update must not open a gap); exiting");
+                }
                 break;
             }
             _ = sigint.recv() => {
