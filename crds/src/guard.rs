@@ -47,6 +47,22 @@ pub struct EgressGuardSpec {
     /// lock people out of the node; default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protect_ssh_replies: Option<bool>,
+    /// Destinations this guard never shapes at all (DNS resolvers, the
+    /// metrics pipeline, a bastion): like the API server, they bypass every
+    /// class and rate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub protect: Vec<ProtectEntry>,
+}
+
+/// A destination a guard protects.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProtectEntry {
+    /// IPv4 or IPv6 network (host bits clear) or address.
+    pub cidr: String,
+    /// Why, shown by `explain`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// The egress budget of an interface.

@@ -105,6 +105,10 @@ fn bad_inputs_name_the_field_and_the_fix() {
             &["spec.uplink.rate: 16bit is below the 1Mbit floor: an uplink that small starves the node's own traffic; set at least 1Mbit"],
         ),
         (
+            "spec: {protect: [{cidr: 192.0.2.1/24}]}",
+            &["spec.protect[0].cidr: 192.0.2.1/24 has host bits set; the network is 192.0.2.0/24"],
+        ),
+        (
             "spec: {throttle: {portless: Drop}}",
             &["spec.throttle.portless: unknown variant `Drop`, expected `Throttle` or `Pass`"],
         ),

@@ -91,6 +91,8 @@ pub struct ValidSpec {
     pub throttle_portless: bool,
     /// Send TCP from source port 22 past every class (SSH stays reachable).
     pub protect_ssh_replies: bool,
+    /// `spec.protect`: networks and why.
+    pub protect: Vec<(IpNet, String)>,
 }
 
 /// The lowest uplink rate a guard may set. Below it the guard's own HTB
@@ -320,6 +322,19 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
         }
     }
 
+    let mut protect = Vec::new();
+    for (i, p) in spec.protect.iter().enumerate() {
+        match parse_cidr(&p.cidr) {
+            Ok(net) => protect.push((
+                net,
+                p.reason
+                    .clone()
+                    .unwrap_or_else(|| format!("spec.protect[{i}]")),
+            )),
+            Err(m) => c.push(format!("spec.protect[{i}].cidr"), m),
+        }
+    }
+
     if !c.0.is_empty() {
         return Err(ValidationErrors(c.0));
     }
@@ -347,6 +362,7 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
             whitelist,
             throttle_portless: spec.throttle.portless == crate::guard::PortlessPolicy::Throttle,
             protect_ssh_replies: spec.protect_ssh_replies.unwrap_or(true),
+            protect,
         }),
         // Every None above pushed an error, so this arm is unreachable in practice;
         // keep it an error rather than a panic.

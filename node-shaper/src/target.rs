@@ -62,6 +62,13 @@ impl Target {
                 }),
             }
         }
+        // The guard's own spec.protect joins what the plan protects.
+        if let Some(v) = &valid {
+            prot.extend(v.protect.iter().map(|(net, reason)| Protected {
+                net: *net,
+                reason: reason.clone(),
+            }));
+        }
         match valid {
             Some(valid) if errors.is_empty() => Ok(Target {
                 name: name.into(),

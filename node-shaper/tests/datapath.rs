@@ -689,7 +689,7 @@ fn ssh_replies_and_the_api_server_are_never_cut_off() {
     }
     let mut lab = Lab::new("cutoff");
     let plan = format!(
-        "apiVersion: egressguard.io/v1alpha1\nkind: NodeShaping\nmetadata: {{name: n}}\nspec:\n  nodeName: n\n  enforce: true\n  guard: {{name: tight, uid: u, generation: 1}}\n  shaping:\n    uplink: {{rate: 1Mbit}}\n    throttle: {{rate: 100kbit, destinations: [{{protocol: Any, port: 1024, endPort: 65535}}]}}\n  protected:\n    - {{cidr: {SERVER4}/32, reason: kubernetes API endpoint}}\n"
+        "apiVersion: egressguard.io/v1alpha1\nkind: NodeShaping\nmetadata: {{name: n}}\nspec:\n  nodeName: n\n  enforce: true\n  guard: {{name: tight, uid: u, generation: 1}}\n  shaping:\n    uplink: {{rate: 1Mbit}}\n    throttle: {{rate: 100kbit, destinations: [{{protocol: Any, port: 1024, endPort: 65535}}]}}\n    protect: [{{cidr: 10.211.0.9/32, reason: DNS resolver}}]\n  protected:\n    - {{cidr: {SERVER4}/32, reason: kubernetes API endpoint}}\n"
     );
     let f = lab.write_guard("tight.yaml", &plan);
     ok(&lab.shaper(&["apply", "-f", &f, "--interface", DEV, "--verify"]));
@@ -724,6 +724,21 @@ fn ssh_replies_and_the_api_server_are_never_cut_off() {
         other / 1e6
     );
     assert!(api > 10e6, "the API server was capped: {api}");
+    // spec.protect: the guard's own protected destinations, explained.
+    let e = ok(&lab.shaper(&[
+        "explain",
+        "--interface",
+        DEV,
+        "10.211.0.9",
+        "--port",
+        "5353",
+        "--protocol",
+        "UDP",
+    ]));
+    assert!(
+        e.starts_with("protected: destination 10.211.0.9 is inside 10.211.0.9/32 (DNS resolver)"),
+        "{e}"
+    );
     assert!(ssh > 10e6, "SSH replies were capped: {ssh}");
     assert!(other < 0.15e6, "the throttle did not hold: {other}");
 }

@@ -193,6 +193,60 @@ pub fn class_counters(nl: &mut Netlink, ifindex: i32) -> io::Result<Vec<(u32, Co
         .collect())
 }
 
+/// Whose root this is. Handle 0 is the kernel's default (noqueue,
+/// pfifo_fast, fq_codel, or mq on a multi-queue NIC) and may be replaced —
+/// unless it is an mq whose per-queue children someone configured (a child
+/// with a handle of its own: `tc qdisc replace dev X parent :1 handle 10: fq`):
+/// that is someone's setup, foreign like any other. `children` are
+/// (parent, handle) of the non-root qdiscs.
+pub fn root_state(kind: &str, handle: u32, children: &[(u32, u32)]) -> RootState {
+    let customised_mq = kind == "mq"
+        && children
+            .iter()
+            .any(|&(parent, h)| parent >> 16 == handle >> 16 && h != 0);
+    if handle == 0 && !customised_mq {
+        RootState::Default(kind.to_string())
+    } else if handle == ROOT && kind == "htb" {
+        RootState::Owned
+    } else {
+        RootState::Foreign {
+            kind: kind.to_string(),
+            handle,
+        }
+    }
+}
+
+#[cfg(test)]
+mod root_tests {
+    use super::*;
+
+    #[test]
+    fn a_customised_default_mq_is_foreign() {
+        let default_children = [(0x0000_0001, 0), (0x0000_0002, 0)];
+        assert_eq!(
+            root_state("mq", 0, &default_children),
+            RootState::Default("mq".into())
+        );
+        let customised = [(0x0000_0001, 0x0010_0000), (0x0000_0002, 0)];
+        assert_eq!(
+            root_state("mq", 0, &customised),
+            RootState::Foreign {
+                kind: "mq".into(),
+                handle: 0
+            }
+        );
+        assert_eq!(
+            root_state("noqueue", 0, &[]),
+            RootState::Default("noqueue".into())
+        );
+        assert_eq!(root_state("htb", ROOT, &[]), RootState::Owned);
+        assert!(matches!(
+            root_state("mq", 0x8001_0000, &[]),
+            RootState::Foreign { .. }
+        ));
+    }
+}
+
 /// Reads root, classes, leaves and filters of `ifindex`.
 pub fn observe(nl: &mut Netlink, ifindex: i32) -> io::Result<Observed> {
     let mut qdiscs = Vec::new();
@@ -213,16 +267,12 @@ pub fn observe(nl: &mut Netlink, ifindex: i32) -> io::Result<Observed> {
     let root_counters = root_msg
         .map(|q| counters(&q.attributes))
         .unwrap_or_default();
-    let root = if root_handle == 0 {
-        RootState::Default(root_kind.clone())
-    } else if root_handle == ROOT && root_kind == "htb" {
-        RootState::Owned
-    } else {
-        RootState::Foreign {
-            kind: root_kind.clone(),
-            handle: root_handle,
-        }
-    };
+    let children: Vec<(u32, u32)> = qdiscs
+        .iter()
+        .filter(|q| u32::from(q.header.parent) != TC_H_ROOT)
+        .map(|q| (u32::from(q.header.parent), u32::from(q.header.handle)))
+        .collect();
+    let root = root_state(&root_kind, root_handle, &children);
     let mut obs = Observed {
         root,
         shape: Shape::default(),
