@@ -65,8 +65,8 @@ fn agent_rss(entries: usize) -> f64 {
         },
     );
     cp.helm_install(&json!({}));
-    let kc =
-        cp.service_account_kubeconfig(&format!("{}-node-shaper", cluster::RELEASE), &cp.server);
+    cp.add_node("node-a", "", None);
+    let kc = cp.agent_kubeconfig("node-a", &cp.server);
     let wl: Vec<String> = (0..entries)
         .map(|i| format!("{}.{}.{}.0/24", 11 + i / 65536, (i / 256) % 256, i % 256))
         .collect();
