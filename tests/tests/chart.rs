@@ -122,6 +122,23 @@ fn chart_lints_and_renders_with_real_helm() {
         r.docs.iter().all(|d| d["kind"] != "ServiceMonitor"),
         "ServiceMonitor rendered while disabled"
     );
+    // Agents may write only their own node's NodeShaping (on by default).
+    assert!(
+        r.docs
+            .iter()
+            .any(|d| d["kind"] == "ValidatingAdmissionPolicy"
+                && d["spec"]["validations"][0]["expression"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("authentication.kubernetes.io/node-name"))),
+        "the own-node admission policy is missing"
+    );
+    assert!(
+        render("{\"nodeShaper\": {\"ownNodePolicy\": false}}")
+            .docs
+            .iter()
+            .all(|d| d["kind"] != "ValidatingAdmissionPolicy"),
+        "ownNodePolicy: false still renders the policy"
+    );
 
     // RBAC: exactly what the code calls.
     let role = |name: &str| {
