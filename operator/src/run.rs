@@ -38,6 +38,9 @@ use crate::leader::Leader;
 pub const FINALIZER: &str = "egressguard.io/cleanup";
 /// Field manager for server-side apply.
 pub const MANAGER: &str = "egressguard-operator";
+/// Plan writes in flight at once (the API server's default max-in-flight is
+/// 400 and APF gives a workload controller several seats; 16 is modest).
+const PARALLEL_WRITES: usize = 16;
 /// At most this many nodes are listed in a guard's status.
 const MAX_NODES_IN_STATUS: usize = 100;
 
@@ -514,17 +517,32 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
         value["kind"] = "NodeShaping".into();
         value
     };
-    for (node, spec) in &d.plans {
-        if shapings.get(node).is_some_and(|s| &s.spec == spec) {
-            continue;
-        }
-        let r = ns_api
-            .patch(node, &apply, &Patch::Apply(&as_value(node, spec.clone())))
-            .await
-            .map(|_| ());
-        if r.is_ok() {
-            info!(node, guard = ?spec.guard.as_ref().map(|g| &g.name), "plan written");
-        }
+    // Plans are independent objects: write several at once. One request at a
+    // time made a 2,000-node resync take 14 s on the real API server (each
+    // request's round trip, not the server's throughput, was the limit).
+    let writes = d
+        .plans
+        .iter()
+        .filter(|(node, spec)| !shapings.get(*node).is_some_and(|s| &s.spec == *spec))
+        .map(|(node, spec)| {
+            let (ns_api, apply) = (&ns_api, &apply);
+            let value = as_value(node, spec.clone());
+            async move {
+                let r = ns_api
+                    .patch(node, apply, &Patch::Apply(&value))
+                    .await
+                    .map(|_| ());
+                if r.is_ok() {
+                    info!(node, guard = ?spec.guard.as_ref().map(|g| &g.name), "plan written");
+                }
+                r
+            }
+        });
+    let results: Vec<Result<(), kube::Error>> = futures::stream::iter(writes)
+        .buffer_unordered(PARALLEL_WRITES)
+        .collect()
+        .await;
+    for r in results {
         note(&mut first, "write plan", r);
     }
     for (node, s) in &shapings {
