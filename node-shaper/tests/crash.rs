@@ -226,13 +226,19 @@ mod inner {
         );
     }
 
-    /// Writes of an uninterrupted switch from guard `from` to guard `to`.
-    pub fn switch_writes(w: &World, from: Option<usize>, to: usize) -> usize {
+    /// A socket on an interface reset and then given guard `from` (if any).
+    pub fn starting_from(w: &World, from: Option<usize>) -> Netlink {
         let mut nl = Netlink::open().expect("netlink");
         reset(&mut nl, &w.iface, true).expect("reset");
         if let Some(from) = from {
             apply(&mut nl, &w.iface, &w.targets[from], ApplyOptions::default()).expect("apply");
         }
+        nl
+    }
+
+    /// Writes of an uninterrupted switch from guard `from` to guard `to`.
+    pub fn switch_writes(w: &World, from: Option<usize>, to: usize) -> usize {
+        let mut nl = starting_from(w, from);
         let before = nl.writes;
         apply(&mut nl, &w.iface, &w.targets[to], ApplyOptions::default()).expect("apply");
         nl.writes - before
@@ -255,11 +261,7 @@ mod inner {
 
     /// Leaves the kernel as an apply of `to` over `from` killed after `k` writes.
     pub fn crashed_switch(w: &World, from: Option<usize>, to: usize, k: usize) {
-        let mut nl = Netlink::open().expect("netlink");
-        reset(&mut nl, &w.iface, true).expect("reset");
-        if let Some(from) = from {
-            apply(&mut nl, &w.iface, &w.targets[from], ApplyOptions::default()).expect("apply");
-        }
+        let mut nl = starting_from(w, from);
         nl.crash_after(k);
         let _ = apply(&mut nl, &w.iface, &w.targets[to], ApplyOptions::default());
     }
@@ -267,9 +269,7 @@ mod inner {
     /// A switch whose last addition the kernel refuses (an HTB class with
     /// rate 0), so a rollback runs; the process is killed `k` writes into it.
     pub fn crashed_rollback(w: &World, from: usize, to: usize, k: Option<usize>) -> usize {
-        let mut nl = Netlink::open().expect("netlink");
-        reset(&mut nl, &w.iface, true).expect("reset");
-        apply(&mut nl, &w.iface, &w.targets[from], ApplyOptions::default()).expect("apply");
+        let mut nl = starting_from(w, Some(from));
         let before = observe(&mut nl, w.iface.index).expect("observe");
         let desired = node_shaper::plan::plan_protected(
             &w.targets[to].valid,
@@ -324,16 +324,14 @@ fn refused_change_whose_rollback_is_refused_too_is_rebuilt() {
 fn inner_rebuild_and_io_error() {
     use inner::*;
     use node_shaper::diff::{diff, Op};
-    use node_shaper::engine::{apply, reset, ApplyOptions, EngineError};
-    use node_shaper::netlink::{observe, Netlink};
+    use node_shaper::engine::{apply, ApplyOptions, EngineError};
+    use node_shaper::netlink::observe;
     let w = world();
     let refs: Vec<String> = (0..2).map(|i| fresh(&w, i)).collect();
     // Where the switch 0 -> 1 adds its first u32 node, and how many writes of
     // additions follow it in the same pipelined stage (the rollback's first
     // write comes right after them).
-    let mut nl = Netlink::open().expect("netlink");
-    reset(&mut nl, &w.iface, true).expect("reset");
-    apply(&mut nl, &w.iface, &w.targets[0], ApplyOptions::default()).expect("apply");
+    let mut nl = starting_from(&w, Some(0));
     let before = observe(&mut nl, w.iface.index).expect("observe");
     let desired = node_shaper::plan::plan_protected(
         &w.targets[1].valid,
@@ -380,9 +378,7 @@ fn inner_rebuild_and_io_error() {
 
     // A transient netlink I/O error part-way through a change takes the
     // refusal's path: the interface is driven back to where it was.
-    let mut nl = Netlink::open().expect("netlink");
-    reset(&mut nl, &w.iface, true).expect("reset");
-    apply(&mut nl, &w.iface, &w.targets[0], ApplyOptions::default()).expect("apply");
+    let mut nl = starting_from(&w, Some(0));
     nl.io_error_after(25);
     match apply(&mut nl, &w.iface, &w.targets[1], ApplyOptions::default()) {
         Err(EngineError::IoMidApply { rollback, .. }) => {
@@ -449,17 +445,6 @@ fn inner_crash_in_rollback() {
         }
         println!("crash: rollback of {from}->{to}: {total} writes in all, killed at {} points inside the rollback, each followed by guards 0, 1, 2: converged", ks.len());
     }
-}
-
-fn ok(o: &std::process::Output) -> String {
-    assert!(
-        o.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 fn one_bucket_guard(first: u32) -> String {

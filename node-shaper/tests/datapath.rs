@@ -10,17 +10,6 @@ const UPLINK: f64 = 20e6;
 const THROTTLE: f64 = 1e6;
 const DESTS: &str = "[{protocol: TCP, port: 443}, {protocol: UDP, port: 8000, endPort: 8100}]";
 
-fn ok(o: &std::process::Output) -> String {
-    assert!(
-        o.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 fn incident_lab(tag: &str) -> (Lab, String) {
     let lab = Lab::new(tag);
     let g = lab.write_guard(

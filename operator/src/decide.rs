@@ -269,7 +269,7 @@ pub fn decide(
     guards: &[EgressGuard],
     nodes: &[NodeFacts],
     api_endpoints: &[IpAddr],
-    current: &BTreeMap<String, NodeShapingSpec>,
+    current: &BTreeMap<&str, &NodeShapingSpec>,
 ) -> Decision {
     let mut d = Decision::default();
     let mut ordered: Vec<&EgressGuard> = guards.iter().collect();
@@ -301,11 +301,11 @@ pub fn decide(
             // Fail safe: an edit the validation refuses keeps the plans the
             // last valid generation wrote; removing them would fail open.
             let uid = g.metadata.uid.clone().unwrap_or_default();
-            for (node, spec) in current {
+            for (&node, &spec) in current {
                 if spec.guard.as_ref().is_some_and(|r| r.uid == uid) && !owner.contains_key(node) {
-                    owner.insert(node.clone(), name.clone());
-                    out.planned.push(node.clone());
-                    d.plans.insert(node.clone(), spec.clone());
+                    owner.insert(node.to_string(), name.clone());
+                    out.planned.push(node.to_string());
+                    d.plans.insert(node.to_string(), spec.clone());
                 }
             }
             out.invalid = Some(e);
@@ -567,16 +567,15 @@ mod tests {
         let mut bad = good;
         bad.spec.throttle.rate = "1mbps".into();
         bad.metadata.generation = Some(4);
-        let after = decide(&[bad], &nodes(), &API, &before.plans);
+        let current = before.plans.iter().map(|(n, p)| (n.as_str(), p)).collect();
+        let after = decide(&[bad], &nodes(), &API, &current);
         assert_eq!(after.plans, before.plans, "an invalid edit removed shaping");
         assert!(after.guards["idc"].invalid.is_some());
         assert_eq!(after.guards["idc"].planned, vec!["a1", "a2"]);
         // Another guard's plans are not adopted.
         let mut other = guard("other", "2026-01-01T00:00:00Z", "");
         other.spec.throttle.rate = "1mbps".into();
-        assert!(decide(&[other], &nodes(), &API, &before.plans)
-            .plans
-            .is_empty());
+        assert!(decide(&[other], &nodes(), &API, &current).plans.is_empty());
     }
 
     #[test]

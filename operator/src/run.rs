@@ -470,9 +470,10 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
         .into_iter()
         .map(|s| (s.name_any(), s))
         .collect();
-    let current: BTreeMap<String, NodeShapingSpec> = shapings
+    // Borrowed, not cloned: plans can be large and this runs every pass.
+    let current: BTreeMap<&str, &NodeShapingSpec> = shapings
         .iter()
-        .map(|(n, s)| (n.clone(), s.spec.clone()))
+        .map(|(n, s)| (n.as_str(), &s.spec))
         .collect();
     let d = decide(&guards, &nodes, &endpoints, &current);
     let g_api: Api<EgressGuard> = Api::all(ctx.client.clone());

@@ -79,23 +79,16 @@ pub struct Shared {
 /// The API server's addresses as protected entries: an IP literal as is, a
 /// host name resolved now (a name that does not resolve protects nothing,
 /// and says so in the log).
-pub fn api_server_entries(url: &str) -> Vec<egressguard_crds::node_shaping::ProtectedEntry> {
+pub fn api_server_entries(
+    host: &str,
+    port: u16,
+) -> Vec<egressguard_crds::node_shaping::ProtectedEntry> {
     use std::net::ToSocketAddrs;
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split('/').next().unwrap_or_default();
-    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
-    let (host, port) = match authority.strip_prefix('[') {
-        // [v6]:port
-        Some(v6) => {
-            let (h, p) = v6.split_once(']').unwrap_or((v6, ""));
-            (h, p.trim_start_matches(':'))
-        }
-        None => authority.rsplit_once(':').unwrap_or((authority, "")),
-    };
+    // An IPv6 literal comes bracketed from a URL's authority.
+    let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
         return vec![];
     }
-    let port: u16 = port.parse().unwrap_or(443);
     let addrs: Vec<std::net::IpAddr> = match host.parse() {
         Ok(ip) => vec![ip],
         Err(_) => match (host, port).to_socket_addrs() {
@@ -155,7 +148,10 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let config = kube::Config::infer()
         .await
         .map_err(|e| AgentError::Client(kube::Error::InferConfig(e)))?;
-    let own_protected = api_server_entries(&config.cluster_url.to_string());
+    let own_protected = api_server_entries(
+        config.cluster_url.host().unwrap_or_default(),
+        config.cluster_url.port_u16().unwrap_or(443),
+    );
     info!(api = %config.cluster_url, protected = ?own_protected, "protecting the API server this agent talks to");
     let client = kube::Client::try_from(config).map_err(AgentError::Client)?;
     let api: Api<NodeShaping> = Api::all(client.clone());
@@ -282,16 +278,20 @@ mod api_server_tests {
 
     #[test]
     fn the_agents_own_api_server_is_protected() {
-        let cidrs = |u: &str| -> Vec<String> {
-            api_server_entries(u).into_iter().map(|e| e.cidr).collect()
+        let cidrs = |h: &str| -> Vec<String> {
+            api_server_entries(h, 443)
+                .into_iter()
+                .map(|e| e.cidr)
+                .collect()
         };
-        assert_eq!(cidrs("https://10.0.0.1:6443"), ["10.0.0.1/32"]);
-        assert_eq!(cidrs("https://[fd00::1]:443/"), ["fd00::1/128"]);
-        assert!(cidrs("https://localhost:6443")
+        assert_eq!(cidrs("10.0.0.1"), ["10.0.0.1/32"]);
+        assert_eq!(cidrs("[fd00::1]"), ["fd00::1/128"]);
+        assert!(cidrs("localhost")
             .iter()
             .any(|c| c == "127.0.0.1/32" || c == "::1/128"));
-        assert!(cidrs("https://no-such-host.invalid:6443").is_empty());
-        let e = api_server_entries("https://10.0.0.1:6443").remove(0);
+        assert!(cidrs("no-such-host.invalid").is_empty());
+        assert!(cidrs("").is_empty());
+        let e = api_server_entries("10.0.0.1", 6443).remove(0);
         assert_eq!(e.reason, "API server of this agent (10.0.0.1)");
     }
 }

@@ -46,6 +46,18 @@ fn must(args: &[&str]) {
 
 /// The node-shaper binary: Cargo's path when this file is built inside the
 /// node-shaper package, else the one next to this test binary (`target/debug`).
+/// The stdout of a command that must succeed; on failure, both streams.
+pub fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 pub fn shaper_bin() -> std::path::PathBuf {
     if let Some(p) = option_env!("CARGO_BIN_EXE_node-shaper") {
         return p.into();
