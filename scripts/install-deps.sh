@@ -3,13 +3,17 @@
 # iproute2 (ip, tc), iperf3, strace (fixture capture), curl, openssl (the test
 # control plane's certificates), python3-venv, real Helm v4 (helm-python-sdk, in
 # a virtualenv: Debian's python refuses system-wide pip, PEP 668), cargo's
-# fmt/clippy, and the Go modules of the test control plane (built by
+# fmt/clippy, Prometheus, Alertmanager and node-exporter (the quarantine tests
+# and the incident lab start their own; the packages' services are not started),
+# and the Go modules of the test control plane (built by
 # scripts/dev-cluster.sh build).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${EG_VENV:-/opt/egressguard-venv}"
 need=()
-for pair in ip:iproute2 tc:iproute2 iperf3:iperf3 strace:strace curl:curl openssl:openssl; do
+for pair in ip:iproute2 tc:iproute2 iperf3:iperf3 strace:strace curl:curl openssl:openssl \
+  prometheus:prometheus prometheus-alertmanager:prometheus-alertmanager \
+  prometheus-node-exporter:prometheus-node-exporter; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
 done
 if [[ ! -x "$venv/bin/python" ]] && ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then
@@ -20,7 +24,15 @@ if ((${#need[@]})); then
   apt-get update -qq
   # iperf3's package asks whether to start a daemon; answer no.
   echo "iperf3 iperf3/start_daemon boolean false" | debconf-set-selections 2>/dev/null || true
+  # The Prometheus packages would start system services; the tests start
+  # their own copies on their own ports, so keep the services down.
+  policy=""
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy"
+  fi
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  [[ -n "$policy" ]] && rm -f "$policy"
 fi
 # Real Helm v4 (its Go SDK) for the chart tests and for installing the chart
 # into the test control plane.

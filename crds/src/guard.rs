@@ -52,6 +52,10 @@ pub struct EgressGuardSpec {
     /// class and rate.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub protect: Vec<ProtectEntry>,
+    /// When mode `Auto` quarantines a node (required then), and when it
+    /// releases it. In `DryRun`, what would be quarantined is reported only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<crate::quarantine::QuarantinePolicy>,
 }
 
 /// A destination a guard protects.
@@ -180,7 +184,7 @@ pub struct EgressGuardStatus {
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Standard conditions: Ready, Degraded, Conflict.
+    /// Standard conditions: Ready, Degraded, Conflict, MetricsAvailable.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Nodes the selector matches.

@@ -4,6 +4,7 @@
 pub mod guard;
 pub mod load;
 pub mod node_shaping;
+pub mod quarantine;
 pub mod units;
 pub mod validate;
 
@@ -12,6 +13,7 @@ pub use guard::{
     Throttle, Uplink,
 };
 pub use node_shaping::{NodeShaping, NodeShapingSpec, NodeShapingStatus};
+pub use quarantine::{Phase, Quarantine, QuarantineSpec, QuarantineStatus};
 pub use validate::{validate, FieldError, ValidSpec, ValidationErrors};
 
 #[cfg(test)]

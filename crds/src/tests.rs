@@ -183,3 +183,69 @@ fn wrong_api_version_is_named() {
         )
     );
 }
+
+const AUTO: &str = "spec: {mode: Auto, quarantine: {triggers: [{name: uplink, prometheus: {query: 'sum by (node) (x)', above: 15e6, for: 2m}}, {name: alert, alertmanager: {matchers: {alertname: NodeEgressSaturated}}}], release: {after: 30m, below: 10e6}, limits: {maxQuarantinedNodes: '10%', cooldown: 10m}}}";
+
+#[test]
+fn the_quarantine_policy_parses_into_rules() {
+    use crate::quarantine::{rules, Cap, TriggerRule};
+    assert!(errors_for(AUTO).is_empty(), "{:?}", errors_for(AUTO));
+    let mut value: serde_json::Value = serde_yaml::from_str(GOOD).unwrap();
+    merge(&mut value, serde_yaml::from_str(AUTO).unwrap());
+    let g = parse_str(&serde_yaml::to_string(&value).unwrap()).unwrap();
+    let r = rules(g[0].spec.quarantine.as_ref(), g[0].spec.mode)
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.release_after, Some(std::time::Duration::from_secs(1800)));
+    assert_eq!(r.cooldown, std::time::Duration::from_secs(600));
+    assert_eq!(r.cap, Cap::Percent(10));
+    // 10% of 5 nodes rounds down to 0: the cap never drops below one node.
+    assert_eq!((r.cap.of(5), r.cap.of(40)), (1, 4));
+    match &r.triggers[0].1 {
+        TriggerRule::Prometheus {
+            threshold,
+            calm,
+            hold,
+            above,
+            ..
+        } => assert_eq!(
+            (*threshold, *calm, hold.as_secs(), *above),
+            (15e6, 10e6, 120, true)
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn bad_quarantine_policies_name_the_field_and_the_fix() {
+    let table: &[(&str, &[&str])] = &[
+        ("spec: {mode: Auto}", &["spec.quarantine: is required when spec.mode is Auto: list at least one trigger, or use mode Enforce to throttle every selected node"]),
+        ("spec: {quarantine: {triggers: [{name: a, alertmanager: {matchers: {alertname: X}}}]}}", &["spec.quarantine: only applies in mode Auto (or DryRun, to report what it would do); mode Enforce throttles every selected node already"]),
+        ("spec: {mode: Auto, quarantine: {triggers: []}}", &["spec.quarantine.triggers: is empty; add a prometheus or alertmanager trigger"]),
+        ("spec: {mode: Auto, quarantine: {triggers: [{name: a}]}}", &["spec.quarantine.triggers[0]: set exactly one of `prometheus` and `alertmanager`"]),
+        ("spec: {mode: Auto, quarantine: {triggers: [{name: a, prometheus: {query: ' ', above: 1, below: 2, for: 2 minutes}}]}}", &[
+            "spec.quarantine.triggers[0].prometheus.query: is empty; write a PromQL query returning one series per node",
+            "spec.quarantine.triggers[0].prometheus: set exactly one of `above` and `below`",
+            "spec.quarantine.triggers[0].prometheus.for: \"2 minutes\" is not a duration; write a number and a unit (ms, s, m, h), e.g. 30s, 2m or 1h30m",
+        ]),
+        ("spec: {mode: Auto, quarantine: {triggers: [{name: a, alertmanager: {matchers: {alertname: X}}}, {name: a, alertmanager: {matchers: {alertname: Y}}}]}}", &["spec.quarantine.triggers[1].name: \"a\" is used by an earlier trigger; names must be unique"]),
+        ("spec: {mode: Auto, quarantine: {triggers: [{name: manual, alertmanager: {matchers: {}}}]}}", &[
+            "spec.quarantine.triggers[0].name: \"manual\" must be 1 to 63 characters and not `manual` (reserved for people)",
+            "spec.quarantine.triggers[0].alertmanager.matchers: is empty; match at least the alert name, e.g. {alertname: NodeEgressSaturated}",
+        ]),
+        ("spec: {mode: Auto, quarantine: {triggers: [{name: a, alertmanager: {matchers: {alertname: X}}}], release: {after: soon}, limits: {maxQuarantinedNodes: 0, cooldown: '5'}}}", &[
+            "spec.quarantine.release.after: \"soon\" is not a duration; write a number and a unit (ms, s, m, h), e.g. 30s, 2m or 1h30m, or `manual`",
+            "spec.quarantine.limits.cooldown: \"5\" is not a duration; write a number and a unit (ms, s, m, h), e.g. 30s, 2m or 1h30m",
+            "spec.quarantine.limits.maxQuarantinedNodes: 0 must be at least 1; pause the guard (spec.quarantine.paused) to stop new quarantines",
+        ]),
+        ("spec: {mode: Auto, quarantine: {triggers: [{name: a, prometheus: {query: q, above: 5}}], release: {below: 9}, limits: {maxQuarantinedNodes: 'half'}}}", &[
+            "spec.quarantine.limits.maxQuarantinedNodes: \"half\" is neither a number of nodes nor a percentage from 1% to 100%",
+            "spec.quarantine.release.below: 9 is above trigger \"a\"'s threshold 5; the calm threshold must not exceed the breach threshold",
+        ]),
+    ];
+    for (patch, want) in table {
+        let got = errors_for(patch);
+        let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        assert_eq!(got, want, "for patch {patch}");
+    }
+}

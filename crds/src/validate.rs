@@ -335,6 +335,10 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
         }
     }
 
+    if let Err(errs) = crate::quarantine::rules(spec.quarantine.as_ref(), spec.mode) {
+        c.0.extend(errs);
+    }
+
     if !c.0.is_empty() {
         return Err(ValidationErrors(c.0));
     }

@@ -12,8 +12,8 @@
 //!   `protectClusterTraffic: false`, also the nodes' InternalIPs (all of them,
 //!   the node's own included, aggregated into prefixes: one small list for
 //!   every plan instead of N lists of N addresses).
-//! - `Enforce` programs; `DryRun` computes and reports only; `Auto` waits for
-//!   a quarantine trigger (not implemented yet) and so programs nothing.
+//! - `Enforce` programs; `DryRun` computes and reports only; `Auto` programs
+//!   only the nodes it has quarantined ([`crate::quarantine`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -264,12 +264,34 @@ fn age_key(g: &EgressGuard) -> (bool, Option<String>, String) {
     )
 }
 
-/// Computes every node's plan and every guard's outcome.
+/// Computes every node's plan and every guard's outcome, with nothing
+/// quarantined and no extra protected destinations.
 pub fn decide(
     guards: &[EgressGuard],
     nodes: &[NodeFacts],
     api_endpoints: &[IpAddr],
     current: &BTreeMap<&str, &NodeShapingSpec>,
+) -> Decision {
+    decide_with(guards, nodes, api_endpoints, current, &Extras::default())
+}
+
+/// What besides guards and nodes shapes the plans.
+#[derive(Clone, Debug, Default)]
+pub struct Extras {
+    /// Quarantined nodes per guard: an `Auto` guard programs only these.
+    pub quarantined: BTreeMap<String, BTreeSet<String>>,
+    /// Protected on every node (the Prometheus server whose metrics release
+    /// quarantines: throttling its scrapes would blind the release).
+    pub protected: Vec<ProtectedEntry>,
+}
+
+/// [`decide`], with quarantines and extra protected destinations.
+pub fn decide_with(
+    guards: &[EgressGuard],
+    nodes: &[NodeFacts],
+    api_endpoints: &[IpAddr],
+    current: &BTreeMap<&str, &NodeShapingSpec>,
+    extras: &Extras,
 ) -> Decision {
     let mut d = Decision::default();
     let mut ordered: Vec<&EgressGuard> = guards.iter().collect();
@@ -344,6 +366,15 @@ pub fn decide(
             if g.spec.protect_cluster_traffic.unwrap_or(true) {
                 protected.extend(node_entries.iter().cloned());
             }
+            protected.extend(extras.protected.iter().cloned());
+            let enforce = match g.spec.mode {
+                Mode::Enforce => true,
+                Mode::Auto => extras
+                    .quarantined
+                    .get(&name)
+                    .is_some_and(|q| q.contains(&n.name)),
+                Mode::DryRun => false,
+            };
             d.plans.insert(
                 n.name.clone(),
                 NodeShapingSpec {
@@ -355,7 +386,7 @@ pub fn decide(
                     }),
                     shaping: Some(g.spec.clone()),
                     protected: protected.into_iter().collect(),
-                    enforce: g.spec.mode == Mode::Enforce,
+                    enforce,
                 },
             );
         }
@@ -543,11 +574,33 @@ mod tests {
             .plans
             .values()
             .all(|p| !p.enforce));
-        let auto = guard("auto", "2026-01-01T00:00:00Z", "  mode: Auto\n");
-        assert!(decide(&[auto], &nodes(), &API, &BTreeMap::new())
+        let auto = guard(
+            "auto",
+            "2026-01-01T00:00:00Z",
+            "  mode: Auto\n  quarantine: {triggers: [{name: a, alertmanager: {matchers: {alertname: X}}}]}\n",
+        );
+        let d = decide(&[auto.clone()], &nodes(), &API, &BTreeMap::new());
+        assert!(!d.plans.is_empty() && d.plans.values().all(|p| !p.enforce));
+        // Auto programs exactly the quarantined nodes, and protects Prometheus.
+        let extras = Extras {
+            quarantined: BTreeMap::from([("auto".into(), BTreeSet::from(["a1".to_string()]))]),
+            protected: vec![ProtectedEntry {
+                cidr: "10.9.9.9/32".into(),
+                reason: "Prometheus".into(),
+            }],
+        };
+        let d = decide_with(&[auto], &nodes(), &API, &BTreeMap::new(), &extras);
+        let enforced: Vec<&str> = d
+            .plans
+            .iter()
+            .filter(|(_, p)| p.enforce)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(enforced, ["a1"]);
+        assert!(d
             .plans
             .values()
-            .all(|p| !p.enforce));
+            .all(|p| p.protected.iter().any(|e| e.cidr == "10.9.9.9/32")));
     }
 
     #[test]

@@ -1,51 +1,79 @@
-//! `/metrics`, `/healthz`, `/readyz` over minimal HTTP/1.1.
+//! The operator's HTTP endpoints on hyper: `/metrics`, `/healthz`, `/readyz`
+//! on one listener, the Alertmanager receiver on another. hyper parses the
+//! requests; this module only bounds them (header timeout, body limit) and
+//! routes them.
 
-use std::sync::{Arc, Mutex};
+use std::convert::Infallible;
+use std::future::Future;
+use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tracing::debug;
 
-/// Serves forever; `render` produces the metrics text, `ready` the readiness.
-pub async fn serve<S: Send + 'static>(
-    listener: TcpListener,
-    state: Arc<Mutex<S>>,
-    render: fn(&S) -> String,
-    ready: fn(&S) -> bool,
-) {
+/// A complete response.
+pub type Reply = Response<Full<Bytes>>;
+
+/// A plain-text reply.
+pub fn text(code: StatusCode, body: impl Into<String>) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body.into())));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}
+
+/// Reads a body of at most `limit` bytes; `None` when it is larger (or the
+/// client went away).
+pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, StatusCode> {
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(StatusCode::PAYLOAD_TOO_LARGE);
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(StatusCode::PAYLOAD_TOO_LARGE),
+        Err(_) => Err(StatusCode::BAD_REQUEST),
+    }
+}
+
+/// Serves `handler` on `listener` forever, HTTP/1.1, one task per connection.
+pub async fn serve<F, Fut>(listener: TcpListener, handler: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Reply> + Send + 'static,
+{
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
+        let Ok((sock, peer)) = listener.accept().await else {
+            // Out of descriptors and the like: do not spin.
+            tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let state = state.clone();
+        let handler = handler.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 2048];
-            let mut n = 0;
-            while n < buf.len() {
-                match sock.read(&mut buf[n..]).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(k) => n += k,
-                }
-                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
+            let svc = hyper::service::service_fn(move |req| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(handler(req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                // A client that never finishes its headers is dropped.
+                .header_read_timeout(Duration::from_secs(10))
+                .max_buf_size(64 * 1024)
+                .serve_connection(TokioIo::new(sock), svc);
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "http connection ended with an error");
             }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let path = head.split_whitespace().nth(1).unwrap_or("/");
-            let (code, body) = {
-                let s = state.lock().unwrap_or_else(|p| p.into_inner());
-                match path {
-                    "/metrics" => ("200 OK", render(&s)),
-                    "/healthz" => ("200 OK", "ok\n".to_string()),
-                    "/readyz" if ready(&s) => ("200 OK", "ok\n".to_string()),
-                    "/readyz" => ("503 Service Unavailable", "not ready\n".to_string()),
-                    _ => ("404 Not Found", "not found\n".to_string()),
-                }
-            };
-            let resp = format!(
-                "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
         });
     }
 }

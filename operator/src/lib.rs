@@ -3,7 +3,12 @@
 //! around it (watches, writes, status, events, finalizer, leader election).
 
 pub mod decide;
+pub mod evaluate;
 pub mod http;
 pub mod leader;
+pub mod prom;
+pub mod quarantine;
 pub mod rbac;
+pub mod remediate;
 pub mod run;
+pub mod webhook;

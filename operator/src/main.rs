@@ -32,7 +32,7 @@ enum Cmd {
         #[arg(short = 'f', long = "file")]
         path: PathBuf,
     },
-    /// Print the CustomResourceDefinitions (EgressGuard, NodeShaping) as YAML.
+    /// Print the CustomResourceDefinitions (EgressGuard, NodeShaping, Quarantine) as YAML.
     Crd,
     /// Run the controller (in-cluster config or KUBECONFIG).
     Run {
@@ -64,7 +64,50 @@ enum Cmd {
         /// At most this many protected addresses per node (1..=16).
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=16))]
         max_addresses_per_node: u64,
+        /// Prometheus base URL for `prometheus` triggers, e.g. http://prometheus:9090
+        /// (its address is protected on every node when it is an IP).
+        #[arg(long, env = "EGRESSGUARD_PROMETHEUS_URL")]
+        prometheus_url: Option<String>,
+        /// File holding a bearer token for Prometheus.
+        #[arg(long, env = "EGRESSGUARD_PROMETHEUS_TOKEN_FILE")]
+        prometheus_token_file: Option<PathBuf>,
+        /// CA bundle (PEM) for an https Prometheus.
+        #[arg(long, env = "EGRESSGUARD_PROMETHEUS_CA_FILE")]
+        prometheus_ca_file: Option<PathBuf>,
+        /// How often Prometheus triggers are evaluated (at least 1s).
+        #[arg(long, env = "EGRESSGUARD_EVALUATION_INTERVAL", default_value = "30s", value_parser = duration_arg)]
+        evaluation_interval: std::time::Duration,
+        /// Address of the Alertmanager receiver (path /alertmanager).
+        #[arg(long, env = "EGRESSGUARD_WEBHOOK_ADDR", default_value = "0.0.0.0:9466")]
+        webhook_addr: std::net::SocketAddr,
+        /// File holding the receiver's bearer token; without it the receiver is off.
+        #[arg(long, env = "EGRESSGUARD_WEBHOOK_TOKEN_FILE")]
+        webhook_token_file: Option<PathBuf>,
+        /// How long Released and Refused Quarantine records are kept.
+        #[arg(long, default_value = "720h", value_parser = duration_arg)]
+        quarantine_retention: std::time::Duration,
     },
+}
+
+fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    let d = egressguard_crds::quarantine::parse_duration(s)?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err(format!("{s:?} is shorter than 1s"));
+    }
+    Ok(d)
+}
+
+fn read_token(flag: &str, path: &Path) -> Result<Vec<u8>, String> {
+    let t = std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    let t = t.trim();
+    if t.len() < 16 {
+        return Err(format!(
+            "{flag} {}: the token is {} bytes; use at least 16 random bytes (e.g. `openssl rand -hex 32`)",
+            path.display(),
+            t.len()
+        ));
+    }
+    Ok(t.as_bytes().to_vec())
 }
 
 fn manifests(path: &Path) -> std::io::Result<Vec<PathBuf>> {
@@ -126,9 +169,10 @@ fn validate_path(path: &Path) -> Result<usize, String> {
 /// Both CRDs as one multi-document YAML stream.
 fn crds_yaml() -> Result<String, serde_yaml::Error> {
     Ok(format!(
-        "{}---\n{}",
+        "{}---\n{}---\n{}",
         serde_yaml::to_string(&EgressGuard::crd())?,
-        serde_yaml::to_string(&egressguard_crds::NodeShaping::crd())?
+        serde_yaml::to_string(&egressguard_crds::NodeShaping::crd())?,
+        serde_yaml::to_string(&egressguard_crds::Quarantine::crd())?
     ))
 }
 
@@ -153,6 +197,13 @@ fn main() -> ExitCode {
             log_json,
             node_address_ranges,
             max_addresses_per_node,
+            prometheus_url,
+            prometheus_token_file,
+            prometheus_ca_file,
+            evaluation_interval,
+            webhook_addr,
+            webhook_token_file,
+            quarantine_retention,
         } => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info".into());
@@ -165,6 +216,40 @@ fn main() -> ExitCode {
                 b.with_ansi(false).init();
             }
             let identity = identity.unwrap_or_else(egressguard_operator::leader::default_identity);
+            let prometheus = match prometheus_url
+                .as_deref()
+                .map(|u| {
+                    egressguard_operator::prom::Prometheus::new(
+                        u,
+                        prometheus_token_file.as_deref(),
+                        prometheus_ca_file.as_deref(),
+                        // A query may take a third of an evaluation, at most 5 s
+                        // (a pass must finish well within the lease).
+                        (evaluation_interval / 3).clamp(
+                            std::time::Duration::from_secs(1),
+                            std::time::Duration::from_secs(5),
+                        ),
+                    )
+                })
+                .transpose()
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let webhook_token = match webhook_token_file
+                .as_deref()
+                .map(|p| read_token("--webhook-token-file", p))
+                .transpose()
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let cfg = egressguard_operator::run::OperatorConfig {
                 namespace,
                 identity,
@@ -174,6 +259,13 @@ fn main() -> ExitCode {
                 node_addresses: egressguard_operator::decide::NodeAddressPolicy {
                     ranges: node_address_ranges,
                     max_per_node: max_addresses_per_node as usize,
+                },
+                quarantine: egressguard_operator::remediate::QuarantineConfig {
+                    prometheus,
+                    evaluation_interval,
+                    webhook_addr: Some(webhook_addr),
+                    webhook_token,
+                    retention: quarantine_retention,
                 },
             };
             let rt = match tokio::runtime::Builder::new_multi_thread()

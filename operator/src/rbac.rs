@@ -22,6 +22,15 @@ pub const OPERATOR_CLUSTER: &[Rule] = &[
         &["list", "watch", "create", "patch", "delete"],
     ),
     ("", "nodes", &["list", "watch"]),
+    // reflector; the receiver stores alerts as Pending objects (create) and
+    // reads them (get); the leader starts them (create), adds and removes the
+    // release finalizer (patch) and deletes records past their retention.
+    (
+        "egressguard.io",
+        "quarantines",
+        &["get", "list", "watch", "create", "patch", "delete"],
+    ),
+    ("egressguard.io", "quarantines/status", &["patch"]),
     // kube-runtime's event Recorder creates events and patches their series.
     ("events.k8s.io", "events", &["create", "patch"]),
 ];

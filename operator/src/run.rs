@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use egressguard_crds::node_shaping::NodeShapingSpec;
-use egressguard_crds::{EgressGuard, EgressGuardStatus, NodeShaping, NodeState};
+use egressguard_crds::{
+    EgressGuard, EgressGuardStatus, Mode, NodeShaping, NodeState, Phase, Quarantine,
+};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -31,8 +33,14 @@ use kube::{Client, Resource, ResourceExt};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::decide::{decide, Decision, NodeFacts};
+use crate::decide::{decide_with, Decision, Extras, NodeFacts};
+use crate::evaluate::NodeIndex;
 use crate::leader::Leader;
+use crate::quarantine::{GuardFacts, World};
+use crate::remediate::Watched;
+use egressguard_crds::node_shaping::ProtectedEntry;
+use egressguard_crds::quarantine::rules;
+use egressguard_crds::validate;
 
 /// The finalizer that holds a guard until its shaping is gone from every node.
 pub const FINALIZER: &str = "egressguard.io/cleanup";
@@ -59,6 +67,8 @@ pub struct OperatorConfig {
     pub resync: Duration,
     /// Which node addresses may be protected.
     pub node_addresses: crate::decide::NodeAddressPolicy,
+    /// Automatic quarantine.
+    pub quarantine: crate::remediate::QuarantineConfig,
 }
 
 /// Why the operator stopped.
@@ -115,6 +125,7 @@ struct Caches {
     nodes: Store<Node>,
     shapings: Store<NodeShaping>,
     slices: Store<EndpointSlice>,
+    quarantines: Store<Quarantine>,
 }
 
 fn spawn_reflector<K>(api: Api<K>, cfg: watcher::Config, notify: Arc<Notify>) -> Store<K>
@@ -136,7 +147,8 @@ where
     reader
 }
 
-fn facts(n: &Node) -> NodeFacts {
+/// What the decisions need to know about a Node.
+pub fn facts(n: &Node) -> NodeFacts {
     NodeFacts {
         name: n.name_any(),
         labels: n.labels().clone(),
@@ -223,11 +235,21 @@ fn cond(
     }
 }
 
+/// A guard's quarantine facts for its status.
+#[derive(Debug, Clone, Default)]
+pub struct GuardQuarantine {
+    /// Nodes quarantined now.
+    pub active: usize,
+    /// For guards with Prometheus triggers: Ok, or why metrics are unavailable.
+    pub metrics: Option<Result<(), String>>,
+}
+
 /// The status a guard should have now.
 pub fn guard_status(
     g: &EgressGuard,
     d: &Decision,
     shapings: &BTreeMap<String, Arc<NodeShaping>>,
+    q: &GuardQuarantine,
 ) -> EgressGuardStatus {
     let name = g.name_any();
     let out = d.guards.get(&name).cloned().unwrap_or_default();
@@ -242,13 +264,27 @@ pub fn guard_status(
             s
         })
         .collect();
+    if g.spec.mode == Mode::Auto {
+        // An Auto guard programs only quarantined nodes: the others watch.
+        for n in &mut nodes {
+            n.state = match n.state.as_str() {
+                "DryRun" => "Watching".into(),
+                "Enforced" => "Quarantined".into(),
+                other => other.into(),
+            };
+        }
+    }
     nodes.extend(out.conflicts.iter().map(|c| NodeState {
         name: c.node.clone(),
         state: "Conflict".into(),
         message: format!("node carries EgressGuard {}'s plan (older)", c.winner),
     }));
     // A dry run enforces nothing: only programmed nodes count.
-    let enforced = nodes.iter().filter(|n| n.state == "Enforced").count();
+    let enforced = nodes
+        .iter()
+        .filter(|n| n.state == "Enforced" || n.state == "Quarantined")
+        .count();
+    let watching = nodes.iter().filter(|n| n.state == "Watching").count();
     let dry_run = nodes.iter().filter(|n| n.state == "DryRun").count();
     let failed: Vec<&NodeState> = nodes.iter().filter(|n| n.state == "Failed").collect();
     let pending = nodes.iter().filter(|n| n.state == "Pending").count();
@@ -285,7 +321,16 @@ pub fn guard_status(
                 "Progressing",
                 format!("{pending} of {} nodes not confirmed yet", out.planned.len()),
             )
-        } else if g.spec.mode == egressguard_crds::Mode::DryRun {
+        } else if g.spec.mode == Mode::Auto {
+            (
+                "Watching",
+                format!(
+                    "{} of {} selected nodes quarantined (throttled); {watching} watched",
+                    q.active,
+                    out.selected.len()
+                ),
+            )
+        } else if g.spec.mode == Mode::DryRun {
             (
                 "DryRun",
                 format!(
@@ -334,6 +379,27 @@ pub fn guard_status(
             ),
         ]
     };
+    let mut conditions = conditions;
+    if let Some(m) = &q.metrics {
+        conditions.push(match m {
+            Ok(()) => cond(
+                "MetricsAvailable",
+                true,
+                "Evaluated",
+                "every Prometheus trigger returned a value for every node".into(),
+                gen,
+                prev,
+            ),
+            Err(why) => cond(
+                "MetricsAvailable",
+                false,
+                "Unknown",
+                format!("{why}; unknown readings neither quarantine nor release"),
+                gen,
+                prev,
+            ),
+        });
+    }
     let failed_count = failed.len() as i32;
     nodes.truncate(MAX_NODES_IN_STATUS);
     EgressGuardStatus {
@@ -341,7 +407,7 @@ pub fn guard_status(
         conditions,
         selected_nodes: out.selected.len() as i32,
         enforced_nodes: enforced as i32,
-        quarantined_nodes: 0,
+        quarantined_nodes: q.active as i32,
         failed_nodes: failed_count,
         nodes,
     }
@@ -382,6 +448,12 @@ struct Ctx {
     /// Ignored node addresses already reported (an Event once per change).
     reported: Mutex<std::collections::BTreeSet<crate::decide::IgnoredAddress>>,
     metrics: Arc<Mutex<OpMetrics>>,
+    quarantine: crate::remediate::QuarantineConfig,
+    q_metrics: Arc<Mutex<crate::remediate::QuarantineMetrics>>,
+    /// The leader's Prometheus evaluation state.
+    eval: Mutex<crate::remediate::EvalState>,
+    /// Recurring notices already published (once per continuous run).
+    noticed: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// Node addresses left unprotected: a gauge, and a Warning Event on the Node
@@ -475,7 +547,112 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
         .iter()
         .map(|(n, s)| (n.as_str(), &s.spec))
         .collect();
-    let d = decide(&guards, &nodes, &endpoints, &current);
+    // Quarantines: admit, start, release (crate::quarantine decides; the
+    // plans below then enforce exactly the Active ones).
+    let quarantines = ctx.caches.quarantines.state();
+    let mut extras = Extras {
+        quarantined: stored_active(&quarantines),
+        protected: ctx
+            .quarantine
+            .prometheus
+            .as_ref()
+            .and_then(|p| p.address())
+            .map(|ip| ProtectedEntry {
+                cidr: ipnet::IpNet::from(ip).to_string(),
+                reason: "Prometheus (its scrapes release quarantines)".into(),
+            })
+            .into_iter()
+            .collect(),
+    };
+    let before = decide_with(&guards, &nodes, &endpoints, &current, &extras);
+    let due = ctx
+        .eval
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .due(ctx.quarantine.evaluation_interval);
+    if due {
+        let watched: Vec<Watched> = guards
+            .iter()
+            .filter(|g| crate::remediate::evaluated(g))
+            .map(|g| Watched {
+                guard: g,
+                nodes: before
+                    .guards
+                    .get(&g.name_any())
+                    .map(|o| o.planned.clone())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        let mut st = std::mem::take(&mut *ctx.eval.lock().unwrap_or_else(|p| p.into_inner()));
+        crate::remediate::evaluate(
+            ctx.quarantine.prometheus.as_ref(),
+            &watched,
+            &NodeIndex::new(&nodes),
+            ctx.quarantine.evaluation_interval,
+            &mut st,
+            &ctx.q_metrics,
+        )
+        .await;
+        *ctx.eval.lock().unwrap_or_else(|p| p.into_inner()) = st;
+    }
+    let (signals, available) = {
+        let st = ctx.eval.lock().unwrap_or_else(|p| p.into_inner());
+        (st.signals.clone(), st.available.clone())
+    };
+    let node_objs = ctx.caches.nodes.state();
+    let world = World {
+        guards: guards
+            .iter()
+            .map(|g| {
+                let name = g.name_any();
+                let out = before.guards.get(&name);
+                let rules = validate(&g.spec).ok().and_then(|_| {
+                    rules(g.spec.quarantine.as_ref(), g.spec.mode)
+                        .ok()
+                        .flatten()
+                });
+                let facts = GuardFacts {
+                    guard: g,
+                    rules,
+                    planned: out
+                        .map(|o| o.planned.iter().cloned().collect())
+                        .unwrap_or_default(),
+                    selected: out.map_or(0, |o| o.selected.len()),
+                };
+                (name, facts)
+            })
+            .collect(),
+        nodes: node_objs
+            .iter()
+            .map(|n| (n.name_any(), n.labels()))
+            .collect(),
+        quarantines: &quarantines,
+        signals,
+        now: Timestamp::now(),
+        retention: ctx.quarantine.retention,
+    };
+    let qp = crate::quarantine::plan(&world);
+    let q_written =
+        crate::remediate::write_changes(&ctx.client, &qp, &ctx.caches.quarantines).await;
+    if q_written.is_ok() {
+        extras.quarantined = qp.active.clone();
+        let mut m = ctx.q_metrics.lock().unwrap_or_else(|p| p.into_inner());
+        for k in &qp.started {
+            *m.started.entry(k.clone()).or_default() += 1;
+        }
+        for k in &qp.released {
+            *m.released.entry(k.clone()).or_default() += 1;
+        }
+        m.quarantined = qp
+            .active
+            .iter()
+            .map(|(g, n)| (g.clone(), n.len()))
+            .collect();
+    }
+    // A quarantine whose record could not be written is not enforced (nor
+    // released) on its say-so: the next pass retries from the stored objects.
+    note(&mut first, "write quarantines", q_written);
+    let d = decide_with(&guards, &nodes, &endpoints, &current, &extras);
     let g_api: Api<EgressGuard> = Api::all(ctx.client.clone());
     let ns_api: Api<NodeShaping> = Api::all(ctx.client.clone());
     let apply = PatchParams::apply(MANAGER).force();
@@ -572,7 +749,11 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
 
     // Guard status, events, and the finalizer release.
     for g in &guards {
-        let status = guard_status(g, &d, &shapings);
+        let gq = GuardQuarantine {
+            active: extras.quarantined.get(&g.name_any()).map_or(0, |s| s.len()),
+            metrics: available.get(&g.name_any()).cloned(),
+        };
+        let status = guard_status(g, &d, &shapings, &gq);
         let before = g.status.clone().unwrap_or_default();
         if before != status {
             for c in &status.conditions {
@@ -671,22 +852,75 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
             note(&mut first, "remove finalizer", r);
         }
     }
+    // Quarantine Events (recurring ones once per continuous run), then the
+    // finalizer removals and expired records, now that the plans are written.
+    let guard_refs: BTreeMap<String, k8s_openapi::api::core::v1::ObjectReference> = guards
+        .iter()
+        .map(|g| (g.name_any(), g.object_ref(&())))
+        .collect();
+    let fresh: Vec<&crate::quarantine::Notice> = {
+        let mut seen = ctx.noticed.lock().unwrap_or_else(|p| p.into_inner());
+        let now: std::collections::BTreeSet<String> =
+            qp.notices.iter().filter_map(|n| n.once.clone()).collect();
+        let fresh = qp
+            .notices
+            .iter()
+            .filter(|n| n.once.as_ref().is_none_or(|k| !seen.contains(k)))
+            .collect();
+        *seen = now;
+        fresh
+    };
+    for n in fresh {
+        crate::remediate::publish(&ctx.recorder, n, &guard_refs).await;
+    }
+    let r = crate::remediate::write_cleanup(&ctx.client, &qp, &ctx.caches.quarantines).await;
+    note(&mut first, "release quarantine finalizers", r);
     first.map_or(Ok(()), Err)
+}
+
+/// Guard → nodes with an Active quarantine, as stored.
+fn stored_active(qs: &[Arc<Quarantine>]) -> BTreeMap<String, std::collections::BTreeSet<String>> {
+    let mut out: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for q in qs {
+        if q.metadata.deletion_timestamp.is_none()
+            && q.status.as_ref().and_then(|s| s.phase) == Some(Phase::Active)
+        {
+            out.entry(q.spec.guard.clone())
+                .or_default()
+                .insert(q.spec.node_name.clone());
+        }
+    }
+    out
 }
 
 /// Runs until SIGTERM/SIGINT.
 pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
     let client = Client::try_default().await.map_err(OperatorError::Client)?;
     let metrics = Arc::new(Mutex::new(OpMetrics::default()));
+    let q_metrics = Arc::new(Mutex::new(crate::remediate::QuarantineMetrics::default()));
     let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
         .await
         .map_err(|e| OperatorError::Listen(cfg.metrics_addr, e))?;
-    tokio::spawn(crate::http::serve(
-        listener,
-        metrics.clone(),
-        |m: &OpMetrics| m.render(),
-        |m: &OpMetrics| m.ready,
-    ));
+    let (m, qm) = (metrics.clone(), q_metrics.clone());
+    tokio::spawn(crate::http::serve(listener, move |req| {
+        let (m, qm) = (m.clone(), qm.clone());
+        async move {
+            use hyper::StatusCode;
+            match req.uri().path() {
+                "/metrics" => {
+                    let mut body = m.lock().unwrap_or_else(|p| p.into_inner()).render();
+                    body.push_str(&qm.lock().unwrap_or_else(|p| p.into_inner()).render());
+                    crate::http::text(StatusCode::OK, body)
+                }
+                "/healthz" => crate::http::text(StatusCode::OK, "ok\n"),
+                "/readyz" if m.lock().unwrap_or_else(|p| p.into_inner()).ready => {
+                    crate::http::text(StatusCode::OK, "ok\n")
+                }
+                "/readyz" => crate::http::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+                _ => crate::http::text(StatusCode::NOT_FOUND, "not found\n"),
+            }
+        }
+    }));
     let notify = Arc::new(Notify::new());
     let caches = Caches {
         guards: spawn_reflector(
@@ -709,6 +943,11 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
             watcher::Config::default().labels("kubernetes.io/service-name=kubernetes"),
             notify.clone(),
         ),
+        quarantines: spawn_reflector(
+            Api::<Quarantine>::all(client.clone()),
+            watcher::Config::default(),
+            notify.clone(),
+        ),
     };
     let recorder = Recorder::new(
         client.clone(),
@@ -717,6 +956,27 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
             instance: Some(cfg.identity.clone()),
         },
     );
+    match (&cfg.quarantine.webhook_addr, &cfg.quarantine.webhook_token) {
+        (Some(addr), Some(token)) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| OperatorError::Listen(*addr, e))?;
+            let receiver = Arc::new(crate::remediate::Receiver {
+                client: client.clone(),
+                guards: caches.guards.clone(),
+                nodes: caches.nodes.clone(),
+                token: token.clone(),
+                recorder: recorder.clone(),
+                metrics: q_metrics.clone(),
+            });
+            info!(%addr, "Alertmanager receiver listening on /alertmanager");
+            tokio::spawn(crate::http::serve(l, move |req| receiver.clone().handle(req)));
+        }
+        (Some(_), None) => warn!(
+            "no --webhook-token-file: the Alertmanager receiver stays off (an unauthenticated receiver would let anyone quarantine nodes)"
+        ),
+        _ => {}
+    }
     let ctx = Ctx {
         client: client.clone(),
         caches,
@@ -725,6 +985,10 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
         node_addresses: cfg.node_addresses.clone(),
         reported: Mutex::new(Default::default()),
         metrics: metrics.clone(),
+        quarantine: cfg.quarantine.clone(),
+        q_metrics,
+        eval: Mutex::new(Default::default()),
+        noticed: Mutex::new(Default::default()),
     };
     let mut leader = Leader::new(
         client,
@@ -760,7 +1024,8 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
         let ready = ctx.caches.guards.wait_until_ready().await.is_ok()
             && ctx.caches.nodes.wait_until_ready().await.is_ok()
             && ctx.caches.shapings.wait_until_ready().await.is_ok()
-            && ctx.caches.slices.wait_until_ready().await.is_ok();
+            && ctx.caches.slices.wait_until_ready().await.is_ok()
+            && ctx.caches.quarantines.wait_until_ready().await.is_ok();
         if !ready {
             continue;
         }

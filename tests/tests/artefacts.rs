@@ -17,6 +17,10 @@ fn committed_crd_yaml_is_current() {
             "crds/egressguard.io_nodeshapings.yaml",
             egressguard_crds::NodeShaping::crd(),
         ),
+        (
+            "crds/egressguard.io_quarantines.yaml",
+            egressguard_crds::Quarantine::crd(),
+        ),
     ] {
         let path = root().join(file);
         let committed = std::fs::read_to_string(&path).unwrap_or_default();

@@ -1,0 +1,525 @@
+//! Automatic quarantine: the guard's policy (`spec.quarantine`) and the
+//! `Quarantine` kind (`egressguard.io/v1alpha1`, cluster-scoped, `egq`), one
+//! object per quarantine of one node, kept after release as the audit trail.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Trigger name of a quarantine a person asked for.
+pub const MANUAL: &str = "manual";
+/// Node label that keeps a node out of automatic quarantine.
+pub const EXCLUDE_LABEL: &str = "egressguard.io/exclude";
+/// Annotation a person sets on a Quarantine to release it (the value says why).
+pub const RELEASE_ANNOTATION: &str = "egressguard.io/release";
+/// Finalizer that lets the operator release a quarantine before it is deleted.
+pub const RELEASE_FINALIZER: &str = "egressguard.io/release";
+
+/// When a guard in mode `Auto` quarantines a node, and when it lets it go.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QuarantinePolicy {
+    /// No new automatic quarantines; existing ones keep their release policy.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+    /// What puts a node in quarantine; any one trigger in breach is enough.
+    #[serde(default)]
+    pub triggers: Vec<Trigger>,
+    /// When a quarantined node is let go.
+    #[serde(default)]
+    pub release: ReleasePolicy,
+    /// Rails against quarantine storms.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// One condition that quarantines a node; exactly one of `prometheus` and
+/// `alertmanager` is set.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Trigger {
+    /// Unique within the guard; recorded on each Quarantine.
+    pub name: String,
+    /// A PromQL query the operator evaluates itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<PrometheusTrigger>,
+    /// Alerts Alertmanager sends to the operator's receiver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alertmanager: Option<AlertmanagerTrigger>,
+}
+
+/// A PromQL instant query returning one series per node.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PrometheusTrigger {
+    /// The query; it must return a value for every node it watches (a node
+    /// missing from the result is Unknown, never OK).
+    pub query: String,
+    /// A value above this is a breach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub above: Option<f64>,
+    /// A value below this is a breach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub below: Option<f64>,
+    /// How long the breach must hold (consecutive evaluations), e.g. `2m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub r#for: Option<String>,
+    /// Result label naming the node (default `node`, then `instance`, whose
+    /// `host:port` is matched to a Node by name or InternalIP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_label: Option<String>,
+}
+
+/// Alerts from Alertmanager's webhook that quarantine the node they name.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AlertmanagerTrigger {
+    /// Equality matchers on the alert's labels; all must match.
+    #[serde(default)]
+    pub matchers: BTreeMap<String, String>,
+    /// Alert label naming the node (default `node`, then `instance`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_label: Option<String>,
+}
+
+/// When a quarantine ends by itself.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReleasePolicy {
+    /// Every trigger OK (never Unknown) for this long releases the node, e.g.
+    /// `30m`; `manual` means only a person releases.
+    #[serde(default = "default_after")]
+    pub after: String,
+    /// Lower release threshold for `above` triggers (hysteresis): the node is
+    /// calm only below it. For `below` triggers, the value must rise above it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub below: Option<f64>,
+}
+
+fn default_after() -> String {
+    "30m".into()
+}
+
+impl Default for ReleasePolicy {
+    fn default() -> Self {
+        ReleasePolicy {
+            after: default_after(),
+            below: None,
+        }
+    }
+}
+
+/// Rails against quarantine storms.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    /// At most this many of the guard's nodes in quarantine at once: a number,
+    /// or a percentage of the selected nodes (`10%`, rounded down, at least 1).
+    #[serde(default = "default_max")]
+    pub max_quarantined_nodes: IntOrString,
+    /// A released node is not automatically quarantined again sooner.
+    #[serde(default = "default_cooldown")]
+    pub cooldown: String,
+}
+
+fn default_max() -> IntOrString {
+    IntOrString::Int(1)
+}
+
+fn default_cooldown() -> String {
+    "10m".into()
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_quarantined_nodes: default_max(),
+            cooldown: default_cooldown(),
+        }
+    }
+}
+
+/// One node's quarantine by one guard, and its record after release.
+///
+/// A person quarantines a node by creating one with `trigger: manual`, and
+/// releases it with `kubectl delete egq NAME` or
+/// `kubectl annotate egq NAME egressguard.io/release="why"`.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "egressguard.io",
+    version = "v1alpha1",
+    kind = "Quarantine",
+    plural = "quarantines",
+    shortname = "egq",
+    derive = "PartialEq",
+    status = "QuarantineStatus",
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.nodeName"}"#,
+    printcolumn = r#"{"name":"Guard","type":"string","jsonPath":".spec.guard"}"#,
+    printcolumn = r#"{"name":"Trigger","type":"string","jsonPath":".spec.trigger"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct QuarantineSpec {
+    /// The quarantined node.
+    #[schemars(length(min = 1))]
+    pub node_name: String,
+    /// The guard whose throttle applies (it must be in mode `Auto`).
+    #[schemars(length(min = 1))]
+    pub guard: String,
+    /// The trigger that fired, or `manual`.
+    #[schemars(length(min = 1))]
+    pub trigger: String,
+    /// What the trigger saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<Evidence>,
+    /// The release policy, copied from the guard when the quarantine began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<ReleasePolicy>,
+    /// Why, in a person's words (manual quarantines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// What a trigger saw when it fired.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Evidence {
+    /// The PromQL query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// The value that breached, as Prometheus returned it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// When the breach began (first breaching sample of the streak).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breach_since: Option<Time>,
+    /// The sample that confirmed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_time: Option<Time>,
+    /// Alertmanager's fingerprint of the alert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// The alert's labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The alert's `startsAt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub starts_at: Option<String>,
+}
+
+/// Where a quarantine is in its life.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    /// Stored, not yet admitted by the operator's leader.
+    Pending,
+    /// The node's abnormal traffic is throttled.
+    Active,
+    /// Over; kept as a record until the retention passes.
+    Released,
+    /// Never started (a safety rail said no); kept as a record.
+    Refused,
+}
+
+/// What became of a quarantine.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QuarantineStatus {
+    /// Pending, Active, Released or Refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// When it became Active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+    /// Since when every trigger has been OK for the node (the calm window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calm_since: Option<Time>,
+    /// When Alertmanager reported the alert resolved (alert triggers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert_resolved_at: Option<Time>,
+    /// When it was released or refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub released_at: Option<Time>,
+    /// Who or what released it: the policy with the calm window's evidence,
+    /// or the person's request; for Refused, the rail that refused it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub released_by: Option<String>,
+    /// Standard conditions: Enforced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// A trigger after validation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TriggerRule {
+    /// Evaluated by the operator against Prometheus.
+    Prometheus {
+        /// The query.
+        query: String,
+        /// Breach when the value is above (`true`) or below (`false`) `threshold`.
+        above: bool,
+        /// The breach threshold.
+        threshold: f64,
+        /// The calm threshold (hysteresis); equal to `threshold` when unset.
+        calm: f64,
+        /// How long a breach must hold.
+        hold: std::time::Duration,
+        /// Result label naming the node, if set.
+        node_label: Option<String>,
+    },
+    /// Fired by Alertmanager's webhook.
+    Alertmanager {
+        /// Equality matchers on the alert's labels.
+        matchers: BTreeMap<String, String>,
+        /// Alert label naming the node, if set.
+        node_label: Option<String>,
+    },
+}
+
+/// The cap on quarantined nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cap {
+    /// At most this many nodes.
+    Nodes(u32),
+    /// At most this percentage of the selected nodes (rounded down, at least 1).
+    Percent(u32),
+}
+
+impl Cap {
+    /// The cap for a guard that selects `selected` nodes.
+    pub fn of(self, selected: usize) -> usize {
+        match self {
+            Cap::Nodes(n) => n as usize,
+            Cap::Percent(p) => (selected * p as usize / 100).max(1),
+        }
+    }
+}
+
+/// A guard's quarantine policy after validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuarantineRules {
+    /// No new automatic quarantines.
+    pub paused: bool,
+    /// Triggers by name, in spec order.
+    pub triggers: Vec<(String, TriggerRule)>,
+    /// Calm this long releases; `None` means only a person releases.
+    pub release_after: Option<std::time::Duration>,
+    /// At most this many quarantined nodes.
+    pub cap: Cap,
+    /// No automatic re-quarantine sooner than this after a release.
+    pub cooldown: std::time::Duration,
+}
+
+/// Parses a Go-style duration such as `30s`, `2m`, `1h30m` or `500ms`.
+pub fn parse_duration(input: &str) -> Result<std::time::Duration, String> {
+    let s = input.trim();
+    let bad = || {
+        format!("{input:?} is not a duration; write a number and a unit (ms, s, m, h), e.g. 30s, 2m or 1h30m")
+    };
+    if s.is_empty() {
+        return Err(bad());
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let n: f64 = rest[..end].parse().map_err(|_| bad())?;
+        rest = &rest[end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let secs = match &rest[..unit_end] {
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        total += n * secs;
+        rest = &rest[unit_end..];
+    }
+    if !total.is_finite() || total > 366.0 * 86400.0 {
+        return Err(format!("{input:?} is longer than a year"));
+    }
+    Ok(std::time::Duration::from_secs_f64(total))
+}
+
+/// Checks `spec.quarantine` against `spec.mode`; every problem has its path.
+pub fn rules(
+    policy: Option<&QuarantinePolicy>,
+    mode: crate::guard::Mode,
+) -> Result<Option<QuarantineRules>, Vec<crate::validate::FieldError>> {
+    use crate::guard::Mode;
+    let mut errs = Vec::new();
+    let mut push =
+        |path: String, message: String| errs.push(crate::validate::FieldError { path, message });
+    let Some(p) = policy else {
+        if mode == Mode::Auto {
+            push(
+                "spec.quarantine".into(),
+                "is required when spec.mode is Auto: list at least one trigger, or use mode Enforce to throttle every selected node".into(),
+            );
+            return Err(errs);
+        }
+        return Ok(None);
+    };
+    if mode == Mode::Enforce {
+        push(
+            "spec.quarantine".into(),
+            "only applies in mode Auto (or DryRun, to report what it would do); mode Enforce throttles every selected node already".into(),
+        );
+    }
+    if p.triggers.is_empty() {
+        push(
+            "spec.quarantine.triggers".into(),
+            "is empty; add a prometheus or alertmanager trigger".into(),
+        );
+    }
+    let release_after = match p.release.after.trim() {
+        MANUAL => None,
+        s => match parse_duration(s) {
+            Ok(d) if d.as_secs_f64() >= 1.0 => Some(d),
+            Ok(_) => {
+                push(
+                    "spec.quarantine.release.after".into(),
+                    format!("{s:?} is shorter than 1s; a release needs a calm window"),
+                );
+                None
+            }
+            Err(m) => {
+                push(
+                    "spec.quarantine.release.after".into(),
+                    format!("{m}, or `manual`"),
+                );
+                None
+            }
+        },
+    };
+    let cooldown = match parse_duration(&p.limits.cooldown) {
+        Ok(d) => d,
+        Err(m) => {
+            push("spec.quarantine.limits.cooldown".into(), m);
+            Default::default()
+        }
+    };
+    let cap = match &p.limits.max_quarantined_nodes {
+        IntOrString::Int(n) if *n >= 1 => Cap::Nodes(*n as u32),
+        IntOrString::Int(n) => {
+            push("spec.quarantine.limits.maxQuarantinedNodes".into(), format!("{n} must be at least 1; pause the guard (spec.quarantine.paused) to stop new quarantines"));
+            Cap::Nodes(1)
+        }
+        IntOrString::String(s) => match s.strip_suffix('%').map(str::parse::<u32>) {
+            Some(Ok(p)) if (1..=100).contains(&p) => Cap::Percent(p),
+            _ => {
+                push(
+                    "spec.quarantine.limits.maxQuarantinedNodes".into(),
+                    format!("{s:?} is neither a number of nodes nor a percentage from 1% to 100%"),
+                );
+                Cap::Nodes(1)
+            }
+        },
+    };
+    let mut triggers = Vec::new();
+    for (i, t) in p.triggers.iter().enumerate() {
+        let base = format!("spec.quarantine.triggers[{i}]");
+        if t.name.is_empty() || t.name == MANUAL || t.name.len() > 63 {
+            push(
+                format!("{base}.name"),
+                format!(
+                    "{:?} must be 1 to 63 characters and not `manual` (reserved for people)",
+                    t.name
+                ),
+            );
+        } else if p.triggers[..i].iter().any(|o| o.name == t.name) {
+            push(
+                format!("{base}.name"),
+                format!(
+                    "{:?} is used by an earlier trigger; names must be unique",
+                    t.name
+                ),
+            );
+        }
+        let rule = match (&t.prometheus, &t.alertmanager) {
+            (Some(pr), None) => {
+                if pr.query.trim().is_empty() {
+                    push(
+                        format!("{base}.prometheus.query"),
+                        "is empty; write a PromQL query returning one series per node".into(),
+                    );
+                }
+                let (above, threshold) = match (pr.above, pr.below) {
+                    (Some(a), None) => (true, a),
+                    (None, Some(b)) => (false, b),
+                    _ => {
+                        push(
+                            format!("{base}.prometheus"),
+                            "set exactly one of `above` and `below`".into(),
+                        );
+                        (true, 0.0)
+                    }
+                };
+                if !threshold.is_finite() {
+                    push(
+                        format!("{base}.prometheus"),
+                        "the threshold must be a finite number".into(),
+                    );
+                }
+                let calm = p.release.below.unwrap_or(threshold);
+                if let Some(rb) = p.release.below {
+                    if above && rb > threshold {
+                        push("spec.quarantine.release.below".into(), format!("{rb} is above trigger {:?}'s threshold {threshold}; the calm threshold must not exceed the breach threshold", t.name));
+                    }
+                }
+                let hold = match pr.r#for.as_deref().map(parse_duration) {
+                    None => Default::default(),
+                    Some(Ok(d)) => d,
+                    Some(Err(m)) => {
+                        push(format!("{base}.prometheus.for"), m);
+                        Default::default()
+                    }
+                };
+                TriggerRule::Prometheus {
+                    query: pr.query.clone(),
+                    above,
+                    threshold,
+                    calm,
+                    hold,
+                    node_label: pr.node_label.clone().filter(|l| !l.is_empty()),
+                }
+            }
+            (None, Some(am)) => {
+                if am.matchers.is_empty() {
+                    push(format!("{base}.alertmanager.matchers"), "is empty; match at least the alert name, e.g. {alertname: NodeEgressSaturated}".into());
+                }
+                TriggerRule::Alertmanager {
+                    matchers: am.matchers.clone(),
+                    node_label: am.node_label.clone().filter(|l| !l.is_empty()),
+                }
+            }
+            _ => {
+                push(
+                    base.clone(),
+                    "set exactly one of `prometheus` and `alertmanager`".into(),
+                );
+                continue;
+            }
+        };
+        triggers.push((t.name.clone(), rule));
+    }
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    Ok(Some(QuarantineRules {
+        paused: p.paused,
+        triggers,
+        release_after,
+        cap,
+        cooldown,
+    }))
+}

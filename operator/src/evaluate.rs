@@ -1,0 +1,360 @@
+//! Three-valued evaluation of Prometheus triggers: every selected node is in
+//! Breach, OK or Unknown, and only a breach that held for the trigger's `for`
+//! counts. Pure: query answers and the clock in, readings out.
+//!
+//! Unknown is its own outcome, never a default: an unreachable Prometheus, an
+//! error, an empty result for a node, NaN/Inf, a stale sample or a series that
+//! names no Node all say "we do not know", which neither quarantines nor
+//! releases (missing data read as healthy is how autoscalers scaled to zero
+//! during outages). Series are mapped to nodes by label, never by position:
+//! Prometheus does not order vectors.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use crate::decide::NodeFacts;
+use crate::prom::{QueryError, Series};
+
+/// A node's reading for one trigger at one evaluation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Past the breach threshold.
+    Breach {
+        /// The value, as Prometheus wrote it.
+        value: String,
+    },
+    /// Not a breach; `calm` when also past the release threshold.
+    Ok {
+        /// Below the calm (release) threshold.
+        calm: bool,
+    },
+    /// No trustworthy value; why.
+    Unknown(String),
+}
+
+impl Outcome {
+    /// `breach`, `ok` or `unknown`, for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Breach { .. } => "breach",
+            Outcome::Ok { .. } => "ok",
+            Outcome::Unknown(_) => "unknown",
+        }
+    }
+}
+
+/// Finds the Node a series names: by name, or by an InternalIP in `host:port`.
+#[derive(Debug, Default)]
+pub struct NodeIndex {
+    names: BTreeSet<String>,
+    by_ip: BTreeMap<IpAddr, String>,
+}
+
+impl NodeIndex {
+    /// Indexes nodes by name and InternalIP.
+    pub fn new(nodes: &[NodeFacts]) -> NodeIndex {
+        let mut ix = NodeIndex::default();
+        for n in nodes {
+            ix.names.insert(n.name.clone());
+            for ip in &n.internal_ips {
+                ix.by_ip.insert(*ip, n.name.clone());
+            }
+        }
+        ix
+    }
+
+    /// The node a label value names: a node name, an address, or either with
+    /// a `:port` (node-exporter's `instance` label).
+    pub fn resolve(&self, value: &str) -> Option<String> {
+        if self.names.contains(value) {
+            return Some(value.to_string());
+        }
+        let host = strip_port(value);
+        if self.names.contains(host) {
+            return Some(host.to_string());
+        }
+        host.parse::<IpAddr>()
+            .ok()
+            .and_then(|ip| self.by_ip.get(&ip).cloned())
+    }
+
+    /// The node named by `labels` under `label`, or by default `node` then `instance`.
+    pub fn node_of(
+        &self,
+        labels: &BTreeMap<String, String>,
+        label: Option<&str>,
+    ) -> Option<String> {
+        match label {
+            Some(l) => labels.get(l).and_then(|v| self.resolve(v)),
+            None => labels
+                .get("node")
+                .and_then(|v| self.resolve(v))
+                .or_else(|| labels.get("instance").and_then(|v| self.resolve(v))),
+        }
+    }
+}
+
+fn strip_port(v: &str) -> &str {
+    if let Some(rest) = v.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match v.rsplit_once(':') {
+        // One colon: host:port. More: a bare IPv6 address.
+        Some((h, p)) if !h.contains(':') && p.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => v,
+    }
+}
+
+/// How a trigger reads values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    /// Breach above (`true`) or below the threshold.
+    pub above: bool,
+    /// Breach threshold.
+    pub breach: f64,
+    /// Calm threshold (release).
+    pub calm: f64,
+}
+
+impl Thresholds {
+    fn read(&self, v: f64, raw: &str) -> Outcome {
+        let (breach, calm) = if self.above {
+            (v > self.breach, v < self.calm)
+        } else {
+            (v < self.breach, v > self.calm)
+        };
+        if breach {
+            Outcome::Breach {
+                value: raw.to_string(),
+            }
+        } else {
+            Outcome::Ok { calm }
+        }
+    }
+}
+
+/// One trigger's readings for the nodes it watches, and what could not be read.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Readings {
+    /// Outcome per node (every watched node is present).
+    pub nodes: BTreeMap<String, Outcome>,
+    /// Problems to report on the guard (unmapped series, the query's error).
+    pub problems: Vec<String>,
+}
+
+/// Reads one query answer for `watched` nodes at time `now` (unix seconds).
+/// A sample older than `stale_after` seconds is Unknown.
+pub fn read(
+    answer: &Result<Vec<Series>, QueryError>,
+    t: Thresholds,
+    node_label: Option<&str>,
+    watched: &[String],
+    index: &NodeIndex,
+    now: f64,
+    stale_after: f64,
+) -> Readings {
+    let mut out = Readings::default();
+    let series = match answer {
+        Ok(s) => s,
+        Err(e) => {
+            for n in watched {
+                out.nodes.insert(n.clone(), Outcome::Unknown(e.to_string()));
+            }
+            out.problems.push(e.to_string());
+            return out;
+        }
+    };
+    let watched_set: BTreeSet<&String> = watched.iter().collect();
+    let mut per_node: BTreeMap<String, Vec<Outcome>> = BTreeMap::new();
+    for s in series {
+        let Some(node) = index.node_of(&s.labels, node_label) else {
+            out.problems.push(format!(
+                "series {} names no Node (by {})",
+                render_labels(&s.labels),
+                node_label.unwrap_or("node or instance")
+            ));
+            continue;
+        };
+        if !watched_set.contains(&node) {
+            continue;
+        }
+        let o = match s.value.parse::<f64>() {
+            Ok(v) if v.is_finite() && (now - s.time).abs() <= stale_after => t.read(v, &s.value),
+            Ok(v) if v.is_finite() => {
+                Outcome::Unknown(format!("stale sample ({:.0}s old)", now - s.time))
+            }
+            _ => Outcome::Unknown(format!("value {} is not a finite number", s.value)),
+        };
+        per_node.entry(node).or_default().push(o);
+    }
+    for n in watched {
+        let outcome = match per_node.remove(n) {
+            None => Outcome::Unknown("no series for this node in the result".into()),
+            // Several series for one node (one per device, say): any breach
+            // is a breach; otherwise any unknown makes the node unknown.
+            Some(v) => v
+                .iter()
+                .find(|o| matches!(o, Outcome::Breach { .. }))
+                .or_else(|| v.iter().find(|o| matches!(o, Outcome::Unknown(_))))
+                .cloned()
+                .unwrap_or(Outcome::Ok {
+                    calm: v.iter().all(|o| matches!(o, Outcome::Ok { calm: true })),
+                }),
+        };
+        out.nodes.insert(n.clone(), outcome);
+    }
+    out
+}
+
+fn render_labels(l: &BTreeMap<String, String>) -> String {
+    let inner: Vec<String> = l.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+    format!("{{{}}}", inner.join(","))
+}
+
+/// Breach streaks across evaluations, per (guard, trigger, node): when the
+/// current run of consecutive breaches began. Any other outcome ends it.
+#[derive(Debug, Default, Clone)]
+pub struct Streaks {
+    since: BTreeMap<(String, String, String), f64>,
+}
+
+impl Streaks {
+    /// Records one evaluation; returns when the breach streak began, if any.
+    pub fn record(
+        &mut self,
+        guard: &str,
+        trigger: &str,
+        node: &str,
+        o: &Outcome,
+        now: f64,
+    ) -> Option<f64> {
+        let key = (guard.to_string(), trigger.to_string(), node.to_string());
+        if matches!(o, Outcome::Breach { .. }) {
+            Some(*self.since.entry(key).or_insert(now))
+        } else {
+            self.since.remove(&key);
+            None
+        }
+    }
+
+    /// Forgets guards and triggers that no longer exist.
+    pub fn retain(&mut self, keep: impl Fn(&str, &str) -> bool) {
+        self.since.retain(|(g, t, _), _| keep(g, t));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes() -> NodeIndex {
+        NodeIndex::new(&[
+            NodeFacts {
+                name: "worker-1".into(),
+                labels: Default::default(),
+                internal_ips: vec!["10.0.0.1".parse().unwrap()],
+            },
+            NodeFacts {
+                name: "worker-2".into(),
+                labels: Default::default(),
+                internal_ips: vec!["fd00::2".parse().unwrap()],
+            },
+        ])
+    }
+
+    fn series(labels: &[(&str, &str)], value: &str, time: f64) -> Series {
+        Series {
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            time,
+            value: value.into(),
+        }
+    }
+
+    const T: Thresholds = Thresholds {
+        above: true,
+        breach: 15e6,
+        calm: 10e6,
+    };
+
+    #[test]
+    fn instance_labels_map_to_nodes_by_name_or_address() {
+        let ix = nodes();
+        for (v, want) in [
+            ("worker-1", Some("worker-1")),
+            ("worker-1:9100", Some("worker-1")),
+            ("10.0.0.1:9100", Some("worker-1")),
+            ("[fd00::2]:9100", Some("worker-2")),
+            ("fd00::2", Some("worker-2")),
+            ("10.0.0.9:9100", None),
+        ] {
+            assert_eq!(ix.resolve(v).as_deref(), want, "{v}");
+        }
+    }
+
+    #[test]
+    fn every_node_is_breach_ok_or_unknown_whatever_the_order() {
+        let ix = nodes();
+        let watched = vec!["worker-1".to_string(), "worker-2".to_string()];
+        let a = Ok(vec![
+            series(&[("instance", "[fd00::2]:9100")], "12e6", 100.0),
+            series(&[("instance", "10.0.0.1:9100")], "2e7", 100.0),
+            series(&[("instance", "192.0.2.1:9100")], "1", 100.0),
+        ]);
+        let r = read(&a, T, None, &watched, &ix, 100.0, 60.0);
+        assert_eq!(
+            r.nodes["worker-1"],
+            Outcome::Breach {
+                value: "2e7".into()
+            }
+        );
+        // Between the thresholds: not a breach, not calm (hysteresis).
+        assert_eq!(r.nodes["worker-2"], Outcome::Ok { calm: false });
+        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+        // Reversed order, same readings.
+        let mut b = a.as_ref().unwrap().clone();
+        b.reverse();
+        assert_eq!(read(&Ok(b), T, None, &watched, &ix, 100.0, 60.0), r);
+    }
+
+    #[test]
+    fn missing_data_is_unknown_never_ok() {
+        let ix = nodes();
+        let watched = vec!["worker-1".to_string(), "worker-2".to_string()];
+        let down: Result<Vec<Series>, QueryError> =
+            Err(QueryError::Unreachable("connection refused".into()));
+        let r = read(&down, T, None, &watched, &ix, 100.0, 60.0);
+        assert!(r.nodes.values().all(|o| matches!(o, Outcome::Unknown(_))));
+        let a = Ok(vec![
+            series(&[("node", "worker-1")], "NaN", 100.0),
+            series(&[("node", "worker-2")], "1", 10.0),
+        ]);
+        let r = read(&a, T, None, &watched, &ix, 100.0, 60.0);
+        assert!(matches!(&r.nodes["worker-1"], Outcome::Unknown(m) if m.contains("NaN")));
+        assert!(matches!(&r.nodes["worker-2"], Outcome::Unknown(m) if m.contains("stale")));
+        let r = read(&Ok(vec![]), T, None, &watched, &ix, 100.0, 60.0);
+        assert!(matches!(&r.nodes["worker-1"], Outcome::Unknown(m) if m.contains("no series")));
+        // One device breaching, another unknown: a breach.
+        let a = Ok(vec![
+            series(&[("node", "worker-1"), ("device", "a")], "+Inf", 100.0),
+            series(&[("node", "worker-1"), ("device", "b")], "2e7", 100.0),
+        ]);
+        let r = read(&a, T, None, &watched, &ix, 100.0, 60.0);
+        assert!(matches!(r.nodes["worker-1"], Outcome::Breach { .. }));
+    }
+
+    #[test]
+    fn a_streak_survives_only_consecutive_breaches() {
+        let mut s = Streaks::default();
+        let b = Outcome::Breach { value: "1".into() };
+        assert_eq!(s.record("g", "t", "n", &b, 10.0), Some(10.0));
+        assert_eq!(s.record("g", "t", "n", &b, 20.0), Some(10.0));
+        assert_eq!(
+            s.record("g", "t", "n", &Outcome::Unknown("x".into()), 30.0),
+            None
+        );
+        assert_eq!(s.record("g", "t", "n", &b, 40.0), Some(40.0));
+    }
+}

@@ -1,0 +1,947 @@
+//! Which nodes are quarantined, by which guard, and what changes now. Pure:
+//! the guards, the nodes, the Quarantine objects, the evaluated signals and
+//! the clock in; one [`QuarantinePlan`] of writes and Events out.
+//!
+//! # Rules
+//! - A Quarantine object is the only record of a quarantine: an alert (stored
+//!   by the receiver as a Pending object), a person (`kubectl create`, trigger
+//!   `manual`) and a confirmed Prometheus breach all go through one admission.
+//! - Admission checks the rails, in this order: the guard exists, is valid,
+//!   is in mode Auto and carries the node's plan; then, for automatic
+//!   quarantines only, `paused`, the `egressguard.io/exclude` label, the
+//!   cooldown since the node's last release, and the cap. A refusal is kept
+//!   as a `Refused` record (objects) or an Event (Prometheus breaches, which
+//!   repeat every evaluation, so they are not stored).
+//! - Release: a person (annotation or delete), the guard or node going away,
+//!   or the policy: every trigger calm for the node for `release.after`, with
+//!   the calm window stored in `status.calmSince` so a restart does not lose
+//!   it. Unknown interrupts the window: it never releases. Quarantines a
+//!   person started are released only by a person.
+//! - Released and Refused records are deleted after the retention.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use egressguard_crds::quarantine::{
+    QuarantineRules, TriggerRule, EXCLUDE_LABEL, MANUAL, RELEASE_ANNOTATION, RELEASE_FINALIZER,
+};
+use egressguard_crds::{EgressGuard, Mode, Phase, Quarantine, QuarantineSpec, QuarantineStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::ObjectMeta;
+use kube::ResourceExt;
+
+/// What the operator knows about a guard for quarantine decisions.
+#[derive(Debug, Clone)]
+pub struct GuardFacts<'a> {
+    /// The guard.
+    pub guard: &'a EgressGuard,
+    /// Its checked quarantine policy; `None` when it has none or is invalid.
+    pub rules: Option<QuarantineRules>,
+    /// Nodes carrying this guard's plan.
+    pub planned: BTreeSet<String>,
+    /// How many nodes the guard selects (for a percentage cap).
+    pub selected: usize,
+}
+
+/// A Prometheus breach that held for its trigger's `for`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Breach {
+    /// The trigger.
+    pub trigger: String,
+    /// Its query.
+    pub query: String,
+    /// The value that confirmed it.
+    pub value: String,
+    /// When the streak began.
+    pub since: Timestamp,
+    /// The confirming sample's time.
+    pub sample: Timestamp,
+}
+
+/// What the evaluated Prometheus triggers say about one node for one guard.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Signals {
+    /// A confirmed breach, if any.
+    pub breach: Option<Breach>,
+    /// Every Prometheus trigger is calm for the node (vacuously true without any).
+    pub calm: bool,
+    /// Why the reading is unknown, if any trigger is.
+    pub unknown: Option<String>,
+}
+
+/// Who an Event is about.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Subject {
+    /// An EgressGuard.
+    Guard(String),
+    /// A Node.
+    Node(String),
+}
+
+/// An Event to publish on each subject.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notice {
+    /// The objects it is about.
+    pub subjects: Vec<Subject>,
+    /// Warning (a refusal) or Normal.
+    pub warning: bool,
+    /// CamelCase reason.
+    pub reason: &'static str,
+    /// The text.
+    pub note: String,
+    /// Set for notices that recur every evaluation while a condition holds:
+    /// the executor publishes them once per continuous run of the key.
+    pub once: Option<String>,
+}
+
+/// The writes and Events of one pass.
+#[derive(Debug, Clone, Default)]
+pub struct QuarantinePlan {
+    /// New quarantines (from confirmed breaches), already admitted.
+    pub create: Vec<Quarantine>,
+    /// Status to write, by object name.
+    pub status: Vec<(String, QuarantineStatus)>,
+    /// Objects that get the release finalizer.
+    pub add_finalizer: Vec<String>,
+    /// Objects whose release finalizer goes (after the plans are written).
+    pub remove_finalizer: Vec<String>,
+    /// Records past their retention.
+    pub delete: Vec<String>,
+    /// Events.
+    pub notices: Vec<Notice>,
+    /// Quarantined nodes per guard after this pass.
+    pub active: BTreeMap<String, BTreeSet<String>>,
+    /// (guard, trigger) of quarantines started in this pass.
+    pub started: Vec<(String, String)>,
+    /// (guard, trigger) of quarantines released in this pass.
+    pub released: Vec<(String, String)>,
+}
+
+/// Everything the planner reads.
+#[derive(Debug)]
+pub struct World<'a> {
+    /// Guards by name.
+    pub guards: BTreeMap<String, GuardFacts<'a>>,
+    /// Labels of every Node, by name.
+    pub nodes: BTreeMap<String, &'a BTreeMap<String, String>>,
+    /// Every Quarantine object.
+    pub quarantines: &'a [Arc<Quarantine>],
+    /// Prometheus signals per (guard, node).
+    pub signals: BTreeMap<(String, String), Signals>,
+    /// Now.
+    pub now: Timestamp,
+    /// How long Released and Refused records are kept.
+    pub retention: Duration,
+}
+
+fn secs_since(now: Timestamp, t: &Time) -> f64 {
+    now.duration_since(t.0).as_secs_f64()
+}
+
+fn has_finalizer(q: &Quarantine) -> bool {
+    q.finalizers().iter().any(|f| f == RELEASE_FINALIZER)
+}
+
+fn is_alert(rules: Option<&QuarantineRules>, trigger: &str) -> bool {
+    rules.is_some_and(|r| {
+        r.triggers
+            .iter()
+            .any(|(n, t)| n == trigger && matches!(t, TriggerRule::Alertmanager { .. }))
+    })
+}
+
+/// A deterministic, DNS-safe object name for a quarantine (any replica that
+/// computes it for the same event gets the same name, so duplicates collide).
+pub fn object_name(guard: &str, node: &str, key: &str) -> String {
+    // FNV-1a: stable across versions and platforms, unlike std's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in guard
+        .bytes()
+        .chain([0])
+        .chain(node.bytes())
+        .chain([0])
+        .chain(key.bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let name = format!("{guard}-{node}-{:08x}", h as u32);
+    if name.len() <= 253 {
+        name
+    } else {
+        format!("egq-{h:016x}")
+    }
+}
+
+struct Admission<'w, 'a> {
+    world: &'w World<'a>,
+    active: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Admission<'_, '_> {
+    /// Why `node` may not be quarantined by `guard` now, if it may not.
+    fn refusal(&self, guard: &str, node: &str, trigger: &str) -> Option<(&'static str, String)> {
+        let Some(g) = self.world.guards.get(guard) else {
+            return Some((
+                "GuardNotFound",
+                format!("EgressGuard {guard} does not exist"),
+            ));
+        };
+        if g.guard.metadata.deletion_timestamp.is_some() {
+            return Some((
+                "GuardDeleting",
+                format!("EgressGuard {guard} is being deleted"),
+            ));
+        }
+        let Some(rules) = &g.rules else {
+            return Some((
+                "GuardNotAuto",
+                format!("EgressGuard {guard} has no valid quarantine policy (spec.mode Auto with spec.quarantine)"),
+            ));
+        };
+        match g.guard.spec.mode {
+            Mode::Auto => {}
+            Mode::DryRun => return Some(("DryRun", format!("EgressGuard {guard} is a dry run: would quarantine {node}"))),
+            Mode::Enforce => return Some(("GuardNotAuto", format!("EgressGuard {guard} is in mode Enforce: every selected node is throttled already"))),
+        }
+        if !g.planned.contains(node) {
+            return Some(("NodeNotSelected", format!("node {node} does not carry EgressGuard {guard}'s plan (not selected, gone, or claimed by an older guard)")));
+        }
+        if self.active.get(guard).is_some_and(|s| s.contains(node)) {
+            return Some((
+                "AlreadyQuarantined",
+                format!("node {node} is already quarantined by EgressGuard {guard}"),
+            ));
+        }
+        if trigger == MANUAL {
+            return None;
+        }
+        if !rules.triggers.iter().any(|(n, _)| n == trigger) {
+            return Some(("UnknownTrigger", format!("EgressGuard {guard} has no trigger {trigger:?}; a person uses trigger `manual`")));
+        }
+        if rules.paused {
+            return Some(("Paused", format!("EgressGuard {guard} is paused (spec.quarantine.paused): no new automatic quarantines")));
+        }
+        if self
+            .world
+            .nodes
+            .get(node)
+            .and_then(|l| l.get(EXCLUDE_LABEL))
+            .is_some_and(|v| v == "true")
+        {
+            return Some((
+                "NodeExcluded",
+                format!(
+                    "node {node} is labelled {EXCLUDE_LABEL}=true: never quarantined automatically"
+                ),
+            ));
+        }
+        let last_release = self
+            .world
+            .quarantines
+            .iter()
+            .filter(|q| q.spec.guard == guard && q.spec.node_name == node)
+            .filter(|q| q.status.as_ref().and_then(|s| s.phase) == Some(Phase::Released))
+            .filter_map(|q| q.status.as_ref().and_then(|s| s.released_at.clone()))
+            .max_by_key(|t| t.0);
+        if let Some(t) = last_release {
+            let since = secs_since(self.world.now, &t);
+            if since < rules.cooldown.as_secs_f64() {
+                return Some(("Cooldown", format!("node {node} was released {since:.0}s ago; the cooldown is {}s (spec.quarantine.limits.cooldown)", rules.cooldown.as_secs())));
+            }
+        }
+        let cap = rules.cap.of(g.selected);
+        let now = self.active.get(guard).map_or(0, BTreeSet::len);
+        if now >= cap {
+            return Some(("CapReached", format!("{now} of EgressGuard {guard}'s nodes are quarantined, the cap is {cap} (spec.quarantine.limits.maxQuarantinedNodes)")));
+        }
+        None
+    }
+
+    fn admit(&mut self, guard: &str, node: &str) {
+        self.active
+            .entry(guard.to_string())
+            .or_default()
+            .insert(node.to_string());
+    }
+}
+
+fn who(q: &Quarantine) -> Vec<Subject> {
+    vec![
+        Subject::Guard(q.spec.guard.clone()),
+        Subject::Node(q.spec.node_name.clone()),
+    ]
+}
+
+fn describe(q: &Quarantine) -> String {
+    match &q.spec.evidence {
+        Some(e) if e.query.is_some() => format!(
+            "trigger {} (value {} since {})",
+            q.spec.trigger,
+            e.value.as_deref().unwrap_or("?"),
+            e.breach_since
+                .as_ref()
+                .map(|t| t.0.to_string())
+                .unwrap_or_default()
+        ),
+        Some(e) if e.fingerprint.is_some() => format!(
+            "trigger {} (alert {} {}, fingerprint {})",
+            q.spec.trigger,
+            e.labels.get("alertname").map(String::as_str).unwrap_or("?"),
+            e.starts_at.as_deref().unwrap_or(""),
+            e.fingerprint.as_deref().unwrap_or("")
+        ),
+        _ => format!(
+            "trigger {}{}",
+            q.spec.trigger,
+            q.spec
+                .reason
+                .as_ref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        ),
+    }
+}
+
+/// Plans one pass.
+pub fn plan(world: &World<'_>) -> QuarantinePlan {
+    let mut p = QuarantinePlan::default();
+    let now = Time(world.now);
+    let mut qs: Vec<&Arc<Quarantine>> = world.quarantines.iter().collect();
+    // Oldest first: the first quarantine of a node wins, whatever order the
+    // cache lists them in.
+    qs.sort_by_key(|q| {
+        (
+            q.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            q.name_any(),
+        )
+    });
+    let phase = |q: &Quarantine| q.status.as_ref().and_then(|s| s.phase);
+    let mut adm = Admission {
+        world,
+        active: BTreeMap::new(),
+    };
+    // Active ones first, so admission sees every node already quarantined.
+    for q in qs.iter().filter(|q| phase(q) == Some(Phase::Active)) {
+        if q.metadata.deletion_timestamp.is_none() {
+            adm.admit(&q.spec.guard, &q.spec.node_name);
+        }
+    }
+
+    for q in &qs {
+        let name = q.name_any();
+        let st = q.status.clone().unwrap_or_default();
+        let g = world.guards.get(&q.spec.guard);
+        if q.metadata.deletion_timestamp.is_some() {
+            if has_finalizer(q) {
+                if st.phase == Some(Phase::Active) {
+                    if let Some(s) = adm.active.get_mut(&q.spec.guard) {
+                        s.remove(&q.spec.node_name);
+                    }
+                    p.notices.push(Notice {
+                        subjects: who(q),
+                        warning: false,
+                        reason: "Released",
+                        note: format!(
+                            "node {} released from EgressGuard {}: Quarantine {name} was deleted",
+                            q.spec.node_name, q.spec.guard
+                        ),
+                        once: None,
+                    });
+                    p.released
+                        .push((q.spec.guard.clone(), q.spec.trigger.clone()));
+                }
+                p.remove_finalizer.push(name.clone());
+            }
+            continue;
+        }
+        match st.phase {
+            None | Some(Phase::Pending) => {
+                let refusal = adm.refusal(&q.spec.guard, &q.spec.node_name, &q.spec.trigger);
+                let mut next = st.clone();
+                if let Some((reason, why)) = refusal {
+                    next.phase = Some(Phase::Refused);
+                    next.released_at = Some(now.clone());
+                    next.released_by = Some(format!("refused ({reason}): {why}"));
+                    p.notices.push(Notice {
+                        subjects: who(q),
+                        warning: reason != "DryRun",
+                        reason: if reason == "DryRun" {
+                            "WouldQuarantine"
+                        } else {
+                            "QuarantineRefused"
+                        },
+                        note: format!(
+                            "Quarantine {name} of node {} by {}: {why}",
+                            q.spec.node_name,
+                            describe(q)
+                        ),
+                        once: None,
+                    });
+                } else {
+                    adm.admit(&q.spec.guard, &q.spec.node_name);
+                    next.phase = Some(Phase::Active);
+                    next.since = Some(now.clone());
+                    p.add_finalizer.push(name.clone());
+                    p.started
+                        .push((q.spec.guard.clone(), q.spec.trigger.clone()));
+                    p.notices.push(Notice {
+                        subjects: who(q),
+                        warning: true,
+                        reason: "Quarantined",
+                        note: format!(
+                            "node {} quarantined by EgressGuard {}: {} (Quarantine {name})",
+                            q.spec.node_name,
+                            q.spec.guard,
+                            describe(q)
+                        ),
+                        once: None,
+                    });
+                }
+                p.status.push((name.clone(), next));
+            }
+            Some(Phase::Active) => {
+                if !has_finalizer(q) {
+                    p.add_finalizer.push(name.clone());
+                }
+                let release = if let Some(why) = q.annotations().get(RELEASE_ANNOTATION) {
+                    Some(format!("person: annotation {RELEASE_ANNOTATION}={why:?}"))
+                } else if g.is_none() {
+                    Some(format!("EgressGuard {} was deleted", q.spec.guard))
+                } else if !world.nodes.contains_key(&q.spec.node_name) {
+                    Some(format!("node {} was deleted", q.spec.node_name))
+                } else {
+                    None
+                };
+                let mut next = st.clone();
+                let released_by = match release {
+                    Some(r) => Some(r),
+                    None => {
+                        let (calm, window) = calm(world, q);
+                        next.calm_since = if calm {
+                            st.calm_since.clone().or(Some(now.clone()))
+                        } else {
+                            None
+                        };
+                        match (window, &next.calm_since) {
+                            (Some(after), Some(since)) if secs_since(world.now, since) >= after.as_secs_f64() => Some(format!(
+                                "policy: every trigger calm for node {} since {} (release.after {}s)",
+                                q.spec.node_name,
+                                since.0,
+                                after.as_secs()
+                            )),
+                            _ => None,
+                        }
+                    }
+                };
+                if let Some(by) = released_by {
+                    next.phase = Some(Phase::Released);
+                    next.released_at = Some(now.clone());
+                    next.released_by = Some(by.clone());
+                    if let Some(s) = adm.active.get_mut(&q.spec.guard) {
+                        s.remove(&q.spec.node_name);
+                    }
+                    p.remove_finalizer.push(name.clone());
+                    p.released
+                        .push((q.spec.guard.clone(), q.spec.trigger.clone()));
+                    p.notices.push(Notice {
+                        subjects: who(q),
+                        warning: false,
+                        reason: "Released",
+                        note: format!(
+                            "node {} released from EgressGuard {} (Quarantine {name}): {by}",
+                            q.spec.node_name, q.spec.guard
+                        ),
+                        once: None,
+                    });
+                }
+                if next != st {
+                    p.status.push((name.clone(), next));
+                }
+            }
+            Some(Phase::Released | Phase::Refused) => {
+                if has_finalizer(q) {
+                    p.remove_finalizer.push(name.clone());
+                }
+                let ended = st
+                    .released_at
+                    .as_ref()
+                    .or(q.metadata.creation_timestamp.as_ref());
+                if ended.is_some_and(|t| secs_since(world.now, t) > world.retention.as_secs_f64()) {
+                    p.delete.push(name.clone());
+                }
+            }
+        }
+    }
+
+    // Confirmed Prometheus breaches start new quarantines.
+    for ((guard, node), s) in &world.signals {
+        let Some(b) = &s.breach else { continue };
+        let Some(g) = world.guards.get(guard) else {
+            continue;
+        };
+        if adm.active.get(guard).is_some_and(|a| a.contains(node)) || !g.planned.contains(node) {
+            continue;
+        }
+        if let Some((reason, why)) = adm.refusal(guard, node, &b.trigger) {
+            p.notices.push(Notice {
+                subjects: vec![Subject::Guard(guard.clone()), Subject::Node(node.clone())],
+                warning: reason != "DryRun",
+                reason: if reason == "DryRun" {
+                    "WouldQuarantine"
+                } else {
+                    "QuarantineRefused"
+                },
+                note: format!(
+                    "trigger {} in breach on node {} (value {}): {why}",
+                    b.trigger, node, b.value
+                ),
+                once: Some(format!("{guard}/{node}/{reason}")),
+            });
+            continue;
+        }
+        adm.admit(guard, node);
+        let name = object_name(
+            guard,
+            node,
+            &format!("{}/{}", b.trigger, b.since.as_second()),
+        );
+        let release = g.guard.spec.quarantine.as_ref().map(|q| q.release.clone());
+        let obj = Quarantine {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                finalizers: Some(vec![RELEASE_FINALIZER.into()]),
+                labels: Some(BTreeMap::from([
+                    ("egressguard.io/guard".to_string(), guard.clone()),
+                    ("egressguard.io/node".to_string(), node.clone()),
+                ])),
+                ..Default::default()
+            },
+            spec: QuarantineSpec {
+                node_name: node.clone(),
+                guard: guard.clone(),
+                trigger: b.trigger.clone(),
+                evidence: Some(egressguard_crds::quarantine::Evidence {
+                    query: Some(b.query.clone()),
+                    value: Some(b.value.clone()),
+                    breach_since: Some(Time(b.since)),
+                    sample_time: Some(Time(b.sample)),
+                    ..Default::default()
+                }),
+                release,
+                reason: None,
+            },
+            status: Some(QuarantineStatus {
+                phase: Some(Phase::Active),
+                since: Some(now.clone()),
+                ..Default::default()
+            }),
+        };
+        p.started.push((guard.clone(), b.trigger.clone()));
+        p.notices.push(Notice {
+            subjects: vec![Subject::Guard(guard.clone()), Subject::Node(node.clone())],
+            warning: true,
+            reason: "Quarantined",
+            note: format!(
+                "node {node} quarantined by EgressGuard {guard}: {} (Quarantine {name})",
+                describe(&obj)
+            ),
+            once: None,
+        });
+        p.create.push(obj);
+    }
+    p.active = adm.active;
+    p
+}
+
+/// Is the node calm for this quarantine's guard, and after how long does
+/// calm release it (`None`: only a person releases)?
+fn calm(world: &World<'_>, q: &Quarantine) -> (bool, Option<Duration>) {
+    let g = world.guards.get(&q.spec.guard);
+    let rules = g.and_then(|g| g.rules.as_ref());
+    let policy = q.spec.release.as_ref().map(|r| r.after.as_str());
+    let after = match policy {
+        Some(MANUAL) => None,
+        Some(a) => egressguard_crds::quarantine::parse_duration(a).ok(),
+        None => rules.and_then(|r| r.release_after),
+    };
+    if q.spec.trigger == MANUAL {
+        return (false, None);
+    }
+    let key = (q.spec.guard.clone(), q.spec.node_name.clone());
+    let prom_calm = world
+        .signals
+        .get(&key)
+        .is_none_or(|s| s.calm && s.unknown.is_none() && s.breach.is_none());
+    let has_prom = rules.is_some_and(|r| {
+        r.triggers
+            .iter()
+            .any(|(_, t)| matches!(t, TriggerRule::Prometheus { .. }))
+    });
+    // Without evaluated signals for a guard that has Prometheus triggers, we
+    // do not know: not calm.
+    let prom_calm = prom_calm && (!has_prom || world.signals.contains_key(&key));
+    // Alerts: every alert-triggered record for this node since this
+    // quarantine began must have been reported resolved.
+    let began = q.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    let alerts_calm = world
+        .quarantines
+        .iter()
+        .filter(|o| o.spec.guard == q.spec.guard && o.spec.node_name == q.spec.node_name)
+        .filter(|o| is_alert(rules, &o.spec.trigger))
+        .filter(|o| o.metadata.creation_timestamp.as_ref().map(|t| t.0) >= began)
+        .filter(|o| o.status.as_ref().and_then(|s| s.phase) != Some(Phase::Released))
+        .all(|o| {
+            o.status
+                .as_ref()
+                .is_some_and(|s| s.alert_resolved_at.is_some())
+        });
+    (prom_calm && alerts_calm, after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use egressguard_crds::load::parse_str;
+
+    const GUARD: &str = "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {name: site, uid: u1}\nspec:\n  mode: Auto\n  uplink: {rate: 20Mbit}\n  throttle: {rate: 1Mbit, destinations: [{port: 443}]}\n  quarantine:\n    triggers:\n      - {name: uplink, prometheus: {query: q, above: 10, for: 1m}}\n      - {name: alert, alertmanager: {matchers: {alertname: X}}}\n    release: {after: 5m}\n    limits: {maxQuarantinedNodes: 1, cooldown: 10m}\n";
+
+    fn guard(extra: &str) -> EgressGuard {
+        let text = GUARD.replace("    limits:", &format!("{extra}    limits:"));
+        parse_str(&text).expect("guard").remove(0)
+    }
+
+    fn t(s: &str) -> Timestamp {
+        s.parse().expect("time")
+    }
+
+    fn q(
+        name: &str,
+        node: &str,
+        trigger: &str,
+        phase: Option<Phase>,
+        created: &str,
+    ) -> Arc<Quarantine> {
+        let mut o = Quarantine::new(
+            name,
+            QuarantineSpec {
+                node_name: node.into(),
+                guard: "site".into(),
+                trigger: trigger.into(),
+                evidence: None,
+                release: None,
+                reason: None,
+            },
+        );
+        o.metadata.creation_timestamp = Some(Time(t(created)));
+        o.status = phase.map(|p| QuarantineStatus {
+            phase: Some(p),
+            since: Some(Time(t(created))),
+            ..Default::default()
+        });
+        if phase == Some(Phase::Active) {
+            o.metadata.finalizers = Some(vec![RELEASE_FINALIZER.into()]);
+        }
+        Arc::new(o)
+    }
+
+    fn breach(since: &str) -> Signals {
+        Signals {
+            breach: Some(Breach {
+                trigger: "uplink".into(),
+                query: "q".into(),
+                value: "42".into(),
+                since: t(since),
+                sample: t(since),
+            }),
+            calm: false,
+            unknown: None,
+        }
+    }
+
+    fn calm() -> Signals {
+        Signals {
+            breach: None,
+            calm: true,
+            unknown: None,
+        }
+    }
+
+    struct Fixture {
+        guard: EgressGuard,
+        labels: BTreeMap<String, BTreeMap<String, String>>,
+    }
+
+    impl Fixture {
+        fn new(extra: &str) -> Fixture {
+            let mut labels = BTreeMap::new();
+            for n in ["n1", "n2", "n3"] {
+                labels.insert(n.to_string(), BTreeMap::new());
+            }
+            Fixture {
+                guard: guard(extra),
+                labels,
+            }
+        }
+
+        fn run(
+            &self,
+            qs: &[Arc<Quarantine>],
+            signals: &[(&str, Signals)],
+            now: &str,
+        ) -> QuarantinePlan {
+            let rules = egressguard_crds::quarantine::rules(
+                self.guard.spec.quarantine.as_ref(),
+                self.guard.spec.mode,
+            )
+            .expect("rules");
+            let world = World {
+                guards: BTreeMap::from([(
+                    "site".to_string(),
+                    GuardFacts {
+                        guard: &self.guard,
+                        rules,
+                        planned: self.labels.keys().cloned().collect(),
+                        selected: 3,
+                    },
+                )]),
+                nodes: self.labels.iter().map(|(k, v)| (k.clone(), v)).collect(),
+                quarantines: qs,
+                signals: signals
+                    .iter()
+                    .map(|(n, s)| (("site".to_string(), n.to_string()), s.clone()))
+                    .collect(),
+                now: t(now),
+                retention: Duration::from_secs(3600),
+            };
+            plan(&world)
+        }
+    }
+
+    fn active(p: &QuarantinePlan) -> Vec<&str> {
+        p.active
+            .get("site")
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .collect()
+    }
+
+    fn reasons(p: &QuarantinePlan) -> Vec<&str> {
+        p.notices.iter().map(|n| n.reason).collect()
+    }
+
+    #[test]
+    fn a_confirmed_breach_quarantines_one_node_and_the_cap_refuses_the_next() {
+        let f = Fixture::new("");
+        let p = f.run(
+            &[],
+            &[
+                ("n1", breach("2026-11-23T10:00:00Z")),
+                ("n2", breach("2026-11-23T10:00:00Z")),
+                ("n3", calm()),
+            ],
+            "2026-11-23T10:01:00Z",
+        );
+        assert_eq!(active(&p), ["n1"]);
+        assert_eq!(p.create.len(), 1);
+        assert_eq!(p.create[0].spec.node_name, "n1");
+        assert_eq!(
+            p.create[0].status.as_ref().and_then(|s| s.phase),
+            Some(Phase::Active)
+        );
+        assert_eq!(reasons(&p), ["Quarantined", "QuarantineRefused"]);
+        let refusal = &p.notices[1];
+        assert!(refusal.note.contains("the cap is 1"), "{}", refusal.note);
+        assert_eq!(refusal.once.as_deref(), Some("site/n2/CapReached"));
+        // The same breach again (the object now exists) starts nothing new.
+        let created = Arc::new(p.create[0].clone());
+        let p = f.run(
+            &[created],
+            &[("n1", breach("2026-11-23T10:00:00Z"))],
+            "2026-11-23T10:02:00Z",
+        );
+        assert!(p.create.is_empty());
+        assert_eq!(active(&p), ["n1"]);
+    }
+
+    #[test]
+    fn rails_refuse_paused_excluded_and_cooling_down_nodes() {
+        let paused = Fixture::new("    paused: true\n");
+        let p = paused.run(
+            &[],
+            &[("n1", breach("2026-11-23T10:00:00Z"))],
+            "2026-11-23T10:05:00Z",
+        );
+        assert!(p.create.is_empty() && p.notices[0].note.contains("paused"));
+        let mut excluded = Fixture::new("");
+        excluded.labels.insert(
+            "n1".into(),
+            BTreeMap::from([(EXCLUDE_LABEL.to_string(), "true".to_string())]),
+        );
+        let p = excluded.run(
+            &[],
+            &[("n1", breach("2026-11-23T10:00:00Z"))],
+            "2026-11-23T10:05:00Z",
+        );
+        assert!(
+            p.create.is_empty()
+                && p.notices[0].reason == "QuarantineRefused"
+                && p.notices[0].note.contains(EXCLUDE_LABEL)
+        );
+        // A person may still quarantine an excluded node.
+        let manual = q("by-hand", "n1", MANUAL, None, "2026-11-23T10:04:00Z");
+        let p = excluded.run(&[manual], &[], "2026-11-23T10:05:00Z");
+        assert_eq!(active(&p), ["n1"]);
+        // Released 2 minutes ago, cooldown 10m.
+        let f = Fixture::new("");
+        let mut old = (*q(
+            "old",
+            "n1",
+            "uplink",
+            Some(Phase::Released),
+            "2026-11-23T09:00:00Z",
+        ))
+        .clone();
+        old.status.as_mut().unwrap().released_at = Some(Time(t("2026-11-23T10:03:00Z")));
+        let p = f.run(
+            &[Arc::new(old)],
+            &[("n1", breach("2026-11-23T10:00:00Z"))],
+            "2026-11-23T10:05:00Z",
+        );
+        assert!(p.create.is_empty());
+        assert!(p.notices[0].note.contains("cooldown"), "{:?}", p.notices);
+    }
+
+    #[test]
+    fn stored_alerts_are_admitted_once_and_duplicates_refused() {
+        let f = Fixture::new("");
+        let a = q("a", "n2", "alert", None, "2026-11-23T10:00:00Z");
+        let b = q(
+            "b",
+            "n2",
+            "alert",
+            Some(Phase::Pending),
+            "2026-11-23T10:00:01Z",
+        );
+        let bogus = q("c", "n3", "nope", None, "2026-11-23T10:00:02Z");
+        let p = f.run(&[b, bogus, a], &[], "2026-11-23T10:01:00Z");
+        assert_eq!(active(&p), ["n2"]);
+        let phases: BTreeMap<&str, (Option<Phase>, Option<&str>)> = p
+            .status
+            .iter()
+            .map(|(n, s)| (n.as_str(), (s.phase, s.released_by.as_deref())))
+            .collect();
+        assert_eq!(phases["a"].0, Some(Phase::Active));
+        assert_eq!(phases["b"].0, Some(Phase::Refused));
+        assert!(phases["b"]
+            .1
+            .is_some_and(|m| m.contains("AlreadyQuarantined")));
+        assert!(phases["c"].1.is_some_and(|m| m.contains("UnknownTrigger")));
+        assert_eq!(p.add_finalizer, ["a"]);
+    }
+
+    #[test]
+    fn calm_releases_after_the_window_and_unknown_never_does() {
+        let f = Fixture::new("");
+        let a = q(
+            "a",
+            "n1",
+            "uplink",
+            Some(Phase::Active),
+            "2026-11-23T10:00:00Z",
+        );
+        // Calm starts the window.
+        let p = f.run(&[a.clone()], &[("n1", calm())], "2026-11-23T10:10:00Z");
+        let st = &p.status[0].1;
+        assert_eq!(st.calm_since, Some(Time(t("2026-11-23T10:10:00Z"))));
+        assert_eq!(active(&p), ["n1"]);
+        let mut waiting = (*a).clone();
+        waiting.status = Some(st.clone());
+        let waiting = Arc::new(waiting);
+        // Unknown (Prometheus down) ends the window, whatever its length.
+        let unknown = Signals {
+            breach: None,
+            calm: false,
+            unknown: Some("unreachable".into()),
+        };
+        let p = f.run(
+            &[waiting.clone()],
+            &[("n1", unknown)],
+            "2026-11-23T11:00:00Z",
+        );
+        assert_eq!(p.status[0].1.calm_since, None);
+        assert_eq!(active(&p), ["n1"]);
+        // No signal at all for a guard with Prometheus triggers: not calm either.
+        let p = f.run(&[waiting.clone()], &[], "2026-11-23T11:00:00Z");
+        assert_eq!(active(&p), ["n1"]);
+        // Calm for 5 minutes: released by the policy, finalizer released.
+        let p = f.run(&[waiting], &[("n1", calm())], "2026-11-23T10:15:00Z");
+        assert!(active(&p).is_empty());
+        let st = &p.status[0].1;
+        assert_eq!(st.phase, Some(Phase::Released));
+        assert!(st
+            .released_by
+            .as_deref()
+            .is_some_and(|b| b.starts_with("policy:")));
+        assert_eq!(p.remove_finalizer, ["a"]);
+        assert_eq!(p.released, [("site".to_string(), "uplink".to_string())]);
+    }
+
+    #[test]
+    fn people_release_by_annotation_or_delete_and_records_expire() {
+        let f = Fixture::new("");
+        let mut m = (*q(
+            "m",
+            "n1",
+            MANUAL,
+            Some(Phase::Active),
+            "2026-11-23T10:00:00Z",
+        ))
+        .clone();
+        // Calm does not release what a person started.
+        let p = f.run(
+            &[Arc::new(m.clone())],
+            &[("n1", calm())],
+            "2026-11-23T12:00:00Z",
+        );
+        assert_eq!(active(&p), ["n1"]);
+        m.metadata.annotations = Some(BTreeMap::from([(
+            RELEASE_ANNOTATION.to_string(),
+            "fixed".to_string(),
+        )]));
+        let p = f.run(&[Arc::new(m.clone())], &[], "2026-11-23T12:00:00Z");
+        assert!(active(&p).is_empty());
+        assert!(p.status[0]
+            .1
+            .released_by
+            .as_deref()
+            .is_some_and(|b| b.contains("fixed")));
+        let mut d = (*q(
+            "d",
+            "n2",
+            "alert",
+            Some(Phase::Active),
+            "2026-11-23T10:00:00Z",
+        ))
+        .clone();
+        d.metadata.deletion_timestamp = Some(Time(t("2026-11-23T12:00:00Z")));
+        let p = f.run(&[Arc::new(d)], &[], "2026-11-23T12:00:00Z");
+        assert!(active(&p).is_empty());
+        assert_eq!(p.remove_finalizer, ["d"]);
+        assert_eq!(reasons(&p), ["Released"]);
+        let mut old = (*q(
+            "old",
+            "n3",
+            "uplink",
+            Some(Phase::Released),
+            "2026-11-23T08:00:00Z",
+        ))
+        .clone();
+        old.status.as_mut().unwrap().released_at = Some(Time(t("2026-11-23T09:00:00Z")));
+        let p = f.run(&[Arc::new(old)], &[], "2026-11-23T12:00:00Z");
+        assert_eq!(p.delete, ["old"]);
+    }
+}

@@ -1,0 +1,626 @@
+//! The I/O around automatic quarantine: evaluating Prometheus triggers,
+//! carrying out a [`QuarantinePlan`], and the Alertmanager receiver. The
+//! decisions themselves are in [`crate::evaluate`] and [`crate::quarantine`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use egressguard_crds::quarantine::{TriggerRule, RELEASE_FINALIZER};
+use egressguard_crds::{EgressGuard, Mode, Quarantine};
+use hyper::StatusCode;
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
+use kube::{Client, Resource, ResourceExt};
+use tracing::{info, warn};
+
+use crate::evaluate::{read, NodeIndex, Outcome, Streaks, Thresholds};
+use crate::http::{read_body, text, Reply};
+use crate::prom::Prometheus;
+use crate::quarantine::{Breach, Notice, QuarantinePlan, Signals, Subject};
+use crate::webhook::{self, Intent};
+
+/// Field manager for quarantine writes.
+const MANAGER: &str = "egressguard-operator";
+
+/// How automatic quarantine runs.
+#[derive(Debug, Clone)]
+pub struct QuarantineConfig {
+    /// Where Prometheus triggers are evaluated; `None`: they stay Unknown.
+    pub prometheus: Option<Prometheus>,
+    /// How often Prometheus triggers are evaluated.
+    pub evaluation_interval: Duration,
+    /// The Alertmanager receiver's address.
+    pub webhook_addr: Option<SocketAddr>,
+    /// The receiver's bearer token; without one the receiver does not start.
+    pub webhook_token: Option<Vec<u8>>,
+    /// How long Released and Refused records are kept.
+    pub retention: Duration,
+}
+
+/// Quarantine counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct QuarantineMetrics {
+    /// Quarantines started, by (guard, trigger).
+    pub started: BTreeMap<(String, String), u64>,
+    /// Quarantines released, by (guard, trigger).
+    pub released: BTreeMap<(String, String), u64>,
+    /// Nodes quarantined now, by guard.
+    pub quarantined: BTreeMap<String, usize>,
+    /// Node evaluations by outcome.
+    pub evaluations: BTreeMap<&'static str, u64>,
+    /// Webhook requests by outcome.
+    pub webhook: BTreeMap<&'static str, u64>,
+}
+
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl QuarantineMetrics {
+    /// Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        s.push_str("# HELP egressguard_quarantines_started_total Quarantines started.\n# TYPE egressguard_quarantines_started_total counter\n");
+        for ((g, t), n) in &self.started {
+            s.push_str(&format!(
+                "egressguard_quarantines_started_total{{guard=\"{}\",trigger=\"{}\"}} {n}\n",
+                esc(g),
+                esc(t)
+            ));
+        }
+        s.push_str("# HELP egressguard_quarantines_released_total Quarantines released.\n# TYPE egressguard_quarantines_released_total counter\n");
+        for ((g, t), n) in &self.released {
+            s.push_str(&format!(
+                "egressguard_quarantines_released_total{{guard=\"{}\",trigger=\"{}\"}} {n}\n",
+                esc(g),
+                esc(t)
+            ));
+        }
+        s.push_str("# HELP egressguard_quarantined_nodes Nodes quarantined now.\n# TYPE egressguard_quarantined_nodes gauge\n");
+        for (g, n) in &self.quarantined {
+            s.push_str(&format!(
+                "egressguard_quarantined_nodes{{guard=\"{}\"}} {n}\n",
+                esc(g)
+            ));
+        }
+        s.push_str("# HELP egressguard_trigger_evaluations_total Per-node trigger evaluations by outcome.\n# TYPE egressguard_trigger_evaluations_total counter\n");
+        for o in ["breach", "ok", "unknown"] {
+            s.push_str(&format!(
+                "egressguard_trigger_evaluations_total{{outcome=\"{o}\"}} {}\n",
+                self.evaluations.get(o).copied().unwrap_or(0)
+            ));
+        }
+        s.push_str("# HELP egressguard_webhook_requests_total Alertmanager receiver requests by outcome.\n# TYPE egressguard_webhook_requests_total counter\n");
+        for o in [
+            "accepted",
+            "duplicate",
+            "unauthorized",
+            "bad_request",
+            "too_large",
+            "unavailable",
+        ] {
+            s.push_str(&format!(
+                "egressguard_webhook_requests_total{{outcome=\"{o}\"}} {}\n",
+                self.webhook.get(o).copied().unwrap_or(0)
+            ));
+        }
+        s
+    }
+}
+
+/// What the last Prometheus evaluation found, kept between passes by the leader.
+#[derive(Debug, Default)]
+pub struct EvalState {
+    streaks: Streaks,
+    /// Signals per (guard, node).
+    pub signals: BTreeMap<(String, String), Signals>,
+    /// Per guard with Prometheus triggers: Ok, or why metrics are unavailable.
+    pub available: BTreeMap<String, Result<(), String>>,
+    last: Option<std::time::Instant>,
+}
+
+impl EvalState {
+    /// Is an evaluation due?
+    pub fn due(&self, every: Duration) -> bool {
+        self.last.is_none_or(|t| t.elapsed() >= every)
+    }
+}
+
+/// A guard's Prometheus triggers, with the nodes carrying its plan.
+pub struct Watched<'a> {
+    /// The guard.
+    pub guard: &'a EgressGuard,
+    /// Its nodes.
+    pub nodes: Vec<String>,
+}
+
+/// Evaluates every Prometheus trigger of `watched` once (concurrently) and
+/// updates `state`.
+pub async fn evaluate(
+    prom: Option<&Prometheus>,
+    watched: &[Watched<'_>],
+    index: &NodeIndex,
+    interval: Duration,
+    state: &mut EvalState,
+    metrics: &Mutex<QuarantineMetrics>,
+) {
+    let now = Timestamp::now();
+    let now_s = now.as_millisecond() as f64 / 1000.0;
+    // A sample older than two evaluations (or a minute) is stale.
+    let stale_after = (2.0 * interval.as_secs_f64()).max(60.0);
+    let mut jobs = Vec::new();
+    for w in watched {
+        let Ok(Some(rules)) = egressguard_crds::quarantine::rules(
+            w.guard.spec.quarantine.as_ref(),
+            w.guard.spec.mode,
+        ) else {
+            continue;
+        };
+        for (name, rule) in rules.triggers {
+            if let TriggerRule::Prometheus {
+                query,
+                above,
+                threshold,
+                calm,
+                hold,
+                node_label,
+            } = rule
+            {
+                jobs.push(async move {
+                    let answer = match prom {
+                        Some(p) => p.query(&query).await,
+                        None => Err(crate::prom::QueryError::Config(
+                            "no --prometheus-url is set".into(),
+                        )),
+                    };
+                    (
+                        w,
+                        name,
+                        query,
+                        Thresholds {
+                            above,
+                            breach: threshold,
+                            calm,
+                        },
+                        hold,
+                        node_label,
+                        answer,
+                    )
+                });
+            }
+        }
+    }
+    let results = futures::future::join_all(jobs).await;
+    let mut signals: BTreeMap<(String, String), Signals> = BTreeMap::new();
+    let mut available: BTreeMap<String, Result<(), String>> = BTreeMap::new();
+    let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for (w, trigger, query, t, hold, label, answer) in results {
+        let guard = w.guard.name_any();
+        seen.insert((guard.clone(), trigger.clone()));
+        let r = read(
+            &answer,
+            t,
+            label.as_deref(),
+            &w.nodes,
+            index,
+            now_s,
+            stale_after,
+        );
+        let entry = available.entry(guard.clone()).or_insert(Ok(()));
+        if let Some(p) = r.problems.first() {
+            if entry.is_ok() {
+                *entry = Err(format!("trigger {trigger}: {p}"));
+            }
+        }
+        for (node, o) in &r.nodes {
+            *counts.entry(o.label()).or_default() += 1;
+            let s = signals
+                .entry((guard.clone(), node.clone()))
+                .or_insert(Signals {
+                    calm: true,
+                    ..Default::default()
+                });
+            let began = state.streaks.record(&guard, &trigger, node, o, now_s);
+            match o {
+                Outcome::Breach { value } => {
+                    s.calm = false;
+                    let since = began.unwrap_or(now_s);
+                    if now_s - since >= hold.as_secs_f64() && s.breach.is_none() {
+                        s.breach = Some(Breach {
+                            trigger: trigger.clone(),
+                            query: query.clone(),
+                            value: value.clone(),
+                            since: Timestamp::from_millisecond((since * 1000.0) as i64)
+                                .unwrap_or(now),
+                            sample: now,
+                        });
+                    }
+                }
+                Outcome::Ok { calm } => s.calm &= calm,
+                Outcome::Unknown(why) => {
+                    s.calm = false;
+                    if s.unknown.is_none() {
+                        s.unknown = Some(format!("trigger {trigger}: {why}"));
+                    }
+                    if entry.is_ok() {
+                        *entry = Err(format!("trigger {trigger}: node {node}: {why}"));
+                    }
+                }
+            }
+        }
+    }
+    state
+        .streaks
+        .retain(|g, t| seen.contains(&(g.to_string(), t.to_string())));
+    state.signals = signals;
+    state.available = available;
+    state.last = Some(std::time::Instant::now());
+    let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
+    for (k, v) in counts {
+        *m.evaluations.entry(k).or_default() += v;
+    }
+}
+
+/// A reference to a Node for Events.
+pub fn node_ref(name: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(name.into()),
+        ..Default::default()
+    }
+}
+
+/// Publishes one notice on each of its subjects.
+pub async fn publish(recorder: &Recorder, n: &Notice, guards: &BTreeMap<String, ObjectReference>) {
+    let ev = Event {
+        type_: if n.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: n.reason.into(),
+        note: Some(n.note.clone()),
+        action: "Quarantine".into(),
+        secondary: None,
+    };
+    for s in &n.subjects {
+        let r = match s {
+            Subject::Guard(g) => match guards.get(g) {
+                Some(r) => r.clone(),
+                None => continue,
+            },
+            Subject::Node(node) => node_ref(node),
+        };
+        if let Err(e) = recorder.publish(&ev, &r).await {
+            warn!(error = %e, "cannot publish event");
+        }
+    }
+    info!(reason = n.reason, "{}", n.note);
+}
+
+fn params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..PatchParams::default()
+    }
+}
+
+/// The writes that start, change and release quarantines (everything but
+/// the finalizer removals and deletions, which follow the plan writes).
+pub async fn write_changes(
+    client: &Client,
+    p: &QuarantinePlan,
+    cache: &Store<Quarantine>,
+) -> Result<(), kube::Error> {
+    let api: Api<Quarantine> = Api::all(client.clone());
+    let mut first = None;
+    for q in &p.create {
+        let name = q.name_any();
+        match api
+            .create(
+                &PostParams {
+                    field_manager: Some(MANAGER.into()),
+                    ..Default::default()
+                },
+                q,
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => {
+                first.get_or_insert(e);
+                continue;
+            }
+        }
+        let patch = serde_json::json!({"status": q.status});
+        if let Err(e) = api
+            .patch_status(&name, &params(), &Patch::Merge(&patch))
+            .await
+        {
+            first.get_or_insert(e);
+        }
+    }
+    for (name, status) in &p.status {
+        let patch = serde_json::json!({"status": status});
+        if let Err(e) = api
+            .patch_status(name, &params(), &Patch::Merge(&patch))
+            .await
+        {
+            first.get_or_insert(e);
+        }
+    }
+    for name in &p.add_finalizer {
+        if let Err(e) = set_finalizer(&api, cache, name, true).await {
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// Finalizer removals and expired records, after the plans were written.
+pub async fn write_cleanup(
+    client: &Client,
+    p: &QuarantinePlan,
+    cache: &Store<Quarantine>,
+) -> Result<(), kube::Error> {
+    let api: Api<Quarantine> = Api::all(client.clone());
+    let mut first = None;
+    for name in &p.remove_finalizer {
+        if let Err(e) = set_finalizer(&api, cache, name, false).await {
+            first.get_or_insert(e);
+        }
+    }
+    for name in &p.delete {
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => info!(quarantine = %name, "record past its retention deleted"),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => {
+                first.get_or_insert(e);
+            }
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// Adds or removes the release finalizer as a compare-and-swap on the
+/// resourceVersion, so another controller's finalizer is never dropped.
+async fn set_finalizer(
+    api: &Api<Quarantine>,
+    cache: &Store<Quarantine>,
+    name: &str,
+    present: bool,
+) -> Result<(), kube::Error> {
+    let q = match cache.state().into_iter().find(|q| q.name_any() == name) {
+        Some(q) => q,
+        None => match api.get_opt(name).await? {
+            Some(q) => Arc::new(q),
+            None => return Ok(()),
+        },
+    };
+    let mut fins: Vec<String> = q
+        .finalizers()
+        .iter()
+        .filter(|f| *f != RELEASE_FINALIZER)
+        .cloned()
+        .collect();
+    if present {
+        fins.push(RELEASE_FINALIZER.into());
+    }
+    if fins.len() == q.finalizers().len()
+        && present == q.finalizers().iter().any(|f| f == RELEASE_FINALIZER)
+    {
+        return Ok(());
+    }
+    let patch = serde_json::json!({"metadata": {"finalizers": fins, "resourceVersion": q.resource_version()}});
+    match api.patch(name, &params(), &Patch::Merge(&patch)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// What the receiver needs; shared by every connection.
+pub struct Receiver {
+    /// API client.
+    pub client: Client,
+    /// Guards.
+    pub guards: Store<EgressGuard>,
+    /// Nodes.
+    pub nodes: Store<Node>,
+    /// The bearer token.
+    pub token: Vec<u8>,
+    /// Event recorder (DryRun "would quarantine").
+    pub recorder: Recorder,
+    /// Counters.
+    pub metrics: Arc<Mutex<QuarantineMetrics>>,
+}
+
+impl Receiver {
+    fn count(&self, outcome: &'static str) {
+        *self
+            .metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .webhook
+            .entry(outcome)
+            .or_default() += 1;
+    }
+
+    /// Handles one request.
+    pub async fn handle(self: Arc<Self>, req: hyper::Request<hyper::body::Incoming>) -> Reply {
+        if req.uri().path() != "/alertmanager" {
+            return text(
+                StatusCode::NOT_FOUND,
+                "not found; Alertmanager posts to /alertmanager\n",
+            );
+        }
+        if req.method() != hyper::Method::POST {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
+        }
+        let auth = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .map(|v| v.as_bytes().to_vec());
+        if !webhook::authorized(auth.as_deref(), &self.token) {
+            self.count("unauthorized");
+            return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
+        }
+        let body = match read_body(req, webhook::MAX_BODY).await {
+            Ok(b) => b,
+            Err(code) => {
+                self.count(if code == StatusCode::PAYLOAD_TOO_LARGE {
+                    "too_large"
+                } else {
+                    "bad_request"
+                });
+                return text(
+                    code,
+                    format!("body refused: {code} (limit {} bytes)\n", webhook::MAX_BODY),
+                );
+            }
+        };
+        let n = match webhook::parse(&body) {
+            Ok(n) => n,
+            Err(e) => {
+                self.count("bad_request");
+                return text(StatusCode::BAD_REQUEST, format!("{e}\n"));
+            }
+        };
+        if n.truncated_alerts > 0 {
+            warn!(truncated = n.truncated_alerts, "Alertmanager truncated this notification (max_alerts); the missing alerts arrive on a later send");
+        }
+        if self.guards.wait_until_ready().await.is_err()
+            || self.nodes.wait_until_ready().await.is_err()
+        {
+            self.count("unavailable");
+            return text(StatusCode::SERVICE_UNAVAILABLE, "caches not ready; retry\n");
+        }
+        let guards: Vec<EgressGuard> = self.guards.state().iter().map(|g| (**g).clone()).collect();
+        let facts: Vec<_> = self
+            .nodes
+            .state()
+            .iter()
+            .map(|n| crate::run::facts(n))
+            .collect();
+        let index = NodeIndex::new(&facts);
+        let api: Api<Quarantine> = Api::all(self.client.clone());
+        let (mut stored, mut dup, mut resolved, mut ignored) = (0, 0, 0, 0);
+        for intent in webhook::intents(&n, &guards, &index) {
+            match intent {
+                Intent::Quarantine(q) => {
+                    match api
+                        .create(
+                            &PostParams {
+                                field_manager: Some(MANAGER.into()),
+                                ..Default::default()
+                            },
+                            &q,
+                        )
+                        .await
+                    {
+                        Ok(_) => {
+                            stored += 1;
+                            info!(quarantine = %q.name_any(), node = %q.spec.node_name, guard = %q.spec.guard, "alert stored as a pending quarantine");
+                        }
+                        Err(kube::Error::Api(e)) if e.code == 409 => dup += 1,
+                        Err(e) => {
+                            warn!(error = %e, "cannot store the alert; Alertmanager will retry");
+                            self.count("unavailable");
+                            return text(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                format!("cannot store the quarantine request: {e}\n"),
+                            );
+                        }
+                    }
+                }
+                Intent::Resolved(name) => match api.get_opt(&name).await {
+                    Ok(Some(q))
+                        if q.status
+                            .as_ref()
+                            .is_none_or(|s| s.alert_resolved_at.is_none()) =>
+                    {
+                        let patch = serde_json::json!({"status": {"alertResolvedAt": Time(Timestamp::now())}});
+                        if let Err(e) = api
+                            .patch_status(&name, &params(), &Patch::Merge(&patch))
+                            .await
+                        {
+                            self.count("unavailable");
+                            return text(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                format!("cannot record the resolution: {e}\n"),
+                            );
+                        }
+                        resolved += 1;
+                    }
+                    Ok(_) => dup += 1,
+                    Err(e) => {
+                        self.count("unavailable");
+                        return text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("cannot read the quarantine: {e}\n"),
+                        );
+                    }
+                },
+                Intent::WouldQuarantine {
+                    guard,
+                    node,
+                    trigger,
+                } => {
+                    let guards_refs: BTreeMap<String, ObjectReference> = guards
+                        .iter()
+                        .filter(|g| g.name_any() == guard)
+                        .map(|g| (guard.clone(), g.object_ref(&())))
+                        .collect();
+                    let note = Notice {
+                        subjects: vec![Subject::Guard(guard.clone()), Subject::Node(node.clone())],
+                        warning: false,
+                        reason: "WouldQuarantine",
+                        note: format!("alert trigger {trigger} fired for node {node}; EgressGuard {guard} is a dry run, so nothing is quarantined"),
+                        once: None,
+                    };
+                    publish(&self.recorder, &note, &guards_refs).await;
+                    ignored += 1;
+                }
+                Intent::Unmapped {
+                    guard,
+                    trigger,
+                    labels,
+                } => {
+                    warn!(%guard, %trigger, %labels, "a matching alert names no known node; ignored");
+                    ignored += 1;
+                }
+            }
+        }
+        self.count(if stored + resolved > 0 || dup == 0 {
+            "accepted"
+        } else {
+            "duplicate"
+        });
+        text(
+            StatusCode::OK,
+            format!("stored {stored}, duplicate {dup}, resolved {resolved}, ignored {ignored}\n"),
+        )
+    }
+}
+
+/// Guards with Prometheus triggers that are evaluated (Auto, and DryRun to
+/// report what would happen).
+pub fn evaluated(g: &EgressGuard) -> bool {
+    g.metadata.deletion_timestamp.is_none()
+        && matches!(g.spec.mode, Mode::Auto | Mode::DryRun)
+        && g.spec
+            .quarantine
+            .as_ref()
+            .is_some_and(|q| q.triggers.iter().any(|t| t.prometheus.is_some()))
+}
