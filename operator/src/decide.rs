@@ -579,7 +579,12 @@ mod tests {
             "2026-01-01T00:00:00Z",
             "  mode: Auto\n  quarantine: {triggers: [{name: a, alertmanager: {matchers: {alertname: X}}}]}\n",
         );
-        let d = decide(&[auto.clone()], &nodes(), &API, &BTreeMap::new());
+        let d = decide(
+            std::slice::from_ref(&auto),
+            &nodes(),
+            &API,
+            &BTreeMap::new(),
+        );
         assert!(!d.plans.is_empty() && d.plans.values().all(|p| !p.enforce));
         // Auto programs exactly the quarantined nodes, and protects Prometheus.
         let extras = Extras {

@@ -854,7 +854,11 @@ mod tests {
             "2026-11-23T10:00:00Z",
         );
         // Calm starts the window.
-        let p = f.run(&[a.clone()], &[("n1", calm())], "2026-11-23T10:10:00Z");
+        let p = f.run(
+            std::slice::from_ref(&a),
+            &[("n1", calm())],
+            "2026-11-23T10:10:00Z",
+        );
         let st = &p.status[0].1;
         assert_eq!(st.calm_since, Some(Time(t("2026-11-23T10:10:00Z"))));
         assert_eq!(active(&p), ["n1"]);
@@ -868,14 +872,14 @@ mod tests {
             unknown: Some("unreachable".into()),
         };
         let p = f.run(
-            &[waiting.clone()],
+            std::slice::from_ref(&waiting),
             &[("n1", unknown)],
             "2026-11-23T11:00:00Z",
         );
         assert_eq!(p.status[0].1.calm_since, None);
         assert_eq!(active(&p), ["n1"]);
         // No signal at all for a guard with Prometheus triggers: not calm either.
-        let p = f.run(&[waiting.clone()], &[], "2026-11-23T11:00:00Z");
+        let p = f.run(std::slice::from_ref(&waiting), &[], "2026-11-23T11:00:00Z");
         assert_eq!(active(&p), ["n1"]);
         // Calm for 5 minutes: released by the policy, finalizer released.
         let p = f.run(&[waiting], &[("n1", calm())], "2026-11-23T10:15:00Z");

@@ -2,3 +2,5 @@
 //! test, started from the binaries `tests/control-plane` builds.
 
 pub mod cluster;
+pub mod monitoring;
+pub mod site;
