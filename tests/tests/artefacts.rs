@@ -72,6 +72,29 @@ fn shipped_examples_are_valid() {
         }
     }
     assert!(n >= 1);
+    // The quarantine example: the guard validates, the manual Quarantine
+    // parses as the kind, and the Alertmanager snippet posts to the receiver.
+    let q = root().join("examples/quarantine");
+    let guards = load_file(&q.join("guard.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let v = validate(&guards[0].spec).unwrap_or_else(|e| panic!("guard.yaml: {e}"));
+    assert_eq!(guards[0].spec.mode, egressguard_crds::Mode::Auto);
+    assert!(!v.protect.is_empty());
+    let manual: egressguard_crds::Quarantine =
+        serde_yaml::from_str(&std::fs::read_to_string(q.join("manual.yaml")).expect("manual.yaml"))
+            .expect("manual.yaml is a Quarantine");
+    assert_eq!(manual.spec.trigger, "manual");
+    assert_eq!(
+        manual.spec.guard,
+        guards[0].metadata.name.clone().unwrap_or_default()
+    );
+    let am: serde_json::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(q.join("alertmanager.yaml")).expect("alertmanager.yaml"),
+    )
+    .expect("alertmanager.yaml parses");
+    let url = am["receivers"][1]["webhook_configs"][0]["url"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(url.ends_with(":9466/alertmanager"), "{url}");
 }
 
 /// Numeric flags have ranges: values that used to panic (a resync near

@@ -287,3 +287,81 @@ fn chart_ships_the_generated_crds() {
         );
     }
 }
+
+/// The quarantine wiring: a generated receiver token mounted into the
+/// operator, the receiver Service, and (when enabled) the alert rule whose
+/// name the example guard's alertmanager trigger matches.
+#[test]
+fn chart_wires_the_alertmanager_receiver_and_the_alert_rule() {
+    let r = render(
+        r#"{"prometheusRule": {"enabled": true}, "operator": {"quarantine": {"prometheusUrl": "http://10.0.0.5:9090"}}}"#,
+    );
+    assert_eq!(
+        r.lint["errors"],
+        serde_json::json!([]),
+        "helm lint: {}",
+        r.lint
+    );
+    let secret = r
+        .docs
+        .iter()
+        .find(|d| d["kind"] == "Secret" && d["metadata"]["name"] == "eg-operator-webhook-token")
+        .expect("the webhook token Secret");
+    let token = secret["data"]["token"].as_str().unwrap_or_default();
+    assert!(token.len() >= 32, "token too short: {token}");
+    let deployments: Vec<Deployment> = of_kind(&r, "Deployment");
+    let pod = deployments[0]
+        .spec
+        .template
+        .spec
+        .as_ref()
+        .expect("pod spec");
+    let args = pod.containers[0].args.clone().unwrap_or_default();
+    for want in [
+        "--webhook-token-file=/var/run/egressguard/webhook/token",
+        "--webhook-addr=0.0.0.0:9466",
+        "--prometheus-url=http://10.0.0.5:9090",
+    ] {
+        assert!(
+            args.iter().any(|a| a == want),
+            "{want} missing from {args:?}"
+        );
+    }
+    let vol = pod.volumes.clone().unwrap_or_default();
+    assert!(vol
+        .iter()
+        .any(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref())
+            == Some("eg-operator-webhook-token")));
+    let services: Vec<Service> = of_kind(&r, "Service");
+    assert!(services.iter().any(|s| s
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .is_some_and(|p| p.iter().any(|p| p.port == 9466))));
+    let rule = r
+        .docs
+        .iter()
+        .find(|d| d["kind"] == "PrometheusRule")
+        .expect("PrometheusRule when enabled");
+    let alert = &rule["spec"]["groups"][0]["rules"][0];
+    let guard = egressguard_crds::load::load_file(&root().join("examples/quarantine/guard.yaml"))
+        .expect("example guard");
+    let triggers = &guard[0]
+        .spec
+        .quarantine
+        .as_ref()
+        .expect("quarantine")
+        .triggers;
+    let am = triggers
+        .iter()
+        .find_map(|t| t.alertmanager.as_ref())
+        .expect("alert trigger");
+    assert_eq!(
+        alert["alert"].as_str(),
+        am.matchers.get("alertname").map(String::as_str)
+    );
+    // An existing Secret replaces the generated one.
+    let r = render(r#"{"operator": {"quarantine": {"webhook": {"existingSecret": "mine"}}}}"#);
+    assert!(!r.docs.iter().any(|d| d["kind"] == "Secret"));
+    assert!(r.docs.iter().all(|d| d["kind"] != "PrometheusRule"));
+}
