@@ -94,6 +94,9 @@ pub struct Notice {
     /// Set for notices that recur every evaluation while a condition holds:
     /// the executor publishes them once per continuous run of the key.
     pub once: Option<String>,
+    /// The Quarantine object it concerns (the Event's related object, which
+    /// also keeps Events of different quarantines from merging into one series).
+    pub quarantine: Option<String>,
 }
 
 /// The writes and Events of one pass.
@@ -349,6 +352,7 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
                             q.spec.node_name, q.spec.guard
                         ),
                         once: None,
+                        quarantine: Some(name.clone()),
                     });
                     p.released
                         .push((q.spec.guard.clone(), q.spec.trigger.clone()));
@@ -379,6 +383,7 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
                             describe(q)
                         ),
                         once: None,
+                        quarantine: Some(name.clone()),
                     });
                 } else {
                     adm.admit(&q.spec.guard, &q.spec.node_name);
@@ -398,6 +403,7 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
                             describe(q)
                         ),
                         once: None,
+                        quarantine: Some(name.clone()),
                     });
                 }
                 p.status.push((name.clone(), next));
@@ -455,6 +461,7 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
                             q.spec.node_name, q.spec.guard
                         ),
                         once: None,
+                        quarantine: Some(name.clone()),
                     });
                 }
                 if next != st {
@@ -499,6 +506,7 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
                     b.trigger, node, b.value
                 ),
                 once: Some(format!("{guard}/{node}/{reason}")),
+                quarantine: None,
             });
             continue;
         }
@@ -549,6 +557,7 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
                 describe(&obj)
             ),
             once: None,
+            quarantine: Some(name.clone()),
         });
         p.create.push(obj);
     }

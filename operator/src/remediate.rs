@@ -291,7 +291,14 @@ pub async fn publish(recorder: &Recorder, n: &Notice, guards: &BTreeMap<String, 
         reason: n.reason.into(),
         note: Some(n.note.clone()),
         action: "Quarantine".into(),
-        secondary: None,
+        // The Quarantine as the related object: Events of different
+        // quarantines of one node must not merge into one series.
+        secondary: n.quarantine.as_ref().map(|name| ObjectReference {
+            api_version: Some("egressguard.io/v1alpha1".into()),
+            kind: Some("Quarantine".into()),
+            name: Some(name.clone()),
+            ..Default::default()
+        }),
     };
     for s in &n.subjects {
         let r = match s {
@@ -317,11 +324,7 @@ fn params() -> PatchParams {
 
 /// The writes that start, change and release quarantines (everything but
 /// the finalizer removals and deletions, which follow the plan writes).
-pub async fn write_changes(
-    client: &Client,
-    p: &QuarantinePlan,
-    cache: &Store<Quarantine>,
-) -> Result<(), kube::Error> {
+pub async fn write_changes(client: &Client, p: &QuarantinePlan) -> Result<(), kube::Error> {
     let api: Api<Quarantine> = Api::all(client.clone());
     let mut first = None;
     for q in &p.create {
@@ -361,7 +364,7 @@ pub async fn write_changes(
         }
     }
     for name in &p.add_finalizer {
-        if let Err(e) = set_finalizer(&api, cache, name, true).await {
+        if let Err(e) = set_finalizer(&api, name, true).await {
             first.get_or_insert(e);
         }
     }
@@ -369,15 +372,11 @@ pub async fn write_changes(
 }
 
 /// Finalizer removals and expired records, after the plans were written.
-pub async fn write_cleanup(
-    client: &Client,
-    p: &QuarantinePlan,
-    cache: &Store<Quarantine>,
-) -> Result<(), kube::Error> {
+pub async fn write_cleanup(client: &Client, p: &QuarantinePlan) -> Result<(), kube::Error> {
     let api: Api<Quarantine> = Api::all(client.clone());
     let mut first = None;
     for name in &p.remove_finalizer {
-        if let Err(e) = set_finalizer(&api, cache, name, false).await {
+        if let Err(e) = set_finalizer(&api, name, false).await {
             first.get_or_insert(e);
         }
     }
@@ -394,39 +393,39 @@ pub async fn write_cleanup(
 }
 
 /// Adds or removes the release finalizer as a compare-and-swap on the
-/// resourceVersion, so another controller's finalizer is never dropped.
+/// resourceVersion, so another controller's finalizer is never dropped. The
+/// object is read fresh (this pass may just have written its status) and the
+/// swap retried on a conflict.
 async fn set_finalizer(
     api: &Api<Quarantine>,
-    cache: &Store<Quarantine>,
     name: &str,
     present: bool,
 ) -> Result<(), kube::Error> {
-    let q = match cache.state().into_iter().find(|q| q.name_any() == name) {
-        Some(q) => q,
-        None => match api.get_opt(name).await? {
-            Some(q) => Arc::new(q),
-            None => return Ok(()),
-        },
-    };
-    let mut fins: Vec<String> = q
-        .finalizers()
-        .iter()
-        .filter(|f| *f != RELEASE_FINALIZER)
-        .cloned()
-        .collect();
-    if present {
-        fins.push(RELEASE_FINALIZER.into());
-    }
-    if fins.len() == q.finalizers().len()
-        && present == q.finalizers().iter().any(|f| f == RELEASE_FINALIZER)
-    {
-        return Ok(());
-    }
-    let patch = serde_json::json!({"metadata": {"finalizers": fins, "resourceVersion": q.resource_version()}});
-    match api.patch(name, &params(), &Patch::Merge(&patch)).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(e),
+    let mut attempt = 0;
+    loop {
+        let Some(q) = api.get_opt(name).await? else {
+            return Ok(());
+        };
+        let has = q.finalizers().iter().any(|f| f == RELEASE_FINALIZER);
+        if has == present {
+            return Ok(());
+        }
+        let mut fins: Vec<String> = q
+            .finalizers()
+            .iter()
+            .filter(|f| *f != RELEASE_FINALIZER)
+            .cloned()
+            .collect();
+        if present {
+            fins.push(RELEASE_FINALIZER.into());
+        }
+        let patch = serde_json::json!({"metadata": {"finalizers": fins, "resourceVersion": q.resource_version()}});
+        match api.patch(name, &params(), &Patch::Merge(&patch)).await {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 && attempt < 3 => attempt += 1,
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -588,6 +587,7 @@ impl Receiver {
                         reason: "WouldQuarantine",
                         note: format!("alert trigger {trigger} fired for node {node}; EgressGuard {guard} is a dry run, so nothing is quarantined"),
                         once: None,
+                        quarantine: None,
                     };
                     publish(&self.recorder, &note, &guards_refs).await;
                     ignored += 1;

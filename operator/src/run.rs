@@ -632,8 +632,7 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
         retention: ctx.quarantine.retention,
     };
     let qp = crate::quarantine::plan(&world);
-    let q_written =
-        crate::remediate::write_changes(&ctx.client, &qp, &ctx.caches.quarantines).await;
+    let q_written = crate::remediate::write_changes(&ctx.client, &qp).await;
     if q_written.is_ok() {
         extras.quarantined = qp.active.clone();
         let mut m = ctx.q_metrics.lock().unwrap_or_else(|p| p.into_inner());
@@ -873,7 +872,7 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
     for n in fresh {
         crate::remediate::publish(&ctx.recorder, n, &guard_refs).await;
     }
-    let r = crate::remediate::write_cleanup(&ctx.client, &qp, &ctx.caches.quarantines).await;
+    let r = crate::remediate::write_cleanup(&ctx.client, &qp).await;
     note(&mut first, "release quarantine finalizers", r);
     first.map_or(Ok(()), Err)
 }
@@ -1006,10 +1005,14 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
     loop {
         // The leader renews every 5 s at the latest; a follower looks every
         // 2 s, so it takes over within about 2 s of the lease expiring.
-        let tick = if leading { 5 } else { 2 };
+        let mut tick = Duration::from_secs(if leading { 5 } else { 2 });
+        if leading && cfg.quarantine.prometheus.is_some() {
+            // Prometheus triggers are evaluated in passes: wake for each evaluation.
+            tick = tick.min(cfg.quarantine.evaluation_interval);
+        }
         tokio::select! {
             _ = notify.notified() => {}
-            _ = tokio::time::sleep(cfg.resync.min(Duration::from_secs(tick))) => {}
+            _ = tokio::time::sleep(cfg.resync.min(tick)) => {}
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }

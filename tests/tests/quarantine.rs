@@ -65,17 +65,31 @@ impl Lab {
             .collect()
     }
 
+    /// Events with `reason`, one line each: `Kind/name: message`.
     fn events(&self, reason: &str) -> String {
-        let o = self.c.cp.kubectl(&[
+        let out = self.c.cp.kubectl_ok(&[
             "get",
             "events",
             "-A",
             "--field-selector",
             &format!("reason={reason}"),
             "-o",
-            "jsonpath={range .items[*]}{.regarding.kind}/{.regarding.name}: {.note}{\"\\n\"}{end}",
+            "json",
         ]);
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        let v: Value = serde_json::from_str(&out).unwrap_or_default();
+        v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                format!(
+                    "{}/{}: {}\n",
+                    e["involvedObject"]["kind"].as_str().unwrap_or_default(),
+                    e["involvedObject"]["name"].as_str().unwrap_or_default(),
+                    e["message"].as_str().unwrap_or_default()
+                )
+            })
+            .collect()
     }
 
     fn post(&self, auth: Option<&str>, body_file: &std::path::Path) -> u16 {
@@ -422,11 +436,9 @@ fn e2e_alerts_and_people_quarantine_through_one_authenticated_door() {
         .kubectl_ok(&["delete", "egq", "by-hand", "--wait=true", "--timeout=60s"]);
     wait_for(&lab.c, "node-1 released by delete", 60, || !lab.c.shaped(1));
     assert!(lab.c.get("egq", "by-hand").is_none());
-    assert!(
-        lab.events("Released").contains("was deleted"),
-        "{}",
-        lab.events("Released")
-    );
+    wait_for(&lab.c, "a Released Event naming the deletion", 20, || {
+        lab.events("Released").contains("was deleted")
+    });
 
     // A dry run only reports.
     lab.c.cp.kubectl_ok(&[
