@@ -16,6 +16,8 @@ for pair in ip:iproute2 tc:iproute2 iperf3:iperf3 strace:strace curl:curl openss
   prometheus-node-exporter:prometheus-node-exporter; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
 done
+# The incident lab's chart (PNG) labels its axes with DejaVu Sans.
+[[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] || need+=(fonts-dejavu-core)
 if [[ ! -x "$venv/bin/python" ]] && ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then
   need+=(python3-venv)
 fi

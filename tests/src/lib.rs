@@ -2,5 +2,7 @@
 //! test, started from the binaries `tests/control-plane` builds.
 
 pub mod cluster;
+pub mod lab;
 pub mod monitoring;
+pub mod plot;
 pub mod site;

@@ -24,13 +24,17 @@ pub fn must(args: &[&str]) {
     );
 }
 
+/// A binary of this workspace next to the running one (a bin in
+/// `target/<profile>/`) or one level up (a test in `target/<profile>/deps/`).
 pub fn target_bin(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test binary");
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .join(name);
+    let dir = exe.parent().expect("target dir");
+    let bin = [Some(dir), dir.parent()]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(name))
+        .find(|b| b.exists())
+        .unwrap_or_else(|| dir.join(name));
     assert!(
         bin.exists(),
         "{} missing: run `cargo build --workspace --bins` first",
@@ -80,7 +84,7 @@ pub struct Cluster {
     pub nodes: Vec<String>,
     /// The test's directory.
     pub dir: std::path::PathBuf,
-    _dir: cluster::TempDir,
+    _dir: Option<cluster::TempDir>,
 }
 
 impl Drop for Cluster {
@@ -97,19 +101,47 @@ impl Drop for Cluster {
     }
 }
 
+/// What a cluster's namespaces are called and where its files go.
+pub struct Names {
+    /// The api namespace.
+    pub api: String,
+    /// One namespace per node.
+    pub nodes: Vec<String>,
+    /// Logs, control plane state.
+    pub dir: std::path::PathBuf,
+    /// Keep `dir` after the cluster is gone (the incident lab's output).
+    pub keep_dir: bool,
+}
+
 impl Cluster {
+    /// A cluster with `nodes` nodes and names unique to this test.
     pub fn new(nodes: usize) -> Cluster {
         let id = cluster::unique();
-        let dir = std::env::temp_dir().join(format!("egop-{id}"));
+        Cluster::create(Names {
+            api: format!("ega-{id}"),
+            nodes: (1..=nodes).map(|i| format!("egn{i}-{id}")).collect(),
+            dir: std::env::temp_dir().join(format!("egop-{id}")),
+            keep_dir: false,
+        })
+    }
+
+    /// A cluster with the given names.
+    pub fn create(n: Names) -> Cluster {
+        let Names {
+            api,
+            nodes: node_names,
+            dir,
+            keep_dir,
+        } = n;
+        let nodes = node_names.len();
         std::fs::create_dir_all(&dir).expect("dir");
-        let api = format!("ega-{id}");
         let mut netns = Netns(vec![]);
         must(&["ip", "netns", "add", &api]);
         netns.0.push(api.clone());
         must(&["ip", "-n", &api, "link", "set", "lo", "up"]);
         let mut names = vec![];
         for i in 1..=nodes {
-            let ns = format!("egn{i}-{id}");
+            let ns = node_names[i - 1].clone();
             must(&["ip", "netns", "add", &ns]);
             netns.0.push(ns.clone());
             names.push(ns.clone());
@@ -147,7 +179,7 @@ impl Cluster {
             api,
             nodes: names,
             dir: dir.clone(),
-            _dir: cluster::TempDir(dir),
+            _dir: (!keep_dir).then(|| cluster::TempDir(dir)),
         }
     }
 
@@ -212,7 +244,7 @@ impl Cluster {
             .env("KUBECONFIG", kc)
             .env("EGRESSGUARD_STATE_DIR", self.dir.join(format!("state-{i}")))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join(format!("agent-{i}.log"))).expect("log"))
             .spawn()
             .expect("agent");
         self.agents.push(child);
