@@ -166,10 +166,15 @@ pub struct Report {
 /// Lists lab namespaces that exist now.
 pub fn leftovers() -> Vec<String> {
     let out = Command::new("ip").args(["netns", "list"]).output();
-    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
     NAMESPACES
         .iter()
-        .filter(|n| text.lines().any(|l| l.split_whitespace().next() == Some(**n)))
+        .filter(|n| {
+            text.lines()
+                .any(|l| l.split_whitespace().next() == Some(**n))
+        })
         .map(|n| n.to_string())
         .collect()
 }
@@ -219,27 +224,98 @@ fn build_internet(api: &str, nodes: &[String], uplink_mbit: u32) -> Result<Inter
     run(&["ip", "netns", "add", INET])?;
     let guard = Internet;
     run(&["ip", "-n", INET, "link", "set", "lo", "up"])?;
-    run(&["ip", "-n", api, "link", "add", "wan0", "type", "veth", "peer", "name", "inet0", "netns", INET])?;
+    run(&[
+        "ip", "-n", api, "link", "add", "wan0", "type", "veth", "peer", "name", "inet0", "netns",
+        INET,
+    ])?;
     run(&["ip", "-n", api, "link", "set", "wan0", "up"])?;
     run(&["ip", "-n", INET, "link", "set", "inet0", "up"])?;
-    run(&["ip", "-n", api, "addr", "add", "192.0.2.1/24", "dev", "wan0"])?;
-    run(&["ip", "-n", INET, "addr", "add", "192.0.2.2/24", "dev", "inet0"])?;
+    run(&[
+        "ip",
+        "-n",
+        api,
+        "addr",
+        "add",
+        "192.0.2.1/24",
+        "dev",
+        "wan0",
+    ])?;
+    run(&[
+        "ip",
+        "-n",
+        INET,
+        "addr",
+        "add",
+        "192.0.2.2/24",
+        "dev",
+        "inet0",
+    ])?;
     for a in [BUSINESS, FLOOD_80, FLOOD_443, OTHER] {
-        run(&["ip", "-n", INET, "addr", "add", &format!("{a}/32"), "dev", "inet0"])?;
+        run(&[
+            "ip",
+            "-n",
+            INET,
+            "addr",
+            "add",
+            &format!("{a}/32"),
+            "dev",
+            "inet0",
+        ])?;
     }
-    run(&["ip", "-n", INET, "route", "add", "10.230.0.0/16", "via", "192.0.2.1"])?;
+    run(&[
+        "ip",
+        "-n",
+        INET,
+        "route",
+        "add",
+        "10.230.0.0/16",
+        "via",
+        "192.0.2.1",
+    ])?;
     for net in ["198.51.100.0/24", "203.0.113.0/24"] {
         run(&["ip", "-n", api, "route", "add", net, "via", "192.0.2.2"])?;
     }
-    run(&["ip", "netns", "exec", api, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        api,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ])?;
     for (i, ns) in nodes.iter().enumerate() {
-        run(&["ip", "-n", ns, "route", "add", "default", "via", &format!("10.230.{}.1", i + 1)])?;
+        run(&[
+            "ip",
+            "-n",
+            ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.230.{}.1", i + 1),
+        ])?;
     }
     // The site's uplink: the one link every node's internet traffic shares.
     // (The lab's own plumbing; EgressGuard itself never runs tc.)
     run(&[
-        "ip", "netns", "exec", api, "tc", "qdisc", "replace", "dev", "wan0", "root", "tbf", "rate",
-        &format!("{uplink_mbit}mbit"), "burst", "64kb", "latency", "100ms",
+        "ip",
+        "netns",
+        "exec",
+        api,
+        "tc",
+        "qdisc",
+        "replace",
+        "dev",
+        "wan0",
+        "root",
+        "tbf",
+        "rate",
+        &format!("{uplink_mbit}mbit"),
+        "burst",
+        "64kb",
+        "latency",
+        "100ms",
     ])?;
     Ok(guard)
 }
@@ -247,7 +323,11 @@ fn build_internet(api: &str, nodes: &[String], uplink_mbit: u32) -> Result<Inter
 /// Parses one iperf3 interval line; `sum` selects the `[SUM]` lines of a
 /// multi-stream client.
 fn parse_interval(line: &str, sum: bool) -> Option<f64> {
-    if sum != line.starts_with("[SUM]") || !line.contains("sec") || line.contains("sender") || line.contains("receiver") {
+    if sum != line.starts_with("[SUM]")
+        || !line.contains("sec")
+        || line.contains("sender")
+        || line.contains("receiver")
+    {
         return None;
     }
     let words: Vec<&str> = line.split_whitespace().collect();
@@ -264,7 +344,18 @@ fn parse_interval(line: &str, sum: bool) -> Option<f64> {
 /// Starts an iperf3 client in `ns` (measured at its server).
 fn flow(ns: &str, dst: &str, port: u16, extra: &[&str]) -> Result<Child, LabError> {
     Command::new("ip")
-        .args(["netns", "exec", ns, "iperf3", "-c", dst, "-p", &port.to_string(), "-t", "900"])
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "iperf3",
+            "-c",
+            dst,
+            "-p",
+            &port.to_string(),
+            "-t",
+            "900",
+        ])
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -276,9 +367,25 @@ fn flow(ns: &str, dst: &str, port: u16, extra: &[&str]) -> Result<Child, LabErro
 /// receives each second. Measured here, at the receiver, a rate is what
 /// crossed the uplink (a sender's count includes what its socket buffers
 /// absorbed, which overstates a throttled flood for seconds).
-fn server(addr: &str, port: u16, sum: bool, clock: Instant, into: Samples) -> Result<Child, LabError> {
+fn server(
+    addr: &str,
+    port: u16,
+    sum: bool,
+    clock: Instant,
+    into: Samples,
+) -> Result<Child, LabError> {
     let mut child = Command::new("ip")
-        .args(["netns", "exec", INET, "iperf3", "-s", "-B", addr, "-p", &port.to_string()])
+        .args([
+            "netns",
+            "exec",
+            INET,
+            "iperf3",
+            "-s",
+            "-B",
+            addr,
+            "-p",
+            &port.to_string(),
+        ])
         .args(["-i", "1", "--forceflush"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -288,7 +395,9 @@ fn server(addr: &str, port: u16, sum: bool, clock: Instant, into: Samples) -> Re
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
                 if let Some(v) = parse_interval(&line, sum) {
-                    into.lock().unwrap_or_else(|p| p.into_inner()).push((clock.elapsed().as_secs_f64(), v));
+                    into.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((clock.elapsed().as_secs_f64(), v));
                 }
             }
         });
@@ -313,7 +422,11 @@ impl Drop for Flows {
 }
 
 fn mean(samples: &[(f64, f64)], from: f64, to: f64) -> f64 {
-    let v: Vec<f64> = samples.iter().filter(|(t, _)| *t >= from && *t < to).map(|s| s.1).collect();
+    let v: Vec<f64> = samples
+        .iter()
+        .filter(|(t, _)| *t >= from && *t < to)
+        .map(|s| s.1)
+        .collect();
     if v.is_empty() {
         0.0
     } else {
@@ -341,7 +454,13 @@ pub fn run_lab(
     if !left.is_empty() {
         return Err(LabError::Leftovers(left));
     }
-    let check_stop = || if stop_flag.load(Ordering::SeqCst) { Err(LabError::Interrupted) } else { Ok(()) };
+    let check_stop = || {
+        if stop_flag.load(Ordering::SeqCst) {
+            Err(LabError::Interrupted)
+        } else {
+            Ok(())
+        }
+    };
     progress("starting the control plane (etcd, kube-apiserver, kube-controller-manager) and installing the chart");
     let mut c = Cluster::create(Names {
         api: NAMESPACES[0].into(),
@@ -369,7 +488,8 @@ pub fn run_lab(
     }
     // node-exporter on each node, scraped by Prometheus across the node's uplink.
     for (i, ns) in c.nodes.clone().iter().enumerate() {
-        let log = std::fs::File::create(c.dir.join(format!("node-exporter-{}.log", i + 1))).map_err(|e| LabError::Other(e.to_string()))?;
+        let log = std::fs::File::create(c.dir.join(format!("node-exporter-{}.log", i + 1)))
+            .map_err(|e| LabError::Other(e.to_string()))?;
         let child = Command::new("ip")
             .args(["netns", "exec", ns, "prometheus-node-exporter"])
             .arg(format!("--web.listen-address=10.230.{}.2:9100", i + 1))
@@ -382,10 +502,16 @@ pub fn run_lab(
     }
     // Prometheus with the chart's own alert rule, rendered by Helm.
     write_prometheus_config(&c.dir)?;
-    c.others.push(monitoring::start_prometheus(&c.api, &c.dir, PORTS));
+    c.others
+        .push(monitoring::start_prometheus(&c.api, &c.dir, PORTS));
     let token_file = c.dir.join("webhook-token");
     std::fs::write(&token_file, random_token()).map_err(|e| LabError::Other(e.to_string()))?;
-    c.others.push(monitoring::start_alertmanager(&c.api, &c.dir, PORTS, &token_file));
+    c.others.push(monitoring::start_alertmanager(
+        &c.api,
+        &c.dir,
+        PORTS,
+        &token_file,
+    ));
     let flags = [
         "--prometheus-url".to_string(),
         format!("http://127.0.0.1:{}", PORTS.prometheus),
@@ -416,8 +542,17 @@ pub fn run_lab(
     c.cp.kubectl_ok(&["apply", "-f", &guard]);
     tl.guard_applied = at();
     let status = |phase: &str| {
-        let last = |s: &Samples| s.lock().unwrap_or_else(|p| p.into_inner()).last().map_or(0.0, |x| x.1);
-        let f = per_second(&flood.lock().unwrap_or_else(|p| p.into_inner())).values().next_back().copied().unwrap_or(0.0);
+        let last = |s: &Samples| {
+            s.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .last()
+                .map_or(0.0, |x| x.1)
+        };
+        let f = per_second(&flood.lock().unwrap_or_else(|p| p.into_inner()))
+            .values()
+            .next_back()
+            .copied()
+            .unwrap_or(0.0);
         format!(
             "[{:>5.1}s] {phase:<34} business {:>6.2}  flood {:>6.2}  other node {:>6.2}  Mbit/s",
             at(),
@@ -426,7 +561,11 @@ pub fn run_lab(
             last(&other)
         )
     };
-    let wait = |what: &str, phase: &str, f: &mut dyn FnMut() -> bool, progress: &mut dyn FnMut(&str)| -> Result<f64, LabError> {
+    let wait = |what: &str,
+                phase: &str,
+                f: &mut dyn FnMut() -> bool,
+                progress: &mut dyn FnMut(&str)|
+     -> Result<f64, LabError> {
         let start = Instant::now();
         let mut last_print = Instant::now() - Duration::from_secs(1);
         loop {
@@ -444,56 +583,121 @@ pub fn run_lab(
             std::thread::sleep(Duration::from_millis(200));
         }
     };
-    wait("the guard to watch both nodes", "baseline", &mut || {
-        c.get("eg", "incident").is_some_and(|g| cluster::condition(&g, "Ready").1 == "Watching")
-    }, progress)?;
+    wait(
+        "the guard to watch both nodes",
+        "baseline",
+        &mut || {
+            c.get("eg", "incident")
+                .is_some_and(|g| cluster::condition(&g, "Ready").1 == "Watching")
+        },
+        progress,
+    )?;
     let until = at() + settings.baseline.as_secs_f64();
-    wait("baseline", "baseline: business flows", &mut || at() >= until, progress)?;
+    wait(
+        "baseline",
+        "baseline: business flows",
+        &mut || at() >= until,
+        progress,
+    )?;
 
     // node-1 is compromised.
     tl.flood_start = at();
     let streams = settings.flood_streams.to_string();
-    flows.0.push(flow(&c.nodes[0], FLOOD_80, 80, &["-P", &streams])?);
-    flows.0.push(flow(&c.nodes[0], FLOOD_443, 443, &["-P", &streams])?);
-    let prom_q = "sum by (instance) (rate(node_network_transmit_bytes_total{device=\"eg0\"}[5s])) * 8";
+    flows
+        .0
+        .push(flow(&c.nodes[0], FLOOD_80, 80, &["-P", &streams])?);
+    flows
+        .0
+        .push(flow(&c.nodes[0], FLOOD_443, 443, &["-P", &streams])?);
+    let prom_q =
+        "sum by (instance) (rate(node_network_transmit_bytes_total{device=\"eg0\"}[5s])) * 8";
     let mut last_q = Instant::now() - Duration::from_secs(5);
     let mut breach = None;
     let q_active = |c: &Cluster, phase: &str| -> bool {
-        egq(c).iter().any(|q| q["spec"]["nodeName"] == "node-1" && q["status"]["phase"] == phase)
+        egq(c)
+            .iter()
+            .any(|q| q["spec"]["nodeName"] == "node-1" && q["status"]["phase"] == phase)
     };
-    tl.quarantined = wait("node-1 quarantined", "flood: uplink saturated", &mut || {
-        if breach.is_none() && last_q.elapsed() >= Duration::from_secs(1) {
-            last_q = Instant::now();
-            if node1_rate(&c, prom_q).is_some_and(|v| v > 20e6) {
-                breach = Some(at());
+    tl.quarantined = wait(
+        "node-1 quarantined",
+        "flood: uplink saturated",
+        &mut || {
+            if breach.is_none() && last_q.elapsed() >= Duration::from_secs(1) {
+                last_q = Instant::now();
+                if node1_rate(&c, prom_q).is_some_and(|v| v > 20e6) {
+                    breach = Some(at());
+                }
             }
-        }
-        q_active(&c, "Active")
-    }, progress)?;
+            q_active(&c, "Active")
+        },
+        progress,
+    )?;
     tl.breach = breach;
-    tl.throttled = wait("node-1's kernel throttled", "quarantined: enforcing", &mut || c.shaped(1), progress)?;
+    tl.throttled = wait(
+        "node-1's kernel throttled",
+        "quarantined: enforcing",
+        &mut || c.shaped(1),
+        progress,
+    )?;
     let show_quarantined = show(&c, 0);
     let until = at() + settings.hold.as_secs_f64();
-    wait("the flood to run capped", "quarantined: flood capped", &mut || at() >= until, progress)?;
+    wait(
+        "the flood to run capped",
+        "quarantined: flood capped",
+        &mut || at() >= until,
+        progress,
+    )?;
 
     // The flood stops; calm returns; the policy releases the node.
     // The malware is stopped the way a responder would: its connections
     // aborted (ss -K), then the process killed. Killing alone leaves the
     // kernel draining megabytes of socket buffers at the throttled rate.
     let _ = Command::new("ip")
-        .args(["netns", "exec", &c.nodes[0], "ss", "-K", "dst", FLOOD_80, "or", "dst", FLOOD_443])
+        .args([
+            "netns",
+            "exec",
+            &c.nodes[0],
+            "ss",
+            "-K",
+            "dst",
+            FLOOD_80,
+            "or",
+            "dst",
+            FLOOD_443,
+        ])
         .output();
     let mut flood_children: Vec<Child> = flows.0.drain(2..).collect();
     for ch in &mut flood_children {
         stop(ch);
     }
     let _ = Command::new("ip")
-        .args(["netns", "exec", &c.nodes[0], "ss", "-K", "dst", FLOOD_80, "or", "dst", FLOOD_443])
+        .args([
+            "netns",
+            "exec",
+            &c.nodes[0],
+            "ss",
+            "-K",
+            "dst",
+            FLOOD_80,
+            "or",
+            "dst",
+            FLOOD_443,
+        ])
         .output();
     tl.flood_stop = at();
-    tl.released = wait("node-1 released", "flood stopped: calm window", &mut || q_active(&c, "Released") && !c.shaped(1), progress)?;
+    tl.released = wait(
+        "node-1 released",
+        "flood stopped: calm window",
+        &mut || q_active(&c, "Released") && !c.shaped(1),
+        progress,
+    )?;
     let until = at() + 5.0;
-    wait("after the release", "released", &mut || at() >= until, progress)?;
+    wait(
+        "after the release",
+        "released",
+        &mut || at() >= until,
+        progress,
+    )?;
     tl.end = at();
     let show_end = show(&c, 0);
     let get_eg = c.cp.kubectl_ok(&["get", "eg"]);
@@ -507,18 +711,39 @@ pub fn run_lab(
         let g = |s: &Samples| s.lock().unwrap_or_else(|p| p.into_inner()).clone();
         (g(&business), g(&flood), g(&other))
     };
-    let fs: Vec<(f64, f64)> = per_second(&f).into_iter().map(|(t, v)| (t as f64 + 0.5, v)).collect();
+    let fs: Vec<(f64, f64)> = per_second(&f)
+        .into_iter()
+        .map(|(t, v)| (t as f64 + 0.5, v))
+        .collect();
     // Each phase without its first and last seconds (transitions).
     let phases = [
         ("before the flood", tl.guard_applied + 2.0, tl.flood_start),
-        ("flood, before quarantine", tl.flood_start + 2.0, tl.quarantined),
-        ("quarantined, flood capped", tl.throttled + 2.0, tl.flood_stop),
+        (
+            "flood, before quarantine",
+            tl.flood_start + 2.0,
+            tl.quarantined,
+        ),
+        (
+            "quarantined, flood capped",
+            tl.throttled + 3.0,
+            tl.flood_stop,
+        ),
         ("flood over, calm window", tl.flood_stop + 2.0, tl.released),
         ("released", tl.released + 1.0, tl.end),
     ];
     let table: Vec<(String, f64, [f64; 3])> = phases
         .iter()
-        .map(|(name, from, to)| (name.to_string(), to - from, [mean(&b, *from, *to), mean(&fs, *from, *to), mean(&o, *from, *to)]))
+        .map(|(name, from, to)| {
+            (
+                name.to_string(),
+                to - from,
+                [
+                    mean(&b, *from, *to),
+                    mean(&fs, *from, *to),
+                    mean(&o, *from, *to),
+                ],
+            )
+        })
         .collect();
     let row = |i: usize| table[i].2;
     let biz = settings.business_mbit;
@@ -540,7 +765,14 @@ pub fn run_lab(
         let fsm = per_second(&f);
         let last = tl.end.ceil() as u64;
         (0..last)
-            .map(|s| (s as f64 + 0.5, bs.get(&s).copied().unwrap_or(0.0), fsm.get(&s).copied().unwrap_or(0.0), os.get(&s).copied().unwrap_or(0.0)))
+            .map(|s| {
+                (
+                    s as f64 + 0.5,
+                    bs.get(&s).copied().unwrap_or(0.0),
+                    fsm.get(&s).copied().unwrap_or(0.0),
+                    os.get(&s).copied().unwrap_or(0.0),
+                )
+            })
             .collect()
     };
     Ok(Report {
@@ -568,7 +800,10 @@ fn show(c: &Cluster, node: usize) -> String {
         .args(["netns", "exec", &c.nodes[node]])
         .arg(crate::site::target_bin("node-shaper"))
         .args(["show", "--interface", "eg0"])
-        .env("EGRESSGUARD_STATE_DIR", c.dir.join(format!("state-{}", node + 1)))
+        .env(
+            "EGRESSGUARD_STATE_DIR",
+            c.dir.join(format!("state-{}", node + 1)),
+        )
         .output();
     o.map(|o| String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
         .unwrap_or_default()
@@ -578,13 +813,17 @@ fn show(c: &Cluster, node: usize) -> String {
 fn node1_rate(c: &Cluster, q: &str) -> Option<f64> {
     let o = Command::new("ip")
         .args(["netns", "exec", &c.api, "curl", "-sS", "--max-time", "2"])
-        .arg(format!("http://127.0.0.1:{}/api/v1/query", PORTS.prometheus))
+        .arg(format!(
+            "http://127.0.0.1:{}/api/v1/query",
+            PORTS.prometheus
+        ))
         .args(["--data-urlencode", &format!("query={q}")])
         .output()
         .ok()?;
     let v: Value = serde_json::from_slice(&o.stdout).ok()?;
     v["data"]["result"].as_array()?.iter().find_map(|s| {
-        (s["metric"]["instance"] == "10.230.1.2:9100").then(|| s["value"][1].as_str()?.parse().ok())?
+        (s["metric"]["instance"] == "10.230.1.2:9100")
+            .then(|| s["value"][1].as_str()?.parse().ok())?
     })
 }
 
@@ -609,9 +848,13 @@ fn write_prometheus_config(dir: &Path) -> Result<(), LabError> {
         .output()
         .map_err(|e| LabError::Other(format!("helm render: {e}")))?;
     if !o.status.success() {
-        return Err(LabError::Other(format!("helm render: {}", String::from_utf8_lossy(&o.stderr))));
+        return Err(LabError::Other(format!(
+            "helm render: {}",
+            String::from_utf8_lossy(&o.stderr)
+        )));
     }
-    let v: Value = serde_json::from_slice(&o.stdout).map_err(|e| LabError::Other(format!("helm render: {e}")))?;
+    let v: Value = serde_json::from_slice(&o.stdout)
+        .map_err(|e| LabError::Other(format!("helm render: {e}")))?;
     let rule = v["manifests"]
         .as_object()
         .and_then(|m| m.iter().find(|(k, _)| k.ends_with("prometheusrule.yaml")))
@@ -632,7 +875,10 @@ fn write_prometheus_config(dir: &Path) -> Result<(), LabError> {
 pub fn render_table(r: &Report) -> String {
     let mut s = String::from("| phase | seconds | business (whitelisted) | flood 80/443 (node-1) | other node |\n|---|---|---|---|---|\n");
     for (name, secs, v) in &r.table {
-        s.push_str(&format!("| {name} | {secs:.0} | {:.2} | {:.2} | {:.2} |\n", v[0], v[1], v[2]));
+        s.push_str(&format!(
+            "| {name} | {secs:.0} | {:.2} | {:.2} | {:.2} |\n",
+            v[0], v[1], v[2]
+        ));
     }
     s
 }
@@ -643,12 +889,22 @@ mod tests {
 
     #[test]
     fn iperf3_interval_lines_parse() {
-        let single = "[  5]   3.00-4.00   sec   512 KBytes  4.19 Mbits/sec    0    100 KBytes       ";
+        let single =
+            "[  5]   3.00-4.00   sec   512 KBytes  4.19 Mbits/sec    0    100 KBytes       ";
         assert_eq!(parse_interval(single, false), Some(4.19));
         assert_eq!(parse_interval(single, true), None);
         let sum = "[SUM]   3.00-4.00   sec  4.50 MBytes  37.7 Mbits/sec  120             ";
         assert_eq!(parse_interval(sum, true), Some(37.7));
-        assert_eq!(parse_interval("[SUM]   0.00-9.00   sec  40 MBytes  37.2 Mbits/sec  1  sender", true), None);
-        assert_eq!(parse_interval("[  5]   1.00-2.00   sec  60 KBytes   492 Kbits/sec", false), Some(0.492));
+        assert_eq!(
+            parse_interval(
+                "[SUM]   0.00-9.00   sec  40 MBytes  37.2 Mbits/sec  1  sender",
+                true
+            ),
+            None
+        );
+        assert_eq!(
+            parse_interval("[  5]   1.00-2.00   sec  60 KBytes   492 Kbits/sec", false),
+            Some(0.492)
+        );
     }
 }

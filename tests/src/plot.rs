@@ -38,7 +38,8 @@ const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 fn font() -> Result<(), PlotError> {
     static ONCE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
-        let bytes = std::fs::read(FONT).map_err(|e| format!("{FONT}: {e} (apt install fonts-dejavu-core)"))?;
+        let bytes = std::fs::read(FONT)
+            .map_err(|e| format!("{FONT}: {e} (apt install fonts-dejavu-core)"))?;
         // plotters keeps registered fonts for the life of the process.
         let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
         plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
@@ -49,7 +50,12 @@ fn font() -> Result<(), PlotError> {
 }
 
 /// Draws `lines` and `markers` into a PNG at `path`.
-pub fn draw(path: &Path, title: &str, lines: &[Line<'_>], markers: &[Marker<'_>]) -> Result<(), PlotError> {
+pub fn draw(
+    path: &Path,
+    title: &str,
+    lines: &[Line<'_>],
+    markers: &[Marker<'_>],
+) -> Result<(), PlotError> {
     font()?;
     let e = |e: &dyn std::fmt::Display| PlotError(format!("{}: {e}", path.display()));
     let x_max = lines
@@ -81,7 +87,10 @@ pub fn draw(path: &Path, title: &str, lines: &[Line<'_>], markers: &[Marker<'_>]
     for (i, m) in markers.iter().enumerate() {
         let c = RGBColor(110, 110, 110);
         chart
-            .draw_series(LineSeries::new([(m.at, 0.0), (m.at, y_max)], c.stroke_width(1)))
+            .draw_series(LineSeries::new(
+                [(m.at, 0.0), (m.at, y_max)],
+                c.stroke_width(1),
+            ))
             .map_err(|x| e(&x))?;
         chart
             .draw_series(std::iter::once(Text::new(
@@ -95,10 +104,15 @@ pub fn draw(path: &Path, title: &str, lines: &[Line<'_>], markers: &[Marker<'_>]
     for l in lines {
         let color = l.color;
         chart
-            .draw_series(LineSeries::new(l.points.iter().copied(), color.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                l.points.iter().copied(),
+                color.stroke_width(2),
+            ))
             .map_err(|x| e(&x))?
             .label(l.label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(3)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(3))
+            });
     }
     chart
         .configure_series_labels()
