@@ -652,38 +652,12 @@ pub fn run_lab(
     // The malware is stopped the way a responder would: its connections
     // aborted (ss -K), then the process killed. Killing alone leaves the
     // kernel draining megabytes of socket buffers at the throttled rate.
-    let _ = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &c.nodes[0],
-            "ss",
-            "-K",
-            "dst",
-            FLOOD_80,
-            "or",
-            "dst",
-            FLOOD_443,
-        ])
-        .output();
+    abort_flood(&c.nodes[0]);
     let mut flood_children: Vec<Child> = flows.0.drain(2..).collect();
     for ch in &mut flood_children {
         stop(ch);
     }
-    let _ = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &c.nodes[0],
-            "ss",
-            "-K",
-            "dst",
-            FLOOD_80,
-            "or",
-            "dst",
-            FLOOD_443,
-        ])
-        .output();
+    abort_flood(&c.nodes[0]);
     tl.flood_stop = at();
     tl.released = wait(
         "node-1 released",
@@ -785,6 +759,15 @@ pub fn run_lab(
         show_end,
         checks,
     })
+}
+
+/// Aborts node-1's flood connections (RST), so nothing of them lingers.
+fn abort_flood(ns: &str) {
+    let _ = Command::new("ip")
+        .args([
+            "netns", "exec", ns, "ss", "-K", "dst", FLOOD_80, "or", "dst", FLOOD_443,
+        ])
+        .output();
 }
 
 fn egq(c: &Cluster) -> Vec<Value> {
