@@ -1,6 +1,11 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, so two replicas are
 //! safe: only the holder reconciles; a holder that stops renewing for
 //! `LEASE_SECONDS` is replaced.
+//!
+//! Renewal runs in its own task ([`spawn`]), so a long pass never starves it,
+//! and a holder that has not renewed for [`RENEW_DEADLINE`] stops acting
+//! before its lease can expire and another replica take over (client-go's
+//! leaderelection does the same with RenewDeadline < LeaseDuration).
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
@@ -11,6 +16,76 @@ use tracing::{info, warn};
 
 /// Seconds a lease stays valid without renewal.
 pub const LEASE_SECONDS: i32 = 15;
+/// A holder that could not renew for this long stops acting (well inside the lease).
+pub const RENEW_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often the holder renews and a follower tries to acquire.
+pub const RETRY_PERIOD: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether this replica may act now, shared with the renewal task.
+#[derive(Clone, Debug, Default)]
+pub struct Leadership {
+    renewed: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+}
+
+impl Leadership {
+    /// How long this replica may still act: the renew deadline counted from
+    /// the start of its last successful renewal; `None` when it does not lead.
+    pub fn remaining(&self) -> Option<std::time::Duration> {
+        let at = (*self.renewed.lock().unwrap_or_else(|p| p.into_inner()))?;
+        RENEW_DEADLINE
+            .checked_sub(at.elapsed())
+            .filter(|d| !d.is_zero())
+    }
+
+    /// Does this replica lead now?
+    pub fn is_leading(&self) -> bool {
+        self.remaining().is_some()
+    }
+
+    fn set(&self, at: Option<std::time::Instant>) {
+        *self.renewed.lock().unwrap_or_else(|p| p.into_inner()) = at;
+    }
+}
+
+/// Runs `leader`'s renewals every [`RETRY_PERIOD`] until `stop` fires, then
+/// releases the lease. `changed` is notified when leadership starts or ends.
+pub fn spawn(
+    mut leader: Leader,
+    changed: std::sync::Arc<tokio::sync::Notify>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> (Leadership, tokio::task::JoinHandle<()>) {
+    let state = Leadership::default();
+    let shared = state.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let started = std::time::Instant::now();
+            // A renewal stuck on a stalled API server must not hold leadership:
+            // give up on it at the deadline.
+            let outcome = tokio::time::timeout(RENEW_DEADLINE, leader.renew())
+                .await
+                .ok()
+                .flatten();
+            let was = shared.is_leading();
+            match outcome {
+                Some(true) => shared.set(Some(started)),
+                // Definitely not the holder: stop at once.
+                Some(false) => shared.set(None),
+                // Unknown (error, timeout): the deadline decides.
+                None => {}
+            }
+            if was != shared.is_leading() {
+                changed.notify_one();
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(RETRY_PERIOD.saturating_sub(started.elapsed())) => {}
+                _ = &mut stop => break,
+            }
+        }
+        shared.set(None);
+        leader.release().await;
+    });
+    (state, task)
+}
 
 /// One replica's view of the lease.
 pub struct Leader {
@@ -18,6 +93,7 @@ pub struct Leader {
     name: String,
     identity: String,
     leading: bool,
+    failed: bool,
 }
 
 impl Leader {
@@ -28,6 +104,7 @@ impl Leader {
             name: name.into(),
             identity: identity.into(),
             leading: false,
+            failed: false,
         }
     }
 
@@ -84,6 +161,7 @@ impl Leader {
             Err(kube::Error::Api(e)) if e.code == 409 => false,
             Err(e) => {
                 warn!(error = %e, "lease update failed");
+                self.failed = true;
                 false
             }
         };
@@ -92,6 +170,14 @@ impl Leader {
         }
         self.leading = leading;
         leading
+    }
+
+    /// One renewal: `Some(true)` leads, `Some(false)` another replica holds
+    /// the lease (or took it over), `None` the API could not be asked.
+    pub async fn renew(&mut self) -> Option<bool> {
+        self.failed = false;
+        let leading = self.try_lead().await;
+        (leading || !self.failed).then_some(leading)
     }
 
     /// Gives the lease up on shutdown so another replica takes over at once.

@@ -355,7 +355,7 @@ pub async fn write_changes(client: &Client, p: &QuarantinePlan) -> Result<(), ku
         }
     }
     for (name, status) in &p.status {
-        let patch = serde_json::json!({"status": status});
+        let patch = status_patch(status);
         if let Err(e) = api
             .patch_status(name, &params(), &Patch::Merge(&patch))
             .await
@@ -369,6 +369,17 @@ pub async fn write_changes(client: &Client, p: &QuarantinePlan) -> Result<(), ku
         }
     }
     first.map_or(Ok(()), Err)
+}
+
+/// A merge patch that sets `status`, clearing the calm window when it ended.
+/// (An absent field leaves the stored value in place; only null removes it,
+/// and a calm window that outlived a breach would release a node too early.)
+pub fn status_patch(status: &egressguard_crds::QuarantineStatus) -> serde_json::Value {
+    let mut v = serde_json::to_value(status).unwrap_or_default();
+    if status.calm_since.is_none() {
+        v["calmSince"] = serde_json::Value::Null;
+    }
+    serde_json::json!({ "status": v })
 }
 
 /// Finalizer removals and expired records, after the plans were written.
@@ -623,4 +634,23 @@ pub fn evaluated(g: &EgressGuard) -> bool {
             .quarantine
             .as_ref()
             .is_some_and(|q| q.triggers.iter().any(|t| t.prometheus.is_some()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ended_calm_window_is_cleared_not_left_in_place() {
+        let st = egressguard_crds::QuarantineStatus {
+            phase: Some(egressguard_crds::Phase::Active),
+            ..Default::default()
+        };
+        let p = status_patch(&st);
+        assert_eq!(p["status"]["calmSince"], serde_json::Value::Null);
+        assert!(p["status"]
+            .as_object()
+            .is_some_and(|o| o.contains_key("calmSince")));
+        assert_eq!(p["status"]["phase"], "Active");
+    }
 }

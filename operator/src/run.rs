@@ -659,6 +659,8 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
         std::collections::BTreeSet::new();
 
     // Finalizers first, so no guard can vanish with shaping left behind.
+    // The resourceVersions they return fence this pass's status writes.
+    let mut fresh_rv: BTreeMap<String, Option<String>> = BTreeMap::new();
     for g in guards.iter().filter(|g| {
         g.metadata.deletion_timestamp.is_none() && !g.finalizers().iter().any(|f| f == FINALIZER)
     }) {
@@ -675,15 +677,22 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
                 &Patch::Merge(&patch),
             )
             .await
-            .map(|_| ());
+            .map(|new| {
+                fresh_rv.insert(g.name_any(), new.resource_version());
+            });
         note(&mut first, "add finalizer", r);
     }
 
     // Plans.
+    // Every write names the resourceVersion it was computed from: a fence.
+    // A write that a stalled network delivers after another replica took
+    // over (and changed the object) is refused with 409 instead of undoing
+    // the new leader's work. Creations carry none (a second create is 409).
     let as_value = |node: &str, spec: NodeShapingSpec| {
         let obj = NodeShaping {
             metadata: ObjectMeta {
                 name: Some(node.to_string()),
+                resource_version: shapings.get(node).and_then(|s| s.resource_version()),
                 ..Default::default()
             },
             spec,
@@ -775,7 +784,10 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
                     .await;
                 }
             }
-            let patch = serde_json::json!({"status": status});
+            let patch = serde_json::json!({
+                "metadata": {"resourceVersion": fresh_rv.get(&g.name_any()).cloned().unwrap_or_else(|| g.resource_version())},
+                "status": status,
+            });
             let r = g_api
                 .patch_status(
                     &g.name_any(),
@@ -989,12 +1001,14 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
         eval: Mutex::new(Default::default()),
         noticed: Mutex::new(Default::default()),
     };
-    let mut leader = Leader::new(
+    let leader = Leader::new(
         client,
         &cfg.namespace,
         "egressguard-operator",
         &cfg.identity,
     );
+    let (stop_renewing, stop_rx) = tokio::sync::oneshot::channel();
+    let (leadership, renewals) = crate::leader::spawn(leader, notify.clone(), stop_rx);
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut sigterm = signal(SignalKind::terminate()).map_err(OperatorError::Signal)?;
@@ -1003,8 +1017,7 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
     info!(identity = %cfg.identity, "egressguard-operator started");
     let mut leading = false;
     loop {
-        // The leader renews every 5 s at the latest; a follower looks every
-        // 2 s, so it takes over within about 2 s of the lease expiring.
+        // The renewal task wakes this loop when leadership changes.
         let mut tick = Duration::from_secs(if leading { 5 } else { 2 });
         if leading && cfg.quarantine.prometheus.is_some() {
             // Prometheus triggers are evaluated in passes: wake for each evaluation.
@@ -1016,7 +1029,13 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
-        let leads = leader.try_lead().await;
+        let leads = leadership.is_leading();
+        if leading && !leads {
+            warn!(
+                deadline_seconds = crate::leader::RENEW_DEADLINE.as_secs(),
+                "this replica no longer leads (another holds the Lease, or the renew deadline passed without a renewal); it stops acting"
+            );
+        }
         leading = leads;
         metrics.lock().unwrap_or_else(|p| p.into_inner()).leader = leads;
         if !leads {
@@ -1033,19 +1052,22 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
             continue;
         }
         let t = Instant::now();
-        // A pass may not outlive the half of the lease it started in: a
-        // stalled API call must not keep this replica writing after another
-        // one could have taken over. An abandoned pass is retried next turn.
-        let bound = Duration::from_secs(u64::from(crate::leader::LEASE_SECONDS.unsigned_abs()) / 2);
+        // A pass may not outlive this replica's leadership: it is cut at the
+        // renew deadline, which comes before the lease can expire and another
+        // replica take over. A write a stalled network still delivers later is
+        // refused by its resourceVersion (see reconcile_all).
+        let Some(bound) = leadership.remaining() else {
+            continue;
+        };
         let res = match tokio::time::timeout(bound, reconcile_all(&ctx)).await {
             Ok(r) => r,
             Err(_) => {
                 warn!(
-                    seconds = bound.as_secs(),
-                    "reconcile pass abandoned: it would outlive the lease"
+                    seconds = bound.as_secs_f64(),
+                    "reconcile pass abandoned: it would outlive the renew deadline"
                 );
                 Err(kube::Error::Service(
-                    format!("reconcile pass exceeded {}s", bound.as_secs()).into(),
+                    format!("reconcile pass exceeded {:.1}s", bound.as_secs_f64()).into(),
                 ))
             }
         };
@@ -1072,7 +1094,9 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
             }
         }
     }
-    leader.release().await;
+    // The renewal task releases the lease, so a successor need not wait for it to expire.
+    let _ = stop_renewing.send(());
+    let _ = renewals.await;
     info!("egressguard-operator stopped");
     Ok(())
 }

@@ -542,17 +542,20 @@ pub fn run_lab(
     c.cp.kubectl_ok(&["apply", "-f", &guard]);
     tl.guard_applied = at();
     let status = |phase: &str| {
+        // The latest second with samples, or 0 when nothing arrived lately
+        // (a stopped flow reads 0, not its last rate).
+        let recent = at() - 2.5;
         let last = |s: &Samples| {
             s.lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .last()
+                .filter(|x| x.0 >= recent)
                 .map_or(0.0, |x| x.1)
         };
         let f = per_second(&flood.lock().unwrap_or_else(|p| p.into_inner()))
-            .values()
+            .range(recent.max(0.0) as u64..)
             .next_back()
-            .copied()
-            .unwrap_or(0.0);
+            .map_or(0.0, |(_, v)| *v);
         format!(
             "[{:>5.1}s] {phase:<34} business {:>6.2}  flood {:>6.2}  other node {:>6.2}  Mbit/s",
             at(),
@@ -723,6 +726,13 @@ pub fn run_lab(
     let biz = settings.business_mbit;
     let oth = settings.other_mbit;
     let throttle_mbit = 2.0;
+    // The guard's calm window: no release may come sooner after the flood.
+    let after = egressguard_crds::load::load_file(&settings.guard)
+        .ok()
+        .and_then(|g| g.into_iter().next())
+        .and_then(|g| g.spec.quarantine)
+        .and_then(|q| egressguard_crds::quarantine::parse_duration(&q.release.after).ok())
+        .map_or(0.0, |d| d.as_secs_f64());
     let checks = vec![
         (format!("before the flood, the business flow gets >= 85% of its {biz} Mbit/s"), row(0)[0] >= 0.85 * biz),
         (format!("the flood saturates the {} Mbit/s site uplink (flood >= 60% of it)", settings.uplink_mbit), row(1)[1] >= 0.6 * settings.uplink_mbit as f64),
@@ -731,7 +741,10 @@ pub fn run_lab(
         (format!("quarantined, the flood is capped near the {throttle_mbit} Mbit/s throttle (<= 1.2x)"), row(2)[1] <= 1.2 * throttle_mbit),
         (format!("quarantined, the business flow recovers (>= 85% of {biz} Mbit/s)"), row(2)[0] >= 0.85 * biz),
         (format!("quarantined, the other node's flow recovers (>= 85% of {oth} Mbit/s)"), row(2)[2] >= 0.85 * oth),
-        ("the node is released by the policy after the flood stops".to_string(), tl.released > tl.flood_stop),
+        (
+            format!("the node stays quarantined for the {after:.0} s calm window after the flood stops, then is released"),
+            tl.released - tl.flood_stop >= after,
+        ),
     ];
     let series: Vec<(f64, f64, f64, f64)> = {
         let bs = per_second(&b);

@@ -189,9 +189,15 @@ impl Cluster {
 
     /// Starts an operator with extra flags.
     pub fn start_operator_with(&mut self, identity: &str, extra: &[&str]) {
+        let server = self.cp.server.clone();
+        self.start_operator_at(identity, &server, extra);
+    }
+
+    /// Starts an operator that reaches the API server at `server` (a proxy, say).
+    pub fn start_operator_at(&mut self, identity: &str, server: &str, extra: &[&str]) {
         let kc = self
             .cp
-            .service_account_kubeconfig(&format!("{}-operator", cluster::RELEASE), &self.cp.server);
+            .service_account_kubeconfig(&format!("{}-operator", cluster::RELEASE), server);
         let log =
             std::fs::File::create(self.dir.join(format!("operator-{identity}.log"))).expect("log");
         let port = 9465 + self.operators.len();

@@ -380,6 +380,121 @@ fn e2e_operator_leader_failover_on_a_real_lease() {
     wait_for(&c, "the new leader enforces", 40, || c.shaped(1));
 }
 
+/// Two writers: the leader's requests stall in the network (a proxy holds
+/// them for 30 s, then delivers them), another replica takes over and moves
+/// the plan on, and the old leader's late write must not land. The old
+/// leader stops acting at its renew deadline (10 s, before the 15 s lease
+/// can expire) and every write carries the resourceVersion it was computed
+/// from, so the late one is refused with 409.
+#[test]
+fn e2e_a_stalled_old_leader_cannot_write_after_a_takeover() {
+    if !available() {
+        return;
+    }
+    let mut c = Cluster::new(1);
+    add_node(&c, "node-1", "a", "10.230.1.2");
+    let flag = c.dir.join("stall");
+    let proxy = Command::new("ip")
+        .args(["netns", "exec", &c.api, "python3"])
+        .arg(egressguard_e2e::cluster::root().join("tests/tools/slow_proxy.py"))
+        .args(["16443", "127.0.0.1", &c.cp.port.to_string()])
+        .arg(&flag)
+        .arg("30")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(c.dir.join("proxy.log")).expect("log"))
+        .spawn()
+        .expect("proxy");
+    c.others.push(proxy);
+    std::thread::sleep(Duration::from_millis(500));
+    c.start_operator_at("op-old", "https://127.0.0.1:16443", &[]);
+    wait_for(&c, "op-old leads", 30, || {
+        holder(&c).as_deref() == Some("op-old")
+    });
+    c.start_operator("op-new");
+    let rate = |c: &Cluster| {
+        c.get("egns", "node-1").and_then(|p| {
+            p["spec"]["shaping"]["throttle"]["rate"]
+                .as_str()
+                .map(str::to_string)
+        })
+    };
+    c.apply(&guard("idc", "a"));
+    wait_for(&c, "the first plan", 30, || {
+        rate(&c).as_deref() == Some("1Mbit")
+    });
+
+    // The old leader's path stalls; the edit it sees (watches still flow to
+    // it) makes it write a plan that the network holds.
+    std::fs::write(&flag, "").expect("flag");
+    let stalled = Instant::now();
+    c.cp.kubectl_ok(&[
+        "patch",
+        "eg",
+        "idc",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"throttle":{"rate":"2Mbit"}}}"#,
+    ]);
+    wait_for(&c, "op-new takes over", 40, || {
+        holder(&c).as_deref() == Some("op-new")
+    });
+    wait_for(&c, "op-new writes the 2Mbit plan", 20, || {
+        rate(&c).as_deref() == Some("2Mbit")
+    });
+    c.cp.kubectl_ok(&[
+        "patch",
+        "eg",
+        "idc",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"throttle":{"rate":"3Mbit"}}}"#,
+    ]);
+    wait_for(&c, "op-new writes the 3Mbit plan", 20, || {
+        rate(&c).as_deref() == Some("3Mbit")
+    });
+    assert!(
+        stalled.elapsed() < Duration::from_secs(30),
+        "the takeover came after the held writes were delivered"
+    );
+    let generation = c
+        .get("egns", "node-1")
+        .map(|p| p["metadata"]["generation"].clone());
+    // The held writes arrive; the plan must not move.
+    while stalled.elapsed() < Duration::from_secs(36) {
+        assert_eq!(
+            rate(&c).as_deref(),
+            Some("3Mbit"),
+            "a late write of the old leader landed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        c.get("egns", "node-1")
+            .map(|p| p["metadata"]["generation"].clone()),
+        generation
+    );
+    let _ = std::fs::remove_file(&flag);
+    let log = c.operator_log();
+    let old = log.split("--- operator op-new").next().unwrap_or_default();
+    assert!(
+        old.contains("no longer leads"),
+        "the old leader never stopped acting:\n{old}"
+    );
+    // Its pass was stuck on a write the proxy held; the proxy delivered it
+    // (late), and the plan above did not move: the server refused it.
+    assert!(
+        old.contains("reconcile pass abandoned"),
+        "the old leader had no write in flight:\n{old}"
+    );
+    let proxy_log = std::fs::read_to_string(c.dir.join("proxy.log")).unwrap_or_default();
+    assert!(
+        proxy_log.lines().any(|l| l.starts_with("delivered")),
+        "the held requests were never delivered late:\n{proxy_log}"
+    );
+}
+
 /// Fail-safe and honest: an edit the schema admits but the validation
 /// refuses keeps the last valid plan enforced (Ready=False, InvalidSpec);
 /// a DryRun guard says DryRun, counts no enforced nodes and never keeps a
