@@ -380,6 +380,11 @@ fn e2e_operator_leader_failover_on_a_real_lease() {
     wait_for(&c, "the new leader enforces", 40, || c.shaped(1));
 }
 
+fn set_rate(c: &Cluster, rate: &str) {
+    let patch = format!(r#"{{"spec":{{"throttle":{{"rate":"{rate}"}}}}}}"#);
+    c.cp.kubectl_ok(&["patch", "eg", "idc", "--type", "merge", "-p", &patch]);
+}
+
 /// Two writers: the leader's requests stall in the network (a proxy holds
 /// them for 30 s, then delivers them), another replica takes over and moves
 /// the plan on, and the old leader's late write must not land. The old
@@ -427,30 +432,14 @@ fn e2e_a_stalled_old_leader_cannot_write_after_a_takeover() {
     // it) makes it write a plan that the network holds.
     std::fs::write(&flag, "").expect("flag");
     let stalled = Instant::now();
-    c.cp.kubectl_ok(&[
-        "patch",
-        "eg",
-        "idc",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"throttle":{"rate":"2Mbit"}}}"#,
-    ]);
+    set_rate(&c, "2Mbit");
     wait_for(&c, "op-new takes over", 40, || {
         holder(&c).as_deref() == Some("op-new")
     });
     wait_for(&c, "op-new writes the 2Mbit plan", 20, || {
         rate(&c).as_deref() == Some("2Mbit")
     });
-    c.cp.kubectl_ok(&[
-        "patch",
-        "eg",
-        "idc",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"throttle":{"rate":"3Mbit"}}}"#,
-    ]);
+    set_rate(&c, "3Mbit");
     wait_for(&c, "op-new writes the 3Mbit plan", 20, || {
         rate(&c).as_deref() == Some("3Mbit")
     });

@@ -17,7 +17,8 @@ listen_port, up_host, up_port, flag, delay = (
     int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5]))
 
 
-async def upstream_writer(queue, writer):
+async def deliver(queue, writer):
+    """Writes queued chunks to `writer`, each when it is due."""
     try:
         while True:
             deliver_at, data = await queue.get()
@@ -35,13 +36,13 @@ async def upstream_writer(queue, writer):
         writer.close()
 
 
-async def client_reader(reader, queue):
+async def client_reader(reader, queue, hold=True):
     try:
         while True:
             data = await reader.read(65536)
             if not data:
                 break
-            held = delay if os.path.exists(flag) else 0.0
+            held = delay if hold and os.path.exists(flag) else 0.0
             await queue.put((time.monotonic() + held, data))
     except (ConnectionError, OSError):
         pass
@@ -49,17 +50,11 @@ async def client_reader(reader, queue):
 
 
 async def downstream(reader, writer):
-    try:
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                break
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        writer.close()
+    """Answers flow back at once: a queue whose chunks are due now."""
+    queue = asyncio.Queue()
+    task = asyncio.ensure_future(deliver(queue, writer))
+    await client_reader(reader, queue, hold=False)
+    await task
 
 
 async def handle(cr, cw):
@@ -69,7 +64,7 @@ async def handle(cr, cw):
         cw.close()
         return
     queue = asyncio.Queue()
-    await asyncio.gather(client_reader(cr, queue), upstream_writer(queue, uw), downstream(ur, cw))
+    await asyncio.gather(client_reader(cr, queue), deliver(queue, uw), downstream(ur, cw))
 
 
 async def main():
