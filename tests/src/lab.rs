@@ -181,7 +181,8 @@ pub fn leftovers() -> Vec<String> {
 
 /// Kills what runs in the lab's namespaces and deletes them.
 pub fn clean() {
-    for ns in NAMESPACES {
+    for ns in leftovers() {
+        let ns = ns.as_str();
         if let Ok(o) = Command::new("ip").args(["netns", "pids", ns]).output() {
             for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
                 let _ = Command::new("kill").args(["-9", pid]).status();

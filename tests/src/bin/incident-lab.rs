@@ -46,6 +46,11 @@ fn main() -> ExitCode {
             .unwrap_or_else(|_| std::process::id().to_string());
         PathBuf::from(format!("incident-lab-{stamp}"))
     });
+    let left = lab::leftovers();
+    if !left.is_empty() {
+        eprintln!("error: {}", LabError::Leftovers(left));
+        return ExitCode::from(2);
+    }
     if out.exists() && std::fs::read_dir(&out).is_ok_and(|mut d| d.next().is_some()) {
         return usage(&format!(
             "{} exists and is not empty; pick another --out",
