@@ -58,15 +58,28 @@ pub struct EgressGuardSpec {
     pub quarantine: Option<crate::quarantine::QuarantinePolicy>,
 }
 
-/// A destination a guard protects.
+/// A destination a guard protects: a whole network, or only some ports of it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{"rule": "!has(self.endPort) || (has(self.port) && self.endPort >= self.port)", "message": "endPort needs port and must be at least port"}]))]
 pub struct ProtectEntry {
     /// IPv4 or IPv6 network (host bits clear) or address.
     pub cidr: String,
     /// Why, shown by `explain`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Protect only this transport protocol's `port`..`endPort` (default TCP
+    /// when a port is set); absent with no port: every packet to `cidr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+    /// Destination port, 1..65535: protect only traffic to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i64>,
+    /// Last port of an inclusive range starting at `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub end_port: Option<i64>,
 }
 
 /// The egress budget of an interface.

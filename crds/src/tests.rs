@@ -105,6 +105,14 @@ fn bad_inputs_name_the_field_and_the_fix() {
             &["spec.uplink.rate: 16bit is below the 1Mbit floor: an uplink that small starves the node's own traffic; set at least 1Mbit"],
         ),
         (
+            "spec: {protect: [{cidr: 192.0.2.1/32, protocol: UDP}, {cidr: 192.0.2.2/32, port: 53, endPort: 52}, {cidr: 192.0.2.3/32, port: 0}]}",
+            &[
+                "spec.protect[0].port: is required with protocol or endPort; omit all three to protect every packet to the destination",
+                "spec.protect[1].endPort: 52 is below port 53; endPort is the last port of an inclusive range",
+                "spec.protect[2].port: 0 is below 1",
+            ],
+        ),
+        (
             "spec: {protect: [{cidr: 192.0.2.1/24}]}",
             &["spec.protect[0].cidr: 192.0.2.1/24 has host bits set; the network is 192.0.2.0/24"],
         ),

@@ -91,9 +91,32 @@ pub struct ValidSpec {
     pub throttle_portless: bool,
     /// Send TCP from source port 22 past every class (SSH stays reachable).
     pub protect_ssh_replies: bool,
-    /// `spec.protect`: networks and why.
+    /// `spec.protect` entries without ports: networks and why.
     pub protect: Vec<(IpNet, String)>,
+    /// `spec.protect` entries with ports.
+    pub protect_ports: Vec<ProtectPort>,
 }
+
+/// A protected destination port range (`spec.protect[i]` with a port).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtectPort {
+    /// The network.
+    pub net: IpNet,
+    /// Protocol to match.
+    pub protocol: Protocol,
+    /// First port, inclusive.
+    pub first: u16,
+    /// Last port, inclusive.
+    pub last: u16,
+    /// Why.
+    pub reason: String,
+    /// Index in `spec.protect`.
+    pub index: usize,
+}
+
+/// At most this many `spec.protect` entries with ports (each is one u32
+/// table; the list is meant for a DNS server or a bastion, not a whitelist).
+pub const MAX_PROTECT_PORTS: usize = 16;
 
 /// The lowest uplink rate a guard may set. Below it the guard's own HTB
 /// classes cannot carry full-size frames smoothly (a 1500-byte frame is 12 ms
@@ -323,16 +346,60 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
     }
 
     let mut protect = Vec::new();
+    let mut protect_ports = Vec::new();
     for (i, p) in spec.protect.iter().enumerate() {
-        match parse_cidr(&p.cidr) {
-            Ok(net) => protect.push((
-                net,
-                p.reason
-                    .clone()
-                    .unwrap_or_else(|| format!("spec.protect[{i}]")),
-            )),
-            Err(m) => c.push(format!("spec.protect[{i}].cidr"), m),
+        let reason = p
+            .reason
+            .clone()
+            .unwrap_or_else(|| format!("spec.protect[{i}]"));
+        let net = match parse_cidr(&p.cidr) {
+            Ok(net) => Some(net),
+            Err(m) => {
+                c.push(format!("spec.protect[{i}].cidr"), m);
+                None
+            }
+        };
+        match (p.port, p.end_port, p.protocol) {
+            (None, None, None) => {
+                if let Some(net) = net {
+                    protect.push((net, reason));
+                }
+            }
+            (None, _, _) => c.push(
+                format!("spec.protect[{i}].port"),
+                "is required with protocol or endPort; omit all three to protect every packet to the destination",
+            ),
+            (Some(port), end, protocol) => {
+                let first = c.port(format!("spec.protect[{i}].port"), port);
+                let last = match end {
+                    Some(e) => c.port(format!("spec.protect[{i}].endPort"), e),
+                    None => first,
+                };
+                if let (Some(f), Some(l)) = (first, last) {
+                    if l < f {
+                        c.push(format!("spec.protect[{i}].endPort"), format!("{l} is below port {f}; endPort is the last port of an inclusive range"));
+                    } else if let Some(net) = net {
+                        protect_ports.push(ProtectPort {
+                            net,
+                            protocol: protocol.unwrap_or_default(),
+                            first: f,
+                            last: l,
+                            reason,
+                            index: i,
+                        });
+                    }
+                }
+            }
         }
+    }
+    if protect_ports.len() > MAX_PROTECT_PORTS {
+        c.push(
+            "spec.protect",
+            format!(
+                "has {} entries with ports; at most {MAX_PROTECT_PORTS} are allowed (protect whole destinations, or whitelist them)",
+                protect_ports.len()
+            ),
+        );
     }
 
     if let Err(errs) = crate::quarantine::rules(spec.quarantine.as_ref(), spec.mode) {
@@ -367,6 +434,7 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
             throttle_portless: spec.throttle.portless == crate::guard::PortlessPolicy::Throttle,
             protect_ssh_replies: spec.protect_ssh_replies.unwrap_or(true),
             protect,
+            protect_ports,
         }),
         // Every None above pushed an error, so this arm is unreachable in practice;
         // keep it an error rather than a panic.

@@ -75,6 +75,21 @@ pub fn explain(
             });
             format!("protected: destination {dst} is inside {net} ({why}); never throttled and held to no class or rate (HTB direct queue)")
         }
+        (Some(Origin::ProtectedPort(i)), Some(s)) => {
+            let what = s
+                .protect_ports
+                .iter()
+                .find(|p| p.index == i)
+                .map_or(String::new(), |p| {
+                    let ports = if p.first == p.last {
+                        p.first.to_string()
+                    } else {
+                        format!("{}-{}", p.first, p.last)
+                    };
+                    format!("{} {} {ports} ({})", p.net, p.protocol, p.reason)
+                });
+            format!("protected: {dst} {proto} port {port} matches spec.protect[{i}], {what}; never throttled and held to no class or rate (HTB direct queue)")
+        }
         (Some(Origin::Whitelist(i)), Some(s)) => {
             let net = s
                 .whitelist

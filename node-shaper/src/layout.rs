@@ -11,6 +11,8 @@
 //!    ├─ e9:20 default   prio 1   rate = the other half,               ceil uplink   leaf 20: sfq (120: pfifo)
 //!    └─ e9:10 throttled prio 2   rate/ceil = spec.throttle                          leaf 10: sfq (110: pfifo)
 //! filters on e9: (u32)
+//!   prio 5      ip    spec.protect entries with ports: dst + proto -> table 240:+i, dport -> e9:0
+//!   prio 6      ipv6  the same for IPv6
 //!   prio 10     ip    whitelist /0-/7, linear in the root table
 //!   prio 11-14  ip    whitelist /8-15, /16-23, /24-31, /32: tables 101:-104:, 256 buckets on dst byte 1..4
 //!   prio 20     ipv6  whitelist /0-/15, linear
@@ -100,6 +102,15 @@ pub fn leaf_handle(classid: u32, sfq: bool) -> u32 {
     }
 }
 
+/// IPv4 `spec.protect` entries with ports (before the whitelist, so a
+/// whitelisted destination's protected port still bypasses every class).
+pub const PRIO_V4_PROTECT_PORTS: u16 = 5;
+/// IPv6 `spec.protect` entries with ports.
+pub const PRIO_V6_PROTECT_PORTS: u16 = 6;
+/// The port table of the i-th `spec.protect` entry with ports (i < 16).
+pub const fn table_protect_ports(i: usize) -> u32 {
+    table(0x240 + i as u32)
+}
 /// Linear IPv4 whitelist (prefixes shorter than /8).
 pub const PRIO_V4_WHITELIST: u16 = 10;
 /// Linear IPv6 whitelist (prefixes shorter than /16).

@@ -139,6 +139,8 @@ pub enum Origin {
     Portless(&'static str),
     /// An SSH reply (`spec.protectSshReplies`).
     SshReplies,
+    /// `spec.protect[i]`, an entry with ports.
+    ProtectedPort(usize),
 }
 
 /// Which table of a prio a node sits in.

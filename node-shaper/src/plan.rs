@@ -110,7 +110,8 @@ pub fn plan_protected(spec: &ValidSpec, protected: &[Protected], leaf: LeafChoic
             },
         })
         .collect();
-    let mut prios = whitelist_prios(spec, protected);
+    let mut prios = protect_port_prios(spec);
+    prios.extend(whitelist_prios(spec, protected));
     if spec.protect_ssh_replies {
         prios.extend(ssh_prios());
     }
@@ -233,6 +234,75 @@ fn class_of(origin: &Origin) -> u32 {
         Origin::Protected(_) => DIRECT,
         _ => CLASS_WHITELIST,
     }
+}
+
+/// `spec.protect` entries with ports: per entry, a link on destination and
+/// protocol into its own table of destination-port blocks, each sent to
+/// HTB's direct queue. Entries are few (at most 16), so a linear walk is fine.
+fn protect_port_prios(spec: &ValidSpec) -> Vec<Prio> {
+    let mut prios = Vec::new();
+    for v4 in [true, false] {
+        let (prio, protocol) = if v4 {
+            (PRIO_V4_PROTECT_PORTS, ETH_P_IP)
+        } else {
+            (PRIO_V6_PROTECT_PORTS, ETH_P_IPV6)
+        };
+        let mut tables = Vec::new();
+        let mut links = Vec::new();
+        let mut ports_nodes = Vec::new();
+        for (i, p) in spec.protect_ports.iter().enumerate() {
+            if p.net.network().is_ipv4() != v4 {
+                continue;
+            }
+            let table = table_protect_ports(i);
+            tables.push(HashTable {
+                handle: table,
+                divisor: 1,
+            });
+            for (proto, wants) in [
+                (IPPROTO_TCP, [Protocol::Tcp, Protocol::Any]),
+                (IPPROTO_UDP, [Protocol::Udp, Protocol::Any]),
+            ] {
+                if !wants.contains(&p.protocol) {
+                    continue;
+                }
+                let mut link = l4_link(v4, proto, table);
+                // The destination is matched before the link's `eat`, at its
+                // fixed offset in the IP header.
+                link.sel.keys.extend(dst_keys(&p.net));
+                link.origin = Origin::Link("protected ports");
+                links.push(link);
+            }
+            for (value, mask) in ports::blocks(p.first, p.last) {
+                ports_nodes.push(Node {
+                    table: Table::User(table),
+                    bucket: 0,
+                    id: None,
+                    sel: terminal(vec![Key {
+                        mask: u32::from(mask),
+                        val: u32::from(value),
+                        off: 0,
+                        offmask: 0,
+                    }]),
+                    classid: Some(DIRECT),
+                    link: None,
+                    origin: Origin::ProtectedPort(p.index),
+                });
+            }
+        }
+        if tables.is_empty() {
+            continue;
+        }
+        links.extend(ports_nodes);
+        prios.push(Prio {
+            prio,
+            protocol,
+            root_handle: None,
+            tables,
+            nodes: links,
+        });
+    }
+    prios
 }
 
 /// SSH replies (TCP from source port 22) bypass every class, so no guard can

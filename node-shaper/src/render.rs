@@ -58,6 +58,7 @@ fn comment(o: &Origin) -> String {
         Origin::Link(what) => format!("  # {what}"),
         Origin::Portless(what) => format!("  # spec.throttle.portless: {what}"),
         Origin::SshReplies => "  # spec.protectSshReplies: TCP source port 22, direct".to_string(),
+        Origin::ProtectedPort(i) => format!("  # spec.protect[{i}]: ports, direct"),
         Origin::Unknown => String::new(),
     }
 }

@@ -731,3 +731,48 @@ fn ssh_replies_and_the_api_server_are_never_cut_off() {
     assert!(ssh > 10e6, "SSH replies were capped: {ssh}");
     assert!(other < 0.15e6, "the throttle did not hold: {other}");
 }
+
+/// `spec.protect` with a port, in the real kernel: TCP 443 to one server is
+/// protected while TCP 443 is throttled, so that flow keeps the uplink and
+/// skips every class (HTB direct), while 443 to the other server stays at
+/// the throttle rate.
+#[test]
+fn a_protected_port_is_never_throttled_and_only_that_port() {
+    if !available() {
+        return;
+    }
+    let mut lab = Lab::new("pport");
+    lab.serve_on(Some(WHITE4), 443);
+    lab.serve_on(Some(SERVER4), 443);
+    let g = lab.write_guard(
+        "guard.yaml",
+        &format!(
+            "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {{name: t}}\nspec:\n  uplink: {{rate: 20Mbit, burst: 32k}}\n  throttle: {{rate: 1Mbit, burst: 4k, destinations: [{{protocol: TCP, port: 443}}]}}\n  protect:\n    - {{cidr: {WHITE4}/32, protocol: TCP, port: 443, reason: partner API}}\n"
+        ),
+    );
+    ok(&lab.shaper(&["apply", "-f", &g, "--interface", DEV, "--verify"]));
+    let e = ok(&lab.shaper(&["explain", "--interface", DEV, WHITE4, "--port", "443"]));
+    assert!(
+        e.starts_with(&format!(
+            "protected: {WHITE4} TCP port 443 matches spec.protect[0]"
+        )),
+        "{e}"
+    );
+    let before = class_packets(&lab, "e9:10");
+    let r = lab.measure(WHITE4, 443, 3, &[]);
+    let rate = l2_rate(r.goodput, false);
+    assert!(rate >= 0.85 * UPLINK, "protected port throttled: {rate}");
+    // A 20 Mbit/s flow for 3 s is thousands of packets; the namespace's own
+    // IPv6 housekeeping (MLD, with a hop-by-hop header: portless) adds a few.
+    let through = class_packets(&lab, "e9:10") - before;
+    assert!(
+        through < 50,
+        "the protected flow went through the throttled class ({through} packets)"
+    );
+    let t = lab.measure(SERVER4, 443, 4, &[]);
+    let trate = l2_rate(t.goodput, false);
+    assert!(
+        trate <= 1.1 * THROTTLE,
+        "the same port to another server escaped the throttle: {trate}"
+    );
+}

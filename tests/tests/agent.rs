@@ -296,6 +296,11 @@ fn api_server_enforces_the_crd_schema_cel_and_printer_columns() {
         "  uplink: {rate: 20mbps}\n  throttle: {rate: 1Mbit, destinations: [{port: 443}]}\n",
         "spec.uplink.rate: Invalid value: \"20mbps\": spec.uplink.rate in body should match",
     );
+    refused(
+        "protectport",
+        "  uplink: {rate: 20Mbit}\n  throttle: {rate: 1Mbit, destinations: [{port: 443}]}\n  protect: [{cidr: 192.0.2.1/32, endPort: 80}]\n",
+        "spec.protect[0]: Invalid value",
+    );
     // The CEL rule is evaluated by the server, with its message and field path.
     refused(
         "range",

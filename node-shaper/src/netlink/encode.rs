@@ -398,6 +398,7 @@ fn describe(node: &Node) -> String {
         Origin::Link(l) => format!("linking {l}"),
         Origin::Portless(what) => format!("spec.throttle.portless ({what})"),
         Origin::SshReplies => "spec.protectSshReplies (TCP source port 22)".to_string(),
+        Origin::ProtectedPort(i) => format!("for spec.protect[{i}] (ports)"),
         Origin::Unknown => "(restore)".to_string(),
     }
 }
