@@ -236,6 +236,25 @@ fn class_of(origin: &Origin) -> u32 {
     }
 }
 
+/// A node in a port table (keys relative to the transport header, after the
+/// link's `eat`): destination ports `(value, mask)` go to `classid`.
+fn port_node(table: u32, (value, mask): (u16, u16), classid: u32, origin: Origin) -> Node {
+    Node {
+        table: Table::User(table),
+        bucket: 0,
+        id: None,
+        sel: terminal(vec![Key {
+            mask: u32::from(mask),
+            val: u32::from(value),
+            off: 0,
+            offmask: 0,
+        }]),
+        classid: Some(classid),
+        link: None,
+        origin,
+    }
+}
+
 /// `spec.protect` entries with ports: per entry, a link on destination and
 /// protocol into its own table of destination-port blocks, each sent to
 /// HTB's direct queue. Entries are few (at most 16), so a linear walk is fine.
@@ -273,21 +292,13 @@ fn protect_port_prios(spec: &ValidSpec) -> Vec<Prio> {
                 link.origin = Origin::Link("protected ports");
                 links.push(link);
             }
-            for (value, mask) in ports::blocks(p.first, p.last) {
-                ports_nodes.push(Node {
-                    table: Table::User(table),
-                    bucket: 0,
-                    id: None,
-                    sel: terminal(vec![Key {
-                        mask: u32::from(mask),
-                        val: u32::from(value),
-                        off: 0,
-                        offmask: 0,
-                    }]),
-                    classid: Some(DIRECT),
-                    link: None,
-                    origin: Origin::ProtectedPort(p.index),
-                });
+            for block in ports::blocks(p.first, p.last) {
+                ports_nodes.push(port_node(
+                    table,
+                    block,
+                    DIRECT,
+                    Origin::ProtectedPort(p.index),
+                ));
             }
         }
         if tables.is_empty() {
@@ -597,24 +608,16 @@ fn throttle_prios(spec: &ValidSpec) -> Vec<Prio> {
                 .iter()
                 .filter(|d| wants.contains(&d.protocol))
             {
-                for (value, mask) in ports::blocks(d.first, d.last) {
-                    if !seen.insert((value, mask)) {
+                for block in ports::blocks(d.first, d.last) {
+                    if !seen.insert(block) {
                         continue;
                     }
-                    nodes.push(Node {
-                        table: Table::User(table),
-                        bucket: 0,
-                        id: None,
-                        sel: terminal(vec![Key {
-                            mask: u32::from(mask),
-                            val: u32::from(value),
-                            off: 0,
-                            offmask: 0,
-                        }]),
-                        classid: Some(CLASS_THROTTLED),
-                        link: None,
-                        origin: Origin::Destination(d.index),
-                    });
+                    nodes.push(port_node(
+                        table,
+                        block,
+                        CLASS_THROTTLED,
+                        Origin::Destination(d.index),
+                    ));
                 }
             }
             if nodes.is_empty() {
