@@ -1,6 +1,9 @@
-//! The EgressGuard operator. [`decide`] is the pure core (guards, nodes and
-//! control-plane endpoints in, one plan per node out); [`run`] is the process
-//! around it (watches, writes, status, events, finalizer, leader election).
+//! The EgressGuard operator. The decisions are pure: [`decide`] (guards, nodes
+//! and control-plane endpoints in, one plan per node out), [`evaluate`]
+//! (Prometheus answers in, Breach/OK/Unknown per node out) and [`quarantine`]
+//! (quarantines admitted, started and released). [`run`] and [`remediate`]
+//! are the process around them (watches, writes, status, Events, finalizers,
+//! leader election, the Prometheus client and the Alertmanager receiver).
 
 pub mod decide;
 pub mod evaluate;
