@@ -422,6 +422,7 @@ impl Drop for Flows {
     }
 }
 
+/// Mean of one flow's per-second rates over `[from, to)`.
 fn mean(samples: &[(f64, f64)], from: f64, to: f64) -> f64 {
     let v: Vec<f64> = samples
         .iter()
@@ -433,6 +434,18 @@ fn mean(samples: &[(f64, f64)], from: f64, to: f64) -> f64 {
     } else {
         v.iter().sum::<f64>() / v.len() as f64
     }
+}
+
+/// Mean rate of flows that may stop (the flood: several servers' samples
+/// together): everything received in `[from, to)` over the window's length,
+/// so seconds after the flows stopped count as 0.
+fn mean_over_window(samples: &[(f64, f64)], from: f64, to: f64) -> f64 {
+    let sum: f64 = samples
+        .iter()
+        .filter(|(t, _)| *t >= from && *t < to)
+        .map(|s| s.1)
+        .fold(0.0, |a, b| a + b);
+    sum / (to - from).max(1.0)
 }
 
 /// Per whole second: the sum of every sample in that second.
@@ -689,10 +702,6 @@ pub fn run_lab(
         let g = |s: &Samples| s.lock().unwrap_or_else(|p| p.into_inner()).clone();
         (g(&business), g(&flood), g(&other))
     };
-    let fs: Vec<(f64, f64)> = per_second(&f)
-        .into_iter()
-        .map(|(t, v)| (t as f64 + 0.5, v))
-        .collect();
     // Each phase without its first and last seconds (transitions).
     let phases = [
         ("before the flood", tl.guard_applied + 2.0, tl.flood_start),
@@ -717,7 +726,7 @@ pub fn run_lab(
                 to - from,
                 [
                     mean(&b, *from, *to),
-                    mean(&fs, *from, *to),
+                    mean_over_window(&f, *from, *to),
                     mean(&o, *from, *to),
                 ],
             )
