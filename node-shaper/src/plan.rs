@@ -236,6 +236,28 @@ fn class_of(origin: &Origin) -> u32 {
     }
 }
 
+/// A prio of link nodes (in its root table) and the port tables they link
+/// to; `None` when there are no tables.
+fn linked_prio(
+    prio: u16,
+    protocol: u16,
+    tables: Vec<HashTable>,
+    mut links: Vec<Node>,
+    ports_nodes: Vec<Node>,
+) -> Option<Prio> {
+    if tables.is_empty() {
+        return None;
+    }
+    links.extend(ports_nodes);
+    Some(Prio {
+        prio,
+        protocol,
+        root_handle: None,
+        tables,
+        nodes: links,
+    })
+}
+
 /// A node in a port table (keys relative to the transport header, after the
 /// link's `eat`): destination ports `(value, mask)` go to `classid`.
 fn port_node(table: u32, (value, mask): (u16, u16), classid: u32, origin: Origin) -> Node {
@@ -301,17 +323,7 @@ fn protect_port_prios(spec: &ValidSpec) -> Vec<Prio> {
                 ));
             }
         }
-        if tables.is_empty() {
-            continue;
-        }
-        links.extend(ports_nodes);
-        prios.push(Prio {
-            prio,
-            protocol,
-            root_handle: None,
-            tables,
-            nodes: links,
-        });
+        prios.extend(linked_prio(prio, protocol, tables, links, ports_nodes));
     }
     prios
 }
@@ -630,17 +642,7 @@ fn throttle_prios(spec: &ValidSpec) -> Vec<Prio> {
             links.push(l4_link(v4, proto, table));
             ports_nodes.extend(nodes);
         }
-        if tables.is_empty() {
-            continue;
-        }
-        links.extend(ports_nodes);
-        prios.push(Prio {
-            prio,
-            protocol,
-            root_handle: None,
-            tables,
-            nodes: links,
-        });
+        prios.extend(linked_prio(prio, protocol, tables, links, ports_nodes));
     }
     prios
 }

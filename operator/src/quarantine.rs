@@ -656,6 +656,15 @@ mod tests {
         Arc::new(o)
     }
 
+    /// A Released record of an `uplink` quarantine.
+    fn released(name: &str, node: &str, created: &str, at: &str) -> Arc<Quarantine> {
+        let mut o = (*q(name, node, "uplink", Some(Phase::Released), created)).clone();
+        if let Some(st) = o.status.as_mut() {
+            st.released_at = Some(Time(t(at)));
+        }
+        Arc::new(o)
+    }
+
     fn breach(since: &str) -> Signals {
         Signals {
             breach: Some(Breach {
@@ -806,17 +815,9 @@ mod tests {
         assert_eq!(active(&p), ["n1"]);
         // Released 2 minutes ago, cooldown 10m.
         let f = Fixture::new("");
-        let mut old = (*q(
-            "old",
-            "n1",
-            "uplink",
-            Some(Phase::Released),
-            "2026-11-23T09:00:00Z",
-        ))
-        .clone();
-        old.status.as_mut().unwrap().released_at = Some(Time(t("2026-11-23T10:03:00Z")));
+        let old = released("old", "n1", "2026-11-23T09:00:00Z", "2026-11-23T10:03:00Z");
         let p = f.run(
-            &[Arc::new(old)],
+            &[old],
             &[("n1", breach("2026-11-23T10:00:00Z"))],
             "2026-11-23T10:05:00Z",
         );
@@ -945,16 +946,8 @@ mod tests {
         assert!(active(&p).is_empty());
         assert_eq!(p.remove_finalizer, ["d"]);
         assert_eq!(reasons(&p), ["Released"]);
-        let mut old = (*q(
-            "old",
-            "n3",
-            "uplink",
-            Some(Phase::Released),
-            "2026-11-23T08:00:00Z",
-        ))
-        .clone();
-        old.status.as_mut().unwrap().released_at = Some(Time(t("2026-11-23T09:00:00Z")));
-        let p = f.run(&[Arc::new(old)], &[], "2026-11-23T12:00:00Z");
+        let old = released("old", "n3", "2026-11-23T08:00:00Z", "2026-11-23T09:00:00Z");
+        let p = f.run(&[old], &[], "2026-11-23T12:00:00Z");
         assert_eq!(p.delete, ["old"]);
     }
 }

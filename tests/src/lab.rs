@@ -526,16 +526,7 @@ pub fn run_lab(
         PORTS,
         &token_file,
     ));
-    let flags = [
-        "--prometheus-url".to_string(),
-        format!("http://127.0.0.1:{}", PORTS.prometheus),
-        "--evaluation-interval".into(),
-        "1s".into(),
-        "--webhook-addr".into(),
-        format!("127.0.0.1:{}", PORTS.receiver),
-        "--webhook-token-file".into(),
-        token_file.display().to_string(),
-    ];
+    let flags = monitoring::operator_flags(PORTS, &token_file);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     c.start_operator_with("lab", &flags);
     c.start_agent(1);

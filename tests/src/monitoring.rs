@@ -134,3 +134,19 @@ pub fn start_alertmanager(netns: &str, dir: &Path, ports: Ports, token_file: &Pa
         .spawn()
         .expect("alertmanager")
 }
+
+/// The operator's quarantine flags for a test or lab: Prometheus on
+/// `ports.prometheus`, evaluations every second, the receiver on
+/// `ports.receiver` with the token in `token_file`.
+pub fn operator_flags(ports: Ports, token_file: &Path) -> Vec<String> {
+    vec![
+        "--prometheus-url".into(),
+        format!("http://127.0.0.1:{}", ports.prometheus),
+        "--evaluation-interval".into(),
+        "1s".into(),
+        "--webhook-addr".into(),
+        format!("127.0.0.1:{}", ports.receiver),
+        "--webhook-token-file".into(),
+        token_file.display().to_string(),
+    ]
+}

@@ -119,21 +119,8 @@ impl Lab {
     }
 }
 
-fn operator_flags(token_file: &std::path::Path) -> Vec<String> {
-    vec![
-        "--prometheus-url".into(),
-        format!("http://127.0.0.1:{}", PORTS.prometheus),
-        "--evaluation-interval".into(),
-        "1s".into(),
-        "--webhook-addr".into(),
-        format!("127.0.0.1:{}", PORTS.receiver),
-        "--webhook-token-file".into(),
-        token_file.display().to_string(),
-    ]
-}
-
 fn start_operator(c: &mut Cluster, token_file: &std::path::Path, identity: &str) {
-    let flags = operator_flags(token_file);
+    let flags = monitoring::operator_flags(PORTS, token_file);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     c.start_operator_with(identity, &flags);
 }
