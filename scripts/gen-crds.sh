@@ -6,7 +6,7 @@ cargo run -q -p egressguard-operator -- crd > /tmp/egressguard-crds.$$.yaml
 python3 - /tmp/egressguard-crds.$$.yaml <<'PY'
 import sys
 docs = open(sys.argv[1]).read().split("---\n")
-names = ["crds/egressguard.io_egressguards.yaml", "crds/egressguard.io_nodeshapings.yaml", "crds/egressguard.io_quarantines.yaml"]
+names = ["crds/egressguard.io_egressguards.yaml", "crds/egressguard.io_nodeshapings.yaml", "crds/egressguard.io_quarantines.yaml", "crds/egressguard.io_cidrgroups.yaml"]
 for name, doc in zip(names, docs):
     open(name, "w").write(doc)
     # The Helm chart ships the same files.

@@ -37,6 +37,11 @@ pub struct EgressGuardSpec {
     /// Destination CIDRs that are never throttled and are served first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub whitelist: Vec<String>,
+    /// CIDRGroups whose networks join the whitelist, by name or label
+    /// selector. A reference that resolves to no group holds the guard's
+    /// plans where they are (condition `WhitelistResolved=False`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub whitelist_groups: Vec<crate::cidr_group::GroupRef>,
     /// How the operator enforces this guard.
     #[serde(default)]
     pub mode: Mode,

@@ -1,6 +1,7 @@
 //! The EgressGuard API (`egressguard.io/v1alpha1`): the custom resource, tc's
 //! units, and the one validation shared by the operator and node-shaper.
 
+pub mod cidr_group;
 pub mod guard;
 pub mod load;
 pub mod node_shaping;
@@ -8,6 +9,7 @@ pub mod quarantine;
 pub mod units;
 pub mod validate;
 
+pub use cidr_group::{CIDRGroup, CidrGroupSpec, GroupRef};
 pub use guard::{
     Destination, EgressGuard, EgressGuardSpec, EgressGuardStatus, Mode, NodeState, Protocol,
     Throttle, Uplink,

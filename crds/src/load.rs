@@ -44,6 +44,8 @@ pub enum Manifest {
     Guard(EgressGuard),
     /// The operator's plan for one node (what the agent enforces).
     NodeShaping(NodeShaping),
+    /// A list of networks guards whitelist by reference.
+    Group(crate::cidr_group::CIDRGroup),
 }
 
 fn read(path: &Path) -> Result<String, LoadError> {
@@ -59,7 +61,7 @@ pub fn load_file(path: &Path) -> Result<Vec<EgressGuard>, LoadError> {
         .into_iter()
         .filter_map(|m| match m {
             Manifest::Guard(g) => Some(g),
-            Manifest::NodeShaping(_) => None,
+            _ => None,
         })
         .collect();
     if guards.is_empty() {
@@ -70,7 +72,7 @@ pub fn load_file(path: &Path) -> Result<Vec<EgressGuard>, LoadError> {
     Ok(guards)
 }
 
-/// Loads every EgressGuard and NodeShaping in a YAML file.
+/// Loads every EgressGuard, NodeShaping and CIDRGroup in a YAML file.
 pub fn load_manifests(path: &Path) -> Result<Vec<Manifest>, LoadError> {
     let text = read(path)?;
     let found = parse_manifests(&text).map_err(|(doc, message)| LoadError::Parse {
@@ -92,7 +94,7 @@ pub fn parse_str(text: &str) -> Result<Vec<EgressGuard>, (usize, String)> {
         .into_iter()
         .filter_map(|m| match m {
             Manifest::Guard(g) => Some(g),
-            Manifest::NodeShaping(_) => None,
+            _ => None,
         })
         .collect())
 }
@@ -116,7 +118,7 @@ fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(
     Ok(obj)
 }
 
-/// Parses EgressGuards and NodeShapings from YAML text; other kinds are skipped.
+/// Parses EgressGuards, NodeShapings and CIDRGroups from YAML text; other kinds are skipped.
 pub fn parse_manifests(text: &str) -> Result<Vec<Manifest>, (usize, String)> {
     let mut out = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -133,7 +135,7 @@ pub fn parse_manifests(text: &str) -> Result<Vec<Manifest>, (usize, String)> {
             .get("kind")
             .and_then(Value::as_str)
             .unwrap_or_default();
-        if kind != "EgressGuard" && kind != "NodeShaping" {
+        if !matches!(kind, "EgressGuard" | "NodeShaping" | "CIDRGroup") {
             continue;
         }
         if api != "egressguard.io/v1alpha1" {
@@ -142,10 +144,10 @@ pub fn parse_manifests(text: &str) -> Result<Vec<Manifest>, (usize, String)> {
                 format!("apiVersion: {api:?} is not served; use egressguard.io/v1alpha1"),
             ));
         }
-        out.push(if kind == "EgressGuard" {
-            Manifest::Guard(typed(n, &value)?)
-        } else {
-            Manifest::NodeShaping(typed(n, &value)?)
+        out.push(match kind {
+            "EgressGuard" => Manifest::Guard(typed(n, &value)?),
+            "CIDRGroup" => Manifest::Group(typed(n, &value)?),
+            _ => Manifest::NodeShaping(typed(n, &value)?),
         });
     }
     Ok(out)

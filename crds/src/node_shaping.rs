@@ -9,6 +9,30 @@ use serde::{Deserialize, Serialize};
 
 use crate::guard::EgressGuardSpec;
 
+/// Reasons of the agent's NodeShaping conditions (the operator reads them
+/// back into the guard's per-node state).
+pub mod reasons {
+    /// The plan is in the kernel on every interface.
+    pub const ENFORCED: &str = "Enforced";
+    /// The plan asks for no shaping, and there is none.
+    pub const REMOVED: &str = "Removed";
+    /// DryRun: computed, not programmed.
+    pub const DRY_RUN: &str = "DryRun";
+    /// The kernel refused, or an interface is missing.
+    pub const APPLY_FAILED: &str = "ApplyFailed";
+    /// The plan does not validate; the kernel was left as it was.
+    pub const INVALID_PLAN: &str = "InvalidPlan";
+    /// Running with a fallback (e.g. pfifo leaves instead of sfq).
+    pub const FALLBACK: &str = "QdiscFallback";
+    /// The last apply rebuilt part of the tree (a brief disruption).
+    pub const REBUILT: &str = "Rebuilt";
+    /// The plan names a guard generation or CIDRGroup version the agent does
+    /// not hold yet; the kernel stays as it was until they arrive.
+    pub const WAITING: &str = "WaitingForInputs";
+    /// Nothing degraded.
+    pub const AS_PLANNED: &str = "AsPlanned";
+}
+
 /// The plan for one node.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -30,9 +54,16 @@ pub struct NodeShapingSpec {
     /// The guard the plan comes from; absent means "remove all shaping".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guard: Option<GuardRef>,
-    /// The guard's spec, copied so the agent never needs to read guards.
+    /// A spec carried inline (standalone files and hand-written plans). The
+    /// operator leaves it out: the agent reads the guard `guard` names, so a
+    /// plan stays small whatever the size of the guard's whitelist.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shaping: Option<EgressGuardSpec>,
+    /// The CIDRGroups the guard's `whitelistGroups` resolved to, with the
+    /// digest of each one's content. The agent enforces the plan only with
+    /// exactly these versions, so a node never runs a half-updated whitelist.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<ResolvedGroup>,
     /// Destinations the agent must never throttle, with why (control plane, other nodes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub protected: Vec<ProtectedEntry>,
@@ -53,6 +84,23 @@ pub struct GuardRef {
     /// `metadata.generation` of the guard.
     #[serde(default)]
     pub generation: i64,
+}
+
+/// One CIDRGroup a plan uses, at one content version.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedGroup {
+    /// Group name.
+    pub name: String,
+    /// [`crate::CidrGroupSpec::digest`] of the content the plan was made with.
+    pub digest: String,
+}
+
+impl NodeShapingSpec {
+    /// Does the plan ask for its node's shaping to be removed?
+    pub fn is_removal(&self) -> bool {
+        self.guard.is_none() && self.shaping.is_none()
+    }
 }
 
 /// A destination that is always whitelisted, and the reason.

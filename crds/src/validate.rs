@@ -63,8 +63,11 @@ pub struct PortRange {
 pub struct WhitelistEntry {
     /// The network, host bits clear.
     pub net: IpNet,
-    /// Index in `spec.whitelist`.
+    /// Index in `spec.whitelist`, or in the group's `spec.cidrs`.
     pub index: usize,
+    /// The CIDRGroup it comes from (an index into [`ValidSpec::groups`]);
+    /// `None` for the guard's own `spec.whitelist`.
+    pub group: Option<u32>,
 }
 
 /// A spec whose every field has been checked and parsed.
@@ -84,8 +87,10 @@ pub struct ValidSpec {
     pub throttle_burst: Option<Size>,
     /// Throttled destinations, in spec order.
     pub destinations: Vec<PortRange>,
-    /// Whitelisted networks, in spec order.
+    /// Whitelisted networks: `spec.whitelist` in order, then each group's.
     pub whitelist: Vec<WhitelistEntry>,
+    /// Names of the CIDRGroups whose entries [`ValidSpec::whitelist`] holds.
+    pub groups: Vec<String>,
     /// Throttle packets whose ports cannot be read (later fragments, IPv6
     /// extension headers), unless whitelisted or protected.
     pub throttle_portless: bool,
@@ -148,6 +153,85 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
         ));
     }
     Ok(net)
+}
+
+impl ValidSpec {
+    /// Adds a CIDRGroup's entries (already validated) to the whitelist.
+    pub fn add_group(&mut self, name: &str, nets: &[IpNet]) {
+        let g = self.groups.len() as u32;
+        self.groups.push(name.to_string());
+        self.whitelist.reserve(nets.len());
+        self.whitelist
+            .extend(nets.iter().enumerate().map(|(index, net)| WhitelistEntry {
+                net: *net,
+                index,
+                group: Some(g),
+            }));
+    }
+}
+
+/// The label-selector operators Kubernetes defines.
+const SELECTOR_OPERATORS: [&str; 4] = ["In", "NotIn", "Exists", "DoesNotExist"];
+
+/// Problems of a label selector, with paths under `path`: what the API
+/// server's own selector parsing would refuse.
+pub fn selector_problems(
+    sel: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    path: &str,
+) -> Vec<FieldError> {
+    let mut out = Vec::new();
+    for (i, e) in sel.match_expressions.iter().flatten().enumerate() {
+        let values = e.values.as_deref().unwrap_or_default();
+        let at = format!("{path}.matchExpressions[{i}]");
+        match e.operator.as_str() {
+            "In" | "NotIn" if values.is_empty() => out.push(FieldError {
+                path: format!("{at}.values"),
+                message: format!("must not be empty for operator {}", e.operator),
+            }),
+            "Exists" | "DoesNotExist" if !values.is_empty() => out.push(FieldError {
+                path: format!("{at}.values"),
+                message: format!("must be empty for operator {}", e.operator),
+            }),
+            op if !SELECTOR_OPERATORS.contains(&op) => out.push(FieldError {
+                path: format!("{at}.operator"),
+                message: format!("{op:?} is not one of In, NotIn, Exists, DoesNotExist"),
+            }),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Does `sel` match `labels`? An empty selector matches everything. An
+/// unknown operator is an error (see [`selector_problems`]).
+pub fn selects(
+    sel: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Result<bool, String> {
+    if let Some(ml) = &sel.match_labels {
+        if ml.iter().any(|(k, v)| labels.get(k) != Some(v)) {
+            return Ok(false);
+        }
+    }
+    for (i, e) in sel.match_expressions.iter().flatten().enumerate() {
+        let values = e.values.as_deref().unwrap_or_default();
+        let have = labels.get(&e.key);
+        let ok = match e.operator.as_str() {
+            "In" => have.is_some_and(|v| values.contains(v)),
+            "NotIn" => !have.is_some_and(|v| values.contains(v)),
+            "Exists" => have.is_some(),
+            "DoesNotExist" => have.is_none(),
+            other => {
+                return Err(format!(
+                    "matchExpressions[{i}].operator: {other:?} is not one of In, NotIn, Exists, DoesNotExist"
+                ))
+            }
+        };
+        if !ok {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 struct Collector(Vec<FieldError>);
@@ -340,7 +424,11 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
     let mut whitelist = Vec::new();
     for (i, s) in spec.whitelist.iter().enumerate() {
         match parse_cidr(s) {
-            Ok(net) => whitelist.push(WhitelistEntry { net, index: i }),
+            Ok(net) => whitelist.push(WhitelistEntry {
+                net,
+                index: i,
+                group: None,
+            }),
             Err(m) => c.push(format!("spec.whitelist[{i}]"), m),
         }
     }
@@ -402,6 +490,11 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
         );
     }
 
+    if let Some(sel) = &spec.node_selector {
+        c.0.extend(selector_problems(sel, "spec.nodeSelector"));
+    }
+    c.0.extend(crate::cidr_group::check_refs(&spec.whitelist_groups));
+
     if let Err(errs) = crate::quarantine::rules(spec.quarantine.as_ref(), spec.mode) {
         c.0.extend(errs);
     }
@@ -431,6 +524,7 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
             throttle_burst,
             destinations,
             whitelist,
+            groups: Vec::new(),
             throttle_portless: spec.throttle.portless == crate::guard::PortlessPolicy::Throttle,
             protect_ssh_replies: spec.protect_ssh_replies.unwrap_or(true),
             protect,

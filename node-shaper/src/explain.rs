@@ -90,14 +90,19 @@ pub fn explain(
                 });
             format!("protected: {dst} {proto} port {port} matches spec.protect[{i}], {what}; never throttled and held to no class or rate (HTB direct queue)")
         }
-        (Some(Origin::Whitelist(i)), Some(s)) => {
+        (Some(Origin::Whitelist { group, index }), Some(s)) => {
+            let g = group
+                .as_deref()
+                .and_then(|g| s.groups.iter().position(|n| n == g))
+                .map(|g| g as u32);
             let net = s
                 .whitelist
                 .iter()
-                .find(|e| e.index == i)
+                .find(|e| e.index == index && e.group == g)
                 .map(|e| e.net.to_string())
                 .unwrap_or_default();
-            format!("whitelist: destination {dst} is inside {net}, spec.whitelist[{i}]; never throttled, served first")
+            let field = Origin::whitelist_field(group.as_deref(), index);
+            format!("whitelist: destination {dst} is inside {net}, {field}; never throttled, served first")
         }
         (Some(Origin::Destination(i)), Some(s)) => {
             let d = s.destinations.iter().find(|d| d.index == i);

@@ -161,17 +161,34 @@ fn runtime<E: Into<anyhow::Error>>(e: E) -> Failure {
     Failure::Runtime(e.into())
 }
 
-/// Loads the one EgressGuard or NodeShaping in `file` and validates it.
+/// Loads the one EgressGuard or NodeShaping in `file`, with the CIDRGroups
+/// the same file holds, and validates it.
 fn load_one(file: &Path) -> Result<Target, Failure> {
     let found = load_manifests(file).map_err(input)?;
-    if found.len() > 1 {
-        return Err(input(anyhow::anyhow!(
-            "{}: holds {} EgressGuard/NodeShaping documents; node-shaper applies one at a time",
+    let (groups, plans): (Vec<_>, Vec<_>) = found
+        .iter()
+        .partition(|m| matches!(m, egressguard_crds::load::Manifest::Group(_)));
+    let groups: Vec<&egressguard_crds::CIDRGroup> = groups
+        .into_iter()
+        .filter_map(|m| match m {
+            egressguard_crds::load::Manifest::Group(g) => Some(g),
+            _ => None,
+        })
+        .collect();
+    match plans.as_slice() {
+        [one] => Target::from_manifest(one, &groups)
+            .map_err(|e| input(anyhow::anyhow!("{}: {e}", file.display()))),
+        [] => Err(input(anyhow::anyhow!(
+            "{}: holds no EgressGuard or NodeShaping, only {} CIDRGroup(s); add the guard that references them",
             file.display(),
-            found.len()
-        )));
+            groups.len()
+        ))),
+        many => Err(input(anyhow::anyhow!(
+            "{}: holds {} EgressGuard/NodeShaping documents; node-shaper applies one at a time (CIDRGroups may join it)",
+            file.display(),
+            many.len()
+        ))),
     }
-    Target::from_manifest(&found[0]).map_err(|e| input(anyhow::anyhow!("{}: {e}", file.display())))
 }
 
 fn netlink() -> Result<Netlink, Failure> {

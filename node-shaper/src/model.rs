@@ -121,14 +121,30 @@ pub struct Selector {
     pub keys: Vec<Key>,
 }
 
+impl Origin {
+    /// Where a whitelist entry is written: `spec.whitelist[3]` or
+    /// `CIDRGroup payment-partners[17]`.
+    pub fn whitelist_field(group: Option<&str>, index: usize) -> String {
+        match group {
+            Some(g) => format!("CIDRGroup {g}[{index}]"),
+            None => format!("spec.whitelist[{index}]"),
+        }
+    }
+}
+
 /// Why a filter node exists, so `explain` can answer in spec terms.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub enum Origin {
     /// Observed in the kernel; provenance unknown until matched with a plan.
     #[default]
     Unknown,
-    /// `spec.whitelist[i]`.
-    Whitelist(usize),
+    /// `spec.whitelist[index]`, or `spec.cidrs[index]` of CIDRGroup `group`.
+    Whitelist {
+        /// The CIDRGroup, or `None` for the guard's own list.
+        group: Option<std::sync::Arc<str>>,
+        /// Index in that list.
+        index: usize,
+    },
     /// The i-th protected destination (control plane, other nodes).
     Protected(usize),
     /// `spec.throttle.destinations[i]`.

@@ -373,6 +373,7 @@ fn whitelist_prios(spec: &ValidSpec, protected: &[Protected]) -> Vec<Prio> {
     // Protected entries first, then the user's; a network listed twice
     // collapses to its first mention.
     let mut seen = BTreeSet::new();
+    let groups: Vec<std::sync::Arc<str>> = spec.groups.iter().map(|g| g.as_str().into()).collect();
     let entries: Vec<Entry> = protected
         .iter()
         .enumerate()
@@ -382,7 +383,10 @@ fn whitelist_prios(spec: &ValidSpec, protected: &[Protected]) -> Vec<Prio> {
         })
         .chain(spec.whitelist.iter().map(|e| Entry {
             net: e.net,
-            origin: Origin::Whitelist(e.index),
+            origin: Origin::Whitelist {
+                group: e.group.and_then(|g| groups.get(g as usize).cloned()),
+                index: e.index,
+            },
         }))
         .filter(|e| seen.insert(e.net))
         .collect();

@@ -52,7 +52,9 @@ fn selector_words(sel: &Selector) -> String {
 
 fn comment(o: &Origin) -> String {
     match o {
-        Origin::Whitelist(i) => format!("  # spec.whitelist[{i}]"),
+        Origin::Whitelist { group, index } => {
+            format!("  # {}", Origin::whitelist_field(group.as_deref(), *index))
+        }
         Origin::Protected(i) => format!("  # protected[{i}]"),
         Origin::Destination(i) => format!("  # spec.throttle.destinations[{i}]"),
         Origin::Link(what) => format!("  # {what}"),

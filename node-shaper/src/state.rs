@@ -23,10 +23,12 @@ pub fn path(iface: &str) -> PathBuf {
 pub fn remember(iface: &Interface, target: &Target) {
     let write = || -> Result<(), Box<dyn std::error::Error>> {
         std::fs::create_dir_all(dir())?;
-        std::fs::write(
-            path(&iface.name),
-            serde_yaml::to_string(&target.to_node_shaping(&iface.name))?,
-        )?;
+        let mut text = serde_yaml::to_string(&target.to_node_shaping(&iface.name))?;
+        for g in target.group_objects() {
+            text.push_str("---\n");
+            text.push_str(&serde_yaml::to_string(&g)?);
+        }
+        std::fs::write(path(&iface.name), text)?;
         Ok(())
     };
     if let Err(e) = write() {

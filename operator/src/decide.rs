@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use egressguard_crds::node_shaping::{GuardRef, NodeShapingSpec, ProtectedEntry};
+use egressguard_crds::node_shaping::{GuardRef, NodeShapingSpec, ProtectedEntry, ResolvedGroup};
 use egressguard_crds::{validate, EgressGuard, Mode};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
@@ -138,8 +138,80 @@ pub struct GuardOutcome {
     pub planned: Vec<String>,
     /// Nodes lost to an older guard.
     pub conflicts: Vec<Conflict>,
-    /// Why the guard plans nothing at all, if it does not.
-    pub invalid: Option<String>,
+    /// Why the guard plans nothing new, if it does not.
+    pub held: Option<Held>,
+}
+
+/// Why a guard plans nothing new. While held, the nodes keep the plans the
+/// guard last wrote (removing them would fail open), and get no new ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Held {
+    /// The guard is being deleted: its plans are being removed.
+    Deleting,
+    /// The spec fails validation (every problem, one per line).
+    Invalid(String),
+    /// A `whitelistGroups` reference resolves to no group, or a group it
+    /// resolves to is invalid: enforcing a smaller whitelist would throttle
+    /// traffic the owner meant to allow.
+    Unresolved(String),
+}
+
+/// What the operator knows about one CIDRGroup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupFacts {
+    /// Its labels (selectors match them).
+    pub labels: BTreeMap<String, String>,
+    /// Its content digest, or why its content is invalid.
+    pub digest: Result<String, String>,
+}
+
+impl GroupFacts {
+    /// Facts of a group object.
+    pub fn of(g: &egressguard_crds::CIDRGroup) -> GroupFacts {
+        GroupFacts {
+            labels: g.metadata.labels.clone().unwrap_or_default(),
+            digest: match g.spec.validate() {
+                Ok(_) => Ok(g.spec.digest()),
+                Err(e) => Err(e.to_string()),
+            },
+        }
+    }
+}
+
+/// The groups a guard's `whitelistGroups` resolve to, with their digests;
+/// every unresolved reference or invalid group in words otherwise.
+pub fn resolve_groups(
+    spec: &egressguard_crds::EgressGuardSpec,
+    groups: &BTreeMap<String, GroupFacts>,
+) -> Result<Vec<ResolvedGroup>, String> {
+    if spec.whitelist_groups.is_empty() {
+        return Ok(vec![]);
+    }
+    let names = egressguard_crds::cidr_group::resolve(
+        &spec.whitelist_groups,
+        groups.iter().map(|(n, f)| (n.as_str(), &f.labels)),
+    )
+    .map_err(|e| egressguard_crds::ValidationErrors(e).to_string())?;
+    let mut out = Vec::new();
+    let mut bad = Vec::new();
+    for name in names {
+        match groups.get(&name).map(|f| &f.digest) {
+            Some(Ok(digest)) => out.push(ResolvedGroup {
+                name,
+                digest: digest.clone(),
+            }),
+            Some(Err(e)) => bad.push(format!(
+                "CIDRGroup {name} is invalid: {}",
+                e.replace('\n', "; ")
+            )),
+            None => bad.push(format!("CIDRGroup {name} does not exist")),
+        }
+    }
+    if bad.is_empty() {
+        Ok(out)
+    } else {
+        Err(bad.join("\n"))
+    }
 }
 
 /// The decision for the whole cluster.
@@ -156,31 +228,11 @@ pub fn selects(
     selector: Option<&LabelSelector>,
     labels: &BTreeMap<String, String>,
 ) -> Result<bool, String> {
-    let Some(sel) = selector else { return Ok(true) };
-    if let Some(ml) = &sel.match_labels {
-        if ml.iter().any(|(k, v)| labels.get(k) != Some(v)) {
-            return Ok(false);
-        }
+    match selector {
+        None => Ok(true),
+        Some(sel) => egressguard_crds::validate::selects(sel, labels)
+            .map_err(|e| format!("spec.nodeSelector.{e}")),
     }
-    for (i, e) in sel.match_expressions.iter().flatten().enumerate() {
-        let values = e.values.clone().unwrap_or_default();
-        let have = labels.get(&e.key);
-        let ok = match e.operator.as_str() {
-            "In" => have.is_some_and(|v| values.contains(v)),
-            "NotIn" => !have.is_some_and(|v| values.contains(v)),
-            "Exists" => have.is_some(),
-            "DoesNotExist" => have.is_none(),
-            other => {
-                return Err(format!(
-                    "spec.nodeSelector.matchExpressions[{i}].operator: {other:?} is not one of In, NotIn, Exists, DoesNotExist"
-                ))
-            }
-        };
-        if !ok {
-            return Ok(false);
-        }
-    }
-    Ok(true)
 }
 
 fn host_cidr(ip: &IpAddr) -> String {
@@ -283,6 +335,8 @@ pub struct Extras {
     /// Protected on every node (the Prometheus server whose metrics release
     /// quarantines: throttling its scrapes would blind the release).
     pub protected: Vec<ProtectedEntry>,
+    /// The CIDRGroups that exist, by name.
+    pub groups: BTreeMap<String, GroupFacts>,
 }
 
 /// [`decide`], with quarantines and extra protected destinations.
@@ -306,20 +360,18 @@ pub fn decide_with(
         let name = g.metadata.name.clone().unwrap_or_default();
         let out = d.guards.entry(name.clone()).or_default();
         if g.metadata.deletion_timestamp.is_some() {
-            out.invalid = Some("being deleted".into());
+            out.held = Some(Held::Deleting);
             continue;
         }
-        let problem = validate(&g.spec).err().map(|e| e.to_string()).or_else(|| {
-            // A bad operator makes the guard invalid whatever the nodes' labels are.
-            g.spec.node_selector.as_ref().and_then(|sel| {
-                sel.match_expressions.iter().flatten().enumerate().find_map(|(i, e)| {
-                    (!matches!(e.operator.as_str(), "In" | "NotIn" | "Exists" | "DoesNotExist")).then(|| {
-                        format!("spec.nodeSelector.matchExpressions[{i}].operator: {:?} is not one of In, NotIn, Exists, DoesNotExist", e.operator)
-                    })
-                })
-            })
-        });
-        if let Some(e) = problem {
+        // The shared validation also refuses a bad selector operator, so the
+        // guard is invalid whatever the nodes' labels are.
+        let problem = match validate(&g.spec) {
+            Err(e) => Some(Held::Invalid(e.to_string())),
+            Ok(_) => resolve_groups(&g.spec, &extras.groups)
+                .err()
+                .map(Held::Unresolved),
+        };
+        if let Some(held) = problem {
             // Fail safe: an edit the validation refuses keeps the plans the
             // last valid generation wrote; removing them would fail open.
             let uid = g.metadata.uid.clone().unwrap_or_default();
@@ -330,16 +382,17 @@ pub fn decide_with(
                     d.plans.insert(node.to_string(), spec.clone());
                 }
             }
-            out.invalid = Some(e);
+            out.held = Some(held);
             continue;
         }
+        let groups = resolve_groups(&g.spec, &extras.groups).unwrap_or_default();
         let mut selected = Vec::new();
         for n in nodes {
             match selects(g.spec.node_selector.as_ref(), &n.labels) {
                 Ok(true) => selected.push(n),
                 Ok(false) => {}
                 Err(e) => {
-                    out.invalid = Some(e);
+                    out.held = Some(Held::Invalid(e));
                     selected.clear();
                     break;
                 }
@@ -384,7 +437,8 @@ pub fn decide_with(
                         uid: g.metadata.uid.clone().unwrap_or_default(),
                         generation: g.metadata.generation.unwrap_or_default(),
                     }),
-                    shaping: Some(g.spec.clone()),
+                    shaping: None,
+                    groups: groups.clone(),
                     protected: protected.into_iter().collect(),
                     enforce,
                 },
@@ -560,11 +614,137 @@ mod tests {
             Some(Time("2026-03-01T00:00:00Z".parse().expect("time")));
         let d = decide(&[bad, gone], &nodes(), &API, &BTreeMap::new());
         assert!(d.plans.is_empty());
-        assert!(d.guards["bad"]
-            .invalid
-            .as_deref()
-            .is_some_and(|m| m.starts_with("spec.throttle.rate: \"1mbps\" uses \"mbps\"")));
-        assert_eq!(d.guards["gone"].invalid.as_deref(), Some("being deleted"));
+        assert!(matches!(&d.guards["bad"].held,
+            Some(Held::Invalid(m)) if m.starts_with("spec.throttle.rate: \"1mbps\" uses \"mbps\"")));
+        assert_eq!(d.guards["gone"].held, Some(Held::Deleting));
+    }
+
+    fn group(cidrs: &[&str], labels: &[(&str, &str)]) -> GroupFacts {
+        GroupFacts::of(&egressguard_crds::CIDRGroup {
+            metadata: kube::api::ObjectMeta {
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            spec: egressguard_crds::CidrGroupSpec {
+                cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
+            },
+        })
+    }
+
+    fn with_groups(groups: &[(&str, GroupFacts)]) -> Extras {
+        Extras {
+            groups: groups
+                .iter()
+                .map(|(n, f)| (n.to_string(), f.clone()))
+                .collect(),
+            ..Extras::default()
+        }
+    }
+
+    #[test]
+    fn plans_name_groups_by_digest_not_by_copy() {
+        let g = guard(
+            "idc",
+            "2026-01-01T00:00:00Z",
+            "  whitelistGroups:\n  - name: payment-partners\n  - selector: {matchLabels: {egressguard.io/whitelist: business}}\n",
+        );
+        let partners = group(&["198.51.100.0/24"], &[]);
+        let cdn = group(
+            &["192.0.2.0/24"],
+            &[("egressguard.io/whitelist", "business")],
+        );
+        let extras = with_groups(&[("payment-partners", partners.clone()), ("cdn", cdn.clone())]);
+        let d = decide_with(
+            std::slice::from_ref(&g),
+            &nodes(),
+            &API,
+            &BTreeMap::new(),
+            &extras,
+        );
+        let plan = &d.plans["a1"];
+        assert_eq!(plan.shaping, None, "the plan must not copy the guard");
+        let named: Vec<(&str, &str)> = plan
+            .groups
+            .iter()
+            .map(|r| (r.name.as_str(), r.digest.as_str()))
+            .collect();
+        let (pd, cd) = (
+            partners.digest.clone().expect("valid"),
+            cdn.digest.clone().expect("valid"),
+        );
+        assert_eq!(
+            named,
+            [("cdn", cd.as_str()), ("payment-partners", pd.as_str())]
+        );
+
+        // One group edit changes only that group's digest in the plans.
+        let edited = group(&["198.51.100.0/24", "203.0.113.0/24"], &[]);
+        let extras2 = with_groups(&[("payment-partners", edited.clone()), ("cdn", cdn)]);
+        let d2 = decide_with(&[g], &nodes(), &API, &BTreeMap::new(), &extras2);
+        assert_eq!(
+            d2.plans["a1"].groups[1].digest,
+            edited.digest.expect("valid")
+        );
+        assert_eq!(d2.plans["a1"].groups[0], plan.groups[0]);
+    }
+
+    #[test]
+    fn an_unresolved_group_holds_the_plans_where_they_are() {
+        let g = guard(
+            "idc",
+            "2026-01-01T00:00:00Z",
+            "  whitelistGroups:\n  - name: payment-partners\n",
+        );
+        // A new guard with a missing group plans nothing: a smaller
+        // whitelist would throttle traffic its owner meant to allow.
+        let d = decide_with(
+            std::slice::from_ref(&g),
+            &nodes(),
+            &API,
+            &BTreeMap::new(),
+            &Extras::default(),
+        );
+        assert!(d.plans.is_empty());
+        assert_eq!(
+            d.guards["idc"].held,
+            Some(Held::Unresolved(
+                "spec.whitelistGroups[0].name: CIDRGroup \"payment-partners\" does not exist; create it (kubectl apply -f) or fix the name".into()
+            ))
+        );
+        // Once it resolved, losing the group keeps what the nodes had.
+        let ok = with_groups(&[("payment-partners", group(&["198.51.100.0/24"], &[]))]);
+        let before = decide_with(
+            std::slice::from_ref(&g),
+            &nodes(),
+            &API,
+            &BTreeMap::new(),
+            &ok,
+        );
+        let current: BTreeMap<&str, &NodeShapingSpec> =
+            before.plans.iter().map(|(n, s)| (n.as_str(), s)).collect();
+        let after = decide_with(
+            std::slice::from_ref(&g),
+            &nodes(),
+            &API,
+            &current,
+            &Extras::default(),
+        );
+        assert_eq!(after.plans, before.plans);
+        // So does a group edited into an invalid list, and the reason names the entry.
+        let bad = with_groups(&[("payment-partners", group(&["198.51.100.1/24"], &[]))]);
+        let after = decide_with(&[g], &nodes(), &API, &current, &bad);
+        assert_eq!(after.plans, before.plans);
+        assert_eq!(
+            after.guards["idc"].held,
+            Some(Held::Unresolved(
+                "CIDRGroup payment-partners is invalid: spec.cidrs[0]: 198.51.100.1/24 has host bits set; the network is 198.51.100.0/24".into()
+            ))
+        );
     }
 
     #[test]
@@ -593,6 +773,7 @@ mod tests {
                 cidr: "10.9.9.9/32".into(),
                 reason: "Prometheus".into(),
             }],
+            ..Extras::default()
         };
         let d = decide_with(&[auto], &nodes(), &API, &BTreeMap::new(), &extras);
         let enforced: Vec<&str> = d
@@ -628,7 +809,7 @@ mod tests {
         let current = before.plans.iter().map(|(n, p)| (n.as_str(), p)).collect();
         let after = decide(&[bad], &nodes(), &API, &current);
         assert_eq!(after.plans, before.plans, "an invalid edit removed shaping");
-        assert!(after.guards["idc"].invalid.is_some());
+        assert!(matches!(after.guards["idc"].held, Some(Held::Invalid(_))));
         assert_eq!(after.guards["idc"].planned, vec!["a1", "a2"]);
         // Another guard's plans are not adopted.
         let mut other = guard("other", "2026-01-01T00:00:00Z", "");

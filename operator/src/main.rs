@@ -168,13 +168,14 @@ fn validate_path(path: &Path) -> Result<usize, String> {
     Ok(bad)
 }
 
-/// Both CRDs as one multi-document YAML stream.
+/// Every CRD as one multi-document YAML stream.
 fn crds_yaml() -> Result<String, serde_yaml::Error> {
     Ok(format!(
-        "{}---\n{}---\n{}",
+        "{}---\n{}---\n{}---\n{}",
         serde_yaml::to_string(&EgressGuard::crd())?,
         serde_yaml::to_string(&egressguard_crds::NodeShaping::crd())?,
-        serde_yaml::to_string(&egressguard_crds::Quarantine::crd())?
+        serde_yaml::to_string(&egressguard_crds::Quarantine::crd())?,
+        serde_yaml::to_string(&egressguard_crds::CIDRGroup::crd())?
     ))
 }
 

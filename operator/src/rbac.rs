@@ -22,6 +22,8 @@ pub const OPERATOR_CLUSTER: &[Rule] = &[
         &["list", "watch", "create", "patch", "delete"],
     ),
     ("", "nodes", &["list", "watch"]),
+    // reflector: the guards' whitelistGroups resolve against it.
+    ("egressguard.io", "cidrgroups", &["list", "watch"]),
     // reflector; the receiver stores alerts as Pending objects (create) and
     // reads them (get); the leader starts them (create), adds and removes the
     // release finalizer (patch) and deletes records past their retention.
@@ -47,9 +49,12 @@ pub const OPERATOR_OWN_NS: &[Rule] = &[(
 )];
 
 /// Cluster-wide calls of `node-shaper run`: a field-selected watch of its
-/// own NodeShaping and status patches.
+/// own NodeShaping and status patches, and field-selected watches of the
+/// guard and the CIDRGroups its plan names (read-only).
 pub const AGENT_CLUSTER: &[Rule] = &[
     ("egressguard.io", "nodeshapings", &["list", "watch"]),
+    ("egressguard.io", "egressguards", &["list", "watch"]),
+    ("egressguard.io", "cidrgroups", &["list", "watch"]),
     ("egressguard.io", "nodeshapings/status", &["patch"]),
 ];
 

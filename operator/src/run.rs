@@ -16,7 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use egressguard_crds::node_shaping::NodeShapingSpec;
+use egressguard_crds::node_shaping::{reasons, NodeShapingSpec};
 use egressguard_crds::{
     EgressGuard, EgressGuardStatus, Mode, NodeShaping, NodeState, Phase, Quarantine,
 };
@@ -33,7 +33,7 @@ use kube::{Client, Resource, ResourceExt};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::decide::{decide_with, Decision, Extras, NodeFacts};
+use crate::decide::{decide_with, Decision, Extras, GroupFacts, Held, NodeFacts};
 use crate::evaluate::NodeIndex;
 use crate::leader::Leader;
 use crate::quarantine::{GuardFacts, World};
@@ -126,6 +126,7 @@ struct Caches {
     shapings: Store<NodeShaping>,
     slices: Store<EndpointSlice>,
     quarantines: Store<Quarantine>,
+    groups: Store<egressguard_crds::CIDRGroup>,
 }
 
 fn spawn_reflector<K>(api: Api<K>, cfg: watcher::Config, notify: Arc<Notify>) -> Store<K>
@@ -195,7 +196,11 @@ fn node_state(ns: Option<&NodeShaping>, guard: &EgressGuard) -> NodeState {
     let observed = st.and_then(|s| s.observed_generation) == ns.metadata.generation;
     let ready = st.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
     let (state, message) = match ready {
-        Some(c) if current && observed && c.status == "True" && c.reason == "DryRun" => {
+        // The agent has the plan but not yet the guard or groups it names.
+        Some(c) if current && observed && c.reason == reasons::WAITING => {
+            ("Pending", c.message.clone())
+        }
+        Some(c) if current && observed && c.status == "True" && c.reason == reasons::DRY_RUN => {
             ("DryRun", c.message.clone())
         }
         Some(c) if current && observed && c.status == "True" => ("Enforced", String::new()),
@@ -288,21 +293,18 @@ pub fn guard_status(
     let dry_run = nodes.iter().filter(|n| n.state == "DryRun").count();
     let failed: Vec<&NodeState> = nodes.iter().filter(|n| n.state == "Failed").collect();
     let pending = nodes.iter().filter(|n| n.state == "Pending").count();
-    let conditions = if let Some(why) = &out.invalid {
-        vec![
-            cond(
-                "Ready",
-                false,
-                if why == "being deleted" {
-                    "Deleting"
-                } else {
-                    "InvalidSpec"
-                },
-                why.clone(),
-                gen,
-                prev,
+    let conditions = if let Some(held) = &out.held {
+        let (reason, why) = match held {
+            Held::Deleting => ("Deleting", "being deleted".to_string()),
+            Held::Invalid(why) => ("InvalidSpec", why.clone()),
+            Held::Unresolved(why) => (
+                "WhitelistUnresolved",
+                format!("{why}\nnodes keep the plans they had; nodes without one get none until every reference resolves"),
             ),
-            cond("Degraded", true, "InvalidSpec", why.clone(), gen, prev),
+        };
+        vec![
+            cond("Ready", false, reason, why.clone(), gen, prev),
+            cond("Degraded", true, reason, why, gen, prev),
             cond("Conflict", false, "NoConflict", String::new(), gen, prev),
         ]
     } else {
@@ -380,6 +382,26 @@ pub fn guard_status(
         ]
     };
     let mut conditions = conditions;
+    if !g.spec.whitelist_groups.is_empty() {
+        conditions.push(match &out.held {
+            Some(Held::Unresolved(why)) => cond(
+                "WhitelistResolved",
+                false,
+                "GroupUnresolved",
+                why.clone(),
+                gen,
+                prev,
+            ),
+            _ => cond(
+                "WhitelistResolved",
+                true,
+                "Resolved",
+                "every whitelistGroups reference resolves to valid CIDRGroups".into(),
+                gen,
+                prev,
+            ),
+        });
+    }
     if let Some(m) = &q.metrics {
         conditions.push(match m {
             Ok(()) => cond(
@@ -418,6 +440,7 @@ fn removal(node: &str) -> NodeShapingSpec {
         node_name: node.into(),
         guard: None,
         shaping: None,
+        groups: vec![],
         protected: vec![],
         enforce: false,
     }
@@ -427,7 +450,7 @@ fn removal(node: &str) -> NodeShapingSpec {
 /// nothing is enforced, no removal failed, and it says Ready.
 fn removal_confirmed(ns: &NodeShaping) -> bool {
     let st = ns.status.as_ref();
-    ns.spec.shaping.is_none()
+    ns.spec.is_removal()
         && st.and_then(|s| s.observed_generation) == ns.metadata.generation
         && st.is_some_and(|s| {
             s.interfaces
@@ -562,6 +585,13 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
                 reason: "Prometheus (its scrapes release quarantines)".into(),
             })
             .into_iter()
+            .collect(),
+        groups: ctx
+            .caches
+            .groups
+            .state()
+            .iter()
+            .map(|g| (g.name_any(), GroupFacts::of(g)))
             .collect(),
     };
     let before = decide_with(&guards, &nodes, &endpoints, &current, &extras);
@@ -959,6 +989,11 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
             watcher::Config::default(),
             notify.clone(),
         ),
+        groups: spawn_reflector(
+            Api::<egressguard_crds::CIDRGroup>::all(client.clone()),
+            watcher::Config::default(),
+            notify.clone(),
+        ),
     };
     let recorder = Recorder::new(
         client.clone(),
@@ -1047,7 +1082,8 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
             && ctx.caches.nodes.wait_until_ready().await.is_ok()
             && ctx.caches.shapings.wait_until_ready().await.is_ok()
             && ctx.caches.slices.wait_until_ready().await.is_ok()
-            && ctx.caches.quarantines.wait_until_ready().await.is_ok();
+            && ctx.caches.quarantines.wait_until_ready().await.is_ok()
+            && ctx.caches.groups.wait_until_ready().await.is_ok();
         if !ready {
             continue;
         }

@@ -21,6 +21,10 @@ fn committed_crd_yaml_is_current() {
             "crds/egressguard.io_quarantines.yaml",
             egressguard_crds::Quarantine::crd(),
         ),
+        (
+            "crds/egressguard.io_cidrgroups.yaml",
+            egressguard_crds::CIDRGroup::crd(),
+        ),
     ] {
         let path = root().join(file);
         let committed = std::fs::read_to_string(&path).unwrap_or_default();

@@ -277,6 +277,8 @@ fn chart_ships_the_generated_crds() {
     for f in [
         "egressguard.io_egressguards.yaml",
         "egressguard.io_nodeshapings.yaml",
+        "egressguard.io_quarantines.yaml",
+        "egressguard.io_cidrgroups.yaml",
     ] {
         let chart = std::fs::read_to_string(root().join("charts/egressguard/crds").join(f))
             .unwrap_or_default();

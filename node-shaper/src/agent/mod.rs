@@ -1,9 +1,10 @@
 //! `node-shaper run`: the DaemonSet agent.
 //!
-//! It watches only its own node's `NodeShaping` (field selector on the name),
-//! reconciles the kernel on every change and every resync period (repairing
-//! drift such as a hand-typed `tc qdisc del`), writes what it did to the
-//! object's status, and serves `/metrics`, `/healthz` and `/readyz`.
+//! It watches only its own node's `NodeShaping` (field selector on the name)
+//! and the guard and CIDRGroups that plan names ([`inputs`]), reconciles the
+//! kernel on every change and every resync period (repairing drift such as
+//! a hand-typed `tc qdisc del`), writes what it did to the object's status,
+//! and serves `/metrics`, `/healthz` and `/readyz`.
 //!
 //! # Guarantees
 //! - Shaping is removed only when the plan says so: the object asks for
@@ -14,6 +15,7 @@
 //!   uninstalled): then nothing would ever remove the shaping, so it does.
 
 mod http;
+pub mod inputs;
 mod metrics;
 mod reconcile;
 pub mod status;
@@ -193,6 +195,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut ticker = tokio::time::interval(cfg.resync);
+    let mut inputs = inputs::Inputs::new(client.clone());
+    let inputs_changed = inputs.changed();
     let mut memory = Memory {
         own_protected,
         ..Memory::default()
@@ -203,11 +207,12 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     loop {
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { break },
+            _ = inputs_changed.notified() => {}
             _ = ticker.tick() => {}
             _ = sigterm.recv() => {
                 if uninstalled(&client, cfg.daemonset.as_ref()).await {
                     info!("SIGTERM and this agent's DaemonSet is gone: the chart was uninstalled; removing shaping so no node stays shaped with nothing to manage it");
-                    let out = reconcile(&cfg.node, None, &mut memory);
+                    let out = reconcile(&inputs::Input::Remove, &mut memory);
                     for i in &out.interfaces {
                         info!(interface = %i.name, error = ?i.error, "shaping removed on uninstall");
                     }
@@ -229,7 +234,10 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         // a pass takes milliseconds, and a second thread would get its own
         // malloc arena that keeps a big plan's peak allocation resident,
         // costing several MiB of idle RSS on a 10,000-entry plan.
-        let outcome = reconcile(&cfg.node, current.as_ref(), &mut memory);
+        inputs.follow(current.as_ref());
+        let input = inputs::input_for(current.as_ref(), &inputs.held(), &memory.own_protected);
+        let outcome = reconcile(&input, &mut memory);
+        drop(input);
         let reconciled = current;
         {
             let mut s = shared.lock().unwrap_or_else(|p| p.into_inner());

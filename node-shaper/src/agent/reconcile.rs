@@ -1,18 +1,17 @@
-//! One reconcile pass: NodeShaping (or its absence) → kernel. Blocking
-//! (netlink), run on a blocking thread.
+//! One reconcile pass: what the plan asks for ([`Input`]) → kernel.
+//! Blocking (netlink).
 
 use std::collections::BTreeSet;
 
 use egressguard_crds::node_shaping::{ClassCounters, InterfaceStatus};
-use egressguard_crds::NodeShaping;
 use tracing::{info, warn};
 
+use super::inputs::Input;
 use crate::engine::{self, ApplyOptions};
 use crate::iface::{self, Interface};
 use crate::layout::Role;
 use crate::netlink::{class_counters, observe, Netlink, RootState};
 use crate::plan::{plan_protected, LeafChoice};
-use crate::target::Target;
 
 /// What the agent remembers between passes.
 #[derive(Debug, Default)]
@@ -40,6 +39,9 @@ pub struct Outcome {
     pub removed: bool,
     /// DryRun: what would be programmed.
     pub dry_run: Option<String>,
+    /// The plan's guard or groups are not at the versions it names yet:
+    /// what is missing. The kernel was left as it was.
+    pub waiting: Option<String>,
     /// The pass wrote to the kernel.
     pub wrote: bool,
     /// When the pass finished (RFC 3339).
@@ -116,8 +118,8 @@ fn remove(
     failed
 }
 
-/// Drives the kernel to what `ns` asks for on node `node`.
-pub fn reconcile(node: &str, ns: Option<&NodeShaping>, mem: &mut Memory) -> Outcome {
+/// Drives the kernel to what `input` asks for.
+pub fn reconcile(input: &Input, mem: &mut Memory) -> Outcome {
     let mut out = Outcome {
         at: k8s_openapi::jiff::Timestamp::now().to_string(),
         ..Outcome::default()
@@ -136,30 +138,34 @@ pub fn reconcile(node: &str, ns: Option<&NodeShaping>, mem: &mut Memory) -> Outc
             .collect();
         mem.scanned = true;
     }
-    let spec = ns.map(|n| &n.spec);
-    out.guard = spec.and_then(|s| s.guard.as_ref()).map(|g| g.name.clone());
-    let target = match spec.and_then(|s| s.shaping.as_ref().map(|sh| (s, sh))) {
-        None => {
+    let (target, enforce) = match input {
+        Input::Remove => {
             out.removed = true;
             let names = std::mem::take(&mut mem.shaped);
             mem.shaped = remove(&mut nl, names, &mut out);
             return out;
         }
-        Some((s, shaping)) => match Target::new(
-            node,
-            shaping,
-            &[s.protected.as_slice(), mem.own_protected.as_slice()].concat(),
-        ) {
-            Ok(t) => t,
-            Err(e) => {
-                // An invalid plan never touches the kernel: what runs stays.
-                out.error = Some(format!("invalid plan, kernel left unchanged:\n{e}"));
-                warn!(error = %e, "invalid NodeShaping; kernel left unchanged");
-                return out;
-            }
-        },
+        // Neither a plan that does not validate nor one whose inputs have
+        // not arrived touches the kernel: what runs stays.
+        Input::Invalid(e) => {
+            out.error = Some(e.clone());
+            warn!(error = %e, "invalid NodeShaping; kernel left unchanged");
+            return out;
+        }
+        Input::Waiting(why) => {
+            out.waiting = Some(format!("{why}; kernel left unchanged until it arrives"));
+            info!(waiting = %why, "plan not enforceable yet; kernel left unchanged");
+            return out;
+        }
+        Input::Shape {
+            guard,
+            target,
+            enforce,
+        } => {
+            out.guard = guard.clone();
+            (target.as_ref(), *enforce)
+        }
     };
-    let enforce = spec.is_some_and(|s| s.enforce);
     let ifaces = match iface::resolve(None, target.valid.interfaces.as_deref()) {
         Ok(i) => i,
         Err(e) => {
@@ -191,10 +197,10 @@ pub fn reconcile(node: &str, ns: Option<&NodeShaping>, mem: &mut Memory) -> Outc
         mem.shaped.remove(&s);
     }
     for i in &ifaces {
-        match engine::apply(&mut nl, i, &target, ApplyOptions::default()) {
+        match engine::apply(&mut nl, i, target, ApplyOptions::default()) {
             Ok(r) => {
                 mem.shaped.insert(i.name.clone());
-                crate::state::remember(i, &target);
+                crate::state::remember(i, target);
                 out.wrote |= r.writes > 0;
                 out.interfaces.push(InterfaceStatus {
                     name: i.name.clone(),

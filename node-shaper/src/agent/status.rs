@@ -6,25 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use super::Outcome;
 
-/// Condition reasons.
-pub mod reasons {
-    /// The plan is in the kernel on every interface.
-    pub const ENFORCED: &str = "Enforced";
-    /// The plan asks for no shaping, and there is none.
-    pub const REMOVED: &str = "Removed";
-    /// DryRun: computed, not programmed.
-    pub const DRY_RUN: &str = "DryRun";
-    /// The kernel refused, or an interface is missing.
-    pub const APPLY_FAILED: &str = "ApplyFailed";
-    /// The plan does not validate; the kernel was left as it was.
-    pub const INVALID_PLAN: &str = "InvalidPlan";
-    /// Running with a fallback (e.g. pfifo leaves instead of sfq).
-    pub const FALLBACK: &str = "QdiscFallback";
-    /// The last apply rebuilt part of the tree (a brief disruption).
-    pub const REBUILT: &str = "Rebuilt";
-    /// Nothing degraded.
-    pub const AS_PLANNED: &str = "AsPlanned";
-}
+pub use egressguard_crds::node_shaping::reasons;
 
 fn condition(
     type_: &str,
@@ -65,7 +47,9 @@ pub fn status_for(
         .filter_map(|i| i.error.as_ref().map(|e| format!("{}: {e}", i.name)))
         .chain(outcome.error.clone())
         .collect();
-    let (ready, reason, message) = if let Some(e) = &outcome.error {
+    let (ready, reason, message) = if let Some(w) = &outcome.waiting {
+        (false, reasons::WAITING, w.clone())
+    } else if let Some(e) = &outcome.error {
         let r = if e.starts_with("invalid plan") {
             reasons::INVALID_PLAN
         } else {
@@ -100,7 +84,9 @@ pub fn status_for(
         .iter()
         .filter_map(|i| i.rebuilt.as_ref().map(|r| format!("{}: {r}", i.name)))
         .collect();
-    let (degraded, dreason, dmsg) = if !failed.is_empty() || outcome.error.is_some() {
+    let (degraded, dreason, dmsg) = if outcome.waiting.is_some() {
+        (false, reasons::AS_PLANNED, String::new())
+    } else if !failed.is_empty() || outcome.error.is_some() {
         (true, reason, message.clone())
     } else if !rebuilt.is_empty() {
         (true, reasons::REBUILT, rebuilt.join("; "))

@@ -391,8 +391,10 @@ pub fn encode(op: &Op, ifindex: i32, dev: &str) -> Request {
 }
 
 fn describe(node: &Node) -> String {
-    match node.origin {
-        Origin::Whitelist(i) => format!("for spec.whitelist[{i}]"),
+    match &node.origin {
+        Origin::Whitelist { group, index } => {
+            format!("for {}", Origin::whitelist_field(group.as_deref(), *index))
+        }
         Origin::Protected(i) => format!("for protected[{i}]"),
         Origin::Destination(i) => format!("for spec.throttle.destinations[{i}]"),
         Origin::Link(l) => format!("linking {l}"),

@@ -1,0 +1,315 @@
+//! The guard and CIDRGroups this node's plan names, held by watches scoped
+//! to exactly those names (one field-selected watch each): an agent reads
+//! what its node enforces and nothing else, and a group edit reaches it as
+//! one watch event.
+//!
+//! [`input_for`] turns the plan and what is held into what to do, purely:
+//! a plan is enforced only with the guard generation and the group digests
+//! it names, so a node never runs a half-updated whitelist.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use egressguard_crds::node_shaping::ProtectedEntry;
+use egressguard_crds::{CIDRGroup, EgressGuard, NodeShaping};
+use futures::StreamExt;
+use ipnet::IpNet;
+use kube::api::Api;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::Resource;
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+use crate::target::{GroupEntries, Target};
+
+/// A CIDRGroup as the agent keeps it: parsed on arrival, so the object's
+/// strings are not kept alongside the networks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeldGroup {
+    /// [`egressguard_crds::CidrGroupSpec::digest`] of what arrived.
+    pub digest: String,
+    /// The networks, or why the group is invalid.
+    pub entries: Result<Vec<IpNet>, String>,
+}
+
+impl HeldGroup {
+    /// Parses a group object.
+    pub fn of(g: &CIDRGroup) -> HeldGroup {
+        HeldGroup {
+            digest: g.spec.digest(),
+            entries: g.spec.validate().map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// What the watches hold. A name is absent until its watch has listed;
+/// `None` means listed and not found.
+#[derive(Debug, Default)]
+pub struct Held {
+    /// Guards by name.
+    pub guards: BTreeMap<String, Option<EgressGuard>>,
+    /// CIDRGroups by name.
+    pub groups: BTreeMap<String, Option<HeldGroup>>,
+}
+
+/// What one reconcile pass must do.
+#[derive(Debug)]
+pub enum Input {
+    /// No plan, or a plan asking for removal: remove our shaping.
+    Remove,
+    /// The plan's inputs are not at the versions it names: leave the kernel.
+    Waiting(String),
+    /// The plan cannot be enforced as written: leave the kernel.
+    Invalid(String),
+    /// Shape (or, `enforce` false, report what would be shaped).
+    Shape {
+        /// Guard the plan comes from.
+        guard: Option<String>,
+        /// What to program.
+        target: Box<Target>,
+        /// Program it (false: DryRun, or Auto while not quarantined).
+        enforce: bool,
+    },
+}
+
+/// The input for a pass: plan `ns` with what is `held`. Pure.
+pub fn input_for(ns: Option<&NodeShaping>, held: &Held, own: &[ProtectedEntry]) -> Input {
+    let Some(ns) = ns.filter(|n| !n.spec.is_removal()) else {
+        return Input::Remove;
+    };
+    let spec = &ns.spec;
+    let node = spec.node_name.as_str();
+    let protected = [spec.protected.as_slice(), own].concat();
+    let guard_name = spec.guard.as_ref().map(|g| g.name.clone());
+    let built = match (&spec.shaping, &spec.guard) {
+        // A plan that carries its spec (hand-written, or an older operator).
+        (Some(shaping), _) => Target::new(node, shaping, &protected),
+        (None, Some(want)) => {
+            let guard = match held.guards.get(&want.name) {
+                None => return Input::Waiting(format!("reading EgressGuard {}", want.name)),
+                Some(None) => {
+                    return Input::Waiting(format!(
+                        "EgressGuard {} named by the plan does not exist",
+                        want.name
+                    ))
+                }
+                Some(Some(g)) => g,
+            };
+            let (uid, gen) = (
+                guard.metadata.uid.as_deref().unwrap_or_default(),
+                guard.metadata.generation.unwrap_or_default(),
+            );
+            if uid != want.uid || gen != want.generation {
+                return Input::Waiting(format!(
+                    "EgressGuard {} is at generation {gen}; the plan was made from generation {}",
+                    want.name, want.generation
+                ));
+            }
+            let mut entries: Vec<GroupEntries<'_>> = Vec::with_capacity(spec.groups.len());
+            for r in &spec.groups {
+                let g = match held.groups.get(&r.name) {
+                    None => return Input::Waiting(format!("reading CIDRGroup {}", r.name)),
+                    Some(None) => {
+                        return Input::Waiting(format!(
+                            "CIDRGroup {} named by the plan does not exist",
+                            r.name
+                        ))
+                    }
+                    Some(Some(g)) => g,
+                };
+                if g.digest != r.digest {
+                    return Input::Waiting(format!(
+                        "CIDRGroup {} holds {}; the plan was made from {}",
+                        r.name, g.digest, r.digest
+                    ));
+                }
+                match &g.entries {
+                    Ok(nets) => entries.push((r.name.as_str(), nets.as_slice())),
+                    Err(e) => {
+                        return Input::Invalid(format!(
+                            "invalid plan, kernel left unchanged:\nCIDRGroup {}: {e}",
+                            r.name
+                        ))
+                    }
+                }
+            }
+            Target::with_groups(node, &guard.spec, &protected, &entries)
+        }
+        (None, None) => return Input::Remove,
+    };
+    match built {
+        Ok(t) => Input::Shape {
+            guard: guard_name,
+            target: Box::new(t),
+            enforce: spec.enforce,
+        },
+        Err(e) => Input::Invalid(format!("invalid plan, kernel left unchanged:\n{e}")),
+    }
+}
+
+/// Keeps one watch per guard and group name the current plan names.
+pub struct Inputs {
+    client: kube::Client,
+    held: Arc<Mutex<Held>>,
+    changed: Arc<Notify>,
+    guards: BTreeMap<String, JoinHandle<()>>,
+    groups: BTreeMap<String, JoinHandle<()>>,
+}
+
+impl Inputs {
+    /// No watches yet.
+    pub fn new(client: kube::Client) -> Inputs {
+        Inputs {
+            client,
+            held: Arc::default(),
+            changed: Arc::new(Notify::new()),
+            guards: BTreeMap::new(),
+            groups: BTreeMap::new(),
+        }
+    }
+
+    /// Woken whenever a watched object arrives, changes or goes.
+    pub fn changed(&self) -> Arc<Notify> {
+        self.changed.clone()
+    }
+
+    /// What the watches hold now.
+    pub fn held(&self) -> MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Watches exactly the inputs `ns` names: starts the missing watches,
+    /// stops (and forgets) the ones no longer named.
+    pub fn follow(&mut self, ns: Option<&NodeShaping>) {
+        let spec = ns.map(|n| &n.spec).filter(|s| s.shaping.is_none());
+        let guards: Vec<String> = spec
+            .and_then(|s| s.guard.as_ref())
+            .map(|g| g.name.clone())
+            .into_iter()
+            .collect();
+        let groups: Vec<String> = spec
+            .map(|s| s.groups.iter().map(|g| g.name.clone()).collect())
+            .unwrap_or_default();
+        let (client, held, changed) = (&self.client, &self.held, &self.changed);
+        sync(
+            &mut self.guards,
+            &guards,
+            held,
+            |h| &mut h.guards,
+            |name| {
+                let held = held.clone();
+                let key = name.to_string();
+                spawn_watch(
+                    Api::<EgressGuard>::all(client.clone()),
+                    name,
+                    changed.clone(),
+                    move |g| {
+                        lock(&held).guards.insert(key.clone(), g);
+                    },
+                )
+            },
+        );
+        sync(
+            &mut self.groups,
+            &groups,
+            held,
+            |h| &mut h.groups,
+            |name| {
+                let held = held.clone();
+                let key = name.to_string();
+                spawn_watch(
+                    Api::<CIDRGroup>::all(client.clone()),
+                    name,
+                    changed.clone(),
+                    move |g: Option<CIDRGroup>| {
+                        let parsed = g.as_ref().map(HeldGroup::of);
+                        lock(&held).groups.insert(key.clone(), parsed);
+                    },
+                )
+            },
+        );
+    }
+}
+
+impl Drop for Inputs {
+    fn drop(&mut self) {
+        for t in self.guards.values().chain(self.groups.values()) {
+            t.abort();
+        }
+    }
+}
+
+fn lock(held: &Mutex<Held>) -> MutexGuard<'_, Held> {
+    held.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Makes `tasks` watch exactly `want`; a stopped watch's object is forgotten.
+fn sync<V>(
+    tasks: &mut BTreeMap<String, JoinHandle<()>>,
+    want: &[String],
+    held: &Mutex<Held>,
+    slot: impl Fn(&mut Held) -> &mut BTreeMap<String, Option<V>>,
+    start: impl Fn(&str) -> JoinHandle<()>,
+) {
+    let stale: Vec<String> = tasks
+        .keys()
+        .filter(|k| !want.contains(k))
+        .cloned()
+        .collect();
+    for k in stale {
+        if let Some(t) = tasks.remove(&k) {
+            t.abort();
+        }
+        slot(&mut lock(held)).remove(&k);
+    }
+    for w in want {
+        if !tasks.contains_key(w) {
+            tasks.insert(w.clone(), start(w));
+        }
+    }
+}
+
+/// Watches one object by name; `store` gets it (or `None` when it is absent)
+/// after every complete list and every change.
+fn spawn_watch<K>(
+    api: Api<K>,
+    name: &str,
+    changed: Arc<Notify>,
+    store: impl Fn(Option<K>) + Send + 'static,
+) -> JoinHandle<()>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    K::DynamicType: Default,
+{
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let what = format!("{} {name}", K::kind(&K::DynamicType::default()));
+    tokio::spawn(async move {
+        let stream = watcher::watcher(api, cfg).default_backoff();
+        let mut stream = std::pin::pin!(stream);
+        let mut listing: Option<K> = None;
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(Event::Init) => {
+                    listing = None;
+                    continue;
+                }
+                Ok(Event::InitApply(o)) => {
+                    listing = Some(o);
+                    continue;
+                }
+                Ok(Event::InitDone) => store(listing.take()),
+                Ok(Event::Apply(o)) => store(Some(o)),
+                Ok(Event::Delete(_)) => store(None),
+                Err(e) => {
+                    warn!(watch = %what, error = %e, "watch failed; retrying with backoff");
+                    continue;
+                }
+            }
+            changed.notify_one();
+        }
+    })
+}
