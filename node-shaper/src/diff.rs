@@ -141,6 +141,7 @@ struct Phases {
     leaves: Vec<Op>,
     tables: Vec<Op>,
     user_nodes: Vec<Op>,
+    user_links: Vec<Op>,
     root_nodes: Vec<Op>,
     node_dels: Vec<Op>,
     table_dels: Vec<Op>,
@@ -219,6 +220,7 @@ pub fn diff_rebuilding(observed: &Shape, desired: &Shape, rebuild: &BTreeSet<u16
         leaves,
         tables,
         user_nodes,
+        user_links,
         root_nodes,
         node_dels,
         table_dels,
@@ -226,8 +228,8 @@ pub fn diff_rebuilding(observed: &Shape, desired: &Shape, rebuild: &BTreeSet<u16
         class_dels,
     } = ph;
     [
-        sweeps, pre, root, classes, leaves, tables, user_nodes, root_nodes, node_dels, table_dels,
-        prio_dels, class_dels,
+        sweeps, pre, root, classes, leaves, tables, user_nodes, user_links, root_nodes, node_dels,
+        table_dels, prio_dels, class_dels,
     ]
     .into_iter()
     .flatten()
@@ -447,6 +449,12 @@ fn diff_prio(obs: Option<&Prio>, p: &Prio, ph: &mut Phases) {
                 },
                 ..
             } => ph.root_nodes.push(op),
+            // A link inside a table (a spilled bucket) goes in after the
+            // entries of the table it leads to.
+            Op::AddNode {
+                node: Node { link: Some(_), .. },
+                ..
+            } => ph.user_links.push(op),
             _ => ph.user_nodes.push(op),
         }
     }

@@ -14,9 +14,11 @@
 //!   prio 5      ip    spec.protect entries with ports: dst + proto -> table 240:+i, dport -> e9:0
 //!   prio 6      ipv6  the same for IPv6
 //!   prio 10     ip    whitelist /0-/7, linear in the root table
-//!   prio 11-14  ip    whitelist /8-15, /16-23, /24-31, /32: tables 101:-104:, 256 buckets on dst byte 1..4
+//!   prio 11-14  ip    whitelist /8-15, /16-23, /24-31, /32: tables 101:-104:, 256 buckets on dst byte 1..4;
+//!                     a bucket of over 4,000 entries spills into 131:-134:, hashed on the byte before
 //!   prio 20     ipv6  whitelist /0-/15, linear
-//!   prio 21-25  ipv6  whitelist /16-31, /32-47, /48-63, /64-127, /128: tables 111:-115:, on dst byte 2,4,6,8,16
+//!   prio 21-25  ipv6  whitelist /16-31, /32-47, /48-63, /64-127, /128: tables 111:-115:, on dst byte 2,4,6,8,16;
+//!                     spill tables 141:-145:
 //!   prio 30     ip    SSH replies: TCP source port 22 -> e9:0 (direct), via table 220:
 //!   prio 31     ipv6  SSH replies, via table 221:
 //!   prio 40     ip    throttle: link on proto (+ IHL, non-fragment) to 200: (tcp) / 201: (udp)
@@ -143,7 +145,15 @@ pub struct HashGroup {
     pub byte: usize,
     /// Shortest prefix in the group.
     pub min_len: u8,
+    /// Second-level table for buckets too full for one u32 bucket, hashed
+    /// on the byte before `byte`.
+    pub spill: u32,
 }
+
+/// A bucket holding more whitelist entries than this moves them all into
+/// the group's spill table (a u32 bucket holds at most 4094 nodes: 12-bit
+/// ids, 0 and 0xfff reserved), and keeps one link node to it.
+pub const SPILL_AT: usize = 4000;
 
 const fn table(htid: u32) -> u32 {
     htid << 20
@@ -154,24 +164,28 @@ pub const V4_GROUPS: [HashGroup; 4] = [
     HashGroup {
         prio: 11,
         table: table(0x101),
+        spill: table(0x131),
         byte: 0,
         min_len: 8,
     },
     HashGroup {
         prio: 12,
         table: table(0x102),
+        spill: table(0x132),
         byte: 1,
         min_len: 16,
     },
     HashGroup {
         prio: 13,
         table: table(0x103),
+        spill: table(0x133),
         byte: 2,
         min_len: 24,
     },
     HashGroup {
         prio: 14,
         table: table(0x104),
+        spill: table(0x134),
         byte: 3,
         min_len: 32,
     },
@@ -182,30 +196,35 @@ pub const V6_GROUPS: [HashGroup; 5] = [
     HashGroup {
         prio: 21,
         table: table(0x111),
+        spill: table(0x141),
         byte: 1,
         min_len: 16,
     },
     HashGroup {
         prio: 22,
         table: table(0x112),
+        spill: table(0x142),
         byte: 3,
         min_len: 32,
     },
     HashGroup {
         prio: 23,
         table: table(0x113),
+        spill: table(0x143),
         byte: 5,
         min_len: 48,
     },
     HashGroup {
         prio: 24,
         table: table(0x114),
+        spill: table(0x144),
         byte: 7,
         min_len: 64,
     },
     HashGroup {
         prio: 25,
         table: table(0x115),
+        spill: table(0x145),
         byte: 15,
         min_len: 128,
     },

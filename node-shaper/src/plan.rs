@@ -211,6 +211,32 @@ fn addr_byte(net: &IpNet, byte: usize) -> u8 {
     }
 }
 
+/// A node that matches every packet and continues in `to`, at the bucket
+/// destination byte `byte` picks. After a miss there, u32 resumes after
+/// this node (it is not terminal).
+fn hash_link(table: Table, bucket: u8, v4: bool, byte: usize, to: u32) -> Node {
+    let (hoff, hmask) = hash_key(v4, byte);
+    Node {
+        table,
+        bucket,
+        id: None,
+        sel: Selector {
+            hoff,
+            hmask,
+            keys: vec![Key {
+                mask: 0,
+                val: 0,
+                off: 0,
+                offmask: 0,
+            }],
+            ..Selector::default()
+        },
+        classid: None,
+        link: Some(to),
+        origin: Origin::Link("whitelist hash"),
+    }
+}
+
 /// A destination that must never be throttled whatever the guard says
 /// (the control plane, the other nodes), with the reason shown to users.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -431,43 +457,52 @@ fn whitelist_prios(spec: &ValidSpec, protected: &[Protected]) -> Vec<Prio> {
             if members.is_empty() {
                 continue;
             }
-            let (hoff, hmask) = hash_key(v4, g.byte);
-            let mut nodes = vec![Node {
-                table: Table::Root,
-                bucket: 0,
-                id: None,
-                sel: Selector {
-                    hoff,
-                    hmask,
-                    keys: vec![Key {
-                        mask: 0,
-                        val: 0,
-                        off: 0,
-                        offmask: 0,
-                    }],
-                    ..Selector::default()
-                },
-                classid: None,
-                link: Some(g.table),
-                origin: Origin::Link("whitelist hash"),
+            let mut nodes = vec![hash_link(Table::Root, 0, v4, g.byte, g.table)];
+            let mut tables = vec![HashTable {
+                handle: g.table,
+                divisor: 256,
             }];
-            nodes.extend(members.iter().map(|e| Node {
-                table: Table::User(g.table),
-                bucket: addr_byte(&e.net, g.byte),
-                id: None,
-                sel: terminal(dst_keys(&e.net)),
-                classid: Some(class_of(&e.origin)),
-                link: None,
-                origin: e.origin.clone(),
+            // Buckets too full for u32's 12-bit node ids move whole into the
+            // spill table, keyed on the byte before (always covered by the
+            // prefix too), behind one link node in their first-level bucket.
+            let mut per_bucket = [0usize; 256];
+            for e in &members {
+                per_bucket[usize::from(addr_byte(&e.net, g.byte))] += 1;
+            }
+            let spills = |b: u8| g.byte > 0 && per_bucket[usize::from(b)] > SPILL_AT;
+            if (0..=255u8).any(spills) {
+                tables.push(HashTable {
+                    handle: g.spill,
+                    divisor: 256,
+                });
+            }
+            nodes.extend(members.iter().map(|e| {
+                let first = addr_byte(&e.net, g.byte);
+                let (table, bucket) = if spills(first) {
+                    (g.spill, addr_byte(&e.net, g.byte - 1))
+                } else {
+                    (g.table, first)
+                };
+                Node {
+                    table: Table::User(table),
+                    bucket,
+                    id: None,
+                    sel: terminal(dst_keys(&e.net)),
+                    classid: Some(class_of(&e.origin)),
+                    link: None,
+                    origin: e.origin.clone(),
+                }
             }));
+            nodes.extend(
+                (0..=255u8)
+                    .filter(|b| spills(*b))
+                    .map(|b| hash_link(Table::User(g.table), b, v4, g.byte - 1, g.spill)),
+            );
             prios.push(Prio {
                 prio: g.prio,
                 protocol: proto,
                 root_handle: None,
-                tables: vec![HashTable {
-                    handle: g.table,
-                    divisor: 256,
-                }],
+                tables,
                 nodes,
             });
         }

@@ -776,3 +776,69 @@ fn a_protected_port_is_never_throttled_and_only_that_port() {
         "the same port to another server escaped the throttle: {trate}"
     );
 }
+
+/// Standalone mode with a CIDRGroup, and a bucket beyond u32's 4,094 node
+/// ids: 5,000 host routes ending in .3 (as the whitelisted server's address
+/// does) land in one bucket of the /32 table, which spills into its
+/// second-level table. The kernel accepts it, the server stays whitelisted
+/// (at the uplink rate on a throttled port), `explain` names the group
+/// entry, and a second apply changes nothing.
+#[test]
+fn a_cidr_group_beyond_one_buckets_capacity_spills_and_still_whitelists() {
+    if !available() {
+        return;
+    }
+    let mut lab = Lab::new("spill");
+    lab.serve_on(Some(WHITE4), 443);
+    let mut cidrs: Vec<String> = (0..5000u32)
+        .map(|i| format!("10.{}.{}.3/32", 100 + i / 256, i % 256))
+        .collect();
+    cidrs.push(format!("{WHITE4}/32"));
+    let file = format!(
+        "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {{name: t}}\nspec:\n  uplink: {{rate: 20Mbit, burst: 32k}}\n  throttle: {{rate: 1Mbit, burst: 4k, destinations: [{{port: 443}}]}}\n  whitelistGroups: [{{name: partners}}]\n---\napiVersion: egressguard.io/v1alpha1\nkind: CIDRGroup\nmetadata: {{name: partners}}\nspec:\n  cidrs: [{}]\n",
+        cidrs.join(", ")
+    );
+    let f = lab.write_guard("g.yaml", &file);
+    ok(&lab.shaper(&["apply", "-f", &f, "--interface", DEV, "--verify"]));
+    let filters = String::from_utf8_lossy(
+        &lab.in_cli(&[
+            "tc", "filter", "show", "dev", DEV, "parent", "e9:", "prio", "14",
+        ])
+        .stdout,
+    )
+    .into_owned();
+    assert!(
+        filters.contains("ht divisor 256") && filters.contains("134:"),
+        "no spill table:\n{}",
+        &filters[..filters.len().min(2000)]
+    );
+    let e = ok(&lab.shaper(&["explain", "--interface", DEV, WHITE4, "--port", "443"]));
+    assert!(
+        e.starts_with(&format!(
+            "whitelist: destination {WHITE4} is inside {WHITE4}/32, CIDRGroup partners[5000]"
+        )),
+        "{e}"
+    );
+    let again = ok(&lab.shaper(&["apply", "-f", &f, "--interface", DEV, "--verify"]));
+    assert!(again.contains("already enforced, no changes"), "{again}");
+    let r = lab.measure(WHITE4, 443, 3, &[]);
+    let rate = l2_rate(r.goodput, false);
+    assert!(
+        rate >= 0.85 * UPLINK,
+        "whitelisted server throttled: {rate}"
+    );
+    // The group shrinks back under the threshold: the spill table goes.
+    let small = file.replace(&cidrs[..3000].join(", "), "10.99.0.3/32");
+    let f2 = lab.write_guard("g2.yaml", &small);
+    ok(&lab.shaper(&["apply", "-f", &f2, "--interface", DEV, "--verify"]));
+    let filters = String::from_utf8_lossy(
+        &lab.in_cli(&[
+            "tc", "filter", "show", "dev", DEV, "parent", "e9:", "prio", "14",
+        ])
+        .stdout,
+    )
+    .into_owned();
+    assert!(!filters.contains("134:"), "spill table left behind");
+    let e = ok(&lab.shaper(&["explain", "--interface", DEV, WHITE4, "--port", "443"]));
+    assert!(e.contains("CIDRGroup partners[2001]"), "{e}");
+}

@@ -453,15 +453,61 @@ fn plan_prints_reviewable_tc_commands() {
 }
 
 #[test]
-fn buckets_that_overflow_u32_node_ids_are_reported() {
-    // 5,000 hosts that all end in .1 land in one bucket of the /32 table.
+fn a_bucket_beyond_u32_node_ids_spills_into_a_second_level() {
+    // 5,000 hosts that all end in .1 would fill one bucket of the /32 table:
+    // they move into the spill table, keyed on the third byte.
     let wl: Vec<String> = (0..5000u32)
         .map(|i| format!("10.{}.{}.1/32", i >> 8, i & 0xff))
         .collect();
     let shape = plan(&spec_with(&wl, "[{port: 443}]"), LeafChoice::Sfq);
+    assert!(node_shaper::diff::overfull_buckets(&shape).is_empty());
+    let p14 = shape.prios.iter().find(|p| p.prio == 14).expect("prio 14");
+    assert_eq!(p14.tables.len(), 2);
+    let spill = p14.tables[1].handle;
+    assert_eq!(spill, 0x134 << 20);
+    let links: Vec<_> = p14.nodes.iter().filter(|n| n.link == Some(spill)).collect();
+    assert_eq!(links.len(), 1, "one link, in bucket 1 of the first level");
+    assert_eq!(
+        (links[0].table, links[0].bucket),
+        (Table::User(0x104 << 20), 1)
+    );
+    // Every listed host is whitelisted, the hosts around them are not.
+    for (dst, want) in [
+        ("10.0.0.1", Some(CLASS_WHITELIST)),
+        ("10.19.135.1", Some(CLASS_WHITELIST)),
+        ("10.19.136.1", Some(CLASS_THROTTLED)),
+        ("10.0.0.2", Some(CLASS_THROTTLED)),
+    ] {
+        let got = classify(
+            &shape,
+            &Packet::new(dst.parse().expect("ip"), L4::Tcp, 443, 0),
+        )
+        .and_then(|v| v.node.classid);
+        assert_eq!(got, want, "{dst}");
+    }
+    // Entries that share both bytes still cannot fit: reported, not planned wrong.
+    let same: Vec<String> = (0..5000u32)
+        .map(|i| format!("{}.{}.0.1/32", 11 + i / 250, i % 250))
+        .collect();
+    let shape = plan(&spec_with(&same, "[{port: 443}]"), LeafChoice::Sfq);
     let full = node_shaper::diff::overfull_buckets(&shape);
     assert_eq!(full.len(), 1);
-    assert_eq!((full[0].0, full[0].2, full[0].3), (14, 1, 5000));
+    assert_eq!(
+        (full[0].0, full[0].1, full[0].2, full[0].3),
+        (14, Table::User(0x134 << 20), 0, 5000)
+    );
+    // From scratch, the entries go in before the link that leads to them.
+    let ops = diff(
+        &Shape::default(),
+        &plan(&spec_with(&wl, "[{port: 443}]"), LeafChoice::Sfq),
+    );
+    let pos = |f: &dyn Fn(&Op) -> bool| ops.iter().position(f).expect("op");
+    let link = pos(&|o| matches!(o, Op::AddNode { node, .. } if node.link == Some(spill)));
+    let entry = ops
+        .iter()
+        .rposition(|o| matches!(o, Op::AddNode { node, .. } if node.table == Table::User(spill)))
+        .expect("entry");
+    assert!(entry < link);
 }
 
 /// `spec.protect` entries with ports: only those ports of those destinations

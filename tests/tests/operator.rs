@@ -416,11 +416,13 @@ fn e2e_a_stalled_old_leader_cannot_write_after_a_takeover() {
         holder(&c).as_deref() == Some("op-old")
     });
     c.start_operator("op-new");
+    // The plan names the guard generation it was made from; the guard is
+    // created at 1Mbit and each edit below adds 1Mbit: generation N is N Mbit.
     let rate = |c: &Cluster| {
         c.get("egns", "node-1").and_then(|p| {
-            p["spec"]["shaping"]["throttle"]["rate"]
-                .as_str()
-                .map(str::to_string)
+            p["spec"]["guard"]["generation"]
+                .as_i64()
+                .map(|g| format!("{g}Mbit"))
         })
     };
     c.apply(&guard("idc", "a"));
