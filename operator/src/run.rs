@@ -100,6 +100,10 @@ pub struct OpMetrics {
     pub ready: bool,
     /// Node addresses left out of the protected list by the node address policy.
     pub ignored_node_addresses: usize,
+    /// Plans written (created or changed).
+    pub plan_writes: u64,
+    /// Request bytes of those writes: what one guard or group edit costs the API.
+    pub plan_write_bytes: u64,
 }
 
 impl OpMetrics {
@@ -109,13 +113,17 @@ impl OpMetrics {
              # HELP egressguard_operator_reconcile_errors_total Failed reconcile passes.\n# TYPE egressguard_operator_reconcile_errors_total counter\negressguard_operator_reconcile_errors_total {}\n\
              # HELP egressguard_operator_reconcile_duration_seconds Time spent reconciling.\n# TYPE egressguard_operator_reconcile_duration_seconds summary\negressguard_operator_reconcile_duration_seconds_sum {:.6}\negressguard_operator_reconcile_duration_seconds_count {}\n\
              # HELP egressguard_operator_leader Whether this replica holds the lease.\n# TYPE egressguard_operator_leader gauge\negressguard_operator_leader {}\n\
-             # HELP egressguard_operator_ignored_node_addresses Node InternalIPs not protected (outside the node ranges, or over the per-node limit).\n# TYPE egressguard_operator_ignored_node_addresses gauge\negressguard_operator_ignored_node_addresses {}\n",
+             # HELP egressguard_operator_ignored_node_addresses Node InternalIPs not protected (outside the node ranges, or over the per-node limit).\n# TYPE egressguard_operator_ignored_node_addresses gauge\negressguard_operator_ignored_node_addresses {}\n\
+             # HELP egressguard_operator_plan_writes_total NodeShaping plans written.\n# TYPE egressguard_operator_plan_writes_total counter\negressguard_operator_plan_writes_total {}\n\
+             # HELP egressguard_operator_plan_write_bytes_total Request body bytes of NodeShaping plan writes.\n# TYPE egressguard_operator_plan_write_bytes_total counter\negressguard_operator_plan_write_bytes_total {}\n",
             self.reconciles,
             self.errors,
             self.seconds,
             self.reconciles,
             u8::from(self.leader),
-            self.ignored_node_addresses
+            self.ignored_node_addresses,
+            self.plan_writes,
+            self.plan_write_bytes
         )
     }
 }
@@ -743,6 +751,7 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
         .map(|(node, spec)| {
             let (ns_api, apply) = (&ns_api, &apply);
             let value = as_value(node, spec.clone());
+            let metrics = &ctx.metrics;
             async move {
                 let r = ns_api
                     .patch(node, apply, &Patch::Apply(&value))
@@ -750,6 +759,9 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
                     .map(|_| ());
                 if r.is_ok() {
                     info!(node, guard = ?spec.guard.as_ref().map(|g| &g.name), "plan written");
+                    let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
+                    m.plan_writes += 1;
+                    m.plan_write_bytes += serde_json::to_vec(&value).map_or(0, |v| v.len() as u64);
                 }
                 r
             }

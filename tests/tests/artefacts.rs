@@ -91,6 +91,32 @@ fn shipped_examples_are_valid() {
         manual.spec.guard,
         guards[0].metadata.name.clone().unwrap_or_default()
     );
+    // The CIDRGroup example: the group validates, and the guard resolves to it
+    // both by name and by label, as node-shaper resolves a file of both.
+    let w = root().join("examples/whitelist-groups");
+    let text = [
+        std::fs::read_to_string(w.join("guard.yaml")).expect("guard.yaml"),
+        std::fs::read_to_string(w.join("payment-partners.yaml")).expect("group"),
+    ]
+    .join("---\n");
+    let docs = egressguard_crds::load::parse_manifests(&text).expect("parse");
+    let group = docs
+        .iter()
+        .find_map(|m| match m {
+            egressguard_crds::load::Manifest::Group(g) => Some(g),
+            _ => None,
+        })
+        .expect("a CIDRGroup");
+    assert_eq!(group.spec.validate().expect("valid group").len(), 3);
+    let guard = load_file(&w.join("guard.yaml")).expect("guard").remove(0);
+    validate(&guard.spec).expect("valid guard");
+    let labels = group.metadata.labels.clone().unwrap_or_default();
+    let names = egressguard_crds::cidr_group::resolve(
+        &guard.spec.whitelist_groups,
+        [("payment-partners", &labels)],
+    )
+    .expect("resolves");
+    assert_eq!(names, ["payment-partners"]);
     let am: serde_json::Value = serde_yaml::from_str(
         &std::fs::read_to_string(q.join("alertmanager.yaml")).expect("alertmanager.yaml"),
     )

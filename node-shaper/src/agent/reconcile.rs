@@ -200,7 +200,11 @@ pub fn reconcile(input: &Input, mem: &mut Memory) -> Outcome {
         match engine::apply(&mut nl, i, target, ApplyOptions::default()) {
             Ok(r) => {
                 mem.shaped.insert(i.name.clone());
-                crate::state::remember(i, target);
+                // The record only changes with the kernel; rewriting a
+                // 100,000-entry record every resync would cost more than the pass.
+                if r.writes > 0 || !crate::state::path(&i.name).exists() {
+                    crate::state::remember(i, target);
+                }
                 out.wrote |= r.writes > 0;
                 out.interfaces.push(InterfaceStatus {
                     name: i.name.clone(),

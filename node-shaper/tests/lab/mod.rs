@@ -370,3 +370,59 @@ pub fn guard(whitelist: &str, dests: &str, throttle: &str) -> String {
         "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {{name: lab}}\nspec:\n  uplink: {{rate: 20Mbit, burst: 32k}}\n  throttle: {{rate: {throttle}, ceil: {throttle}, burst: 4k, destinations: {dests}}}\n  whitelist: {whitelist}\n"
     )
 }
+
+/// xorshift64: deterministic lists without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// A mixed whitelist: thirds of /32, /24 and /16 IPv4 networks plus `v6`
+/// IPv6 prefixes (/48, /64, /128), deterministic, never covering the lab.
+pub fn whitelist(n4: usize, v6: usize) -> Vec<String> {
+    let mut r = Rng(0x2545_f491_4f6c_dd1d);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    while out.len() < n4 {
+        let a = 11 + (r.next() % 212) as u32; // 11.0.0.0 - 222.255.255.255: never the lab's 10.211/16
+        let x = r.next() as u32;
+        let net = match out.len() % 3 {
+            0 => format!(
+                "{a}.{}.{}.{}/32",
+                x >> 24,
+                (x >> 16) & 0xff,
+                (x >> 8) & 0xff
+            ),
+            1 => format!("{a}.{}.{}.0/24", x >> 24, (x >> 16) & 0xff),
+            _ => format!("{a}.{}.0.0/16", x >> 24),
+        };
+        if seen.insert(net.clone()) {
+            out.push(net);
+        }
+    }
+    let mut i = 0;
+    while out.len() < n4 + v6 {
+        let x = r.next();
+        let net = match i % 3 {
+            0 => format!("2001:db8:{:x}::/48", x & 0xffff),
+            1 => format!("2001:db8:{:x}:{:x}::/64", x & 0xffff, (x >> 16) & 0xffff),
+            _ => format!(
+                "2001:db8:{:x}:{:x}::{:x}/128",
+                x & 0xffff,
+                (x >> 16) & 0xffff,
+                (x >> 32) & 0xffff
+            ),
+        };
+        i += 1;
+        if seen.insert(net.clone()) {
+            out.push(net);
+        }
+    }
+    out
+}
+
