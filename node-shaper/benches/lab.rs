@@ -238,7 +238,10 @@ fn main() {
             writes <= 10,
         );
         rep.check(
-            &format!("one-entry change in {}: ms inside node-shaper (wall)", wl.len()),
+            &format!(
+                "one-entry change in {}: ms inside node-shaper (wall)",
+                wl.len()
+            ),
             format!("{ms:.1} ({wall:.1})"),
             "<= 20",
             smoke || ms <= 20.0,

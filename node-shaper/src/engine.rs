@@ -232,6 +232,10 @@ pub struct ApplyOptions {
     /// plan. Every request is already acknowledged by the kernel; this also
     /// checks node-shaper's own logic, at the cost of one more full dump.
     pub verify: bool,
+    /// Describe every change in [`ApplyReport::changes`] (the CLI prints
+    /// them; the agent does not, and a 100,000-entry apply would hold as
+    /// many strings).
+    pub describe: bool,
 }
 
 /// Applies `spec` to `iface`.
@@ -298,7 +302,9 @@ pub fn apply(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        changes.extend(ops.iter().map(|op| encode(op, iface.index, dev).what));
+        if opts.describe {
+            changes.extend(ops.iter().map(|op| encode(op, iface.index, dev).what));
+        }
         let (err, w) = match run(nl, iface, &ops) {
             Ok(r) => r,
             // Part of the change may be in: undo it as for a refusal.

@@ -15,10 +15,13 @@
 //!   prio 6      ipv6  the same for IPv6
 //!   prio 10     ip    whitelist /0-/7, linear in the root table
 //!   prio 11-14  ip    whitelist /8-15, /16-23, /24-31, /32: tables 101:-104:, 256 buckets on dst byte 1..4;
-//!                     a bucket of over 4,000 entries spills into 131:-134:, hashed on the byte before
+//!                     a /16, /24 or /32 bucket of over 64 entries splits into its own table
+//!                     (300:+b, 400:+b, 500:+b), 256 buckets on the byte before
 //!   prio 20     ipv6  whitelist /0-/15, linear
 //!   prio 21-25  ipv6  whitelist /16-31, /32-47, /48-63, /64-127, /128: tables 111:-115:, on dst byte 2,4,6,8,16;
-//!                     spill tables 141:-145:
+//!                     /48, /64, /128 buckets split like IPv4 (600:+b, 700:+b, 1:+b); a /16 or /32 bucket
+//!                     of over 4,000 entries spills into 141: or 142:, on the byte before
+//! (user tables stay below 800:, where the kernel numbers the prios' own root tables)
 //!   prio 30     ip    SSH replies: TCP source port 22 -> e9:0 (direct), via table 220:
 //!   prio 31     ipv6  SSH replies, via table 221:
 //!   prio 40     ip    throttle: link on proto (+ IHL, non-fragment) to 200: (tcp) / 201: (udp)
@@ -145,15 +148,32 @@ pub struct HashGroup {
     pub byte: usize,
     /// Shortest prefix in the group.
     pub min_len: u8,
-    /// Second-level table for buckets too full for one u32 bucket, hashed
-    /// on the byte before `byte`.
+    /// First htid of per-bucket second-level tables (bucket `b` splits into
+    /// htid `split + b`, hashed on the byte before `byte`); 0 for groups
+    /// that do not split.
+    pub split: u32,
+    /// For groups that do not split: one second-level table (hashed on the
+    /// byte before `byte`) for the buckets too full for u32; 0 for none.
     pub spill: u32,
 }
 
-/// A bucket holding more whitelist entries than this moves them all into
-/// the group's spill table (a u32 bucket holds at most 4094 nodes: 12-bit
-/// ids, 0 and 0xfff reserved), and keeps one link node to it.
+/// A bucket of a splitting group holding more whitelist entries than this
+/// moves them into its own second-level table, so a packet walks a few
+/// nodes per group however long the list: past ~64 nodes per bucket the
+/// walk itself starts to cost throughput (measured at 100,000 entries).
+pub const SPLIT_AT: usize = 64;
+
+/// A bucket of a group that does not split, holding more entries than
+/// this, moves them into the group's spill table: a u32 bucket holds at most
+/// 4094 nodes (12-bit ids, 0 and 0xfff reserved).
 pub const SPILL_AT: usize = 4000;
+
+impl HashGroup {
+    /// The second-level table bucket `bucket` splits into.
+    pub const fn split_table(&self, bucket: u8) -> u32 {
+        table(self.split + bucket as u32)
+    }
+}
 
 const fn table(htid: u32) -> u32 {
     htid << 20
@@ -164,28 +184,32 @@ pub const V4_GROUPS: [HashGroup; 4] = [
     HashGroup {
         prio: 11,
         table: table(0x101),
-        spill: table(0x131),
+        split: 0,
+        spill: 0,
         byte: 0,
         min_len: 8,
     },
     HashGroup {
         prio: 12,
         table: table(0x102),
-        spill: table(0x132),
+        split: 0x300,
+        spill: 0,
         byte: 1,
         min_len: 16,
     },
     HashGroup {
         prio: 13,
         table: table(0x103),
-        spill: table(0x133),
+        split: 0x400,
+        spill: 0,
         byte: 2,
         min_len: 24,
     },
     HashGroup {
         prio: 14,
         table: table(0x104),
-        spill: table(0x134),
+        split: 0x500,
+        spill: 0,
         byte: 3,
         min_len: 32,
     },
@@ -196,6 +220,7 @@ pub const V6_GROUPS: [HashGroup; 5] = [
     HashGroup {
         prio: 21,
         table: table(0x111),
+        split: 0,
         spill: table(0x141),
         byte: 1,
         min_len: 16,
@@ -203,6 +228,7 @@ pub const V6_GROUPS: [HashGroup; 5] = [
     HashGroup {
         prio: 22,
         table: table(0x112),
+        split: 0,
         spill: table(0x142),
         byte: 3,
         min_len: 32,
@@ -210,21 +236,24 @@ pub const V6_GROUPS: [HashGroup; 5] = [
     HashGroup {
         prio: 23,
         table: table(0x113),
-        spill: table(0x143),
+        split: 0x600,
+        spill: 0,
         byte: 5,
         min_len: 48,
     },
     HashGroup {
         prio: 24,
         table: table(0x114),
-        spill: table(0x144),
+        split: 0x700,
+        spill: 0,
         byte: 7,
         min_len: 64,
     },
     HashGroup {
         prio: 25,
         table: table(0x115),
-        spill: table(0x145),
+        split: 0x001,
+        spill: 0,
         byte: 15,
         min_len: 128,
     },

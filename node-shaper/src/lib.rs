@@ -6,6 +6,7 @@
 //! [`diff`] computes operations, and [`engine`] sends them transactionally.
 
 pub mod agent;
+pub mod alloc;
 pub mod diff;
 pub mod engine;
 pub mod explain;

@@ -213,7 +213,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let mut nl = netlink()?;
             let mut reports = Vec::new();
             for i in &ifaces {
-                let r = engine::apply(&mut nl, i, &target, engine::ApplyOptions { force, verify })?;
+                let r = engine::apply(
+                    &mut nl,
+                    i,
+                    &target,
+                    engine::ApplyOptions {
+                        force,
+                        verify,
+                        describe: true,
+                    },
+                )?;
                 node_shaper::state::remember(i, &target);
                 reports.push(r);
             }
@@ -224,7 +233,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 ),
                 Output::Text => {
                     for r in &reports {
-                        if r.changes.is_empty() {
+                        if r.writes == 0 {
                             out!("{}: already enforced, no changes", r.interface);
                         } else {
                             out!(

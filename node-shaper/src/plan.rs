@@ -462,23 +462,36 @@ fn whitelist_prios(spec: &ValidSpec, protected: &[Protected]) -> Vec<Prio> {
                 handle: g.table,
                 divisor: 256,
             }];
-            // Buckets too full for u32's 12-bit node ids move whole into the
-            // spill table, keyed on the byte before (always covered by the
-            // prefix too), behind one link node in their first-level bucket.
+            // A long bucket moves whole into a second-level table behind one
+            // link node: its own (split, to keep walks short) or, in groups
+            // that do not split, the group's spill table (only when too full
+            // for u32's 12-bit node ids).
             let mut per_bucket = [0usize; 256];
             for e in &members {
                 per_bucket[usize::from(addr_byte(&e.net, g.byte))] += 1;
             }
-            let spills = |b: u8| g.byte > 0 && per_bucket[usize::from(b)] > SPILL_AT;
+            let count = |b: u8| per_bucket[usize::from(b)];
+            let splits = |b: u8| g.split != 0 && count(b) > SPLIT_AT;
+            let spills = |b: u8| g.spill != 0 && count(b) > SPILL_AT;
+            for b in (0..=255u8).filter(|b| splits(*b)) {
+                tables.push(HashTable {
+                    handle: g.split_table(b),
+                    divisor: 256,
+                });
+            }
             if (0..=255u8).any(spills) {
                 tables.push(HashTable {
                     handle: g.spill,
                     divisor: 256,
                 });
             }
+            // Both second levels are keyed on the byte before (always
+            // covered by the prefix too).
             nodes.extend(members.iter().map(|e| {
                 let first = addr_byte(&e.net, g.byte);
-                let (table, bucket) = if spills(first) {
+                let (table, bucket) = if splits(first) {
+                    (g.split_table(first), addr_byte(&e.net, g.byte - 1))
+                } else if spills(first) {
                     (g.spill, addr_byte(&e.net, g.byte - 1))
                 } else {
                     (g.table, first)
@@ -493,11 +506,16 @@ fn whitelist_prios(spec: &ValidSpec, protected: &[Protected]) -> Vec<Prio> {
                     origin: e.origin.clone(),
                 }
             }));
-            nodes.extend(
-                (0..=255u8)
-                    .filter(|b| spills(*b))
-                    .map(|b| hash_link(Table::User(g.table), b, v4, g.byte - 1, g.spill)),
-            );
+            nodes.extend((0..=255u8).filter_map(|b| {
+                let to = if splits(b) {
+                    g.split_table(b)
+                } else if spills(b) {
+                    g.spill
+                } else {
+                    return None;
+                };
+                Some(hash_link(Table::User(g.table), b, v4, g.byte - 1, to))
+            }));
             prios.push(Prio {
                 prio: g.prio,
                 protocol: proto,

@@ -264,15 +264,16 @@ fn one_whitelist_entry_changes_with_at_most_two_writes() {
     assert!(ops.iter().all(|o| matches!(o, Op::PutClass(_))), "{ops:?}");
 }
 
-/// Two lists of 3,000 /32 entries that share one hash bucket (the last
-/// address byte) need 6,000 node ids at once if every addition precedes every
+/// Two lists of 3,000 /32 entries that share one hash bucket (the last two
+/// address bytes: one bucket of the /32 table, then one of its second
+/// level) need 6,000 node ids at once if every addition precedes every
 /// deletion; a bucket has 4,095. This wedged real interfaces ("Filter already
 /// exists"): the bucket's unwanted nodes must go first, and no id may repeat.
 #[test]
 fn switching_a_full_bucket_frees_ids_before_adding() {
     let list = |first: u32| -> Vec<String> {
         (0..3_000u32)
-            .map(|i| format!("{first}.{}.{}.7/32", i >> 8, i & 0xff))
+            .map(|i| format!("{}.{}.0.7/32", first * 12 + i / 256, i % 256))
             .collect()
     };
     let mut k = Kernel::default();
@@ -453,9 +454,10 @@ fn plan_prints_reviewable_tc_commands() {
 }
 
 #[test]
-fn a_bucket_beyond_u32_node_ids_spills_into_a_second_level() {
-    // 5,000 hosts that all end in .1 would fill one bucket of the /32 table:
-    // they move into the spill table, keyed on the third byte.
+fn a_long_bucket_splits_into_its_own_second_level_table() {
+    // 5,000 hosts that all end in .1 would fill one bucket of the /32 table
+    // (beyond u32's 4,094 node ids): they move into that bucket's own
+    // table, keyed on the third byte.
     let wl: Vec<String> = (0..5000u32)
         .map(|i| format!("10.{}.{}.1/32", i >> 8, i & 0xff))
         .collect();
@@ -464,7 +466,7 @@ fn a_bucket_beyond_u32_node_ids_spills_into_a_second_level() {
     let p14 = shape.prios.iter().find(|p| p.prio == 14).expect("prio 14");
     assert_eq!(p14.tables.len(), 2);
     let spill = p14.tables[1].handle;
-    assert_eq!(spill, 0x134 << 20);
+    assert_eq!(spill, 0x501 << 20);
     let links: Vec<_> = p14.nodes.iter().filter(|n| n.link == Some(spill)).collect();
     assert_eq!(links.len(), 1, "one link, in bucket 1 of the first level");
     assert_eq!(
@@ -494,7 +496,7 @@ fn a_bucket_beyond_u32_node_ids_spills_into_a_second_level() {
     assert_eq!(full.len(), 1);
     assert_eq!(
         (full[0].0, full[0].1, full[0].2, full[0].3),
-        (14, Table::User(0x134 << 20), 0, 5000)
+        (14, Table::User(0x501 << 20), 0, 5000)
     );
     // From scratch, the entries go in before the link that leads to them.
     let ops = diff(
@@ -548,4 +550,54 @@ fn protected_ports_go_direct_and_nothing_else_does() {
     }
     // Idempotent: planning the same spec twice diffs to nothing.
     assert!(diff(&shape, &plan(&spec, LeafChoice::Sfq)).is_empty());
+}
+
+/// A fleet-sized mixed list (/16, /24, /32, IPv6 /48, /64, /128): long
+/// buckets split into their own tables, and classification through both
+/// levels is exact: every listed network is whitelisted, its neighbours are not.
+#[test]
+fn split_buckets_classify_exactly() {
+    let mut wl = Vec::new();
+    // Hashed bytes take 40 values, so buckets hold ~125 entries and split.
+    for i in 0..30_000u32 {
+        let (a, b, c) = (11 + i % 200, (i * 7) % 40, (i * 13) % 40);
+        let w = (i % 40) | (((i / 40) % 256) << 8);
+        wl.push(match i % 6 {
+            0 => format!("{a}.{}.{}.{}/32", i % 256, (i / 256) % 256, i % 40),
+            1 => format!("{a}.{}.{c}.0/24", (i / 7) % 256),
+            2 => format!("{a}.{b}.0.0/16"),
+            3 => format!("2001:db8:{w:x}::/48"),
+            4 => format!("2001:db8:{:x}:{w:x}::/64", i % 4096),
+            _ => format!("2001:db8:1:2::{w:x}/128"),
+        });
+    }
+    wl.sort();
+    wl.dedup();
+    let shape = plan(&spec_with(&wl, "[{port: 443}]"), LeafChoice::Sfq);
+    assert!(node_shaper::diff::overfull_buckets(&shape).is_empty());
+    let split_tables: usize = shape
+        .prios
+        .iter()
+        .map(|p| {
+            p.tables
+                .iter()
+                .filter(|t| (t.handle >> 20) < 0x101 || (t.handle >> 20) >= 0x300)
+                .count()
+        })
+        .sum();
+    assert!(split_tables >= 80, "only {split_tables} split tables");
+    let class = |dst: &str| {
+        classify(
+            &shape,
+            &Packet::new(dst.parse().expect("ip"), L4::Tcp, 443, 0),
+        )
+        .and_then(|v| v.node.classid)
+    };
+    for w in wl.iter().step_by(7) {
+        let (addr, _) = w.split_once('/').expect("cidr");
+        assert_eq!(class(addr), Some(CLASS_WHITELIST), "{w}");
+    }
+    for miss in ["223.1.2.3", "10.0.0.1", "2001:db8:ffff::1", "2001:db9::1"] {
+        assert_eq!(class(miss), Some(CLASS_THROTTLED), "{miss}");
+    }
 }

@@ -238,6 +238,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         let input = inputs::input_for(current.as_ref(), &inputs.held(), &memory.own_protected);
         let outcome = reconcile(&input, &mut memory);
         drop(input);
+        crate::alloc::release_free_memory();
         let reconciled = current;
         {
             let mut s = shared.lock().unwrap_or_else(|p| p.into_inner());

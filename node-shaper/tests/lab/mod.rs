@@ -425,4 +425,3 @@ pub fn whitelist(n4: usize, v6: usize) -> Vec<String> {
     }
     out
 }
-
