@@ -11,13 +11,14 @@ use crate::node_shaping::NodeShaping;
 /// Why a file could not be turned into guards.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
+    /// The file could not be read. The reason is part of the message and
+    /// not a `source`, so a printed error chain does not say it twice.
+    #[error("cannot read {path}: {reason}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     /// The YAML does not parse or does not fit the schema.
     #[error("{path}: document {doc}: {message}")]
@@ -49,9 +50,9 @@ pub enum Manifest {
 }
 
 fn read(path: &Path) -> Result<String, LoadError> {
-    std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+    std::fs::read_to_string(path).map_err(|reason| LoadError::Io {
         path: path.to_path_buf(),
-        source,
+        reason,
     })
 }
 

@@ -1,0 +1,58 @@
+//! The CLI as a new user meets it: what it prints for common mistakes,
+//! exactly. No kernel state is needed (every case fails before netlink).
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> (Option<i32>, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_node-shaper"))
+        .args(args)
+        .output()
+        .expect("node-shaper");
+    (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+fn temp(name: &str, body: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("egcli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let p = dir.join("g.yaml");
+    std::fs::write(&p, body).expect("write");
+    p
+}
+
+#[test]
+fn a_missing_file_says_why_once() {
+    let (code, err) = run(&["plan", "-f", "/nonexistent/eg.yaml"]);
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        err,
+        "error: cannot read /nonexistent/eg.yaml: No such file or directory (os error 2)\n"
+    );
+}
+
+#[test]
+fn a_file_of_groups_alone_names_what_is_missing() {
+    let p = temp(
+        "groups",
+        "apiVersion: egressguard.io/v1alpha1\nkind: CIDRGroup\nmetadata: {name: partners}\nspec: {cidrs: [192.0.2.0/24]}\n",
+    );
+    let (code, err) = run(&["plan", "-f", &p.to_string_lossy()]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.ends_with("holds no EgressGuard or NodeShaping, only 1 CIDRGroup(s); add the guard that references them\n"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_group_reference_the_file_cannot_resolve_is_named() {
+    let p = temp(
+        "unresolved",
+        "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {name: g}\nspec:\n  uplink: {rate: 20Mbit}\n  throttle: {rate: 1Mbit, destinations: [{port: 443}]}\n  whitelistGroups: [{name: partners}]\n",
+    );
+    let (code, err) = run(&["plan", "-f", &p.to_string_lossy()]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.ends_with("EgressGuard \"g\" is invalid:\nspec.whitelistGroups[0].name: CIDRGroup \"partners\" does not exist; create it (kubectl apply -f) or fix the name\n"),
+        "{err}"
+    );
+}
