@@ -313,3 +313,128 @@ where
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use egressguard_crds::node_shaping::{GuardRef, NodeShapingSpec, ResolvedGroup};
+    use egressguard_crds::CidrGroupSpec;
+
+    fn guard(generation: i64) -> EgressGuard {
+        let mut g = egressguard_crds::load::parse_str(
+            "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {name: idc}\nspec:\n  uplink: {rate: 20Mbit}\n  throttle: {rate: 1Mbit, destinations: [{port: 443}]}\n  whitelist: [203.0.113.10/32]\n  whitelistGroups: [{name: partners}]\n",
+        )
+        .expect("guard")
+        .remove(0);
+        g.metadata.uid = Some("u1".into());
+        g.metadata.generation = Some(generation);
+        g
+    }
+
+    fn group(cidrs: &[&str]) -> CIDRGroup {
+        CIDRGroup::new(
+            "partners",
+            CidrGroupSpec {
+                cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
+            },
+        )
+    }
+
+    fn plan(generation: i64, digest: &str) -> NodeShaping {
+        NodeShaping::new(
+            "node-1",
+            NodeShapingSpec {
+                node_name: "node-1".into(),
+                guard: Some(GuardRef {
+                    name: "idc".into(),
+                    uid: "u1".into(),
+                    generation,
+                }),
+                shaping: None,
+                groups: vec![ResolvedGroup {
+                    name: "partners".into(),
+                    digest: digest.into(),
+                }],
+                protected: vec![],
+                enforce: true,
+            },
+        )
+    }
+
+    fn held(generation: Option<i64>, g: Option<&CIDRGroup>) -> Held {
+        let mut h = Held::default();
+        if let Some(gen) = generation {
+            h.guards.insert("idc".into(), Some(guard(gen)));
+        }
+        if let Some(g) = g {
+            h.groups.insert("partners".into(), Some(HeldGroup::of(g)));
+        }
+        h
+    }
+
+    fn waiting(i: Input) -> String {
+        match i {
+            Input::Waiting(w) => w,
+            other => panic!("expected Waiting, got {other:?}"),
+        }
+    }
+
+    /// A plan is enforced only with exactly the guard generation and group
+    /// digests it names; anything else waits (kernel untouched).
+    #[test]
+    fn plans_are_enforced_only_with_the_versions_they_name() {
+        let v1 = group(&["198.51.100.0/24"]);
+        let v2 = group(&["198.51.100.0/24", "192.0.2.0/24"]);
+        let p = plan(3, &v1.spec.digest());
+        assert_eq!(
+            waiting(input_for(Some(&p), &Held::default(), &[])),
+            "reading EgressGuard idc"
+        );
+        assert_eq!(
+            waiting(input_for(Some(&p), &held(Some(4), Some(&v1)), &[])),
+            "EgressGuard idc is at generation 4; the plan was made from generation 3"
+        );
+        assert_eq!(
+            waiting(input_for(Some(&p), &held(Some(3), None), &[])),
+            "reading CIDRGroup partners"
+        );
+        let w = waiting(input_for(Some(&p), &held(Some(3), Some(&v2)), &[]));
+        assert!(w.starts_with("CIDRGroup partners holds fnv1a64:"), "{w}");
+        match input_for(Some(&p), &held(Some(3), Some(&v1)), &[]) {
+            Input::Shape {
+                target, enforce, ..
+            } => {
+                assert!(enforce);
+                let wl: Vec<(String, Option<u32>)> = target
+                    .valid
+                    .whitelist
+                    .iter()
+                    .map(|e| (e.net.to_string(), e.group))
+                    .collect();
+                assert_eq!(
+                    wl,
+                    [
+                        ("203.0.113.10/32".to_string(), None),
+                        ("198.51.100.0/24".to_string(), Some(0))
+                    ]
+                );
+                assert_eq!(target.valid.groups, ["partners"]);
+            }
+            other => panic!("expected Shape, got {other:?}"),
+        }
+        // An invalid group at the named digest is refused, not half-applied.
+        let bad = group(&["198.51.100.1/24"]);
+        let p = plan(3, &bad.spec.digest());
+        match input_for(Some(&p), &held(Some(3), Some(&bad)), &[]) {
+            Input::Invalid(e) => assert!(
+                e.ends_with("CIDRGroup partners: spec.cidrs[0]: 198.51.100.1/24 has host bits set; the network is 198.51.100.0/24"),
+                "{e}"
+            ),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+        assert!(matches!(
+            input_for(None, &Held::default(), &[]),
+            Input::Remove
+        ));
+    }
+}
