@@ -4,8 +4,8 @@
 //! - `node-shaper run` idle RSS with a 10,000- and a 100,000-entry whitelist
 //!   enforced, read by reference from CIDRGroups (< 20 and < 40 MiB);
 //! - `egressguard-operator run` with 2,000 nodes and 50 guards, 5 of which
-//!   reference 10,000-entry CIDRGroups and all of which reference a shared
-//!   group: time from process start to every plan and guard status written
+//!   reference their own 10,000-entry CIDRGroup and all of which reference a
+//!   shared one of as many: time from process start to every plan and guard status written
 //!   (< 10 s), RSS (< 150 MiB), bytes the NodeShapings occupy in storage
 //!   (< 10 MB), and for one group edit: the time until every plan that uses
 //!   the group names its new version, as 2,000 agents' field-selected
@@ -319,8 +319,9 @@ fn operator_fleet(nodes: usize, guards: usize, entries: usize) -> Fleet {
         })
         .collect();
     create_all(&cp, items);
-    // Five partner lists of `entries` each, and a small shared list every guard uses.
-    let all = whitelist(5 * entries + 100, 0);
+    // Five partner lists of `entries` each (one per grouped guard), and a
+    // shared list of as many that every guard uses: its edit reaches every plan.
+    let all = whitelist(6 * entries, 0);
     let mut big = Vec::new();
     for g in 0..5 {
         let (objs, _) = groups(
@@ -333,7 +334,7 @@ fn operator_fleet(nodes: usize, guards: usize, entries: usize) -> Fleet {
     }
     create_all(&cp, big);
     let shared: Vec<String> = all[5 * entries..].to_vec();
-    let (objs, _) = groups("shared", "shared", &shared, 1000);
+    let (objs, _) = groups("shared", "shared", &shared, entries);
     create_all(&cp, objs);
     let items = (0..guards)
         .map(|g| {
@@ -501,7 +502,7 @@ fn main() {
         smoke || f.resync_secs < 10.0,
     );
     check(
-        &format!("operator RSS, {nodes} nodes / {guards} guards, 5 x {entries}-entry groups (MiB)"),
+        &format!("operator RSS, {nodes} nodes / {guards} guards, 6 x {entries}-entry groups (MiB)"),
         format!("{:.1}", f.rss),
         "< 150",
         smoke || f.rss < 150.0,
