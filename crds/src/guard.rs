@@ -195,6 +195,27 @@ pub enum Mode {
     DryRun,
 }
 
+/// Where one node stands with a guard.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum NodePhase {
+    /// The plan is written; its agent has not confirmed it (or waits for
+    /// the guard and CIDRGroups it names).
+    #[default]
+    Pending,
+    /// The agent reports the plan in the kernel.
+    Enforced,
+    /// DryRun: computed and reported, nothing programmed.
+    DryRun,
+    /// The agent reports an error.
+    Failed,
+    /// An older guard's plan holds the node.
+    Conflict,
+    /// Auto: watched, not quarantined, nothing programmed.
+    Watching,
+    /// Auto: quarantined, the plan is in the kernel.
+    Quarantined,
+}
+
 /// What the operator observed about a guard.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -228,8 +249,8 @@ pub struct EgressGuardStatus {
 pub struct NodeState {
     /// Node name.
     pub name: String,
-    /// Pending, Enforced, DryRun, Failed, Conflict, Removing.
-    pub state: String,
+    /// Where the node stands.
+    pub state: NodePhase,
     /// Details (errors, the guard that won a conflict).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,

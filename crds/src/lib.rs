@@ -11,8 +11,8 @@ pub mod validate;
 
 pub use cidr_group::{CIDRGroup, CidrGroupSpec, GroupRef};
 pub use guard::{
-    Destination, EgressGuard, EgressGuardSpec, EgressGuardStatus, Mode, NodeState, Protocol,
-    Throttle, Uplink,
+    Destination, EgressGuard, EgressGuardSpec, EgressGuardStatus, Mode, NodePhase, NodeState,
+    Protocol, Throttle, Uplink,
 };
 pub use node_shaping::{NodeShaping, NodeShapingSpec, NodeShapingStatus};
 pub use quarantine::{Phase, Quarantine, QuarantineSpec, QuarantineStatus};

@@ -100,23 +100,140 @@ pub fn parse_str(text: &str) -> Result<Vec<EgressGuard>, (usize, String)> {
         .collect())
 }
 
-fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(
+fn typed<T: serde::de::DeserializeOwned + serde::Serialize + schemars::JsonSchema>(
     n: usize,
     value: &Value,
 ) -> Result<T, (usize, String)> {
-    let obj: T = serde_path_to_error::deserialize(value.clone())
-        .map_err(|e| (n, format!("{}: {}", e.path(), e.inner())))?;
+    // Unknown fields by the schema, with the closest known name: reported
+    // next to a type error too, since a misspelt required field (`uplnk:`)
+    // otherwise shows only as "missing field `uplink`".
+    let schema = serde_json::to_value(schemars::schema_for!(T)).unwrap_or_default();
+    let mut misspelt = Vec::new();
+    // The spec only: the root's own schema leaves out apiVersion, kind and metadata.
+    if let (Some(spec), Some(spec_schema)) = (
+        value.get("spec"),
+        schema.get("properties").and_then(|p| p.get("spec")),
+    ) {
+        schema_unknown(spec, spec_schema, &schema, "spec", &mut misspelt);
+    }
+    let say = |path: &str| match misspelt.iter().find(|(p, _)| p == path) {
+        Some((_, Some(known))) => format!("{path}: unknown field; did you mean `{known}`?"),
+        _ => format!("{path}: unknown field; check its spelling against the API reference"),
+    };
+    let obj: T = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+        let first = format!("{}: {}", e.path(), e.inner());
+        let all: Vec<String> = std::iter::once(first)
+            .chain(misspelt.iter().map(|(p, _)| say(p)))
+            .collect();
+        (n, all.join("\n"))
+    })?;
     let round = serde_json::to_value(&obj).map_err(|e| (n, e.to_string()))?;
     let mut unknown = Vec::new();
     unknown_fields(value, &round, "", &mut unknown);
     if !unknown.is_empty() {
-        let list: Vec<String> = unknown
-            .iter()
-            .map(|p| format!("{p}: unknown field; check its spelling against the API reference"))
-            .collect();
+        let list: Vec<String> = unknown.iter().map(|p| say(p)).collect();
         return Err((n, list.join("\n")));
     }
     Ok(obj)
+}
+
+/// The subschema `schema` stands for, through `$ref` and nullable `anyOf`.
+fn resolve<'a>(schema: &'a Value, root: &'a Value) -> &'a Value {
+    let mut s = schema;
+    for _ in 0..8 {
+        if let Some(r) = s.get("$ref").and_then(Value::as_str) {
+            let name = r.rsplit('/').next().unwrap_or_default();
+            match root
+                .get("$defs")
+                .or_else(|| root.get("definitions"))
+                .and_then(|d| d.get(name))
+            {
+                Some(next) => s = next,
+                None => return s,
+            }
+        } else if let Some(branches) = s.get("anyOf").and_then(Value::as_array) {
+            match branches
+                .iter()
+                .find(|b| b.get("type").and_then(Value::as_str) != Some("null"))
+            {
+                Some(b) => s = b,
+                None => return s,
+            }
+        } else {
+            return s;
+        }
+    }
+    s
+}
+
+/// Fields of `input` that `schema` does not declare, each with the closest
+/// declared name when one is close enough to be a typo.
+fn schema_unknown(
+    input: &Value,
+    schema: &Value,
+    root: &Value,
+    path: &str,
+    out: &mut Vec<(String, Option<String>)>,
+) {
+    let schema = resolve(schema, root);
+    match input {
+        Value::Object(fields) => {
+            let Some(props) = schema.get("properties").and_then(Value::as_object) else {
+                return;
+            };
+            // Open objects (labels, annotations, matchLabels) take any key.
+            if schema
+                .get("additionalProperties")
+                .is_some_and(|a| a != &Value::Bool(false))
+            {
+                return;
+            }
+            for (k, v) in fields {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                match props.get(k) {
+                    Some(sub) => schema_unknown(v, sub, root, &p, out),
+                    None if is_empty(v) => {}
+                    None => out.push((p, closest(k, props.keys()))),
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(item) = schema.get("items") {
+                for (i, v) in items.iter().enumerate() {
+                    schema_unknown(v, item, root, &format!("{path}[{i}]"), out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The known name within two edits of `word`, if any.
+fn closest<'a>(word: &str, known: impl Iterator<Item = &'a String>) -> Option<String> {
+    known
+        .map(|k| (edit_distance(word, k), k))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, k)| k.clone())
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 /// Parses EgressGuards, NodeShapings and CIDRGroups from YAML text; other kinds are skipped.

@@ -145,7 +145,8 @@ fn bad_inputs_name_the_field_and_the_fix() {
             "spec: {throttle: {destinations: [{port: https}]}}",
             &["spec.throttle.destinations[0].port: invalid type: string \"https\", expected i64"],
         ),
-        ("spec: {whitlist: [10.0.0.0/8]}", &["spec.whitlist: unknown field; check its spelling against the API reference"]),
+        ("spec: {whitlist: [10.0.0.0/8]}", &["spec.whitlist: unknown field; did you mean `whitelist`?"]),
+        ("spec: {shaper: 1}", &["spec.shaper: unknown field; check its spelling against the API reference"]),
         // Several problems are reported together, in field order.
         (
             "spec: {uplink: {rate: fast}, throttle: {rate: 1mbps, destinations: [{port: 99999}]}, whitelist: [300.1.1.1/32]}",
@@ -256,4 +257,42 @@ fn bad_quarantine_policies_name_the_field_and_the_fix() {
         let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
         assert_eq!(got, want, "for patch {patch}");
     }
+}
+
+/// What the controller would refuse, the offline validation refuses too:
+/// selector operators and values, and group references.
+#[test]
+fn selectors_and_group_references_are_validated_offline() {
+    let table: &[(&str, &[&str])] = &[
+        ("spec: {nodeSelector: {matchExpressions: [{key: site, operator: Matches, values: [a]}]}}", &[
+            "spec.nodeSelector.matchExpressions[0].operator: \"Matches\" is not one of In, NotIn, Exists, DoesNotExist",
+        ]),
+        ("spec: {nodeSelector: {matchExpressions: [{key: site, operator: In}, {key: gpu, operator: Exists, values: [x]}]}}", &[
+            "spec.nodeSelector.matchExpressions[0].values: must not be empty for operator In",
+            "spec.nodeSelector.matchExpressions[1].values: must be empty for operator Exists",
+        ]),
+        ("spec: {whitelistGroups: [{}, {name: ''}, {selector: {matchExpressions: [{key: a, operator: Near}]}}]}", &[
+            "spec.whitelistGroups[0]: set exactly one of name (one group) and selector (groups by label)",
+            "spec.whitelistGroups[1].name: must not be empty",
+            "spec.whitelistGroups[2].selector.matchExpressions[0].operator: \"Near\" is not one of In, NotIn, Exists, DoesNotExist",
+        ]),
+    ];
+    for (patch, want) in table {
+        let got = errors_for(patch);
+        let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        assert_eq!(got, want, "for patch {patch}");
+    }
+}
+
+/// A misspelt required field names the typo and the field it was meant to
+/// be, not only the field that is missing.
+#[test]
+fn a_misspelt_required_field_is_named_with_its_suggestion() {
+    let text = "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {name: g}\nspec:\n  uplnk: {rate: 20Mbit}\n  throttle: {rate: 1Mbit, destinations: [{port: 443, endprt: 444}]}\n";
+    let (doc, msg) = parse_str(text).expect_err("invalid");
+    assert_eq!(doc, 1);
+    assert_eq!(
+        msg,
+        "spec: missing field `uplink`\nspec.throttle.destinations[0].endprt: unknown field; did you mean `endPort`?\nspec.uplnk: unknown field; did you mean `uplink`?"
+    );
 }

@@ -1,8 +1,8 @@
 //! `egressguard-operator`: the EgressGuard controller.
 //!
-//! Today it ships the offline pieces GitOps pipelines need: `validate` (the
-//! same validation node-shaper runs) and `crd` (the generated CRD). The
-//! reconcile loop is tracked in the operator issue.
+//! `run` is the controller ([`egressguard_operator::run`]); `validate` (the
+//! same validation node-shaper and the controller run) and `crd` (the
+//! generated CRDs) are the offline pieces GitOps pipelines need.
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid input.
 

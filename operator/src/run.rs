@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use egressguard_crds::node_shaping::{reasons, NodeShapingSpec};
 use egressguard_crds::{
-    EgressGuard, EgressGuardStatus, Mode, NodeShaping, NodeState, Phase, Quarantine,
+    EgressGuard, EgressGuardStatus, Mode, NodePhase, NodeShaping, NodeState, Phase, Quarantine,
 };
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
@@ -191,7 +191,7 @@ fn node_state(ns: Option<&NodeShaping>, guard: &EgressGuard) -> NodeState {
     let Some(ns) = ns else {
         return NodeState {
             name,
-            state: "Pending".into(),
+            state: NodePhase::Pending,
             message: String::new(),
         };
     };
@@ -206,18 +206,20 @@ fn node_state(ns: Option<&NodeShaping>, guard: &EgressGuard) -> NodeState {
     let (state, message) = match ready {
         // The agent has the plan but not yet the guard or groups it names.
         Some(c) if current && observed && c.reason == reasons::WAITING => {
-            ("Pending", c.message.clone())
+            (NodePhase::Pending, c.message.clone())
         }
         Some(c) if current && observed && c.status == "True" && c.reason == reasons::DRY_RUN => {
-            ("DryRun", c.message.clone())
+            (NodePhase::DryRun, c.message.clone())
         }
-        Some(c) if current && observed && c.status == "True" => ("Enforced", String::new()),
-        Some(c) if current && observed => ("Failed", c.message.clone()),
-        _ => ("Pending", String::new()),
+        Some(c) if current && observed && c.status == "True" => {
+            (NodePhase::Enforced, String::new())
+        }
+        Some(c) if current && observed => (NodePhase::Failed, c.message.clone()),
+        _ => (NodePhase::Pending, String::new()),
     };
     NodeState {
         name,
-        state: state.into(),
+        state,
         message,
     }
 }
@@ -280,27 +282,33 @@ pub fn guard_status(
     if g.spec.mode == Mode::Auto {
         // An Auto guard programs only quarantined nodes: the others watch.
         for n in &mut nodes {
-            n.state = match n.state.as_str() {
-                "DryRun" => "Watching".into(),
-                "Enforced" => "Quarantined".into(),
-                other => other.into(),
+            n.state = match n.state {
+                NodePhase::DryRun => NodePhase::Watching,
+                NodePhase::Enforced => NodePhase::Quarantined,
+                other => other,
             };
         }
     }
     nodes.extend(out.conflicts.iter().map(|c| NodeState {
         name: c.node.clone(),
-        state: "Conflict".into(),
+        state: NodePhase::Conflict,
         message: format!("node carries EgressGuard {}'s plan (older)", c.winner),
     }));
     // A dry run enforces nothing: only programmed nodes count.
     let enforced = nodes
         .iter()
-        .filter(|n| n.state == "Enforced" || n.state == "Quarantined")
+        .filter(|n| matches!(n.state, NodePhase::Enforced | NodePhase::Quarantined))
         .count();
-    let watching = nodes.iter().filter(|n| n.state == "Watching").count();
-    let dry_run = nodes.iter().filter(|n| n.state == "DryRun").count();
-    let failed: Vec<&NodeState> = nodes.iter().filter(|n| n.state == "Failed").collect();
-    let pending = nodes.iter().filter(|n| n.state == "Pending").count();
+    let count = |p: NodePhase| nodes.iter().filter(|n| n.state == p).count();
+    let (watching, dry_run, pending) = (
+        count(NodePhase::Watching),
+        count(NodePhase::DryRun),
+        count(NodePhase::Pending),
+    );
+    let failed: Vec<&NodeState> = nodes
+        .iter()
+        .filter(|n| n.state == NodePhase::Failed)
+        .collect();
     let conditions = if let Some(held) = &out.held {
         let (reason, why) = match held {
             Held::Deleting => ("Deleting", "being deleted".to_string()),
@@ -816,8 +824,9 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
             for c in &status.conditions {
                 let was = before.conditions.iter().find(|p| p.type_ == c.type_);
                 if was.map(|w| (&w.status, &w.reason)) != Some((&c.status, &c.reason)) {
-                    let bad = (c.type_ == "Ready" && c.status == "False")
-                        || (c.type_ != "Ready" && c.status == "True");
+                    // Degraded and Conflict are bad when True; the others
+                    // (Ready, MetricsAvailable, WhitelistResolved) when False.
+                    let bad = (c.status == "True") == matches!(c.type_.as_str(), "Degraded" | "Conflict");
                     let t = if bad {
                         EventType::Warning
                     } else {
