@@ -204,8 +204,15 @@ fn run(
     Ok((first, warnings))
 }
 
-fn is_unknown_kind(e: &KernelError) -> bool {
-    e.errno == ENOENT && e.what.contains("sfq")
+/// The qdisc kind this kernel lacks, when `e` is its refusal of `op`: the
+/// kernel answers a leaf of a kind it has no module for with ENOENT
+/// ("Specified qdisc kind is unknown"). Decided from the operation and the
+/// errno, not from the message text.
+fn missing_kind<'a>(op: &'a Op, e: &KernelError) -> Option<&'a LeafKind> {
+    match op {
+        Op::PutLeaf(leaf) if e.errno == ENOENT => Some(&leaf.kind),
+        _ => None,
+    }
 }
 
 const ENOENT: i32 = 2;
@@ -320,7 +327,8 @@ pub fn apply(
         };
         warnings.extend(w);
         let Some((at, err)) = err else { break };
-        if choice == LeafChoice::Sfq && is_unknown_kind(&err) && attempt == 1 {
+        let lacks_sfq = matches!(missing_kind(&ops[at], &err), Some(LeafKind::Sfq { .. }));
+        if choice == LeafChoice::Sfq && lacks_sfq && attempt == 1 {
             // This kernel has no sch_sfq: degrade to pfifo leaves, visibly.
             warn!(interface = dev, reason = %err.reason, "sfq is not available on this kernel; falling back to pfifo leaves (rates are still enforced, flows are not fair-queued)");
             fallback = Some(format!(
@@ -485,12 +493,11 @@ pub fn reset(nl: &mut Netlink, iface: &Interface, force: bool) -> Result<ResetRe
                 removed: None,
             })
         }
-        RootState::Owned => (Op::DelRoot, "node-shaper's htb e9: tree".to_string()),
-        RootState::Foreign { kind, handle } if force => {
-            // DelRoot names our handle; a foreign one needs its own.
-            let _ = handle;
-            (Op::DelRoot, format!("foreign {kind} root"))
-        }
+        RootState::Owned => (
+            crate::layout::ROOT,
+            "node-shaper's htb e9: tree".to_string(),
+        ),
+        RootState::Foreign { kind, handle } if force => (*handle, format!("foreign {kind} root")),
         RootState::Foreign { kind, handle } => {
             return Err(EngineError::ForeignRoot {
                 dev: dev.into(),
@@ -499,15 +506,7 @@ pub fn reset(nl: &mut Netlink, iface: &Interface, force: bool) -> Result<ResetRe
             })
         }
     };
-    let mut req = encode(&op.0, iface.index, dev);
-    if let RootState::Foreign { handle, .. } = obs.root {
-        if let netlink_packet_core::NetlinkPayload::InnerMessage(
-            netlink_packet_route::RouteNetlinkMessage::DelQueueDiscipline(m),
-        ) = &mut req.message.payload
-        {
-            m.header.handle = handle.into();
-        }
-    }
+    let req = crate::netlink::encode::del_root(op.0, iface.index, dev);
     match nl.execute(&[req]).map_err(io(dev))?.pop() {
         Some(Outcome::Err(e)) => Err(EngineError::Refused {
             dev: dev.into(),
@@ -521,5 +520,35 @@ pub fn reset(nl: &mut Netlink, iface: &Interface, force: bool) -> Result<ResetRe
                 removed: Some(op.1),
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Leaf;
+
+    fn refusal(errno: i32) -> KernelError {
+        KernelError {
+            what: "anything".into(),
+            errno,
+            reason: "whatever the text says".into(),
+        }
+    }
+
+    /// The fallback is decided by the operation and errno, whatever the text.
+    #[test]
+    fn a_missing_qdisc_kind_is_read_from_the_operation_and_errno() {
+        let sfq = Op::PutLeaf(Leaf {
+            handle: 0x10 << 16,
+            parent: 0x00e9_0010,
+            kind: LeafKind::Sfq { perturb: 10 },
+        });
+        assert_eq!(
+            missing_kind(&sfq, &refusal(ENOENT)),
+            Some(&LeafKind::Sfq { perturb: 10 })
+        );
+        assert_eq!(missing_kind(&sfq, &refusal(EBUSY)), None);
+        assert_eq!(missing_kind(&Op::DelRoot, &refusal(ENOENT)), None);
     }
 }

@@ -179,6 +179,16 @@ fn message(inner: RouteNetlinkMessage, flags: u16) -> NetlinkMessage<RouteNetlin
     m
 }
 
+/// Deletes the root qdisc with `handle` (ours, or a foreign one `reset
+/// --force` removes), restoring the device default.
+pub fn del_root(handle: u32, ifindex: i32, dev: &str) -> Request {
+    let msg = TcMessage::from_parts(header(ifindex, handle, TC_H_ROOT, 0), vec![]);
+    Request {
+        message: message(RouteNetlinkMessage::DelQueueDiscipline(msg), 0),
+        what: format!("delete root qdisc {} on {dev}", fmt_handle(handle)),
+    }
+}
+
 /// Encodes one operation for the interface `ifindex` (named `dev` in messages).
 pub fn encode(op: &Op, ifindex: i32, dev: &str) -> Request {
     use RouteNetlinkMessage as M;
@@ -200,14 +210,7 @@ pub fn encode(op: &Op, ifindex: i32, dev: &str) -> Request {
                 format!("create htb root qdisc {} on {dev}", fmt_handle(root.handle)),
             )
         }
-        Op::DelRoot => {
-            let msg = TcMessage::from_parts(header(ifindex, ROOT, TC_H_ROOT, 0), vec![]);
-            (
-                M::DelQueueDiscipline(msg),
-                0,
-                format!("delete root qdisc {} on {dev}", fmt_handle(ROOT)),
-            )
-        }
+        Op::DelRoot => return del_root(ROOT, ifindex, dev),
         Op::PutClass(c) => {
             let msg = TcMessage::from_parts(
                 header(ifindex, c.classid, c.parent, 0),
