@@ -14,4 +14,5 @@ pub mod quarantine;
 pub mod rbac;
 pub mod remediate;
 pub mod run;
+pub mod status;
 pub mod webhook;

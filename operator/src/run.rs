@@ -16,14 +16,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use egressguard_crds::node_shaping::{reasons, NodeShapingSpec};
-use egressguard_crds::{
-    EgressGuard, EgressGuardStatus, Mode, NodePhase, NodeShaping, NodeState, Phase, Quarantine,
-};
+use egressguard_crds::node_shaping::NodeShapingSpec;
+use egressguard_crds::{EgressGuard, NodeShaping, Phase, Quarantine};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -33,11 +30,12 @@ use kube::{Client, Resource, ResourceExt};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::decide::{decide_with, Decision, Extras, GroupFacts, Held, NodeFacts};
+use crate::decide::{decide_with, Extras, GroupFacts, NodeFacts};
 use crate::evaluate::NodeIndex;
 use crate::leader::Leader;
 use crate::quarantine::{GuardFacts, World};
 use crate::remediate::Watched;
+use crate::status::{guard_status, removal, removal_confirmed, GuardQuarantine};
 use egressguard_crds::node_shaping::ProtectedEntry;
 use egressguard_crds::quarantine::rules;
 use egressguard_crds::validate;
@@ -49,8 +47,6 @@ pub const MANAGER: &str = "egressguard-operator";
 /// Plan writes in flight at once (the API server's default max-in-flight is
 /// 400 and APF gives a workload controller several seats; 16 is modest).
 const PARALLEL_WRITES: usize = 16;
-/// At most this many nodes are listed in a guard's status.
-const MAX_NODES_IN_STATUS: usize = 100;
 
 /// How the operator runs.
 #[derive(Debug, Clone)]
@@ -183,299 +179,6 @@ fn api_endpoints(slices: &[Arc<EndpointSlice>]) -> Vec<IpAddr> {
     out.sort();
     out.dedup();
     out
-}
-
-/// A node's state for a guard, from its NodeShaping.
-fn node_state(ns: Option<&NodeShaping>, guard: &EgressGuard) -> NodeState {
-    let name = ns.map(|n| n.name_any()).unwrap_or_default();
-    let Some(ns) = ns else {
-        return NodeState {
-            name,
-            state: NodePhase::Pending,
-            message: String::new(),
-        };
-    };
-    let current = ns
-        .spec
-        .guard
-        .as_ref()
-        .is_some_and(|g| g.generation == guard.metadata.generation.unwrap_or_default());
-    let st = ns.status.as_ref();
-    let observed = st.and_then(|s| s.observed_generation) == ns.metadata.generation;
-    let ready = st.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
-    let (state, message) = match ready {
-        // The agent has the plan but not yet the guard or groups it names.
-        Some(c) if current && observed && c.reason == reasons::WAITING => {
-            (NodePhase::Pending, c.message.clone())
-        }
-        Some(c) if current && observed && c.status == "True" && c.reason == reasons::DRY_RUN => {
-            (NodePhase::DryRun, c.message.clone())
-        }
-        Some(c) if current && observed && c.status == "True" => {
-            (NodePhase::Enforced, String::new())
-        }
-        Some(c) if current && observed => (NodePhase::Failed, c.message.clone()),
-        _ => (NodePhase::Pending, String::new()),
-    };
-    NodeState {
-        name,
-        state,
-        message,
-    }
-}
-
-fn cond(
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: String,
-    gen: Option<i64>,
-    prev: Option<&EgressGuardStatus>,
-) -> Condition {
-    let status = if ok { "True" } else { "False" };
-    let since = prev
-        .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
-        .filter(|c| c.status == status)
-        .map_or_else(
-            || Time(Timestamp::now()),
-            |c| c.last_transition_time.clone(),
-        );
-    Condition {
-        type_: type_.into(),
-        status: status.into(),
-        reason: reason.into(),
-        message,
-        observed_generation: gen,
-        last_transition_time: since,
-    }
-}
-
-/// A guard's quarantine facts for its status.
-#[derive(Debug, Clone, Default)]
-pub struct GuardQuarantine {
-    /// Nodes quarantined now.
-    pub active: usize,
-    /// For guards with Prometheus triggers: Ok, or why metrics are unavailable.
-    pub metrics: Option<Result<(), String>>,
-}
-
-/// The status a guard should have now.
-pub fn guard_status(
-    g: &EgressGuard,
-    d: &Decision,
-    shapings: &BTreeMap<String, Arc<NodeShaping>>,
-    q: &GuardQuarantine,
-) -> EgressGuardStatus {
-    let name = g.name_any();
-    let out = d.guards.get(&name).cloned().unwrap_or_default();
-    let prev = g.status.as_ref();
-    let gen = g.metadata.generation;
-    let mut nodes: Vec<NodeState> = out
-        .planned
-        .iter()
-        .map(|n| {
-            let mut s = node_state(shapings.get(n).map(|a| a.as_ref()), g);
-            s.name = n.clone();
-            s
-        })
-        .collect();
-    if g.spec.mode == Mode::Auto {
-        // An Auto guard programs only quarantined nodes: the others watch.
-        for n in &mut nodes {
-            n.state = match n.state {
-                NodePhase::DryRun => NodePhase::Watching,
-                NodePhase::Enforced => NodePhase::Quarantined,
-                other => other,
-            };
-        }
-    }
-    nodes.extend(out.conflicts.iter().map(|c| NodeState {
-        name: c.node.clone(),
-        state: NodePhase::Conflict,
-        message: format!("node carries EgressGuard {}'s plan (older)", c.winner),
-    }));
-    // A dry run enforces nothing: only programmed nodes count.
-    let enforced = nodes
-        .iter()
-        .filter(|n| matches!(n.state, NodePhase::Enforced | NodePhase::Quarantined))
-        .count();
-    let count = |p: NodePhase| nodes.iter().filter(|n| n.state == p).count();
-    let (watching, dry_run, pending) = (
-        count(NodePhase::Watching),
-        count(NodePhase::DryRun),
-        count(NodePhase::Pending),
-    );
-    let failed: Vec<&NodeState> = nodes
-        .iter()
-        .filter(|n| n.state == NodePhase::Failed)
-        .collect();
-    let conditions = if let Some(held) = &out.held {
-        let (reason, why) = match held {
-            Held::Deleting => ("Deleting", "being deleted".to_string()),
-            Held::Invalid(why) => ("InvalidSpec", why.clone()),
-            Held::Unresolved(why) => (
-                "WhitelistUnresolved",
-                format!("{why}\nnodes keep the plans they had; nodes without one get none until every reference resolves"),
-            ),
-        };
-        vec![
-            cond("Ready", false, reason, why.clone(), gen, prev),
-            cond("Degraded", true, reason, why, gen, prev),
-            cond("Conflict", false, "NoConflict", String::new(), gen, prev),
-        ]
-    } else {
-        let ready = failed.is_empty() && pending == 0;
-        let (reason, msg) = if !failed.is_empty() {
-            (
-                "NodesFailed",
-                failed
-                    .iter()
-                    .map(|n| format!("{}: {}", n.name, n.message))
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            )
-        } else if pending > 0 {
-            (
-                "Progressing",
-                format!("{pending} of {} nodes not confirmed yet", out.planned.len()),
-            )
-        } else if g.spec.mode == Mode::Auto {
-            (
-                "Watching",
-                format!(
-                    "{} of {} selected nodes quarantined (throttled); {watching} watched",
-                    q.active,
-                    out.selected.len()
-                ),
-            )
-        } else if g.spec.mode == Mode::DryRun {
-            (
-                "DryRun",
-                format!(
-                    "dry run: {dry_run} of {} selected nodes would be shaped; nothing is programmed",
-                    out.selected.len()
-                ),
-            )
-        } else {
-            (
-                "Enforced",
-                format!(
-                    "{enforced} of {} selected nodes enforce this guard",
-                    out.selected.len()
-                ),
-            )
-        };
-        vec![
-            cond("Ready", ready, reason, msg, gen, prev),
-            cond(
-                "Degraded",
-                !failed.is_empty(),
-                if failed.is_empty() {
-                    "AsPlanned"
-                } else {
-                    "NodesFailed"
-                },
-                String::new(),
-                gen,
-                prev,
-            ),
-            cond(
-                "Conflict",
-                !out.conflicts.is_empty(),
-                if out.conflicts.is_empty() {
-                    "NoConflict"
-                } else {
-                    "NodeClaimedByOlderGuard"
-                },
-                out.conflicts
-                    .iter()
-                    .map(|c| format!("{} is enforced by {}", c.node, c.winner))
-                    .collect::<Vec<_>>()
-                    .join("; "),
-                gen,
-                prev,
-            ),
-        ]
-    };
-    let mut conditions = conditions;
-    if !g.spec.whitelist_groups.is_empty() {
-        conditions.push(match &out.held {
-            Some(Held::Unresolved(why)) => cond(
-                "WhitelistResolved",
-                false,
-                "GroupUnresolved",
-                why.clone(),
-                gen,
-                prev,
-            ),
-            _ => cond(
-                "WhitelistResolved",
-                true,
-                "Resolved",
-                "every whitelistGroups reference resolves to valid CIDRGroups".into(),
-                gen,
-                prev,
-            ),
-        });
-    }
-    if let Some(m) = &q.metrics {
-        conditions.push(match m {
-            Ok(()) => cond(
-                "MetricsAvailable",
-                true,
-                "Evaluated",
-                "every Prometheus trigger returned a value for every node".into(),
-                gen,
-                prev,
-            ),
-            Err(why) => cond(
-                "MetricsAvailable",
-                false,
-                "Unknown",
-                format!("{why}; unknown readings neither quarantine nor release"),
-                gen,
-                prev,
-            ),
-        });
-    }
-    let failed_count = failed.len() as i32;
-    nodes.truncate(MAX_NODES_IN_STATUS);
-    EgressGuardStatus {
-        observed_generation: gen,
-        conditions,
-        selected_nodes: out.selected.len() as i32,
-        enforced_nodes: enforced as i32,
-        quarantined_nodes: q.active as i32,
-        failed_nodes: failed_count,
-        nodes,
-    }
-}
-
-fn removal(node: &str) -> NodeShapingSpec {
-    NodeShapingSpec {
-        node_name: node.into(),
-        guard: None,
-        shaping: None,
-        groups: vec![],
-        protected: vec![],
-        enforce: false,
-    }
-}
-
-/// Removal confirmed by the agent: it acted on the current generation,
-/// nothing is enforced, no removal failed, and it says Ready.
-fn removal_confirmed(ns: &NodeShaping) -> bool {
-    let st = ns.status.as_ref();
-    ns.spec.is_removal()
-        && st.and_then(|s| s.observed_generation) == ns.metadata.generation
-        && st.is_some_and(|s| {
-            s.interfaces
-                .iter()
-                .all(|i| !i.enforced && i.error.is_none())
-                && s.conditions
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True")
-        })
 }
 
 struct Ctx {
