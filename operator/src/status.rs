@@ -395,18 +395,21 @@ mod tests {
         (c.1, c.2, c.3)
     }
 
+    /// Name, the plans, the Ready condition expected, enforced and failed counts.
+    type Case = (
+        &'static str,
+        Vec<(String, Arc<NodeShaping>)>,
+        (&'static str, &'static str, &'static str),
+        i32,
+        i32,
+    );
+
     #[test]
     fn guard_status_follows_what_the_agents_report() {
         let g = guard("");
         let q = GuardQuarantine::default();
         let enforced = (true, reasons::ENFORCED, "enforced on eth0");
-        let cases: Vec<(
-            &str,
-            Vec<(String, Arc<NodeShaping>)>,
-            (&str, &str, &str),
-            i32,
-            i32,
-        )> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "both enforced",
                 vec![plan("n1", Some(enforced)), plan("n2", Some(enforced))],
