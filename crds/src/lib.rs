@@ -2,6 +2,7 @@
 //! units, and the one validation shared by the operator and node-shaper.
 
 pub mod cidr_group;
+pub mod conditions;
 pub mod guard;
 pub mod load;
 pub mod node_shaping;

@@ -527,9 +527,7 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
             for c in &status.conditions {
                 let was = before.conditions.iter().find(|p| p.type_ == c.type_);
                 if was.map(|w| (&w.status, &w.reason)) != Some((&c.status, &c.reason)) {
-                    // Degraded and Conflict are bad when True; the others
-                    // (Ready, MetricsAvailable, WhitelistResolved) when False.
-                    let bad = (c.status == "True") == matches!(c.type_.as_str(), "Degraded" | "Conflict");
+                    let bad = egressguard_crds::conditions::types::is_bad(&c.type_, &c.status);
                     let t = if bad {
                         EventType::Warning
                     } else {

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use egressguard_crds::conditions::{guard, types};
 use egressguard_crds::node_shaping::{reasons, NodeShapingSpec};
 use egressguard_crds::{EgressGuard, EgressGuardStatus, Mode, NodePhase, NodeShaping, NodeState};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -32,7 +33,7 @@ pub fn node_state(ns: Option<&NodeShaping>, guard: &EgressGuard) -> NodeState {
         .is_some_and(|g| g.generation == guard.metadata.generation.unwrap_or_default());
     let st = ns.status.as_ref();
     let observed = st.and_then(|s| s.observed_generation) == ns.metadata.generation;
-    let ready = st.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+    let ready = st.and_then(|s| s.conditions.iter().find(|c| c.type_ == types::READY));
     let (state, message) = match ready {
         // The agent has the plan but not yet the guard or groups it names.
         Some(c) if current && observed && c.reason == reasons::WAITING => {
@@ -141,23 +142,30 @@ pub fn guard_status(
         .collect();
     let conditions = if let Some(held) = &out.held {
         let (reason, why) = match held {
-            Held::Deleting => ("Deleting", "being deleted".to_string()),
-            Held::Invalid(why) => ("InvalidSpec", why.clone()),
+            Held::Deleting => (guard::DELETING, "being deleted".to_string()),
+            Held::Invalid(why) => (guard::INVALID_SPEC, why.clone()),
             Held::Unresolved(why) => (
-                "WhitelistUnresolved",
+                guard::WHITELIST_UNRESOLVED,
                 format!("{why}\nnodes keep the plans they had; nodes without one get none until every reference resolves"),
             ),
         };
         vec![
-            cond("Ready", false, reason, why.clone(), gen, prev),
-            cond("Degraded", true, reason, why, gen, prev),
-            cond("Conflict", false, "NoConflict", String::new(), gen, prev),
+            cond(types::READY, false, reason, why.clone(), gen, prev),
+            cond(types::DEGRADED, true, reason, why, gen, prev),
+            cond(
+                types::CONFLICT,
+                false,
+                guard::NO_CONFLICT,
+                String::new(),
+                gen,
+                prev,
+            ),
         ]
     } else {
         let ready = failed.is_empty() && pending == 0;
         let (reason, msg) = if !failed.is_empty() {
             (
-                "NodesFailed",
+                guard::NODES_FAILED,
                 failed
                     .iter()
                     .map(|n| format!("{}: {}", n.name, n.message))
@@ -166,12 +174,12 @@ pub fn guard_status(
             )
         } else if pending > 0 {
             (
-                "Progressing",
+                guard::PROGRESSING,
                 format!("{pending} of {} nodes not confirmed yet", out.planned.len()),
             )
         } else if g.spec.mode == Mode::Auto {
             (
-                "Watching",
+                guard::WATCHING,
                 format!(
                     "{} of {} selected nodes quarantined (throttled); {watching} watched",
                     q.active,
@@ -180,7 +188,7 @@ pub fn guard_status(
             )
         } else if g.spec.mode == Mode::DryRun {
             (
-                "DryRun",
+                guard::DRY_RUN,
                 format!(
                     "dry run: {dry_run} of {} selected nodes would be shaped; nothing is programmed",
                     out.selected.len()
@@ -188,7 +196,7 @@ pub fn guard_status(
             )
         } else {
             (
-                "Enforced",
+                guard::ENFORCED,
                 format!(
                     "{enforced} of {} selected nodes enforce this guard",
                     out.selected.len()
@@ -196,26 +204,26 @@ pub fn guard_status(
             )
         };
         vec![
-            cond("Ready", ready, reason, msg, gen, prev),
+            cond(types::READY, ready, reason, msg, gen, prev),
             cond(
-                "Degraded",
+                types::DEGRADED,
                 !failed.is_empty(),
                 if failed.is_empty() {
-                    "AsPlanned"
+                    guard::AS_PLANNED
                 } else {
-                    "NodesFailed"
+                    guard::NODES_FAILED
                 },
                 String::new(),
                 gen,
                 prev,
             ),
             cond(
-                "Conflict",
+                types::CONFLICT,
                 !out.conflicts.is_empty(),
                 if out.conflicts.is_empty() {
-                    "NoConflict"
+                    guard::NO_CONFLICT
                 } else {
-                    "NodeClaimedByOlderGuard"
+                    guard::NODE_CLAIMED
                 },
                 out.conflicts
                     .iter()
@@ -231,17 +239,17 @@ pub fn guard_status(
     if !g.spec.whitelist_groups.is_empty() {
         conditions.push(match &out.held {
             Some(Held::Unresolved(why)) => cond(
-                "WhitelistResolved",
+                types::WHITELIST_RESOLVED,
                 false,
-                "GroupUnresolved",
+                guard::GROUP_UNRESOLVED,
                 why.clone(),
                 gen,
                 prev,
             ),
             _ => cond(
-                "WhitelistResolved",
+                types::WHITELIST_RESOLVED,
                 true,
-                "Resolved",
+                guard::RESOLVED,
                 "every whitelistGroups reference resolves to valid CIDRGroups".into(),
                 gen,
                 prev,
@@ -251,17 +259,17 @@ pub fn guard_status(
     if let Some(m) = &q.metrics {
         conditions.push(match m {
             Ok(()) => cond(
-                "MetricsAvailable",
+                types::METRICS_AVAILABLE,
                 true,
-                "Evaluated",
+                guard::EVALUATED,
                 "every Prometheus trigger returned a value for every node".into(),
                 gen,
                 prev,
             ),
             Err(why) => cond(
-                "MetricsAvailable",
+                types::METRICS_AVAILABLE,
                 false,
-                "Unknown",
+                guard::UNKNOWN,
                 format!("{why}; unknown readings neither quarantine nor release"),
                 gen,
                 prev,
@@ -305,7 +313,7 @@ pub fn removal_confirmed(ns: &NodeShaping) -> bool {
                 .all(|i| !i.enforced && i.error.is_none())
                 && s.conditions
                     .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True")
+                    .any(|c| c.type_ == types::READY && c.status == "True")
         })
 }
 

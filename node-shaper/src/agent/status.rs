@@ -6,6 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use super::Outcome;
 
+use egressguard_crds::conditions::types;
 pub use egressguard_crds::node_shaping::reasons;
 
 fn condition(
@@ -99,8 +100,16 @@ pub fn status_for(
         observed_generation: gen,
         interfaces: outcome.interfaces.clone(),
         conditions: vec![
-            condition("Ready", ready, reason, message, gen, previous, &now),
-            condition("Degraded", degraded, dreason, dmsg, gen, previous, &now),
+            condition(types::READY, ready, reason, message, gen, previous, &now),
+            condition(
+                types::DEGRADED,
+                degraded,
+                dreason,
+                dmsg,
+                gen,
+                previous,
+                &now,
+            ),
         ],
         last_apply_time: Some(now),
     }

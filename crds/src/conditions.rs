@@ -1,0 +1,71 @@
+//! Condition types and reasons: the contract between the agent (which
+//! writes NodeShaping conditions), the operator (which reads them and writes
+//! the guard's) and the people, dashboards and `kubectl wait` that read both.
+//! Reasons of the agent's conditions are in [`crate::node_shaping::reasons`].
+
+/// Condition types.
+pub mod types {
+    /// The object is doing what it asks for.
+    pub const READY: &str = "Ready";
+    /// It runs, but not as planned (failed nodes, a fallback, an invalid edit).
+    pub const DEGRADED: &str = "Degraded";
+    /// A guard lost a node to an older guard.
+    pub const CONFLICT: &str = "Conflict";
+    /// Every Prometheus trigger of the guard returned a value for every node.
+    pub const METRICS_AVAILABLE: &str = "MetricsAvailable";
+    /// Every `whitelistGroups` reference resolves to valid CIDRGroups.
+    pub const WHITELIST_RESOLVED: &str = "WhitelistResolved";
+
+    /// Is `status` the troubling one for condition `type_`? `Degraded` and
+    /// `Conflict` are bad when True, the others when False.
+    pub fn is_bad(type_: &str, status: &str) -> bool {
+        (status == "True") == matches!(type_, DEGRADED | CONFLICT)
+    }
+}
+
+/// Reasons of an EgressGuard's conditions.
+pub mod guard {
+    /// Ready: every selected node enforces the guard.
+    pub const ENFORCED: &str = "Enforced";
+    /// Ready: DryRun, nothing is programmed.
+    pub const DRY_RUN: &str = "DryRun";
+    /// Ready: Auto, nodes are watched (and some may be quarantined).
+    pub const WATCHING: &str = "Watching";
+    /// Ready=False: some agents have not confirmed the plan yet.
+    pub const PROGRESSING: &str = "Progressing";
+    /// Ready=False, Degraded: some agents report an error.
+    pub const NODES_FAILED: &str = "NodesFailed";
+    /// Ready=False, Degraded: the spec fails validation; plans are kept.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// Ready=False, Degraded: a `whitelistGroups` reference does not resolve.
+    pub const WHITELIST_UNRESOLVED: &str = "WhitelistUnresolved";
+    /// Ready=False: the guard is being deleted.
+    pub const DELETING: &str = "Deleting";
+    /// Degraded=False.
+    pub const AS_PLANNED: &str = "AsPlanned";
+    /// Conflict=False.
+    pub const NO_CONFLICT: &str = "NoConflict";
+    /// Conflict=True.
+    pub const NODE_CLAIMED: &str = "NodeClaimedByOlderGuard";
+    /// MetricsAvailable=True.
+    pub const EVALUATED: &str = "Evaluated";
+    /// MetricsAvailable=False.
+    pub const UNKNOWN: &str = "Unknown";
+    /// WhitelistResolved=True.
+    pub const RESOLVED: &str = "Resolved";
+    /// WhitelistResolved=False.
+    pub const GROUP_UNRESOLVED: &str = "GroupUnresolved";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::types::*;
+
+    #[test]
+    fn the_troubling_status_depends_on_the_condition() {
+        assert!(is_bad(READY, "False") && !is_bad(READY, "True"));
+        assert!(is_bad(WHITELIST_RESOLVED, "False") && is_bad(METRICS_AVAILABLE, "False"));
+        assert!(is_bad(DEGRADED, "True") && !is_bad(DEGRADED, "False"));
+        assert!(is_bad(CONFLICT, "True") && !is_bad(CONFLICT, "False"));
+    }
+}
