@@ -310,7 +310,7 @@ pub fn apply(
     loop {
         attempt += 1;
         if opts.describe {
-            changes.extend(ops.iter().map(|op| encode(op, iface.index, dev).what));
+            changes.extend(ops.iter().map(|op| format!("{op} on {dev}")));
         }
         let (err, w) = match run(nl, iface, &ops) {
             Ok(r) => r,

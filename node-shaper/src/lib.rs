@@ -14,6 +14,7 @@ pub mod iface;
 pub mod layout;
 pub mod model;
 pub mod netlink;
+pub mod op;
 pub mod plan;
 pub mod ports;
 pub mod render;

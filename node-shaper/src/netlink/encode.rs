@@ -193,7 +193,7 @@ pub fn del_root(handle: u32, ifindex: i32, dev: &str) -> Request {
 pub fn encode(op: &Op, ifindex: i32, dev: &str) -> Request {
     use RouteNetlinkMessage as M;
     let kind = |k: &str| TcAttribute::Kind(k.to_string());
-    let (inner, flags, what) = match op {
+    let (inner, flags) = match op {
         Op::AddRoot { root, graft } => {
             let msg = TcMessage::from_parts(
                 header(ifindex, root.handle, TC_H_ROOT, 0),
@@ -204,11 +204,7 @@ pub fn encode(op: &Op, ifindex: i32, dev: &str) -> Request {
             } else {
                 NLM_F_CREATE | NLM_F_EXCL
             };
-            (
-                M::NewQueueDiscipline(msg),
-                flags,
-                format!("create htb root qdisc {} on {dev}", fmt_handle(root.handle)),
-            )
+            (M::NewQueueDiscipline(msg), flags)
         }
         Op::DelRoot => return del_root(ROOT, ifindex, dev),
         Op::PutClass(c) => {
@@ -216,19 +212,11 @@ pub fn encode(op: &Op, ifindex: i32, dev: &str) -> Request {
                 header(ifindex, c.classid, c.parent, 0),
                 vec![kind("htb"), raw_options(htb_class_options(c))],
             );
-            (
-                M::NewTrafficClass(msg),
-                NLM_F_CREATE,
-                format!("set htb class {} on {dev}", fmt_handle(c.classid)),
-            )
+            (M::NewTrafficClass(msg), NLM_F_CREATE)
         }
         Op::DelClass(id) => {
             let msg = TcMessage::from_parts(header(ifindex, *id, 0, 0), vec![]);
-            (
-                M::DelTrafficClass(msg),
-                0,
-                format!("delete class {} on {dev}", fmt_handle(*id)),
-            )
+            (M::DelTrafficClass(msg), 0)
         }
         Op::PutLeaf(l) => {
             let mut attrs = vec![kind(l.kind.kind())];
@@ -236,16 +224,7 @@ pub fn encode(op: &Op, ifindex: i32, dev: &str) -> Request {
                 attrs.push(raw_options(sfq_options(perturb)));
             }
             let msg = TcMessage::from_parts(header(ifindex, l.handle, l.parent, 0), attrs);
-            (
-                M::NewQueueDiscipline(msg),
-                NLM_F_CREATE | NLM_F_REPLACE,
-                format!(
-                    "attach {} leaf {} under class {} on {dev}",
-                    l.kind.kind(),
-                    fmt_handle(l.handle),
-                    fmt_handle(l.parent)
-                ),
-            )
+            (M::NewQueueDiscipline(msg), NLM_F_CREATE | NLM_F_REPLACE)
         }
         Op::AddTable {
             prio,
@@ -261,14 +240,7 @@ pub fn encode(op: &Op, ifindex: i32, dev: &str) -> Request {
                     ))]),
                 ],
             );
-            (
-                M::NewTrafficFilter(msg),
-                NLM_F_CREATE | NLM_F_EXCL,
-                format!(
-                    "create u32 table {:x}: (prio {prio}) on {dev}",
-                    table.handle >> 20
-                ),
-            )
+            (M::NewTrafficFilter(msg), NLM_F_CREATE | NLM_F_EXCL)
         }
         Op::DelTable {
             prio,
@@ -286,18 +258,7 @@ pub fn encode(op: &Op, ifindex: i32, dev: &str) -> Request {
                 header(ifindex, *handle, ROOT, filter_info(*prio, *protocol)),
                 vec![kind("u32")],
             );
-            let what = if matches!(op, Op::SweepTable { .. }) {
-                format!(
-                    "sweep hidden u32 table {:x}: (through prio {prio}) on {dev}",
-                    handle >> 20
-                )
-            } else {
-                format!(
-                    "delete u32 table {:x}: (prio {prio}) on {dev}",
-                    handle >> 20
-                )
-            };
-            (M::DelTrafficFilter(msg), 0, what)
+            (M::DelTrafficFilter(msg), 0)
         }
         Op::AddNode {
             prio,
@@ -309,11 +270,7 @@ pub fn encode(op: &Op, ifindex: i32, dev: &str) -> Request {
                 header(ifindex, handle, ROOT, filter_info(*prio, *protocol)),
                 vec![kind("u32"), TcAttribute::Options(node_options(node))],
             );
-            (
-                M::NewTrafficFilter(msg),
-                NLM_F_CREATE | NLM_F_EXCL,
-                format!("add u32 filter {} (prio {prio}) on {dev}", describe(node)),
-            )
+            (M::NewTrafficFilter(msg), NLM_F_CREATE | NLM_F_EXCL)
         }
         Op::ChangeNode {
             prio,
@@ -327,14 +284,7 @@ pub fn encode(op: &Op, ifindex: i32, dev: &str) -> Request {
                 header(ifindex, *handle, ROOT, filter_info(*prio, *protocol)),
                 vec![kind("u32"), TcAttribute::Options(opts)],
             );
-            (
-                M::NewTrafficFilter(msg),
-                NLM_F_CREATE,
-                format!(
-                    "change u32 filter {} (prio {prio}) on {dev}",
-                    fmt_u32_handle(*handle)
-                ),
-            )
+            (M::NewTrafficFilter(msg), NLM_F_CREATE)
         }
         Op::Unlink {
             prio,
@@ -348,14 +298,7 @@ pub fn encode(op: &Op, ifindex: i32, dev: &str) -> Request {
                     TcAttribute::Options(vec![TcOption::U32(TcFilterU32Option::Link(0))]),
                 ],
             );
-            (
-                M::NewTrafficFilter(msg),
-                NLM_F_CREATE,
-                format!(
-                    "unlink u32 filter {} (prio {prio}) on {dev}",
-                    fmt_u32_handle(*handle)
-                ),
-            )
+            (M::NewTrafficFilter(msg), NLM_F_CREATE)
         }
         Op::DelNode {
             prio,
@@ -366,44 +309,18 @@ pub fn encode(op: &Op, ifindex: i32, dev: &str) -> Request {
                 header(ifindex, *handle, ROOT, filter_info(*prio, *protocol)),
                 vec![kind("u32")],
             );
-            (
-                M::DelTrafficFilter(msg),
-                0,
-                format!(
-                    "delete u32 filter {} (prio {prio}) on {dev}",
-                    fmt_u32_handle(*handle)
-                ),
-            )
+            (M::DelTrafficFilter(msg), 0)
         }
         Op::DelPrio { prio, protocol } => {
             let msg = TcMessage::from_parts(
                 header(ifindex, 0, ROOT, filter_info(*prio, *protocol)),
                 vec![],
             );
-            (
-                M::DelTrafficFilter(msg),
-                0,
-                format!("delete filter prio {prio} on {dev}"),
-            )
+            (M::DelTrafficFilter(msg), 0)
         }
     };
     Request {
         message: message(inner, flags),
-        what,
-    }
-}
-
-fn describe(node: &Node) -> String {
-    match &node.origin {
-        Origin::Whitelist { group, index } => {
-            format!("for {}", Origin::whitelist_field(group.as_deref(), *index))
-        }
-        Origin::Protected(i) => format!("for protected[{i}]"),
-        Origin::Destination(i) => format!("for spec.throttle.destinations[{i}]"),
-        Origin::Link(l) => format!("linking {l}"),
-        Origin::Portless(what) => format!("spec.throttle.portless ({what})"),
-        Origin::SshReplies => "spec.protectSshReplies (TCP source port 22)".to_string(),
-        Origin::ProtectedPort(i) => format!("for spec.protect[{i}] (ports)"),
-        Origin::Unknown => "(restore)".to_string(),
+        what: format!("{op} on {dev}"),
     }
 }
