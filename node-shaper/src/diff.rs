@@ -41,10 +41,26 @@ pub fn diff(observed: &Shape, desired: &Shape) -> Vec<Op> {
     diff_rebuilding(observed, desired, &BTreeSet::new())
 }
 
+/// Like [`diff`], on an interface whose root may be a foreign qdisc
+/// (`foreign_root`, read from the kernel): our root then replaces it
+/// (grafts) instead of failing on the one already there.
+pub fn diff_onto(observed: &Shape, desired: &Shape, foreign_root: bool) -> Vec<Op> {
+    plan_ops(observed, desired, &BTreeSet::new(), foreign_root)
+}
+
 /// Like [`diff`], but the prios in `rebuild` are removed whole and created
 /// again rather than changed in place: the fallback when the kernel refused
 /// an incremental change to them in a way a rollback could not undo.
 pub fn diff_rebuilding(observed: &Shape, desired: &Shape, rebuild: &BTreeSet<u16>) -> Vec<Op> {
+    plan_ops(observed, desired, rebuild, false)
+}
+
+fn plan_ops(
+    observed: &Shape,
+    desired: &Shape,
+    rebuild: &BTreeSet<u16>,
+    foreign_root: bool,
+) -> Vec<Op> {
     let mut ph = Phases::default();
     let mut sweeps = Vec::new();
     let empty = Shape::default();
@@ -59,7 +75,7 @@ pub fn diff_rebuilding(observed: &Shape, desired: &Shape, rebuild: &BTreeSet<u16
     match (&observed.root, &desired.root) {
         (None, Some(r)) => ph.root.push(Op::AddRoot {
             root: r.clone(),
-            graft: false,
+            graft: foreign_root,
         }),
         (Some(_), None) => {
             ph.pre.push(Op::DelRoot);

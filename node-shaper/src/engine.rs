@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use std::collections::BTreeSet;
 
-use crate::diff::{diff, diff_rebuilding, overfull_buckets, Op};
+use crate::diff::{diff, diff_onto, diff_rebuilding, overfull_buckets, Op};
 use crate::iface::Interface;
 use crate::model::{fmt_handle, LeafKind, Shape};
 use crate::netlink::{encode, observe, KernelError, Netlink, Observed, Outcome, RootState};
@@ -245,90 +245,47 @@ pub struct ApplyOptions {
     pub describe: bool,
 }
 
-/// Applies `spec` to `iface`.
+/// Applies `target` to `iface`: read the tree, plan and diff, send; fall
+/// back to pfifo leaves if this kernel lacks sfq; after a refusal, roll back
+/// (or rebuild what cannot be rolled back); optionally read back and compare.
 pub fn apply(
     nl: &mut Netlink,
     iface: &Interface,
     target: &Target,
     opts: ApplyOptions,
 ) -> Result<ApplyReport, EngineError> {
-    let force = opts.force;
     let start = Instant::now();
     let dev = iface.name.as_str();
     let writes_before = nl.writes;
     let before = observe(nl, iface.index).map_err(io(dev))?;
-    let ms = |t: &Instant| t.elapsed().as_secs_f64() * 1000.0;
     debug!(
         interface = dev,
         ms = ms(&start),
         filters = before.shape.node_count(),
         "observed"
     );
-    if let RootState::Foreign { kind, handle } = &before.root {
-        if !force {
-            return Err(EngineError::ForeignRoot {
-                dev: dev.into(),
-                kind: kind.clone(),
-                handle: fmt_handle(*handle),
-            });
-        }
-        warn!(
-            interface = dev,
-            kind, "replacing foreign root qdisc (--force)"
-        );
-    }
+    check_root(&before.root, dev, opts.force)?;
     let mut choice = leaf_choice(&before);
-    let mut fallback = None;
-    if choice == LeafChoice::PfifoFallback {
-        fallback = Some("pfifo leaves kept from an earlier apply where sfq was unavailable; `node-shaper reset` then apply to retry sfq".to_string());
-    }
-    let mut desired = plan_protected(&target.valid, &target.protected, choice);
-    if let Some((prio, _, bucket, count)) = overfull_buckets(&desired).into_iter().next() {
-        return Err(EngineError::BucketFull {
-            dev: dev.into(),
-            prio,
-            bucket,
-            count,
-        });
-    }
-    let mut ops = diff(&before.shape, &desired);
-    if let (RootState::Foreign { .. }, Some(Op::AddRoot { graft, .. })) =
-        (&before.root, ops.first_mut())
-    {
-        *graft = true;
-    }
+    let mut fallback = (choice == LeafChoice::PfifoFallback).then(|| {
+        "pfifo leaves kept from an earlier apply where sfq was unavailable; `node-shaper reset` then apply to retry sfq".to_string()
+    });
+    let (mut desired, mut ops) = prepare(&before, target, choice, dev)?;
     debug!(
         interface = dev,
         ms = ms(&start),
         ops = ops.len(),
         "planned and diffed"
     );
-    let mut changes: Vec<String> = Vec::new();
-    let mut warnings = Vec::new();
-    let mut rebuilt = None;
-    let mut attempt = 0;
+    let (mut changes, mut warnings, mut rebuilt) = (Vec::new(), Vec::new(), None);
     loop {
-        attempt += 1;
         if opts.describe {
             changes.extend(ops.iter().map(|op| format!("{op} on {dev}")));
         }
-        let (err, w) = match run(nl, iface, &ops) {
-            Ok(r) => r,
-            // Part of the change may be in: undo it as for a refusal.
-            Err(EngineError::Io { source, .. }) => {
-                let (rollback, _) = rollback(nl, iface, &before);
-                return Err(EngineError::IoMidApply {
-                    dev: dev.into(),
-                    source,
-                    rollback,
-                });
-            }
-            Err(e) => return Err(e),
+        let Some((at, err)) = send(nl, iface, &before, &ops, &mut warnings)? else {
+            break;
         };
-        warnings.extend(w);
-        let Some((at, err)) = err else { break };
         let lacks_sfq = matches!(missing_kind(&ops[at], &err), Some(LeafKind::Sfq { .. }));
-        if choice == LeafChoice::Sfq && lacks_sfq && attempt == 1 {
+        if choice == LeafChoice::Sfq && lacks_sfq {
             // This kernel has no sch_sfq: degrade to pfifo leaves, visibly.
             warn!(interface = dev, reason = %err.reason, "sfq is not available on this kernel; falling back to pfifo leaves (rates are still enforced, flows are not fair-queued)");
             fallback = Some(format!(
@@ -336,58 +293,25 @@ pub fn apply(
                 err.reason
             ));
             choice = LeafChoice::PfifoFallback;
-            desired = plan_protected(&target.valid, &target.protected, choice);
             let now = observe(nl, iface.index).map_err(io(dev))?;
-            ops = diff(&now.shape, &desired);
+            (desired, ops) = prepare(&now, target, choice, dev)?;
             changes.retain(|c| !c.contains("attach sfq"));
             continue;
         }
-        let (rolled_back, complete) = rollback(nl, iface, &before);
-        if complete || rebuilt.is_some() {
-            return Err(EngineError::Refused {
-                dev: dev.into(),
-                source: err,
-                rollback: rolled_back,
-            });
-        }
-        // Neither the change nor its undo went through: the kernel holds
-        // something our view of it does not explain. Rebuild what the refused
-        // write touched instead of failing the same way on every pass: its
-        // prio, or else the whole tree. Traffic of that prio (or of the
-        // interface) is briefly classified by what remains: said loudly.
-        let now = observe(nl, iface.index).map_err(io(dev))?;
-        let scope = ops[at].prio();
-        ops = match scope {
-            Some(prio) => diff_rebuilding(&now.shape, &desired, &BTreeSet::from([prio])),
-            None => {
-                let mut v = vec![Op::DelRoot];
-                v.extend(diff(&Shape::default(), &desired));
-                v
-            }
-        };
-        let what = scope.map_or_else(
-            || "the whole e9: tree".to_string(),
-            |p| format!("filter prio {p}"),
-        );
-        warn!(interface = dev, error = %err, rollback = %rolled_back, rebuilt = %what, "incremental change refused and not undone; rebuilding (brief disruption)");
-        rebuilt = Some(format!(
-            "rebuilt {what} after the kernel refused an incremental change ({err}) and its rollback ({rolled_back}); traffic it classifies was briefly unclassified"
-        ));
+        ops = recover(
+            nl,
+            iface,
+            &before,
+            &desired,
+            ops[at].prio(),
+            err,
+            &mut rebuilt,
+        )?;
     }
     debug!(interface = dev, ms = ms(&start), "sent");
     if opts.verify {
-        let after = observe(nl, iface.index).map_err(io(dev))?;
-        let remaining = diff(&after.shape, &desired);
+        verify(nl, iface, &desired)?;
         debug!(interface = dev, ms = ms(&start), "verified");
-        if !remaining.is_empty() {
-            for op in &remaining {
-                warn!(interface = dev, op = ?op, "still differs after apply");
-            }
-            return Err(EngineError::Diverged {
-                dev: dev.into(),
-                remaining: remaining.len(),
-            });
-        }
     }
     for w in &warnings {
         warn!(interface = dev, warning = %w, "kernel warning");
@@ -405,7 +329,7 @@ pub fn apply(
         fallback,
         warnings,
         filters: desired.node_count(),
-        millis: start.elapsed().as_secs_f64() * 1000.0,
+        millis: ms(&start),
     };
     info!(
         interface = dev,
@@ -415,6 +339,139 @@ pub fn apply(
         "applied"
     );
     Ok(report)
+}
+
+fn ms(t: &Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// A foreign root qdisc is replaced only with `--force` (and said so).
+fn check_root(root: &RootState, dev: &str, force: bool) -> Result<(), EngineError> {
+    if let RootState::Foreign { kind, handle } = root {
+        if !force {
+            return Err(EngineError::ForeignRoot {
+                dev: dev.into(),
+                kind: kind.clone(),
+                handle: fmt_handle(*handle),
+            });
+        }
+        warn!(
+            interface = dev,
+            kind, "replacing foreign root qdisc (--force)"
+        );
+    }
+    Ok(())
+}
+
+/// The desired tree for `target` with leaf `choice`, and the operations
+/// that take `observed` there. Pure.
+pub fn prepare(
+    observed: &Observed,
+    target: &Target,
+    choice: LeafChoice,
+    dev: &str,
+) -> Result<(Shape, Vec<Op>), EngineError> {
+    let desired = plan_protected(&target.valid, &target.protected, choice);
+    if let Some((prio, _, bucket, count)) = overfull_buckets(&desired).into_iter().next() {
+        return Err(EngineError::BucketFull {
+            dev: dev.into(),
+            prio,
+            bucket,
+            count,
+        });
+    }
+    let foreign = matches!(observed.root, RootState::Foreign { .. });
+    let ops = diff_onto(&observed.shape, &desired, foreign);
+    Ok((desired, ops))
+}
+
+/// Sends `ops`: the kernel's first refusal, if any. An I/O error part-way
+/// is undone like a refusal and reported as such.
+fn send(
+    nl: &mut Netlink,
+    iface: &Interface,
+    before: &Observed,
+    ops: &[Op],
+    warnings: &mut Vec<String>,
+) -> Result<Option<Refusal>, EngineError> {
+    match run(nl, iface, ops) {
+        Ok((refusal, w)) => {
+            warnings.extend(w);
+            Ok(refusal)
+        }
+        Err(EngineError::Io { source, .. }) => {
+            let (rollback, _) = rollback(nl, iface, before);
+            Err(EngineError::IoMidApply {
+                dev: iface.name.clone(),
+                source,
+                rollback,
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// After a refusal: roll back to `before` and report it; or, when neither
+/// the change nor its undo went through (the kernel holds something our view
+/// of it does not explain), the operations that rebuild what the refused
+/// write touched, its prio `scope` or else the whole tree, instead of
+/// failing the same way on every pass. A second refusal is reported.
+fn recover(
+    nl: &mut Netlink,
+    iface: &Interface,
+    before: &Observed,
+    desired: &Shape,
+    scope: Option<u16>,
+    err: KernelError,
+    rebuilt: &mut Option<String>,
+) -> Result<Vec<Op>, EngineError> {
+    let dev = iface.name.as_str();
+    let (rolled_back, complete) = rollback(nl, iface, before);
+    if complete || rebuilt.is_some() {
+        return Err(EngineError::Refused {
+            dev: dev.into(),
+            source: err,
+            rollback: rolled_back,
+        });
+    }
+    // Traffic of that prio (or of the interface) is briefly classified by
+    // what remains: said loudly.
+    let now = observe(nl, iface.index).map_err(io(dev))?;
+    let ops = match scope {
+        Some(prio) => diff_rebuilding(&now.shape, desired, &BTreeSet::from([prio])),
+        None => {
+            let mut v = vec![Op::DelRoot];
+            v.extend(diff(&Shape::default(), desired));
+            v
+        }
+    };
+    let what = scope.map_or_else(
+        || "the whole e9: tree".to_string(),
+        |p| format!("filter prio {p}"),
+    );
+    warn!(interface = dev, error = %err, rollback = %rolled_back, rebuilt = %what, "incremental change refused and not undone; rebuilding (brief disruption)");
+    *rebuilt = Some(format!(
+        "rebuilt {what} after the kernel refused an incremental change ({err}) and its rollback ({rolled_back}); traffic it classifies was briefly unclassified"
+    ));
+    Ok(ops)
+}
+
+/// Reads the tree back and fails if it differs from `desired`.
+fn verify(nl: &mut Netlink, iface: &Interface, desired: &Shape) -> Result<(), EngineError> {
+    let dev = iface.name.as_str();
+    let after = observe(nl, iface.index).map_err(io(dev))?;
+    let remaining = diff(&after.shape, desired);
+    for op in &remaining {
+        warn!(interface = dev, op = ?op, "still differs after apply");
+    }
+    if remaining.is_empty() {
+        Ok(())
+    } else {
+        Err(EngineError::Diverged {
+            dev: dev.into(),
+            remaining: remaining.len(),
+        })
+    }
 }
 
 /// Sends `ops`; if the kernel refuses any of them, drives the interface back
@@ -527,6 +584,7 @@ pub fn reset(nl: &mut Netlink, iface: &Interface, force: bool) -> Result<ResetRe
 mod tests {
     use super::*;
     use crate::model::Leaf;
+    use crate::netlink::RootState;
 
     fn refusal(errno: i32) -> KernelError {
         KernelError {
@@ -534,6 +592,60 @@ mod tests {
             errno,
             reason: "whatever the text says".into(),
         }
+    }
+
+    fn observed(root: RootState) -> Observed {
+        Observed {
+            root,
+            shape: Shape::default(),
+            counters: vec![],
+            root_counters: Default::default(),
+        }
+    }
+
+    fn target(whitelist: &str) -> Target {
+        let g = egressguard_crds::load::parse_str(&format!(
+            "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {{name: t}}\nspec:\n  uplink: {{rate: 20Mbit}}\n  throttle: {{rate: 1Mbit, destinations: [{{port: 443}}]}}\n  whitelist: [{whitelist}]\n"
+        ))
+        .expect("guard")
+        .remove(0);
+        Target::new("t", &g.spec, &[]).expect("valid")
+    }
+
+    /// Over a foreign root the plan grafts ours in its place; over the
+    /// device default it creates it; an overfull bucket is refused before
+    /// anything is planned to be sent.
+    #[test]
+    fn prepare_grafts_over_a_foreign_root_and_refuses_overfull_buckets() {
+        let t = target("198.51.100.0/24");
+        let foreign = observed(RootState::Foreign {
+            kind: "fq_codel".into(),
+            handle: 0x8001_0000,
+        });
+        let (_, ops) = prepare(&foreign, &t, LeafChoice::Sfq, "eth0").expect("plan");
+        assert!(
+            matches!(ops[0], Op::AddRoot { graft: true, .. }),
+            "{:?}",
+            ops[0]
+        );
+        let default = observed(RootState::Default("noqueue".into()));
+        let (desired, ops) = prepare(&default, &t, LeafChoice::Sfq, "eth0").expect("plan");
+        assert!(matches!(ops[0], Op::AddRoot { graft: false, .. }));
+        assert_eq!(
+            desired.node_count(),
+            ops.iter()
+                .filter(|o| matches!(o, Op::AddNode { .. }))
+                .count()
+        );
+        let same: Vec<String> = (0..5000u32)
+            .map(|i| format!("{}.{}.0.1/32", 11 + i / 250, i % 250))
+            .collect();
+        let err = prepare(&default, &target(&same.join(", ")), LeafChoice::Sfq, "eth0")
+            .expect_err("overfull");
+        assert!(
+            matches!(err, EngineError::BucketFull { count: 5000, .. }),
+            "{err}"
+        );
     }
 
     /// The fallback is decided by the operation and errno, whatever the text.
