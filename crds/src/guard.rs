@@ -92,11 +92,13 @@ pub struct ProtectEntry {
 #[serde(rename_all = "camelCase")]
 pub struct Uplink {
     /// Rate in tc bit units, e.g. `20Mbit`.
-    #[schemars(regex(pattern = r"(?i)^[0-9]+(\.[0-9]+)?(([kmgt]i?)?bit)?$"))]
+    #[serde(deserialize_with = "quantity::required")]
+    #[schemars(schema_with = "quantity::rate_schema")]
     pub rate: String,
     /// Burst in tc byte units, e.g. `15k`; default max(1600 bytes, 1 ms at rate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"(?i)^[0-9]+(\.[0-9]+)?([kmg]b?|b)?$"))]
+    #[serde(deserialize_with = "quantity::optional")]
+    #[schemars(schema_with = "quantity::size_schema")]
     pub burst: Option<String>,
 }
 
@@ -105,15 +107,18 @@ pub struct Uplink {
 #[serde(rename_all = "camelCase")]
 pub struct Throttle {
     /// Guaranteed rate of throttled traffic, e.g. `1Mbit`.
-    #[schemars(regex(pattern = r"(?i)^[0-9]+(\.[0-9]+)?(([kmgt]i?)?bit)?$"))]
+    #[serde(deserialize_with = "quantity::required")]
+    #[schemars(schema_with = "quantity::rate_schema")]
     pub rate: String,
     /// Most throttled traffic may borrow up to; defaults to `rate`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"(?i)^[0-9]+(\.[0-9]+)?(([kmgt]i?)?bit)?$"))]
+    #[serde(deserialize_with = "quantity::optional")]
+    #[schemars(schema_with = "quantity::rate_schema")]
     pub ceil: Option<String>,
     /// Burst in tc byte units; default max(1600 bytes, 1 ms at rate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"(?i)^[0-9]+(\.[0-9]+)?([kmg]b?|b)?$"))]
+    #[serde(deserialize_with = "quantity::optional")]
+    #[schemars(schema_with = "quantity::size_schema")]
     pub burst: Option<String>,
     /// Abnormal destinations: traffic matching any of them is throttled.
     #[schemars(length(min = 1))]
@@ -126,6 +131,83 @@ pub struct Throttle {
     /// class (the guard can then be evaded; `plan` warns).
     #[serde(default, skip_serializing_if = "is_default")]
     pub portless: PortlessPolicy,
+}
+
+/// tc quantities may be written as YAML numbers: tc reads a bare number as
+/// bits per second for a rate and bytes for a size, and so does validation
+/// (`burst: 1600` is 1600 bytes). Kept as the text they stand for.
+mod quantity {
+    use std::fmt;
+
+    use schemars::{json_schema, Schema, SchemaGenerator};
+    use serde::de::{self, Deserializer, Visitor};
+
+    struct Text;
+
+    impl Visitor<'_> for Text {
+        type Value = String;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a tc quantity such as 20Mbit or 15k, or a bare number")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+    }
+
+    struct MaybeText;
+
+    impl<'de> Visitor<'de> for MaybeText {
+        type Value = Option<String>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            Text.expecting(f)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            required(d).map(Some)
+        }
+    }
+
+    pub fn required<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        d.deserialize_any(Text)
+    }
+
+    pub fn optional<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        d.deserialize_option(MaybeText)
+    }
+
+    /// An int-or-string, as the API server accepts one, whose text is a rate.
+    pub fn rate_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "x-kubernetes-int-or-string": true,
+            // The pattern applies to strings only, as for resource quantities.
+            "pattern": "(?i)^[0-9]+(\\.[0-9]+)?(([kmgt]i?)?bit)?$"
+        })
+    }
+
+    /// An int-or-string whose text is a size.
+    pub fn size_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "x-kubernetes-int-or-string": true,
+            // The pattern applies to strings only, as for resource quantities.
+            "pattern": "(?i)^[0-9]+(\\.[0-9]+)?([kmg]b?|b)?$"
+        })
+    }
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {

@@ -296,3 +296,21 @@ fn a_misspelt_required_field_is_named_with_its_suggestion() {
         "spec: missing field `uplink`\nspec.throttle.destinations[0].endprt: unknown field; did you mean `endPort`?\nspec.uplnk: unknown field; did you mean `uplink`?"
     );
 }
+
+/// tc reads a bare number as bits per second (rates) and bytes (sizes);
+/// a YAML integer means the same here.
+#[test]
+fn bare_numbers_are_tc_quantities() {
+    let text = "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {name: g}\nspec:\n  uplink: {rate: 20000000, burst: 1600}\n  throttle: {rate: 1Mbit, ceil: 2000000.5, burst: 3000, destinations: [{port: 443}]}\n";
+    let g = parse_str(text).expect("parses").remove(0);
+    let v = validate(&g.spec).expect("valid");
+    assert_eq!(v.uplink_rate.bits_per_sec(), 20_000_000);
+    assert_eq!(v.uplink_burst.map(|b| b.bytes()), Some(1600));
+    assert_eq!(v.throttle_burst.map(|b| b.bytes()), Some(3000));
+    assert_eq!(v.throttle_ceil.bits_per_sec(), 2_000_001);
+    let e = parse_str(&text.replace("burst: 1600", "burst: [1600]")).expect_err("a list");
+    assert_eq!(
+        e.1,
+        "spec.uplink.burst: invalid type: sequence, expected a tc quantity such as 20Mbit or 15k, or a bare number"
+    );
+}

@@ -308,6 +308,10 @@ fn api_server_enforces_the_crd_schema_cel_and_printer_columns() {
         "spec.throttle.destinations[0]: Invalid value: endPort must be at least port",
     );
     c.cp.apply("apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {name: good}\nspec:\n  mode: DryRun\n  uplink: {rate: 20Mbit}\n  throttle: {rate: 1Mbit, destinations: [{port: 443}]}\n");
+    // Bare numbers, as tc reads them (bits per second, bytes), are stored as written.
+    c.cp.apply("apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {name: numbers}\nspec:\n  mode: DryRun\n  uplink: {rate: 20000000, burst: 1600}\n  throttle: {rate: 1Mbit, destinations: [{port: 443}]}\n");
+    let n = c.cp.get("eg", "numbers").expect("guard");
+    assert_eq!(n["spec"]["uplink"]["burst"], 1600);
     // Status is a subresource: a status write leaves the generation alone, a
     // spec write through the main resource cannot set status.
     c.cp.kubectl_ok(&[
