@@ -71,6 +71,10 @@ impl CidrGroupSpec {
         let mut nets = Vec::with_capacity(self.cidrs.len());
         for (i, s) in self.cidrs.iter().enumerate() {
             match parse_cidr(s) {
+                Ok(n) if n.prefix_len() == 0 => errors.push(FieldError {
+                    path: format!("spec.cidrs[{i}]"),
+                    message: format!("{n} is every destination of its family; a guard that whitelists it throttles nothing. A group cannot hold it: put it in the guard's own whitelist with spec.whitelistAllDestinations: true if that is meant"),
+                }),
                 Ok(n) => nets.push(n),
                 Err(message) => errors.push(FieldError {
                     path: format!("spec.cidrs[{i}]"),

@@ -37,6 +37,11 @@ pub struct EgressGuardSpec {
     /// Destination CIDRs that are never throttled and are served first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub whitelist: Vec<String>,
+    /// Accept `0.0.0.0/0` or `::/0` in `whitelist`: every destination of
+    /// that family is then exempt, so the guard throttles nothing there.
+    /// Refused unless this says it is meant (staging a guard, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub whitelist_all_destinations: Option<bool>,
     /// CIDRGroups whose networks join the whitelist, by name or label
     /// selector. A reference that resolves to no group holds the guard's
     /// plans where they are (condition `WhitelistResolved=False`).

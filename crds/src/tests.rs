@@ -314,3 +314,52 @@ fn bare_numbers_are_tc_quantities() {
         "spec.uplink.burst: invalid type: sequence, expected a tc quantity such as 20Mbit or 15k, or a bare number"
     );
 }
+
+/// Whitelisting everything is refused unless meant; entries that change
+/// nothing are warned about, naming both.
+#[test]
+fn whole_families_are_refused_and_useless_entries_warned() {
+    let errs = errors_for("spec: {whitelist: [0.0.0.0/0, '::/0']}");
+    assert_eq!(
+        errs,
+        [
+            "spec.whitelist[0]: 0.0.0.0/0 is every IPv4 destination, so the guard would throttle nothing there; remove it, or set spec.whitelistAllDestinations: true if that is meant",
+            "spec.whitelist[1]: ::/0 is every IPv6 destination, so the guard would throttle nothing there; remove it, or set spec.whitelistAllDestinations: true if that is meant",
+        ]
+    );
+    assert!(
+        errors_for("spec: {whitelist: [0.0.0.0/0], whitelistAllDestinations: true}").is_empty()
+    );
+    let group = crate::CidrGroupSpec {
+        cidrs: vec!["::/0".into()],
+    };
+    assert!(group
+        .validate()
+        .expect_err("refused")
+        .to_string()
+        .starts_with("spec.cidrs[0]: ::/0 is every destination of its family"));
+
+    let g = parse_str(&GOOD.replace(
+        "whitelist: [203.0.113.10/32, 198.51.100.0/24, 2001:db8:1::/48]",
+        "whitelist: [10.0.0.0/8, 10.1.2.0/24, 10.0.0.0/8, 192.0.2.7/32]",
+    ))
+    .expect("parse")
+    .remove(0);
+    let mut v = validate(&g.spec).expect("valid");
+    v.add_group(
+        "partners",
+        &[
+            "192.0.2.0/24".parse().expect("net"),
+            "192.0.2.7/32".parse().expect("net"),
+        ],
+    );
+    assert_eq!(
+        crate::validate::whitelist_warnings(&v),
+        [
+            "spec.whitelist[2]: 10.0.0.0/8 repeats spec.whitelist[0]",
+            "CIDRGroup partners[1]: 192.0.2.7/32 repeats spec.whitelist[3]",
+            "spec.whitelist[1]: 10.1.2.0/24 is inside spec.whitelist[0] (10.0.0.0/8); it changes nothing",
+            "spec.whitelist[3]: 192.0.2.7/32 is inside CIDRGroup partners[0] (192.0.2.0/24); it changes nothing",
+        ]
+    );
+}

@@ -155,6 +155,52 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
     Ok(net)
 }
 
+fn family(net: &IpNet) -> &'static str {
+    match net {
+        IpNet::V4(_) => "IPv4",
+        IpNet::V6(_) => "IPv6",
+    }
+}
+
+/// Whitelist entries that change nothing: a network listed twice, or one
+/// inside another entry. Warnings, not errors: the guard means the same.
+pub fn whitelist_warnings(v: &ValidSpec) -> Vec<String> {
+    use std::collections::HashMap;
+    let field = |e: &WhitelistEntry| match e.group.and_then(|g| v.groups.get(g as usize)) {
+        Some(g) => format!("CIDRGroup {g}[{}]", e.index),
+        None => format!("spec.whitelist[{}]", e.index),
+    };
+    let mut first: HashMap<IpNet, &WhitelistEntry> = HashMap::with_capacity(v.whitelist.len());
+    let mut out = Vec::new();
+    for e in &v.whitelist {
+        if let Some(f) = first.get(&e.net) {
+            out.push(format!("{}: {} repeats {}", field(e), e.net, field(f)));
+        } else {
+            first.insert(e.net, e);
+        }
+    }
+    for e in &v.whitelist {
+        // Only the first mention of a network is checked, against shorter prefixes.
+        if !first.get(&e.net).is_some_and(|f| std::ptr::eq(*f, e)) {
+            continue;
+        }
+        let covering = (0..e.net.prefix_len()).rev().find_map(|len| {
+            let wider = IpNet::new(e.net.network(), len).ok()?.trunc();
+            first.get(&wider).copied()
+        });
+        if let Some(w) = covering {
+            out.push(format!(
+                "{}: {} is inside {} ({}); it changes nothing",
+                field(e),
+                e.net,
+                field(w),
+                w.net
+            ));
+        }
+    }
+    out
+}
+
 impl ValidSpec {
     /// Adds a CIDRGroup's entries (already validated) to the whitelist.
     pub fn add_group(&mut self, name: &str, nets: &[IpNet]) {
@@ -424,6 +470,12 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
     let mut whitelist = Vec::new();
     for (i, s) in spec.whitelist.iter().enumerate() {
         match parse_cidr(s) {
+            Ok(net) if net.prefix_len() == 0 && spec.whitelist_all_destinations != Some(true) => {
+                c.push(
+                    format!("spec.whitelist[{i}]"),
+                    format!("{net} is every {} destination, so the guard would throttle nothing there; remove it, or set spec.whitelistAllDestinations: true if that is meant", family(&net)),
+                )
+            }
             Ok(net) => whitelist.push(WhitelistEntry {
                 net,
                 index: i,

@@ -161,6 +161,21 @@ fn runtime<E: Into<anyhow::Error>>(e: E) -> Failure {
     Failure::Runtime(e.into())
 }
 
+/// Says which whitelist entries change nothing (repeated, or inside another).
+fn warn_whitelist(target: &Target) {
+    const SHOWN: usize = 20;
+    let w = egressguard_crds::validate::whitelist_warnings(&target.valid);
+    for line in w.iter().take(SHOWN) {
+        eprintln!("warning: {line}");
+    }
+    if w.len() > SHOWN {
+        eprintln!(
+            "warning: ... and {} more entries that change nothing",
+            w.len() - SHOWN
+        );
+    }
+}
+
 /// Loads the one EgressGuard or NodeShaping in `file`, with the CIDRGroups
 /// the same file holds, and validates it.
 fn load_one(file: &Path) -> Result<Target, Failure> {
@@ -207,6 +222,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             output,
         } => {
             let target = load_one(&file)?;
+            warn_whitelist(&target);
             let spec = &target.valid;
             let ifaces =
                 iface::resolve(interface.as_deref(), spec.interfaces.as_deref()).map_err(input)?;
@@ -267,6 +283,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Cmd::Plan { file, interface } => {
             let target = load_one(&file)?;
+            warn_whitelist(&target);
             let spec = &target.valid;
             let devs: Vec<String> = match (interface, &spec.interfaces) {
                 (Some(i), _) => vec![i],

@@ -59,3 +59,17 @@ fn a_group_reference_the_file_cannot_resolve_is_named() {
         "{err}"
     );
 }
+
+#[test]
+fn entries_that_change_nothing_are_warned_about() {
+    let p = temp(
+        "dups",
+        "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {name: g}\nspec:\n  uplink: {rate: 20Mbit}\n  throttle: {rate: 1Mbit, destinations: [{port: 443}]}\n  whitelist: [10.0.0.0/8, 10.0.0.0/8, 10.9.0.0/16]\n",
+    );
+    let (code, err) = run(&["plan", "-f", &p.to_string_lossy(), "--interface", "eth9"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        err,
+        "warning: spec.whitelist[1]: 10.0.0.0/8 repeats spec.whitelist[0]\nwarning: spec.whitelist[2]: 10.9.0.0/16 is inside spec.whitelist[0] (10.0.0.0/8); it changes nothing\n"
+    );
+}

@@ -152,7 +152,12 @@ fn validate_path(path: &Path) -> Result<usize, String> {
             seen += 1;
             let name = g.metadata.name.clone().unwrap_or_default();
             match validate(&g.spec) {
-                Ok(_) => println!("{}: EgressGuard {name}: valid", f.display()),
+                Ok(v) => {
+                    println!("{}: EgressGuard {name}: valid", f.display());
+                    for w in egressguard_crds::validate::whitelist_warnings(&v) {
+                        eprintln!("{}: EgressGuard {name}: warning: {w}", f.display());
+                    }
+                }
                 Err(errs) => {
                     bad += 1;
                     for e in errs.0 {
