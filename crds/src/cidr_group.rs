@@ -142,6 +142,13 @@ pub fn resolve<'a>(
     let mut names = Vec::new();
     for (i, r) in refs.iter().enumerate() {
         let path = format!("spec.whitelistGroups[{i}]");
+        // A malformed reference has its error already; it resolves to nothing.
+        if errors
+            .iter()
+            .any(|e| e.path.starts_with(&format!("{path}.")) || e.path == path)
+        {
+            continue;
+        }
         match (&r.name, &r.selector) {
             (Some(n), None) => {
                 if groups.clone().into_iter().any(|(g, _)| g == n) {

@@ -129,6 +129,12 @@ pub struct NodeShapingStatus {
     /// When the kernel was last written or confirmed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_apply_time: Option<Time>,
+    /// The agent reads the guard and CIDRGroups a plan names. Agents from
+    /// before CIDRGroups never set it; the operator keeps copying the spec
+    /// into their plans (`shaping`) so an upgrade never unshapes a node
+    /// whose agent has not rolled yet.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub by_reference: bool,
 }
 
 /// The outcome on one interface.

@@ -337,6 +337,10 @@ pub struct Extras {
     pub protected: Vec<ProtectedEntry>,
     /// The CIDRGroups that exist, by name.
     pub groups: BTreeMap<String, GroupFacts>,
+    /// Nodes whose agent predates plans by reference (it reported a status
+    /// without `byReference`): their plans also carry the guard's spec, as
+    /// that agent needs, until it rolls.
+    pub legacy_agents: BTreeSet<String>,
 }
 
 /// [`decide`], with quarantines and extra protected destinations.
@@ -428,6 +432,15 @@ pub fn decide_with(
                     .is_some_and(|q| q.contains(&n.name)),
                 Mode::DryRun => false,
             };
+            let legacy = extras.legacy_agents.contains(&n.name);
+            if legacy && !g.spec.whitelist_groups.is_empty() {
+                // An agent from before CIDRGroups would enforce the guard
+                // without them: it keeps its current plan until it rolls.
+                if let Some(&cur) = current.get(n.name.as_str()) {
+                    d.plans.insert(n.name.clone(), cur.clone());
+                }
+                continue;
+            }
             d.plans.insert(
                 n.name.clone(),
                 NodeShapingSpec {
@@ -437,7 +450,8 @@ pub fn decide_with(
                         uid: g.metadata.uid.clone().unwrap_or_default(),
                         generation: g.metadata.generation.unwrap_or_default(),
                     }),
-                    shaping: None,
+                    // An agent from before plans by reference reads only this.
+                    shaping: legacy.then(|| g.spec.clone()),
                     groups: groups.clone(),
                     protected: protected.into_iter().collect(),
                     enforce,
@@ -691,6 +705,42 @@ mod tests {
             edited.digest.expect("valid")
         );
         assert_eq!(d2.plans["a1"].groups[0], plan.groups[0]);
+    }
+
+    /// During an upgrade, agents that predate plans by reference still get
+    /// the spec they need; a guard with groups they cannot enforce leaves
+    /// their current plan alone; agents that read references get none.
+    #[test]
+    fn agents_from_before_plans_by_reference_keep_working_through_an_upgrade() {
+        let plain = guard("idc", "2026-01-01T00:00:00Z", "");
+        let extras = Extras {
+            legacy_agents: BTreeSet::from(["a1".to_string()]),
+            ..Extras::default()
+        };
+        let d = decide_with(
+            std::slice::from_ref(&plain),
+            &nodes(),
+            &API,
+            &BTreeMap::new(),
+            &extras,
+        );
+        assert_eq!(d.plans["a1"].shaping.as_ref(), Some(&plain.spec));
+        assert_eq!(d.plans["a2"].shaping, None);
+        let grouped = guard(
+            "idc",
+            "2026-01-01T00:00:00Z",
+            "  whitelistGroups: [{name: partners}]\n",
+        );
+        let extras = Extras {
+            legacy_agents: BTreeSet::from(["a1".to_string()]),
+            ..with_groups(&[("partners", group(&["198.51.100.0/24"], &[]))])
+        };
+        let old = d.plans["a1"].clone();
+        let current: BTreeMap<&str, &NodeShapingSpec> = BTreeMap::from([("a1", &old)]);
+        let d = decide_with(&[grouped], &nodes(), &API, &current, &extras);
+        assert_eq!(d.plans["a1"], old, "an old agent's plan was replaced");
+        assert_eq!(d.plans["a2"].shaping, None);
+        assert_eq!(d.plans["a2"].groups.len(), 1);
     }
 
     #[test]

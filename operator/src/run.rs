@@ -312,6 +312,15 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
             .iter()
             .map(|g| (g.name_any(), GroupFacts::of(g)))
             .collect(),
+        legacy_agents: shapings
+            .iter()
+            .filter(|(_, s)| {
+                s.status
+                    .as_ref()
+                    .is_some_and(|st| st.observed_generation.is_some() && !st.by_reference)
+            })
+            .map(|(n, _)| n.clone())
+            .collect(),
     };
     let before = decide_with(&guards, &nodes, &endpoints, &current, &extras);
     let due = ctx

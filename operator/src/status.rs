@@ -236,7 +236,10 @@ pub fn guard_status(
         ]
     };
     let mut conditions = conditions;
-    if !g.spec.whitelist_groups.is_empty() {
+    // Whether references resolve is known only when they were resolved: not
+    // for a guard held as invalid or being deleted.
+    let resolved_known = matches!(out.held, None | Some(Held::Unresolved(_)));
+    if !g.spec.whitelist_groups.is_empty() && resolved_known {
         conditions.push(match &out.held {
             Some(Held::Unresolved(why)) => cond(
                 types::WHITELIST_RESOLVED,

@@ -57,7 +57,7 @@ pub struct Held {
 }
 
 /// What one reconcile pass must do.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Input {
     /// No plan, or a plan asking for removal: remove our shaping.
     Remove,
@@ -85,10 +85,17 @@ pub fn input_for(ns: Option<&NodeShaping>, held: &Held, own: &[ProtectedEntry]) 
     let node = spec.node_name.as_str();
     let protected = [spec.protected.as_slice(), own].concat();
     let guard_name = spec.guard.as_ref().map(|g| g.name.clone());
-    let built = match (&spec.shaping, &spec.guard) {
-        // A plan that carries its spec (hand-written, or an older operator).
-        (Some(shaping), _) => Target::new(node, shaping, &protected),
-        (None, Some(want)) => {
+    let built = match (&spec.guard, &spec.shaping) {
+        // A plan that carries its spec (hand-written, standalone).
+        (None, Some(_)) if !spec.groups.is_empty() => {
+            return Input::Invalid(
+                "invalid plan, kernel left unchanged:\nspec.groups: a plan that carries its spec (spec.shaping) cannot name CIDRGroups; apply the guard and its groups from a file instead".into(),
+            )
+        }
+        (None, Some(shaping)) => Target::new(node, shaping, &protected),
+        // A plan that names its guard: the guard and groups are read. A copy
+        // of the spec next to the name is for agents from before CIDRGroups.
+        (Some(want), _) => {
             let guard = match held.guards.get(&want.name) {
                 None => return Input::Waiting(format!("reading EgressGuard {}", want.name)),
                 Some(None) => {
@@ -185,7 +192,8 @@ impl Inputs {
     /// Watches exactly the inputs `ns` names: starts the missing watches,
     /// stops (and forgets) the ones no longer named.
     pub fn follow(&mut self, ns: Option<&NodeShaping>) {
-        let spec = ns.map(|n| &n.spec).filter(|s| s.shaping.is_none());
+        // Only a plan that names its guard reads anything.
+        let spec = ns.map(|n| &n.spec).filter(|s| s.guard.is_some());
         let guards: Vec<String> = spec
             .and_then(|s| s.guard.as_ref())
             .map(|g| g.name.clone())
@@ -207,8 +215,17 @@ impl Inputs {
                     Api::<EgressGuard>::all(client.clone()),
                     name,
                     changed.clone(),
-                    move |g| {
-                        lock(&held).guards.insert(key.clone(), g);
+                    move |g: Option<EgressGuard>| {
+                        // The operator's status writes (as nodes confirm) change
+                        // nothing an agent enforces: only uid and generation count.
+                        let id = |g: &Option<EgressGuard>| {
+                            g.as_ref()
+                                .map(|g| (g.metadata.uid.clone(), g.metadata.generation))
+                        };
+                        let mut h = lock(&held);
+                        let same = h.guards.get(&key).is_some_and(|b| id(b) == id(&g));
+                        h.guards.insert(key.clone(), g);
+                        !same
                     },
                 )
             },
@@ -227,7 +244,14 @@ impl Inputs {
                     changed.clone(),
                     move |g: Option<CIDRGroup>| {
                         let parsed = g.as_ref().map(HeldGroup::of);
-                        lock(&held).groups.insert(key.clone(), parsed);
+                        let digest = |g: &Option<HeldGroup>| g.as_ref().map(|g| g.digest.clone());
+                        let mut h = lock(&held);
+                        let same = h
+                            .groups
+                            .get(&key)
+                            .is_some_and(|b| digest(b) == digest(&parsed));
+                        h.groups.insert(key.clone(), parsed);
+                        !same
                     },
                 )
             },
@@ -274,12 +298,13 @@ fn sync<V>(
 }
 
 /// Watches one object by name; `store` gets it (or `None` when it is absent)
-/// after every complete list and every change.
+/// after every complete list and every change, and says whether anything an
+/// agent enforces changed: only then is a pass woken.
 fn spawn_watch<K>(
     api: Api<K>,
     name: &str,
     changed: Arc<Notify>,
-    store: impl Fn(Option<K>) + Send + 'static,
+    store: impl Fn(Option<K>) -> bool + Send + 'static,
 ) -> JoinHandle<()>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
@@ -301,15 +326,23 @@ where
                     listing = Some(o);
                     continue;
                 }
-                Ok(Event::InitDone) => store(listing.take()),
-                Ok(Event::Apply(o)) => store(Some(o)),
-                Ok(Event::Delete(_)) => store(None),
-                Err(e) => {
-                    warn!(watch = %what, error = %e, "watch failed; retrying with backoff");
-                    continue;
+                Ok(Event::InitDone) => {
+                    if store(listing.take()) {
+                        changed.notify_one();
+                    }
                 }
+                Ok(Event::Apply(o)) => {
+                    if store(Some(o)) {
+                        changed.notify_one();
+                    }
+                }
+                Ok(Event::Delete(_)) => {
+                    if store(None) {
+                        changed.notify_one();
+                    }
+                }
+                Err(e) => warn!(watch = %what, error = %e, "watch failed; retrying with backoff"),
             }
-            changed.notify_one();
         }
     })
 }
@@ -436,5 +469,27 @@ mod tests {
             input_for(None, &Held::default(), &[]),
             Input::Remove
         ));
+    }
+
+    /// A copy of the spec next to the guard's name is for older agents:
+    /// this one reads the references. A plan that only carries a spec
+    /// cannot name groups (it would be enforced without them).
+    #[test]
+    fn references_win_over_a_copy_and_a_copy_cannot_name_groups() {
+        let v1 = group(&["198.51.100.0/24"]);
+        let mut p = plan(3, &v1.spec.digest());
+        p.spec.shaping = Some(guard(3).spec);
+        assert_eq!(
+            waiting(input_for(Some(&p), &Held::default(), &[])),
+            "reading EgressGuard idc"
+        );
+        p.spec.guard = None;
+        match input_for(Some(&p), &Held::default(), &[]) {
+            Input::Invalid(e) => assert!(
+                e.contains("spec.groups: a plan that carries its spec"),
+                "{e}"
+            ),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
     }
 }

@@ -196,6 +196,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut ticker = tokio::time::interval(cfg.resync);
     let mut inputs = inputs::Inputs::new(client.clone());
+    // The last plan enforced and what it was enforced with.
+    let mut last_enforced: Option<(egressguard_crds::NodeShapingSpec, inputs::Input)> = None;
     let inputs_changed = inputs.changed();
     let mut memory = Memory {
         own_protected,
@@ -235,9 +237,25 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         // malloc arena that keeps a big plan's peak allocation resident,
         // costing several MiB of idle RSS on a 10,000-entry plan.
         inputs.follow(current.as_ref());
-        let input = inputs::input_for(current.as_ref(), &inputs.held(), &memory.own_protected);
+        let mut input = inputs::input_for(current.as_ref(), &inputs.held(), &memory.own_protected);
+        let spec = current.as_ref().map(|n| &n.spec);
+        // The plan has not changed but its guard or groups moved on (an
+        // edit the operator holds back, a group gone): keep enforcing, and
+        // repairing, what this same plan was enforced with.
+        if let (inputs::Input::Waiting(why), Some((plan, last))) = (&input, &last_enforced) {
+            if spec == Some(plan) {
+                info!(waiting = %why, "the plan is unchanged; keeping the version it was enforced with");
+                input = last.clone();
+            }
+        }
         let outcome = reconcile(&input, &mut memory);
-        drop(input);
+        last_enforced = match (input, spec) {
+            (i @ inputs::Input::Shape { .. }, Some(plan)) if outcome.error.is_none() => {
+                Some((plan.clone(), i))
+            }
+            (inputs::Input::Waiting(_), _) => last_enforced,
+            _ => None,
+        };
         crate::alloc::release_free_memory();
         let reconciled = current;
         {

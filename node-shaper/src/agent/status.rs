@@ -97,6 +97,7 @@ pub fn status_for(
         (false, reasons::AS_PLANNED, String::new())
     };
     NodeShapingStatus {
+        by_reference: true,
         observed_generation: gen,
         interfaces: outcome.interfaces.clone(),
         conditions: vec![
