@@ -457,7 +457,16 @@ fn e2e_a_stalled_old_leader_cannot_write_after_a_takeover() {
         assert_eq!(
             rate(&c).as_deref(),
             Some("3Mbit"),
-            "a late write of the old leader landed"
+            "a late write of the old leader landed\n{}\nplan: {}",
+            c.operator_log(),
+            c.kubectl_ok(&[
+                "get",
+                "egns",
+                "node-1",
+                "-o",
+                "yaml",
+                "--show-managed-fields"
+            ])
         );
         std::thread::sleep(Duration::from_millis(200));
     }
