@@ -20,8 +20,10 @@ fn spec_with(whitelist: &[String], dests: &str) -> ValidSpec {
         .map(|w| format!("'{w}'"))
         .collect::<Vec<_>>()
         .join(", ");
+    // Random lists may hold a whole family (0.0.0.0/0): the planner must
+    // classify those too, so they are accepted here as meant.
     let text = format!(
-        "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {{name: t}}\nspec:\n  uplink: {{rate: 20Mbit, burst: 15k}}\n  throttle:\n    rate: 1Mbit\n    destinations: {dests}\n  whitelist: [{wl}]\n"
+        "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {{name: t}}\nspec:\n  uplink: {{rate: 20Mbit, burst: 15k}}\n  throttle:\n    rate: 1Mbit\n    destinations: {dests}\n  whitelist: [{wl}]\n  whitelistAllDestinations: true\n"
     );
     let g = parse_str(&text).expect("parse");
     validate(&g[0].spec).expect("valid")
