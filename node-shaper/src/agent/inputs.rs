@@ -86,16 +86,18 @@ pub fn input_for(ns: Option<&NodeShaping>, held: &Held, own: &[ProtectedEntry]) 
     let protected = [spec.protected.as_slice(), own].concat();
     let guard_name = spec.guard.as_ref().map(|g| g.name.clone());
     let built = match (&spec.guard, &spec.shaping) {
-        // A plan that carries its spec (hand-written, standalone).
-        (None, Some(_)) if !spec.groups.is_empty() => {
+        // A plan that carries its spec: hand-written, or the operator's copy
+        // for an agent that has not reported `byReference` yet (the copy is
+        // the guard's spec, so both readings agree; the operator drops it
+        // once this agent's status says it reads references).
+        (_, Some(sh)) if !spec.groups.is_empty() || !sh.whitelist_groups.is_empty() => {
             return Input::Invalid(
                 "invalid plan, kernel left unchanged:\nspec.groups: a plan that carries its spec (spec.shaping) cannot name CIDRGroups; apply the guard and its groups from a file instead".into(),
             )
         }
-        (None, Some(shaping)) => Target::new(node, shaping, &protected),
-        // A plan that names its guard: the guard and groups are read. A copy
-        // of the spec next to the name is for agents from before CIDRGroups.
-        (Some(want), _) => {
+        (_, Some(shaping)) => Target::new(node, shaping, &protected),
+        // A plan that names its guard: the guard and groups are read.
+        (Some(want), None) => {
             let guard = match held.guards.get(&want.name) {
                 None => return Input::Waiting(format!("reading EgressGuard {}", want.name)),
                 Some(None) => {
@@ -192,8 +194,10 @@ impl Inputs {
     /// Watches exactly the inputs `ns` names: starts the missing watches,
     /// stops (and forgets) the ones no longer named.
     pub fn follow(&mut self, ns: Option<&NodeShaping>) {
-        // Only a plan that names its guard reads anything.
-        let spec = ns.map(|n| &n.spec).filter(|s| s.guard.is_some());
+        // Only a plan that names its guard and carries no copy reads anything.
+        let spec = ns
+            .map(|n| &n.spec)
+            .filter(|s| s.guard.is_some() && s.shaping.is_none());
         let guards: Vec<String> = spec
             .and_then(|s| s.guard.as_ref())
             .map(|g| g.name.clone())
@@ -471,19 +475,23 @@ mod tests {
         ));
     }
 
-    /// A copy of the spec next to the guard's name is for older agents:
-    /// this one reads the references. A plan that only carries a spec
-    /// cannot name groups (it would be enforced without them).
+    /// A plan that carries its spec is enforced from it (the operator's copy
+    /// for an agent it has not seen read references yet), but cannot also
+    /// name groups: it would be enforced without them.
     #[test]
-    fn references_win_over_a_copy_and_a_copy_cannot_name_groups() {
+    fn a_copy_is_enforced_as_written_and_cannot_name_groups() {
+        let mut p = plan(3, "fnv1a64:0");
+        p.spec.groups.clear();
+        let mut copy = guard(3).spec;
+        copy.whitelist_groups.clear();
+        p.spec.shaping = Some(copy);
+        assert!(matches!(
+            input_for(Some(&p), &Held::default(), &[]),
+            Input::Shape { .. }
+        ));
         let v1 = group(&["198.51.100.0/24"]);
         let mut p = plan(3, &v1.spec.digest());
         p.spec.shaping = Some(guard(3).spec);
-        assert_eq!(
-            waiting(input_for(Some(&p), &Held::default(), &[])),
-            "reading EgressGuard idc"
-        );
-        p.spec.guard = None;
         match input_for(Some(&p), &Held::default(), &[]) {
             Input::Invalid(e) => assert!(
                 e.contains("spec.groups: a plan that carries its spec"),
