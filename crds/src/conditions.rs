@@ -3,6 +3,34 @@
 //! the guard's) and the people, dashboards and `kubectl wait` that read both.
 //! Reasons of the agent's conditions are in [`crate::node_shaping::reasons`].
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+/// A condition of `type_`, keeping the transition time of the same
+/// condition in `previous` while its status stays the same (`now` otherwise).
+pub fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    previous: &[Condition],
+    now: impl FnOnce() -> Time,
+) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    let since = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map_or_else(now, |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: since,
+    }
+}
+
 /// Condition types.
 pub mod types {
     /// The object is doing what it asks for.

@@ -63,22 +63,10 @@ fn cond(
     gen: Option<i64>,
     prev: Option<&EgressGuardStatus>,
 ) -> Condition {
-    let status = if ok { "True" } else { "False" };
-    let since = prev
-        .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
-        .filter(|c| c.status == status)
-        .map_or_else(
-            || Time(Timestamp::now()),
-            |c| c.last_transition_time.clone(),
-        );
-    Condition {
-        type_: type_.into(),
-        status: status.into(),
-        reason: reason.into(),
-        message,
-        observed_generation: gen,
-        last_transition_time: since,
-    }
+    let previous = prev.map_or(&[][..], |p| p.conditions.as_slice());
+    egressguard_crds::conditions::condition(type_, ok, reason, message, gen, previous, || {
+        Time(Timestamp::now())
+    })
 }
 
 /// A guard's quarantine facts for its status.

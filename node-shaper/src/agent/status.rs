@@ -18,20 +18,10 @@ fn condition(
     previous: Option<&NodeShapingStatus>,
     now: &Time,
 ) -> Condition {
-    let status = if ok { "True" } else { "False" };
-    // Keep the transition time while the condition's status stays the same.
-    let since = previous
-        .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
-        .filter(|c| c.status == status)
-        .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
-    Condition {
-        type_: type_.into(),
-        status: status.into(),
-        reason: reason.into(),
-        message,
-        observed_generation: gen,
-        last_transition_time: since,
-    }
+    let previous = previous.map_or(&[][..], |p| p.conditions.as_slice());
+    egressguard_crds::conditions::condition(type_, ok, reason, message, gen, previous, || {
+        now.clone()
+    })
 }
 
 /// The status for `obj` after `outcome`; `previous` keeps transition times stable.
