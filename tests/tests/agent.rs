@@ -482,7 +482,7 @@ fn an_agent_cannot_write_another_nodes_status() {
     }
     let token =
         c.cp.token(&format!("{}-node-shaper", cluster::RELEASE), Some("node-a"));
-    let patch = |node: &str| -> Value {
+    let patch = |node: &str, dry: bool| -> Value {
         let o =
             c.cp.command("curl")
                 .args(["-sS", "--cacert"])
@@ -497,17 +497,25 @@ fn an_agent_cannot_write_another_nodes_status() {
                     "-d",
                     "{\"status\":{\"observedGeneration\":1}}",
                     &format!(
-                        "{}/apis/egressguard.io/v1alpha1/nodeshapings/{node}/status",
-                        c.cp.server
+                        "{}/apis/egressguard.io/v1alpha1/nodeshapings/{node}/status{}",
+                        c.cp.server,
+                        if dry { "?dryRun=All" } else { "" }
                     ),
                 ])
                 .output()
                 .expect("curl");
         serde_json::from_slice(&o.stdout).expect("json")
     };
-    let own = patch("node-a");
+    // The API server loads admission policies asynchronously after they are
+    // created: wait until a dry run (admitted, never stored) is refused.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while patch("node-b", true)["code"] != 422 {
+        assert!(Instant::now() < deadline, "the policy never took effect");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let own = patch("node-a", false);
     assert_eq!(own["kind"], "NodeShaping", "own status refused: {own}");
-    let other = patch("node-b");
+    let other = patch("node-b", false);
     assert_eq!(other["code"], 422, "{other}");
     assert!(
         other["message"].as_str().is_some_and(
