@@ -8,6 +8,7 @@
 pub mod decide;
 pub mod evaluate;
 pub mod http;
+pub mod intent;
 pub mod leader;
 pub mod prom;
 pub mod quarantine;
