@@ -7,6 +7,8 @@ pub mod guard;
 pub mod load;
 pub mod node_shaping;
 pub mod quarantine;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod units;
 pub mod validate;
 

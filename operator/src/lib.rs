@@ -7,7 +7,6 @@
 
 pub mod decide;
 pub mod evaluate;
-pub mod http;
 pub mod intent;
 pub mod leader;
 pub mod prom;

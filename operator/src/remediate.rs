@@ -20,10 +20,11 @@ use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
 use crate::evaluate::{read, NodeIndex, Outcome, Streaks, Thresholds};
-use crate::http::{read_body, text, Reply};
 use crate::prom::Prometheus;
 use crate::quarantine::{Breach, Notice, QuarantinePlan, Signals, Subject};
 use crate::webhook::{self, Intent};
+use egressguard_crds::serve::prometheus_client::encoding::DescriptorEncoder;
+use egressguard_crds::serve::{counters, gauges, read_body, text, Reply, Scrape};
 
 /// Field manager for quarantine writes.
 const MANAGER: &str = "egressguard-operator";
@@ -58,61 +59,66 @@ pub struct QuarantineMetrics {
     pub webhook: BTreeMap<&'static str, u64>,
 }
 
-fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-impl QuarantineMetrics {
-    /// Prometheus text format.
-    pub fn render(&self) -> String {
-        let mut s = String::new();
-        s.push_str("# HELP egressguard_quarantines_started_total Quarantines started.\n# TYPE egressguard_quarantines_started_total counter\n");
-        for ((g, t), n) in &self.started {
-            s.push_str(&format!(
-                "egressguard_quarantines_started_total{{guard=\"{}\",trigger=\"{}\"}} {n}\n",
-                esc(g),
-                esc(t)
-            ));
-        }
-        s.push_str("# HELP egressguard_quarantines_released_total Quarantines released.\n# TYPE egressguard_quarantines_released_total counter\n");
-        for ((g, t), n) in &self.released {
-            s.push_str(&format!(
-                "egressguard_quarantines_released_total{{guard=\"{}\",trigger=\"{}\"}} {n}\n",
-                esc(g),
-                esc(t)
-            ));
-        }
-        s.push_str("# HELP egressguard_quarantined_nodes Nodes quarantined now.\n# TYPE egressguard_quarantined_nodes gauge\n");
-        for (g, n) in &self.quarantined {
-            s.push_str(&format!(
-                "egressguard_quarantined_nodes{{guard=\"{}\"}} {n}\n",
-                esc(g)
-            ));
-        }
-        s.push_str("# HELP egressguard_trigger_evaluations_total Per-node trigger evaluations by outcome.\n# TYPE egressguard_trigger_evaluations_total counter\n");
-        for o in ["breach", "ok", "unknown"] {
-            s.push_str(&format!(
-                "egressguard_trigger_evaluations_total{{outcome=\"{o}\"}} {}\n",
-                self.evaluations.get(o).copied().unwrap_or(0)
-            ));
-        }
-        s.push_str("# HELP egressguard_webhook_requests_total Alertmanager receiver requests by outcome.\n# TYPE egressguard_webhook_requests_total counter\n");
-        for o in [
-            "accepted",
-            "duplicate",
-            "unauthorized",
-            "bad_request",
-            "too_large",
-            "unavailable",
-        ] {
-            s.push_str(&format!(
-                "egressguard_webhook_requests_total{{outcome=\"{o}\"}} {}\n",
-                self.webhook.get(o).copied().unwrap_or(0)
-            ));
-        }
-        s
+impl Scrape for QuarantineMetrics {
+    fn scrape(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let by_trigger =
+            |counts: &BTreeMap<(String, String), u64>| -> Vec<([(&'static str, String); 2], u64)> {
+                counts
+                    .iter()
+                    .map(|((g, t), n)| ([("guard", g.clone()), ("trigger", t.clone())], *n))
+                    .collect()
+            };
+        counters(
+            e,
+            "egressguard_quarantines_started",
+            "Quarantines started.",
+            by_trigger(&self.started),
+        )?;
+        counters(
+            e,
+            "egressguard_quarantines_released",
+            "Quarantines released.",
+            by_trigger(&self.released),
+        )?;
+        let rows = self
+            .quarantined
+            .iter()
+            .map(|(g, n)| ([("guard", g.as_str())], *n as i64));
+        gauges(
+            e,
+            "egressguard_quarantined_nodes",
+            "Nodes quarantined now.",
+            rows,
+        )?;
+        let outcomes = |counts: &BTreeMap<&'static str, u64>,
+                        all: &[&'static str]|
+         -> Vec<([(&'static str, &'static str); 1], u64)> {
+            all.iter()
+                .map(|o| ([("outcome", *o)], counts.get(o).copied().unwrap_or(0)))
+                .collect()
+        };
+        counters(
+            e,
+            "egressguard_trigger_evaluations",
+            "Per-node trigger evaluations by outcome.",
+            outcomes(&self.evaluations, &["breach", "ok", "unknown"]),
+        )?;
+        counters(
+            e,
+            "egressguard_webhook_requests",
+            "Alertmanager receiver requests by outcome.",
+            outcomes(
+                &self.webhook,
+                &[
+                    "accepted",
+                    "duplicate",
+                    "unauthorized",
+                    "bad_request",
+                    "too_large",
+                    "unavailable",
+                ],
+            ),
+        )
     }
 }
 

@@ -39,6 +39,9 @@ use crate::remediate::Watched;
 use crate::status::GuardQuarantine;
 use egressguard_crds::node_shaping::ProtectedEntry;
 use egressguard_crds::quarantine::rules;
+use egressguard_crds::serve::prometheus_client::encoding::DescriptorEncoder;
+use egressguard_crds::serve::prometheus_client::registry::Registry;
+use egressguard_crds::serve::{self, counter, gauge, Scrape};
 use egressguard_crds::validate;
 
 pub use crate::intent::FINALIZER;
@@ -102,24 +105,49 @@ pub struct OpMetrics {
     pub plan_write_bytes: u64,
 }
 
-impl OpMetrics {
-    fn render(&self) -> String {
-        format!(
-            "# HELP egressguard_operator_reconciles_total Reconcile passes.\n# TYPE egressguard_operator_reconciles_total counter\negressguard_operator_reconciles_total {}\n\
-             # HELP egressguard_operator_reconcile_errors_total Failed reconcile passes.\n# TYPE egressguard_operator_reconcile_errors_total counter\negressguard_operator_reconcile_errors_total {}\n\
-             # HELP egressguard_operator_reconcile_duration_seconds Time spent reconciling.\n# TYPE egressguard_operator_reconcile_duration_seconds summary\negressguard_operator_reconcile_duration_seconds_sum {:.6}\negressguard_operator_reconcile_duration_seconds_count {}\n\
-             # HELP egressguard_operator_leader Whether this replica holds the lease.\n# TYPE egressguard_operator_leader gauge\negressguard_operator_leader {}\n\
-             # HELP egressguard_operator_ignored_node_addresses Node InternalIPs not protected (outside the node ranges, or over the per-node limit).\n# TYPE egressguard_operator_ignored_node_addresses gauge\negressguard_operator_ignored_node_addresses {}\n\
-             # HELP egressguard_operator_plan_writes_total NodeShaping plans written.\n# TYPE egressguard_operator_plan_writes_total counter\negressguard_operator_plan_writes_total {}\n\
-             # HELP egressguard_operator_plan_write_bytes_total Request body bytes of NodeShaping plan writes.\n# TYPE egressguard_operator_plan_write_bytes_total counter\negressguard_operator_plan_write_bytes_total {}\n",
+impl Scrape for OpMetrics {
+    fn scrape(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        counter(
+            e,
+            "egressguard_operator_reconciles",
+            "Reconcile passes.",
             self.reconciles,
+        )?;
+        counter(
+            e,
+            "egressguard_operator_reconcile_errors",
+            "Failed reconcile passes.",
             self.errors,
+        )?;
+        counter(
+            e,
+            "egressguard_operator_reconcile_seconds",
+            "Time spent reconciling.",
             self.seconds,
-            self.reconciles,
-            u8::from(self.leader),
-            self.ignored_node_addresses,
+        )?;
+        gauge(
+            e,
+            "egressguard_operator_leader",
+            "Whether this replica holds the lease.",
+            i64::from(self.leader),
+        )?;
+        gauge(
+            e,
+            "egressguard_operator_ignored_node_addresses",
+            "Node InternalIPs not protected (outside the node ranges, or over the per-node limit).",
+            self.ignored_node_addresses as i64,
+        )?;
+        counter(
+            e,
+            "egressguard_operator_plan_writes",
+            "NodeShaping plans written.",
             self.plan_writes,
-            self.plan_write_bytes
+        )?;
+        counter(
+            e,
+            "egressguard_operator_plan_write_bytes",
+            "Request body bytes of NodeShaping plan writes.",
+            self.plan_write_bytes,
         )
     }
 }
@@ -691,25 +719,18 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
     let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
         .await
         .map_err(|e| OperatorError::Listen(cfg.metrics_addr, e))?;
-    let (m, qm) = (metrics.clone(), q_metrics.clone());
-    tokio::spawn(crate::http::serve(listener, move |req| {
-        let (m, qm) = (m.clone(), qm.clone());
-        async move {
-            use hyper::StatusCode;
-            match req.uri().path() {
-                "/metrics" => {
-                    let mut body = m.lock().unwrap_or_else(|p| p.into_inner()).render();
-                    body.push_str(&qm.lock().unwrap_or_else(|p| p.into_inner()).render());
-                    crate::http::text(StatusCode::OK, body)
-                }
-                "/healthz" => crate::http::text(StatusCode::OK, "ok\n"),
-                "/readyz" if m.lock().unwrap_or_else(|p| p.into_inner()).ready => {
-                    crate::http::text(StatusCode::OK, "ok\n")
-                }
-                "/readyz" => crate::http::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-                _ => crate::http::text(StatusCode::NOT_FOUND, "not found\n"),
-            }
-        }
+    let mut registry = Registry::default();
+    serve::register(&mut registry, metrics.clone());
+    serve::register(&mut registry, q_metrics.clone());
+    let (registry, m) = (Arc::new(registry), metrics.clone());
+    tokio::spawn(serve::serve(listener, move |req| {
+        let ready = match m.lock().unwrap_or_else(|p| p.into_inner()).ready {
+            true => Ok(()),
+            false => Err("caches not synced yet".to_string()),
+        };
+        let reply = serve::probes(&req, &registry, ready)
+            .unwrap_or_else(|| serve::text(serve::StatusCode::NOT_FOUND, "not found\n"));
+        async move { reply }
     }));
     let notify = Arc::new(Notify::new());
     let caches = Caches {
@@ -765,7 +786,7 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
                 metrics: q_metrics.clone(),
             });
             info!(%addr, "Alertmanager receiver listening on /alertmanager");
-            tokio::spawn(crate::http::serve(l, move |req| receiver.clone().handle(req)));
+            tokio::spawn(serve::serve(l, move |req| receiver.clone().handle(req)));
         }
         (Some(_), None) => warn!(
             "no --webhook-token-file: the Alertmanager receiver stays off (an unauthenticated receiver would let anyone quarantine nodes)"

@@ -1,8 +1,10 @@
-//! Prometheus text exposition of the agent's state. Label values come from
-//! a bounded set: guard names, interface names, class roles.
+//! The agent's metrics, read at scrape time. Label values come from a
+//! bounded set: guard names, interface names, class roles.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+
+use egressguard_crds::serve::prometheus_client::encoding::DescriptorEncoder;
+use egressguard_crds::serve::{counter, counters, gauge, gauges, Scrape};
 
 use super::Outcome;
 
@@ -48,60 +50,70 @@ impl Metrics {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
     }
+}
 
-    /// Prometheus text format.
-    pub fn render(&self) -> String {
-        let mut s = String::new();
-        for (i, (name, help)) in [
+impl Scrape for Metrics {
+    fn scrape(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let classes = [
             (
-                "egressguard_class_bytes_total",
+                "egressguard_class_bytes",
                 "Bytes sent through the class (Ethernet header included).",
             ),
             (
-                "egressguard_class_packets_total",
+                "egressguard_class_packets",
                 "Packets sent through the class.",
             ),
+            ("egressguard_class_drops", "Packets dropped by the class."),
             (
-                "egressguard_class_drops_total",
-                "Packets dropped by the class.",
-            ),
-            (
-                "egressguard_class_overlimits_total",
+                "egressguard_class_overlimits",
                 "Times the class was over its rate.",
             ),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
-            for ((g, iface, role), v) in &self.classes {
-                let _ = writeln!(
-                    s,
-                    "{name}{{guard=\"{g}\",interface=\"{iface}\",class=\"{role}\"}} {}",
-                    v[i]
-                );
-            }
+        ];
+        for (i, (name, help)) in classes.into_iter().enumerate() {
+            let rows = self.classes.iter().map(|((g, iface, role), v)| {
+                let labels = [
+                    ("guard", g.as_str()),
+                    ("interface", iface.as_str()),
+                    ("class", role.as_str()),
+                ];
+                // The kernel's counters are unsigned; netlink-packet-route hands them over as i64.
+                (labels, v[i].max(0) as u64)
+            });
+            counters(e, name, help, rows)?;
         }
-        let _ = writeln!(s, "# HELP egressguard_enforced Whether the plan is in the kernel on the interface.\n# TYPE egressguard_enforced gauge");
-        for (iface, e) in &self.enforced {
-            let _ = writeln!(
-                s,
-                "egressguard_enforced{{interface=\"{iface}\"}} {}",
-                u8::from(*e)
-            );
-        }
-        let _ = writeln!(s, "# HELP egressguard_apply_errors_total Failed applies.\n# TYPE egressguard_apply_errors_total counter");
-        let _ = writeln!(s, "egressguard_apply_errors_total {}", self.apply_errors);
-        let _ = writeln!(s, "# HELP egressguard_rebuilds_total Applies that rebuilt part of the tree after an incremental change could not be applied or undone.\n# TYPE egressguard_rebuilds_total counter");
-        let _ = writeln!(s, "egressguard_rebuilds_total {}", self.rebuilds);
-        let _ = writeln!(s, "# HELP egressguard_reconciles_total Reconcile passes.\n# TYPE egressguard_reconciles_total counter");
-        let _ = writeln!(s, "egressguard_reconciles_total {}", self.reconciles);
-        let _ = writeln!(s, "# HELP egressguard_last_apply_timestamp_seconds When the last pass finished.\n# TYPE egressguard_last_apply_timestamp_seconds gauge");
-        let _ = writeln!(
-            s,
-            "egressguard_last_apply_timestamp_seconds {:.3}",
-            self.last_apply_unix
-        );
-        s
+        let rows = self
+            .enforced
+            .iter()
+            .map(|(iface, on)| ([("interface", iface.as_str())], i64::from(*on)));
+        gauges(
+            e,
+            "egressguard_enforced",
+            "Whether the plan is in the kernel on the interface.",
+            rows,
+        )?;
+        counter(
+            e,
+            "egressguard_apply_errors",
+            "Failed applies.",
+            self.apply_errors,
+        )?;
+        counter(
+            e,
+            "egressguard_rebuilds",
+            "Applies that rebuilt part of the tree after an incremental change could not be applied or undone.",
+            self.rebuilds,
+        )?;
+        counter(
+            e,
+            "egressguard_reconciles",
+            "Reconcile passes.",
+            self.reconciles,
+        )?;
+        gauge(
+            e,
+            "egressguard_last_apply_timestamp_seconds",
+            "When the last pass finished.",
+            self.last_apply_unix,
+        )
     }
 }
