@@ -12,7 +12,7 @@ use crate::model::*;
 pub use crate::op::Op;
 
 /// Full kernel handle of an observed node.
-pub fn node_handle(prio: &Prio, n: &Node) -> u32 {
+pub fn filter_handle(prio: &Prio, n: &Filter) -> u32 {
     let htid = match n.table {
         Table::Root => prio.root_handle.unwrap_or(0),
         Table::User(h) => h,
@@ -172,13 +172,13 @@ fn sweep_hidden_tables(observed: &Shape, ph: &Phases, sweeps: &mut Vec<Op>) {
 fn remove_prio(o: &Prio) -> Vec<Op> {
     let (prio, protocol) = (o.prio, o.protocol);
     let mut ops: Vec<Op> = o
-        .nodes
+        .filters
         .iter()
         .filter(|n| n.link.is_some())
         .map(|n| Op::Unlink {
             prio,
             protocol,
-            handle: node_handle(o, n),
+            handle: filter_handle(o, n),
         })
         .collect();
     ops.extend(o.tables.iter().map(|t| Op::DelTable {
@@ -233,7 +233,7 @@ fn diff_prio(obs: Option<&Prio>, p: &Prio, ph: &mut Phases) {
         protocol,
         root_handle: None,
         tables: vec![],
-        nodes: vec![],
+        filters: vec![],
     };
     let obs = obs.unwrap_or(&empty);
     for t in &p.tables {
@@ -247,10 +247,10 @@ fn diff_prio(obs: Option<&Prio>, p: &Prio, ph: &mut Phases) {
     }
     // Index observed nodes per (table, bucket), so matching costs one bucket
     // walk per desired node; `used` marks the ones we keep.
-    let mut used = vec![false; obs.nodes.len()];
+    let mut used = vec![false; obs.filters.len()];
     let mut taken: BTreeMap<(Table, u8), BTreeSet<u32>> = BTreeMap::new();
     let mut by_bucket: HashMap<(Table, u8), Vec<usize>> = HashMap::new();
-    for (i, n) in obs.nodes.iter().enumerate() {
+    for (i, n) in obs.filters.iter().enumerate() {
         taken
             .entry((n.table, n.bucket))
             .or_default()
@@ -260,31 +260,31 @@ fn diff_prio(obs: Option<&Prio>, p: &Prio, ph: &mut Phases) {
     let no_candidates: Vec<usize> = Vec::new();
     let mut pending = Vec::new();
     // Nodes with a fixed id (rollback to a snapshot) claim their id first.
-    for d in p.nodes.iter().filter(|d| d.id.is_some()) {
+    for d in p.filters.iter().filter(|d| d.id.is_some()) {
         let at = by_bucket
             .get(&(d.table, d.bucket))
             .unwrap_or(&no_candidates)
             .iter()
             .copied()
-            .find(|&i| obs.nodes[i].id == d.id);
+            .find(|&i| obs.filters[i].id == d.id);
         match at {
-            Some(i) if obs.nodes[i].same_rule(d) => used[i] = true,
-            Some(i) if obs.nodes[i].sel == d.sel => {
+            Some(i) if obs.filters[i].same_rule(d) => used[i] = true,
+            Some(i) if obs.filters[i].sel == d.sel => {
                 used[i] = true;
-                let handle = node_handle(obs, &obs.nodes[i]);
-                ph.root_nodes.push(Op::ChangeNode {
+                let handle = filter_handle(obs, &obs.filters[i]);
+                ph.root_nodes.push(Op::ChangeFilter {
                     prio,
                     protocol,
                     handle,
-                    node: d.clone(),
+                    filter: d.clone(),
                 });
             }
             Some(i) => {
                 used[i] = true;
-                ph.pre.push(Op::DelNode {
+                ph.pre.push(Op::DelFilter {
                     prio,
                     protocol,
-                    handle: node_handle(obs, &obs.nodes[i]),
+                    handle: filter_handle(obs, &obs.filters[i]),
                 });
                 pending.push(d.clone());
             }
@@ -292,29 +292,29 @@ fn diff_prio(obs: Option<&Prio>, p: &Prio, ph: &mut Phases) {
         }
     }
     let mut changes = Vec::new();
-    for d in p.nodes.iter().filter(|d| d.id.is_none()) {
+    for d in p.filters.iter().filter(|d| d.id.is_none()) {
         let candidates = by_bucket
             .get(&(d.table, d.bucket))
             .unwrap_or(&no_candidates);
-        let free = |pred: &dyn Fn(&Node) -> bool, used: &mut Vec<bool>| {
+        let free = |pred: &dyn Fn(&Filter) -> bool, used: &mut Vec<bool>| {
             let i = candidates
                 .iter()
                 .copied()
-                .find(|&i| !used[i] && pred(&obs.nodes[i]))?;
+                .find(|&i| !used[i] && pred(&obs.filters[i]))?;
             used[i] = true;
             Some(i)
         };
-        if free(&|o: &Node| o.same_rule(d), &mut used).is_some() {
+        if free(&|o: &Filter| o.same_rule(d), &mut used).is_some() {
             continue;
         }
-        let same_sel = |o: &Node| o.table == d.table && o.bucket == d.bucket && o.sel == d.sel;
+        let same_sel = |o: &Filter| o.table == d.table && o.bucket == d.bucket && o.sel == d.sel;
         if let Some(i) = free(&same_sel, &mut used) {
-            let handle = node_handle(obs, &obs.nodes[i]);
-            changes.push(Op::ChangeNode {
+            let handle = filter_handle(obs, &obs.filters[i]);
+            changes.push(Op::ChangeFilter {
                 prio,
                 protocol,
                 handle,
-                node: d.clone(),
+                filter: d.clone(),
             });
             continue;
         }
@@ -340,34 +340,34 @@ fn diff_prio(obs: Option<&Prio>, p: &Prio, ph: &mut Phases) {
         };
         taken.entry(key).or_default().insert(id);
         d.id = Some(id);
-        let op = Op::AddNode {
+        let op = Op::AddFilter {
             prio,
             protocol,
-            node: d,
+            filter: d,
         };
         match op {
-            Op::AddNode {
-                node: Node {
+            Op::AddFilter {
+                filter: Filter {
                     table: Table::Root, ..
                 },
                 ..
             } => ph.root_nodes.push(op),
             // A link inside a table (a spilled bucket) goes in after the
             // entries of the table it leads to.
-            Op::AddNode {
-                node: Node { link: Some(_), .. },
+            Op::AddFilter {
+                filter: Filter { link: Some(_), .. },
                 ..
             } => ph.user_links.push(op),
             _ => ph.user_nodes.push(op),
         }
     }
     ph.root_nodes.extend(changes);
-    for (i, o) in obs.nodes.iter().enumerate() {
+    for (i, o) in obs.filters.iter().enumerate() {
         if !used[i] {
-            ph.node_dels.push(Op::DelNode {
+            ph.node_dels.push(Op::DelFilter {
                 prio,
                 protocol,
-                handle: node_handle(obs, o),
+                handle: filter_handle(obs, o),
             });
         }
     }
@@ -395,7 +395,7 @@ fn free_bucket_early(
     taken: &mut BTreeMap<(Table, u8), BTreeSet<u32>>,
     ph: &mut Phases,
 ) {
-    for (i, o) in obs.nodes.iter().enumerate() {
+    for (i, o) in obs.filters.iter().enumerate() {
         if used[i] || (o.table, o.bucket) != key || o.link.is_some() {
             continue;
         }
@@ -403,10 +403,10 @@ fn free_bucket_early(
         if let Some(ids) = taken.get_mut(&key) {
             ids.remove(&o.id.unwrap_or(0));
         }
-        ph.pre.push(Op::DelNode {
+        ph.pre.push(Op::DelFilter {
             prio: obs.prio,
             protocol: obs.protocol,
-            handle: node_handle(obs, o),
+            handle: filter_handle(obs, o),
         });
     }
 }
@@ -416,7 +416,7 @@ pub fn overfull_buckets(shape: &Shape) -> Vec<(u16, Table, u8, usize)> {
     let mut out = Vec::new();
     for p in &shape.prios {
         let mut counts: BTreeMap<(Table, u8), usize> = BTreeMap::new();
-        for n in &p.nodes {
+        for n in &p.filters {
             *counts.entry((n.table, n.bucket)).or_default() += 1;
         }
         out.extend(

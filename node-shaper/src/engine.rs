@@ -106,7 +106,7 @@ pub struct ApplyReport {
     pub rebuilt: Option<String>,
     /// Kernel warnings that came with successful requests.
     pub warnings: Vec<String>,
-    /// Filters (u32 nodes) installed.
+    /// Filters (u32 filters) installed.
     pub filters: usize,
     /// Wall time.
     pub millis: f64,
@@ -130,9 +130,9 @@ fn stage(op: &Op) -> u8 {
         | Op::PutClass(_)
         | Op::PutLeaf(_)
         | Op::AddTable { .. }
-        | Op::AddNode { .. }
-        | Op::ChangeNode { .. } => 1,
-        Op::DelNode { .. } | Op::Unlink { .. } => 2,
+        | Op::AddFilter { .. }
+        | Op::ChangeFilter { .. } => 1,
+        Op::DelFilter { .. } | Op::Unlink { .. } => 2,
         Op::DelTable { .. } | Op::SweepTable { .. } => 3,
         Op::DelPrio { .. } => 4,
         Op::DelClass(_) => 5,
@@ -634,7 +634,7 @@ mod tests {
         assert_eq!(
             desired.node_count(),
             ops.iter()
-                .filter(|o| matches!(o, Op::AddNode { .. }))
+                .filter(|o| matches!(o, Op::AddFilter { .. }))
                 .count()
         );
         let same: Vec<String> = (0..5000u32)

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::diff::node_handle;
+use crate::diff::filter_handle;
 use crate::layout::{Role, CLASS_DEFAULT};
 use crate::model::{fmt_handle, fmt_u32_handle, Origin, Shape};
 use crate::plan::{plan_protected, LeafChoice};
@@ -53,7 +53,7 @@ pub fn explain(
         format!(
             "prio {} handle {}",
             p.prio,
-            fmt_u32_handle(node_handle(p, v.node))
+            fmt_u32_handle(filter_handle(p, v.node))
         )
     });
     // Find which spec field produced this node by planning the spec again.
@@ -63,7 +63,7 @@ pub fn explain(
         desired
             .prios
             .iter()
-            .flat_map(|p| p.nodes.iter())
+            .flat_map(|p| p.filters.iter())
             .find(|n| n.same_rule(v.node))
             .map(|n| n.origin.clone())
     });

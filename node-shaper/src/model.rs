@@ -159,7 +159,7 @@ pub enum Origin {
     ProtectedPort(usize),
 }
 
-/// Which table of a prio a node sits in.
+/// Which table of a prio a filter sits in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Table {
     /// The prio's own root table (kernel-assigned id `8xx:`).
@@ -168,14 +168,15 @@ pub enum Table {
     User(u32),
 }
 
-/// A u32 key node.
+/// One u32 filter: a key node in a hash table bucket. (Called a filter
+/// here so that "node" always means a Kubernetes node.)
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Node {
+pub struct Filter {
     /// Table holding the node.
     pub table: Table,
     /// Bucket within the table.
     pub bucket: u8,
-    /// Node id (12 bits); `None` in a plan means "any free id".
+    /// Filter id (12 bits); `None` in a plan means "any free id".
     pub id: Option<u32>,
     /// What it matches.
     pub sel: Selector,
@@ -187,9 +188,9 @@ pub struct Node {
     pub origin: Origin,
 }
 
-impl Node {
+impl Filter {
     /// Equal in everything the kernel stores, except the node id.
-    pub fn same_rule(&self, other: &Node) -> bool {
+    pub fn same_rule(&self, other: &Filter) -> bool {
         self.table == other.table
             && self.bucket == other.bucket
             && self.sel == other.sel
@@ -218,8 +219,8 @@ pub struct Prio {
     pub root_handle: Option<u32>,
     /// Our tables.
     pub tables: Vec<HashTable>,
-    /// Our nodes.
-    pub nodes: Vec<Node>,
+    /// Our filters.
+    pub filters: Vec<Filter>,
 }
 
 /// Everything under our root qdisc on one interface.
@@ -236,9 +237,9 @@ pub struct Shape {
 }
 
 impl Shape {
-    /// Number of u32 nodes, for leak checks and reports.
+    /// Number of u32 filters, for leak checks and reports.
     pub fn node_count(&self) -> usize {
-        self.prios.iter().map(|p| p.nodes.len()).sum()
+        self.prios.iter().map(|p| p.filters.len()).sum()
     }
 }
 
@@ -252,7 +253,7 @@ pub fn fmt_handle(h: u32) -> String {
     }
 }
 
-/// Formats a u32 node handle the way `tc` prints it (`101:1b:3`).
+/// Formats a u32 filter handle the way `tc` prints it (`101:1b:3`).
 pub fn fmt_u32_handle(h: u32) -> String {
     format!("{:x}:{:x}:{:x}", h >> 20, (h >> 12) & 0xff, h & 0xfff)
 }

@@ -42,17 +42,17 @@ pub enum Op {
         /// Table handle.
         handle: u32,
     },
-    /// Create a u32 node; `node.id` is set.
-    AddNode {
+    /// Create a u32 filter; `filter.id` is set.
+    AddFilter {
         /// Prio.
         prio: u16,
         /// Ethertype.
         protocol: u16,
-        /// The node.
-        node: Node,
+        /// The filter.
+        filter: Filter,
     },
     /// Change classid/link of an existing node (the kernel keeps its selector).
-    ChangeNode {
+    ChangeFilter {
         /// Prio.
         prio: u16,
         /// Ethertype.
@@ -60,9 +60,9 @@ pub enum Op {
         /// Full handle of the existing node.
         handle: u32,
         /// The new content.
-        node: Node,
+        filter: Filter,
     },
-    /// Point a link node at no table, releasing its reference, so the table
+    /// Point a link filter at no table, releasing its reference, so the table
     /// can be deleted while the node keeps its prio alive.
     Unlink {
         /// Prio.
@@ -72,8 +72,8 @@ pub enum Op {
         /// Full handle.
         handle: u32,
     },
-    /// Delete one u32 node.
-    DelNode {
+    /// Delete one u32 filter.
+    DelFilter {
         /// Prio.
         prio: u16,
         /// Ethertype.
@@ -110,10 +110,10 @@ impl Op {
         match self {
             Op::AddTable { prio, .. }
             | Op::DelTable { prio, .. }
-            | Op::AddNode { prio, .. }
-            | Op::ChangeNode { prio, .. }
+            | Op::AddFilter { prio, .. }
+            | Op::ChangeFilter { prio, .. }
             | Op::Unlink { prio, .. }
-            | Op::DelNode { prio, .. }
+            | Op::DelFilter { prio, .. }
             | Op::DelPrio { prio, .. } => Some(*prio),
             _ => None,
         }
@@ -149,10 +149,12 @@ impl fmt::Display for Op {
                 "sweep hidden u32 table {:x}: (through prio {prio})",
                 handle >> 20
             ),
-            Op::AddNode { prio, node, .. } => {
+            Op::AddFilter {
+                prio, filter: node, ..
+            } => {
                 write!(f, "add u32 filter {} (prio {prio})", Why(node))
             }
-            Op::ChangeNode { prio, handle, .. } => write!(
+            Op::ChangeFilter { prio, handle, .. } => write!(
                 f,
                 "change u32 filter {} (prio {prio})",
                 fmt_u32_handle(*handle)
@@ -162,7 +164,7 @@ impl fmt::Display for Op {
                 "unlink u32 filter {} (prio {prio})",
                 fmt_u32_handle(*handle)
             ),
-            Op::DelNode { prio, handle, .. } => write!(
+            Op::DelFilter { prio, handle, .. } => write!(
                 f,
                 "delete u32 filter {} (prio {prio})",
                 fmt_u32_handle(*handle)
@@ -173,7 +175,7 @@ impl fmt::Display for Op {
 }
 
 /// Why a node is added, in spec terms.
-struct Why<'a>(&'a Node);
+struct Why<'a>(&'a Filter);
 
 impl fmt::Display for Why<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -202,7 +204,7 @@ mod tests {
 
     #[test]
     fn operations_read_in_spec_terms() {
-        let node = Node {
+        let node = Filter {
             table: Table::User(0x104 << 20),
             bucket: 7,
             id: Some(3),
@@ -216,15 +218,15 @@ mod tests {
         };
         let cases = [
             (
-                Op::AddNode {
+                Op::AddFilter {
                     prio: 14,
                     protocol: ETH_P_IP,
-                    node: node.clone(),
+                    filter: node.clone(),
                 },
                 "add u32 filter for CIDRGroup payment-partners[17] (prio 14)",
             ),
             (
-                Op::DelNode {
+                Op::DelFilter {
                     prio: 14,
                     protocol: ETH_P_IP,
                     handle: (0x104 << 20) | (7 << 12) | 3,

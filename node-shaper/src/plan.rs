@@ -214,9 +214,9 @@ fn addr_byte(net: &IpNet, byte: usize) -> u8 {
 /// A node that matches every packet and continues in `to`, at the bucket
 /// destination byte `byte` picks. After a miss there, u32 resumes after
 /// this node (it is not terminal).
-fn hash_link(table: Table, bucket: u8, v4: bool, byte: usize, to: u32) -> Node {
+fn hash_link(table: Table, bucket: u8, v4: bool, byte: usize, to: u32) -> Filter {
     let (hoff, hmask) = hash_key(v4, byte);
-    Node {
+    Filter {
         table,
         bucket,
         id: None,
@@ -262,32 +262,32 @@ fn class_of(origin: &Origin) -> u32 {
     }
 }
 
-/// A prio of link nodes (in its root table) and the port tables they link
+/// A prio of link filters (in its root table) and the port tables they link
 /// to; `None` when there are no tables.
 fn linked_prio(
     prio: u16,
     protocol: u16,
     tables: Vec<HashTable>,
-    mut links: Vec<Node>,
-    ports_nodes: Vec<Node>,
+    mut links: Vec<Filter>,
+    port_filters: Vec<Filter>,
 ) -> Option<Prio> {
     if tables.is_empty() {
         return None;
     }
-    links.extend(ports_nodes);
+    links.extend(port_filters);
     Some(Prio {
         prio,
         protocol,
         root_handle: None,
         tables,
-        nodes: links,
+        filters: links,
     })
 }
 
 /// A node in a port table (keys relative to the transport header, after the
 /// link's `eat`): destination ports `(value, mask)` go to `classid`.
-fn port_node(table: u32, (value, mask): (u16, u16), classid: u32, origin: Origin) -> Node {
-    Node {
+fn port_filter(table: u32, (value, mask): (u16, u16), classid: u32, origin: Origin) -> Filter {
+    Filter {
         table: Table::User(table),
         bucket: 0,
         id: None,
@@ -316,7 +316,7 @@ fn protect_port_prios(spec: &ValidSpec) -> Vec<Prio> {
         };
         let mut tables = Vec::new();
         let mut links = Vec::new();
-        let mut ports_nodes = Vec::new();
+        let mut port_filters = Vec::new();
         for (i, p) in spec.protect_ports.iter().enumerate() {
             if p.net.network().is_ipv4() != v4 {
                 continue;
@@ -341,7 +341,7 @@ fn protect_port_prios(spec: &ValidSpec) -> Vec<Prio> {
                 links.push(link);
             }
             for block in ports::blocks(p.first, p.last) {
-                ports_nodes.push(port_node(
+                port_filters.push(port_filter(
                     table,
                     block,
                     DIRECT,
@@ -349,7 +349,7 @@ fn protect_port_prios(spec: &ValidSpec) -> Vec<Prio> {
                 ));
             }
         }
-        prios.extend(linked_prio(prio, protocol, tables, links, ports_nodes));
+        prios.extend(linked_prio(prio, protocol, tables, links, port_filters));
     }
     prios
 }
@@ -373,9 +373,9 @@ fn ssh_prios() -> Vec<Prio> {
                 handle: table,
                 divisor: 1,
             }],
-            nodes: vec![
+            filters: vec![
                 link,
-                Node {
+                Filter {
                     table: Table::User(table),
                     bucket: 0,
                     id: None,
@@ -427,10 +427,10 @@ fn whitelist_prios(spec: &ValidSpec, protected: &[Protected]) -> Vec<Prio> {
             .iter()
             .filter(|e| e.net.network().is_ipv4() == v4)
             .collect();
-        let linear: Vec<Node> = family
+        let linear: Vec<Filter> = family
             .iter()
             .filter(|e| group_of(&e.net).is_none())
-            .map(|e| Node {
+            .map(|e| Filter {
                 table: Table::Root,
                 bucket: 0,
                 id: None,
@@ -446,7 +446,7 @@ fn whitelist_prios(spec: &ValidSpec, protected: &[Protected]) -> Vec<Prio> {
                 protocol: proto,
                 root_handle: None,
                 tables: vec![],
-                nodes: linear,
+                filters: linear,
             });
         }
         for g in groups {
@@ -463,7 +463,7 @@ fn whitelist_prios(spec: &ValidSpec, protected: &[Protected]) -> Vec<Prio> {
                 divisor: 256,
             }];
             // A long bucket moves whole into a second-level table behind one
-            // link node: its own (split, to keep walks short) or, in groups
+            // link filter: its own (split, to keep walks short) or, in groups
             // that do not split, the group's spill table (only when too full
             // for u32's 12-bit node ids).
             let mut per_bucket = [0usize; 256];
@@ -496,7 +496,7 @@ fn whitelist_prios(spec: &ValidSpec, protected: &[Protected]) -> Vec<Prio> {
                 } else {
                     (g.table, first)
                 };
-                Node {
+                Filter {
                     table: Table::User(table),
                     bucket,
                     id: None,
@@ -521,7 +521,7 @@ fn whitelist_prios(spec: &ValidSpec, protected: &[Protected]) -> Vec<Prio> {
                 protocol: proto,
                 root_handle: None,
                 tables,
-                nodes,
+                filters: nodes,
             });
         }
     }
@@ -537,7 +537,7 @@ const IPPROTO_UDP: u32 = 17;
 /// carry ports), then moves past the header using IHL so IP options are handled
 /// (`offset at 0 mask 0x0f00 shift 6 eat`). IPv6: next header, fixed 40 bytes
 /// (packets with extension headers before TCP/UDP are not matched).
-pub fn l4_link(v4: bool, ipproto: u32, table: u32) -> Node {
+pub fn l4_link(v4: bool, ipproto: u32, table: u32) -> Filter {
     let sel = if v4 {
         Selector {
             flags: U32_VAROFFSET | U32_EAT,
@@ -572,7 +572,7 @@ pub fn l4_link(v4: bool, ipproto: u32, table: u32) -> Node {
             ..Selector::default()
         }
     };
-    Node {
+    Filter {
         table: Table::Root,
         bucket: 0,
         id: None,
@@ -601,7 +601,7 @@ pub const IPV6_EXTENSION_HEADERS: [u32; 9] = [0, 43, 44, 50, 51, 60, 135, 139, 1
 /// order-independent, and a first fragment never matches). IPv6: one node per
 /// extension header type in the next-header byte.
 fn portless_prios() -> Vec<Prio> {
-    let node = |key: Key, what: &'static str| Node {
+    let node = |key: Key, what: &'static str| Filter {
         table: Table::Root,
         bucket: 0,
         id: None,
@@ -643,14 +643,14 @@ fn portless_prios() -> Vec<Prio> {
             protocol: ETH_P_IP,
             root_handle: None,
             tables: vec![],
-            nodes: v4,
+            filters: v4,
         },
         Prio {
             prio: PRIO_V6_PORTLESS,
             protocol: ETH_P_IPV6,
             root_handle: None,
             tables: vec![],
-            nodes: v6,
+            filters: v6,
         },
     ]
 }
@@ -665,7 +665,7 @@ fn throttle_prios(spec: &ValidSpec) -> Vec<Prio> {
         };
         let mut tables = Vec::new();
         let mut links = Vec::new();
-        let mut ports_nodes = Vec::new();
+        let mut port_filters = Vec::new();
         for (proto, table, wants) in [
             (IPPROTO_TCP, tcp_t, [Protocol::Tcp, Protocol::Any]),
             (IPPROTO_UDP, udp_t, [Protocol::Udp, Protocol::Any]),
@@ -681,7 +681,7 @@ fn throttle_prios(spec: &ValidSpec) -> Vec<Prio> {
                     if !seen.insert(block) {
                         continue;
                     }
-                    nodes.push(port_node(
+                    nodes.push(port_filter(
                         table,
                         block,
                         CLASS_THROTTLED,
@@ -697,9 +697,9 @@ fn throttle_prios(spec: &ValidSpec) -> Vec<Prio> {
                 divisor: 1,
             });
             links.push(l4_link(v4, proto, table));
-            ports_nodes.extend(nodes);
+            port_filters.extend(nodes);
         }
-        prios.extend(linked_prio(prio, protocol, tables, links, ports_nodes));
+        prios.extend(linked_prio(prio, protocol, tables, links, port_filters));
     }
     prios
 }

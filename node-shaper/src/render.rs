@@ -110,11 +110,11 @@ pub fn tc_command(op: &Op, dev: &str) -> String {
         Op::DelTable { prio, protocol, handle } | Op::SweepTable { prio, protocol, handle } => {
             format!("{} handle {} u32", filt(*prio, *protocol).replace("{}", "del"), table_id(*handle))
         }
-        Op::AddNode { prio, protocol, node } | Op::ChangeNode { prio, protocol, node, .. } => {
-            let verb = if matches!(op, Op::AddNode { .. }) { "add" } else { "replace" };
+        Op::AddFilter { prio, protocol, filter: node } | Op::ChangeFilter { prio, protocol, filter: node, .. } => {
+            let verb = if matches!(op, Op::AddFilter { .. }) { "add" } else { "replace" };
             let mut s = filt(*prio, *protocol).replace("{}", verb);
             match (op, node.table) {
-                (Op::ChangeNode { handle, .. }, _) => s.push_str(&format!(" handle {}", fmt_u32_handle(*handle))),
+                (Op::ChangeFilter { handle, .. }, _) => s.push_str(&format!(" handle {}", fmt_u32_handle(*handle))),
                 (_, Table::User(t)) => {
                     s.push_str(&format!(" handle {:x}:{:x}:{:x}", t >> 20, node.bucket, node.id.unwrap_or(0)));
                 }
@@ -130,7 +130,7 @@ pub fn tc_command(op: &Op, dev: &str) -> String {
                     s.push_str(&format!(" hashkey mask {:#010x} at {}", node.sel.hmask, node.sel.hoff));
                 }
             }
-            if let (Table::User(t), Op::AddNode { .. }) = (node.table, op) {
+            if let (Table::User(t), Op::AddFilter { .. }) = (node.table, op) {
                 s.push_str(&format!(" ht {:x}:{:x}:", t >> 20, node.bucket));
             }
             s.push(' ');
@@ -141,7 +141,7 @@ pub fn tc_command(op: &Op, dev: &str) -> String {
         Op::Unlink { prio, protocol, handle } => {
             format!("{} handle {} u32 link 0", filt(*prio, *protocol).replace("{}", "change"), fmt_u32_handle(*handle))
         }
-        Op::DelNode { prio, protocol, handle } => {
+        Op::DelFilter { prio, protocol, handle } => {
             format!("{} handle {} u32", filt(*prio, *protocol).replace("{}", "del"), fmt_u32_handle(*handle))
         }
         Op::DelPrio { prio, protocol } => filt(*prio, *protocol).replace("{}", "del"),

@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use crate::layout::Role;
-use crate::model::{fmt_handle, Node, Origin, Shape};
+use crate::model::{fmt_handle, Filter, Origin, Shape};
 use crate::netlink::{Counters, Observed, RootState};
 use crate::plan::{plan_protected, LeafChoice};
 use crate::target::Target;
@@ -116,11 +116,11 @@ pub fn report(interface: &str, obs: &Observed, target: Option<&Target>) -> Repor
 
 fn protected_rows(observed: &Shape, t: &Target) -> Vec<ProtectedRow> {
     let desired = plan_protected(&t.valid, &t.protected, LeafChoice::Sfq);
-    let installed: Vec<&Node> = observed.prios.iter().flat_map(|p| &p.nodes).collect();
+    let installed: Vec<&Filter> = observed.prios.iter().flat_map(|p| &p.filters).collect();
     desired
         .prios
         .iter()
-        .flat_map(|p| &p.nodes)
+        .flat_map(|p| &p.filters)
         .filter_map(|n| match n.origin {
             Origin::Protected(i) => t.protected.get(i).map(|p| ProtectedRow {
                 cidr: p.net.to_string(),
@@ -167,7 +167,7 @@ pub fn render(r: &Report) -> String {
         ));
     }
     s.push_str(&format!(
-        "  filters: {} u32 nodes in prios {:?}\n",
+        "  filters: {} u32 filters in prios {:?}\n",
         r.filters, r.prios
     ));
     if let Some(n) = r.whitelist_entries {

@@ -83,12 +83,12 @@ pub struct Verdict<'a> {
     /// The prio whose filter matched.
     pub prio: u16,
     /// The terminal node that matched.
-    pub node: &'a Node,
+    pub node: &'a Filter,
 }
 
-fn table_nodes(p: &Prio, table: Table, bucket: u8) -> Vec<&Node> {
-    let mut v: Vec<&Node> = p
-        .nodes
+fn table_filters(p: &Prio, table: Table, bucket: u8) -> Vec<&Filter> {
+    let mut v: Vec<&Filter> = p
+        .filters
         .iter()
         .filter(|n| n.table == table && n.bucket == bucket)
         .collect();
@@ -107,15 +107,15 @@ fn table_of(p: &Prio, link: u32) -> (Table, u32) {
 }
 
 /// Runs one prio's u32 filter; returns the matching terminal node.
-fn run_prio<'a>(p: &'a Prio, pkt: &Packet) -> Option<&'a Node> {
+fn run_prio<'a>(p: &'a Prio, pkt: &Packet) -> Option<&'a Filter> {
     // Explicit stack mirrors the kernel's (depth limit 8).
     struct Frame<'a> {
-        nodes: Vec<&'a Node>,
+        filters: Vec<&'a Filter>,
         idx: usize,
         off: i64,
     }
     let mut stack: Vec<Frame<'a>> = vec![Frame {
-        nodes: table_nodes(p, Table::Root, 0),
+        filters: table_filters(p, Table::Root, 0),
         idx: 0,
         off: 0,
     }];
@@ -123,11 +123,11 @@ fn run_prio<'a>(p: &'a Prio, pkt: &Packet) -> Option<&'a Node> {
     loop {
         let depth = stack.len();
         let Some(top) = stack.last_mut() else { break };
-        let Some(n) = top.nodes.get(top.idx).copied() else {
+        let Some(n) = top.filters.get(top.idx).copied() else {
             stack.pop();
             if let Some(parent) = stack.last_mut() {
-                // POP: back at the link node; it is not terminal, so move on.
-                let link = parent.nodes[parent.idx];
+                // POP: back at the link filter; it is not terminal, so move on.
+                let link = parent.filters[parent.idx];
                 if link.sel.flags & U32_TERMINAL != 0 {
                     return Some(link);
                 }
@@ -186,7 +186,7 @@ fn run_prio<'a>(p: &'a Prio, pkt: &Packet) -> Option<&'a Node> {
         }
         if new_off < pkt.bytes.len() as i64 {
             stack.push(Frame {
-                nodes: table_nodes(p, table, bucket),
+                filters: table_filters(p, table, bucket),
                 idx: 0,
                 off: new_off,
             });

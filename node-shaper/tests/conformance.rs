@@ -117,8 +117,8 @@ fn class(classid: u32, parent: u32, rate: u64, buffer: u32, quantum: u32, prio: 
     }
 }
 
-fn node(table: Table, bucket: u8, id: u32, keys: Vec<Key>, classid: u32) -> Node {
-    Node {
+fn node(table: Table, bucket: u8, id: u32, keys: Vec<Key>, classid: u32) -> Filter {
+    Filter {
         table,
         bucket,
         id: Some(id),
@@ -137,9 +137,9 @@ fn net(s: &str) -> ipnet::IpNet {
     s.parse().expect("test CIDR")
 }
 
-fn hash_link(v4: bool, byte: usize, table: u32) -> Node {
+fn hash_link(v4: bool, byte: usize, table: u32) -> Filter {
     let (hoff, hmask) = hash_key(v4, byte);
-    Node {
+    Filter {
         table: Table::Root,
         bucket: 0,
         id: Some(1),
@@ -160,12 +160,12 @@ fn hash_link(v4: bool, byte: usize, table: u32) -> Node {
     }
 }
 
-fn with_id(mut n: Node, id: u32) -> Node {
+fn with_id(mut n: Filter, id: u32) -> Filter {
     n.id = Some(id);
     n
 }
 
-fn port(table: u32, id: u32, value: u32, mask: u32) -> Node {
+fn port(table: u32, id: u32, value: u32, mask: u32) -> Filter {
     node(
         Table::User(table),
         0,
@@ -258,10 +258,10 @@ fn whitelist_hash_tables_and_entries() {
     );
     assert_conforms(
         "filter_link_v4_hash",
-        Op::AddNode {
+        Op::AddFilter {
             prio: 14,
             protocol: ETH_P_IP,
-            node: hash_link(true, 3, t104),
+            filter: hash_link(true, 3, t104),
         },
     );
     let host = node(
@@ -273,10 +273,10 @@ fn whitelist_hash_tables_and_entries() {
     );
     assert_conforms(
         "filter_v4_host",
-        Op::AddNode {
+        Op::AddFilter {
             prio: 14,
             protocol: ETH_P_IP,
-            node: host,
+            filter: host,
         },
     );
     let n24 = node(
@@ -288,18 +288,18 @@ fn whitelist_hash_tables_and_entries() {
     );
     assert_conforms(
         "filter_v4_net24",
-        Op::AddNode {
+        Op::AddFilter {
             prio: 13,
             protocol: ETH_P_IP,
-            node: n24,
+            filter: n24,
         },
     );
     assert_conforms(
         "filter_link_v6_hash",
-        Op::AddNode {
+        Op::AddFilter {
             prio: 23,
             protocol: ETH_P_IPV6,
-            node: hash_link(false, 5, 0x113 << 20),
+            filter: hash_link(false, 5, 0x113 << 20),
         },
     );
     let n48 = node(
@@ -311,10 +311,10 @@ fn whitelist_hash_tables_and_entries() {
     );
     assert_conforms(
         "filter_v6_net48",
-        Op::AddNode {
+        Op::AddFilter {
             prio: 23,
             protocol: ETH_P_IPV6,
-            node: n48,
+            filter: n48,
         },
     );
     let h128 = node(
@@ -326,10 +326,10 @@ fn whitelist_hash_tables_and_entries() {
     );
     assert_conforms(
         "filter_v6_host",
-        Op::AddNode {
+        Op::AddFilter {
             prio: 25,
             protocol: ETH_P_IPV6,
-            node: h128,
+            filter: h128,
         },
     );
 }
@@ -338,53 +338,53 @@ fn whitelist_hash_tables_and_entries() {
 fn throttle_links_and_ports() {
     assert_conforms(
         "filter_link_v4_tcp",
-        Op::AddNode {
+        Op::AddFilter {
             prio: 40,
             protocol: ETH_P_IP,
-            node: with_id(l4_link(true, 6, TABLE_V4_TCP), 1),
+            filter: with_id(l4_link(true, 6, TABLE_V4_TCP), 1),
         },
     );
     assert_conforms(
         "filter_link_v4_udp",
-        Op::AddNode {
+        Op::AddFilter {
             prio: 40,
             protocol: ETH_P_IP,
-            node: with_id(l4_link(true, 17, TABLE_V4_UDP), 2),
+            filter: with_id(l4_link(true, 17, TABLE_V4_UDP), 2),
         },
     );
     assert_conforms(
         "filter_link_v6_tcp",
-        Op::AddNode {
+        Op::AddFilter {
             prio: 41,
             protocol: ETH_P_IPV6,
-            node: with_id(l4_link(false, 6, TABLE_V6_TCP), 1),
+            filter: with_id(l4_link(false, 6, TABLE_V6_TCP), 1),
         },
     );
     assert_conforms(
         "filter_port_443",
-        Op::AddNode {
+        Op::AddFilter {
             prio: 40,
             protocol: ETH_P_IP,
-            node: port(TABLE_V4_TCP, 2, 443, 0xffff),
+            filter: port(TABLE_V4_TCP, 2, 443, 0xffff),
         },
     );
     assert_conforms(
         "filter_port_block",
-        Op::AddNode {
+        Op::AddFilter {
             prio: 40,
             protocol: ETH_P_IP,
-            node: port(TABLE_V4_UDP, 1, 8000, 0xffe0),
+            filter: port(TABLE_V4_UDP, 1, 8000, 0xffe0),
         },
     );
     let mut changed = port(TABLE_V4_TCP, 2, 443, 0xffff);
     changed.classid = Some(CLASS_WHITELIST);
     assert_conforms(
         "filter_change_node",
-        Op::ChangeNode {
+        Op::ChangeFilter {
             prio: 40,
             protocol: ETH_P_IP,
             handle: TABLE_V4_TCP | 2,
-            node: changed,
+            filter: changed,
         },
     );
 }
@@ -393,7 +393,7 @@ fn throttle_links_and_ports() {
 fn deletes() {
     assert_conforms(
         "filter_del_node",
-        Op::DelNode {
+        Op::DelFilter {
             prio: 14,
             protocol: ETH_P_IP,
             handle: (0x104 << 20) | (0x0a << 12) | 1,

@@ -123,7 +123,7 @@ mod inner {
     use node_shaper::diff::{diff, Op};
     use node_shaper::engine::{apply, reset, transact, ApplyOptions};
     use node_shaper::iface::Interface;
-    use node_shaper::model::{Node, Prio, Shape};
+    use node_shaper::model::{Filter, Prio, Shape};
     use node_shaper::netlink::{observe, Netlink};
     use node_shaper::target::Target;
 
@@ -164,9 +164,9 @@ mod inner {
                 let mut tables = p.tables.clone();
                 tables.sort_by_key(|t| t.handle);
                 let mut nodes: Vec<String> = p
-                    .nodes
+                    .filters
                     .into_iter()
-                    .map(|n: Node| {
+                    .map(|n: Filter| {
                         format!(
                             "{:?}/{} {:?} class={:?} link={:?}",
                             n.table, n.bucket, n.sel, n.classid, n.link
@@ -291,7 +291,7 @@ mod inner {
             .position(|o| {
                 matches!(
                     o,
-                    Op::DelNode { .. }
+                    Op::DelFilter { .. }
                         | Op::Unlink { .. }
                         | Op::DelTable { .. }
                         | Op::DelPrio { .. }
@@ -328,7 +328,7 @@ fn inner_rebuild_and_io_error() {
     use node_shaper::netlink::observe;
     let w = world();
     let refs: Vec<String> = (0..2).map(|i| fresh(&w, i)).collect();
-    // Where the switch 0 -> 1 adds its first u32 node, and how many writes of
+    // Where the switch 0 -> 1 adds its first u32 filter, and how many writes of
     // additions follow it in the same pipelined stage (the rollback's first
     // write comes right after them).
     let mut nl = starting_from(&w, Some(0));
@@ -346,13 +346,13 @@ fn inner_rebuild_and_io_error() {
                 | Op::PutClass(_)
                 | Op::PutLeaf(_)
                 | Op::AddTable { .. }
-                | Op::AddNode { .. }
-                | Op::ChangeNode { .. }
+                | Op::AddFilter { .. }
+                | Op::ChangeFilter { .. }
         )
     };
     let first_add = ops
         .iter()
-        .position(|o| matches!(o, Op::AddNode { .. }))
+        .position(|o| matches!(o, Op::AddFilter { .. }))
         .expect("an addition");
     let run_start = (0..=first_add)
         .rev()

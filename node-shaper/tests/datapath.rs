@@ -433,7 +433,7 @@ fn inner_refused_update() {
     let mut ops = diff(&before.shape, &plan(&spec, LeafChoice::PfifoFallback));
     let adds = ops
         .iter()
-        .filter(|o| matches!(o, Op::AddNode { .. } | Op::PutClass(_)))
+        .filter(|o| matches!(o, Op::AddFilter { .. } | Op::PutClass(_)))
         .count();
     assert!(
         adds > 5,
@@ -453,8 +453,8 @@ fn inner_refused_update() {
                     | Op::PutClass(_)
                     | Op::PutLeaf(_)
                     | Op::AddTable { .. }
-                    | Op::AddNode { .. }
-                    | Op::ChangeNode { .. }
+                    | Op::AddFilter { .. }
+                    | Op::ChangeFilter { .. }
             )
         })
         .unwrap_or(ops.len());

@@ -8,7 +8,7 @@
 use std::net::IpAddr;
 
 use egressguard_crds::{load::parse_str, validate, ValidSpec};
-use node_shaper::diff::{diff, node_handle, Op};
+use node_shaper::diff::{diff, filter_handle, Op};
 use node_shaper::layout::*;
 use node_shaper::model::*;
 use node_shaper::plan::{plan, LeafChoice};
@@ -52,7 +52,7 @@ impl Kernel {
                 protocol,
                 root_handle: Some((0x800 + self.next_root_table) << 20),
                 tables: vec![],
-                nodes: vec![],
+                filters: vec![],
             });
             self.shape.prios.sort_by_key(|p| p.prio);
         }
@@ -92,7 +92,7 @@ impl Kernel {
                         .shape
                         .prios
                         .iter()
-                        .flat_map(|p| &p.nodes)
+                        .flat_map(|p| &p.filters)
                         .any(|n| n.link == Some(*handle));
                     assert!(
                         !linked,
@@ -100,27 +100,30 @@ impl Kernel {
                     );
                     if let Some(p) = self.shape.prios.iter_mut().find(|p| p.prio == *prio) {
                         p.tables.retain(|t| t.handle != *handle);
-                        p.nodes.retain(|n| n.table != Table::User(*handle));
+                        p.filters.retain(|n| n.table != Table::User(*handle));
                     }
                 }
-                Op::AddNode {
+                Op::AddFilter {
                     prio,
                     protocol,
-                    node,
+                    filter: node,
                 } => {
                     let p = self.prio(*prio, *protocol);
                     let mut n = node.clone();
                     n.origin = Origin::Unknown;
                     assert!(
-                        !p.nodes
+                        !p.filters
                             .iter()
                             .any(|o| o.table == n.table && o.bucket == n.bucket && o.id == n.id),
                         "node id reused while taken: {n:?}"
                     );
-                    p.nodes.push(n);
+                    p.filters.push(n);
                 }
-                Op::ChangeNode {
-                    prio, handle, node, ..
+                Op::ChangeFilter {
+                    prio,
+                    handle,
+                    filter: node,
+                    ..
                 } => {
                     let p = self
                         .shape
@@ -128,24 +131,24 @@ impl Kernel {
                         .iter_mut()
                         .find(|p| p.prio == *prio)
                         .expect("prio");
-                    let i = (0..p.nodes.len())
-                        .find(|&i| node_handle(p, &p.nodes[i]) == *handle)
+                    let i = (0..p.filters.len())
+                        .find(|&i| filter_handle(p, &p.filters[i]) == *handle)
                         .expect("node");
-                    p.nodes[i].classid = node.classid;
-                    p.nodes[i].link = node.link;
+                    p.filters[i].classid = node.classid;
+                    p.filters[i].link = node.link;
                 }
-                Op::DelNode { prio, handle, .. } => {
+                Op::DelFilter { prio, handle, .. } => {
                     let p = self
                         .shape
                         .prios
                         .iter_mut()
                         .find(|p| p.prio == *prio)
                         .expect("prio");
-                    let before = p.nodes.len();
-                    let keep: Vec<Node> = p
-                        .nodes
+                    let before = p.filters.len();
+                    let keep: Vec<Filter> = p
+                        .filters
                         .iter()
-                        .filter(|n| node_handle(p, n) != *handle)
+                        .filter(|n| filter_handle(p, n) != *handle)
                         .cloned()
                         .collect();
                     assert_eq!(
@@ -153,7 +156,7 @@ impl Kernel {
                         before,
                         "deleting a node that does not exist"
                     );
-                    p.nodes = keep;
+                    p.filters = keep;
                 }
                 Op::Unlink { prio, handle, .. } => {
                     let p = self
@@ -162,10 +165,10 @@ impl Kernel {
                         .iter_mut()
                         .find(|p| p.prio == *prio)
                         .expect("prio");
-                    let i = (0..p.nodes.len())
-                        .find(|&i| node_handle(p, &p.nodes[i]) == *handle)
+                    let i = (0..p.filters.len())
+                        .find(|&i| filter_handle(p, &p.filters[i]) == *handle)
                         .expect("node");
-                    p.nodes[i].link = None;
+                    p.filters[i].link = None;
                 }
                 Op::DelPrio { prio, .. } => self.shape.prios.retain(|p| p.prio != *prio),
                 // The model has no hidden tables: nothing to sweep.
@@ -254,7 +257,7 @@ fn one_whitelist_entry_changes_with_at_most_two_writes() {
     let ops = k.converge(&plan(&spec_with(&wl, "[{port: 443}]"), LeafChoice::Sfq));
     assert_eq!(ops.len(), 2, "{ops:?}");
     assert!(
-        matches!(ops[0], Op::AddNode { .. }) && matches!(ops[1], Op::DelNode { .. }),
+        matches!(ops[0], Op::AddFilter { .. }) && matches!(ops[1], Op::DelFilter { .. }),
         "add before delete"
     );
     assert_eq!(k.shape.node_count(), nodes);
@@ -287,11 +290,11 @@ fn switching_a_full_bucket_frees_ids_before_adding() {
     let ops = k.converge(&desired);
     let first_add = ops
         .iter()
-        .position(|o| matches!(o, Op::AddNode { .. }))
+        .position(|o| matches!(o, Op::AddFilter { .. }))
         .expect("additions");
     let early_dels = ops[..first_add]
         .iter()
-        .filter(|o| matches!(o, Op::DelNode { .. }))
+        .filter(|o| matches!(o, Op::DelFilter { .. }))
         .count();
     assert!(
         early_dels >= 3_000 - (0xfff - 3_000),
@@ -303,7 +306,7 @@ fn switching_a_full_bucket_frees_ids_before_adding() {
     wl[5] = "12.0.0.7/32".into();
     let ops = k.converge(&plan(&spec_with(&wl, "[{port: 443}]"), LeafChoice::Sfq));
     assert_eq!(ops.len(), 2, "{ops:?}");
-    assert!(matches!(ops[0], Op::AddNode { .. }), "{ops:?}");
+    assert!(matches!(ops[0], Op::AddFilter { .. }), "{ops:?}");
 }
 
 #[test]
@@ -469,7 +472,11 @@ fn a_long_bucket_splits_into_its_own_second_level_table() {
     assert_eq!(p14.tables.len(), 2);
     let spill = p14.tables[1].handle;
     assert_eq!(spill, 0x501 << 20);
-    let links: Vec<_> = p14.nodes.iter().filter(|n| n.link == Some(spill)).collect();
+    let links: Vec<_> = p14
+        .filters
+        .iter()
+        .filter(|n| n.link == Some(spill))
+        .collect();
     assert_eq!(links.len(), 1, "one link, in bucket 1 of the first level");
     assert_eq!(
         (links[0].table, links[0].bucket),
@@ -506,10 +513,13 @@ fn a_long_bucket_splits_into_its_own_second_level_table() {
         &plan(&spec_with(&wl, "[{port: 443}]"), LeafChoice::Sfq),
     );
     let pos = |f: &dyn Fn(&Op) -> bool| ops.iter().position(f).expect("op");
-    let link = pos(&|o| matches!(o, Op::AddNode { node, .. } if node.link == Some(spill)));
+    let link =
+        pos(&|o| matches!(o, Op::AddFilter { filter: node, .. } if node.link == Some(spill)));
     let entry = ops
         .iter()
-        .rposition(|o| matches!(o, Op::AddNode { node, .. } if node.table == Table::User(spill)))
+        .rposition(
+            |o| matches!(o, Op::AddFilter { filter: node, .. } if node.table == Table::User(spill)),
+        )
         .expect("entry");
     assert!(entry < link);
 }

@@ -455,7 +455,7 @@ fn add_filter(prios: &mut Vec<Prio>, f: U32Filter) {
                 protocol: f.protocol,
                 root_handle: None,
                 tables: vec![],
-                nodes: vec![],
+                filters: vec![],
             });
             prios.len() - 1
         }
@@ -483,7 +483,7 @@ fn add_filter(prios: &mut Vec<Prio>, f: U32Filter) {
     if is_root_table {
         p.root_handle = Some(htid);
     }
-    p.nodes.push(Node {
+    p.filters.push(Filter {
         table: if is_root_table {
             Table::Root
         } else {

@@ -142,7 +142,7 @@ fn selector(sel: &Selector) -> TcU32Selector {
     s
 }
 
-fn node_options(node: &Node) -> Vec<TcOption> {
+fn filter_options(node: &Filter) -> Vec<TcOption> {
     let mut opts = Vec::new();
     if let Some(c) = node.classid {
         opts.push(TcOption::U32(TcFilterU32Option::ClassId(TcHandle::from(c))));
@@ -163,7 +163,7 @@ fn node_options(node: &Node) -> Vec<TcOption> {
 
 /// Handle to create a node with: full for user tables; for the root table
 /// only the node id, because its table id is chosen by the kernel.
-pub fn new_node_handle(node: &Node) -> u32 {
+pub fn new_filter_handle(node: &Filter) -> u32 {
     let id = node.id.unwrap_or(0);
     match node.table {
         Table::Root => id,
@@ -260,25 +260,25 @@ pub fn encode(op: &Op, ifindex: i32, dev: &str) -> Request {
             );
             (M::DelTrafficFilter(msg), 0)
         }
-        Op::AddNode {
+        Op::AddFilter {
             prio,
             protocol,
-            node,
+            filter: node,
         } => {
-            let handle = new_node_handle(node);
+            let handle = new_filter_handle(node);
             let msg = TcMessage::from_parts(
                 header(ifindex, handle, ROOT, filter_info(*prio, *protocol)),
-                vec![kind("u32"), TcAttribute::Options(node_options(node))],
+                vec![kind("u32"), TcAttribute::Options(filter_options(node))],
             );
             (M::NewTrafficFilter(msg), NLM_F_CREATE | NLM_F_EXCL)
         }
-        Op::ChangeNode {
+        Op::ChangeFilter {
             prio,
             protocol,
             handle,
-            node,
+            filter: node,
         } => {
-            let mut opts = node_options(node);
+            let mut opts = filter_options(node);
             opts.retain(|o| !matches!(o, TcOption::U32(TcFilterU32Option::Hash(_))));
             let msg = TcMessage::from_parts(
                 header(ifindex, *handle, ROOT, filter_info(*prio, *protocol)),
@@ -300,7 +300,7 @@ pub fn encode(op: &Op, ifindex: i32, dev: &str) -> Request {
             );
             (M::NewTrafficFilter(msg), NLM_F_CREATE)
         }
-        Op::DelNode {
+        Op::DelFilter {
             prio,
             protocol,
             handle,
