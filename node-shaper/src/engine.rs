@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 use crate::diff::{diff, diff_onto, diff_rebuilding, overfull_buckets, Op};
 use crate::iface::Interface;
 use crate::model::{fmt_handle, LeafKind, Shape};
-use crate::netlink::{encode, observe, KernelError, Netlink, Observed, Outcome, RootState};
+use crate::netlink::{encode, observe, KernelError, KernelReply, Netlink, Observed, RootState};
 use crate::plan::{plan_protected, LeafChoice};
 use crate::target::Target;
 
@@ -172,7 +172,9 @@ fn run(
         let mut outcomes = nl.execute(&reqs).map_err(io(&iface.name))?;
         for _ in 0..100 {
             let busy: Vec<usize> = (0..outcomes.len())
-                .filter(|&i| kind && matches!(&outcomes[i], Outcome::Err(e) if e.errno == EBUSY))
+                .filter(|&i| {
+                    kind && matches!(&outcomes[i], KernelReply::Err(e) if e.errno == EBUSY)
+                })
                 .collect();
             if busy.is_empty() {
                 break;
@@ -188,11 +190,12 @@ fn run(
         }
         for (i, (op, o)) in chunk.iter().zip(outcomes).enumerate() {
             match o {
-                Outcome::Ok(Some(w)) => warnings.push(w),
-                Outcome::Ok(None) => {}
+                KernelReply::Ok(Some(w)) => warnings.push(w),
+                KernelReply::Ok(None) => {}
                 // No hidden table under that handle: the usual case.
-                Outcome::Err(e) if matches!(op, Op::SweepTable { .. }) && e.errno == ENOENT => {}
-                Outcome::Err(e) => {
+                KernelReply::Err(e) if matches!(op, Op::SweepTable { .. }) && e.errno == ENOENT => {
+                }
+                KernelReply::Err(e) => {
                     if first.is_none() {
                         first = Some((start + i, e));
                     }
@@ -565,7 +568,7 @@ pub fn reset(nl: &mut Netlink, iface: &Interface, force: bool) -> Result<ResetRe
     };
     let req = crate::netlink::encode::del_root(op.0, iface.index, dev);
     match nl.execute(&[req]).map_err(io(dev))?.pop() {
-        Some(Outcome::Err(e)) => Err(EngineError::Refused {
+        Some(KernelReply::Err(e)) => Err(EngineError::Refused {
             dev: dev.into(),
             source: e,
             rollback: "nothing was changed".into(),

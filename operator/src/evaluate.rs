@@ -17,7 +17,7 @@ use crate::prom::{QueryError, Series};
 
 /// A node's reading for one trigger at one evaluation.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
+pub enum Reading {
     /// Past the breach threshold.
     Breach {
         /// The value, as Prometheus wrote it.
@@ -32,13 +32,13 @@ pub enum Outcome {
     Unknown(String),
 }
 
-impl Outcome {
+impl Reading {
     /// `breach`, `ok` or `unknown`, for metrics.
     pub fn label(&self) -> &'static str {
         match self {
-            Outcome::Breach { .. } => "breach",
-            Outcome::Ok { .. } => "ok",
-            Outcome::Unknown(_) => "unknown",
+            Reading::Breach { .. } => "breach",
+            Reading::Ok { .. } => "ok",
+            Reading::Unknown(_) => "unknown",
         }
     }
 }
@@ -117,18 +117,18 @@ pub struct Thresholds {
 }
 
 impl Thresholds {
-    fn read(&self, v: f64, raw: &str) -> Outcome {
+    fn read(&self, v: f64, raw: &str) -> Reading {
         let (breach, calm) = if self.above {
             (v > self.breach, v < self.calm)
         } else {
             (v < self.breach, v > self.calm)
         };
         if breach {
-            Outcome::Breach {
+            Reading::Breach {
                 value: raw.to_string(),
             }
         } else {
-            Outcome::Ok { calm }
+            Reading::Ok { calm }
         }
     }
 }
@@ -136,8 +136,8 @@ impl Thresholds {
 /// One trigger's readings for the nodes it watches, and what could not be read.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Readings {
-    /// Outcome per node (every watched node is present).
-    pub nodes: BTreeMap<String, Outcome>,
+    /// Reading per node (every watched node is present).
+    pub nodes: BTreeMap<String, Reading>,
     /// Problems to report on the guard (unmapped series, the query's error).
     pub problems: Vec<String>,
 }
@@ -158,14 +158,14 @@ pub fn read(
         Ok(s) => s,
         Err(e) => {
             for n in watched {
-                out.nodes.insert(n.clone(), Outcome::Unknown(e.to_string()));
+                out.nodes.insert(n.clone(), Reading::Unknown(e.to_string()));
             }
             out.problems.push(e.to_string());
             return out;
         }
     };
     let watched_set: BTreeSet<&String> = watched.iter().collect();
-    let mut per_node: BTreeMap<String, Vec<Outcome>> = BTreeMap::new();
+    let mut per_node: BTreeMap<String, Vec<Reading>> = BTreeMap::new();
     for s in series {
         let Some(node) = index.node_of(&s.labels, node_label) else {
             out.problems.push(format!(
@@ -181,24 +181,24 @@ pub fn read(
         let o = match s.value.parse::<f64>() {
             Ok(v) if v.is_finite() && (now - s.time).abs() <= stale_after => t.read(v, &s.value),
             Ok(v) if v.is_finite() => {
-                Outcome::Unknown(format!("stale sample ({:.0}s old)", now - s.time))
+                Reading::Unknown(format!("stale sample ({:.0}s old)", now - s.time))
             }
-            _ => Outcome::Unknown(format!("value {} is not a finite number", s.value)),
+            _ => Reading::Unknown(format!("value {} is not a finite number", s.value)),
         };
         per_node.entry(node).or_default().push(o);
     }
     for n in watched {
         let outcome = match per_node.remove(n) {
-            None => Outcome::Unknown("no series for this node in the result".into()),
+            None => Reading::Unknown("no series for this node in the result".into()),
             // Several series for one node (one per device, say): any breach
             // is a breach; otherwise any unknown makes the node unknown.
             Some(v) => v
                 .iter()
-                .find(|o| matches!(o, Outcome::Breach { .. }))
-                .or_else(|| v.iter().find(|o| matches!(o, Outcome::Unknown(_))))
+                .find(|o| matches!(o, Reading::Breach { .. }))
+                .or_else(|| v.iter().find(|o| matches!(o, Reading::Unknown(_))))
                 .cloned()
-                .unwrap_or(Outcome::Ok {
-                    calm: v.iter().all(|o| matches!(o, Outcome::Ok { calm: true })),
+                .unwrap_or(Reading::Ok {
+                    calm: v.iter().all(|o| matches!(o, Reading::Ok { calm: true })),
                 }),
         };
         out.nodes.insert(n.clone(), outcome);
@@ -225,11 +225,11 @@ impl Streaks {
         guard: &str,
         trigger: &str,
         node: &str,
-        o: &Outcome,
+        o: &Reading,
         now: f64,
     ) -> Option<f64> {
         let key = (guard.to_string(), trigger.to_string(), node.to_string());
-        if matches!(o, Outcome::Breach { .. }) {
+        if matches!(o, Reading::Breach { .. }) {
             Some(*self.since.entry(key).or_insert(now))
         } else {
             self.since.remove(&key);
@@ -306,12 +306,12 @@ mod tests {
         let r = read(&a, T, None, &watched, &ix, 100.0, 60.0);
         assert_eq!(
             r.nodes["worker-1"],
-            Outcome::Breach {
+            Reading::Breach {
                 value: "2e7".into()
             }
         );
         // Between the thresholds: not a breach, not calm (hysteresis).
-        assert_eq!(r.nodes["worker-2"], Outcome::Ok { calm: false });
+        assert_eq!(r.nodes["worker-2"], Reading::Ok { calm: false });
         assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
         // Reversed order, same readings.
         let mut b = a.as_ref().unwrap().clone();
@@ -326,33 +326,33 @@ mod tests {
         let down: Result<Vec<Series>, QueryError> =
             Err(QueryError::Unreachable("connection refused".into()));
         let r = read(&down, T, None, &watched, &ix, 100.0, 60.0);
-        assert!(r.nodes.values().all(|o| matches!(o, Outcome::Unknown(_))));
+        assert!(r.nodes.values().all(|o| matches!(o, Reading::Unknown(_))));
         let a = Ok(vec![
             series(&[("node", "worker-1")], "NaN", 100.0),
             series(&[("node", "worker-2")], "1", 10.0),
         ]);
         let r = read(&a, T, None, &watched, &ix, 100.0, 60.0);
-        assert!(matches!(&r.nodes["worker-1"], Outcome::Unknown(m) if m.contains("NaN")));
-        assert!(matches!(&r.nodes["worker-2"], Outcome::Unknown(m) if m.contains("stale")));
+        assert!(matches!(&r.nodes["worker-1"], Reading::Unknown(m) if m.contains("NaN")));
+        assert!(matches!(&r.nodes["worker-2"], Reading::Unknown(m) if m.contains("stale")));
         let r = read(&Ok(vec![]), T, None, &watched, &ix, 100.0, 60.0);
-        assert!(matches!(&r.nodes["worker-1"], Outcome::Unknown(m) if m.contains("no series")));
+        assert!(matches!(&r.nodes["worker-1"], Reading::Unknown(m) if m.contains("no series")));
         // One device breaching, another unknown: a breach.
         let a = Ok(vec![
             series(&[("node", "worker-1"), ("device", "a")], "+Inf", 100.0),
             series(&[("node", "worker-1"), ("device", "b")], "2e7", 100.0),
         ]);
         let r = read(&a, T, None, &watched, &ix, 100.0, 60.0);
-        assert!(matches!(r.nodes["worker-1"], Outcome::Breach { .. }));
+        assert!(matches!(r.nodes["worker-1"], Reading::Breach { .. }));
     }
 
     #[test]
     fn a_streak_survives_only_consecutive_breaches() {
         let mut s = Streaks::default();
-        let b = Outcome::Breach { value: "1".into() };
+        let b = Reading::Breach { value: "1".into() };
         assert_eq!(s.record("g", "t", "n", &b, 10.0), Some(10.0));
         assert_eq!(s.record("g", "t", "n", &b, 20.0), Some(10.0));
         assert_eq!(
-            s.record("g", "t", "n", &Outcome::Unknown("x".into()), 30.0),
+            s.record("g", "t", "n", &Reading::Unknown("x".into()), 30.0),
             None
         );
         assert_eq!(s.record("g", "t", "n", &b, 40.0), Some(40.0));

@@ -19,7 +19,7 @@ use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
-use crate::evaluate::{read, NodeIndex, Outcome, Streaks, Thresholds};
+use crate::evaluate::{read, NodeIndex, Reading, Streaks, Thresholds};
 use crate::prom::Prometheus;
 use crate::quarantine::{Breach, Notice, QuarantinePlan, Signals, Subject};
 use crate::webhook::{self, Intent};
@@ -237,7 +237,7 @@ pub async fn evaluate(
                 });
             let began = state.streaks.record(&guard, &trigger, node, o, now_s);
             match o {
-                Outcome::Breach { value } => {
+                Reading::Breach { value } => {
                     s.calm = false;
                     let since = began.unwrap_or(now_s);
                     if now_s - since >= hold.as_secs_f64() && s.breach.is_none() {
@@ -251,8 +251,8 @@ pub async fn evaluate(
                         });
                     }
                 }
-                Outcome::Ok { calm } => s.calm &= calm,
-                Outcome::Unknown(why) => {
+                Reading::Ok { calm } => s.calm &= calm,
+                Reading::Unknown(why) => {
                     s.calm = false;
                     if s.unknown.is_none() {
                         s.unknown = Some(format!("trigger {trigger}: {why}"));

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use egressguard_crds::serve::prometheus_client::encoding::DescriptorEncoder;
 use egressguard_crds::serve::{counter, counters, gauge, gauges, Scrape};
 
-use super::Outcome;
+use super::PassReport;
 
 /// What `/metrics` reports.
 #[derive(Debug, Default, Clone)]
@@ -22,7 +22,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// Folds one reconcile outcome in.
-    pub fn record(&mut self, o: &Outcome) {
+    pub fn record(&mut self, o: &PassReport) {
         self.reconciles += 1;
         let guard = o.guard.clone().unwrap_or_default();
         self.classes.clear();

@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 pub use metrics::Metrics;
-pub use reconcile::{reconcile, Memory, Outcome};
+pub use reconcile::{reconcile, Memory, PassReport};
 pub use status::status_for;
 
 /// How the agent runs.

@@ -28,7 +28,7 @@ pub struct Memory {
 
 /// The result of one pass.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Outcome {
+pub struct PassReport {
     /// Guard the plan came from.
     pub guard: Option<String>,
     /// Per-interface results.
@@ -83,7 +83,7 @@ fn counters_of(nl: &mut Netlink, i: &Interface) -> Vec<ClassCounters> {
 fn remove(
     nl: &mut Netlink,
     names: impl IntoIterator<Item = String>,
-    out: &mut Outcome,
+    out: &mut PassReport,
 ) -> BTreeSet<String> {
     let mut failed = BTreeSet::new();
     for name in names {
@@ -119,10 +119,10 @@ fn remove(
 }
 
 /// Drives the kernel to what `input` asks for.
-pub fn reconcile(input: &Input, mem: &mut Memory) -> Outcome {
-    let mut out = Outcome {
+pub fn reconcile(input: &Input, mem: &mut Memory) -> PassReport {
+    let mut out = PassReport {
         at: k8s_openapi::jiff::Timestamp::now().to_string(),
-        ..Outcome::default()
+        ..PassReport::default()
     };
     let mut nl = match Netlink::open() {
         Ok(nl) => nl,

@@ -4,7 +4,7 @@ use egressguard_crds::node_shaping::NodeShapingStatus;
 use egressguard_crds::NodeShaping;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use super::Outcome;
+use super::PassReport;
 
 use egressguard_crds::conditions::types;
 pub use egressguard_crds::node_shaping::reasons;
@@ -27,7 +27,7 @@ fn condition(
 /// The status for `obj` after `outcome`; `previous` keeps transition times stable.
 pub fn status_for(
     obj: &NodeShaping,
-    outcome: &Outcome,
+    outcome: &PassReport,
     previous: Option<&NodeShapingStatus>,
 ) -> NodeShapingStatus {
     let gen = obj.metadata.generation;

@@ -6,4 +6,4 @@ pub mod socket;
 
 pub use decode::{class_counters, observe, Counters, Observed, RootState};
 pub use encode::{encode, Request};
-pub use socket::{KernelError, Netlink, Outcome};
+pub use socket::{KernelError, KernelReply, Netlink};

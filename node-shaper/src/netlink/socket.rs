@@ -35,7 +35,7 @@ pub struct KernelError {
 
 /// What the kernel said about one request.
 #[derive(Debug, Clone)]
-pub enum Outcome {
+pub enum KernelReply {
     /// Done; with the kernel's warning, if any (e.g. HTB quantum warnings).
     Ok(Option<String>),
     /// Refused.
@@ -134,7 +134,7 @@ impl Netlink {
     /// Sends requests in pipelined batches; returns one outcome per request.
     /// Later requests are still sent when an earlier one fails: the caller
     /// decides what to undo from the full list.
-    pub fn execute(&mut self, reqs: &[Request]) -> io::Result<Vec<Outcome>> {
+    pub fn execute(&mut self, reqs: &[Request]) -> io::Result<Vec<KernelReply>> {
         let Some(refuse) = self.refuse.clone() else {
             return self.execute_batched(reqs);
         };
@@ -143,7 +143,7 @@ impl Netlink {
         for r in reqs {
             if refuse.contains(&self.writes) {
                 self.writes += 1;
-                out.push(Outcome::Err(KernelError {
+                out.push(KernelReply::Err(KernelError {
                     what: r.what.clone(),
                     errno: 17,
                     reason: "File exists (os error 17): refused by the test hook".into(),
@@ -155,8 +155,8 @@ impl Netlink {
         Ok(out)
     }
 
-    fn execute_batched(&mut self, reqs: &[Request]) -> io::Result<Vec<Outcome>> {
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; reqs.len()];
+    fn execute_batched(&mut self, reqs: &[Request]) -> io::Result<Vec<KernelReply>> {
+        let mut outcomes: Vec<Option<KernelReply>> = vec![None; reqs.len()];
         let mut i = 0;
         while i < reqs.len() {
             if let Some(e) = self.budget_exhausted() {
@@ -197,14 +197,14 @@ impl Netlink {
                     }
                     let (errno, msg) = parse_error(hdr.flags, payload);
                     outcomes[idx] = Some(if errno == 0 {
-                        Outcome::Ok(msg)
+                        KernelReply::Ok(msg)
                     } else {
                         let base = io::Error::from_raw_os_error(-errno).to_string();
                         let reason = match msg {
                             Some(m) => format!("{base}: {m}"),
                             None => base,
                         };
-                        Outcome::Err(KernelError {
+                        KernelReply::Err(KernelError {
                             what: reqs[idx].what.clone(),
                             errno: -errno,
                             reason,
@@ -216,7 +216,7 @@ impl Netlink {
         }
         Ok(outcomes
             .into_iter()
-            .map(|o| o.unwrap_or(Outcome::Ok(None)))
+            .map(|o| o.unwrap_or(KernelReply::Ok(None)))
             .collect())
     }
 
