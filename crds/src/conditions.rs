@@ -85,6 +85,23 @@ pub mod guard {
     pub const GROUP_UNRESOLVED: &str = "GroupUnresolved";
 }
 
+/// Event reasons the operator emits, for alerts and `kubectl get events
+/// --field-selector reason=...`.
+pub mod events {
+    /// A deleted guard stopped waiting for its nodes; shaping may remain.
+    pub const CLEANUP_TIMED_OUT: &str = "CleanupTimedOut";
+    /// A node InternalIP is not protected on other nodes.
+    pub const NODE_ADDRESS_NOT_PROTECTED: &str = "NodeAddressNotProtected";
+    /// A node was quarantined.
+    pub const QUARANTINED: &str = "Quarantined";
+    /// A quarantine ended.
+    pub const RELEASED: &str = "Released";
+    /// A DryRun guard would have quarantined a node.
+    pub const WOULD_QUARANTINE: &str = "WouldQuarantine";
+    /// A quarantine was asked for and refused (the note says which rule).
+    pub const QUARANTINE_REFUSED: &str = "QuarantineRefused";
+}
+
 #[cfg(test)]
 mod tests {
     use super::types::*;

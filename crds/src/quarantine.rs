@@ -19,6 +19,40 @@ pub const RELEASE_ANNOTATION: &str = "egressguard.io/release";
 /// Finalizer that lets the operator release a quarantine before it is deleted.
 pub const RELEASE_FINALIZER: &str = "egressguard.io/release";
 
+/// Why a quarantine was refused: the first safety rail it hit. Written into
+/// the record's `status.releasedBy` and the Event's note.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The guard named does not exist.
+    GuardNotFound,
+    /// The guard is being deleted.
+    GuardDeleting,
+    /// The guard has no valid quarantine policy, or is in mode Enforce.
+    GuardNotAuto,
+    /// The guard is a dry run: the quarantine is only announced.
+    DryRun,
+    /// The node does not carry the guard's plan.
+    NodeNotSelected,
+    /// The node is quarantined by this guard already.
+    AlreadyQuarantined,
+    /// The guard has no such trigger.
+    UnknownTrigger,
+    /// `spec.quarantine.paused`.
+    Paused,
+    /// The node is labelled [`EXCLUDE_LABEL`].
+    NodeExcluded,
+    /// The node was released less than the cooldown ago.
+    Cooldown,
+    /// The guard's cap of quarantined nodes is reached.
+    CapReached,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
 /// When a guard in mode `Auto` quarantines a node, and when it lets it go.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -261,35 +261,76 @@ pub fn apply(
     let dev = iface.name.as_str();
     let writes_before = nl.writes;
     let before = observe(nl, iface.index).map_err(io(dev))?;
-    debug!(
-        interface = dev,
-        ms = ms(&start),
-        filters = before.shape.node_count(),
-        "observed"
-    );
+    let filters = before.shape.filter_count();
+    debug!(interface = dev, ms = ms(&start), filters, "observed");
     check_root(&before.root, dev, opts.force)?;
-    let mut choice = leaf_choice(&before);
+    let sent = converge(nl, iface, target, &before, opts.describe)?;
+    debug!(interface = dev, ms = ms(&start), "sent");
+    if opts.verify {
+        verify(nl, iface, &sent.desired)?;
+        debug!(interface = dev, ms = ms(&start), "verified");
+    }
+    for w in &sent.warnings {
+        warn!(interface = dev, warning = %w, "kernel warning");
+    }
+    let leaf = match sent.choice {
+        LeafChoice::Sfq => "sfq",
+        LeafChoice::PfifoFallback => "pfifo",
+    };
+    let report = ApplyReport {
+        rebuilt: sent.rebuilt,
+        interface: dev.into(),
+        writes: nl.writes - writes_before,
+        changes: sent.changes,
+        leaf: leaf.into(),
+        fallback: sent.fallback,
+        warnings: sent.warnings,
+        filters: sent.desired.filter_count(),
+        millis: ms(&start),
+    };
+    let (writes, filters) = (report.writes, report.filters);
+    info!(interface = dev, writes, leaf, filters, "applied");
+    Ok(report)
+}
+
+/// What sending a plan came to.
+struct Sent {
+    /// The tree now in the kernel.
+    desired: Shape,
+    choice: LeafChoice,
+    fallback: Option<String>,
+    changes: Vec<String>,
+    warnings: Vec<String>,
+    rebuilt: Option<String>,
+}
+
+/// Sends the changes from `before` to the target. A kernel without sfq
+/// turns the leaves into pfifo once (visibly); any other refusal is
+/// recovered (rolled back, or the prio rebuilt) and the rest sent again.
+fn converge(
+    nl: &mut Netlink,
+    iface: &Interface,
+    target: &Target,
+    before: &Observed,
+    describe: bool,
+) -> Result<Sent, EngineError> {
+    let dev = iface.name.as_str();
+    let mut choice = leaf_choice(before);
     let mut fallback = (choice == LeafChoice::PfifoFallback).then(|| {
         "pfifo leaves kept from an earlier apply where sfq was unavailable; `node-shaper reset` then apply to retry sfq".to_string()
     });
-    let (mut desired, mut ops) = prepare(&before, target, choice, dev)?;
-    debug!(
-        interface = dev,
-        ms = ms(&start),
-        ops = ops.len(),
-        "planned and diffed"
-    );
+    let (mut desired, mut ops) = prepare(before, target, choice, dev)?;
+    debug!(interface = dev, ops = ops.len(), "planned and diffed");
     let (mut changes, mut warnings, mut rebuilt) = (Vec::new(), Vec::new(), None);
     loop {
-        if opts.describe {
+        if describe {
             changes.extend(ops.iter().map(|op| format!("{op} on {dev}")));
         }
-        let Some((at, err)) = send(nl, iface, &before, &ops, &mut warnings)? else {
+        let Some((at, err)) = send(nl, iface, before, &ops, &mut warnings)? else {
             break;
         };
         let lacks_sfq = matches!(missing_kind(&ops[at], &err), Some(LeafKind::Sfq { .. }));
         if choice == LeafChoice::Sfq && lacks_sfq {
-            // This kernel has no sch_sfq: degrade to pfifo leaves, visibly.
             warn!(interface = dev, reason = %err.reason, "sfq is not available on this kernel; falling back to pfifo leaves (rates are still enforced, flows are not fair-queued)");
             fallback = Some(format!(
                 "sfq unavailable ({}); using pfifo leaves",
@@ -301,47 +342,17 @@ pub fn apply(
             changes.retain(|c| !c.contains("attach sfq"));
             continue;
         }
-        ops = recover(
-            nl,
-            iface,
-            &before,
-            &desired,
-            ops[at].prio(),
-            err,
-            &mut rebuilt,
-        )?;
+        let scope = ops[at].prio();
+        ops = recover(nl, iface, before, &desired, scope, err, &mut rebuilt)?;
     }
-    debug!(interface = dev, ms = ms(&start), "sent");
-    if opts.verify {
-        verify(nl, iface, &desired)?;
-        debug!(interface = dev, ms = ms(&start), "verified");
-    }
-    for w in &warnings {
-        warn!(interface = dev, warning = %w, "kernel warning");
-    }
-    let leaf = match choice {
-        LeafChoice::Sfq => "sfq",
-        LeafChoice::PfifoFallback => "pfifo",
-    };
-    let report = ApplyReport {
-        rebuilt,
-        interface: dev.into(),
-        writes: nl.writes - writes_before,
-        changes,
-        leaf: leaf.into(),
+    Ok(Sent {
+        desired,
+        choice,
         fallback,
+        changes,
         warnings,
-        filters: desired.node_count(),
-        millis: ms(&start),
-    };
-    info!(
-        interface = dev,
-        writes = report.writes,
-        leaf,
-        filters = report.filters,
-        "applied"
-    );
-    Ok(report)
+        rebuilt,
+    })
 }
 
 fn ms(t: &Instant) -> f64 {
@@ -635,7 +646,7 @@ mod tests {
         let (desired, ops) = prepare(&default, &t, LeafChoice::Sfq, "eth0").expect("plan");
         assert!(matches!(ops[0], Op::AddRoot { graft: false, .. }));
         assert_eq!(
-            desired.node_count(),
+            desired.filter_count(),
             ops.iter()
                 .filter(|o| matches!(o, Op::AddFilter { .. }))
                 .count()

@@ -304,7 +304,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             for dev in devs {
                 out!(
                     "# node-shaper plan for {dev}: {} u32 filters",
-                    desired.node_count()
+                    desired.filter_count()
                 );
                 for op in diff::diff(&Default::default(), &desired) {
                     out!("{}", render::tc_command(&op, &dev));

@@ -238,7 +238,7 @@ pub struct Shape {
 
 impl Shape {
     /// Number of u32 filters, for leak checks and reports.
-    pub fn node_count(&self) -> usize {
+    pub fn filter_count(&self) -> usize {
         self.prios.iter().map(|p| p.filters.len()).sum()
     }
 }

@@ -107,7 +107,7 @@ pub fn report(interface: &str, obs: &Observed, target: Option<&Target>) -> Repor
         interface: interface.to_string(),
         state,
         classes,
-        filters: shape.node_count(),
+        filters: shape.filter_count(),
         prios: shape.prios.iter().map(|p| p.prio).collect(),
         whitelist_entries: target.map(|t| t.valid.whitelist.len()),
         protected: target.map_or_else(Vec::new, |t| protected_rows(shape, t)),

@@ -252,7 +252,7 @@ fn one_whitelist_entry_changes_with_at_most_two_writes() {
         .collect();
     let mut k = Kernel::default();
     k.converge(&plan(&spec_with(&wl, "[{port: 443}]"), LeafChoice::Sfq));
-    let nodes = k.shape.node_count();
+    let nodes = k.shape.filter_count();
     wl[1234] = "172.16.9.9/32".into();
     let ops = k.converge(&plan(&spec_with(&wl, "[{port: 443}]"), LeafChoice::Sfq));
     assert_eq!(ops.len(), 2, "{ops:?}");
@@ -260,7 +260,7 @@ fn one_whitelist_entry_changes_with_at_most_two_writes() {
         matches!(ops[0], Op::AddFilter { .. }) && matches!(ops[1], Op::DelFilter { .. }),
         "add before delete"
     );
-    assert_eq!(k.shape.node_count(), nodes);
+    assert_eq!(k.shape.filter_count(), nodes);
     // A rate change is one in-place class update; the root is never touched.
     let mut spec = spec_with(&wl, "[{port: 443}]");
     spec.throttle_rate = egressguard_crds::units::Rate::from_bits_per_sec(2_000_000);
@@ -331,7 +331,11 @@ fn cycles_never_grow_beyond_the_plan() {
             },
         );
         k.converge(&desired);
-        assert_eq!(k.shape.node_count(), desired.node_count(), "round {round}");
+        assert_eq!(
+            k.shape.filter_count(),
+            desired.filter_count(),
+            "round {round}"
+        );
         assert_eq!(k.shape.classes.len(), desired.classes.len());
         assert_eq!(k.shape.leaves.len(), desired.leaves.len());
         let tables: usize = k.shape.prios.iter().map(|p| p.tables.len()).sum();

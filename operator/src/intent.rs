@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use egressguard_crds::conditions::events;
 use egressguard_crds::conditions::types::is_bad;
 use egressguard_crds::node_shaping::NodeShapingSpec;
 use egressguard_crds::{EgressGuard, EgressGuardStatus, NodeShaping};
@@ -245,7 +246,7 @@ fn release(obs: &Observed<'_>, g: &EgressGuard, removals: &[PlanWrite]) -> Optio
     }
     let gave_up = (!left.is_empty()).then(|| GuardEvent {
         warning: true,
-        reason: "CleanupTimedOut".into(),
+        reason: events::CLEANUP_TIMED_OUT.into(),
         note: format!(
             "gave up waiting after {}s; shaping may remain on: {}",
             obs.cleanup_timeout.as_secs(),
@@ -523,7 +524,7 @@ mod tests {
         assert_eq!(i.releases.len(), 1);
         let gave_up = i.releases[0].gave_up.clone().expect("a warning");
         assert!(gave_up.warning);
-        assert_eq!(gave_up.reason, "CleanupTimedOut");
+        assert_eq!(gave_up.reason, "CleanupTimedOut", "the documented reason");
         assert_eq!(
             gave_up.note,
             "gave up waiting after 300s; shaping may remain on: a"

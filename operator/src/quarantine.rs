@@ -23,8 +23,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use egressguard_crds::conditions::events;
 use egressguard_crds::quarantine::{
-    QuarantineRules, TriggerRule, EXCLUDE_LABEL, MANUAL, RELEASE_ANNOTATION, RELEASE_FINALIZER,
+    QuarantineRules, Refusal, TriggerRule, EXCLUDE_LABEL, MANUAL, RELEASE_ANNOTATION,
+    RELEASE_FINALIZER,
 };
 use egressguard_crds::{EgressGuard, Mode, Phase, Quarantine, QuarantineSpec, QuarantineStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -185,36 +187,35 @@ struct Admission<'w, 'a> {
 
 impl Admission<'_, '_> {
     /// Why `node` may not be quarantined by `guard` now, if it may not.
-    fn refusal(&self, guard: &str, node: &str, trigger: &str) -> Option<(&'static str, String)> {
+    fn refusal(&self, guard: &str, node: &str, trigger: &str) -> Option<(Refusal, String)> {
         let Some(g) = self.world.guards.get(guard) else {
             return Some((
-                "GuardNotFound",
+                Refusal::GuardNotFound,
                 format!("EgressGuard {guard} does not exist"),
             ));
         };
         if g.guard.metadata.deletion_timestamp.is_some() {
             return Some((
-                "GuardDeleting",
+                Refusal::GuardDeleting,
                 format!("EgressGuard {guard} is being deleted"),
             ));
         }
         let Some(rules) = &g.rules else {
-            return Some((
-                "GuardNotAuto",
+            return Some((Refusal::GuardNotAuto,
                 format!("EgressGuard {guard} has no valid quarantine policy (spec.mode Auto with spec.quarantine)"),
             ));
         };
         match g.guard.spec.mode {
             Mode::Auto => {}
-            Mode::DryRun => return Some(("DryRun", format!("EgressGuard {guard} is a dry run: would quarantine {node}"))),
-            Mode::Enforce => return Some(("GuardNotAuto", format!("EgressGuard {guard} is in mode Enforce: every selected node is throttled already"))),
+            Mode::DryRun => return Some((Refusal::DryRun, format!("EgressGuard {guard} is a dry run: would quarantine {node}"))),
+            Mode::Enforce => return Some((Refusal::GuardNotAuto, format!("EgressGuard {guard} is in mode Enforce: every selected node is throttled already"))),
         }
         if !g.planned.contains(node) {
-            return Some(("NodeNotSelected", format!("node {node} does not carry EgressGuard {guard}'s plan (not selected, gone, or claimed by an older guard)")));
+            return Some((Refusal::NodeNotSelected, format!("node {node} does not carry EgressGuard {guard}'s plan (not selected, gone, or claimed by an older guard)")));
         }
         if self.active.get(guard).is_some_and(|s| s.contains(node)) {
             return Some((
-                "AlreadyQuarantined",
+                Refusal::AlreadyQuarantined,
                 format!("node {node} is already quarantined by EgressGuard {guard}"),
             ));
         }
@@ -222,10 +223,10 @@ impl Admission<'_, '_> {
             return None;
         }
         if !rules.triggers.iter().any(|(n, _)| n == trigger) {
-            return Some(("UnknownTrigger", format!("EgressGuard {guard} has no trigger {trigger:?}; a person uses trigger `manual`")));
+            return Some((Refusal::UnknownTrigger, format!("EgressGuard {guard} has no trigger {trigger:?}; a person uses trigger `manual`")));
         }
         if rules.paused {
-            return Some(("Paused", format!("EgressGuard {guard} is paused (spec.quarantine.paused): no new automatic quarantines")));
+            return Some((Refusal::Paused, format!("EgressGuard {guard} is paused (spec.quarantine.paused): no new automatic quarantines")));
         }
         if self
             .world
@@ -235,7 +236,7 @@ impl Admission<'_, '_> {
             .is_some_and(|v| v == "true")
         {
             return Some((
-                "NodeExcluded",
+                Refusal::NodeExcluded,
                 format!(
                     "node {node} is labelled {EXCLUDE_LABEL}=true: never quarantined automatically"
                 ),
@@ -252,13 +253,13 @@ impl Admission<'_, '_> {
         if let Some(t) = last_release {
             let since = secs_since(self.world.now, &t);
             if since < rules.cooldown.as_secs_f64() {
-                return Some(("Cooldown", format!("node {node} was released {since:.0}s ago; the cooldown is {}s (spec.quarantine.limits.cooldown)", rules.cooldown.as_secs())));
+                return Some((Refusal::Cooldown, format!("node {node} was released {since:.0}s ago; the cooldown is {}s (spec.quarantine.limits.cooldown)", rules.cooldown.as_secs())));
             }
         }
         let cap = rules.cap.of(g.selected);
         let now = self.active.get(guard).map_or(0, BTreeSet::len);
         if now >= cap {
-            return Some(("CapReached", format!("{now} of EgressGuard {guard}'s nodes are quarantined, the cap is {cap} (spec.quarantine.limits.maxQuarantinedNodes)")));
+            return Some((Refusal::CapReached, format!("{now} of EgressGuard {guard}'s nodes are quarantined, the cap is {cap} (spec.quarantine.limits.maxQuarantinedNodes)")));
         }
         None
     }
@@ -346,7 +347,7 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
                     p.notices.push(Notice {
                         subjects: who(q),
                         warning: false,
-                        reason: "Released",
+                        reason: events::RELEASED,
                         note: format!(
                             "node {} released from EgressGuard {}: Quarantine {name} was deleted",
                             q.spec.node_name, q.spec.guard
@@ -371,11 +372,11 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
                     next.released_by = Some(format!("refused ({reason}): {why}"));
                     p.notices.push(Notice {
                         subjects: who(q),
-                        warning: reason != "DryRun",
-                        reason: if reason == "DryRun" {
-                            "WouldQuarantine"
+                        warning: reason != Refusal::DryRun,
+                        reason: if reason == Refusal::DryRun {
+                            events::WOULD_QUARANTINE
                         } else {
-                            "QuarantineRefused"
+                            events::QUARANTINE_REFUSED
                         },
                         note: format!(
                             "Quarantine {name} of node {} by {}: {why}",
@@ -395,7 +396,7 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
                     p.notices.push(Notice {
                         subjects: who(q),
                         warning: true,
-                        reason: "Quarantined",
+                        reason: events::QUARANTINED,
                         note: format!(
                             "node {} quarantined by EgressGuard {}: {} (Quarantine {name})",
                             q.spec.node_name,
@@ -455,7 +456,7 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
                     p.notices.push(Notice {
                         subjects: who(q),
                         warning: false,
-                        reason: "Released",
+                        reason: events::RELEASED,
                         note: format!(
                             "node {} released from EgressGuard {} (Quarantine {name}): {by}",
                             q.spec.node_name, q.spec.guard
@@ -495,11 +496,11 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
         if let Some((reason, why)) = adm.refusal(guard, node, &b.trigger) {
             p.notices.push(Notice {
                 subjects: vec![Subject::Guard(guard.clone()), Subject::Node(node.clone())],
-                warning: reason != "DryRun",
-                reason: if reason == "DryRun" {
-                    "WouldQuarantine"
+                warning: reason != Refusal::DryRun,
+                reason: if reason == Refusal::DryRun {
+                    events::WOULD_QUARANTINE
                 } else {
-                    "QuarantineRefused"
+                    events::QUARANTINE_REFUSED
                 },
                 note: format!(
                     "trigger {} in breach on node {} (value {}): {why}",
@@ -551,7 +552,7 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
         p.notices.push(Notice {
             subjects: vec![Subject::Guard(guard.clone()), Subject::Node(node.clone())],
             warning: true,
-            reason: "Quarantined",
+            reason: events::QUARANTINED,
             note: format!(
                 "node {node} quarantined by EgressGuard {guard}: {} (Quarantine {name})",
                 describe(&obj)

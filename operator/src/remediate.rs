@@ -601,7 +601,7 @@ impl Receiver {
                     let note = Notice {
                         subjects: vec![Subject::Guard(guard.clone()), Subject::Node(node.clone())],
                         warning: false,
-                        reason: "WouldQuarantine",
+                        reason: egressguard_crds::conditions::events::WOULD_QUARANTINE,
                         note: format!("alert trigger {trigger} fired for node {node}; EgressGuard {guard} is a dry run, so nothing is quarantined"),
                         once: None,
                         quarantine: None,

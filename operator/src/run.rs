@@ -250,7 +250,7 @@ async fn report_ignored(ctx: &Ctx, ignored: &[crate::decide::IgnoredAddress]) {
         };
         let ev = Event {
             type_: EventType::Warning,
-            reason: "NodeAddressNotProtected".into(),
+            reason: egressguard_crds::conditions::events::NODE_ADDRESS_NOT_PROTECTED.into(),
             note: Some(format!(
                 "InternalIP {} is not protected on other nodes: {}",
                 i.address, i.reason

@@ -178,7 +178,7 @@ pub fn reconcile(input: &Input, mem: &mut Memory) -> PassReport {
         out.dry_run = Some(format!(
             "dry run: would program {} classes and {} u32 filters on {}",
             shape.classes.len(),
-            shape.node_count(),
+            shape.filter_count(),
             ifaces
                 .iter()
                 .map(|i| i.name.as_str())
