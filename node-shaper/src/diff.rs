@@ -428,3 +428,141 @@ pub fn overfull_buckets(shape: &Shape) -> Vec<(u16, Table, u8, usize)> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{plan, LeafChoice};
+    use egressguard_crds::{load::parse_str, validate};
+
+    fn shape(uplink: &str, whitelist: &str, leaf: LeafChoice) -> Shape {
+        let g = parse_str(&format!(
+            "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {{name: t}}\nspec:\n  uplink: {{rate: {uplink}}}\n  throttle:\n    rate: 1Mbit\n    destinations: [{{protocol: TCP, port: 80}}, {{protocol: TCP, port: 443}}]\n  whitelist: [{whitelist}]\n"
+        ))
+        .expect("parse");
+        plan(&validate(&g[0].spec).expect("valid"), leaf)
+    }
+
+    fn incident() -> Shape {
+        shape(
+            "20Mbit",
+            "203.0.113.10/32, 198.51.100.0/24",
+            LeafChoice::Sfq,
+        )
+    }
+
+    /// What the kernel holds once `desired` was built from nothing: the
+    /// filters with the ids diff gave them, each prio with its root table.
+    fn installed(desired: &Shape) -> Shape {
+        let mut s = desired.clone();
+        for (i, p) in s.prios.iter_mut().enumerate() {
+            p.root_handle = Some((0x800 + i as u32) << 20);
+            p.filters.clear();
+        }
+        for op in diff(&Shape::default(), desired) {
+            if let Op::AddFilter {
+                prio,
+                protocol,
+                filter,
+            } = op
+            {
+                let p = s
+                    .prios
+                    .iter_mut()
+                    .find(|p| p.prio == prio && p.protocol == protocol);
+                p.expect("a planned prio").filters.push(filter);
+            }
+        }
+        s
+    }
+
+    /// Operation kinds and how many of each.
+    fn kinds(ops: &[Op]) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for op in ops {
+            let name = format!("{op:?}");
+            let kind = name
+                .split([' ', '(', '{'])
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            *out.entry(kind).or_default() += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn diff_writes_only_what_differs() {
+        let built = installed(&incident());
+        // (case, observed, desired, the operation kinds expected, exactly)
+        let cases: Vec<(&str, Shape, Shape, Vec<(&str, usize)>)> = vec![
+            (
+                "installed as planned: nothing",
+                built.clone(),
+                incident(),
+                vec![],
+            ),
+            (
+                "uplink rate changed: the classes it bounds, in place",
+                built.clone(),
+                shape(
+                    "30Mbit",
+                    "203.0.113.10/32, 198.51.100.0/24",
+                    LeafChoice::Sfq,
+                ),
+                vec![("PutClass", 3)],
+            ),
+            (
+                "one whitelist entry swapped: one filter out, one in",
+                built.clone(),
+                shape(
+                    "20Mbit",
+                    "203.0.113.11/32, 198.51.100.0/24",
+                    LeafChoice::Sfq,
+                ),
+                vec![("AddFilter", 1), ("DelFilter", 1)],
+            ),
+            (
+                "sfq refused: the leaves only",
+                built.clone(),
+                shape(
+                    "20Mbit",
+                    "203.0.113.10/32, 198.51.100.0/24",
+                    LeafChoice::PfifoFallback,
+                ),
+                vec![("PutLeaf", 3)],
+            ),
+            (
+                "removal: the root, and everything under it with it",
+                built.clone(),
+                Shape::default(),
+                vec![("DelRoot", 1)],
+            ),
+        ];
+        for (case, observed, desired, expected) in cases {
+            let ops = diff(&observed, &desired);
+            let expected: BTreeMap<String, usize> = expected
+                .into_iter()
+                .map(|(k, n)| (k.to_string(), n))
+                .collect();
+            assert_eq!(kinds(&ops), expected, "{case}: {ops:#?}");
+        }
+    }
+
+    #[test]
+    fn the_root_is_grafted_only_over_a_foreign_one() {
+        let desired = incident();
+        let first = |ops: Vec<Op>| match ops.into_iter().next() {
+            Some(Op::AddRoot { graft, .. }) => graft,
+            other => panic!("the root comes first: {other:?}"),
+        };
+        assert!(!first(diff_onto(&Shape::default(), &desired, false)));
+        assert!(first(diff_onto(&Shape::default(), &desired, true)));
+        // Building from nothing deletes nothing.
+        let ops = diff(&Shape::default(), &desired);
+        assert!(
+            kinds(&ops).keys().all(|k| !k.starts_with("Del")),
+            "{ops:#?}"
+        );
+    }
+}

@@ -119,3 +119,186 @@ pub fn essence(s: &NodeShapingStatus) -> NodeShapingStatus {
     }
     e
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use egressguard_crds::node_shaping::{InterfaceStatus, NodeShapingSpec};
+
+    fn plan() -> NodeShaping {
+        let mut ns = NodeShaping::new(
+            "n1",
+            NodeShapingSpec {
+                node_name: "n1".into(),
+                guard: None,
+                shaping: None,
+                groups: vec![],
+                protected: vec![],
+                enforce: true,
+            },
+        );
+        ns.metadata.generation = Some(4);
+        ns
+    }
+
+    fn iface(
+        name: &str,
+        error: Option<&str>,
+        fallback: Option<&str>,
+        rebuilt: Option<&str>,
+    ) -> InterfaceStatus {
+        InterfaceStatus {
+            name: name.into(),
+            enforced: error.is_none(),
+            error: error.map(String::from),
+            fallback: fallback.map(String::from),
+            rebuilt: rebuilt.map(String::from),
+            ..InterfaceStatus::default()
+        }
+    }
+
+    fn report(f: impl FnOnce(&mut PassReport)) -> PassReport {
+        let mut r = PassReport {
+            at: "2026-11-23T20:00:00Z".into(),
+            ..PassReport::default()
+        };
+        f(&mut r);
+        r
+    }
+
+    /// (status, reason, message) of a condition.
+    fn cond(s: &NodeShapingStatus, type_: &str) -> (String, String, String) {
+        let c = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .expect("condition");
+        (c.status.clone(), c.reason.clone(), c.message.clone())
+    }
+
+    #[test]
+    fn ready_and_degraded_say_what_the_pass_did() {
+        type Case = (
+            &'static str,
+            PassReport,
+            (&'static str, &'static str, &'static str),
+            (&'static str, &'static str, &'static str),
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "enforced",
+                report(|r| {
+                    r.interfaces = vec![
+                        iface("eth0", None, None, None),
+                        iface("wg0", None, None, None),
+                    ]
+                }),
+                ("True", reasons::ENFORCED, "enforced on eth0, wg0"),
+                ("False", reasons::AS_PLANNED, ""),
+            ),
+            (
+                "sfq missing: still Ready, visibly Degraded",
+                report(|r| {
+                    r.interfaces = vec![iface(
+                        "eth0",
+                        None,
+                        Some("sfq unavailable; using pfifo leaves"),
+                        None,
+                    )]
+                }),
+                ("True", reasons::ENFORCED, "enforced on eth0"),
+                (
+                    "True",
+                    reasons::FALLBACK,
+                    "eth0: sfq unavailable; using pfifo leaves",
+                ),
+            ),
+            (
+                "rebuilt after a refused change",
+                report(|r| r.interfaces = vec![iface("eth0", None, None, Some("prio 10 rebuilt"))]),
+                ("True", reasons::ENFORCED, "enforced on eth0"),
+                ("True", reasons::REBUILT, "eth0: prio 10 rebuilt"),
+            ),
+            (
+                "one interface failed",
+                report(|r| {
+                    r.interfaces = vec![
+                        iface("eth0", None, None, None),
+                        iface("wg0", Some("File exists"), None, None),
+                    ]
+                }),
+                ("False", reasons::APPLY_FAILED, "wg0: File exists"),
+                ("True", reasons::APPLY_FAILED, "wg0: File exists"),
+            ),
+            (
+                "invalid plan",
+                report(|r| r.error = Some("invalid plan: spec.uplink.rate: missing".into())),
+                (
+                    "False",
+                    reasons::INVALID_PLAN,
+                    "invalid plan: spec.uplink.rate: missing",
+                ),
+                (
+                    "True",
+                    reasons::INVALID_PLAN,
+                    "invalid plan: spec.uplink.rate: missing",
+                ),
+            ),
+            (
+                "waiting for the guard's generation: not degraded, kernel untouched",
+                report(|r| r.waiting = Some("EgressGuard idc generation 3 (holding 2)".into())),
+                (
+                    "False",
+                    reasons::WAITING,
+                    "EgressGuard idc generation 3 (holding 2)",
+                ),
+                ("False", reasons::AS_PLANNED, ""),
+            ),
+            (
+                "dry run",
+                report(|r| r.dry_run = Some("would shape eth0".into())),
+                ("True", reasons::DRY_RUN, "would shape eth0"),
+                ("False", reasons::AS_PLANNED, ""),
+            ),
+            (
+                "removed",
+                report(|r| r.removed = true),
+                (
+                    "True",
+                    reasons::REMOVED,
+                    "no shaping is planned for this node, and none is installed",
+                ),
+                ("False", reasons::AS_PLANNED, ""),
+            ),
+        ];
+        for (case, r, ready, degraded) in cases {
+            let s = status_for(&plan(), &r, None);
+            let own = |t: (&str, &str, &str)| (t.0.to_string(), t.1.to_string(), t.2.to_string());
+            assert_eq!(cond(&s, types::READY), own(ready), "{case}: Ready");
+            assert_eq!(cond(&s, types::DEGRADED), own(degraded), "{case}: Degraded");
+            assert_eq!(s.observed_generation, Some(4), "{case}");
+            assert!(s.by_reference, "{case}: the operator relies on this flag");
+        }
+    }
+
+    #[test]
+    fn transition_times_move_only_when_the_status_flips() {
+        let ok = report(|r| r.interfaces = vec![iface("eth0", None, None, None)]);
+        let first = status_for(&plan(), &ok, None);
+        let later = PassReport {
+            at: "2026-11-23T21:00:00Z".into(),
+            ..ok.clone()
+        };
+        let again = status_for(&plan(), &later, Some(&first));
+        let ready = |s: &NodeShapingStatus| s.conditions[0].last_transition_time.clone();
+        assert_eq!(ready(&again), ready(&first));
+        assert_eq!(essence(&again), essence(&first), "nothing to write");
+        let failed = PassReport {
+            interfaces: vec![iface("eth0", Some("No such device"), None, None)],
+            ..later
+        };
+        let broken = status_for(&plan(), &failed, Some(&again));
+        assert_ne!(ready(&broken), ready(&first));
+        assert_ne!(essence(&broken), essence(&again));
+    }
+}
