@@ -495,7 +495,8 @@ mod tests {
     fn diff_writes_only_what_differs() {
         let built = installed(&incident());
         // (case, observed, desired, the operation kinds expected, exactly)
-        let cases: Vec<(&str, Shape, Shape, Vec<(&str, usize)>)> = vec![
+        type Case = (&'static str, Shape, Shape, Vec<(&'static str, usize)>);
+        let cases: Vec<Case> = vec![
             (
                 "installed as planned: nothing",
                 built.clone(),
