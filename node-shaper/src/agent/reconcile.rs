@@ -35,6 +35,8 @@ pub struct PassReport {
     pub interfaces: Vec<InterfaceStatus>,
     /// The plan could not be used at all (invalid, no interface...).
     pub error: Option<String>,
+    /// That error is the plan's fault (invalid), not the node's.
+    pub invalid: bool,
     /// Shaping was removed or intentionally not programmed.
     pub removed: bool,
     /// DryRun: what would be programmed.
@@ -149,6 +151,7 @@ pub fn reconcile(input: &Input, mem: &mut Memory) -> PassReport {
         // not arrived touches the kernel: what runs stays.
         Input::Invalid(e) => {
             out.error = Some(e.clone());
+            out.invalid = true;
             warn!(error = %e, "invalid NodeShaping; kernel left unchanged");
             return out;
         }

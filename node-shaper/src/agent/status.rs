@@ -41,7 +41,7 @@ pub fn status_for(
     let (ready, reason, message) = if let Some(w) = &outcome.waiting {
         (false, reasons::WAITING, w.clone())
     } else if let Some(e) = &outcome.error {
-        let r = if e.starts_with("invalid plan") {
+        let r = if outcome.invalid {
             reasons::INVALID_PLAN
         } else {
             reasons::APPLY_FAILED
@@ -232,7 +232,10 @@ mod tests {
             ),
             (
                 "invalid plan",
-                report(|r| r.error = Some("invalid plan: spec.uplink.rate: missing".into())),
+                report(|r| {
+                    r.error = Some("invalid plan: spec.uplink.rate: missing".into());
+                    r.invalid = true;
+                }),
                 (
                     "False",
                     reasons::INVALID_PLAN,
