@@ -44,8 +44,8 @@ pub fn text(code: StatusCode, body: impl Into<String>) -> Reply {
     r
 }
 
-/// Reads a body of at most `limit` bytes; `None` when it is larger (or the
-/// client went away).
+/// Reads a body of at most `limit` bytes: 413 when it is larger (declared
+/// or not), 400 when the client went away mid-body.
 pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, StatusCode> {
     let declared = req
         .headers()

@@ -149,7 +149,7 @@ pub enum Origin {
     Protected(usize),
     /// `spec.throttle.destinations[i]`.
     Destination(usize),
-    /// Plumbing: a node that links to a table.
+    /// Plumbing: a filter that links to a table.
     Link(&'static str),
     /// A packet whose ports cannot be read (`spec.throttle.portless`).
     Portless(&'static str),
@@ -172,7 +172,7 @@ pub enum Table {
 /// here so that "node" always means a Kubernetes node.)
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Filter {
-    /// Table holding the node.
+    /// Table holding the filter.
     pub table: Table,
     /// Bucket within the table.
     pub bucket: u8,
@@ -189,7 +189,7 @@ pub struct Filter {
 }
 
 impl Filter {
-    /// Equal in everything the kernel stores, except the node id.
+    /// Equal in everything the kernel stores, except the filter id.
     pub fn same_rule(&self, other: &Filter) -> bool {
         self.table == other.table
             && self.bucket == other.bucket

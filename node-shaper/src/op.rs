@@ -51,19 +51,19 @@ pub enum Op {
         /// The filter.
         filter: Filter,
     },
-    /// Change classid/link of an existing node (the kernel keeps its selector).
+    /// Change classid/link of an existing filter (the kernel keeps its selector).
     ChangeFilter {
         /// Prio.
         prio: u16,
         /// Ethertype.
         protocol: u16,
-        /// Full handle of the existing node.
+        /// Full handle of the existing filter.
         handle: u32,
         /// The new content.
         filter: Filter,
     },
     /// Point a link filter at no table, releasing its reference, so the table
-    /// can be deleted while the node keeps its prio alive.
+    /// can be deleted while the filter keeps its prio alive.
     Unlink {
         /// Prio.
         prio: u16,
@@ -174,7 +174,7 @@ impl fmt::Display for Op {
     }
 }
 
-/// Why a node is added, in spec terms.
+/// Why a filter is added, in spec terms.
 struct Why<'a>(&'a Filter);
 
 impl fmt::Display for Why<'_> {

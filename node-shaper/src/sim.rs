@@ -82,7 +82,7 @@ impl Packet {
 pub struct Verdict<'a> {
     /// The prio whose filter matched.
     pub prio: u16,
-    /// The terminal node that matched.
+    /// The terminal filter that matched.
     pub node: &'a Filter,
 }
 
@@ -106,7 +106,7 @@ fn table_of(p: &Prio, link: u32) -> (Table, u32) {
     (Table::User(link), divisor)
 }
 
-/// Runs one prio's u32 filter; returns the matching terminal node.
+/// Runs one prio's u32 filter; returns the matching terminal filter.
 fn run_prio<'a>(p: &'a Prio, pkt: &Packet) -> Option<&'a Filter> {
     // Explicit stack mirrors the kernel's (depth limit 8).
     struct Frame<'a> {

@@ -67,6 +67,15 @@ pub struct PlanWrite {
     pub resource_version: Option<String>,
 }
 
+/// A plan to delete, fenced by the version that showed it done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deletion {
+    /// The node (and the object's name).
+    pub node: String,
+    /// The stored plan's resourceVersion.
+    pub resource_version: Option<String>,
+}
+
 /// An Event on a guard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuardEvent {
@@ -109,7 +118,7 @@ pub struct Intent {
     /// New and changed plans, removals included.
     pub plans: Vec<PlanWrite>,
     /// Plans that did their job: the node is gone or confirmed its removal.
-    pub deletions: Vec<String>,
+    pub deletions: Vec<Deletion>,
     /// Guard statuses that changed.
     pub statuses: Vec<StatusWrite>,
     /// Last, once the nodes are clean (or the timeout ran out).
@@ -202,7 +211,7 @@ fn status(obs: &Observed<'_>, d: &Decision, g: &EgressGuard) -> Option<StatusWri
 
 /// Stored plans no guard wants any more: a removal for the node's agent to
 /// carry out, or, once the node is gone or its agent confirmed, a deletion.
-fn unplanned(obs: &Observed<'_>, d: &Decision) -> (Vec<PlanWrite>, Vec<String>) {
+fn unplanned(obs: &Observed<'_>, d: &Decision) -> (Vec<PlanWrite>, Vec<Deletion>) {
     let mut removals = vec![];
     let mut deletions = vec![];
     for (node, s) in obs.shapings {
@@ -210,7 +219,10 @@ fn unplanned(obs: &Observed<'_>, d: &Decision) -> (Vec<PlanWrite>, Vec<String>) 
             continue;
         }
         if !obs.nodes.contains(node) || removal_confirmed(s) {
-            deletions.push(node.clone());
+            deletions.push(Deletion {
+                node: node.clone(),
+                resource_version: s.resource_version(),
+            });
         } else if s.spec != removal(node) {
             removals.push(PlanWrite {
                 node: node.clone(),
@@ -482,7 +494,12 @@ mod tests {
             let i = w.intend(Decision::default());
             let removal_written = nodes(&i.plans) == [("a", true, Some("a-rv"))];
             assert_eq!(removal_written, removes, "{case}: {:?}", i.plans);
-            assert_eq!(i.deletions == ["a"], deletes, "{case}: {:?}", i.deletions);
+            let deleted = i.deletions
+                == [Deletion {
+                    node: "a".into(),
+                    resource_version: Some("a-rv".into()),
+                }];
+            assert_eq!(deleted, deletes, "{case}: {:?}", i.deletions);
         }
     }
 
@@ -517,7 +534,8 @@ mod tests {
                 gave_up: None,
             }]
         );
-        assert_eq!(i.deletions, ["a"]);
+        let deleted: Vec<&str> = i.deletions.iter().map(|d| d.node.as_str()).collect();
+        assert_eq!(deleted, ["a"]);
         // The timeout lets go, with a Warning naming the nodes left.
         let w = World::new(deleting(301), vec![stored(removal("a"), Some(false))]);
         let i = w.intend(Decision::default());

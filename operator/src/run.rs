@@ -22,7 +22,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, Preconditions};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -99,7 +99,7 @@ pub struct OpMetrics {
     pub ready: bool,
     /// Node addresses left out of the protected list by the node address policy.
     pub ignored_node_addresses: usize,
-    /// Plans written (created or changed).
+    /// Plans written (created, changed, or turned into removals).
     pub plan_writes: u64,
     /// Request bytes of those writes: what one guard or group edit costs the API.
     pub plan_write_bytes: u64,
@@ -574,7 +574,8 @@ async fn execute(
 ) {
     let guards: Api<EgressGuard> = Api::all(ctx.client.clone());
     let plans: Api<NodeShaping> = Api::all(ctx.client.clone());
-    // The versions these writes return fence this pass's status writes.
+    // The versions these writes return fence this pass's later writes of the
+    // same guard (its status after its finalizer, its release after its status).
     let mut fresh_rv: BTreeMap<String, Option<String>> = BTreeMap::new();
     for f in &intent.add_finalizers {
         let r = write_finalizers(&guards, f).await;
@@ -593,9 +594,16 @@ async fn execute(
     for r in parallel(writes).await {
         note(first, "write plan", r);
     }
-    for node in &intent.deletions {
-        match plans.delete(node, &DeleteParams::default()).await {
-            Ok(_) => info!(node, "plan deleted"),
+    for d in &intent.deletions {
+        let fenced = DeleteParams {
+            preconditions: Some(Preconditions {
+                resource_version: d.resource_version.clone(),
+                uid: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match plans.delete(&d.node, &fenced).await {
+            Ok(_) => info!(node = %d.node, "plan deleted"),
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => note(first, "delete plan", Err(e)),
         }
@@ -614,18 +622,24 @@ async fn execute(
                 "metadata": {"resourceVersion": w.resource_version},
                 "status": w.status,
             });
-            guards
+            let new = guards
                 .patch_status(&w.guard, &merge_params(), &Patch::Merge(&patch))
-                .await
-                .map(|_| ())
+                .await?;
+            Ok((w.guard, new.resource_version()))
         }
     });
     for r in parallel(writes).await {
-        note(first, "write guard status", r);
+        if let Ok((guard, rv)) = &r {
+            fresh_rv.insert(guard.clone(), rv.clone());
+        }
+        note(first, "write guard status", r.map(|_| ()));
     }
-    for rel in &intent.releases {
+    for mut rel in intent.releases {
         if let Some(e) = &rel.gave_up {
             event(ctx, refs.get(&rel.finalizers.guard), e).await;
+        }
+        if let Some(rv) = fresh_rv.get(&rel.finalizers.guard) {
+            rel.finalizers.resource_version = rv.clone();
         }
         let r = write_finalizers(&guards, &rel.finalizers).await;
         if r.is_ok() {
@@ -724,7 +738,9 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
     serve::register(&mut registry, q_metrics.clone());
     let (registry, m) = (Arc::new(registry), metrics.clone());
     tokio::spawn(serve::serve(listener, move |req| {
-        let ready = match m.lock().unwrap_or_else(|p| p.into_inner()).ready {
+        // Read (and unlock) before `probes`: its collector locks the same mutex.
+        let synced = m.lock().unwrap_or_else(|p| p.into_inner()).ready;
+        let ready = match synced {
             true => Ok(()),
             false => Err("caches not synced yet".to_string()),
         };

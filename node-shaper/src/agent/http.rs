@@ -22,6 +22,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Mutex<Shared>>) {
     serve::register(&mut registry, shared.clone());
     let registry = Arc::new(registry);
     serve::serve(listener, move |req| {
+        // Read (and unlock) before `probes`: its collector locks the same mutex.
         let synced = shared.lock().unwrap_or_else(|p| p.into_inner()).synced;
         let ready = match synced {
             true => Ok(()),

@@ -21,7 +21,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Folds one reconcile outcome in.
+    /// Folds one pass report in.
     pub fn record(&mut self, o: &PassReport) {
         self.reconciles += 1;
         let guard = o.guard.clone().unwrap_or_default();

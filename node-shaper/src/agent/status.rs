@@ -1,4 +1,4 @@
-//! The NodeShaping status the agent writes: pure, from a reconcile outcome.
+//! The NodeShaping status the agent writes: pure, from a pass report.
 
 use egressguard_crds::node_shaping::NodeShapingStatus;
 use egressguard_crds::NodeShaping;

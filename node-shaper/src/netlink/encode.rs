@@ -161,8 +161,8 @@ fn filter_options(node: &Filter) -> Vec<TcOption> {
     opts
 }
 
-/// Handle to create a node with: full for user tables; for the root table
-/// only the node id, because its table id is chosen by the kernel.
+/// Handle to create a filter with: full for user tables; for the root table
+/// only the filter id, because its table id is chosen by the kernel.
 pub fn new_filter_handle(node: &Filter) -> u32 {
     let id = node.id.unwrap_or(0);
     match node.table {

@@ -131,7 +131,7 @@ impl Netlink {
         self.refuse = Some(self.writes + after..self.writes + after + count);
     }
 
-    /// Sends requests in pipelined batches; returns one outcome per request.
+    /// Sends requests in pipelined batches; returns one kernel reply per request.
     /// Later requests are still sent when an earlier one fails: the caller
     /// decides what to undo from the full list.
     pub fn execute(&mut self, reqs: &[Request]) -> io::Result<Vec<KernelReply>> {
