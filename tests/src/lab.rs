@@ -159,6 +159,9 @@ pub struct Report {
     pub show_quarantined: String,
     /// `node-shaper show` on node-1 at the end.
     pub show_end: String,
+    /// node-1's classes with their counters (`tc -s class show`) at the end of
+    /// the capped flood: which class each flow's bytes went through.
+    pub classes_capped: String,
     /// Expectations checked, each with whether it held.
     pub checks: Vec<(String, bool)>,
 }
@@ -655,6 +658,21 @@ pub fn run_lab(
         &mut || at() >= until,
         progress,
     )?;
+    let classes_capped = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &c.nodes[0],
+            "tc",
+            "-s",
+            "class",
+            "show",
+            "dev",
+            "eg0",
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
 
     // The flood stops; calm returns; the policy releases the node.
     // The malware is stopped the way a responder would: its connections
@@ -771,6 +789,7 @@ pub fn run_lab(
         get_egq,
         show_quarantined,
         show_end,
+        classes_capped,
         checks,
     })
 }

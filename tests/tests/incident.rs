@@ -36,7 +36,13 @@ fn e2e_the_incident_lab_ends_the_outage() {
         .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("{}", lab::render_table(&report));
     for (what, ok) in &report.checks {
-        assert!(ok, "{what}\n{}", lab::render_table(&report));
+        assert!(
+            ok,
+            "{what}\n{}\nnode-1 while quarantined:\n{}\nnode-1's classes at the end of the capped flood:\n{}",
+            lab::render_table(&report),
+            report.show_quarantined,
+            report.classes_capped
+        );
     }
     let t = &report.timeline;
     assert!(t.quarantined > t.flood_start && t.throttled >= t.quarantined);
