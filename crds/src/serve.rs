@@ -62,13 +62,45 @@ pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, St
     }
 }
 
-/// Serves `handler` on `listener` forever, HTTP/1.1, one task per connection.
+/// How much one client may take from a server.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// From a request's head to its reply, body reading included: a body
+    /// trickled in byte by byte gets 408 instead of holding the task.
+    pub request_timeout: Duration,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            request_timeout: Duration::from_secs(30),
+            max_connections: 256,
+        }
+    }
+}
+
+/// Serves `handler` on `listener` forever with the default [`Limits`].
 pub async fn serve<F, Fut>(listener: TcpListener, handler: F)
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Reply> + Send + 'static,
 {
+    serve_with(listener, handler, Limits::default()).await
+}
+
+/// Serves `handler` on `listener` forever, HTTP/1.1, one task per connection.
+pub async fn serve_with<F, Fut>(listener: TcpListener, handler: F, limits: Limits)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Reply> + Send + 'static,
+{
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let Ok((sock, peer)) = listener.accept().await else {
             // Out of descriptors and the like: do not spin.
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -76,9 +108,17 @@ where
         };
         let handler = handler.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = hyper::service::service_fn(move |req| {
                 let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler(req).await) }
+                async move {
+                    let reply = tokio::time::timeout(limits.request_timeout, handler(req))
+                        .await
+                        .unwrap_or_else(|_| {
+                            text(StatusCode::REQUEST_TIMEOUT, "request timed out\n")
+                        });
+                    Ok::<_, Infallible>(reply)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -299,6 +339,51 @@ mod tests {
             refused.is_empty() || refused.starts_with("HTTP/1.1 431"),
             "{refused}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_trickled_body_times_out_and_connections_are_capped() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let limits = Limits {
+            request_timeout: Duration::from_millis(300),
+            max_connections: 1,
+        };
+        tokio::spawn(serve_with(
+            listener,
+            |req: Request<Incoming>| async move {
+                match read_body(req, 1024).await {
+                    Ok(b) => text(StatusCode::OK, format!("{} bytes", b.len())),
+                    Err(code) => text(code, "refused"),
+                }
+            },
+            limits,
+        ));
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Declares 10 bytes, sends 1, then waits: 408, not a held task.
+        let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        slow.write_all(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\na")
+            .await
+            .expect("write");
+        // The one slot is taken: a second client is not answered until the first ends.
+        let second = tokio::spawn(exchange(
+            addr,
+            b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                .to_vec(),
+        ));
+        let mut got = vec![0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut got))
+            .await
+            .expect("answered within the timeout")
+            .expect("read");
+        assert!(String::from_utf8_lossy(&got[..n]).starts_with("HTTP/1.1 408"));
+        assert!(!second.is_finished(), "served beyond the connection cap");
+        drop(slow);
+        let reply = tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("served once the slot is free")
+            .expect("task");
+        assert!(reply.ends_with("2 bytes"), "{reply}");
     }
 
     #[test]
