@@ -6,10 +6,13 @@
 //! `run.rs` executes that value in a fixed order and decides nothing, so
 //! every rule below is unit-tested without an API server.
 //!
-//! Every write names the resourceVersion it was computed from: a fence. A
-//! write that a stalled network delivers after another replica took over
-//! (and changed the object) is refused with 409 instead of undoing the new
-//! leader's work; the next pass recomputes from the caches.
+//! Every write of an existing object names the resourceVersion it was
+//! computed from: a fence. A write that a stalled network delivers after
+//! another replica took over (and changed the object) is refused with 409
+//! instead of undoing the new leader's work; the next pass recomputes from
+//! the caches. A plan's creation has no version to name (server-side apply
+//! has no "must not exist" precondition): a stale one can overwrite once,
+//! and the next pass puts the plan back.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
