@@ -9,6 +9,7 @@ pub mod decide;
 pub mod evaluate;
 pub mod intent;
 pub mod leader;
+pub mod own_writes;
 pub mod prom;
 pub mod quarantine;
 pub mod rbac;

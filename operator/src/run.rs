@@ -34,6 +34,7 @@ use crate::decide::{decide_with, Decision, Extras, GroupFacts, NodeFacts};
 use crate::evaluate::NodeIndex;
 use crate::intent::{intend, Finalizers, GuardEvent, Intent, Observed, PlanWrite};
 use crate::leader::Leader;
+use crate::own_writes::OwnWrites;
 use crate::quarantine::{GuardFacts, World};
 use crate::remediate::Watched;
 use crate::status::GuardQuarantine;
@@ -224,6 +225,8 @@ struct Ctx {
     eval: Mutex<crate::remediate::EvalState>,
     /// Recurring notices already published (once per continuous run).
     noticed: Mutex<std::collections::BTreeSet<String>>,
+    /// Plans written that the cache has not caught up with.
+    own: Mutex<OwnWrites>,
 }
 
 /// Node addresses left unprotected: a gauge, and a Warning Event on the Node
@@ -303,7 +306,10 @@ struct Snapshot {
     node_names: BTreeSet<String>,
     node_objs: Vec<Arc<Node>>,
     endpoints: Vec<IpAddr>,
+    /// The plans: the cache, with this replica's writes it has not seen yet.
     shapings: BTreeMap<String, Arc<NodeShaping>>,
+    /// Each plan's version in the cache itself, recorded with the writes.
+    cached_rv: BTreeMap<String, Option<String>>,
     quarantines: Vec<Arc<Quarantine>>,
     /// Event targets by guard name.
     refs: BTreeMap<String, ObjectReference>,
@@ -321,6 +327,21 @@ impl Snapshot {
         let node_objs = ctx.caches.nodes.state();
         let reported: Vec<NodeFacts> = node_objs.iter().map(|n| facts(n)).collect();
         let (nodes, ignored) = crate::decide::limit_node_addresses(&reported, &ctx.node_addresses);
+        let mut shapings: BTreeMap<String, Arc<NodeShaping>> = ctx
+            .caches
+            .shapings
+            .state()
+            .into_iter()
+            .map(|s| (s.name_any(), s))
+            .collect();
+        let cached_rv = shapings
+            .iter()
+            .map(|(n, s)| (n.clone(), s.resource_version()))
+            .collect();
+        ctx.own
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .overlay(&mut shapings);
         Snapshot {
             node_names: nodes.iter().map(|n| n.name.clone()).collect(),
             refs: guards
@@ -332,13 +353,8 @@ impl Snapshot {
             ignored,
             node_objs,
             endpoints: api_endpoints(&ctx.caches.slices.state()),
-            shapings: ctx
-                .caches
-                .shapings
-                .state()
-                .into_iter()
-                .map(|s| (s.name_any(), s))
-                .collect(),
+            shapings,
+            cached_rv,
             quarantines: ctx.caches.quarantines.state(),
         }
     }
@@ -481,7 +497,7 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
         cleanup_timeout: ctx.cleanup_timeout,
     };
     let intent = intend(&observed, seen.decide(&extras));
-    execute(ctx, &seen.refs, intent, &mut first).await;
+    execute(ctx, &seen, intent, &mut first).await;
     // Quarantine Events, then finalizer removals and expired records, now
     // that the plans are written.
     publish_notices(ctx, &seen.refs, &qp).await;
@@ -566,12 +582,8 @@ async fn publish_notices(
 }
 
 /// Executes an [`Intent`] in its order, deciding nothing.
-async fn execute(
-    ctx: &Ctx,
-    refs: &BTreeMap<String, ObjectReference>,
-    intent: Intent,
-    first: &mut Option<kube::Error>,
-) {
+async fn execute(ctx: &Ctx, seen: &Snapshot, intent: Intent, first: &mut Option<kube::Error>) {
+    let refs = &seen.refs;
     let guards: Api<EgressGuard> = Api::all(ctx.client.clone());
     let plans: Api<NodeShaping> = Api::all(ctx.client.clone());
     // The versions these writes return fence this pass's later writes of the
@@ -587,10 +599,14 @@ async fn execute(
     // Plans are independent objects: write several at once. One request at a
     // time made a 2,000-node resync take 14 s on the real API server (each
     // request's round trip, not the server's throughput, was the limit).
-    let writes = intent
-        .plans
-        .into_iter()
-        .map(|w| write_plan(&plans, &ctx.metrics, w));
+    let writes = intent.plans.into_iter().map(|w| {
+        write_plan(
+            ctx,
+            &plans,
+            seen.cached_rv.get(&w.node).cloned().flatten(),
+            w,
+        )
+    });
     for r in parallel(writes).await {
         note(first, "write plan", r);
     }
@@ -602,7 +618,19 @@ async fn execute(
             }),
             ..DeleteParams::default()
         };
-        match plans.delete(&d.node, &fenced).await {
+        let r = plans.delete(&d.node, &fenced).await;
+        let gone = match &r {
+            Ok(_) => true,
+            Err(kube::Error::Api(e)) => e.code == 404,
+            Err(_) => false,
+        };
+        if gone {
+            ctx.own
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .forget(&d.node);
+        }
+        match r {
             Ok(_) => info!(node = %d.node, "plan deleted"),
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => note(first, "delete plan", Err(e)),
@@ -677,10 +705,12 @@ async fn write_finalizers(
     Ok(new.resource_version())
 }
 
-/// Server-side applies one plan, fenced by its resourceVersion.
+/// Server-side applies one plan, fenced by its resourceVersion, and keeps
+/// what was stored until the cache (at `cached` now) has seen it.
 async fn write_plan(
+    ctx: &Ctx,
     api: &Api<NodeShaping>,
-    metrics: &Mutex<OpMetrics>,
+    cached: Option<String>,
     w: PlanWrite,
 ) -> Result<(), kube::Error> {
     let removal = w.spec.is_removal();
@@ -698,13 +728,26 @@ async fn write_plan(
     value["apiVersion"] = "egressguard.io/v1alpha1".into();
     value["kind"] = "NodeShaping".into();
     let apply = PatchParams::apply(MANAGER).force();
-    api.patch(&w.node, &apply, &Patch::Apply(&value)).await?;
+    let stored = match api.patch(&w.node, &apply, &Patch::Apply(&value)).await {
+        Ok(stored) => stored,
+        Err(e) => {
+            ctx.own
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .forget(&w.node);
+            return Err(e);
+        }
+    };
+    ctx.own
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .wrote(cached, stored);
     if removal {
         info!(node = %w.node, "removal written");
     } else {
         info!(node = %w.node, guard = ?guard, "plan written");
     }
-    let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
+    let mut m = ctx.metrics.lock().unwrap_or_else(|p| p.into_inner());
     m.plan_writes += 1;
     m.plan_write_bytes += serde_json::to_vec(&value).map_or(0, |v| v.len() as u64);
     Ok(())
@@ -821,6 +864,7 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
         q_metrics,
         eval: Mutex::new(Default::default()),
         noticed: Mutex::new(Default::default()),
+        own: Mutex::new(OwnWrites::default()),
     };
     let leader = Leader::new(
         client,
