@@ -11,8 +11,8 @@
 //! another replica took over (and changed the object) is refused with 409
 //! instead of undoing the new leader's work; the next pass recomputes from
 //! the caches. A plan's creation has no version to name (server-side apply
-//! has no "must not exist" precondition): a stale one can overwrite once,
-//! and the next pass puts the plan back.
+//! has no "must not exist" precondition); [`crate::own_writes`] keeps a
+//! replica from recomputing one for a plan it created while its cache lags.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
