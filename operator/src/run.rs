@@ -245,12 +245,7 @@ async fn report_ignored(ctx: &Ctx, ignored: &[crate::decide::IgnoredAddress]) {
     };
     for i in fresh {
         warn!(node = %i.node, address = %i.address, reason = %i.reason, "node address not protected");
-        let node_ref = k8s_openapi::api::core::v1::ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Node".into()),
-            name: Some(i.node.clone()),
-            ..Default::default()
-        };
+        let node_ref = crate::remediate::node_ref(&i.node);
         let ev = Event {
             type_: EventType::Warning,
             reason: egressguard_crds::conditions::events::NODE_ADDRESS_NOT_PROTECTED.into(),

@@ -90,20 +90,7 @@ fn e2e_operator_selects_protects_moves_resolves_conflicts_and_cleans_up() {
                     })
             })
         },
-        || {
-            format!(
-                "plan: {}\n{}",
-                c.kubectl_ok(&[
-                    "get",
-                    "egns",
-                    "node-1",
-                    "-o",
-                    "yaml",
-                    "--show-managed-fields"
-                ]),
-                c.operator_log()
-            )
-        },
+        || format!("plan: {}\n{}", plan_with_managers(&c), c.operator_log()),
     );
     let g = c.get("egressguards.egressguard.io", "idc").expect("guard");
     assert_eq!(g["status"]["selectedNodes"], 2);
@@ -380,6 +367,18 @@ fn e2e_operator_leader_failover_on_a_real_lease() {
     wait_for(&c, "the new leader enforces", 40, || c.shaped(1));
 }
 
+/// node-1's plan as YAML with its managed fields: who wrote what, for failures.
+fn plan_with_managers(c: &Cluster) -> String {
+    c.kubectl_ok(&[
+        "get",
+        "egns",
+        "node-1",
+        "-o",
+        "yaml",
+        "--show-managed-fields",
+    ])
+}
+
 fn set_rate(c: &Cluster, rate: &str) {
     let patch = format!(r#"{{"spec":{{"throttle":{{"rate":"{rate}"}}}}}}"#);
     c.cp.kubectl_ok(&["patch", "eg", "idc", "--type", "merge", "-p", &patch]);
@@ -459,14 +458,7 @@ fn e2e_a_stalled_old_leader_cannot_write_after_a_takeover() {
             Some("3Mbit"),
             "a late write of the old leader landed\n{}\nplan: {}",
             c.operator_log(),
-            c.kubectl_ok(&[
-                "get",
-                "egns",
-                "node-1",
-                "-o",
-                "yaml",
-                "--show-managed-fields"
-            ])
+            plan_with_managers(&c)
         );
         std::thread::sleep(Duration::from_millis(200));
     }
