@@ -57,15 +57,50 @@ pub struct EgressGuardSpec {
     /// lock people out of the node; default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protect_ssh_replies: Option<bool>,
-    /// Destinations this guard never shapes at all (DNS resolvers, the
-    /// metrics pipeline, a bastion): like the API server, they bypass every
-    /// class and rate.
+    /// Destinations this guard never throttles (DNS resolvers, the metrics
+    /// pipeline, a bastion): like the API server, they go to the protected
+    /// lane, which has a guaranteed rate of its own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub protect: Vec<ProtectEntry>,
+    /// The guaranteed lanes of protected traffic and SSH: no traffic is ever
+    /// unlimited, and no flood takes these lanes' guarantees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lanes: Option<Lanes>,
     /// When mode `Auto` quarantines a node (required then), and when it
     /// releases it. In `DryRun`, what would be quarantined is reported only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantine: Option<crate::quarantine::QuarantinePolicy>,
+}
+
+/// Guaranteed lanes (HTB classes under the uplink, served before the
+/// whitelist) for traffic a guard must never starve.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Lanes {
+    /// The control plane, the other nodes and `spec.protect`. Default: rate
+    /// max(1Mbit, a tenth of the uplink), ceil the uplink.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protected: Option<Lane>,
+    /// SSH replies (TCP from source port 22 of the host's own addresses).
+    /// Default: rate 1Mbit, ceil max(5Mbit, a tenth of the uplink).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<Lane>,
+}
+
+/// One lane's guaranteed rate and ceiling; either may be left to its default.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Lane {
+    /// Guaranteed rate, e.g. `2Mbit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(deserialize_with = "quantity::optional")]
+    #[schemars(schema_with = "quantity::rate_schema")]
+    pub rate: Option<String>,
+    /// Most the lane may borrow up to, at most the uplink.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(deserialize_with = "quantity::optional")]
+    #[schemars(schema_with = "quantity::rate_schema")]
+    pub ceil: Option<String>,
 }
 
 /// A destination a guard protects: a whole network, or only some ports of it.

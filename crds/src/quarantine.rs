@@ -69,6 +69,21 @@ pub struct QuarantinePolicy {
     /// Rails against quarantine storms.
     #[serde(default)]
     pub limits: Limits,
+    /// What a quarantined node's throttle covers; default `AllButWhitelisted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle: Option<QuarantineThrottle>,
+}
+
+/// What a quarantine throttles.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum QuarantineThrottle {
+    /// Every packet except whitelisted and protected destinations (and SSH
+    /// replies, and IPv6 neighbour discovery), whatever its port or protocol:
+    /// a compromised node cannot escape by moving from 443 to 8443 or to UDP.
+    #[default]
+    AllButWhitelisted,
+    /// Only `spec.throttle.destinations`, as in mode `Enforce`.
+    ListedPorts,
 }
 
 /// One condition that quarantines a node; exactly one of `prometheus` and

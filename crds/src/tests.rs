@@ -64,6 +64,62 @@ fn the_incident_guard_is_valid() {
 }
 
 #[test]
+fn lanes_default_to_guarantees_that_fit_the_uplink() {
+    let lanes = |patch: &str| {
+        let mut value: serde_json::Value = serde_yaml::from_str(GOOD).unwrap();
+        merge(&mut value, serde_yaml::from_str(patch).unwrap());
+        let guards = parse_str(&serde_yaml::to_string(&value).unwrap()).unwrap();
+        let v = validate(&guards[0].spec).unwrap();
+        [
+            v.protected_lane.rate,
+            v.protected_lane.ceil,
+            v.ssh_lane.rate,
+            v.ssh_lane.ceil,
+        ]
+        .map(|r| r.bits_per_sec())
+    };
+    const M: u64 = 1_000_000;
+    // 20 Mbit: protected max(1Mbit, 2Mbit) up to the uplink; SSH 1Mbit up to 5Mbit.
+    assert_eq!(lanes("{}"), [2 * M, 20 * M, M, 5 * M]);
+    // 1 Gbit: a tenth each.
+    assert_eq!(
+        lanes("spec: {uplink: {rate: 1gbit}}"),
+        [100 * M, 1000 * M, M, 100 * M]
+    );
+    // 2 Mbit, 1 Mbit throttled: each guarantee shrinks to a quarter of the
+    // 1 Mbit left; SSH's ceiling is the whole uplink.
+    assert_eq!(
+        lanes("spec: {uplink: {rate: 2mbit, burst: null}, throttle: {burst: null}}"),
+        [M / 4, 2 * M, M / 4, 2 * M]
+    );
+    // Given values win; a rate above the default ceiling lifts it.
+    assert_eq!(
+        lanes("spec: {lanes: {protected: {rate: 3mbit, ceil: 10mbit}, ssh: {rate: 6mbit}}}"),
+        [3 * M, 10 * M, 6 * M, 6 * M]
+    );
+}
+
+#[test]
+fn a_quarantine_throttles_all_but_the_whitelist_unless_told_otherwise() {
+    let throttle_all = |patch: &str| {
+        let mut value: serde_json::Value = serde_yaml::from_str(GOOD).unwrap();
+        merge(&mut value, serde_yaml::from_str(patch).unwrap());
+        let guards = parse_str(&serde_yaml::to_string(&value).unwrap()).unwrap();
+        validate(&guards[0].spec).unwrap().throttle_all
+    };
+    let auto = "spec: {mode: Auto, quarantine: {triggers: [{name: a, alertmanager: {matchers: {alertname: X}}}]}}";
+    assert!(throttle_all(auto));
+    assert!(!throttle_all(
+        &auto.replace("triggers:", "throttle: ListedPorts, triggers:")
+    ));
+    assert!(throttle_all(
+        &auto.replace("triggers:", "throttle: AllButWhitelisted, triggers:")
+    ));
+    // Enforce throttles what it lists, always.
+    assert!(!throttle_all("{}"));
+}
+
+#[test]
 fn bad_inputs_name_the_field_and_the_fix() {
     let table: &[(&str, &[&str])] = &[
         (
@@ -87,6 +143,22 @@ fn bad_inputs_name_the_field_and_the_fix() {
             &["spec.uplink.rate: \"20mbps\" uses \"mbps\", which tc reads as bytes per second (160000000 bit/s); if you meant bits per second write \"20mbit\""],
         ),
         ("spec: {uplink: {rate: 0mbit}}", &["spec.uplink.rate: must be greater than 0"]),
+        (
+            "spec: {lanes: {ssh: {rate: 2mbit, ceil: 1mbit}}}",
+            &["spec.lanes.ssh.ceil: 1mbit is below the lane's rate (2mbit); ceil must be at least rate"],
+        ),
+        (
+            "spec: {lanes: {protected: {ceil: 30mbit}}}",
+            &["spec.lanes.protected.ceil: 30mbit is above spec.uplink.rate (20mbit); no lane can exceed the uplink"],
+        ),
+        (
+            "spec: {lanes: {protected: {rate: 15mbit}, ssh: {rate: 4mbit}}}",
+            &["spec.lanes: the guarantees (protected 15mbit + ssh 4mbit + spec.throttle.rate 1mbit) leave nothing of spec.uplink.rate (20mbit) for whitelisted and ordinary traffic; lower them or raise the uplink"],
+        ),
+        (
+            "spec: {lanes: {ssh: {rate: fast}}}",
+            &["spec.lanes.ssh.rate: \"fast\" does not start with a number; write e.g. 20Mbit"],
+        ),
         (
             "spec: {throttle: {rate: 2mbit, ceil: 1mbit}}",
             &["spec.throttle.ceil: 1mbit is below spec.throttle.rate (2mbit); ceil must be at least rate"],

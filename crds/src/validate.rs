@@ -100,6 +100,48 @@ pub struct ValidSpec {
     pub protect: Vec<(IpNet, String)>,
     /// `spec.protect` entries with ports.
     pub protect_ports: Vec<ProtectPort>,
+    /// The protected lane (control plane, nodes, `spec.protect`).
+    pub protected_lane: LaneRates,
+    /// The SSH lane.
+    pub ssh_lane: LaneRates,
+    /// A quarantine throttles every destination but the whitelisted and
+    /// protected ones, whatever the port or protocol (mode `Auto` with
+    /// `quarantine.throttle: AllButWhitelisted`).
+    pub throttle_all: bool,
+}
+
+/// A lane's guaranteed rate and ceiling, defaults filled in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaneRates {
+    /// Guaranteed rate.
+    pub rate: Rate,
+    /// Ceiling.
+    pub ceil: Rate,
+}
+
+const MBIT: u64 = 1_000_000;
+
+/// Default guarantees that always fit: on a roomy uplink they are the
+/// documented ones (protected max(1Mbit, uplink/10), SSH 1Mbit); on an
+/// uplink too small for them, each shrinks to a quarter of what the throttle
+/// leaves, so whitelisted and ordinary traffic keep at least half.
+fn default_lane_rates(up: Rate, throttle: Rate) -> (Rate, Rate) {
+    let left = up.bits_per_sec().saturating_sub(throttle.bits_per_sec()) / 4;
+    let protected = (up.bits_per_sec() / 10).max(MBIT).min(left).max(8);
+    let ssh = MBIT.min(left).max(8);
+    (
+        Rate::from_bits_per_sec(protected),
+        Rate::from_bits_per_sec(ssh),
+    )
+}
+
+/// The SSH lane's default ceiling: max(5Mbit, uplink/10), at most the uplink.
+fn default_ssh_ceil(up: Rate) -> Rate {
+    Rate::from_bits_per_sec(
+        (up.bits_per_sec() / 10)
+            .max(5 * MBIT)
+            .min(up.bits_per_sec()),
+    )
 }
 
 /// A protected destination port range (`spec.protect[i]` with a port).
@@ -366,6 +408,82 @@ fn interface_name_problem(name: &str) -> Option<&'static str> {
     }
 }
 
+/// `spec.lanes`, defaults filled in; `None` when a problem was pushed or
+/// the uplink or throttle did not parse.
+fn lanes(
+    c: &mut Collector,
+    spec: &EgressGuardSpec,
+    uplink: Option<Rate>,
+    throttle: Option<Rate>,
+) -> Option<(LaneRates, LaneRates)> {
+    let given = spec.lanes.clone().unwrap_or_default();
+    let mut parse = |path: &str, v: Option<&String>| match v {
+        Some(v) => c.rate(path, v).map(Some),
+        None => Some(None),
+    };
+    let p_rate = parse(
+        "spec.lanes.protected.rate",
+        given.protected.as_ref().and_then(|l| l.rate.as_ref()),
+    );
+    let p_ceil = parse(
+        "spec.lanes.protected.ceil",
+        given.protected.as_ref().and_then(|l| l.ceil.as_ref()),
+    );
+    let s_rate = parse(
+        "spec.lanes.ssh.rate",
+        given.ssh.as_ref().and_then(|l| l.rate.as_ref()),
+    );
+    let s_ceil = parse(
+        "spec.lanes.ssh.ceil",
+        given.ssh.as_ref().and_then(|l| l.ceil.as_ref()),
+    );
+    let (up, throttle) = (uplink?, throttle?);
+    let (p_rate, p_ceil, s_rate, s_ceil) = (p_rate?, p_ceil?, s_rate?, s_ceil?);
+    let (p_default, s_default) = default_lane_rates(up, throttle);
+    let protected = LaneRates {
+        rate: p_rate.unwrap_or(p_default),
+        ceil: p_ceil.unwrap_or(up),
+    };
+    let ssh = LaneRates {
+        rate: s_rate.unwrap_or(s_default),
+        // A rate given above the default ceiling lifts that default with it.
+        ceil: s_ceil.unwrap_or_else(|| default_ssh_ceil(up).max(s_rate.unwrap_or(s_default))),
+    };
+    let before = c.0.len();
+    for (name, lane) in [("protected", protected), ("ssh", ssh)] {
+        if lane.ceil < lane.rate {
+            c.push(
+                format!("spec.lanes.{name}.ceil"),
+                format!(
+                    "{} is below the lane's rate ({}); ceil must be at least rate",
+                    lane.ceil, lane.rate
+                ),
+            );
+        }
+        if lane.ceil > up {
+            c.push(
+                format!("spec.lanes.{name}.ceil"),
+                format!(
+                    "{} is above spec.uplink.rate ({up}); no lane can exceed the uplink",
+                    lane.ceil
+                ),
+            );
+        }
+    }
+    let sum = protected.rate.bits_per_sec() + ssh.rate.bits_per_sec() + throttle.bits_per_sec();
+    // Whitelisted and ordinary traffic need a guarantee too (8bit each at least).
+    if sum + 16 > up.bits_per_sec() && (p_rate.is_some() || s_rate.is_some()) {
+        c.push(
+            "spec.lanes",
+            format!(
+                "the guarantees (protected {} + ssh {} + spec.throttle.rate {throttle}) leave nothing of spec.uplink.rate ({up}) for whitelisted and ordinary traffic; lower them or raise the uplink",
+                protected.rate, ssh.rate
+            ),
+        );
+    }
+    (c.0.len() == before).then_some((protected, ssh))
+}
+
 /// Checks a spec and returns its parsed form, or every problem found.
 pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
     let mut c = Collector(Vec::new());
@@ -431,6 +549,8 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
             c.push("spec.throttle.rate", format!("{rate} must be below spec.uplink.rate ({up}) so ordinary and whitelisted traffic keep a share of the uplink"));
         }
     }
+
+    let lanes = lanes(&mut c, spec, uplink_rate, throttle_rate);
 
     let mut destinations = Vec::new();
     if spec.throttle.destinations.is_empty() {
@@ -554,12 +674,20 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
     if !c.0.is_empty() {
         return Err(ValidationErrors(c.0));
     }
+    let throttle_all = spec.mode == crate::guard::Mode::Auto
+        && spec
+            .quarantine
+            .as_ref()
+            .and_then(|q| q.throttle)
+            .unwrap_or_default()
+            == crate::quarantine::QuarantineThrottle::AllButWhitelisted;
     match (
         uplink_rate,
         uplink_burst,
         throttle_rate,
         throttle_ceil,
         throttle_burst,
+        lanes,
     ) {
         (
             Some(uplink_rate),
@@ -567,6 +695,7 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
             Some(throttle_rate),
             Some(throttle_ceil),
             Some(throttle_burst),
+            Some((protected_lane, ssh_lane)),
         ) => Ok(ValidSpec {
             interfaces,
             uplink_rate,
@@ -581,6 +710,9 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
             protect_ssh_replies: spec.protect_ssh_replies.unwrap_or(true),
             protect,
             protect_ports,
+            protected_lane,
+            ssh_lane,
+            throttle_all,
         }),
         // Every None above pushed an error, so this arm is unreachable in practice;
         // keep it an error rather than a panic.

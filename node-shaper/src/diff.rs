@@ -511,7 +511,9 @@ mod tests {
                     "203.0.113.10/32, 198.51.100.0/24",
                     LeafChoice::Sfq,
                 ),
-                vec![("PutClass", 3)],
+                // uplink, whitelist, default, and the protected lane (a tenth
+                // of the uplink, ceil the uplink); the SSH lane stays at 5Mbit
+                vec![("PutClass", 4)],
             ),
             (
                 "one whitelist entry swapped: one filter out, one in",
@@ -531,7 +533,7 @@ mod tests {
                     "203.0.113.10/32, 198.51.100.0/24",
                     LeafChoice::PfifoFallback,
                 ),
-                vec![("PutLeaf", 3)],
+                vec![("PutLeaf", 5)],
             ),
             (
                 "removal: the root, and everything under it with it",

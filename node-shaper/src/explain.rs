@@ -37,6 +37,7 @@ pub fn explain(
     let proto = match l4 {
         L4::Tcp => "TCP",
         L4::Udp => "UDP",
+        L4::Icmp(_) => "ICMP",
     };
     let Some(v) = classify(observed, &pkt) else {
         return Explanation {
@@ -73,7 +74,7 @@ pub fn explain(
             let (net, why) = p.map_or((String::new(), String::new()), |p| {
                 (p.net.to_string(), p.reason.clone())
             });
-            format!("protected: destination {dst} is inside {net} ({why}); never throttled and held to no class or rate (HTB direct queue)")
+            format!("protected: destination {dst} is inside {net} ({why}); never throttled: the protected lane, guaranteed and served first")
         }
         (Some(Origin::ProtectedPort(i)), Some(s)) => {
             let what = s
@@ -88,7 +89,7 @@ pub fn explain(
                     };
                     format!("{} {} {ports} ({})", p.net, p.protocol, p.reason)
                 });
-            format!("protected: {dst} {proto} port {port} matches spec.protect[{i}], {what}; never throttled and held to no class or rate (HTB direct queue)")
+            format!("protected: {dst} {proto} port {port} matches spec.protect[{i}], {what}; never throttled: the protected lane, guaranteed and served first")
         }
         (Some(Origin::Whitelist { group, index }), Some(s)) => {
             let g = group
@@ -115,6 +116,9 @@ pub fn explain(
             });
             format!("throttled: destination port {port} ({proto}) matches spec.throttle.destinations[{i}] ({what})")
         }
+        (Some(Origin::Quarantine(what)), _) => format!(
+            "throttled: {dst} {proto} port {port} is not whitelisted or protected, and the quarantine throttles {what} (spec.quarantine.throttle: AllButWhitelisted)"
+        ),
         _ => format!(
             "{role}: {dst} {proto} port {port} matches kernel filter {} into class {}",
             filter.clone().unwrap_or_default(),

@@ -3,15 +3,16 @@
 //!
 //! ```text
 //! e9:    htb root, default 20 (r2q 10, quanta set explicitly)
-//!        protected traffic is classified to e9:0 itself: HTB's direct queue,
-//!        sent ahead of every class and held to no rate, so no guard (not even
-//!        the smallest uplink) can starve the control plane or SSH
+//!        nothing is classified to e9:0 (HTB's direct queue, held to no rate):
+//!        every packet is under the uplink and some class's ceiling
 //! └─ e9:1   uplink     rate = ceil = spec.uplink.rate
-//!    ├─ e9:30 whitelist prio 0   rate = half of what throttle leaves, ceil uplink   leaf 30: sfq (130: pfifo)
-//!    ├─ e9:20 default   prio 1   rate = the other half,               ceil uplink   leaf 20: sfq (120: pfifo)
-//!    └─ e9:10 throttled prio 2   rate/ceil = spec.throttle                          leaf 10: sfq (110: pfifo)
+//!    ├─ e9:40 protected prio 0   rate/ceil = spec.lanes.protected                   leaf 40: sfq (140: pfifo)
+//!    ├─ e9:50 ssh       prio 1   rate/ceil = spec.lanes.ssh                         leaf 50: sfq (150: pfifo)
+//!    ├─ e9:30 whitelist prio 1   rate = half of what the others leave, ceil uplink  leaf 30: sfq (130: pfifo)
+//!    ├─ e9:20 default   prio 2   rate = the other half,               ceil uplink   leaf 20: sfq (120: pfifo)
+//!    └─ e9:10 throttled prio 3   rate/ceil = spec.throttle                          leaf 10: sfq (110: pfifo)
 //! filters on e9: (u32)
-//!   prio 5      ip    spec.protect entries with ports: dst + proto -> table 240:+i, dport -> e9:0
+//!   prio 5      ip    spec.protect entries with ports: dst + proto -> table 240:+i, dport -> e9:40
 //!   prio 6      ipv6  the same for IPv6
 //!   prio 10     ip    whitelist /0-/7, linear in the root table
 //!   prio 11-14  ip    whitelist /8-15, /16-23, /24-31, /32: tables 101:-104:, 256 buckets on dst byte 1..4;
@@ -22,12 +23,14 @@
 //!                     /48, /64, /128 buckets split like IPv4 (600:+b, 700:+b, 1:+b); a /16 or /32 bucket
 //!                     of over 4,000 entries spills into 141: or 142:, on the byte before
 //! (user tables stay below 800:, where the kernel numbers the prios' own root tables)
-//!   prio 30     ip    SSH replies: TCP source port 22 -> e9:0 (direct), via table 220:
+//!   prio 30     ip    SSH replies: TCP source port 22 -> e9:50 (the SSH lane), via table 220:
 //!   prio 31     ipv6  SSH replies, via table 221:
 //!   prio 40     ip    throttle: link on proto (+ IHL, non-fragment) to 200: (tcp) / 201: (udp)
 //!   prio 41     ipv6  throttle: link on next header to 210: (tcp) / 211: (udp)
 //!   prio 42     ip    portless: a fragment offset bit set (a later fragment) -> throttled
 //!   prio 43     ipv6  portless: next header is an extension header -> throttled
+//!   prio 44     ip    quarantine AllButWhitelisted: every other IPv4 packet -> throttled
+//!   prio 45     ipv6  the same for IPv6, after neighbour discovery (ICMPv6 133-137) -> default
 //! ```
 //!
 //! Whitelist prios come first so a whitelisted destination on a throttled port
@@ -44,9 +47,6 @@ pub const DEFCLS: u32 = 0x20;
 /// HTB's rate-to-quantum divisor (iproute2's default).
 pub const R2Q: u32 = 10;
 
-/// Protected destinations go here: the qdisc's own handle, which HTB reads
-/// as "direct" (no class, no rate limit, dequeued first).
-pub const DIRECT: u32 = ROOT;
 /// Parent class at the uplink rate.
 pub const CLASS_UPLINK: u32 = ROOT | 0x1;
 /// Throttled destinations.
@@ -55,6 +55,10 @@ pub const CLASS_THROTTLED: u32 = ROOT | 0x10;
 pub const CLASS_DEFAULT: u32 = ROOT | DEFCLS;
 /// Whitelisted destinations.
 pub const CLASS_WHITELIST: u32 = ROOT | 0x30;
+/// Protected destinations: the control plane, the other nodes, `spec.protect`.
+pub const CLASS_PROTECTED: u32 = ROOT | 0x40;
+/// SSH replies.
+pub const CLASS_SSH: u32 = ROOT | 0x50;
 
 /// The role of one of our classes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -68,8 +72,10 @@ pub enum Role {
     Default,
     /// `e9:30`.
     Whitelist,
-    /// `e9:0`: HTB's direct queue (protected destinations, SSH replies).
+    /// `e9:40`: protected destinations.
     Protected,
+    /// `e9:50`: SSH replies.
+    Ssh,
 }
 
 impl Role {
@@ -80,7 +86,8 @@ impl Role {
             CLASS_THROTTLED => Some(Role::Throttled),
             CLASS_DEFAULT => Some(Role::Default),
             CLASS_WHITELIST => Some(Role::Whitelist),
-            DIRECT => Some(Role::Protected),
+            CLASS_PROTECTED => Some(Role::Protected),
+            CLASS_SSH => Some(Role::Ssh),
             _ => None,
         }
     }
@@ -92,6 +99,7 @@ impl Role {
             Role::Default => "default",
             Role::Whitelist => "whitelist",
             Role::Protected => "protected",
+            Role::Ssh => "ssh",
         }
     }
 }
@@ -108,7 +116,7 @@ pub fn leaf_handle(classid: u32, sfq: bool) -> u32 {
 }
 
 /// IPv4 `spec.protect` entries with ports (before the whitelist, so a
-/// whitelisted destination's protected port still bypasses every class).
+/// whitelisted destination's protected port still goes to the protected lane).
 pub const PRIO_V4_PROTECT_PORTS: u16 = 5;
 /// IPv6 `spec.protect` entries with ports.
 pub const PRIO_V6_PROTECT_PORTS: u16 = 6;
@@ -136,6 +144,10 @@ pub const PRIO_V6_THROTTLE: u16 = 41;
 pub const PRIO_V4_PORTLESS: u16 = 42;
 /// IPv6 packets whose TCP/UDP header sits behind an extension header.
 pub const PRIO_V6_PORTLESS: u16 = 43;
+/// A quarantine's `AllButWhitelisted`: every IPv4 packet left.
+pub const PRIO_V4_ALL: u16 = 44;
+/// The same for IPv6 (neighbour discovery excepted).
+pub const PRIO_V6_ALL: u16 = 45;
 
 /// A hashed whitelist group: prefixes whose last fully covered byte is `byte`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

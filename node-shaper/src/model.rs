@@ -157,6 +157,8 @@ pub enum Origin {
     SshReplies,
     /// `spec.protect[i]`, an entry with ports.
     ProtectedPort(usize),
+    /// A quarantine's `AllButWhitelisted` catch-all.
+    Quarantine(&'static str),
 }
 
 /// Which table of a prio a filter sits in.

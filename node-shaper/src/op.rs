@@ -191,6 +191,9 @@ impl fmt::Display for Why<'_> {
             Origin::Destination(i) => write!(f, "for spec.throttle.destinations[{i}]"),
             Origin::Link(l) => write!(f, "linking {l}"),
             Origin::Portless(what) => write!(f, "spec.throttle.portless ({what})"),
+            Origin::Quarantine(what) => {
+                write!(f, "spec.quarantine.throttle: AllButWhitelisted ({what})")
+            }
             Origin::SshReplies => f.write_str("spec.protectSshReplies (TCP source port 22)"),
             Origin::ProtectedPort(i) => write!(f, "for spec.protect[{i}] (ports)"),
             Origin::Unknown => f.write_str("(restore)"),

@@ -74,42 +74,55 @@ pub fn plan(spec: &ValidSpec, leaf: LeafChoice) -> Shape {
 pub fn plan_protected(spec: &ValidSpec, protected: &[Protected], leaf: LeafChoice) -> Shape {
     let up = spec.uplink_rate;
     // Children's rates must add up to at most the parent's, or HTB lets green
-    // children exceed the uplink. Throttle keeps its own rate; the rest is
-    // split between whitelist and default, both allowed to borrow up to uplink.
+    // children exceed the uplink. The throttle and the two lanes keep their
+    // own rates; the rest is split between whitelist and default, both
+    // allowed to borrow up to the uplink. Nothing goes to HTB's direct queue:
+    // every packet is under the uplink and a class's ceiling.
+    let (pl, ssh) = (spec.protected_lane, spec.ssh_lane);
     let rest = up
         .bits_per_sec()
         .saturating_sub(spec.throttle_rate.bits_per_sec())
+        .saturating_sub(pl.rate.bits_per_sec())
+        .saturating_sub(ssh.rate.bits_per_sec())
         .max(16);
     let wl = Rate::from_bits_per_sec(rest.div_ceil(2));
     let def = Rate::from_bits_per_sec((rest - rest.div_ceil(2)).max(8));
     let classes = vec![
         class(CLASS_UPLINK, ROOT, up, up, spec.uplink_burst, 0),
-        class(CLASS_WHITELIST, CLASS_UPLINK, wl, up, spec.uplink_burst, 0),
-        class(CLASS_DEFAULT, CLASS_UPLINK, def, up, spec.uplink_burst, 1),
+        class(CLASS_PROTECTED, CLASS_UPLINK, pl.rate, pl.ceil, None, 0),
+        class(CLASS_SSH, CLASS_UPLINK, ssh.rate, ssh.ceil, None, 1),
+        class(CLASS_WHITELIST, CLASS_UPLINK, wl, up, spec.uplink_burst, 1),
+        class(CLASS_DEFAULT, CLASS_UPLINK, def, up, spec.uplink_burst, 2),
         class(
             CLASS_THROTTLED,
             CLASS_UPLINK,
             spec.throttle_rate,
             spec.throttle_ceil,
             spec.throttle_burst,
-            2,
+            3,
         ),
     ];
     let sfq = leaf == LeafChoice::Sfq;
-    let leaves = [CLASS_WHITELIST, CLASS_DEFAULT, CLASS_THROTTLED]
-        .into_iter()
-        .map(|c| Leaf {
-            handle: leaf_handle(c, sfq),
-            parent: c,
-            kind: if sfq {
-                LeafKind::Sfq {
-                    perturb: SFQ_PERTURB,
-                }
-            } else {
-                LeafKind::Pfifo
-            },
-        })
-        .collect();
+    let leaves = [
+        CLASS_PROTECTED,
+        CLASS_SSH,
+        CLASS_WHITELIST,
+        CLASS_DEFAULT,
+        CLASS_THROTTLED,
+    ]
+    .into_iter()
+    .map(|c| Leaf {
+        handle: leaf_handle(c, sfq),
+        parent: c,
+        kind: if sfq {
+            LeafKind::Sfq {
+                perturb: SFQ_PERTURB,
+            }
+        } else {
+            LeafKind::Pfifo
+        },
+    })
+    .collect();
     let mut prios = protect_port_prios(spec);
     prios.extend(whitelist_prios(spec, protected));
     if spec.protect_ssh_replies {
@@ -118,6 +131,9 @@ pub fn plan_protected(spec: &ValidSpec, protected: &[Protected], leaf: LeafChoic
     prios.extend(throttle_prios(spec));
     if spec.throttle_portless && !spec.destinations.is_empty() {
         prios.extend(portless_prios());
+    }
+    if spec.throttle_all {
+        prios.extend(catch_all_prios());
     }
     Shape {
         root: Some(Root {
@@ -253,11 +269,11 @@ struct Entry {
     origin: Origin,
 }
 
-/// Protected destinations bypass every class (HTB direct); the user's
-/// whitelist is served first but stays under the uplink.
+/// Protected destinations go to their lane (guaranteed, served first); the
+/// user's whitelist to its class.
 fn class_of(origin: &Origin) -> u32 {
     match origin {
-        Origin::Protected(_) => DIRECT,
+        Origin::Protected(_) => CLASS_PROTECTED,
         _ => CLASS_WHITELIST,
     }
 }
@@ -305,7 +321,7 @@ fn port_filter(table: u32, (value, mask): (u16, u16), classid: u32, origin: Orig
 
 /// `spec.protect` entries with ports: per entry, a link on destination and
 /// protocol into its own table of destination-port blocks, each sent to
-/// HTB's direct queue. Entries are few (at most 16), so a linear walk is fine.
+/// the protected lane. Entries are few (at most 16), so a linear walk is fine.
 fn protect_port_prios(spec: &ValidSpec) -> Vec<Prio> {
     let mut prios = Vec::new();
     for v4 in [true, false] {
@@ -344,7 +360,7 @@ fn protect_port_prios(spec: &ValidSpec) -> Vec<Prio> {
                 port_filters.push(port_filter(
                     table,
                     block,
-                    DIRECT,
+                    CLASS_PROTECTED,
                     Origin::ProtectedPort(p.index),
                 ));
             }
@@ -354,8 +370,10 @@ fn protect_port_prios(spec: &ValidSpec) -> Vec<Prio> {
     prios
 }
 
-/// SSH replies (TCP from source port 22) bypass every class, so no guard can
-/// lock people out of the node.
+/// SSH replies (TCP from source port 22) go to the SSH lane, whose guarantee
+/// no flood takes, so no guard can lock people out of the node. Any local
+/// process may send from port 22 (a pod may bind it without privileges), so
+/// the lane has a ceiling: it is a guarantee, not a way around the throttle.
 fn ssh_prios() -> Vec<Prio> {
     [
         (true, PRIO_V4_SSH, ETH_P_IP, TABLE_V4_SSH),
@@ -385,7 +403,7 @@ fn ssh_prios() -> Vec<Prio> {
                         off: 0,
                         offmask: 0,
                     }]),
-                    classid: Some(DIRECT),
+                    classid: Some(CLASS_SSH),
                     link: None,
                     origin: Origin::SshReplies,
                 },
@@ -654,6 +672,71 @@ fn portless_prios() -> Vec<Prio> {
         },
     ]
 }
+
+/// A quarantine's `AllButWhitelisted`: every IPv4 and IPv6 packet that no
+/// earlier prio classified (whitelist, protected, SSH) goes to the throttled
+/// class, whatever its port or protocol. IPv6 neighbour discovery (ICMPv6
+/// 133-137) stays in the default class first: without it the node loses its
+/// neighbours, the control plane included. ARP is neither protocol and is
+/// never matched here.
+fn catch_all_prios() -> Vec<Prio> {
+    let every = Key {
+        mask: 0,
+        val: 0,
+        off: 0,
+        offmask: 0,
+    };
+    let to_throttled = |keys: Vec<Key>, what: &'static str| Filter {
+        table: Table::Root,
+        bucket: 0,
+        id: None,
+        sel: terminal(keys),
+        classid: Some(CLASS_THROTTLED),
+        link: None,
+        origin: Origin::Quarantine(what),
+    };
+    let mut v6: Vec<Filter> = (133u32..=137)
+        .map(|icmp_type| Filter {
+            classid: Some(CLASS_DEFAULT),
+            ..to_throttled(
+                vec![
+                    Key {
+                        mask: 0x0000_ff00,
+                        val: IPPROTO_ICMPV6 << 8,
+                        off: 4,
+                        offmask: 0,
+                    },
+                    Key {
+                        mask: 0xff00_0000,
+                        val: icmp_type << 24,
+                        off: 40,
+                        offmask: 0,
+                    },
+                ],
+                "ipv6 neighbour discovery",
+            )
+        })
+        .collect();
+    v6.push(to_throttled(vec![every.clone()], "every other ipv6 packet"));
+    vec![
+        Prio {
+            prio: PRIO_V4_ALL,
+            protocol: ETH_P_IP,
+            root_handle: None,
+            tables: vec![],
+            filters: vec![to_throttled(vec![every], "every other ipv4 packet")],
+        },
+        Prio {
+            prio: PRIO_V6_ALL,
+            protocol: ETH_P_IPV6,
+            root_handle: None,
+            tables: vec![],
+            filters: v6,
+        },
+    ]
+}
+
+const IPPROTO_ICMPV6: u32 = 58;
 
 fn throttle_prios(spec: &ValidSpec) -> Vec<Prio> {
     let mut prios = Vec::new();

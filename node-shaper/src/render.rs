@@ -59,8 +59,11 @@ fn comment(o: &Origin) -> String {
         Origin::Destination(i) => format!("  # spec.throttle.destinations[{i}]"),
         Origin::Link(what) => format!("  # {what}"),
         Origin::Portless(what) => format!("  # spec.throttle.portless: {what}"),
-        Origin::SshReplies => "  # spec.protectSshReplies: TCP source port 22, direct".to_string(),
-        Origin::ProtectedPort(i) => format!("  # spec.protect[{i}]: ports, direct"),
+        Origin::Quarantine(what) => format!("  # spec.quarantine.throttle: {what}"),
+        Origin::SshReplies => {
+            "  # spec.protectSshReplies: TCP source port 22, ssh lane".to_string()
+        }
+        Origin::ProtectedPort(i) => format!("  # spec.protect[{i}]: ports, protected lane"),
         Origin::Unknown => String::new(),
     }
 }

@@ -73,13 +73,13 @@ pub fn report(interface: &str, obs: &Observed, target: Option<&Target>) -> Repor
     let shape: &Shape = &obs.shape;
     // Layout order (parent, then by who is served first), foreign classes last.
     let rank = |id: u32| match Role::of(id) {
-        // Not a class (HTB's direct queue); never listed here.
-        Some(Role::Protected) => 0,
         Some(Role::Uplink) => 0,
-        Some(Role::Whitelist) => 1,
-        Some(Role::Default) => 2,
-        Some(Role::Throttled) => 3,
-        None => 4,
+        Some(Role::Protected) => 1,
+        Some(Role::Ssh) => 2,
+        Some(Role::Whitelist) => 3,
+        Some(Role::Default) => 4,
+        Some(Role::Throttled) => 5,
+        None => 6,
     };
     let mut sorted: Vec<_> = shape.classes.iter().collect();
     sorted.sort_by_key(|c| (rank(c.classid), c.classid));

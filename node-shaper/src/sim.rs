@@ -23,18 +23,26 @@ pub enum L4 {
     Tcp,
     /// UDP.
     Udp,
+    /// ICMP (IPv4) or ICMPv6 (IPv6) of this type; the port is ignored.
+    Icmp(u8),
 }
 
 impl Packet {
     /// A TCP or UDP packet to `dst:port`; `ip_options` adds IPv4 option words.
     pub fn new(dst: IpAddr, l4: L4, port: u16, ip_options: usize) -> Packet {
-        let proto = match l4 {
-            L4::Tcp => 6u8,
-            L4::Udp => 17u8,
+        let proto = match (l4, dst) {
+            (L4::Tcp, _) => 6u8,
+            (L4::Udp, _) => 17u8,
+            (L4::Icmp(_), IpAddr::V4(_)) => 1u8,
+            (L4::Icmp(_), IpAddr::V6(_)) => 58u8,
         };
         let mut l4hdr = vec![0u8; 20];
-        l4hdr[0..2].copy_from_slice(&40000u16.to_be_bytes());
-        l4hdr[2..4].copy_from_slice(&port.to_be_bytes());
+        if let L4::Icmp(t) = l4 {
+            l4hdr[0] = t;
+        } else {
+            l4hdr[0..2].copy_from_slice(&40000u16.to_be_bytes());
+            l4hdr[2..4].copy_from_slice(&port.to_be_bytes());
+        }
         match dst {
             IpAddr::V4(a) => {
                 let ihl = 5 + ip_options.min(10);
@@ -68,6 +76,16 @@ impl Packet {
                 }
             }
         }
+    }
+
+    /// The same TCP or UDP packet sent from local port `port` (40000 by default).
+    pub fn from_port(mut self, port: u16) -> Packet {
+        let l4 = match self.protocol {
+            ETH_P_IP => usize::from(self.bytes[0] & 0x0f) * 4,
+            _ => 40,
+        };
+        self.bytes[l4..l4 + 2].copy_from_slice(&port.to_be_bytes());
+        self
     }
 
     fn word(&self, off: i64) -> Option<u32> {

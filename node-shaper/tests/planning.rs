@@ -192,24 +192,38 @@ fn incident_plan_has_the_documented_layout() {
         ids,
         vec![
             CLASS_UPLINK,
+            CLASS_PROTECTED,
+            CLASS_SSH,
             CLASS_WHITELIST,
             CLASS_DEFAULT,
             CLASS_THROTTLED
         ]
     );
-    let uplink = &s.classes[0];
+    let class = |id: u32| s.classes.iter().find(|c| c.classid == id).expect("class");
+    let uplink = class(CLASS_UPLINK);
     assert_eq!((uplink.rate, uplink.ceil), (2_500_000, 2_500_000));
     // Children's guaranteed rates never exceed the parent's.
     let sum: u64 = s.classes[1..].iter().map(|c| c.rate).sum();
     assert!(sum <= uplink.rate, "children rates {sum} exceed uplink");
-    let thr = &s.classes[3];
-    assert_eq!((thr.rate, thr.ceil, thr.prio), (125_000, 125_000, 2));
-    assert_eq!(s.classes[1].prio, 0, "whitelist is served first");
+    let thr = class(CLASS_THROTTLED);
+    assert_eq!((thr.rate, thr.ceil, thr.prio), (125_000, 125_000, 3));
+    // The lanes: protected max(1Mbit, uplink/10) = 2Mbit up to the uplink,
+    // SSH 1Mbit up to max(5Mbit, uplink/10) = 5Mbit. No class is unbounded.
+    let p = class(CLASS_PROTECTED);
+    assert_eq!((p.rate, p.ceil, p.prio), (250_000, 2_500_000, 0));
+    let ssh = class(CLASS_SSH);
+    assert_eq!((ssh.rate, ssh.ceil), (125_000, 625_000));
+    assert!(
+        class(CLASS_WHITELIST).prio < class(CLASS_DEFAULT).prio,
+        "whitelist borrows before default"
+    );
+    assert!(s.classes.iter().all(|c| c.ceil <= uplink.ceil));
     // Quanta are explicit and inside HTB's range, so the kernel never warns.
     assert!(s
         .classes
         .iter()
         .all(|c| (1514..=200_000).contains(&c.quantum)));
+    assert_eq!(s.leaves.len(), 5, "every class under the uplink has a leaf");
     assert!(s
         .leaves
         .iter()
@@ -414,6 +428,7 @@ fn hashed_layout_classifies_like_a_flat_list() {
             let throttled = match l4 {
                 L4::Tcp => port == 443 || port == 53,
                 L4::Udp => (8000..=8100).contains(&port) || port == 53,
+                L4::Icmp(_) => false,
             };
             let want = if whitelisted {
                 Some(CLASS_WHITELIST)
@@ -540,15 +555,15 @@ fn protected_ports_go_direct_and_nothing_else_does() {
     let shape = plan(&spec, LeafChoice::Sfq);
     let cases: &[(&str, L4, u16, Option<u32>)] = &[
         // A whitelisted network's protected port: direct, ahead of the whitelist.
-        ("198.51.100.7", L4::Tcp, 443, Some(DIRECT)),
+        ("198.51.100.7", L4::Tcp, 443, Some(CLASS_PROTECTED)),
         ("198.51.100.7", L4::Tcp, 80, Some(CLASS_WHITELIST)),
         ("198.51.100.8", L4::Tcp, 443, Some(CLASS_WHITELIST)),
         ("198.51.100.7", L4::Udp, 443, Some(CLASS_WHITELIST)),
-        ("2001:db8:53::1", L4::Udp, 53, Some(DIRECT)),
-        ("2001:db8:53::1", L4::Tcp, 53, Some(DIRECT)),
+        ("2001:db8:53::1", L4::Udp, 53, Some(CLASS_PROTECTED)),
+        ("2001:db8:53::1", L4::Tcp, 53, Some(CLASS_PROTECTED)),
         ("2001:db8:54::1", L4::Udp, 53, Some(CLASS_THROTTLED)),
         ("2001:db8:53::1", L4::Tcp, 443, Some(CLASS_THROTTLED)),
-        ("203.0.113.9", L4::Tcp, 8050, Some(DIRECT)),
+        ("203.0.113.9", L4::Tcp, 8050, Some(CLASS_PROTECTED)),
         ("203.0.113.9", L4::Udp, 8050, None),
         ("203.0.113.9", L4::Tcp, 8101, None),
         ("192.0.2.1", L4::Tcp, 443, Some(CLASS_THROTTLED)),
@@ -615,5 +630,133 @@ fn split_buckets_classify_exactly() {
     }
     for miss in ["223.1.2.3", "10.0.0.1", "2001:db8:ffff::1", "2001:db9::1"] {
         assert_eq!(class(miss), Some(CLASS_THROTTLED), "{miss}");
+    }
+}
+
+fn spec_from(extra: &str) -> ValidSpec {
+    let text = format!("apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {{name: t}}\nspec:\n  uplink: {{rate: 20Mbit}}\n  throttle:\n    rate: 1Mbit\n    destinations: [{{protocol: TCP, port: 443}}]\n  whitelist: [198.51.100.0/24, 2001:db8:1::/48]\n  protect: [{{cidr: 192.0.2.53/32}}]\n{extra}");
+    let g = parse_str(&text).expect("parse");
+    validate(&g[0].spec).expect("valid")
+}
+
+/// The plan as the agent makes it: `spec.protect` joins the protected list.
+fn plan_as_enforced(spec: &ValidSpec, extra: &[(&str, &str)]) -> Shape {
+    let protected: Vec<_> = extra
+        .iter()
+        .map(|(net, why)| (net.parse().expect("net"), why.to_string()))
+        .chain(spec.protect.iter().cloned())
+        .map(|(net, reason)| node_shaper::plan::Protected { net, reason })
+        .collect();
+    node_shaper::plan::plan_protected(spec, &protected, LeafChoice::Sfq)
+}
+
+/// No filter sends anything to HTB's direct queue (`e9:0`, held to no rate):
+/// protected destinations and SSH replies have lanes with ceilings.
+#[test]
+fn nothing_is_classified_to_the_unlimited_direct_queue() {
+    for extra in ["", "  mode: Auto\n  quarantine: {triggers: [{name: a, alertmanager: {matchers: {alertname: X}}}]}\n"] {
+        let s = plan_as_enforced(&spec_from(extra), &[("10.96.0.1/32", "kubernetes API endpoint")]);
+        let to_root: Vec<_> = s
+            .prios
+            .iter()
+            .flat_map(|p| p.filters.iter())
+            .filter(|f| f.classid == Some(ROOT))
+            .collect();
+        assert!(to_root.is_empty(), "{to_root:#?}");
+        let ask = |dst: &str, l4: L4, port: u16, from: u16| {
+            let pkt = Packet::new(dst.parse().expect("address"), l4, port, 0).from_port(from);
+            classify(&s, &pkt).and_then(|v| v.node.classid)
+        };
+        assert_eq!(ask("10.96.0.1", L4::Tcp, 6443, 40000), Some(CLASS_PROTECTED));
+        assert_eq!(ask("192.0.2.53", L4::Udp, 53, 40000), Some(CLASS_PROTECTED));
+        // A reply from local port 22, even to a throttled destination: the SSH lane.
+        assert_eq!(ask("203.0.113.9", L4::Tcp, 443, 22), Some(CLASS_SSH));
+        assert_eq!(ask("2001:db8:9::1", L4::Tcp, 443, 22), Some(CLASS_SSH));
+        assert_eq!(ask("203.0.113.9", L4::Udp, 443, 22), None.or(s.prios.iter().any(|p| p.prio == PRIO_V4_ALL).then_some(CLASS_THROTTLED)));
+    }
+}
+
+/// `quarantine.throttle: AllButWhitelisted` (the default in Auto): every
+/// packet to an unlisted port or protocol is throttled, the whitelist,
+/// protected destinations, SSH and IPv6 neighbour discovery are not.
+#[test]
+fn a_quarantine_throttles_every_port_and_protocol_but_the_whitelist() {
+    let auto = "  mode: Auto\n  quarantine: {triggers: [{name: a, alertmanager: {matchers: {alertname: X}}}]}\n";
+    let all = plan_as_enforced(&spec_from(auto), &[]);
+    let listed = plan_as_enforced(
+        &spec_from(&auto.replace("triggers:", "throttle: ListedPorts, triggers:")),
+        &[],
+    );
+    let cases: &[(&str, L4, u16, Option<u32>, Option<u32>)] = &[
+        // (destination, l4, port, AllButWhitelisted, ListedPorts)
+        (
+            "203.0.113.9",
+            L4::Tcp,
+            443,
+            Some(CLASS_THROTTLED),
+            Some(CLASS_THROTTLED),
+        ),
+        ("203.0.113.9", L4::Tcp, 8443, Some(CLASS_THROTTLED), None),
+        ("203.0.113.9", L4::Udp, 53, Some(CLASS_THROTTLED), None),
+        ("203.0.113.9", L4::Icmp(8), 0, Some(CLASS_THROTTLED), None),
+        ("2001:db8:9::1", L4::Udp, 4500, Some(CLASS_THROTTLED), None),
+        (
+            "2001:db8:9::1",
+            L4::Icmp(128),
+            0,
+            Some(CLASS_THROTTLED),
+            None,
+        ),
+        // Neighbour solicitation and advertisement stay ordinary.
+        (
+            "ff02::1:ff00:1",
+            L4::Icmp(135),
+            0,
+            Some(CLASS_DEFAULT),
+            None,
+        ),
+        ("fe80::1", L4::Icmp(136), 0, Some(CLASS_DEFAULT), None),
+        (
+            "198.51.100.7",
+            L4::Udp,
+            9999,
+            Some(CLASS_WHITELIST),
+            Some(CLASS_WHITELIST),
+        ),
+        (
+            "198.51.100.7",
+            L4::Icmp(8),
+            0,
+            Some(CLASS_WHITELIST),
+            Some(CLASS_WHITELIST),
+        ),
+        (
+            "2001:db8:1::5",
+            L4::Tcp,
+            8443,
+            Some(CLASS_WHITELIST),
+            Some(CLASS_WHITELIST),
+        ),
+        (
+            "192.0.2.53",
+            L4::Udp,
+            53,
+            Some(CLASS_PROTECTED),
+            Some(CLASS_PROTECTED),
+        ),
+    ];
+    for (dst, l4, port, want_all, want_listed) in cases {
+        let pkt = Packet::new(dst.parse().expect("address"), *l4, *port, 0);
+        let got = |s| classify(s, &pkt).and_then(|v| v.node.classid);
+        assert_eq!(
+            got(&all),
+            *want_all,
+            "AllButWhitelisted: {dst} {l4:?} {port}"
+        );
+        assert_eq!(
+            got(&listed),
+            *want_listed,
+            "ListedPorts: {dst} {l4:?} {port}"
+        );
     }
 }
