@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need on a fresh Debian 12 machine (as root):
-# iproute2 (ip, tc), iperf3, strace (fixture capture), curl, openssl (the test
+# iproute2 (ip, tc), iperf3, hping3 (the SYN-flood tests), strace (fixture capture), curl, openssl (the test
 # control plane's certificates), python3-venv, real Helm v4 (helm-python-sdk, in
 # a virtualenv: Debian's python refuses system-wide pip, PEP 668), cargo's
 # fmt/clippy, Prometheus, Alertmanager and node-exporter (the quarantine tests
@@ -11,7 +11,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${EG_VENV:-/opt/egressguard-venv}"
 need=()
-for pair in ip:iproute2 tc:iproute2 iperf3:iperf3 strace:strace curl:curl openssl:openssl \
+for pair in ip:iproute2 tc:iproute2 iperf3:iperf3 hping3:hping3 strace:strace curl:curl openssl:openssl \
   prometheus:prometheus prometheus-alertmanager:prometheus-alertmanager \
   prometheus-node-exporter:prometheus-node-exporter; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")

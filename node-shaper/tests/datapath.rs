@@ -671,25 +671,97 @@ fn ipv6_extension_header_cannot_evade_the_throttle() {
 /// throttle on every unprivileged port, an SSH-like flow (replies from source
 /// port 22) and the API server (a protected destination, on a throttled
 /// port) still get far more than the uplink: they bypass every class.
+/// Bytes sent by one of our classes ("Sent B bytes P pkt").
+fn class_bytes(lab: &Lab, classid: &str) -> u64 {
+    let o = lab.in_cli(&["tc", "-s", "class", "show", "dev", DEV]);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let head = format!("class htb {classid} ");
+    let mut lines = text.lines().skip_while(|l| !l.starts_with(&head)).skip(1);
+    lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no counters for {classid} in:\n{text}"))
+}
+
+/// L2 bits per second one class sent while `f` ran.
+fn class_rate(lab: &Lab, classid: &str, f: impl FnOnce()) -> f64 {
+    let b0 = class_bytes(lab, classid);
+    let t = std::time::Instant::now();
+    f();
+    let b1 = class_bytes(lab, classid);
+    (b1 - b0) as f64 * 8.0 / t.elapsed().as_secs_f64()
+}
+
+/// A 64-byte TCP SYN flood from the client namespace, `secs` long, at about
+/// 50,000 packets/s (22 Mbit/s of frames: more than any ceiling below).
+fn syn_flood(
+    lab: &Lab,
+    dst: &str,
+    port: u16,
+    from_port: Option<u16>,
+    secs: u32,
+) -> std::process::Child {
+    let (secs, port) = (secs.to_string(), port.to_string());
+    let mut args = vec![
+        "netns", "exec", &lab.cli, "timeout", &secs, "hping3", "-q", "-S", "-p", &port, "-i", "u20",
+    ];
+    let from = from_port.map(|p| p.to_string());
+    if let Some(f) = &from {
+        // A fixed source port (-k keeps it from counting up).
+        args.extend(["-s", f, "-k"]);
+    }
+    args.push(dst);
+    std::process::Command::new("ip")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("hping3")
+}
+
+/// No unlimited lane: protected destinations and SSH replies have classes
+/// with a guarantee and a ceiling (they used to go to HTB's direct queue, at
+/// line rate: 18,512 Mbit/s from local port 22 to a throttled port). Uplink
+/// 20 Mbit, TCP 443 throttled to 1 Mbit, the API server protected.
 #[test]
-fn ssh_replies_and_the_api_server_are_never_cut_off() {
-    if !available() {
+fn protected_and_ssh_lanes_keep_their_guarantees_and_ceilings() {
+    if !available() || !std::path::Path::new("/usr/sbin/hping3").exists() {
+        eprintln!("skipped: needs root, iperf3 and hping3");
         return;
     }
-    let mut lab = Lab::new("cutoff");
+    let mut lab = Lab::new("lanes");
     let plan = format!(
-        "apiVersion: egressguard.io/v1alpha1\nkind: NodeShaping\nmetadata: {{name: n}}\nspec:\n  nodeName: n\n  enforce: true\n  guard: {{name: tight, uid: u, generation: 1}}\n  shaping:\n    uplink: {{rate: 1Mbit}}\n    throttle: {{rate: 100kbit, destinations: [{{protocol: Any, port: 1024, endPort: 65535}}]}}\n    protect: [{{cidr: 10.211.0.9/32, reason: DNS resolver}}]\n  protected:\n    - {{cidr: {SERVER4}/32, reason: kubernetes API endpoint}}\n"
+        "apiVersion: egressguard.io/v1alpha1\nkind: NodeShaping\nmetadata: {{name: n}}\nspec:\n  nodeName: n\n  enforce: true\n  shaping:\n    uplink: {{rate: 20Mbit}}\n    throttle: {{rate: 1Mbit, destinations: [{{protocol: TCP, port: 443}}]}}\n  protected:\n    - {{cidr: {WHITE4}/32, reason: kubernetes API endpoint}}\n"
     );
-    let f = lab.write_guard("tight.yaml", &plan);
+    let f = lab.write_guard("lanes.yaml", &plan);
     ok(&lab.shaper(&["apply", "-f", &f, "--interface", DEV, "--verify"]));
-    // The API server, on a throttled port: full rate.
-    lab.serve_on(Some(SERVER4), 6443);
-    let api = l2_rate(lab.measure(SERVER4, 6443, 3, &[]).goodput, false);
-    // An ordinary destination on a throttled port: held to the throttle.
+    let (ssh_ceil, ssh_rate, api_rate, thr) = (5e6, 1e6, 2e6, THROTTLE);
+    lab.serve_on(Some(SERVER4), 443);
+    lab.serve_on(Some(SERVER4), 5201);
     lab.serve_on(Some(WHITE4), 6443);
-    let other = l2_rate(lab.measure(WHITE4, 6443, 3, &[]).goodput, false);
-    // SSH: a server on the node (port 22), a client outside; the node's
-    // replies leave from source port 22 through the shaped interface.
+
+    // An iperf3 flow from local port 22 to the throttled port: at most the SSH ceiling.
+    let from22 = l2_rate(
+        lab.measure(SERVER4, 443, 4, &["--cport", "22"]).goodput,
+        false,
+    );
+    // A 64-byte SYN flood from local port 22: the SSH lane, under its ceiling.
+    let syn22 = class_rate(&lab, "e9:50", || {
+        let mut f = syn_flood(&lab, SERVER4, 443, Some(22), 3);
+        let _ = f.wait();
+    });
+    // A SYN flood to 443 from ordinary ports: the throttle.
+    let syn443 = class_rate(&lab, "e9:10", || {
+        let mut f = syn_flood(&lab, SERVER4, 443, None, 3);
+        let _ = f.wait();
+    });
+    // Under a flood that fills the uplink (a SYN flood to 443 and four
+    // ordinary flows), the API server and SSH replies keep their guarantees.
+    let mut syn = syn_flood(&lab, SERVER4, 443, None, 12);
+    let mut bulk = lab.client(SERVER4, 5201, 10, &["-P", "4"]);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let api = l2_rate(lab.measure(WHITE4, 6443, 3, &[]).goodput, false);
     let mut sshd = std::process::Command::new("ip")
         .args(["netns", "exec", &lab.cli, "iperf3", "-s", "-p", "22", "-1"])
         .stdout(std::process::Stdio::null())
@@ -706,36 +778,107 @@ fn ssh_replies_and_the_api_server_are_never_cut_off() {
     let _ = sshd.kill();
     let _ = sshd.wait();
     let ssh = l2_rate(Iperf::parse(o).goodput, false);
+    let _ = syn.kill();
+    let _ = syn.wait();
+    let _ = bulk.kill();
+    let _ = bulk.wait();
     eprintln!(
-        "uplink 1 Mbit, throttle 100 kbit on 1024-65535: API server {:.1} Mbit/s, SSH replies {:.1} Mbit/s, ordinary {:.3} Mbit/s",
-        api / 1e6,
-        ssh / 1e6,
-        other / 1e6
+        "uplink 20 Mbit, throttle 1 Mbit on TCP 443: iperf3 from local port 22 {:.2} Mbit/s, SYN flood from port 22 {:.2} Mbit/s (SSH ceiling 5), SYN flood to 443 {:.2} Mbit/s (throttle 1); under a full flood: API server {:.2} Mbit/s (guarantee 2), SSH replies {:.2} Mbit/s (guarantee 1)",
+        from22 / 1e6, syn22 / 1e6, syn443 / 1e6, api / 1e6, ssh / 1e6
     );
-    assert!(api > 10e6, "the API server was capped: {api}");
-    // spec.protect: the guard's own protected destinations, explained.
+    assert!(
+        from22 <= 1.05 * ssh_ceil,
+        "a flow from local port 22 exceeded the SSH ceiling: {from22}"
+    );
+    assert!(
+        syn22 <= 1.05 * ssh_ceil,
+        "a SYN flood from port 22 exceeded the SSH ceiling: {syn22}"
+    );
+    assert!(
+        syn22 >= 0.5 * ssh_ceil,
+        "the SYN flood from port 22 did not reach its lane: {syn22}"
+    );
+    assert!(
+        syn443 <= 1.05 * thr,
+        "the SYN flood escaped the throttle: {syn443}"
+    );
+    assert!(
+        api >= 0.9 * api_rate,
+        "the API server fell below its guarantee: {api}"
+    );
+    assert!(
+        ssh >= 0.9 * ssh_rate,
+        "SSH replies fell below their guarantee: {ssh}"
+    );
+    assert!(
+        ssh <= 1.05 * ssh_ceil,
+        "SSH replies exceeded their ceiling: {ssh}"
+    );
+    let e = ok(&lab.shaper(&["explain", "--interface", DEV, WHITE4, "--port", "6443"]));
+    assert!(e.contains("the protected lane"), "{e}");
+}
+
+/// A quarantine covers every port (`quarantine.throttle`, AllButWhitelisted
+/// by default in mode Auto): UDP to a port the guard does not list is held to
+/// the throttle, the whitelist keeps the uplink; with ListedPorts the same
+/// UDP flow keeps the uplink.
+#[test]
+fn a_quarantine_throttles_udp_to_an_unlisted_port() {
+    if !available() {
+        return;
+    }
+    let mut lab = Lab::new("allbut");
+    lab.serve_on(Some(SERVER4), 5301);
+    lab.serve_on(Some(WHITE4), 5301);
+    let guard = |throttle: &str| {
+        format!("apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {{name: q}}\nspec:\n  uplink: {{rate: 20Mbit, burst: 32k}}\n  throttle: {{rate: 1Mbit, burst: 4k, destinations: [{{protocol: TCP, port: 443}}]}}\n  whitelist: [{WHITE4}/32]\n  mode: Auto\n  quarantine:\n    {throttle}triggers: [{{name: a, alertmanager: {{matchers: {{alertname: NodeEgressSaturated}}}}}}]\n")
+    };
+    let udp = |lab: &Lab, dst: &str| {
+        let u = lab.measure(dst, 5301, 3, &["-u", "-b", "30M", "-l", "1400"]);
+        u.goodput * (1400.0 + 42.0) / 1400.0
+    };
+    let f = lab.write_guard("all.yaml", &guard(""));
+    ok(&lab.shaper(&["apply", "-f", &f, "--interface", DEV, "--verify"]));
     let e = ok(&lab.shaper(&[
         "explain",
         "--interface",
         DEV,
-        "10.211.0.9",
+        SERVER4,
         "--port",
-        "5353",
+        "5301",
         "--protocol",
         "UDP",
     ]));
     assert!(
-        e.starts_with("protected: destination 10.211.0.9 is inside 10.211.0.9/32 (DNS resolver)"),
+        e.starts_with("throttled:") && e.contains("AllButWhitelisted"),
         "{e}"
     );
-    assert!(ssh > 10e6, "SSH replies were capped: {ssh}");
-    assert!(other < 0.15e6, "the throttle did not hold: {other}");
+    let all = udp(&lab, SERVER4);
+    let white = udp(&lab, WHITE4);
+    let f = lab.write_guard("listed.yaml", &guard("throttle: ListedPorts\n    "));
+    ok(&lab.shaper(&["apply", "-f", &f, "--interface", DEV, "--verify"]));
+    let listed = udp(&lab, SERVER4);
+    eprintln!(
+        "UDP to unlisted port 5301 offered at 30 Mbit/s: AllButWhitelisted {:.2} Mbit/s, whitelisted {:.2} Mbit/s, ListedPorts {:.2} Mbit/s",
+        all / 1e6, white / 1e6, listed / 1e6
+    );
+    assert!(
+        all <= 1.05 * THROTTLE,
+        "UDP to an unlisted port escaped the quarantine: {all}"
+    );
+    assert!(
+        white >= 0.85 * UPLINK,
+        "the whitelist lost the uplink: {white}"
+    );
+    assert!(
+        listed >= 0.85 * UPLINK,
+        "ListedPorts throttled an unlisted port: {listed}"
+    );
 }
 
 /// `spec.protect` with a port, in the real kernel: TCP 443 to one server is
-/// protected while TCP 443 is throttled, so that flow keeps the uplink and
-/// skips every class (HTB direct), while 443 to the other server stays at
-/// the throttle rate.
+/// protected while TCP 443 is throttled, so that flow keeps the uplink in the
+/// protected lane, while 443 to the other server stays at the throttle rate.
 #[test]
 fn a_protected_port_is_never_throttled_and_only_that_port() {
     if !available() {
