@@ -43,11 +43,13 @@ pub mod types {
     pub const METRICS_AVAILABLE: &str = "MetricsAvailable";
     /// Every `whitelistGroups` reference resolves to valid CIDRGroups.
     pub const WHITELIST_RESOLVED: &str = "WhitelistResolved";
+    /// Someone altered or bypassed a node's shaping (NodeShaping, from its agent).
+    pub const TAMPERED: &str = "Tampered";
 
-    /// Is `status` the troubling one for condition `type_`? `Degraded` and
-    /// `Conflict` are bad when True, the others when False.
+    /// Is `status` the troubling one for condition `type_`? `Degraded`,
+    /// `Conflict` and `Tampered` are bad when True, the others when False.
     pub fn is_bad(type_: &str, status: &str) -> bool {
-        (status == "True") == matches!(type_, DEGRADED | CONFLICT)
+        (status == "True") == matches!(type_, DEGRADED | CONFLICT | TAMPERED)
     }
 }
 

@@ -31,6 +31,22 @@ pub mod reasons {
     pub const WAITING: &str = "WaitingForInputs";
     /// Nothing degraded.
     pub const AS_PLANNED: &str = "AsPlanned";
+    /// Tampered: our root qdisc was deleted (and put back).
+    pub const ROOT_REMOVED: &str = "RootRemoved";
+    /// Tampered: our tree was altered (classes, leaves or filters changed or
+    /// added by someone else) and repaired, with the plan unchanged.
+    pub const TREE_ALTERED: &str = "TreeAltered";
+    /// Tampered: another root qdisc replaced ours; node-shaper never removes
+    /// it, so the interface is not shaped until a person does.
+    pub const FOREIGN_ROOT: &str = "ForeignRoot";
+    /// Tampered: a hook on a shaped interface (a clsact egress filter, a BPF
+    /// program) can send packets around the HTB root.
+    pub const FOREIGN_HOOK: &str = "ForeignHook";
+    /// Tampered: packets went through HTB's direct queue, which no filter of
+    /// ours uses (a socket priority set to the root's handle, or a filter).
+    pub const DIRECT_QUEUE_BYPASS: &str = "DirectQueueBypass";
+    /// Not tampered: nothing foreign on the shaped interfaces.
+    pub const NO_TAMPERING: &str = "NoTampering";
 }
 
 /// The plan for one node.
@@ -123,7 +139,9 @@ pub struct NodeShapingStatus {
     /// Per-interface outcome.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub interfaces: Vec<InterfaceStatus>,
-    /// Standard conditions: Ready, Degraded.
+    /// Standard conditions: Ready, Degraded, and Tampered (True while
+    /// something foreign can bypass the shaping, and for a while after the
+    /// agent repaired a tree someone altered).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// When the kernel was last written or confirmed.

@@ -46,7 +46,7 @@ impl fmt::Display for ValidationErrors {
 }
 
 /// A destination port range after validation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PortRange {
     /// Protocol to match.
     pub protocol: Protocol,
@@ -59,7 +59,7 @@ pub struct PortRange {
 }
 
 /// A whitelist entry after validation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct WhitelistEntry {
     /// The network, host bits clear.
     pub net: IpNet,
@@ -71,7 +71,7 @@ pub struct WhitelistEntry {
 }
 
 /// A spec whose every field has been checked and parsed.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Hash)]
 pub struct ValidSpec {
     /// Interfaces named by the spec, if any.
     pub interfaces: Option<Vec<String>>,
@@ -111,7 +111,7 @@ pub struct ValidSpec {
 }
 
 /// A lane's guaranteed rate and ceiling, defaults filled in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LaneRates {
     /// Guaranteed rate.
     pub rate: Rate,
@@ -145,7 +145,7 @@ fn default_ssh_ceil(up: Rate) -> Rate {
 }
 
 /// A protected destination port range (`spec.protect[i]` with a port).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ProtectPort {
     /// The network.
     pub net: IpNet,

@@ -110,6 +110,47 @@ pub struct ApplyReport {
     pub filters: usize,
     /// Wall time.
     pub millis: f64,
+    /// What the pass found before it wrote anything: the root qdisc then,
+    /// HTB's direct-queue counter, and hooks someone else put on the interface.
+    pub found: Found,
+}
+
+/// The state an apply found the interface in, for tamper evidence.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Found {
+    /// Whose root qdisc it was.
+    pub root: FoundRoot,
+    /// HTB's `direct_packets_stat` (only with our root).
+    pub direct_packets: u32,
+    /// clsact/ingress qdiscs and egress-hook filters (never ours).
+    pub hooks: Vec<crate::netlink::decode::Hook>,
+}
+
+/// Whose root qdisc an apply found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum FoundRoot {
+    /// Ours.
+    #[default]
+    Owned,
+    /// The device default: nothing of ours there (first apply, or our root deleted).
+    Default,
+    /// Someone else's (replaced only with `--force`).
+    Foreign,
+}
+
+impl Found {
+    fn of(o: &Observed) -> Found {
+        Found {
+            root: match o.root {
+                RootState::Owned => FoundRoot::Owned,
+                RootState::Default(_) => FoundRoot::Default,
+                RootState::Foreign { .. } => FoundRoot::Foreign,
+            },
+            direct_packets: o.direct_packets,
+            hooks: o.hooks.clone(),
+        }
+    }
 }
 
 fn io(dev: &str) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
@@ -287,6 +328,7 @@ pub fn apply(
         warnings: sent.warnings,
         filters: sent.desired.filter_count(),
         millis: ms(&start),
+        found: Found::of(&before),
     };
     let (writes, filters) = (report.writes, report.filters);
     info!(interface = dev, writes, leaf, filters, "applied");
@@ -614,6 +656,8 @@ mod tests {
             shape: Shape::default(),
             counters: vec![],
             root_counters: Default::default(),
+            direct_packets: 0,
+            hooks: vec![],
         }
     }
 

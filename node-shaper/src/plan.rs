@@ -255,7 +255,7 @@ fn hash_link(table: Table, bucket: u8, v4: bool, byte: usize, to: u32) -> Filter
 
 /// A destination that must never be throttled whatever the guard says
 /// (the control plane, the other nodes), with the reason shown to users.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Protected {
     /// The network.
     pub net: IpNet,

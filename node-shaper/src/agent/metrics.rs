@@ -18,6 +18,9 @@ pub struct Metrics {
     reconciles: u64,
     last_apply: Option<String>,
     last_apply_unix: f64,
+    /// Tamper evidence found, by kind (a reason of the `Tampered` condition).
+    tamper: BTreeMap<&'static str, u64>,
+    tampered: bool,
 }
 
 impl Metrics {
@@ -45,6 +48,10 @@ impl Metrics {
         if o.error.is_some() {
             self.apply_errors += 1;
         }
+        for t in &o.tamper {
+            *self.tamper.entry(t.kind.reason()).or_default() += 1;
+        }
+        self.tampered = o.tampered.is_some();
         self.last_apply = Some(o.at.clone());
         self.last_apply_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -102,6 +109,19 @@ impl Scrape for Metrics {
             "egressguard_rebuilds",
             "Applies that rebuilt part of the tree after an incremental change could not be applied or undone.",
             self.rebuilds,
+        )?;
+        let rows = self.tamper.iter().map(|(kind, n)| ([("kind", *kind)], *n));
+        counters(
+            e,
+            "egressguard_tamper_events",
+            "Tamper evidence found on shaped interfaces, by kind (RootRemoved, TreeAltered, ForeignRoot, ForeignHook, DirectQueueBypass).",
+            rows,
+        )?;
+        gauge(
+            e,
+            "egressguard_tampered",
+            "1 while the node's Tampered condition is True.",
+            i64::from(self.tampered),
         )?;
         counter(
             e,

@@ -1,17 +1,206 @@
 //! One reconcile pass: what the plan asks for ([`Input`]) → kernel.
 //! Blocking (netlink).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
+use std::time::{Duration, Instant};
 
-use egressguard_crds::node_shaping::{ClassCounters, InterfaceStatus};
+use egressguard_crds::node_shaping::{reasons, ClassCounters, InterfaceStatus};
 use tracing::{info, warn};
 
 use super::inputs::Input;
-use crate::engine::{self, ApplyOptions};
+use crate::engine::{self, ApplyOptions, ApplyReport, EngineError, FoundRoot};
 use crate::iface::{self, Interface};
 use crate::layout::Role;
+use crate::netlink::decode::Hook;
 use crate::netlink::{class_counters, observe, Netlink, RootState};
 use crate::plan::{plan_protected, LeafChoice};
+use crate::target::Target;
+
+/// How long `Tampered` stays True after a repaired tree or a direct-queue
+/// bypass: long enough for a person (or the operator) to see it.
+pub const TAMPER_HOLD: Duration = Duration::from_secs(600);
+
+/// What kind of tampering a pass found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TamperKind {
+    /// Another root qdisc replaced ours (never removed by the agent).
+    ForeignRoot,
+    /// A clsact/ingress qdisc or an egress-hook filter on a shaped interface.
+    ForeignHook,
+    /// Packets went through HTB's direct queue.
+    DirectQueueBypass,
+    /// Our root qdisc was deleted; the pass put it back.
+    RootRemoved,
+    /// Our tree was altered with the plan unchanged; the pass repaired it.
+    TreeAltered,
+}
+
+impl TamperKind {
+    /// The `Tampered` condition's reason (and the metric's `kind` label).
+    pub fn reason(self) -> &'static str {
+        match self {
+            TamperKind::ForeignRoot => reasons::FOREIGN_ROOT,
+            TamperKind::ForeignHook => reasons::FOREIGN_HOOK,
+            TamperKind::DirectQueueBypass => reasons::DIRECT_QUEUE_BYPASS,
+            TamperKind::RootRemoved => reasons::ROOT_REMOVED,
+            TamperKind::TreeAltered => reasons::TREE_ALTERED,
+        }
+    }
+}
+
+/// One piece of tamper evidence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tampering {
+    /// Interface.
+    pub interface: String,
+    /// What was found.
+    pub kind: TamperKind,
+    /// In words, for the condition, the Event and the log.
+    pub detail: String,
+}
+
+impl std::fmt::Display for Tampering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.interface, self.detail)
+    }
+}
+
+/// What the agent remembers of tampering between passes.
+#[derive(Debug, Default)]
+pub struct TamperMemory {
+    /// Fingerprint of the target last enforced everywhere it was asked for:
+    /// a pass with the same fingerprint that has to write is repairing.
+    fingerprint: Option<u64>,
+    /// HTB's direct-queue counter per interface at the end of the last pass.
+    direct: BTreeMap<String, u32>,
+    /// Hooks seen per interface (a new one is new evidence).
+    hooks: BTreeMap<String, Vec<Hook>>,
+    /// Interfaces whose root is foreign now.
+    foreign: BTreeMap<String, String>,
+    /// The last repair or bypass, and when.
+    recent: Option<(Instant, Tampering)>,
+}
+
+fn fingerprint(target: &Target) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    target.valid.hash(&mut h);
+    target.protected.hash(&mut h);
+    h.finish()
+}
+
+impl TamperMemory {
+    /// Evidence from one interface's apply; `same_plan` says the target is
+    /// the one last enforced, so any write repaired someone else's change.
+    fn applied(&mut self, dev: &str, r: &ApplyReport, same_plan: bool) -> Vec<Tampering> {
+        let mut out = Vec::new();
+        let ev = |kind, detail: String| Tampering {
+            interface: dev.to_string(),
+            kind,
+            detail,
+        };
+        self.foreign.remove(dev);
+        if same_plan && r.found.root == FoundRoot::Default {
+            out.push(ev(
+                TamperKind::RootRemoved,
+                "the root qdisc e9: was deleted; put back".into(),
+            ));
+        } else if same_plan && r.writes > 0 {
+            out.push(ev(
+                TamperKind::TreeAltered,
+                format!(
+                    "the tree was altered while the plan was unchanged; {} writes repaired it",
+                    r.writes
+                ),
+            ));
+        }
+        let before = self.direct.get(dev).copied();
+        if let (Some(before), FoundRoot::Owned) = (before, r.found.root) {
+            if r.found.direct_packets > before {
+                out.push(ev(
+                    TamperKind::DirectQueueBypass,
+                    format!(
+                        "{} packets went through HTB's direct queue (no class, no rate): a socket priority set to e9:0, or a filter someone added",
+                        r.found.direct_packets - before
+                    ),
+                ));
+            }
+        }
+        // A root put back this pass starts its counter at zero.
+        let direct = if r.found.root == FoundRoot::Owned {
+            r.found.direct_packets
+        } else {
+            0
+        };
+        self.direct.insert(dev.to_string(), direct);
+        let seen = self.hooks.entry(dev.to_string()).or_default();
+        for h in &r.found.hooks {
+            if !seen.contains(h) {
+                out.push(ev(
+                    TamperKind::ForeignHook,
+                    format!("{h} (not node-shaper's; left in place)"),
+                ));
+            }
+        }
+        *seen = r.found.hooks.clone();
+        if let Some(t) = out
+            .iter()
+            .find(|t| t.kind != TamperKind::ForeignHook)
+            .cloned()
+        {
+            self.recent = Some((Instant::now(), t));
+        }
+        out
+    }
+
+    /// Evidence from an interface whose apply failed.
+    fn failed(&mut self, dev: &str, e: &EngineError, was_shaped: bool) -> Vec<Tampering> {
+        let EngineError::ForeignRoot { kind, handle, .. } = e else {
+            return vec![];
+        };
+        let what = format!("{kind} {handle}");
+        let new = self.foreign.insert(dev.to_string(), what.clone()) != Some(what.clone());
+        if !(was_shaped || self.fingerprint.is_some()) || !new {
+            return vec![];
+        }
+        vec![Tampering {
+            interface: dev.to_string(),
+            kind: TamperKind::ForeignRoot,
+            detail: format!("root qdisc {what} replaced node-shaper's; it is left in place and the interface is not shaped until a person removes it (`tc qdisc del dev {dev} root`)"),
+        }]
+    }
+
+    /// The `Tampered` condition now: what is still there (foreign roots,
+    /// hooks), else the last repair within [`TAMPER_HOLD`].
+    pub fn state(&self) -> Option<(TamperKind, String)> {
+        let mut now: Vec<(TamperKind, String)> = self
+            .foreign
+            .iter()
+            .map(|(dev, what)| {
+                (
+                    TamperKind::ForeignRoot,
+                    format!("{dev}: foreign root qdisc {what} in place of node-shaper's"),
+                )
+            })
+            .chain(self.hooks.iter().flat_map(|(dev, hs)| {
+                hs.iter()
+                    .map(move |h| (TamperKind::ForeignHook, format!("{dev}: {h}")))
+            }))
+            .collect();
+        if let Some((at, t)) = &self.recent {
+            if at.elapsed() < TAMPER_HOLD {
+                now.push((t.kind, t.to_string()));
+            }
+        }
+        let kind = now.iter().map(|(k, _)| *k).min()?;
+        let message = now
+            .into_iter()
+            .map(|(_, m)| m)
+            .collect::<Vec<_>>()
+            .join("; ");
+        Some((kind, message))
+    }
+}
 
 /// What the agent remembers between passes.
 #[derive(Debug, Default)]
@@ -24,6 +213,11 @@ pub struct Memory {
     /// the API server address its own kubeconfig or in-cluster config uses
     /// (often a load-balancer VIP that no EndpointSlice lists).
     pub own_protected: Vec<egressguard_crds::node_shaping::ProtectedEntry>,
+    /// Tamper evidence between passes.
+    pub tamper: TamperMemory,
+    /// Shared with the tc-notification monitor: our sockets and the
+    /// interfaces we shape.
+    pub watch: Option<crate::netlink::monitor::Watch>,
 }
 
 /// The result of one pass.
@@ -46,6 +240,11 @@ pub struct PassReport {
     pub waiting: Option<String>,
     /// The pass wrote to the kernel.
     pub wrote: bool,
+    /// New tamper evidence found by this pass (each is logged, counted and
+    /// becomes a Warning Event on the Node).
+    pub tamper: Vec<Tampering>,
+    /// The `Tampered` condition after this pass: the worst kind and why.
+    pub tampered: Option<(TamperKind, String)>,
     /// When the pass finished (RFC 3339).
     pub at: String,
 }
@@ -120,8 +319,27 @@ fn remove(
     failed
 }
 
-/// Drives the kernel to what `input` asks for.
+/// Drives the kernel to what `input` asks for, and says whether anyone
+/// tampered with what it enforces.
 pub fn reconcile(input: &Input, mem: &mut Memory) -> PassReport {
+    let mut out = pass(input, mem);
+    if let Some(w) = &mem.watch {
+        w.set_interfaces(
+            mem.shaped
+                .iter()
+                .filter_map(|n| iface::by_name(n).ok())
+                .map(|i| i.index),
+        );
+    }
+    if out.removed {
+        // Nothing of ours is left to tamper with.
+        mem.tamper = TamperMemory::default();
+    }
+    out.tampered = mem.tamper.state();
+    out
+}
+
+fn pass(input: &Input, mem: &mut Memory) -> PassReport {
     let mut out = PassReport {
         at: k8s_openapi::jiff::Timestamp::now().to_string(),
         ..PassReport::default()
@@ -133,6 +351,9 @@ pub fn reconcile(input: &Input, mem: &mut Memory) -> PassReport {
             return out;
         }
     };
+    if let (Some(w), Some(port)) = (&mem.watch, nl.port_id()) {
+        w.own_port(port);
+    }
     if !mem.scanned {
         mem.shaped = owned_interfaces(&mut nl)
             .into_iter()
@@ -199,9 +420,15 @@ pub fn reconcile(input: &Input, mem: &mut Memory) -> PassReport {
     for s in stale.into_iter().filter(|s| !kept.contains(s)) {
         mem.shaped.remove(&s);
     }
+    let fp = fingerprint(target);
+    let same_plan = mem.tamper.fingerprint == Some(fp);
+    let mut all_applied = true;
     for i in &ifaces {
+        let was_shaped = mem.shaped.contains(&i.name);
         match engine::apply(&mut nl, i, target, ApplyOptions::default()) {
             Ok(r) => {
+                out.tamper
+                    .extend(mem.tamper.applied(&i.name, &r, same_plan && was_shaped));
                 mem.shaped.insert(i.name.clone());
                 // The record only changes with the kernel; rewriting a
                 // 100,000-entry record every resync would cost more than the pass.
@@ -221,6 +448,9 @@ pub fn reconcile(input: &Input, mem: &mut Memory) -> PassReport {
                 });
             }
             Err(e) => {
+                all_applied = false;
+                out.tamper
+                    .extend(mem.tamper.failed(&i.name, &e, was_shaped));
                 warn!(interface = %i.name, error = %e, "apply failed");
                 out.interfaces.push(InterfaceStatus {
                     name: i.name.clone(),
@@ -231,5 +461,149 @@ pub fn reconcile(input: &Input, mem: &mut Memory) -> PassReport {
             }
         }
     }
+    // Only a target in force everywhere is the reference for "unchanged".
+    mem.tamper.fingerprint = all_applied.then_some(fp);
+    for t in &out.tamper {
+        warn!(interface = %t.interface, kind = t.kind.reason(), detail = %t.detail, "tampering");
+    }
     out
+}
+
+#[cfg(test)]
+mod tamper_tests {
+    use super::*;
+    use crate::engine::Found;
+
+    fn report(root: FoundRoot, writes: usize, direct: u32, hooks: Vec<Hook>) -> ApplyReport {
+        ApplyReport {
+            interface: "eth0".into(),
+            changes: vec![],
+            writes,
+            leaf: "sfq".into(),
+            fallback: None,
+            rebuilt: None,
+            warnings: vec![],
+            filters: 0,
+            millis: 0.0,
+            found: Found {
+                root,
+                direct_packets: direct,
+                hooks,
+            },
+        }
+    }
+
+    fn kinds(t: &[Tampering]) -> Vec<TamperKind> {
+        t.iter().map(|t| t.kind).collect()
+    }
+
+    #[test]
+    fn evidence_is_what_changed_under_an_unchanged_plan() {
+        let clsact = vec![
+            Hook::Clsact,
+            Hook::EgressFilter {
+                classifier: "bpf".into(),
+                prio: 1,
+            },
+        ];
+        // (case, same plan, report, evidence expected)
+        let cases: Vec<(&str, bool, ApplyReport, Vec<TamperKind>)> = vec![
+            (
+                "first apply",
+                false,
+                report(FoundRoot::Default, 40, 0, vec![]),
+                vec![],
+            ),
+            (
+                "plan edited: writes are the edit",
+                false,
+                report(FoundRoot::Owned, 2, 0, vec![]),
+                vec![],
+            ),
+            (
+                "nothing to do",
+                true,
+                report(FoundRoot::Owned, 0, 0, vec![]),
+                vec![],
+            ),
+            (
+                "root deleted",
+                true,
+                report(FoundRoot::Default, 40, 0, vec![]),
+                vec![TamperKind::RootRemoved],
+            ),
+            (
+                "a class changed",
+                true,
+                report(FoundRoot::Owned, 1, 0, vec![]),
+                vec![TamperKind::TreeAltered],
+            ),
+            (
+                "direct queue used",
+                true,
+                report(FoundRoot::Owned, 0, 9, vec![]),
+                vec![TamperKind::DirectQueueBypass],
+            ),
+            (
+                "clsact egress bpf",
+                true,
+                report(FoundRoot::Owned, 0, 0, clsact.clone()),
+                vec![TamperKind::ForeignHook, TamperKind::ForeignHook],
+            ),
+        ];
+        for (case, same, r, want) in cases {
+            let mut m = TamperMemory::default();
+            // The previous pass saw the root with a zero direct-queue counter.
+            m.applied("eth0", &report(FoundRoot::Owned, 0, 0, vec![]), false);
+            assert_eq!(kinds(&m.applied("eth0", &r, same)), want, "{case}");
+        }
+        // A hook is new evidence once, and keeps the condition True while it stays.
+        let mut m = TamperMemory::default();
+        assert_eq!(
+            m.applied(
+                "eth0",
+                &report(FoundRoot::Owned, 0, 0, clsact.clone()),
+                true
+            )
+            .len(),
+            2
+        );
+        assert!(m
+            .applied("eth0", &report(FoundRoot::Owned, 0, 0, clsact), true)
+            .is_empty());
+        let (kind, why) = m.state().expect("tampered");
+        assert_eq!(kind, TamperKind::ForeignHook);
+        assert!(
+            why.contains("bpf filter prio 1 on the clsact egress hook"),
+            "{why}"
+        );
+        // Removed, it clears the condition (no repair was needed).
+        m.applied("eth0", &report(FoundRoot::Owned, 0, 0, vec![]), true);
+        assert_eq!(m.state(), None);
+        // A repair holds the condition for a while.
+        m.applied("eth0", &report(FoundRoot::Default, 40, 0, vec![]), true);
+        assert_eq!(m.state().map(|s| s.0), Some(TamperKind::RootRemoved));
+    }
+
+    #[test]
+    fn a_foreign_root_over_a_shaped_interface_is_reported_once_and_stays() {
+        let mut m = TamperMemory::default();
+        let e = EngineError::ForeignRoot {
+            dev: "eth0".into(),
+            kind: "prio".into(),
+            handle: "1:".into(),
+        };
+        assert_eq!(
+            kinds(&m.failed("eth0", &e, true)),
+            vec![TamperKind::ForeignRoot]
+        );
+        assert!(m.failed("eth0", &e, true).is_empty(), "reported once");
+        assert_eq!(m.state().map(|s| s.0), Some(TamperKind::ForeignRoot));
+        // Never shaped by us: somebody's own setup, not tampering.
+        let mut fresh = TamperMemory::default();
+        assert!(fresh.failed("eth1", &e, false).is_empty());
+        // Once we shape it again, the foreign root is gone.
+        m.applied("eth0", &report(FoundRoot::Foreign, 40, 0, vec![]), false);
+        assert_eq!(m.state(), None);
+    }
 }

@@ -86,6 +86,14 @@ pub fn status_for(
     } else {
         (false, reasons::AS_PLANNED, String::new())
     };
+    let (tampered, treason, tmsg) = match &outcome.tampered {
+        Some((kind, why)) => (true, kind.reason(), bounded(why)),
+        None => (
+            false,
+            reasons::NO_TAMPERING,
+            "nothing foreign on the shaped interfaces".to_string(),
+        ),
+    };
     NodeShapingStatus {
         by_reference: true,
         observed_generation: gen,
@@ -101,9 +109,31 @@ pub fn status_for(
                 previous,
                 &now,
             ),
+            condition(
+                types::TAMPERED,
+                tampered,
+                treason,
+                tmsg,
+                gen,
+                previous,
+                &now,
+            ),
         ],
         last_apply_time: Some(now),
     }
+}
+
+/// A message the operator may copy into other objects: at most 1 KiB.
+fn bounded(m: &str) -> String {
+    const MAX: usize = 1024;
+    if m.len() <= MAX {
+        return m.to_string();
+    }
+    let mut end = MAX - 3;
+    while !m.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &m[..end])
 }
 
 /// The status without what changes on every pass (counters, times), to decide

@@ -57,6 +57,81 @@ pub struct Observed {
     pub counters: Vec<(u32, Counters)>,
     /// Counters of the root qdisc (bytes through the interface's shaper).
     pub root_counters: Counters,
+    /// Packets HTB sent through its direct queue (`direct_packets_stat`):
+    /// no filter of ours classifies there, so any are a bypass of every
+    /// class (a socket priority set to `e9:0`, or a filter someone added).
+    pub direct_packets: u32,
+    /// Hooks on the interface that run before the root qdisc and can send
+    /// packets around it (a clsact's egress filters) or that someone added
+    /// next to it (an ingress or clsact qdisc). Never ours.
+    pub hooks: Vec<Hook>,
+}
+
+/// A tc hook on an interface that node-shaper did not create.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum Hook {
+    /// A `clsact` qdisc: its egress filters run before the root qdisc.
+    Clsact,
+    /// An `ingress` qdisc (ingress only; reported, it cannot bypass egress).
+    Ingress,
+    /// A filter on the clsact egress hook: it sees every packet before HTB
+    /// and may redirect or drop it (`tc filter add dev X egress ...`).
+    EgressFilter {
+        /// Classifier kind (`bpf`, `u32`, `matchall`...).
+        classifier: String,
+        /// Its prio.
+        prio: u16,
+    },
+}
+
+impl std::fmt::Display for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Hook::Clsact => f.write_str("clsact qdisc"),
+            Hook::Ingress => f.write_str("ingress qdisc"),
+            Hook::EgressFilter { classifier, prio } => write!(
+                f,
+                "{classifier} filter prio {prio} on the clsact egress hook (runs before the HTB root; can send packets around it)"
+            ),
+        }
+    }
+}
+
+/// `TC_H_INGRESS`/`TC_H_CLSACT`: the parent of ingress and clsact qdiscs.
+const TC_H_CLSACT: u32 = 0xffff_fff1;
+/// `TC_H_MIN_EGRESS` under clsact: the parent of egress-hook filters.
+const CLSACT_EGRESS: u32 = 0xffff_fff3;
+
+/// The clsact/ingress qdiscs among `qdiscs`, and the egress filters of a clsact.
+fn hooks(nl: &mut Netlink, ifindex: i32, qdiscs: &[TcMessage]) -> io::Result<Vec<Hook>> {
+    let mut out = Vec::new();
+    for q in qdiscs {
+        if u32::from(q.header.parent) != TC_H_CLSACT {
+            continue;
+        }
+        match kind_of(&q.attributes).as_str() {
+            "clsact" => {
+                out.push(Hook::Clsact);
+                let mut req = TcMessage::with_index(ifindex);
+                req.header.parent = TcHandle::from(CLSACT_EGRESS);
+                for m in nl.dump(RouteNetlinkMessage::GetTrafficFilter(req))? {
+                    if let RouteNetlinkMessage::NewTrafficFilter(f) = m {
+                        let hook = Hook::EgressFilter {
+                            classifier: kind_of(&f.attributes),
+                            prio: (f.header.info >> 16) as u16,
+                        };
+                        // A filter shows once per handle; one line per prio is enough.
+                        if !out.contains(&hook) {
+                            out.push(hook);
+                        }
+                    }
+                }
+            }
+            _ => out.push(Hook::Ingress),
+        }
+    }
+    Ok(out)
 }
 
 fn kind_of(attrs: &[TcAttribute]) -> String {
@@ -278,6 +353,8 @@ pub fn observe(nl: &mut Netlink, ifindex: i32) -> io::Result<Observed> {
         shape: Shape::default(),
         counters: vec![],
         root_counters,
+        direct_packets: 0,
+        hooks: hooks(nl, ifindex, &qdiscs)?,
     };
     if obs.root != RootState::Owned {
         return Ok(obs);
@@ -294,6 +371,8 @@ pub fn observe(nl: &mut Netlink, ifindex: i32) -> io::Result<Observed> {
             r2q: u32_at(glob, 4),
             defcls: u32_at(glob, 8),
         });
+        // struct tc_htb_glob { version, rate2quantum, defcls, debug, direct_pkts }
+        obs.direct_packets = u32_at(glob, 16);
     }
     for q in &qdiscs {
         let parent = u32::from(q.header.parent);

@@ -2,6 +2,7 @@
 
 pub mod decode;
 pub mod encode;
+pub mod monitor;
 pub mod socket;
 
 pub use decode::{class_counters, observe, Counters, Observed, RootState};

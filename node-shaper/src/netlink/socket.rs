@@ -81,6 +81,13 @@ impl Netlink {
         })
     }
 
+    /// This socket's netlink port id: tc notifications of its changes carry it.
+    pub fn port_id(&self) -> Option<u32> {
+        let mut addr = SocketAddr::new(0, 0);
+        self.sock.get_address(&mut addr).ok()?;
+        Some(addr.port_number())
+    }
+
     /// Test hook: send at most `budget` more writes, then fail every call as a
     /// process killed at that point would (used to prove that any prefix of
     /// any apply, rollbacks included, converges on the next apply).
