@@ -102,6 +102,12 @@ pub mod events {
     pub const WOULD_QUARANTINE: &str = "WouldQuarantine";
     /// A quarantine was asked for and refused (the note says which rule).
     pub const QUARANTINE_REFUSED: &str = "QuarantineRefused";
+    /// An Active quarantine stopped being enforced on its node (Warning).
+    pub const QUARANTINE_NOT_ENFORCED: &str = "QuarantineNotEnforced";
+    /// A node was cordoned or tainted because its quarantine is not enforced (Warning).
+    pub const QUARANTINE_ESCALATED: &str = "QuarantineEscalated";
+    /// node-shaper found its shaping tampered with (Warning, on the Node).
+    pub const TAMPERED: &str = "Tampered";
 }
 
 #[cfg(test)]

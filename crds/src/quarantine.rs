@@ -72,6 +72,38 @@ pub struct QuarantinePolicy {
     /// What a quarantined node's throttle covers; default `AllButWhitelisted`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub throttle: Option<QuarantineThrottle>,
+    /// What the operator does when a quarantine is not enforced (the node's
+    /// agent stopped renewing its heartbeat, or reports its shaping tampered
+    /// with); default nothing but the `Enforced` condition and an Event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalation: Option<Escalation>,
+}
+
+/// The escalation of a quarantine that is not enforced.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Escalation {
+    /// `None` (the default), `Cordon`, or `Taint` (a `NoExecute` taint
+    /// `egressguard.io/unenforced-quarantine` that moves workloads off the node).
+    #[serde(default)]
+    pub action: EscalationAction,
+    /// How long `Enforced` must have been False or Unknown first, e.g. `30s`
+    /// (default): a plan being programmed is not yet enforced either.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+}
+
+/// What an escalation does to the node.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum EscalationAction {
+    /// Report only.
+    #[default]
+    None,
+    /// Mark the node unschedulable (undone at release if the operator did it).
+    Cordon,
+    /// Taint the node `NoExecute`: its pods without a toleration are evicted
+    /// (the taint is removed at release).
+    Taint,
 }
 
 /// What a quarantine throttles.
@@ -361,6 +393,8 @@ pub struct QuarantineRules {
     pub cap: Cap,
     /// No automatic re-quarantine sooner than this after a release.
     pub cooldown: std::time::Duration,
+    /// What to do to a node whose quarantine is not enforced, and after how long.
+    pub escalation: (EscalationAction, std::time::Duration),
 }
 
 /// Parses a Go-style duration such as `30s`, `2m`, `1h30m` or `500ms`.
@@ -449,6 +483,15 @@ pub fn rules(
                 None
             }
         },
+    };
+    let escalation = p.escalation.clone().unwrap_or_default();
+    let escalate_after = match escalation.after.as_deref().map(parse_duration) {
+        None => std::time::Duration::from_secs(30),
+        Some(Ok(d)) => d,
+        Some(Err(m)) => {
+            push("spec.quarantine.escalation.after".into(), m);
+            Default::default()
+        }
     };
     let cooldown = match parse_duration(&p.limits.cooldown) {
         Ok(d) => d,
@@ -570,5 +613,6 @@ pub fn rules(
         release_after,
         cap,
         cooldown,
+        escalation: (escalation.action, escalate_after),
     }))
 }

@@ -6,6 +6,7 @@
 //! leader election, the Prometheus client and the Alertmanager receiver).
 
 pub mod decide;
+pub mod enforcement;
 pub mod evaluate;
 pub mod intent;
 pub mod leader;

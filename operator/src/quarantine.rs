@@ -25,11 +25,13 @@ use std::time::Duration;
 
 use egressguard_crds::conditions::events;
 use egressguard_crds::quarantine::{
-    QuarantineRules, Refusal, TriggerRule, EXCLUDE_LABEL, MANUAL, RELEASE_ANNOTATION,
-    RELEASE_FINALIZER,
+    EscalationAction, QuarantineRules, Refusal, TriggerRule, EXCLUDE_LABEL, MANUAL,
+    RELEASE_ANNOTATION, RELEASE_FINALIZER,
 };
 use egressguard_crds::{EgressGuard, Mode, Phase, Quarantine, QuarantineSpec, QuarantineStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::enforcement::{self, NodeChange, NodeReport};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::ObjectMeta;
 use kube::ResourceExt;
@@ -122,6 +124,8 @@ pub struct QuarantinePlan {
     pub started: Vec<(String, String)>,
     /// (guard, trigger) of quarantines released in this pass.
     pub released: Vec<(String, String)>,
+    /// Escalations to apply to nodes, and the ones to undo.
+    pub node_changes: Vec<(String, NodeChange)>,
 }
 
 /// Everything the planner reads.
@@ -139,6 +143,8 @@ pub struct World<'a> {
     pub now: Timestamp,
     /// How long Released and Refused records are kept.
     pub retention: Duration,
+    /// What each node's agent and Node object report about enforcement.
+    pub enforcement: BTreeMap<String, NodeReport>,
 }
 
 fn secs_since(now: Timestamp, t: &Time) -> f64 {
@@ -327,6 +333,8 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
         world,
         active: BTreeMap::new(),
     };
+    // Nodes an Active quarantine escalates: (action, the quarantine).
+    let mut escalate: BTreeMap<String, (EscalationAction, String)> = BTreeMap::new();
     // Active ones first, so admission sees every node already quarantined.
     for q in qs.iter().filter(|q| phase(q) == Some(Phase::Active)) {
         if q.metadata.deletion_timestamp.is_none() {
@@ -465,6 +473,16 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
                         quarantine: Some(name.clone()),
                     });
                 }
+                if next.phase == Some(Phase::Active) {
+                    enforced(
+                        world,
+                        q,
+                        g.and_then(|g| g.rules.as_ref()),
+                        &mut next,
+                        &mut p,
+                        &mut escalate,
+                    );
+                }
                 if next != st {
                     p.status.push((name.clone(), next));
                 }
@@ -563,7 +581,115 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
         p.create.push(obj);
     }
     p.active = adm.active;
+    p.node_changes = node_changes(world, &escalate, &mut p.notices);
     p
+}
+
+/// Sets the `Enforced` condition of an Active quarantine, with a warning
+/// when it stops holding, and records the escalation its guard asks for.
+fn enforced(
+    world: &World<'_>,
+    q: &Quarantine,
+    rules: Option<&QuarantineRules>,
+    next: &mut QuarantineStatus,
+    p: &mut QuarantinePlan,
+    escalate: &mut BTreeMap<String, (EscalationAction, String)>,
+) {
+    let node = &q.spec.node_name;
+    let name = q.name_any();
+    let report = world.enforcement.get(node);
+    let (status, reason, message) = enforcement::verdict(node, report, world.now);
+    let prev = next
+        .conditions
+        .iter()
+        .find(|c| c.type_ == enforcement::ENFORCED_CONDITION)
+        .cloned();
+    let since = match &prev {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        _ => Time(world.now),
+    };
+    if status != "True" && prev.as_ref().is_some_and(|c| c.status == "True") {
+        p.notices.push(Notice {
+            subjects: who(q),
+            warning: true,
+            reason: events::QUARANTINE_NOT_ENFORCED,
+            note: format!("Quarantine {name} of node {node} is not enforced: {message}"),
+            once: None,
+            quarantine: Some(name.clone()),
+        });
+    }
+    next.conditions
+        .retain(|c| c.type_ != enforcement::ENFORCED_CONDITION);
+    next.conditions.push(Condition {
+        type_: enforcement::ENFORCED_CONDITION.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: q.metadata.generation,
+        last_transition_time: since.clone(),
+    });
+    let Some((action, after)) = rules.map(|r| r.escalation) else {
+        return;
+    };
+    let already = report.is_some_and(|r| {
+        r.cordoned_by.as_deref() == Some(&name) || r.tainted_by.as_deref() == Some(&name)
+    });
+    let overdue = status != "True" && secs_since(world.now, &since) >= after.as_secs_f64();
+    if action != EscalationAction::None && (overdue || already) {
+        escalate.entry(node.clone()).or_insert((action, name));
+    }
+}
+
+/// The node writes that make each node's escalation what the Active
+/// quarantines ask for: escalate the ones asked, undo what the operator did
+/// where nothing asks any more.
+fn node_changes(
+    world: &World<'_>,
+    escalate: &BTreeMap<String, (EscalationAction, String)>,
+    notices: &mut Vec<Notice>,
+) -> Vec<(String, NodeChange)> {
+    let mut out = Vec::new();
+    for (node, r) in &world.enforcement {
+        let want = escalate.get(node);
+        let wants = |a: EscalationAction| want.filter(|(w, _)| *w == a).map(|(_, q)| q.clone());
+        match (wants(EscalationAction::Cordon), &r.cordoned_by) {
+            // Cordoned by someone else already: theirs to undo, not ours.
+            (Some(_), None) if r.unschedulable => {}
+            (Some(q), None) => {
+                notices.push(escalated(node, &q, "cordoned (no new pods)"));
+                out.push((node.clone(), NodeChange::Cordon(q)));
+            }
+            (None, Some(_)) => out.push((node.clone(), NodeChange::Uncordon)),
+            _ => {}
+        }
+        match (wants(EscalationAction::Taint), &r.tainted_by) {
+            (Some(q), None) => {
+                notices.push(escalated(
+                    node,
+                    &q,
+                    &format!(
+                        "tainted {}:NoExecute (pods without a toleration are evicted)",
+                        enforcement::TAINT_KEY
+                    ),
+                ));
+                out.push((node.clone(), NodeChange::Taint(q)));
+            }
+            (None, Some(_)) => out.push((node.clone(), NodeChange::Untaint)),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn escalated(node: &str, quarantine: &str, what: &str) -> Notice {
+    Notice {
+        subjects: vec![Subject::Node(node.to_string())],
+        warning: true,
+        reason: events::QUARANTINE_ESCALATED,
+        note: format!("node {node} {what}: Quarantine {quarantine} is not enforced (spec.quarantine.escalation of its guard)"),
+        once: None,
+        quarantine: Some(quarantine.to_string()),
+    }
 }
 
 /// Is the node calm for this quarantine's guard, and after how long does
@@ -691,6 +817,21 @@ mod tests {
     struct Fixture {
         guard: EgressGuard,
         labels: BTreeMap<String, BTreeMap<String, String>>,
+        reports: std::cell::RefCell<BTreeMap<String, NodeReport>>,
+    }
+
+    /// An agent that renewed its heartbeat at `at` and enforces its plan.
+    fn healthy(at: &str) -> NodeReport {
+        NodeReport {
+            heartbeat: Some((t(at), Duration::from_secs(15))),
+            enforce: true,
+            ready: Some((
+                true,
+                egressguard_crds::node_shaping::reasons::ENFORCED.into(),
+                "enforced on eth0".into(),
+            )),
+            ..Default::default()
+        }
     }
 
     impl Fixture {
@@ -702,7 +843,12 @@ mod tests {
             Fixture {
                 guard: guard(extra),
                 labels,
+                reports: Default::default(),
             }
+        }
+
+        fn report(&self, node: &str, r: NodeReport) {
+            self.reports.borrow_mut().insert(node.to_string(), r);
         }
 
         fn run(
@@ -734,6 +880,15 @@ mod tests {
                     .collect(),
                 now: t(now),
                 retention: Duration::from_secs(3600),
+                // Unless a test says otherwise, every agent is alive and enforcing.
+                enforcement: self
+                    .labels
+                    .keys()
+                    .map(|n| {
+                        let r = self.reports.borrow().get(n).cloned();
+                        (n.clone(), r.unwrap_or_else(|| healthy(now)))
+                    })
+                    .collect(),
             };
             plan(&world)
         }
@@ -824,6 +979,152 @@ mod tests {
         );
         assert!(p.create.is_empty());
         assert!(p.notices[0].note.contains("cooldown"), "{:?}", p.notices);
+    }
+
+    fn enforced_of<'a>(p: &'a QuarantinePlan, name: &str) -> Option<(&'a str, &'a str)> {
+        p.status
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, s)| s.conditions.iter().find(|c| c.type_ == "Enforced"))
+            .map(|c| (c.status.as_str(), c.reason.as_str()))
+    }
+
+    /// The Active quarantine `a` of n1 after `p`'s status writes.
+    fn after(a: &Arc<Quarantine>, p: &QuarantinePlan) -> Arc<Quarantine> {
+        let mut o = (**a).clone();
+        if let Some((_, st)) = p.status.iter().find(|(n, _)| *n == a.name_any()) {
+            o.status = Some(st.clone());
+        }
+        Arc::new(o)
+    }
+
+    #[test]
+    fn an_active_quarantine_says_whether_it_is_enforced() {
+        let f = Fixture::new("");
+        let a = q(
+            "a",
+            "n1",
+            MANUAL,
+            Some(Phase::Active),
+            "2026-11-23T10:00:00Z",
+        );
+        let now = "2026-11-23T10:01:00Z";
+        let p = f.run(std::slice::from_ref(&a), &[], now);
+        assert_eq!(enforced_of(&p, "a"), Some(("True", "Enforced")));
+        // SIGSTOP: the heartbeat is 16 s old, it held for 15.
+        f.report("n1", healthy("2026-11-23T10:00:44Z"));
+        let a = after(&a, &p);
+        let p = f.run(std::slice::from_ref(&a), &[], now);
+        assert_eq!(
+            enforced_of(&p, "a"),
+            Some(("Unknown", "AgentHeartbeatMissing"))
+        );
+        assert_eq!(
+            reasons(&p),
+            ["QuarantineNotEnforced"],
+            "a warning when it stops holding"
+        );
+        assert!(
+            p.node_changes.is_empty(),
+            "no escalation unless the guard asks"
+        );
+        // Tampering reported by the agent.
+        f.report(
+            "n1",
+            NodeReport {
+                tampered: Some((
+                    "RootRemoved".into(),
+                    "eth0: the root qdisc e9: was deleted; put back".into(),
+                )),
+                ..healthy(now)
+            },
+        );
+        let p = f.run(std::slice::from_ref(&after(&a, &p)), &[], now);
+        assert_eq!(enforced_of(&p, "a"), Some(("False", "Tampered")));
+    }
+
+    #[test]
+    fn an_unenforced_quarantine_escalates_after_its_grace_and_release_undoes_it() {
+        let f = Fixture::new("    escalation: {action: Cordon, after: 30s}\n");
+        let a = q(
+            "a",
+            "n1",
+            MANUAL,
+            Some(Phase::Active),
+            "2026-11-23T10:00:00Z",
+        );
+        f.report("n1", healthy("2026-11-23T09:00:00Z"));
+        // First seen unenforced at 10:01:00: not yet 30 s.
+        let p = f.run(std::slice::from_ref(&a), &[], "2026-11-23T10:01:00Z");
+        assert_eq!(
+            enforced_of(&p, "a"),
+            Some(("Unknown", "AgentHeartbeatMissing"))
+        );
+        assert!(p.node_changes.is_empty(), "within the grace");
+        let a = after(&a, &p);
+        let p = f.run(std::slice::from_ref(&a), &[], "2026-11-23T10:01:31Z");
+        assert_eq!(
+            p.node_changes,
+            [("n1".to_string(), NodeChange::Cordon("a".into()))]
+        );
+        assert!(reasons(&p).contains(&"QuarantineEscalated"));
+        // Cordoned by us: nothing more to do while it lasts, even once the
+        // agent is back (the cordon holds until the release).
+        f.report(
+            "n1",
+            NodeReport {
+                cordoned_by: Some("a".into()),
+                unschedulable: true,
+                ..healthy("2026-11-23T10:01:40Z")
+            },
+        );
+        let a = after(&a, &p);
+        let p = f.run(std::slice::from_ref(&a), &[], "2026-11-23T10:01:41Z");
+        assert!(p.node_changes.is_empty(), "{:?}", p.node_changes);
+        // Released by a person: the cordon goes.
+        let mut released = (*a).clone();
+        released
+            .annotations_mut()
+            .insert(RELEASE_ANNOTATION.into(), "fixed".into());
+        let p = f.run(&[Arc::new(released)], &[], "2026-11-23T10:02:00Z");
+        assert_eq!(p.node_changes, [("n1".to_string(), NodeChange::Uncordon)]);
+        // A node a person cordoned is never uncordoned by the operator.
+        f.report(
+            "n1",
+            NodeReport {
+                unschedulable: true,
+                ..healthy("2026-11-23T10:01:40Z")
+            },
+        );
+        let p = f.run(&[], &[], "2026-11-23T10:03:00Z");
+        assert!(p.node_changes.is_empty());
+    }
+
+    #[test]
+    fn a_taint_escalation_is_removed_at_release() {
+        let f = Fixture::new("    escalation: {action: Taint, after: 0s}\n");
+        let a = q(
+            "a",
+            "n1",
+            MANUAL,
+            Some(Phase::Active),
+            "2026-11-23T10:00:00Z",
+        );
+        f.report("n1", healthy("2026-11-23T09:00:00Z"));
+        let p = f.run(std::slice::from_ref(&a), &[], "2026-11-23T10:01:00Z");
+        assert_eq!(
+            p.node_changes,
+            [("n1".to_string(), NodeChange::Taint("a".into()))]
+        );
+        f.report(
+            "n1",
+            NodeReport {
+                tainted_by: Some("a".into()),
+                ..healthy("2026-11-23T09:00:00Z")
+            },
+        );
+        let p = f.run(&[], &[], "2026-11-23T10:02:00Z");
+        assert_eq!(p.node_changes, [("n1".to_string(), NodeChange::Untaint)]);
     }
 
     #[test]

@@ -374,7 +374,60 @@ pub async fn write_changes(client: &Client, p: &QuarantinePlan) -> Result<(), ku
             first.get_or_insert(e);
         }
     }
+    for (node, change) in &p.node_changes {
+        if let Err(e) = write_node_change(client, node, change).await {
+            warn!(node, ?change, error = %e, "cannot apply the quarantine escalation to the node");
+            first.get_or_insert(e);
+        }
+    }
     first.map_or(Ok(()), Err)
+}
+
+/// A cordon, a taint, or their undoing ([`crate::enforcement`]).
+async fn write_node_change(
+    client: &Client,
+    node: &str,
+    change: &crate::enforcement::NodeChange,
+) -> Result<(), kube::Error> {
+    use crate::enforcement::{NodeChange, CORDONED_BY, TAINT_KEY};
+    use k8s_openapi::api::core::v1::{Node, Taint};
+    let api: Api<Node> = Api::all(client.clone());
+    let patch = match change {
+        NodeChange::Cordon(q) => serde_json::json!({
+            "metadata": {"annotations": {CORDONED_BY: q}},
+            "spec": {"unschedulable": true},
+        }),
+        NodeChange::Uncordon => serde_json::json!({
+            "metadata": {"annotations": {CORDONED_BY: null}},
+            "spec": {"unschedulable": null},
+        }),
+        NodeChange::Taint(_) | NodeChange::Untaint => {
+            // A merge patch replaces the whole list: fence it on the version read.
+            let n = api.get(node).await?;
+            let mut taints: Vec<Taint> = n
+                .spec
+                .and_then(|s| s.taints)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|t| t.key != TAINT_KEY)
+                .collect();
+            if let NodeChange::Taint(q) = change {
+                taints.push(Taint {
+                    key: TAINT_KEY.into(),
+                    value: Some(q.clone()),
+                    effect: "NoExecute".into(),
+                    time_added: None,
+                });
+            }
+            serde_json::json!({
+                "metadata": {"resourceVersion": n.metadata.resource_version},
+                "spec": {"taints": taints},
+            })
+        }
+    };
+    api.patch(node, &params(), &Patch::Merge(&patch)).await?;
+    info!(node, ?change, "quarantine escalation applied to the node");
+    Ok(())
 }
 
 /// A merge patch that sets `status`, clearing the calm window when it ended.
