@@ -340,7 +340,14 @@ fn missing_sfq_degrades_visibly_and_show_explain_report_it() {
         .collect();
     assert_eq!(
         roles,
-        vec!["uplink", "protected", "ssh", "whitelist", "default", "throttled"],
+        vec![
+            "uplink",
+            "protected",
+            "ssh",
+            "whitelist",
+            "default",
+            "throttled"
+        ],
         "rows in layout order"
     );
     let e = ok(&lab.shaper(&["explain", "--interface", DEV, SERVER4, "--port", "443"]));
