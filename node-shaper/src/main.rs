@@ -108,9 +108,14 @@ enum Cmd {
         /// This node's name (set NODE_NAME from the downward API).
         #[arg(long, env = "NODE_NAME")]
         node_name: String,
-        /// Address for /metrics, /healthz and /readyz.
-        #[arg(long, default_value = "0.0.0.0:9464")]
+        /// Address for /metrics, /healthz and /readyz (`HOST:PORT`; an IPv6
+        /// host with or without brackets, as `$(HOST_IP):9464` gives it).
+        #[arg(long, default_value = "0.0.0.0:9464", value_parser = listen_addr)]
         metrics_addr: std::net::SocketAddr,
+        /// Address for /healthz and /readyz alone, with connection slots of
+        /// their own: the kubelet's probes (loopback on the host network).
+        #[arg(long, default_value = "127.0.0.1:9465", value_parser = listen_addr)]
+        probe_addr: std::net::SocketAddr,
         /// Reconcile at least this often (seconds, 1..=86400), repairing drift.
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
         resync_seconds: u64,
@@ -371,6 +376,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Run {
             node_name,
             metrics_addr,
+            probe_addr,
             resync_seconds,
             daemonset,
         } => {
@@ -381,6 +387,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let cfg = node_shaper::agent::AgentConfig {
                 node: node_name,
                 metrics_addr,
+                probe_addr,
                 resync: std::time::Duration::from_secs(resync_seconds.max(1)),
                 daemonset: daemonset.and_then(|d| {
                     d.split_once('/')
@@ -408,6 +415,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// A listen address: `IP:PORT`, `[IPv6]:PORT`, or `IPv6:PORT` unbracketed
+/// (what `$(HOST_IP):PORT` expands to on an IPv6 node).
+fn listen_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    s.rsplit_once(':')
+        .and_then(|(host, port)| Some((host.parse::<IpAddr>().ok()?, port.parse::<u16>().ok()?)))
+        .map(std::net::SocketAddr::from)
+        .ok_or_else(|| format!("{s:?} is not IP:PORT"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter =
@@ -432,5 +451,21 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listen_addr;
+
+    #[test]
+    fn listen_addresses_take_host_ip_as_the_downward_api_gives_it() {
+        let a = |s: &str| listen_addr(s).map(|a| a.to_string());
+        assert_eq!(a("10.0.0.7:9464").as_deref(), Ok("10.0.0.7:9464"));
+        assert_eq!(a("[fd00::7]:9464").as_deref(), Ok("[fd00::7]:9464"));
+        assert_eq!(a("fd00::7:9464").as_deref(), Ok("[fd00::7]:9464"));
+        assert!(listen_addr("node-a:9464").is_err());
+        assert!(listen_addr(":9464").is_err());
+        assert!(listen_addr("10.0.0.7").is_err());
     }
 }

@@ -48,6 +48,10 @@ enum Cmd {
         /// Address for /metrics, /healthz and /readyz.
         #[arg(long, default_value = "0.0.0.0:9465")]
         metrics_addr: std::net::SocketAddr,
+        /// Address for /healthz and /readyz alone (the kubelet's probes), with
+        /// connection slots of their own.
+        #[arg(long, default_value = "0.0.0.0:9467")]
+        probe_addr: std::net::SocketAddr,
         /// Seconds a deleted guard waits for its nodes to confirm removal (1..=86400).
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
         cleanup_timeout_seconds: u64,
@@ -201,6 +205,7 @@ fn main() -> ExitCode {
             namespace,
             identity,
             metrics_addr,
+            probe_addr,
             cleanup_timeout_seconds,
             log_json,
             node_address_ranges,
@@ -262,6 +267,7 @@ fn main() -> ExitCode {
                 namespace,
                 identity,
                 metrics_addr,
+                probe_addr,
                 cleanup_timeout: std::time::Duration::from_secs(cleanup_timeout_seconds),
                 resync: std::time::Duration::from_secs(30),
                 node_addresses: egressguard_operator::decide::NodeAddressPolicy {

@@ -21,7 +21,9 @@ pub const OPERATOR_CLUSTER: &[Rule] = &[
         "nodeshapings",
         &["list", "watch", "create", "patch", "delete"],
     ),
-    ("", "nodes", &["list", "watch"]),
+    // reflector; a quarantine's escalation cordons or taints its node
+    // (patch; get reads the taints a merge patch replaces).
+    ("", "nodes", &["get", "list", "watch", "patch"]),
     // reflector: the guards' whitelistGroups resolve against it.
     ("egressguard.io", "cidrgroups", &["list", "watch"]),
     // reflector; the receiver stores alerts as Pending objects (create) and
@@ -41,11 +43,12 @@ pub const OPERATOR_CLUSTER: &[Rule] = &[
 pub const OPERATOR_DEFAULT_NS: &[Rule] =
     &[("discovery.k8s.io", "endpointslices", &["list", "watch"])];
 
-/// Calls of the operator in its own namespace: the leader-election Lease (`leader.rs`).
+/// Calls of the operator in its own namespace: the leader-election Lease
+/// (`leader.rs`), and a reflector of the agents' heartbeat Leases.
 pub const OPERATOR_OWN_NS: &[Rule] = &[(
     "coordination.k8s.io",
     "leases",
-    &["get", "create", "update"],
+    &["get", "create", "update", "list", "watch"],
 )];
 
 /// Cluster-wide calls of `node-shaper run`: a field-selected watch of its
@@ -56,8 +59,20 @@ pub const AGENT_CLUSTER: &[Rule] = &[
     ("egressguard.io", "egressguards", &["list", "watch"]),
     ("egressguard.io", "cidrgroups", &["list", "watch"]),
     ("egressguard.io", "nodeshapings/status", &["patch"]),
+    // Tamper evidence: a Warning Event on the Node (kube-runtime's Recorder).
+    ("events.k8s.io", "events", &["create", "patch"]),
 ];
 
-/// Calls of `node-shaper run` in its own namespace: on SIGTERM, whether its
-/// DaemonSet is gone (the chart was uninstalled) and shaping must go too.
-pub const AGENT_OWN_NS: &[Rule] = &[("apps", "daemonsets", &["get"])];
+/// Calls of `node-shaper run` in its own namespace: a field-selected watch
+/// of its own DaemonSet for as long as it runs, and a read on SIGTERM —
+/// seen deleted or being deleted, the chart was uninstalled and shaping
+/// must go too.
+pub const AGENT_OWN_NS: &[Rule] = &[
+    ("apps", "daemonsets", &["get", "list", "watch"]),
+    // Its heartbeat Lease (`heartbeat.rs`), read by the operator.
+    (
+        "coordination.k8s.io",
+        "leases",
+        &["get", "create", "update"],
+    ),
+];

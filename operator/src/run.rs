@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use egressguard_crds::node_shaping::NodeShapingSpec;
 use egressguard_crds::{EgressGuard, NodeShaping, Phase, Quarantine};
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
@@ -31,6 +32,7 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::decide::{decide_with, Decision, Extras, GroupFacts, NodeFacts};
+use crate::enforcement::NodeReport;
 use crate::evaluate::NodeIndex;
 use crate::intent::{intend, Finalizers, GuardEvent, Intent, Observed, PlanWrite};
 use crate::leader::Leader;
@@ -61,6 +63,9 @@ pub struct OperatorConfig {
     pub identity: String,
     /// `/metrics`, `/healthz`, `/readyz`.
     pub metrics_addr: SocketAddr,
+    /// `/healthz` and `/readyz` alone, for the kubelet: a listener with
+    /// connection slots of its own, which no scrape can take.
+    pub probe_addr: SocketAddr,
     /// How long a deleted guard waits for its nodes before giving up.
     pub cleanup_timeout: Duration,
     /// Recompute at least this often.
@@ -160,6 +165,8 @@ struct Caches {
     slices: Store<EndpointSlice>,
     quarantines: Store<Quarantine>,
     groups: Store<egressguard_crds::CIDRGroup>,
+    /// The agents' heartbeat Leases (in this release's namespace).
+    heartbeats: Store<Lease>,
 }
 
 fn spawn_reflector<K>(api: Api<K>, cfg: watcher::Config, notify: Arc<Notify>) -> Store<K>
@@ -306,6 +313,8 @@ struct Snapshot {
     /// Each plan's version in the cache itself, recorded with the writes.
     cached_rv: BTreeMap<String, Option<String>>,
     quarantines: Vec<Arc<Quarantine>>,
+    /// The agents' heartbeats, by node (the Lease's holder).
+    heartbeats: BTreeMap<String, Arc<Lease>>,
     /// Event targets by guard name.
     refs: BTreeMap<String, ObjectReference>,
 }
@@ -351,6 +360,16 @@ impl Snapshot {
             shapings,
             cached_rv,
             quarantines: ctx.caches.quarantines.state(),
+            heartbeats: ctx
+                .caches
+                .heartbeats
+                .state()
+                .into_iter()
+                .filter_map(|l| {
+                    let node = l.spec.as_ref()?.holder_identity.clone()?;
+                    Some((node, l))
+                })
+                .collect(),
         }
     }
 
@@ -436,6 +455,19 @@ impl Snapshot {
             signals,
             now: Timestamp::now(),
             retention: ctx.quarantine.retention,
+            enforcement: self
+                .node_objs
+                .iter()
+                .map(|n| {
+                    let name = n.name_any();
+                    let r = NodeReport::of(
+                        Some(n),
+                        self.shapings.get(&name).map(|s| &**s),
+                        self.heartbeats.get(&name).map(|l| &**l),
+                    );
+                    (name, r)
+                })
+                .collect(),
         }
     }
 
@@ -749,6 +781,17 @@ async fn write_plan(
 }
 
 /// Guard → nodes with an Active quarantine, as stored.
+/// How often Active quarantines' heartbeats are checked.
+const HEARTBEAT_CHECK: Duration = Duration::from_secs(1);
+
+fn any_active(ctx: &Ctx) -> bool {
+    ctx.caches
+        .quarantines
+        .state()
+        .iter()
+        .any(|q| q.status.as_ref().and_then(|s| s.phase) == Some(Phase::Active))
+}
+
 fn stored_active(qs: &[Arc<Quarantine>]) -> BTreeMap<String, std::collections::BTreeSet<String>> {
     let mut out: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
     for q in qs {
@@ -774,18 +817,30 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
     let mut registry = Registry::default();
     serve::register(&mut registry, metrics.clone());
     serve::register(&mut registry, q_metrics.clone());
+    let probes = tokio::net::TcpListener::bind(cfg.probe_addr)
+        .await
+        .map_err(|e| OperatorError::Listen(cfg.probe_addr, e))?;
+    let ready = |m: &Mutex<OpMetrics>| match m.lock().unwrap_or_else(|p| p.into_inner()).ready {
+        true => Ok(()),
+        false => Err("caches not synced yet".to_string()),
+    };
     let (registry, m) = (Arc::new(registry), metrics.clone());
     tokio::spawn(serve::serve(listener, move |req| {
         // Read (and unlock) before `probes`: its collector locks the same mutex.
-        let synced = m.lock().unwrap_or_else(|p| p.into_inner()).ready;
-        let ready = match synced {
-            true => Ok(()),
-            false => Err("caches not synced yet".to_string()),
-        };
+        let ready = ready(&m);
         let reply = serve::probes(&req, &registry, ready)
             .unwrap_or_else(|| serve::text(serve::StatusCode::NOT_FOUND, "not found\n"));
         async move { reply }
     }));
+    let m = metrics.clone();
+    tokio::spawn(serve::serve_with(
+        probes,
+        move |req| {
+            let reply = serve::health(&req, Ok(()), ready(&m));
+            async move { reply }
+        },
+        serve::Limits::probes(),
+    ));
     let notify = Arc::new(Notify::new());
     let caches = Caches {
         guards: spawn_reflector(
@@ -817,6 +872,17 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
             Api::<egressguard_crds::CIDRGroup>::all(client.clone()),
             watcher::Config::default(),
             notify.clone(),
+        ),
+        heartbeats: spawn_reflector(
+            Api::<Lease>::namespaced(client.clone(), &cfg.namespace),
+            watcher::Config::default().labels(&format!(
+                "{}=node-shaper",
+                crate::enforcement::HEARTBEAT_LABEL
+            )),
+            // Every agent renews every few seconds: a pass per renewal would
+            // be a pass per node per period. Staleness is a matter of time,
+            // read by the passes the tick below schedules.
+            Arc::new(Notify::new()),
         ),
     };
     let recorder = Recorder::new(
@@ -883,6 +949,10 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
             // Prometheus triggers are evaluated in passes: wake for each evaluation.
             tick = tick.min(cfg.quarantine.evaluation_interval);
         }
+        if leading && any_active(&ctx) {
+            // An Active quarantine's heartbeat can go stale at any moment.
+            tick = tick.min(HEARTBEAT_CHECK);
+        }
         tokio::select! {
             _ = notify.notified() => {}
             _ = tokio::time::sleep(cfg.resync.min(tick)) => {}
@@ -908,7 +978,8 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
             && ctx.caches.shapings.wait_until_ready().await.is_ok()
             && ctx.caches.slices.wait_until_ready().await.is_ok()
             && ctx.caches.quarantines.wait_until_ready().await.is_ok()
-            && ctx.caches.groups.wait_until_ready().await.is_ok();
+            && ctx.caches.groups.wait_until_ready().await.is_ok()
+            && ctx.caches.heartbeats.wait_until_ready().await.is_ok();
         if !ready {
             continue;
         }

@@ -358,6 +358,8 @@ fn operator_fleet(nodes: usize, guards: usize, entries: usize) -> Fleet {
             cluster::NAMESPACE,
             "--metrics-addr",
             &format!("127.0.0.1:{metrics}"),
+            "--probe-addr",
+            &format!("127.0.0.1:{}", free_port()),
         ])
         .env("KUBECONFIG", &kc)
         .env(

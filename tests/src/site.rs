@@ -210,6 +210,8 @@ impl Cluster {
                 cluster::NAMESPACE,
                 "--metrics-addr",
                 &format!("127.0.0.1:{port}"),
+                "--probe-addr",
+                &format!("127.0.0.1:{}", port + 100),
                 "--cleanup-timeout-seconds",
                 "30",
                 "--identity",

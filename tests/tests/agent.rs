@@ -63,6 +63,8 @@ impl Cluster {
                 "node-a",
                 "--metrics-addr",
                 "127.0.0.1:9464",
+                "--probe-addr",
+                "127.0.0.1:9465",
                 "--resync-seconds",
                 "2",
             ])
@@ -114,6 +116,18 @@ impl Cluster {
             "--max-time",
             "3",
             &format!("http://127.0.0.1:9464{path}"),
+        ]);
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// GET on the probe listener, as the kubelet sends it.
+    fn probe(&self, path: &str) -> String {
+        let o = self.lab.in_cli(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "3",
+            &format!("http://127.0.0.1:9465{path}"),
         ]);
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
@@ -572,4 +586,264 @@ fn e2e_helm_uninstall_leaves_no_node_shaped() {
         "node left shaped after uninstall: {}",
         c.root_qdisc()
     );
+}
+
+/// Waits until the API server refuses the agent's own credentials to read
+/// its DaemonSet with `refusal` in kubectl's message ("Forbidden",
+/// "Unauthorized").
+fn wait_refused(c: &Cluster, refusal: &str) {
+    wait_for(&format!("the agent's credentials: {refusal}"), 30, || {
+        let o = c.cp.kubectl_as(
+            &c.kubeconfig,
+            &[
+                "get",
+                "daemonset",
+                "-n",
+                cluster::NAMESPACE,
+                "eg-node-shaper",
+            ],
+        );
+        String::from_utf8_lossy(&o.stderr).contains(refusal)
+    });
+}
+
+/// Fail safe on SIGTERM: an RBAC mistake is not an uninstall. With the
+/// agent's bindings deleted (its requests get 403) and then its
+/// ServiceAccount deleted (its token gets 401), SIGTERM keeps the shaping
+/// and says why; the DaemonSet never went away.
+#[test]
+fn e2e_sigterm_with_refused_credentials_keeps_the_shaping() {
+    if !available() {
+        return;
+    }
+    let mut c = Cluster::start("rbac");
+    c.start_agent();
+    c.cp.apply(&plan("1Mbit", &format!("[{WHITE4}/32]")));
+    wait_for("shaped", 30, || {
+        c.root_qdisc().contains("qdisc htb e9: root")
+    });
+    assert!(c.probe("/healthz").contains("ok"), "probe listener");
+    // An upgrade that breaks the agent's RBAC: both bindings gone.
+    c.cp.kubectl_ok(&[
+        "delete",
+        "rolebinding",
+        "-n",
+        cluster::NAMESPACE,
+        "eg-node-shaper",
+    ]);
+    c.cp.kubectl_ok(&["delete", "clusterrolebinding", "eg-node-shaper"]);
+    wait_refused(&c, "Forbidden");
+    let (code, log) = c.stop_agent();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains("keeping the shaping") && log.contains("(403)"),
+        "{log}"
+    );
+    assert!(!log.contains("the chart was uninstalled"), "{log}");
+    assert!(
+        c.root_qdisc().contains("qdisc htb e9: root"),
+        "403 on SIGTERM unshaped the node: {}",
+        c.root_qdisc()
+    );
+    // Started again without rights (it reads nothing, changes nothing), then
+    // its ServiceAccount deleted: the token itself is refused.
+    c.start_agent();
+    wait_for("probe listener up", 30, || {
+        c.probe("/healthz").contains("ok")
+    });
+    c.cp.kubectl_ok(&[
+        "delete",
+        "serviceaccount",
+        "-n",
+        cluster::NAMESPACE,
+        "eg-node-shaper",
+    ]);
+    wait_refused(&c, "Unauthorized");
+    let (code, log) = c.stop_agent();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains("keeping the shaping") && log.contains("(401)"),
+        "{log}"
+    );
+    assert!(
+        c.root_qdisc().contains("qdisc htb e9: root"),
+        "401 on SIGTERM unshaped the node: {}",
+        c.root_qdisc()
+    );
+}
+
+/// Creates objects with one `kubectl create` (a List manifest).
+fn create_all(cp: &ControlPlane, items: Vec<Value>) {
+    let f = cp.dir.join(format!("list-{}.json", cluster::unique()));
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+    std::fs::write(&f, list.to_string()).expect("write list");
+    let o = cp.kubectl(&["create", "-f", &f.to_string_lossy(), "-o", "name"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Polls `http://127.0.0.1:PORT/PATH` (argv 1 and 2) every 20 ms from
+/// inside the agent's network namespace, each request on a new connection
+/// as the kubelet's probes are; prints `ok|fail MILLISECONDS SENT_AT_MS`.
+const POLLER: &str = r#"
+import socket, sys, time
+port, path = int(sys.argv[1]), sys.argv[2]
+t0 = time.monotonic()
+while True:
+    t = time.monotonic()
+    ok = False
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        d = b""
+        while True:
+            c = s.recv(65536)
+            if not c:
+                break
+            d += c
+        s.close()
+        ok = d.startswith(b"HTTP/1.1 200")
+    except OSError:
+        pass
+    print("ok" if ok else "fail", round((time.monotonic() - t) * 1000, 2), round((t - t0) * 1000), flush=True)
+    time.sleep(0.02)
+"#;
+
+/// A [`POLLER`] running in the lab's client namespace.
+struct Poller(ChildGuard);
+
+impl Poller {
+    fn start(lab: &Lab, port: u16, path: &str) -> Poller {
+        Poller(ChildGuard(
+            Command::new("ip")
+                .args(["netns", "exec", &lab.cli, "python3", "-c", POLLER])
+                .args([&port.to_string(), path])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("poller"),
+        ))
+    }
+
+    /// Stops it; every request as (answered 200, milliseconds, sent at
+    /// milliseconds after the poller started).
+    fn stop(mut self) -> Vec<(bool, f64, f64)> {
+        let _ = self.0 .0.kill();
+        let mut out = String::new();
+        if let Some(mut o) = self.0 .0.stdout.take() {
+            let _ = std::io::Read::read_to_string(&mut o, &mut out);
+        }
+        out.lines()
+            .filter_map(|l| {
+                let mut f = l.split(' ');
+                let ok = f.next()? == "ok";
+                Some((ok, f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+            })
+            .collect()
+    }
+}
+
+/// Netlink off the runtime: while the agent applies a whitelist of
+/// `EG_BIG_APPLY` (default 100,000) entries read from CIDRGroups, `/healthz`
+/// polled every 20 ms on the probe listener answers every time within
+/// 100 ms, and `/metrics`, served by the agent's own runtime, within 1 s
+/// (the apply alone takes seconds: on the runtime, it would hold a scrape
+/// that long).
+#[test]
+fn e2e_probes_answer_within_100ms_during_a_big_apply() {
+    if !available() {
+        return;
+    }
+    let entries: usize = std::env::var("EG_BIG_APPLY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let mut c = Cluster::start("bigapply");
+    c.start_agent();
+    wait_for("probe listener up", 30, || {
+        c.probe("/healthz").contains("ok")
+    });
+    let v6 = entries * 3 / 100;
+    let wl = whitelist(entries - v6, v6);
+    // 25,000 entries a group keeps each object far below etcd's 1.5 MiB.
+    let mut groups = Vec::new();
+    let mut refs = Vec::new();
+    for (i, chunk) in wl.chunks(25_000).enumerate() {
+        let name = format!("big-{i}");
+        let digest = egressguard_crds::CidrGroupSpec {
+            cidrs: chunk.to_vec(),
+        }
+        .digest();
+        refs.push(serde_json::json!({"name": name, "digest": digest}));
+        groups.push(
+            serde_json::json!({"apiVersion": "egressguard.io/v1alpha1", "kind": "CIDRGroup",
+            "metadata": {"name": name, "labels": {"test": "big"}}, "spec": {"cidrs": chunk}}),
+        );
+    }
+    create_all(&c.cp, groups);
+    create_all(
+        &c.cp,
+        vec![serde_json::json!({
+        "apiVersion": "egressguard.io/v1alpha1", "kind": "EgressGuard", "metadata": {"name": "big"},
+        "spec": {"interfaces": [DEV], "uplink": {"rate": "1gbit"}, "throttle": {"rate": "10mbit", "destinations": [{"port": 443}]},
+                 "whitelistGroups": [{"selector": {"matchLabels": {"test": "big"}}}]}})],
+    );
+    let g = c.cp.get("eg", "big").expect("guard");
+    let plan = serde_json::json!({
+        "apiVersion": "egressguard.io/v1alpha1", "kind": "NodeShaping", "metadata": {"name": "node-a"},
+        "spec": {"nodeName": "node-a", "enforce": true,
+                 "guard": {"name": "big", "uid": g["metadata"]["uid"], "generation": g["metadata"]["generation"]},
+                 "groups": refs}
+    });
+    let healthz = Poller::start(&c.lab, 9465, "/healthz");
+    let metrics = Poller::start(&c.lab, 9464, "/metrics");
+    // Some requests before the plan, then the plan and its whole apply.
+    std::thread::sleep(Duration::from_millis(500));
+    let start = Instant::now();
+    create_all(&c.cp, vec![plan]);
+    wait_for(&format!("{entries} entries enforced"), 300, || {
+        let n = c.node_shaping().unwrap_or_default();
+        n["status"]["interfaces"][0]["enforced"] == true
+            && n["status"]["interfaces"][0]["filters"].as_u64() >= Some(entries as u64)
+    });
+    let applied = start.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let summary = |what: &str, polled: &[(bool, f64, f64)]| {
+        let worst = polled.iter().map(|p| p.1).fold(0.0, f64::max);
+        let failed = polled.iter().filter(|p| !p.0).count();
+        let mut slowest = polled.to_vec();
+        slowest.sort_by(|a, b| b.1.total_cmp(&a.1));
+        slowest.truncate(3);
+        eprintln!(
+            "{what} during the {entries}-entry apply ({:.1} s from plan to enforced status): {} requests, {failed} failed, slowest {worst:.1} ms; slowest three (ok, ms, sent at ms, the plan at about 500): {slowest:?}",
+            applied.as_secs_f64(),
+            polled.len()
+        );
+        assert!(
+            polled.len() as f64 >= applied.as_secs_f64() * 5.0,
+            "{what}: too few requests measured: {}",
+            polled.len()
+        );
+        assert_eq!(failed, 0, "{what}: failed requests during the apply");
+        worst
+    };
+    let healthz = summary("/healthz on the probe listener", &healthz.stop());
+    let metrics = summary("/metrics on the agent's runtime", &metrics.stop());
+    assert!(
+        healthz < 100.0,
+        "a probe took {healthz} ms during the apply"
+    );
+    assert!(
+        metrics < 1000.0,
+        "a scrape took {metrics} ms during the apply: the runtime was held"
+    );
+}
+
+/// Kills and reaps a child on drop.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

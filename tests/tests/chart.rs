@@ -10,6 +10,7 @@ use egressguard_operator::rbac::{self, Rule};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
 
 fn root() -> std::path::PathBuf {
@@ -228,6 +229,42 @@ fn chart_lints_and_renders_with_real_helm() {
         "{:?}",
         c.image
     );
+    // Metrics on the node's own address, probes on loopback with a listener
+    // of their own (the agent is on the host network).
+    let args = c.args.clone().unwrap_or_default();
+    assert!(
+        args.iter().any(|a| a == "--metrics-addr=$(HOST_IP):9464"),
+        "{args:?}"
+    );
+    assert!(
+        args.iter().any(|a| a == "--probe-addr=127.0.0.1:9465"),
+        "{args:?}"
+    );
+    let field = |name: &str| {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.clone())
+    };
+    assert_eq!(field("HOST_IP").as_deref(), Some("status.hostIP"));
+    assert!(
+        env.iter()
+            .any(|e| e.name == "MALLOC_ARENA_MAX" && e.value.as_deref() == Some("2")),
+        "{env:?}"
+    );
+    for (kind, probe, path) in [
+        ("liveness", &c.liveness_probe, "/healthz"),
+        ("readiness", &c.readiness_probe, "/readyz"),
+    ] {
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.clone())
+            .unwrap_or_else(|| panic!("no {kind} httpGet"));
+        assert_eq!(get.host.as_deref(), Some("127.0.0.1"), "{kind}");
+        assert_eq!(get.path.as_deref(), Some(path), "{kind}");
+        assert_eq!(get.port, IntOrString::Int(9465), "{kind}");
+    }
 
     // The operator: two replicas (leader election), non-root, read-only root.
     let op = &deployments[0].spec;
@@ -245,6 +282,26 @@ fn chart_lints_and_renders_with_real_helm() {
         .unwrap_or_default()
         .iter()
         .any(|e| e.name == "POD_NAMESPACE"));
+    // The operator's probes: a port of their own, not the metrics port.
+    assert!(oc
+        .args
+        .clone()
+        .unwrap_or_default()
+        .iter()
+        .any(|a| a == "--probe-addr=0.0.0.0:9467"));
+    assert!(oc
+        .ports
+        .clone()
+        .unwrap_or_default()
+        .iter()
+        .any(|p| p.name.as_deref() == Some("probes") && p.container_port == 9467));
+    for probe in [&oc.liveness_probe, &oc.readiness_probe] {
+        let port = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .map(|g| g.port.clone());
+        assert_eq!(port, Some(IntOrString::String("probes".into())));
+    }
 }
 
 #[test]

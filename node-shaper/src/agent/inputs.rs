@@ -191,6 +191,11 @@ impl Inputs {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The same, shared: for [`input_for`] off the runtime.
+    pub fn shared(&self) -> Arc<Mutex<Held>> {
+        self.held.clone()
+    }
+
     /// Watches exactly the inputs `ns` names: starts the missing watches,
     /// stops (and forgets) the ones no longer named.
     pub fn follow(&mut self, ns: Option<&NodeShaping>) {
@@ -219,6 +224,7 @@ impl Inputs {
                     Api::<EgressGuard>::all(client.clone()),
                     name,
                     changed.clone(),
+                    |g: EgressGuard| g,
                     move |g: Option<EgressGuard>| {
                         // The operator's status writes (as nodes confirm) change
                         // nothing an agent enforces: only uid and generation count.
@@ -246,8 +252,9 @@ impl Inputs {
                     Api::<CIDRGroup>::all(client.clone()),
                     name,
                     changed.clone(),
-                    move |g: Option<CIDRGroup>| {
-                        let parsed = g.as_ref().map(HeldGroup::of);
+                    // Tens of thousands of networks: parsed off the runtime.
+                    |g: CIDRGroup| HeldGroup::of(&g),
+                    move |parsed: Option<HeldGroup>| {
                         let digest = |g: &Option<HeldGroup>| g.as_ref().map(|g| g.digest.clone());
                         let mut h = lock(&held);
                         let same = h
@@ -301,18 +308,23 @@ fn sync<V>(
     }
 }
 
-/// Watches one object by name; `store` gets it (or `None` when it is absent)
-/// after every complete list and every change, and says whether anything an
-/// agent enforces changed: only then is a pass woken.
-fn spawn_watch<K>(
+/// Watches one object by name; `store` gets it, turned into what the agent
+/// keeps by `prepare` on a blocking thread (a 25,000-entry group takes tens
+/// of milliseconds to parse and must not hold up the runtime's probes), or
+/// `None` when it is absent, after every complete list and every change,
+/// and says whether anything an agent enforces changed: only then is a pass
+/// woken.
+fn spawn_watch<K, P>(
     api: Api<K>,
     name: &str,
     changed: Arc<Notify>,
-    store: impl Fn(Option<K>) -> bool + Send + 'static,
+    prepare: fn(K) -> P,
+    store: impl Fn(Option<P>) -> bool + Send + 'static,
 ) -> JoinHandle<()>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     K::DynamicType: Default,
+    P: Send + 'static,
 {
     let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let what = format!("{} {name}", K::kind(&K::DynamicType::default()));
@@ -331,12 +343,18 @@ where
                     continue;
                 }
                 Ok(Event::InitDone) => {
-                    if store(listing.take()) {
+                    let Ok(o) = prepared(prepare, listing.take()).await else {
+                        continue;
+                    };
+                    if store(o) {
                         changed.notify_one();
                     }
                 }
                 Ok(Event::Apply(o)) => {
-                    if store(Some(o)) {
+                    let Ok(o) = prepared(prepare, Some(o)).await else {
+                        continue;
+                    };
+                    if store(o) {
                         changed.notify_one();
                     }
                 }
@@ -349,6 +367,23 @@ where
             }
         }
     })
+}
+
+/// `prepare(o)` on a blocking thread; `Err` only when that thread panicked
+/// or the runtime is shutting down (logged; the next event retries).
+async fn prepared<K: Send + 'static, P: Send + 'static>(
+    prepare: fn(K) -> P,
+    o: Option<K>,
+) -> Result<Option<P>, ()> {
+    let Some(o) = o else {
+        return Ok(None);
+    };
+    tokio::task::spawn_blocking(move || prepare(o))
+        .await
+        .map(Some)
+        .map_err(
+            |e| warn!(error = %e, "cannot prepare a watched object; waiting for its next event"),
+        )
 }
 
 #[cfg(test)]

@@ -4,21 +4,29 @@
 //! and the guard and CIDRGroups that plan names ([`inputs`]), reconciles the
 //! kernel on every change and every resync period (repairing drift such as
 //! a hand-typed `tc qdisc del`), writes what it did to the object's status,
-//! and serves `/metrics`, `/healthz` and `/readyz`.
+//! and serves `/metrics` (with `/healthz` and `/readyz`) on the metrics
+//! address and the probes alone on a probe address, a thread and a runtime
+//! of their own (`http`). The kernel work runs on a thread of its own
+//! ([`kernel`]), so a long pass never holds up the runtime.
 //!
 //! # Guarantees
 //! - Shaping is removed only when the plan says so: the object asks for
 //!   removal, is gone after a successful list, or stops enforcing. An
 //!   unreachable API server changes nothing in the kernel.
 //! - SIGTERM leaves enforcement in place, so a rolling update opens no gap —
-//!   unless the agent's own DaemonSet is gone or being deleted (the chart was
-//!   uninstalled): then nothing would ever remove the shaping, so it does.
+//!   unless the agent's own DaemonSet was seen gone or being deleted with
+//!   valid credentials (the chart was uninstalled; [`uninstall`]): then
+//!   nothing would ever remove the shaping, so it does. Refused credentials
+//!   (401/403) are no such proof and keep the shaping.
 
+pub mod heartbeat;
 mod http;
 pub mod inputs;
+pub mod kernel;
 mod metrics;
 mod reconcile;
 pub mod status;
+pub mod uninstall;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -43,10 +51,13 @@ pub struct AgentConfig {
     pub node: String,
     /// Where `/metrics`, `/healthz` and `/readyz` listen.
     pub metrics_addr: SocketAddr,
+    /// Where `/healthz` and `/readyz` alone listen, for the kubelet.
+    pub probe_addr: SocketAddr,
     /// Reconcile at least this often, to repair drift.
     pub resync: Duration,
-    /// `namespace/name` of the DaemonSet running this agent; on SIGTERM, if
-    /// it is gone or being deleted, the agent removes its shaping.
+    /// `namespace/name` of the DaemonSet running this agent, watched while
+    /// the agent runs; on SIGTERM, if it was seen gone or being deleted, the
+    /// agent removes its shaping.
     pub daemonset: Option<(String, String)>,
 }
 
@@ -67,6 +78,15 @@ pub enum AgentError {
     /// Signal handling could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signal(std::io::Error),
+    /// The kernel or the probe thread could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+    /// The kernel thread stopped.
+    #[error(transparent)]
+    Kernel(#[from] kernel::KernelGone),
+    /// Building a pass's input panicked.
+    #[error("building the input of a pass failed: {0}")]
+    Planning(#[source] tokio::task::JoinError),
 }
 
 /// Shared between the reconcile loop and the HTTP endpoints.
@@ -116,35 +136,6 @@ pub fn api_server_entries(
     out
 }
 
-/// Is this agent's DaemonSet gone or being deleted? Unknown (no DaemonSet
-/// configured, API unreachable, any other error) counts as no: keeping the
-/// shaping is the safe default.
-async fn uninstalled(client: &kube::Client, ds: Option<&(String, String)>) -> bool {
-    let Some((ns, name)) = ds else {
-        return false;
-    };
-    let api: Api<k8s_openapi::api::apps::v1::DaemonSet> = Api::namespaced(client.clone(), ns);
-    match tokio::time::timeout(Duration::from_secs(5), api.get_opt(name)).await {
-        Ok(Ok(None)) => true,
-        Ok(Ok(Some(d))) => d.metadata.deletion_timestamp.is_some(),
-        // `helm uninstall` deletes the DaemonSet, then the Role, binding and
-        // ServiceAccount; by the time the pod gets SIGTERM this agent's own
-        // credentials are usually refused too. A rolling update keeps them.
-        Ok(Err(kube::Error::Api(e))) if e.code == 401 || e.code == 403 => {
-            info!(code = e.code, "this agent's own credentials are refused: its chart's ServiceAccount or Role is gone");
-            true
-        }
-        Ok(Err(e)) => {
-            warn!(error = %e, "cannot tell whether the DaemonSet is being deleted; keeping the shaping");
-            false
-        }
-        Err(_) => {
-            warn!("API server did not answer within 5 s; keeping the shaping");
-            false
-        }
-    }
-}
-
 /// Runs until SIGTERM/SIGINT.
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let config = kube::Config::infer()
@@ -158,13 +149,25 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let client = kube::Client::try_from(config).map_err(AgentError::Client)?;
     let api: Api<NodeShaping> = Api::all(client.clone());
     let shared = Arc::new(Mutex::new(Shared::default()));
-    let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
+    let listen = |addr: SocketAddr| move |source| AgentError::Listen { addr, source };
+    let heart = Arc::new(http::Heartbeat::new());
+    let probes = std::net::TcpListener::bind(cfg.probe_addr).map_err(listen(cfg.probe_addr))?;
+    http::spawn_probes(probes, shared.clone(), heart.clone()).map_err(AgentError::Thread)?;
+    tokio::spawn(async move {
+        loop {
+            heart.beat();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    let metrics = tokio::net::TcpListener::bind(cfg.metrics_addr)
         .await
-        .map_err(|source| AgentError::Listen {
-            addr: cfg.metrics_addr,
-            source,
-        })?;
-    tokio::spawn(http::serve(listener, shared.clone()));
+        .map_err(listen(cfg.metrics_addr))?;
+    tokio::spawn(http::serve(metrics, shared.clone()));
+    info!(metrics = %cfg.metrics_addr, probes = %cfg.probe_addr, "serving /metrics, and the probes on their own listener");
+    let daemonset = cfg
+        .daemonset
+        .as_ref()
+        .map(|(ns, name)| uninstall::watch(client.clone(), ns, name));
 
     // The watcher feeds the latest version of our object (None = absent).
     let (tx, mut rx) = watch::channel::<Option<Option<NodeShaping>>>(None);
@@ -199,10 +202,11 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     // The last plan enforced and what it was enforced with.
     let mut last_enforced: Option<(egressguard_crds::NodeShapingSpec, inputs::Input)> = None;
     let inputs_changed = inputs.changed();
-    let mut memory = Memory {
-        own_protected,
+    let kernel = kernel::Kernel::start(Memory {
+        own_protected: own_protected.clone(),
         ..Memory::default()
-    };
+    })
+    .map_err(AgentError::Thread)?;
     let mut last_status = None;
     let mut last_write: Option<std::time::Instant> = None;
     info!(node = %cfg.node, "node-shaper agent started");
@@ -212,14 +216,18 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             _ = inputs_changed.notified() => {}
             _ = ticker.tick() => {}
             _ = sigterm.recv() => {
-                if uninstalled(&client, cfg.daemonset.as_ref()).await {
-                    info!("SIGTERM and this agent's DaemonSet is gone: the chart was uninstalled; removing shaping so no node stays shaped with nothing to manage it");
-                    let out = reconcile(&inputs::Input::Remove, &mut memory);
-                    for i in &out.interfaces {
-                        info!(interface = %i.name, error = ?i.error, "shaping removed on uninstall");
+                let watched = daemonset.as_ref().map(|w| *w.borrow()).unwrap_or_default();
+                match uninstall::on_sigterm(&client, cfg.daemonset.as_ref(), watched).await {
+                    uninstall::Verdict::Remove(why) => {
+                        info!(%why, "SIGTERM: the chart was uninstalled; removing shaping so no node stays shaped with nothing to manage it");
+                        let (_, out) = kernel.pass(inputs::Input::Remove).await?;
+                        for i in &out.interfaces {
+                            info!(interface = %i.name, error = ?i.error, "shaping removed on uninstall");
+                        }
                     }
-                } else {
-                    info!("SIGTERM: leaving enforcement in place (a rolling update must not open a gap); exiting");
+                    uninstall::Verdict::Keep(why) => {
+                        info!(%why, "SIGTERM: leaving enforcement in place (a rolling update must not open a gap); exiting");
+                    }
                 }
                 break;
             }
@@ -232,12 +240,17 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         let Some(current) = rx.borrow().clone() else {
             continue;
         };
-        // Netlink is blocking; the pass runs on this (only) thread on purpose:
-        // a pass takes milliseconds, and a second thread would get its own
-        // malloc arena that keeps a big plan's peak allocation resident,
-        // costing several MiB of idle RSS on a 10,000-entry plan.
         inputs.follow(current.as_ref());
-        let mut input = inputs::input_for(current.as_ref(), &inputs.held(), &memory.own_protected);
+        // Building a 100,000-entry target takes a while: off the runtime too.
+        let mut input = {
+            let (ns, held, own) = (current.clone(), inputs.shared(), own_protected.clone());
+            tokio::task::spawn_blocking(move || {
+                let held = held.lock().unwrap_or_else(|p| p.into_inner());
+                inputs::input_for(ns.as_ref(), &held, &own)
+            })
+            .await
+            .map_err(AgentError::Planning)?
+        };
         let spec = current.as_ref().map(|n| &n.spec);
         // The plan has not changed but its guard or groups moved on (an
         // edit the operator holds back, a group gone): keep enforcing, and
@@ -248,7 +261,9 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                 input = last.clone();
             }
         }
-        let outcome = reconcile(&input, &mut memory);
+        // Netlink is blocking: the pass runs on the kernel thread while this
+        // runtime goes on answering probes and scrapes.
+        let (input, outcome) = kernel.pass(input).await?;
         last_enforced = match (input, spec) {
             (i @ inputs::Input::Shape { .. }, Some(plan)) if outcome.error.is_none() => {
                 Some((plan.clone(), i))
@@ -256,7 +271,6 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             (inputs::Input::Waiting(_), _) => last_enforced,
             _ => None,
         };
-        crate::alloc::release_free_memory();
         let reconciled = current;
         {
             let mut s = shared.lock().unwrap_or_else(|p| p.into_inner());
