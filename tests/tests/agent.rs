@@ -581,6 +581,12 @@ fn e2e_helm_uninstall_leaves_no_node_shaped() {
     let (code, log) = c.stop_agent();
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("the chart was uninstalled"), "{log}");
+    // Helm deleted the agent's ServiceAccount and Role too: what its watch
+    // saw decides, not a read on SIGTERM (which would be refused).
+    assert!(
+        log.contains("the watch saw this agent's DaemonSet"),
+        "{log}"
+    );
     assert!(
         !c.root_qdisc().contains("e9:"),
         "node left shaped after uninstall: {}",

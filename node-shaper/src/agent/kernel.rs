@@ -13,6 +13,12 @@
 //! - After each pass the thread gives free heap pages back to the kernel
 //!   ([`crate::alloc::release_free_memory`], which trims every malloc
 //!   arena, this thread's own included).
+//!
+//! glibc gives a second thread that allocates an arena of its own; the
+//! pass's peak (the planned and the observed tree) is built and freed in
+//! this thread's arena and trimmed there. The chart also sets
+//! `MALLOC_ARENA_MAX=2` so that the blocking threads which parse groups
+//! share that arena instead of adding more.
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;
