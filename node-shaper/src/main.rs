@@ -123,6 +123,11 @@ enum Cmd {
         /// removed if it is gone (the chart was uninstalled), kept otherwise.
         #[arg(long, env = "EGRESSGUARD_DAEMONSET")]
         daemonset: Option<String>,
+        /// Renew this node's heartbeat Lease (in the client's namespace) this
+        /// often, in seconds; the operator reports a quarantine whose agent
+        /// stops renewing it. 0 turns the heartbeat off.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=3_600))]
+        heartbeat_seconds: u64,
     },
     /// Remove node-shaper's shaping and restore the device default qdisc.
     Reset {
@@ -379,6 +384,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             probe_addr,
             resync_seconds,
             daemonset,
+            heartbeat_seconds,
         } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -393,6 +399,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     d.split_once('/')
                         .map(|(ns, n)| (ns.to_string(), n.to_string()))
                 }),
+                heartbeat: (heartbeat_seconds > 0)
+                    .then(|| std::time::Duration::from_secs(heartbeat_seconds)),
             };
             rt.block_on(node_shaper::agent::run(cfg)).map_err(runtime)
         }

@@ -782,7 +782,7 @@ async fn write_plan(
 
 /// Guard → nodes with an Active quarantine, as stored.
 /// How often Active quarantines' heartbeats are checked.
-const HEARTBEAT_CHECK: Duration = Duration::from_secs(1);
+const HEARTBEAT_CHECK: Duration = Duration::from_millis(500);
 
 fn any_active(ctx: &Ctx) -> bool {
     ctx.caches

@@ -9,7 +9,20 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use egressguard_e2e::cluster::{self, condition};
-use egressguard_e2e::site::{add_node, available, sh, target_bin, wait_for, Cluster};
+use egressguard_e2e::site::{add_node, available, sh, target_bin, Cluster};
+
+/// Waits, and on failure shows the operator's and the agent's logs and the plan.
+fn wait_for(c: &Cluster, what: &str, secs: u64, f: impl FnMut() -> bool) {
+    cluster::wait_for(what, secs, f, || {
+        format!(
+            "{}\n--- agent\n{}\n--- NodeShaping\n{}",
+            c.operator_log(),
+            std::fs::read_to_string(c.dir.join("agent-1.log")).unwrap_or_default(),
+            c.get("nodeshapings.egressguard.io", "node-1")
+                .unwrap_or_default()
+        )
+    });
+}
 
 /// How often the agent renews its heartbeat in this test.
 const HEARTBEAT: u64 = 2;
@@ -182,13 +195,15 @@ fn e2e_a_quarantined_node_cannot_quietly_undo_its_containment() {
         "no Warning Event on the Node: {events}"
     );
 
-    // 3. A clsact egress redirect around the HTB root: reported within 1 s,
-    //    and left in place (not ours to delete).
+    // 3. A clsact egress redirect around the HTB root for the flood's
+    //    destinations (the attacker keeps the control plane reachable, so
+    //    the node looks healthy): reported within 1 s, and left in place
+    //    (not ours to delete).
     let t = Instant::now();
     in_node(
         &c,
-        "ip link add egx type dummy && ip link set egx up && tc qdisc add dev eg0 clsact && \
-         tc filter add dev eg0 egress protocol all prio 1 u32 match u32 0 0 action mirred egress redirect dev egx",
+        "ip link add egx type veth peer name egy && ip link set egx up && tc qdisc add dev eg0 clsact && \
+         tc filter add dev eg0 egress protocol ip prio 1 u32 match ip dst 203.0.113.0/24 action mirred egress redirect dev egx",
     );
     wait_for(&c, "a clsact egress filter reported", 10, || {
         let nsh = c.get("nodeshapings.egressguard.io", "node-1");
@@ -197,7 +212,13 @@ fn e2e_a_quarantined_node_cannot_quietly_undo_its_containment() {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .any(|k| k["type"] == "Tampered" && k["message"].as_str().unwrap_or_default().contains("clsact egress hook"))
+                .any(|k| {
+                    k["type"] == "Tampered"
+                        && k["message"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .contains("clsact egress hook")
+                })
         })
     });
     let reported = t.elapsed().as_secs_f64();
@@ -208,7 +229,10 @@ fn e2e_a_quarantined_node_cannot_quietly_undo_its_containment() {
         "the foreign filter must be left in place"
     );
     let (_, reason) = tampered(&c);
-    assert_eq!(reason, "ForeignHook", "a present hook outranks a past repair");
+    assert_eq!(
+        reason, "ForeignHook",
+        "a present hook outranks a past repair"
+    );
 
     // 4. A person releases the node: the escalation is undone.
     c.kubectl_ok(&[

@@ -59,6 +59,8 @@ pub struct AgentConfig {
     /// the agent runs; on SIGTERM, if it was seen gone or being deleted, the
     /// agent removes its shaping.
     pub daemonset: Option<(String, String)>,
+    /// Renew the heartbeat Lease this often (`None`: no heartbeat).
+    pub heartbeat: Option<Duration>,
 }
 
 /// Why the agent stopped.
@@ -202,11 +204,31 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     // The last plan enforced and what it was enforced with.
     let mut last_enforced: Option<(egressguard_crds::NodeShapingSpec, inputs::Input)> = None;
     let inputs_changed = inputs.changed();
+    // Tampering: the kernel's tc notifications wake a pass at once (the
+    // passes record their own sockets, whose changes are not tampering).
+    let tc_watch = crate::netlink::monitor::Watch::default();
+    let (tc_tx, mut tc_rx) = tokio::sync::mpsc::unbounded_channel();
+    if let Err(e) = crate::netlink::monitor::spawn(tc_watch.clone(), move |c| tc_tx.send(c).is_ok())
+    {
+        warn!(error = %e, "cannot listen to tc notifications; drift is repaired at the resync only");
+    }
     let kernel = kernel::Kernel::start(Memory {
         own_protected: own_protected.clone(),
+        watch: Some(tc_watch),
         ..Memory::default()
     })
     .map_err(AgentError::Thread)?;
+    if let Some(period) = cfg.heartbeat {
+        let ns = client.default_namespace().to_string();
+        tokio::spawn(heartbeat::run(client.clone(), ns, cfg.node.clone(), period));
+    }
+    let recorder = kube::runtime::events::Recorder::new(
+        client.clone(),
+        kube::runtime::events::Reporter {
+            controller: "egressguard-node-shaper".into(),
+            instance: Some(cfg.node.clone()),
+        },
+    );
     let mut last_status = None;
     let mut last_write: Option<std::time::Instant> = None;
     info!(node = %cfg.node, "node-shaper agent started");
@@ -215,6 +237,11 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             changed = rx.changed() => if changed.is_err() { break },
             _ = inputs_changed.notified() => {}
             _ = ticker.tick() => {}
+            Some(change) = tc_rx.recv() => {
+                // One pass answers a burst: what arrived meanwhile is covered.
+                while tc_rx.try_recv().is_ok() {}
+                info!(?change, "tc changed under this agent; repairing now");
+            }
             _ = sigterm.recv() => {
                 let watched = daemonset.as_ref().map(|w| *w.borrow()).unwrap_or_default();
                 match uninstall::on_sigterm(&client, cfg.daemonset.as_ref(), watched).await {
@@ -276,6 +303,9 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             let mut s = shared.lock().unwrap_or_else(|p| p.into_inner());
             s.synced = true;
             s.metrics.record(&outcome);
+        }
+        if !outcome.tamper.is_empty() {
+            heartbeat::report_tampering(&recorder, &cfg.node, &outcome.tamper).await;
         }
         // The status describes the object this pass acted on (its generation),
         // not a newer one that may have arrived meanwhile: that one gets its own pass.
