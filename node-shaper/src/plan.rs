@@ -717,7 +717,7 @@ fn catch_all_prios() -> Vec<Prio> {
             )
         })
         .collect();
-    v6.push(to_throttled(vec![every.clone()], "every other ipv6 packet"));
+    v6.push(to_throttled(vec![every], "every other ipv6 packet"));
     vec![
         Prio {
             prio: PRIO_V4_ALL,

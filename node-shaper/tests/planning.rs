@@ -687,8 +687,9 @@ fn a_quarantine_throttles_every_port_and_protocol_but_the_whitelist() {
         &spec_from(&auto.replace("triggers:", "throttle: ListedPorts, triggers:")),
         &[],
     );
-    let cases: &[(&str, L4, u16, Option<u32>, Option<u32>)] = &[
-        // (destination, l4, port, AllButWhitelisted, ListedPorts)
+    // (destination, l4, port, class under AllButWhitelisted, under ListedPorts)
+    type Case = (&'static str, L4, u16, Option<u32>, Option<u32>);
+    let cases: &[Case] = &[
         (
             "203.0.113.9",
             L4::Tcp,
