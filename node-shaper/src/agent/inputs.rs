@@ -191,11 +191,6 @@ impl Inputs {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The same, shared: for [`input_for`] off the runtime.
-    pub fn shared(&self) -> Arc<Mutex<Held>> {
-        self.held.clone()
-    }
-
     /// Watches exactly the inputs `ns` names: starts the missing watches,
     /// stops (and forgets) the ones no longer named.
     pub fn follow(&mut self, ns: Option<&NodeShaping>) {
@@ -224,7 +219,6 @@ impl Inputs {
                     Api::<EgressGuard>::all(client.clone()),
                     name,
                     changed.clone(),
-                    |g: EgressGuard| g,
                     move |g: Option<EgressGuard>| {
                         // The operator's status writes (as nodes confirm) change
                         // nothing an agent enforces: only uid and generation count.
@@ -252,9 +246,8 @@ impl Inputs {
                     Api::<CIDRGroup>::all(client.clone()),
                     name,
                     changed.clone(),
-                    // Tens of thousands of networks: parsed off the runtime.
-                    |g: CIDRGroup| HeldGroup::of(&g),
-                    move |parsed: Option<HeldGroup>| {
+                    move |g: Option<CIDRGroup>| {
+                        let parsed = g.as_ref().map(HeldGroup::of);
                         let digest = |g: &Option<HeldGroup>| g.as_ref().map(|g| g.digest.clone());
                         let mut h = lock(&held);
                         let same = h
@@ -308,23 +301,18 @@ fn sync<V>(
     }
 }
 
-/// Watches one object by name; `store` gets it, turned into what the agent
-/// keeps by `prepare` on a blocking thread (a 25,000-entry group takes tens
-/// of milliseconds to parse and must not hold up the runtime's probes), or
-/// `None` when it is absent, after every complete list and every change,
-/// and says whether anything an agent enforces changed: only then is a pass
-/// woken.
-fn spawn_watch<K, P>(
+/// Watches one object by name; `store` gets it (or `None` when it is absent)
+/// after every complete list and every change, and says whether anything an
+/// agent enforces changed: only then is a pass woken.
+fn spawn_watch<K>(
     api: Api<K>,
     name: &str,
     changed: Arc<Notify>,
-    prepare: fn(K) -> P,
-    store: impl Fn(Option<P>) -> bool + Send + 'static,
+    store: impl Fn(Option<K>) -> bool + Send + 'static,
 ) -> JoinHandle<()>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     K::DynamicType: Default,
-    P: Send + 'static,
 {
     let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let what = format!("{} {name}", K::kind(&K::DynamicType::default()));
@@ -343,18 +331,12 @@ where
                     continue;
                 }
                 Ok(Event::InitDone) => {
-                    let Ok(o) = prepared(prepare, listing.take()).await else {
-                        continue;
-                    };
-                    if store(o) {
+                    if store(listing.take()) {
                         changed.notify_one();
                     }
                 }
                 Ok(Event::Apply(o)) => {
-                    let Ok(o) = prepared(prepare, Some(o)).await else {
-                        continue;
-                    };
-                    if store(o) {
+                    if store(Some(o)) {
                         changed.notify_one();
                     }
                 }
@@ -367,23 +349,6 @@ where
             }
         }
     })
-}
-
-/// `prepare(o)` on a blocking thread; `Err` only when that thread panicked
-/// or the runtime is shutting down (logged; the next event retries).
-async fn prepared<K: Send + 'static, P: Send + 'static>(
-    prepare: fn(K) -> P,
-    o: Option<K>,
-) -> Result<Option<P>, ()> {
-    let Some(o) = o else {
-        return Ok(None);
-    };
-    tokio::task::spawn_blocking(move || prepare(o))
-        .await
-        .map(Some)
-        .map_err(
-            |e| warn!(error = %e, "cannot prepare a watched object; waiting for its next event"),
-        )
 }
 
 #[cfg(test)]

@@ -86,9 +86,6 @@ pub enum AgentError {
     /// The kernel thread stopped.
     #[error(transparent)]
     Kernel(#[from] kernel::KernelGone),
-    /// Building a pass's input panicked.
-    #[error("building the input of a pass failed: {0}")]
-    Planning(#[source] tokio::task::JoinError),
 }
 
 /// Shared between the reconcile loop and the HTTP endpoints.
@@ -268,16 +265,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             continue;
         };
         inputs.follow(current.as_ref());
-        // Building a 100,000-entry target takes a while: off the runtime too.
-        let mut input = {
-            let (ns, held, own) = (current.clone(), inputs.shared(), own_protected.clone());
-            tokio::task::spawn_blocking(move || {
-                let held = held.lock().unwrap_or_else(|p| p.into_inner());
-                inputs::input_for(ns.as_ref(), &held, &own)
-            })
-            .await
-            .map_err(AgentError::Planning)?
-        };
+        let mut input = inputs::input_for(current.as_ref(), &inputs.held(), &own_protected);
         let spec = current.as_ref().map(|n| &n.spec);
         // The plan has not changed but its guard or groups moved on (an
         // edit the operator holds back, a group gone): keep enforcing, and
