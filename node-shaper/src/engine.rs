@@ -18,7 +18,7 @@ use crate::diff::{diff, diff_onto, diff_rebuilding, overfull_buckets, Op};
 use crate::iface::Interface;
 use crate::model::{fmt_handle, LeafKind, Shape};
 use crate::netlink::{encode, observe, KernelError, KernelReply, Netlink, Observed, RootState};
-use crate::plan::{plan_protected, LeafChoice};
+use crate::plan::{plan_host, LeafChoice};
 use crate::target::Target;
 
 /// Why an operation on an interface failed.
@@ -427,7 +427,8 @@ pub fn prepare(
     choice: LeafChoice,
     dev: &str,
 ) -> Result<(Shape, Vec<Op>), EngineError> {
-    let desired = plan_protected(&target.valid, &target.protected, choice);
+    // SSH replies are matched from the interface's own addresses.
+    let desired = plan_host(&target.valid, &target.protected, choice, &observed.local);
     if let Some((prio, _, bucket, count)) = overfull_buckets(&desired).into_iter().next() {
         return Err(EngineError::BucketFull {
             dev: dev.into(),
@@ -658,6 +659,7 @@ mod tests {
             root_counters: Default::default(),
             direct_packets: 0,
             hooks: vec![],
+            local: vec![],
         }
     }
 

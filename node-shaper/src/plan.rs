@@ -70,8 +70,21 @@ pub fn plan(spec: &ValidSpec, leaf: LeafChoice) -> Shape {
     plan_protected(spec, &[], leaf)
 }
 
-/// The desired shape for a spec plus destinations that are always whitelisted.
+/// The desired shape for a spec plus destinations that are always
+/// protected, with SSH replies matched from any source address.
 pub fn plan_protected(spec: &ValidSpec, protected: &[Protected], leaf: LeafChoice) -> Shape {
+    plan_host(spec, protected, leaf, &[])
+}
+
+/// The desired shape on an interface whose own addresses are `local`: SSH
+/// replies are matched from those (TCP source port 22 and a source address
+/// of the interface), as narrowly as u32 can tell SSH apart.
+pub fn plan_host(
+    spec: &ValidSpec,
+    protected: &[Protected],
+    leaf: LeafChoice,
+    local: &[IpAddr],
+) -> Shape {
     let up = spec.uplink_rate;
     // Children's rates must add up to at most the parent's, or HTB lets green
     // children exceed the uplink. The throttle and the two lanes keep their
@@ -126,7 +139,7 @@ pub fn plan_protected(spec: &ValidSpec, protected: &[Protected], leaf: LeafChoic
     let mut prios = protect_port_prios(spec);
     prios.extend(whitelist_prios(spec, protected));
     if spec.protect_ssh_replies {
-        prios.extend(ssh_prios());
+        prios.extend(ssh_prios(local));
     }
     prios.extend(throttle_prios(spec));
     if spec.throttle_portless && !spec.destinations.is_empty() {
@@ -374,15 +387,45 @@ fn protect_port_prios(spec: &ValidSpec) -> Vec<Prio> {
 /// no flood takes, so no guard can lock people out of the node. Any local
 /// process may send from port 22 (a pod may bind it without privileges), so
 /// the lane has a ceiling: it is a guarantee, not a way around the throttle.
-fn ssh_prios() -> Vec<Prio> {
+///
+/// With the interface's addresses known, a link per address (its source
+/// address, TCP, first fragment) leads to the port-22 table; a family with
+/// no address, or more than [`MAX_SSH_SOURCES`], matches any source.
+fn ssh_prios(local: &[IpAddr]) -> Vec<Prio> {
     [
         (true, PRIO_V4_SSH, ETH_P_IP, TABLE_V4_SSH),
         (false, PRIO_V6_SSH, ETH_P_IPV6, TABLE_V6_SSH),
     ]
     .into_iter()
     .map(|(v4, prio, protocol, table)| {
-        let mut link = l4_link(v4, IPPROTO_TCP, table);
-        link.origin = Origin::Link("tcp source ports");
+        let own: Vec<&IpAddr> = local.iter().filter(|a| a.is_ipv4() == v4).collect();
+        let mut links: Vec<Filter> = Vec::new();
+        if own.is_empty() || own.len() > MAX_SSH_SOURCES {
+            let mut link = l4_link(v4, IPPROTO_TCP, table);
+            link.origin = Origin::Link("tcp source ports");
+            links.push(link);
+        } else {
+            for a in own {
+                let mut link = l4_link(v4, IPPROTO_TCP, table);
+                link.sel.keys.extend(src_keys(a));
+                link.origin = Origin::Link("tcp source ports of this interface's addresses");
+                links.push(link);
+            }
+        }
+        links.push(Filter {
+            table: Table::User(table),
+            bucket: 0,
+            id: None,
+            sel: terminal(vec![Key {
+                mask: 0xffff_0000,
+                val: 22 << 16,
+                off: 0,
+                offmask: 0,
+            }]),
+            classid: Some(CLASS_SSH),
+            link: None,
+            origin: Origin::SshReplies,
+        });
         Prio {
             prio,
             protocol,
@@ -391,26 +434,38 @@ fn ssh_prios() -> Vec<Prio> {
                 handle: table,
                 divisor: 1,
             }],
-            filters: vec![
-                link,
-                Filter {
-                    table: Table::User(table),
-                    bucket: 0,
-                    id: None,
-                    sel: terminal(vec![Key {
-                        mask: 0xffff_0000,
-                        val: 22 << 16,
-                        off: 0,
-                        offmask: 0,
-                    }]),
-                    classid: Some(CLASS_SSH),
-                    link: None,
-                    origin: Origin::SshReplies,
-                },
-            ],
+            filters: links,
         }
     })
     .collect()
+}
+
+/// More addresses than this on one interface (an IPVS dummy holds every
+/// ClusterIP) would make every TCP packet walk that many links: SSH replies
+/// are then matched from any source.
+pub const MAX_SSH_SOURCES: usize = 16;
+
+/// Keys matching source address `a` exactly: IPv4 src at 12, IPv6 src at 8..24.
+fn src_keys(a: &IpAddr) -> Vec<Key> {
+    let words: Vec<u32> = match a {
+        IpAddr::V4(v) => vec![u32::from(*v)],
+        IpAddr::V6(v) => v
+            .octets()
+            .chunks(4)
+            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    };
+    let base = if a.is_ipv4() { 12 } else { 8 };
+    words
+        .into_iter()
+        .enumerate()
+        .map(|(i, w)| Key {
+            mask: u32::MAX,
+            val: w,
+            off: base + 4 * i as i32,
+            offmask: 0,
+        })
+        .collect()
 }
 
 fn whitelist_prios(spec: &ValidSpec, protected: &[Protected]) -> Vec<Prio> {

@@ -823,6 +823,14 @@ fn protected_and_ssh_lanes_keep_their_guarantees_and_ceilings() {
     );
     let e = ok(&lab.shaper(&["explain", "--interface", DEV, WHITE4, "--port", "6443"]));
     assert!(e.contains("the protected lane"), "{e}");
+    // The SSH exception is narrowed to the interface's own source address
+    // (10.211.0.1 = 0a d3 00 01 at offset 12 of the IPv4 header).
+    let ssh = String::from_utf8_lossy(
+        &lab.in_cli(&["tc", "filter", "show", "dev", DEV, "prio", "30"])
+            .stdout,
+    )
+    .into_owned();
+    assert!(ssh.contains("match 0ad30001/ffffffff at 12"), "{ssh}");
 }
 
 /// A quarantine covers every port (`quarantine.throttle`, AllButWhitelisted

@@ -761,3 +761,36 @@ fn a_quarantine_throttles_every_port_and_protocol_but_the_whitelist() {
         );
     }
 }
+
+/// With the interface's addresses known, the SSH lane takes TCP from port 22
+/// of those addresses only; from any other source (a forwarded or routed
+/// pod's packet) port 22 is ordinary traffic, throttled like any other.
+#[test]
+fn ssh_replies_come_from_the_interfaces_own_addresses() {
+    let spec = spec_from("");
+    let from22 =
+        |dst: &str| Packet::new(dst.parse().expect("address"), L4::Tcp, 443, 0).from_port(22);
+    // The simulator's packets come from 192.0.2.1 and 2000::.
+    let own: Vec<IpAddr> = vec![
+        "192.0.2.1".parse().expect("ip"),
+        "2000::".parse().expect("ip"),
+    ];
+    let other: Vec<IpAddr> = vec![
+        "10.0.0.5".parse().expect("ip"),
+        "2001:db8::5".parse().expect("ip"),
+    ];
+    for (local, want) in [(&own, Some(CLASS_SSH)), (&other, Some(CLASS_THROTTLED))] {
+        let s = node_shaper::plan::plan_host(&spec, &[], LeafChoice::Sfq, local);
+        for dst in ["203.0.113.9", "2001:db8:9::1"] {
+            let got = classify(&s, &from22(dst)).and_then(|v| v.node.classid);
+            assert_eq!(got, want, "{dst} from port 22 with local {local:?}");
+        }
+    }
+    // Too many addresses (an IPVS dummy): any source, like no address at all.
+    let many: Vec<IpAddr> = (1..=20u8).map(|i| IpAddr::from([10, 0, 0, i])).collect();
+    let s = node_shaper::plan::plan_host(&spec, &[], LeafChoice::Sfq, &many);
+    assert_eq!(
+        classify(&s, &from22("203.0.113.9")).and_then(|v| v.node.classid),
+        Some(CLASS_SSH)
+    );
+}

@@ -194,11 +194,15 @@ fn e2e_agent_enforces_repairs_updates_survives_restarts_and_removes() {
     );
     assert!(metrics.contains(&format!("egressguard_class_bytes_total{{guard=\"idc\",interface=\"{DEV}\",class=\"throttled\"}}")), "{metrics}");
 
-    // Drift: someone deletes the root qdisc; the next resync repairs it.
+    // Drift: someone deletes the root qdisc; the kernel's tc notification
+    // has the agent repair it at once (not at the next resync), and say so.
     c.lab.in_cli(&["tc", "qdisc", "del", "dev", DEV, "root"]);
-    assert!(!c.root_qdisc().contains("e9:"));
     wait_for("drift repaired", 15, || {
         c.root_qdisc().contains("qdisc htb e9: root")
+    });
+    wait_for("Tampered=True reason RootRemoved", 15, || {
+        c.node_shaping()
+            .is_some_and(|n| condition(&n, "Tampered") == ("True".into(), "RootRemoved".into()))
     });
 
     // An update changes the class in place.

@@ -65,6 +65,39 @@ pub struct Observed {
     /// packets around it (a clsact's egress filters) or that someone added
     /// next to it (an ingress or clsact qdisc). Never ours.
     pub hooks: Vec<Hook>,
+    /// The interface's own addresses: where its SSH replies come from.
+    pub local: Vec<std::net::IpAddr>,
+}
+
+/// The addresses of interface `ifindex`, host-scoped ones excluded.
+pub fn local_addresses(nl: &mut Netlink, ifindex: i32) -> io::Result<Vec<std::net::IpAddr>> {
+    use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+    let mut out = Vec::new();
+    for m in nl.dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()))? {
+        let RouteNetlinkMessage::NewAddress(a) = m else {
+            continue;
+        };
+        if i64::from(a.header.index) != i64::from(ifindex) || a.header.scope == AddressScope::Host {
+            continue;
+        }
+        // IFA_LOCAL is the local end on point-to-point links, where
+        // IFA_ADDRESS is the peer; elsewhere they are the same.
+        let local = a.attributes.iter().find_map(|x| match x {
+            AddressAttribute::Local(ip) => Some(*ip),
+            _ => None,
+        });
+        let address = a.attributes.iter().find_map(|x| match x {
+            AddressAttribute::Address(ip) => Some(*ip),
+            _ => None,
+        });
+        if let Some(ip) = local.or(address) {
+            if !out.contains(&ip) {
+                out.push(ip);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// A tc hook on an interface that node-shaper did not create.
@@ -355,6 +388,7 @@ pub fn observe(nl: &mut Netlink, ifindex: i32) -> io::Result<Observed> {
         root_counters,
         direct_packets: 0,
         hooks: hooks(nl, ifindex, &qdiscs)?,
+        local: local_addresses(nl, ifindex)?,
     };
     if obs.root != RootState::Owned {
         return Ok(obs);
