@@ -23,7 +23,8 @@
 //!                     /48, /64, /128 buckets split like IPv4 (600:+b, 700:+b, 1:+b); a /16 or /32 bucket
 //!                     of over 4,000 entries spills into 141: or 142:, on the byte before
 //! (user tables stay below 800:, where the kernel numbers the prios' own root tables)
-//!   prio 30     ip    SSH replies: TCP source port 22 -> e9:50 (the SSH lane), via table 220:
+//!   prio 30     ip    SSH replies: TCP from the interface's own addresses, source port 22
+//!                     -> e9:50 (the SSH lane), via table 220:
 //!   prio 31     ipv6  SSH replies, via table 221:
 //!   prio 40     ip    throttle: link on proto (+ IHL, non-fragment) to 200: (tcp) / 201: (udp)
 //!   prio 41     ipv6  throttle: link on next header to 210: (tcp) / 211: (udp)
