@@ -327,6 +327,10 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                 }
             }
         }
+        // What this iteration decoded and built on the runtime (watch events of
+        // big groups, the input, the status) is freed by now; the kernel thread
+        // trimmed after its pass, while the runtime still held it.
+        crate::alloc::release_free_memory();
     }
     Ok(())
 }

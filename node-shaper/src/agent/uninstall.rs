@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::DaemonSet;
-use kube::api::Api;
+use kube::api::{Api, ObjectMeta, PartialObjectMeta};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use tokio::sync::watch as latest;
@@ -91,19 +91,20 @@ pub fn uninstall_verdict(watched: Watched, fetched: &Fetched) -> Verdict {
     }
 }
 
-fn state_of(ds: &DaemonSet) -> Watched {
-    match ds.metadata.deletion_timestamp {
+fn state_of(meta: &ObjectMeta) -> Watched {
+    match meta.deletion_timestamp {
         Some(_) => Watched::Deleting,
         None => Watched::Present,
     }
 }
 
-/// Watches DaemonSet `ns/name` (a field-selected, namespaced watch) for as
-/// long as the runtime runs; the receiver holds what it saw last. A failing
-/// watch (refused, unreachable) leaves the last observation as it was.
+/// Watches DaemonSet `ns/name` (a field-selected, namespaced watch of its
+/// metadata only: a deletionTimestamp is all it needs) for as long as the
+/// runtime runs; the receiver holds what it saw last. A failing watch
+/// (refused, unreachable) leaves the last observation as it was.
 pub fn watch(client: kube::Client, ns: &str, name: &str) -> latest::Receiver<Watched> {
     let (tx, rx) = latest::channel(Watched::Nothing);
-    let api: Api<DaemonSet> = Api::namespaced(client, ns);
+    let api: Api<PartialObjectMeta<DaemonSet>> = Api::namespaced(client, ns);
     let wc = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let stream = watcher::watcher(api, wc).default_backoff();
     let name = name.to_string();
@@ -117,12 +118,12 @@ pub fn watch(client: kube::Client, ns: &str, name: &str) -> latest::Receiver<Wat
                     continue;
                 }
                 Ok(Event::InitApply(d)) => {
-                    listing = Some(state_of(&d));
+                    listing = Some(state_of(&d.metadata));
                     continue;
                 }
                 // Listed with valid credentials and not found: gone.
                 Ok(Event::InitDone) => listing.take().unwrap_or(Watched::Deleted),
-                Ok(Event::Apply(d)) => state_of(&d),
+                Ok(Event::Apply(d)) => state_of(&d.metadata),
                 Ok(Event::Delete(_)) => Watched::Deleted,
                 Err(e) => {
                     warn!(daemonset = %name, error = %e, "watch of this agent's DaemonSet failed; keeping what it saw last, retrying with backoff");
@@ -138,12 +139,12 @@ pub fn watch(client: kube::Client, ns: &str, name: &str) -> latest::Receiver<Wat
     rx
 }
 
-/// Reads the DaemonSet once, within `deadline`.
+/// Reads the DaemonSet's metadata once, within `deadline`.
 pub async fn fetch(client: kube::Client, ns: &str, name: &str, deadline: Duration) -> Fetched {
-    let api: Api<DaemonSet> = Api::namespaced(client, ns);
+    let api: Api<PartialObjectMeta<DaemonSet>> = Api::namespaced(client, ns);
     match tokio::time::timeout(deadline, api.get_opt(name)).await {
         Ok(Ok(None)) => Fetched::NotFound,
-        Ok(Ok(Some(d))) => match state_of(&d) {
+        Ok(Ok(Some(d))) => match state_of(&d.metadata) {
             Watched::Deleting => Fetched::Deleting,
             _ => Fetched::Present,
         },
