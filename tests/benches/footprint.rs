@@ -130,6 +130,9 @@ fn agent_rss(entries: usize) -> f64 {
         ])
         .env("KUBECONFIG", &kc)
         .env("EGRESSGUARD_STATE_DIR", &lab.dir)
+        // As the chart runs it: the kernel thread and the runtime share one
+        // extra malloc arena (without: 23.1 MiB idle at 100,000 entries, 19.5 with).
+        .env("MALLOC_ARENA_MAX", "2")
         .stderr(
             std::fs::File::create(lab.dir.join("agent.log"))
                 .map_or_else(|_| Stdio::null(), Stdio::from),

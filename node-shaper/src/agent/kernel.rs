@@ -17,8 +17,9 @@
 //! glibc gives a second thread that allocates an arena of its own; the
 //! pass's peak (the planned and the observed tree) is built and freed in
 //! this thread's arena and trimmed there. The chart also sets
-//! `MALLOC_ARENA_MAX=2` so that the blocking threads which parse groups
-//! share that arena instead of adding more.
+//! `MALLOC_ARENA_MAX=2` so that the other threads (the probes', tokio's
+//! blocking pool) share that arena instead of each keeping one: without it
+//! the idle agent held 3.6 MiB more at 100,000 entries.
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;
