@@ -548,6 +548,87 @@ fn an_agent_cannot_write_another_nodes_status() {
         .is_some_and(|n| n["status"].is_null()));
 }
 
+/// The agents write Leases (their heartbeats) in the release namespace, where
+/// the operator's leader Lease lives too. The chart's policy lets an agent
+/// write only its own node's heartbeat: not the leader Lease, not another
+/// node's heartbeat, and it cannot hand its own over.
+#[test]
+fn an_agent_writes_only_its_own_heartbeat_lease() {
+    if !available() {
+        return;
+    }
+    let c = Cluster::start("vaplease");
+    let token =
+        c.cp.token(&format!("{}-node-shaper", cluster::RELEASE), Some("node-a"));
+    let leases = format!(
+        "{}/apis/coordination.k8s.io/v1/namespaces/{}/leases",
+        c.cp.server,
+        cluster::NAMESPACE
+    );
+    // (method, URL, Lease name, holder, resourceVersion) -> the API server's answer.
+    let send = |method: &str, url: &str, name: &str, holder: &str, rv: &str| -> Value {
+        let rv = if rv.is_empty() {
+            String::new()
+        } else {
+            format!(",\"resourceVersion\":\"{rv}\"")
+        };
+        let body = format!(
+            "{{\"apiVersion\":\"coordination.k8s.io/v1\",\"kind\":\"Lease\",\"metadata\":{{\"name\":\"{name}\"{rv}}},\"spec\":{{\"holderIdentity\":\"{holder}\",\"leaseDurationSeconds\":15}}}}"
+        );
+        let o =
+            c.cp.command("curl")
+                .args(["-sS", "--cacert"])
+                .arg(c.cp.dir.join("pki/ca.crt"))
+                .args([
+                    "-H",
+                    &format!("Authorization: Bearer {token}"),
+                    "-H",
+                    "Content-Type: application/json",
+                    "-X",
+                    method,
+                    "-d",
+                    &body,
+                    url,
+                ])
+                .output()
+                .expect("curl");
+        serde_json::from_slice(&o.stdout).expect("json")
+    };
+    let create = |name: &str, holder: &str| send("POST", &leases, name, holder, "");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let dry = format!("{leases}?dryRun=All");
+    while send("POST", &dry, "egressguard-operator", "mallory", "")["code"] != 422 {
+        assert!(Instant::now() < deadline, "the policy never took effect");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let refused = |v: &Value| {
+        v["code"] == 422
+            && v["message"].as_str().is_some_and(|m| {
+                m.contains("node-shaper on node-a may only write its own heartbeat Lease")
+            })
+    };
+    let leader = create("egressguard-operator", "node-a");
+    assert!(refused(&leader), "the leader Lease: {leader}");
+    let other = create("node-shaper-node-b", "node-b");
+    assert!(refused(&other), "another node's heartbeat: {other}");
+    let disguised = create("node-shaper-node-b", "node-a");
+    assert!(refused(&disguised), "another node's name: {disguised}");
+    let own = create("node-shaper-node-a", "node-a");
+    assert_eq!(own["kind"], "Lease", "own heartbeat refused: {own}");
+    // Renewing it is allowed; handing it over to another node is not.
+    let url = format!("{leases}/node-shaper-node-a");
+    let rv = own["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or_default();
+    let renewed = send("PUT", &url, "node-shaper-node-a", "node-a", rv);
+    assert_eq!(renewed["kind"], "Lease", "renewal refused: {renewed}");
+    let rv = renewed["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or_default();
+    let handed = send("PUT", &url, "node-shaper-node-a", "node-b", rv);
+    assert!(refused(&handed), "holder handed over: {handed}");
+}
+
 /// The uninstall story: `helm uninstall` (real Helm, real API server) removes
 /// the DaemonSet; the agent's SIGTERM then removes the shaping instead of
 /// leaving the node shaped with nothing left to manage it. (While the
