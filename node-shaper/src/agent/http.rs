@@ -48,31 +48,32 @@ pub async fn serve(listener: TcpListener, shared: Arc<Mutex<Shared>>) {
 /// inside the kubelet's three failed probes.
 pub const STALLED_AFTER: Duration = Duration::from_secs(10);
 
-/// When the agent's runtime last ran: beaten by a task on that runtime,
-/// read by the probe thread.
+/// When the agent's runtime last ran: marked every second by a task on
+/// that runtime, read by the probe thread for `/healthz`. (Not the
+/// heartbeat Lease, which tells the operator the agent runs.)
 #[derive(Debug)]
-pub struct Heartbeat {
+pub struct Liveness {
     start: Instant,
-    /// Milliseconds after `start` of the last beat.
+    /// Milliseconds after `start` of the last mark.
     last: AtomicU64,
 }
 
-impl Heartbeat {
-    /// Beaten now.
-    pub fn new() -> Heartbeat {
-        Heartbeat {
+impl Liveness {
+    /// Marked now.
+    pub fn new() -> Liveness {
+        Liveness {
             start: Instant::now(),
             last: AtomicU64::new(0),
         }
     }
 
     /// Records that the runtime runs.
-    pub fn beat(&self) {
+    pub fn mark(&self) {
         let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last.store(ms, Ordering::Relaxed);
     }
 
-    /// Time since the last beat.
+    /// Time since the last mark.
     pub fn age(&self) -> Duration {
         self.start
             .elapsed()
@@ -80,9 +81,9 @@ impl Heartbeat {
     }
 }
 
-impl Default for Heartbeat {
+impl Default for Liveness {
     fn default() -> Self {
-        Heartbeat::new()
+        Liveness::new()
     }
 }
 
@@ -101,11 +102,11 @@ pub fn live(age: Duration, limit: Duration) -> Result<(), String> {
 /// thread and a single-threaded runtime of their own until the process
 /// exits: nothing the agent's runtime does (a scrape, a big watch event
 /// being decoded, a status write) delays a probe. `/healthz` fails when the
-/// agent's runtime stopped beating `heart` for [`STALLED_AFTER`].
+/// agent's runtime stopped marking `alive` for [`STALLED_AFTER`].
 pub fn spawn_probes(
     listener: std::net::TcpListener,
     shared: Arc<Mutex<Shared>>,
-    heart: Arc<Heartbeat>,
+    alive: Arc<Liveness>,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -126,7 +127,7 @@ pub fn spawn_probes(
                     listener,
                     move |req| {
                         let reply =
-                            serve::health(&req, live(heart.age(), STALLED_AFTER), ready(&shared));
+                            serve::health(&req, live(alive.age(), STALLED_AFTER), ready(&shared));
                         async move { reply }
                     },
                     Limits::probes(),
@@ -148,8 +149,8 @@ mod tests {
         assert!(live(Duration::from_millis(9_999), limit).is_ok());
         let e = live(Duration::from_secs(11), limit).expect_err("stalled");
         assert_eq!(e, "the agent's runtime has not run for 11 s");
-        let h = Heartbeat::new();
-        h.beat();
+        let h = Liveness::new();
+        h.mark();
         assert!(h.age() < Duration::from_secs(1));
     }
 }

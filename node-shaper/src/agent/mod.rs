@@ -149,12 +149,12 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let api: Api<NodeShaping> = Api::all(client.clone());
     let shared = Arc::new(Mutex::new(Shared::default()));
     let listen = |addr: SocketAddr| move |source| AgentError::Listen { addr, source };
-    let heart = Arc::new(http::Heartbeat::new());
+    let alive = Arc::new(http::Liveness::new());
     let probes = std::net::TcpListener::bind(cfg.probe_addr).map_err(listen(cfg.probe_addr))?;
-    http::spawn_probes(probes, shared.clone(), heart.clone()).map_err(AgentError::Thread)?;
+    http::spawn_probes(probes, shared.clone(), alive.clone()).map_err(AgentError::Thread)?;
     tokio::spawn(async move {
         loop {
-            heart.beat();
+            alive.mark();
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
