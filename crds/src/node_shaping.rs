@@ -47,6 +47,9 @@ pub mod reasons {
     pub const DIRECT_QUEUE_BYPASS: &str = "DirectQueueBypass";
     /// Not tampered: nothing foreign on the shaped interfaces.
     pub const NO_TAMPERING: &str = "NoTampering";
+    /// Reported, not tampering: a clsact or ingress qdisc without egress
+    /// filters (CNIs leave them; it cannot bypass the root by itself).
+    pub const FOREIGN_QDISC: &str = "ForeignQdisc";
 }
 
 /// The plan for one node.

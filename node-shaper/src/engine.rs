@@ -124,6 +124,8 @@ pub struct Found {
     pub direct_packets: u32,
     /// clsact/ingress qdiscs and egress-hook filters (never ours).
     pub hooks: Vec<crate::netlink::decode::Hook>,
+    /// The interface's own addresses (the SSH lane's sources).
+    pub local: Vec<std::net::IpAddr>,
 }
 
 /// Whose root qdisc an apply found.
@@ -149,6 +151,7 @@ impl Found {
             },
             direct_packets: o.direct_packets,
             hooks: o.hooks.clone(),
+            local: o.local.clone(),
         }
     }
 }

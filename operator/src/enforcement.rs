@@ -48,8 +48,12 @@ pub mod reasons {
 /// What the cluster shows of one node's enforcement.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodeReport {
-    /// Last heartbeat renewal and how long the agent said it holds.
+    /// When the operator first saw the heartbeat's current version, and how
+    /// long the agent said a renewal holds. The operator's own clock on both
+    /// ends: a node's skewed clock cannot fake or hide a stale heartbeat.
     pub heartbeat: Option<(Timestamp, Duration)>,
+    /// The agent's status describes the plan's current generation.
+    pub current: bool,
     /// The plan asks the agent to enforce.
     pub enforce: bool,
     /// The agent's Ready condition: True?, reason, message.
@@ -65,8 +69,14 @@ pub struct NodeReport {
 }
 
 impl NodeReport {
-    /// Gathers what the agent and the node say.
-    pub fn of(node: Option<&Node>, plan: Option<&NodeShaping>, lease: Option<&Lease>) -> Self {
+    /// Gathers what the agent and the node say; `seen` is when the operator
+    /// first saw the Lease at its current resourceVersion.
+    pub fn of(
+        node: Option<&Node>,
+        plan: Option<&NodeShaping>,
+        lease: Option<&Lease>,
+        seen: Option<Timestamp>,
+    ) -> Self {
         let cond = |t: &str| {
             plan.and_then(|p| p.status.as_ref())
                 .and_then(|s| s.conditions.iter().find(|c| c.type_ == t))
@@ -74,9 +84,11 @@ impl NodeReport {
         let spec = node.and_then(|n| n.spec.as_ref());
         NodeReport {
             heartbeat: lease.and_then(|l| l.spec.as_ref()).and_then(|s| {
-                let at = s.renew_time.as_ref().or(s.acquire_time.as_ref())?;
                 let valid = u64::try_from(s.lease_duration_seconds?).ok()?;
-                Some((at.0, Duration::from_secs(valid)))
+                Some((seen?, Duration::from_secs(valid)))
+            }),
+            current: plan.is_some_and(|p| {
+                p.status.as_ref().and_then(|s| s.observed_generation) == p.metadata.generation
             }),
             enforce: plan.is_some_and(|p| p.spec.enforce),
             ready: cond(types::READY)
@@ -139,7 +151,7 @@ pub fn verdict(
                     "Unknown",
                     reasons::HEARTBEAT_MISSING,
                     format!(
-                        "node-shaper on {node} last renewed its heartbeat at {at} (valid for {}s): stopped, killed or cut off; nothing on the node repairs the shaping",
+                        "node-shaper on {node} has not renewed its heartbeat since {at} (as this operator saw it; valid for {}s): stopped, hung, killed or cut off; nothing on the node repairs the shaping",
                         valid.as_secs()
                     ),
                 );
@@ -154,6 +166,11 @@ pub fn verdict(
         );
     }
     match (&r.ready, r.enforce) {
+        (Some((true, why, _)), true) if why == agent::ENFORCED && !r.current => (
+            "False",
+            reasons::NOT_ENFORCED,
+            format!("node-shaper on {node} has not reported the plan's current generation yet"),
+        ),
         (Some((true, why, _)), true) if why == agent::ENFORCED => (
             "True",
             reasons::ENFORCED,
@@ -207,6 +224,7 @@ mod tests {
         let now = Timestamp::now();
         let ok = NodeReport {
             heartbeat: Some((at(3, now), Duration::from_secs(15))),
+            current: true,
             enforce: true,
             ready: Some((true, agent::ENFORCED.into(), "enforced on eth0".into())),
             ..Default::default()
@@ -241,6 +259,15 @@ mod tests {
                 }),
                 "False",
                 reasons::TAMPERED,
+            ),
+            (
+                "Ready for an older generation of the plan",
+                Some(NodeReport {
+                    current: false,
+                    ..ok.clone()
+                }),
+                "False",
+                reasons::NOT_ENFORCED,
             ),
             (
                 "plan not enforcing yet",

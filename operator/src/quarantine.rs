@@ -824,6 +824,7 @@ mod tests {
     fn healthy(at: &str) -> NodeReport {
         NodeReport {
             heartbeat: Some((t(at), Duration::from_secs(15))),
+            current: true,
             enforce: true,
             ready: Some((
                 true,

@@ -392,21 +392,32 @@ async fn write_node_change(
     use crate::enforcement::{NodeChange, CORDONED_BY, TAINT_KEY};
     use k8s_openapi::api::core::v1::{Node, Taint};
     let api: Api<Node> = Api::all(client.clone());
+    // Every change is fenced on the version read, so a person's cordon
+    // made meanwhile is never taken for the operator's, nor undone by it.
+    let n = api.get(node).await?;
+    let rv = n.metadata.resource_version.clone();
+    let spec = n.spec.clone().unwrap_or_default();
+    let ours = n
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(CORDONED_BY));
     let patch = match change {
+        // Already unschedulable (a person's cordon, or a drain): theirs.
+        NodeChange::Cordon(_) if spec.unschedulable == Some(true) => return Ok(()),
         NodeChange::Cordon(q) => serde_json::json!({
-            "metadata": {"annotations": {CORDONED_BY: q}},
+            "metadata": {"resourceVersion": rv, "annotations": {CORDONED_BY: q}},
             "spec": {"unschedulable": true},
         }),
+        NodeChange::Uncordon if !ours => return Ok(()),
         NodeChange::Uncordon => serde_json::json!({
-            "metadata": {"annotations": {CORDONED_BY: null}},
+            "metadata": {"resourceVersion": rv, "annotations": {CORDONED_BY: null}},
             "spec": {"unschedulable": null},
         }),
         NodeChange::Taint(_) | NodeChange::Untaint => {
-            // A merge patch replaces the whole list: fence it on the version read.
-            let n = api.get(node).await?;
-            let mut taints: Vec<Taint> = n
-                .spec
-                .and_then(|s| s.taints)
+            // A merge patch replaces the whole list.
+            let mut taints: Vec<Taint> = spec
+                .taints
                 .unwrap_or_default()
                 .into_iter()
                 .filter(|t| t.key != TAINT_KEY)
@@ -420,7 +431,7 @@ async fn write_node_change(
                 });
             }
             serde_json::json!({
-                "metadata": {"resourceVersion": n.metadata.resource_version},
+                "metadata": {"resourceVersion": rv},
                 "spec": {"taints": taints},
             })
         }

@@ -234,6 +234,8 @@ struct Ctx {
     noticed: Mutex<std::collections::BTreeSet<String>>,
     /// Plans written that the cache has not caught up with.
     own: Mutex<OwnWrites>,
+    /// Each node's heartbeat Lease version and when this replica first saw it.
+    heartbeat_seen: Mutex<BTreeMap<String, (String, Timestamp)>>,
 }
 
 /// Node addresses left unprotected: a gauge, and a Warning Event on the Node
@@ -460,10 +462,12 @@ impl Snapshot {
                 .iter()
                 .map(|n| {
                     let name = n.name_any();
+                    let lease = self.heartbeats.get(&name);
                     let r = NodeReport::of(
                         Some(n),
                         self.shapings.get(&name).map(|s| &**s),
-                        self.heartbeats.get(&name).map(|l| &**l),
+                        lease.map(|l| &**l),
+                        lease.map(|l| heartbeat_seen(ctx, &name, l)),
                     );
                     (name, r)
                 })
@@ -781,6 +785,22 @@ async fn write_plan(
 }
 
 /// Guard → nodes with an Active quarantine, as stored.
+/// When this operator first saw `node`'s heartbeat Lease at its current
+/// resourceVersion: the operator's clock only, as leader election does, so
+/// a skewed node clock neither fakes nor hides a renewal.
+fn heartbeat_seen(ctx: &Ctx, node: &str, lease: &Lease) -> Timestamp {
+    let rv = lease.resource_version().unwrap_or_default();
+    let mut seen = ctx.heartbeat_seen.lock().unwrap_or_else(|p| p.into_inner());
+    match seen.get(node) {
+        Some((v, at)) if *v == rv => *at,
+        _ => {
+            let now = Timestamp::now();
+            seen.insert(node.to_string(), (rv, now));
+            now
+        }
+    }
+}
+
 /// How often Active quarantines' heartbeats are checked.
 const HEARTBEAT_CHECK: Duration = Duration::from_millis(500);
 
@@ -926,6 +946,7 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
         eval: Mutex::new(Default::default()),
         noticed: Mutex::new(Default::default()),
         own: Mutex::new(OwnWrites::default()),
+        heartbeat_seen: Mutex::default(),
     };
     let leader = Leader::new(
         client,

@@ -7,7 +7,9 @@
 //! node repairs the shaping. Kubernetes' own node Leases say the kubelet
 //! lives, not that this agent does.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -18,6 +20,38 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use tracing::{info, warn};
 
 use super::reconcile::Tampering;
+
+/// When the agent last finished a reconcile pass: the heartbeat is renewed
+/// only while passes keep finishing, so a hung kernel thread or main loop
+/// stops it too (a live process that repairs nothing is no heartbeat).
+#[derive(Debug, Clone)]
+pub struct Progress {
+    start: Instant,
+    millis: Arc<AtomicU64>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            start: Instant::now(),
+            millis: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Progress {
+    /// A pass finished now.
+    pub fn mark(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.millis.store(ms, Ordering::Relaxed);
+    }
+
+    /// Since the last pass finished (or since start, before the first).
+    pub fn age(&self) -> Duration {
+        let last = Duration::from_millis(self.millis.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
 
 /// The label the operator selects heartbeat Leases by.
 pub const LABEL: &str = "egressguard.io/heartbeat";
@@ -65,10 +99,18 @@ fn lease(node: &str, period: Duration, rv: Option<String>) -> Lease {
     }
 }
 
-/// Renews `node`'s heartbeat Lease in `namespace` every `period`, forever.
-/// A refused or failed renewal is logged and retried next period: the
-/// operator sees the gap, which is the point.
-pub async fn run(client: kube::Client, namespace: String, node: String, period: Duration) {
+/// Renews `node`'s heartbeat Lease in `namespace` every `period`, forever,
+/// while `progress` shows a pass finished within `silence`. A refused or
+/// failed renewal is logged and retried next period: the operator sees the
+/// gap, which is the point.
+pub async fn run(
+    client: kube::Client,
+    namespace: String,
+    node: String,
+    period: Duration,
+    progress: Progress,
+    silence: Duration,
+) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let name = lease_name(&node);
     let mut rv: Option<String> = None;
@@ -76,6 +118,13 @@ pub async fn run(client: kube::Client, namespace: String, node: String, period: 
     info!(lease = %name, namespace = %namespace, period_seconds = period.as_secs(), "heartbeat Lease renewed every period");
     loop {
         ticker.tick().await;
+        if progress.age() > silence {
+            warn!(
+                seconds = progress.age().as_secs(),
+                "no reconcile pass has finished for too long; not renewing the heartbeat, so the operator sees this agent as down"
+            );
+            continue;
+        }
         let result = match &rv {
             Some(_) => {
                 api.replace(

@@ -215,9 +215,19 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         ..Memory::default()
     })
     .map_err(AgentError::Thread)?;
+    let progress = heartbeat::Progress::default();
     if let Some(period) = cfg.heartbeat {
         let ns = client.default_namespace().to_string();
-        tokio::spawn(heartbeat::run(client.clone(), ns, cfg.node.clone(), period));
+        // Passes run at least every resync: two missed ones mean a hang.
+        let silence = 2 * cfg.resync + period;
+        tokio::spawn(heartbeat::run(
+            client.clone(),
+            ns,
+            cfg.node.clone(),
+            period,
+            progress.clone(),
+            silence,
+        ));
     }
     let recorder = kube::runtime::events::Recorder::new(
         client.clone(),
@@ -279,6 +289,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         // Netlink is blocking: the pass runs on the kernel thread while this
         // runtime goes on answering probes and scrapes.
         let (input, outcome) = kernel.pass(input).await?;
+        progress.mark();
         last_enforced = match (input, spec) {
             (i @ inputs::Input::Shape { .. }, Some(plan)) if outcome.error.is_none() => {
                 Some((plan.clone(), i))

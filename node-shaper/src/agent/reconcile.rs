@@ -26,7 +26,8 @@ pub const TAMPER_HOLD: Duration = Duration::from_secs(600);
 pub enum TamperKind {
     /// Another root qdisc replaced ours (never removed by the agent).
     ForeignRoot,
-    /// A clsact/ingress qdisc or an egress-hook filter on a shaped interface.
+    /// An egress-hook filter on a shaped interface (it runs before the HTB
+    /// root and can send packets around it).
     ForeignHook,
     /// Packets went through HTB's direct queue.
     DirectQueueBypass,
@@ -34,6 +35,9 @@ pub enum TamperKind {
     RootRemoved,
     /// Our tree was altered with the plan unchanged; the pass repaired it.
     TreeAltered,
+    /// A clsact or ingress qdisc appeared: reported (log, Event, metric),
+    /// not tampering by itself — it cannot bypass the root without filters.
+    ForeignQdisc,
 }
 
 impl TamperKind {
@@ -45,6 +49,7 @@ impl TamperKind {
             TamperKind::DirectQueueBypass => reasons::DIRECT_QUEUE_BYPASS,
             TamperKind::RootRemoved => reasons::ROOT_REMOVED,
             TamperKind::TreeAltered => reasons::TREE_ALTERED,
+            TamperKind::ForeignQdisc => reasons::FOREIGN_QDISC,
         }
     }
 }
@@ -76,6 +81,9 @@ pub struct TamperMemory {
     direct: BTreeMap<String, u32>,
     /// Hooks seen per interface (a new one is new evidence).
     hooks: BTreeMap<String, Vec<Hook>>,
+    /// The interface's addresses at the last pass: a change changes the
+    /// plan (the SSH lane's sources), so the writes it takes are no repair.
+    local: BTreeMap<String, Vec<std::net::IpAddr>>,
     /// Interfaces whose root is foreign now.
     foreign: BTreeMap<String, String>,
     /// The last repair or bypass, and when.
@@ -92,8 +100,21 @@ fn fingerprint(target: &Target) -> u64 {
 impl TamperMemory {
     /// Evidence from one interface's apply; `same_plan` says the target is
     /// the one last enforced, so any write repaired someone else's change.
-    fn applied(&mut self, dev: &str, r: &ApplyReport, same_plan: bool) -> Vec<Tampering> {
+    ///
+    /// `direct_after` is HTB's direct-queue counter read after a pass that
+    /// wrote: the baseline for the next pass (a tree being built sends
+    /// packets there until its default class exists; that is no bypass).
+    fn applied(
+        &mut self,
+        dev: &str,
+        r: &ApplyReport,
+        same_plan: bool,
+        direct_after: Option<u32>,
+    ) -> Vec<Tampering> {
         let mut out = Vec::new();
+        let same_local = self.local.insert(dev.to_string(), r.found.local.clone())
+            == Some(r.found.local.clone());
+        let same_plan = same_plan && same_local;
         let ev = |kind, detail: String| Tampering {
             interface: dev.to_string(),
             kind,
@@ -127,25 +148,27 @@ impl TamperMemory {
             }
         }
         // A root put back this pass starts its counter at zero.
-        let direct = if r.found.root == FoundRoot::Owned {
-            r.found.direct_packets
-        } else {
-            0
+        let direct = match (direct_after, r.found.root) {
+            (Some(after), _) => after,
+            (None, FoundRoot::Owned) => r.found.direct_packets,
+            (None, _) => 0,
         };
         self.direct.insert(dev.to_string(), direct);
         let seen = self.hooks.entry(dev.to_string()).or_default();
         for h in &r.found.hooks {
             if !seen.contains(h) {
-                out.push(ev(
-                    TamperKind::ForeignHook,
-                    format!("{h} (not node-shaper's; left in place)"),
-                ));
+                let kind = if h.can_bypass() {
+                    TamperKind::ForeignHook
+                } else {
+                    TamperKind::ForeignQdisc
+                };
+                out.push(ev(kind, format!("{h} (not node-shaper's; left in place)")));
             }
         }
         *seen = r.found.hooks.clone();
         if let Some(t) = out
             .iter()
-            .find(|t| t.kind != TamperKind::ForeignHook)
+            .find(|t| !matches!(t.kind, TamperKind::ForeignHook | TamperKind::ForeignQdisc))
             .cloned()
         {
             self.recent = Some((Instant::now(), t));
@@ -184,6 +207,7 @@ impl TamperMemory {
             })
             .chain(self.hooks.iter().flat_map(|(dev, hs)| {
                 hs.iter()
+                    .filter(|h| h.can_bypass())
                     .map(move |h| (TamperKind::ForeignHook, format!("{dev}: {h}")))
             }))
             .collect();
@@ -427,8 +451,15 @@ fn pass(input: &Input, mem: &mut Memory) -> PassReport {
         let was_shaped = mem.shaped.contains(&i.name);
         match engine::apply(&mut nl, i, target, ApplyOptions::default()) {
             Ok(r) => {
-                out.tamper
-                    .extend(mem.tamper.applied(&i.name, &r, same_plan && was_shaped));
+                let direct_after = (r.writes > 0)
+                    .then(|| crate::netlink::decode::direct_packets(&mut nl, i.index).ok())
+                    .flatten();
+                out.tamper.extend(mem.tamper.applied(
+                    &i.name,
+                    &r,
+                    same_plan && was_shaped,
+                    direct_after,
+                ));
                 mem.shaped.insert(i.name.clone());
                 // The record only changes with the kernel; rewriting a
                 // 100,000-entry record every resync would cost more than the pass.
@@ -489,6 +520,7 @@ mod tamper_tests {
                 root,
                 direct_packets: direct,
                 hooks,
+                local: vec![],
             },
         }
     }
@@ -548,14 +580,20 @@ mod tamper_tests {
                 "clsact egress bpf",
                 true,
                 report(FoundRoot::Owned, 0, 0, clsact.clone()),
-                vec![TamperKind::ForeignHook, TamperKind::ForeignHook],
+                vec![TamperKind::ForeignQdisc, TamperKind::ForeignHook],
+            ),
+            (
+                "clsact alone (a CNI's)",
+                true,
+                report(FoundRoot::Owned, 0, 0, vec![Hook::Clsact]),
+                vec![TamperKind::ForeignQdisc],
             ),
         ];
         for (case, same, r, want) in cases {
             let mut m = TamperMemory::default();
             // The previous pass saw the root with a zero direct-queue counter.
-            m.applied("eth0", &report(FoundRoot::Owned, 0, 0, vec![]), false);
-            assert_eq!(kinds(&m.applied("eth0", &r, same)), want, "{case}");
+            m.applied("eth0", &report(FoundRoot::Owned, 0, 0, vec![]), false, None);
+            assert_eq!(kinds(&m.applied("eth0", &r, same, None)), want, "{case}");
         }
         // A hook is new evidence once, and keeps the condition True while it stays.
         let mut m = TamperMemory::default();
@@ -563,13 +601,14 @@ mod tamper_tests {
             m.applied(
                 "eth0",
                 &report(FoundRoot::Owned, 0, 0, clsact.clone()),
-                true
+                true,
+                None
             )
             .len(),
             2
         );
         assert!(m
-            .applied("eth0", &report(FoundRoot::Owned, 0, 0, clsact), true)
+            .applied("eth0", &report(FoundRoot::Owned, 0, 0, clsact), true, None)
             .is_empty());
         let (kind, why) = m.state().expect("tampered");
         assert_eq!(kind, TamperKind::ForeignHook);
@@ -578,10 +617,15 @@ mod tamper_tests {
             "{why}"
         );
         // Removed, it clears the condition (no repair was needed).
-        m.applied("eth0", &report(FoundRoot::Owned, 0, 0, vec![]), true);
+        m.applied("eth0", &report(FoundRoot::Owned, 0, 0, vec![]), true, None);
         assert_eq!(m.state(), None);
         // A repair holds the condition for a while.
-        m.applied("eth0", &report(FoundRoot::Default, 40, 0, vec![]), true);
+        m.applied(
+            "eth0",
+            &report(FoundRoot::Default, 40, 0, vec![]),
+            true,
+            None,
+        );
         assert_eq!(m.state().map(|s| s.0), Some(TamperKind::RootRemoved));
     }
 
@@ -603,7 +647,41 @@ mod tamper_tests {
         let mut fresh = TamperMemory::default();
         assert!(fresh.failed("eth1", &e, false).is_empty());
         // Once we shape it again, the foreign root is gone.
-        m.applied("eth0", &report(FoundRoot::Foreign, 40, 0, vec![]), false);
+        m.applied(
+            "eth0",
+            &report(FoundRoot::Foreign, 40, 0, vec![]),
+            false,
+            None,
+        );
         assert_eq!(m.state(), None);
+    }
+
+    #[test]
+    fn what_is_not_tampering() {
+        // A clsact qdisc alone is reported but keeps the condition False.
+        let mut m = TamperMemory::default();
+        let r = report(FoundRoot::Owned, 0, 0, vec![Hook::Clsact, Hook::Ingress]);
+        assert_eq!(m.applied("eth0", &r, true, None).len(), 2);
+        assert_eq!(m.state(), None);
+        // An address added: the SSH lane's sources change, and so do the
+        // writes; no repair.
+        let mut m = TamperMemory::default();
+        m.applied("eth0", &report(FoundRoot::Owned, 0, 0, vec![]), false, None);
+        let mut moved = report(FoundRoot::Owned, 2, 0, vec![]);
+        moved.found.local = vec!["10.0.0.9".parse().expect("ip")];
+        assert!(m.applied("eth0", &moved, true, None).is_empty());
+        // A tree built from scratch sent packets to the direct queue before
+        // its default class existed: the count read after the writes is the
+        // baseline, so the next pass finds no bypass.
+        let mut m = TamperMemory::default();
+        m.applied(
+            "eth0",
+            &report(FoundRoot::Default, 60, 0, vec![]),
+            false,
+            Some(37),
+        );
+        assert!(m
+            .applied("eth0", &report(FoundRoot::Owned, 0, 37, vec![]), true, None)
+            .is_empty());
     }
 }

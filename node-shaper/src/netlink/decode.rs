@@ -118,6 +118,15 @@ pub enum Hook {
     },
 }
 
+impl Hook {
+    /// Can it send packets around the HTB root? Only a filter on the egress
+    /// hook can; a clsact or ingress qdisc alone cannot (CNIs leave them on
+    /// every node), so those are reported, not counted as tampering.
+    pub fn can_bypass(&self) -> bool {
+        matches!(self, Hook::EgressFilter { .. })
+    }
+}
+
 impl std::fmt::Display for Hook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -290,6 +299,31 @@ fn dump_classes(nl: &mut Netlink, ifindex: i32) -> io::Result<Vec<(Class, Counte
         }
     }
     Ok(out)
+}
+
+/// HTB's direct-queue counter of our root on `ifindex` (0 without our
+/// root), from the qdisc dump alone: the baseline after a pass that wrote,
+/// since a tree being built sends packets there until its default class exists.
+pub fn direct_packets(nl: &mut Netlink, ifindex: i32) -> io::Result<u32> {
+    for m in nl.dump(RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default()))? {
+        let RouteNetlinkMessage::NewQueueDiscipline(q) = m else {
+            continue;
+        };
+        if q.header.index != ifindex
+            || u32::from(q.header.parent) != TC_H_ROOT
+            || u32::from(q.header.handle) != ROOT
+        {
+            continue;
+        }
+        let init = raw_options(&q.attributes).unwrap_or_default();
+        let glob = attrs(&init)
+            .into_iter()
+            .find(|(k, _)| *k == 2)
+            .map(|(_, v)| v)
+            .unwrap_or_default();
+        return Ok(u32_at(glob, 16));
+    }
+    Ok(0)
 }
 
 /// Counters per class id, without reading qdiscs or filters: what a periodic

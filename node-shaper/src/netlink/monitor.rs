@@ -14,10 +14,12 @@ use std::thread::JoinHandle;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use tracing::warn;
 
-/// `RTNLGRP_TC`.
-const RTNLGRP_TC: u32 = 4;
-/// RTM_{NEW,DEL}{QDISC,TCLASS,TFILTER}: 36..=45 minus the GETs.
-const TC_MESSAGES: [u16; 6] = [36, 37, 40, 41, 44, 45];
+/// `RTNLGRP_TC`, and the address groups (`RTNLGRP_IPV4_IFADDR`,
+/// `RTNLGRP_IPV6_IFADDR`): an address change changes the SSH lane's sources.
+const GROUPS: [u32; 3] = [4, 5, 9];
+/// RTM_{NEW,DEL}{QDISC,TCLASS,TFILTER}, and RTM_{NEW,DEL}ADDR. Each message
+/// starts with a struct whose interface index sits at the same offset.
+const MESSAGES: [u16; 8] = [36, 37, 40, 41, 44, 45, 20, 21];
 /// Port ids remembered: a pass opens one socket; notifications of the last
 /// few passes may still be in flight.
 const OWN_PORTS: usize = 8;
@@ -83,8 +85,9 @@ fn notifications(data: &[u8]) -> Vec<(u16, i32, u32)> {
         }
         let kind = u16::from_ne_bytes([data[off + 4], data[off + 5]]);
         // struct tcmsg { u8 family, pad1; u16 pad2; i32 ifindex; ... } after the 16-byte header
+        // (struct ifaddrmsg { u8 family, prefixlen, flags, scope; u32 index }: the same offset)
         if let (true, Some(pid), Some(ifindex)) =
-            (TC_MESSAGES.contains(&kind), rd32(off + 12), rd32(off + 20))
+            (MESSAGES.contains(&kind), rd32(off + 12), rd32(off + 20))
         {
             out.push((kind, ifindex as i32, pid));
         }
@@ -101,9 +104,13 @@ pub fn spawn(
 ) -> io::Result<JoinHandle<()>> {
     let mut sock = Socket::new(NETLINK_ROUTE)?;
     sock.bind(&SocketAddr::new(0, 0))?;
-    sock.add_membership(RTNLGRP_TC)?;
-    // A big apply notifies once per filter; ours are dropped unread, but the
-    // buffer must hold them while this thread catches up.
+    for g in GROUPS {
+        sock.add_membership(g)?;
+    }
+    // A big apply notifies once per filter; ours are dropped after a glance,
+    // but the buffer must hold them while this thread catches up. The kernel
+    // caps this at net.core.rmem_max: beyond it, an overflow (ENOBUFS) is
+    // reported as `Lost` and costs one extra pass.
     let _ = sock.set_rx_buf_sz(8 << 20);
     std::thread::Builder::new()
         .name("tc-monitor".into())
