@@ -64,8 +64,14 @@ build() {
   echo "$bin"
 }
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+# N distinct free ports: every socket stays bound until all are chosen, so two
+# calls cannot be handed the same just-released port (etcd's client and peer
+# ports once collided that way: "bind: address already in use").
+free_ports() {
+  python3 -c 'import socket, sys
+ss = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in ss: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in ss))' "$1"
 }
 
 # Starts one process in its own session, logging to DIR/NAME.log, and records its pid.
@@ -152,7 +158,7 @@ Stop it and remove its files with: scripts/dev-cluster.sh down $dir"
   [[ $advertise == 127.* ]] && reconciler=none
   pki
   local etcd_port peer_port api_port
-  etcd_port=$(free_port) peer_port=$(free_port) api_port=$(free_port)
+  read -r etcd_port peer_port api_port < <(free_ports 3)
   # etcd: one member, no fsync (test data; much faster on a shared disk).
   spawn etcd "$bin/etcd" --name dev --data-dir "$dir/etcd" --unsafe-no-fsync \
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
