@@ -419,6 +419,12 @@ fn chart_wires_the_alertmanager_receiver_and_the_alert_rule() {
         alert["alert"].as_str(),
         am.matchers.get("alertname").map(String::as_str)
     );
+    // The agent's tamper gauge has an alert of its own.
+    let tampered = &rule["spec"]["groups"][0]["rules"][1];
+    assert_eq!(tampered["alert"], "EgressGuardShapingTampered");
+    assert!(tampered["expr"]
+        .as_str()
+        .is_some_and(|e| e.contains("egressguard_tampered")));
     // An existing Secret replaces the generated one.
     let r = render(r#"{"operator": {"quarantine": {"webhook": {"existingSecret": "mine"}}}}"#);
     assert!(!r.docs.iter().any(|d| d["kind"] == "Secret"));
