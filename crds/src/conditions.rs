@@ -31,6 +31,20 @@ pub fn condition(
     }
 }
 
+/// `message` cut to at most `max` bytes (on a character boundary, `...`
+/// marking the cut): what one component writes is bounded before another
+/// copies it into an object everyone watches.
+pub fn bounded(message: &str, max: usize) -> String {
+    if message.len() <= max {
+        return message.to_string();
+    }
+    let mut end = max.saturating_sub(3);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &message[..end])
+}
+
 /// Condition types.
 pub mod types {
     /// The object is doing what it asks for.
@@ -120,5 +134,15 @@ mod tests {
         assert!(is_bad(WHITELIST_RESOLVED, "False") && is_bad(METRICS_AVAILABLE, "False"));
         assert!(is_bad(DEGRADED, "True") && !is_bad(DEGRADED, "False"));
         assert!(is_bad(CONFLICT, "True") && !is_bad(CONFLICT, "False"));
+    }
+}
+
+#[cfg(test)]
+mod bounded_tests {
+    #[test]
+    fn bounded_cuts_on_a_character_boundary() {
+        assert_eq!(super::bounded("short", 10), "short");
+        let cut = super::bounded(&"é".repeat(600), 512);
+        assert!(cut.len() <= 512 && cut.ends_with("..."), "{}", cut.len());
     }
 }

@@ -110,15 +110,7 @@ impl NodeReport {
 
 /// A node-written message, bounded before it reaches another object.
 fn bounded(m: &str) -> String {
-    const MAX: usize = 512;
-    if m.len() <= MAX {
-        return m.to_string();
-    }
-    let mut end = MAX - 3;
-    while !m.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &m[..end])
+    egressguard_crds::conditions::bounded(m, 512)
 }
 
 /// The `Enforced` condition's status, reason and message for `node`.

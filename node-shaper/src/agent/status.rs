@@ -87,7 +87,12 @@ pub fn status_for(
         (false, reasons::AS_PLANNED, String::new())
     };
     let (tampered, treason, tmsg) = match &outcome.tampered {
-        Some((kind, why)) => (true, kind.reason(), bounded(why)),
+        // The operator copies it into the Quarantine: at most 1 KiB.
+        Some((kind, why)) => (
+            true,
+            kind.reason(),
+            egressguard_crds::conditions::bounded(why, 1024),
+        ),
         None => (
             false,
             reasons::NO_TAMPERING,
@@ -121,19 +126,6 @@ pub fn status_for(
         ],
         last_apply_time: Some(now),
     }
-}
-
-/// A message the operator may copy into other objects: at most 1 KiB.
-fn bounded(m: &str) -> String {
-    const MAX: usize = 1024;
-    if m.len() <= MAX {
-        return m.to_string();
-    }
-    let mut end = MAX - 3;
-    while !m.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &m[..end])
 }
 
 /// The status without what changes on every pass (counters, times), to decide
