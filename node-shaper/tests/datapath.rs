@@ -534,16 +534,21 @@ fn node_shaping_protected_entries_are_never_throttled() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("asks for removal"));
 }
 
-/// Packets counted by one of our classes, read with iproute2 (whose
-/// `tc class` has no JSON output on Debian 12: "Sent B bytes P pkt").
+/// Packets counted by one of our classes.
 fn class_packets(lab: &Lab, classid: &str) -> u64 {
+    class_counter(lab, classid, 3)
+}
+
+/// One counter of one of our classes, read with iproute2 (whose `tc class`
+/// has no JSON output on Debian 12): word `word` of "Sent B bytes P pkt".
+fn class_counter(lab: &Lab, classid: &str, word: usize) -> u64 {
     let o = lab.in_cli(&["tc", "-s", "class", "show", "dev", DEV]);
     let text = String::from_utf8_lossy(&o.stdout).into_owned();
     let head = format!("class htb {classid} ");
     let mut lines = text.lines().skip_while(|l| !l.starts_with(&head)).skip(1);
     lines
         .next()
-        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|l| l.split_whitespace().nth(word))
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no counters for {classid} in:\n{text}"))
 }
@@ -674,21 +679,9 @@ fn ipv6_extension_header_cannot_evade_the_throttle() {
     assert!(unlisted < 5, "unlisted port throttled: {unlisted}");
 }
 
-/// Never cut off: with the smallest uplink validation allows (1 Mbit) and a
-/// throttle on every unprivileged port, an SSH-like flow (replies from source
-/// port 22) and the API server (a protected destination, on a throttled
-/// port) still get far more than the uplink: they bypass every class.
-/// Bytes sent by one of our classes ("Sent B bytes P pkt").
+/// Bytes sent by one of our classes.
 fn class_bytes(lab: &Lab, classid: &str) -> u64 {
-    let o = lab.in_cli(&["tc", "-s", "class", "show", "dev", DEV]);
-    let text = String::from_utf8_lossy(&o.stdout).into_owned();
-    let head = format!("class htb {classid} ");
-    let mut lines = text.lines().skip_while(|l| !l.starts_with(&head)).skip(1);
-    lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no counters for {classid} in:\n{text}"))
+    class_counter(lab, classid, 1)
 }
 
 /// L2 bits per second one class sent while `f` ran.

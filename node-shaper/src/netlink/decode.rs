@@ -301,6 +301,17 @@ fn dump_classes(nl: &mut Netlink, ifindex: i32) -> io::Result<Vec<(Class, Counte
     Ok(out)
 }
 
+/// An HTB root's `struct tc_htb_glob { version, rate2quantum, defcls, debug,
+/// direct_pkts }` (TCA_HTB_INIT), empty when absent.
+fn htb_glob(q: &TcMessage) -> Vec<u8> {
+    let init = raw_options(&q.attributes).unwrap_or_default();
+    attrs(&init)
+        .into_iter()
+        .find(|(k, _)| *k == 2)
+        .map(|(_, v)| v.to_vec())
+        .unwrap_or_default()
+}
+
 /// HTB's direct-queue counter of our root on `ifindex` (0 without our
 /// root), from the qdisc dump alone: the baseline after a pass that wrote,
 /// since a tree being built sends packets there until its default class exists.
@@ -315,13 +326,7 @@ pub fn direct_packets(nl: &mut Netlink, ifindex: i32) -> io::Result<u32> {
         {
             continue;
         }
-        let init = raw_options(&q.attributes).unwrap_or_default();
-        let glob = attrs(&init)
-            .into_iter()
-            .find(|(k, _)| *k == 2)
-            .map(|(_, v)| v)
-            .unwrap_or_default();
-        return Ok(u32_at(glob, 16));
+        return Ok(u32_at(&htb_glob(&q), 16));
     }
     Ok(0)
 }
@@ -428,19 +433,13 @@ pub fn observe(nl: &mut Netlink, ifindex: i32) -> io::Result<Observed> {
         return Ok(obs);
     }
     if let Some(q) = root_msg {
-        let init = raw_options(&q.attributes).unwrap_or_default();
-        let glob = attrs(&init)
-            .into_iter()
-            .find(|(k, _)| *k == 2)
-            .map(|(_, v)| v)
-            .unwrap_or_default();
+        let glob = htb_glob(q);
         obs.shape.root = Some(Root {
             handle: ROOT,
-            r2q: u32_at(glob, 4),
-            defcls: u32_at(glob, 8),
+            r2q: u32_at(&glob, 4),
+            defcls: u32_at(&glob, 8),
         });
-        // struct tc_htb_glob { version, rate2quantum, defcls, debug, direct_pkts }
-        obs.direct_packets = u32_at(glob, 16);
+        obs.direct_packets = u32_at(&glob, 16);
     }
     for q in &qdiscs {
         let parent = u32::from(q.header.parent);
