@@ -134,6 +134,9 @@ pub struct Timeline {
     pub quarantined: f64,
     /// node-1's kernel holds the throttle.
     pub throttled: f64,
+    /// Both TCP flows are back near their rates (their retransmission
+    /// timers, backed off during the flood, decide when).
+    pub recovered: f64,
     /// The flood stops.
     pub flood_stop: f64,
     /// The Quarantine is Released and node-1's kernel is back to normal.
@@ -651,6 +654,25 @@ pub fn run_lab(
         progress,
     )?;
     let show_quarantined = show(&c, 0);
+    // The uplink is free once the kernel throttles, but a TCP flow that
+    // lost packets throughout the flood retransmits only when its backed-off
+    // timer fires (up to ~13 s after a 6 s flood, a property of TCP and not
+    // of the shaping). The capped phase is measured from when both flows
+    // are back, and the wait is reported.
+    let throttled = tl.throttled;
+    let back = |s: &Samples, rate: f64| {
+        let s = s.lock().unwrap_or_else(|p| p.into_inner());
+        s.len() >= 2
+            && s[s.len() - 2..]
+                .iter()
+                .all(|x| x.0 > throttled && x.1 >= 0.85 * rate)
+    };
+    tl.recovered = wait(
+        "the business and other node's flows to recover",
+        "quarantined: flows recovering",
+        &mut || back(&business, settings.business_mbit) && back(&other, settings.other_mbit),
+        progress,
+    )?;
     let until = at() + settings.hold.as_secs_f64();
     wait(
         "the flood to run capped",
@@ -721,7 +743,7 @@ pub fn run_lab(
         ),
         (
             "quarantined, flood capped",
-            tl.throttled + 3.0,
+            tl.recovered + 1.0,
             tl.flood_stop,
         ),
         ("flood over, calm window", tl.flood_stop + 2.0, tl.released),

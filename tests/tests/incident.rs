@@ -58,9 +58,10 @@ fn e2e_the_incident_lab_ends_the_outage() {
         lab::leftovers()
     );
     eprintln!(
-        "LAB detection {:.1}s, enforcement {:.1}s, release {:.1}s after the flood stopped",
+        "LAB detection {:.1}s, enforcement {:.1}s, flows back {:.1}s after the throttle, release {:.1}s after the flood stopped",
         t.quarantined - t.flood_start,
         t.throttled - t.quarantined,
+        t.recovered - t.throttled,
         t.released - t.flood_stop
     );
 }

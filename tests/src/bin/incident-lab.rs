@@ -145,8 +145,8 @@ fn finish(r: &Report, s: &Settings, out: &std::path::Path) -> ExitCode {
         .breach
         .map_or("not seen".to_string(), |b| format!("{b:.1}"));
     text.push_str(&format!(
-        "| moment | t |\n|---|---|\n| guard applied (`kubectl apply -f examples/incident/guard.yaml`) | {:.1} |\n| flood starts on node-1 | {:.1} |\n| Prometheus sees node-1 above 20 Mbit/s | {breach} |\n| Quarantine of node-1 Active | {:.1} |\n| node-1's kernel throttles 80/443 | {:.1} |\n| flood stops | {:.1} |\n| node-1 released, kernel back to normal | {:.1} |\n\n",
-        t.guard_applied, t.flood_start, t.quarantined, t.throttled, t.flood_stop, t.released
+        "| moment | t |\n|---|---|\n| guard applied (`kubectl apply -f examples/incident/guard.yaml`) | {:.1} |\n| flood starts on node-1 | {:.1} |\n| Prometheus sees node-1 above 20 Mbit/s | {breach} |\n| Quarantine of node-1 Active | {:.1} |\n| node-1's kernel throttles 80/443 | {:.1} |\n| business and other node's TCP flows back (their retransmission timers) | {:.1} |\n| flood stops | {:.1} |\n| node-1 released, kernel back to normal | {:.1} |\n\n",
+        t.guard_applied, t.flood_start, t.quarantined, t.throttled, t.recovered, t.flood_stop, t.released
     ));
     let enforcement = t.throttled - t.quarantined;
     let enforcement = if enforcement < 0.3 {
