@@ -59,11 +59,18 @@ pub mod types {
     pub const WHITELIST_RESOLVED: &str = "WhitelistResolved";
     /// Someone altered or bypassed a node's shaping (NodeShaping, from its agent).
     pub const TAMPERED: &str = "Tampered";
+    /// The guard selects nodes by labels their own kubelets can set (a warning).
+    pub const SELECTOR_NODE_WRITABLE: &str = "SelectorNodeWritable";
 
     /// Is `status` the troubling one for condition `type_`? `Degraded`,
-    /// `Conflict` and `Tampered` are bad when True, the others when False.
+    /// `Conflict`, `Tampered` and `SelectorNodeWritable` are bad when True,
+    /// the others when False.
     pub fn is_bad(type_: &str, status: &str) -> bool {
-        (status == "True") == matches!(type_, DEGRADED | CONFLICT | TAMPERED)
+        (status == "True")
+            == matches!(
+                type_,
+                DEGRADED | CONFLICT | TAMPERED | SELECTOR_NODE_WRITABLE
+            )
     }
 }
 
@@ -99,6 +106,10 @@ pub mod guard {
     pub const RESOLVED: &str = "Resolved";
     /// WhitelistResolved=False.
     pub const GROUP_UNRESOLVED: &str = "GroupUnresolved";
+    /// SelectorNodeWritable=True.
+    pub const KUBELET_SETTABLE: &str = "KubeletSettableLabels";
+    /// SelectorNodeWritable=False.
+    pub const RESTRICTED_LABELS: &str = "RestrictedLabels";
 }
 
 /// Event reasons the operator emits, for alerts and `kubectl get events

@@ -5,6 +5,7 @@ pub mod cidr_group;
 pub mod conditions;
 pub mod guard;
 pub mod load;
+pub mod node_labels;
 pub mod node_shaping;
 pub mod quarantine;
 #[cfg(feature = "serve")]

@@ -12,8 +12,15 @@ use serde::{Deserialize, Serialize};
 
 /// Trigger name of a quarantine a person asked for.
 pub const MANUAL: &str = "manual";
-/// Node label that keeps a node out of automatic quarantine.
-pub const EXCLUDE_LABEL: &str = "egressguard.io/exclude";
+/// Node label that keeps a node out of automatic quarantine. Its prefix is
+/// one the NodeRestriction admission plugin refuses to a kubelet: a node must
+/// not be able to exempt itself before it floods.
+pub const EXCLUDE_LABEL: &str = "node-restriction.kubernetes.io/egressguard-exclude";
+/// The exclusion label of earlier releases, which a node's own credential can
+/// set: no longer honoured, reported when seen.
+pub const LEGACY_EXCLUDE_LABEL: &str = "egressguard.io/exclude";
+/// Label naming a Quarantine's alert episode (1, 2, ...) per (guard, node, trigger).
+pub const EPISODE_LABEL: &str = "egressguard.io/episode";
 /// Annotation a person sets on a Quarantine to release it (the value says why).
 pub const RELEASE_ANNOTATION: &str = "egressguard.io/release";
 /// Finalizer that lets the operator release a quarantine before it is deleted.
@@ -149,8 +156,9 @@ pub struct PrometheusTrigger {
     /// How long the breach must hold (consecutive evaluations), e.g. `2m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub r#for: Option<String>,
-    /// Result label naming the node (default `node`, then `instance`, whose
-    /// `host:port` is matched to a Node by name or InternalIP).
+    /// Result label naming the node (default `instance`, the scrape target
+    /// Prometheus sets, whose `host:port` is matched to a Node by name or
+    /// InternalIP; a series' own `node` label is the exporter's to set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_label: Option<String>,
 }
@@ -162,9 +170,16 @@ pub struct AlertmanagerTrigger {
     /// Equality matchers on the alert's labels; all must match.
     #[serde(default)]
     pub matchers: BTreeMap<String, String>,
-    /// Alert label naming the node (default `node`, then `instance`).
+    /// Alert label naming the node (default `instance`, the scrape target
+    /// Prometheus sets; an exporter controls its own `node` label).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_label: Option<String>,
+    /// Admit an alert only if the operator's Prometheus agrees: the alert is
+    /// firing there for that node (`ALERTS`). Default: on when the operator
+    /// has a Prometheus (`--prometheus-url`), off without one. `true` without
+    /// a Prometheus refuses every alert of this trigger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corroborate: Option<bool>,
 }
 
 /// When a quarantine ends by itself.
@@ -245,6 +260,7 @@ impl Default for Limits {
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "a Quarantine's spec is immutable (it is the record of what happened); release it and create a new one"}]))]
 pub struct QuarantineSpec {
     /// The quarantined node.
     #[schemars(length(min = 1))]
@@ -319,9 +335,17 @@ pub struct QuarantineStatus {
     /// Since when every trigger has been OK for the node (the calm window).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calm_since: Option<Time>,
-    /// When Alertmanager reported the alert resolved (alert triggers).
+    /// When Alertmanager reported the alert resolved (alert triggers);
+    /// cleared when it fires again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alert_resolved_at: Option<Time>,
+    /// Firing notifications of this episode after the first (Alertmanager's
+    /// repeats, HA duplicates, other fingerprints for the same node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert_repeats: Option<u64>,
+    /// When the episode's alert was last seen firing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_alert_at: Option<Time>,
     /// When it was released or refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released_at: Option<Time>,
@@ -358,6 +382,8 @@ pub enum TriggerRule {
         matchers: BTreeMap<String, String>,
         /// Alert label naming the node, if set.
         node_label: Option<String>,
+        /// Corroboration by Prometheus: `None` follows the operator.
+        corroborate: Option<bool>,
     },
 }
 
@@ -592,6 +618,7 @@ pub fn rules(
                 TriggerRule::Alertmanager {
                     matchers: am.matchers.clone(),
                     node_label: am.node_label.clone().filter(|l| !l.is_empty()),
+                    corroborate: am.corroborate,
                 }
             }
             _ => {

@@ -87,12 +87,27 @@ pub fn limit_node_addresses(
     policy: &NodeAddressPolicy,
 ) -> (Vec<NodeFacts>, Vec<IgnoredAddress>) {
     let mut ignored = Vec::new();
+    // An address more than one Node claims is nobody's: protected for none
+    // and attributed to none (a node could otherwise claim another's, or
+    // the site's proxy that every node talks to).
+    let mut claims: BTreeMap<IpAddr, BTreeSet<&str>> = BTreeMap::new();
+    for n in nodes {
+        for ip in &n.internal_ips {
+            claims.entry(*ip).or_default().insert(n.name.as_str());
+        }
+    }
     let kept = nodes
         .iter()
         .map(|n| {
             let mut keep = Vec::new();
             for ip in &n.internal_ips {
-                let reason = if !policy.ranges.iter().any(|r| r.contains(ip)) {
+                let claimants = claims.get(ip).map_or(0, BTreeSet::len);
+                let reason = if claimants > 1 {
+                    Some(format!(
+                        "claimed by {claimants} Nodes ({}): ambiguous",
+                        claims[ip].iter().copied().collect::<Vec<_>>().join(", ")
+                    ))
+                } else if !policy.ranges.iter().any(|r| r.contains(ip)) {
                     Some("outside the configured node address ranges".to_string())
                 } else if keep.len() >= policy.max_per_node {
                     Some(format!(
@@ -242,63 +257,74 @@ fn host_cidr(ip: &IpAddr) -> String {
     }
 }
 
-/// Node InternalIPs as few prefixes as cover exactly them: consecutive
-/// addresses (as IPAM hands them out) merge into aligned blocks. A block of
-/// one node names it; a larger block counts its nodes.
+/// Node InternalIPs as few prefixes as cover exactly them, IPv4 and IPv6
+/// alike: consecutive addresses (as IPAM hands them out) merge into aligned
+/// blocks. A block of one node names it; a larger block counts its nodes.
 pub fn aggregate_nodes(nodes: &[NodeFacts]) -> Vec<ProtectedEntry> {
-    let mut v4: Vec<(u32, &str)> = Vec::new();
-    let mut out = Vec::new();
+    let mut v4: Vec<(u128, &str)> = Vec::new();
+    let mut v6: Vec<(u128, &str)> = Vec::new();
     for n in nodes {
         for ip in &n.internal_ips {
             match ip {
-                IpAddr::V4(a) => v4.push((u32::from(*a), n.name.as_str())),
-                IpAddr::V6(_) => out.push(ProtectedEntry {
-                    cidr: host_cidr(ip),
-                    reason: format!("node {} InternalIP", n.name),
-                }),
+                IpAddr::V4(a) => v4.push((u128::from(u32::from(*a)), n.name.as_str())),
+                IpAddr::V6(a) => v6.push((u128::from(*a), n.name.as_str())),
             }
         }
     }
-    v4.sort();
-    v4.dedup_by_key(|(a, _)| *a);
+    let mut out = aggregate(v4, 32);
+    out.extend(aggregate(v6, 128));
+    out.sort();
+    out
+}
+
+/// Splits the sorted runs of consecutive addresses of one family (`bits`
+/// long) into aligned power-of-two blocks.
+fn aggregate(mut addrs: Vec<(u128, &str)>, bits: u32) -> Vec<ProtectedEntry> {
+    addrs.sort();
+    addrs.dedup_by_key(|(a, _)| *a);
+    let render = |a: u128, len: u32| {
+        if bits == 32 {
+            format!("{}/{len}", std::net::Ipv4Addr::from(a as u32))
+        } else {
+            format!("{}/{len}", std::net::Ipv6Addr::from(a))
+        }
+    };
+    let mut out = Vec::new();
     let mut i = 0;
-    while i < v4.len() {
-        // A run of consecutive addresses, split into aligned power-of-two blocks.
+    while i < addrs.len() {
         let mut j = i;
-        while j + 1 < v4.len() && v4[j + 1].0 == v4[j].0 + 1 {
+        while j + 1 < addrs.len() && addrs[j + 1].0 == addrs[j].0 + 1 {
             j += 1;
         }
-        let (mut lo, hi) = (u64::from(v4[i].0), u64::from(v4[j].0));
-        while lo <= hi {
-            let mut size: u64 = if lo == 0 {
-                1 << 32
-            } else {
-                1 << lo.trailing_zeros().min(32)
-            };
-            while lo + size - 1 > hi {
-                size >>= 1;
+        let (mut lo, hi) = (addrs[i].0, addrs[j].0);
+        loop {
+            // The largest aligned block starting at `lo` that stays within the run.
+            let mut log = lo.trailing_zeros().min(bits);
+            while log > 0 && (lo + ((1u128 << log) - 1) > hi || log >= 127) {
+                log -= 1;
             }
-            let len = 32 - size.trailing_zeros();
-            let first = i + (lo - u64::from(v4[i].0)) as usize;
-            let net = std::net::Ipv4Addr::from(lo as u32);
+            let size = 1u128 << log;
+            let first = i + (lo - addrs[i].0) as usize;
             let reason = if size == 1 {
-                format!("node {} InternalIP", v4[first].1)
+                format!("node {} InternalIP", addrs[first].1)
             } else {
                 format!(
                     "InternalIPs of {size} nodes ({} ... {})",
-                    v4[first].1,
-                    v4[first + size as usize - 1].1
+                    addrs[first].1,
+                    addrs[first + size as usize - 1].1
                 )
             };
             out.push(ProtectedEntry {
-                cidr: format!("{net}/{len}"),
+                cidr: render(lo, bits - log),
                 reason,
             });
-            lo += size;
+            match (lo + size - 1).cmp(&hi) {
+                std::cmp::Ordering::Less => lo += size,
+                _ => break,
+            }
         }
         i = j + 1;
     }
-    out.sort();
     out
 }
 
@@ -343,6 +369,13 @@ pub struct Extras {
     pub legacy_agents: BTreeSet<String>,
 }
 
+fn quarantined(extras: &Extras, guard: &str, node: &str) -> bool {
+    extras
+        .quarantined
+        .get(guard)
+        .is_some_and(|q| q.contains(node))
+}
+
 /// [`decide`], with quarantines and extra protected destinations.
 pub fn decide_with(
     guards: &[EgressGuard],
@@ -383,7 +416,13 @@ pub fn decide_with(
                 if spec.guard.as_ref().is_some_and(|r| r.uid == uid) && !owner.contains_key(node) {
                     owner.insert(node.to_string(), name.clone());
                     out.planned.push(node.to_string());
-                    d.plans.insert(node.to_string(), spec.clone());
+                    let mut kept = spec.clone();
+                    // Quarantines still start and end while the guard is
+                    // held: the kept plans follow them.
+                    if g.spec.mode == Mode::Auto {
+                        kept.enforce = quarantined(extras, &name, node);
+                    }
+                    d.plans.insert(node.to_string(), kept);
                 }
             }
             out.held = Some(held);
@@ -394,6 +433,11 @@ pub fn decide_with(
         for n in nodes {
             match selects(g.spec.node_selector.as_ref(), &n.labels) {
                 Ok(true) => selected.push(n),
+                // A quarantined node stays selected whatever its labels: its
+                // own kubelet may relabel it, and must not unshape itself.
+                Ok(false) if g.spec.mode == Mode::Auto && quarantined(extras, &name, &n.name) => {
+                    selected.push(n)
+                }
                 Ok(false) => {}
                 Err(e) => {
                     out.held = Some(Held::Invalid(e));
@@ -426,10 +470,7 @@ pub fn decide_with(
             protected.extend(extras.protected.iter().cloned());
             let enforce = match g.spec.mode {
                 Mode::Enforce => true,
-                Mode::Auto => extras
-                    .quarantined
-                    .get(&name)
-                    .is_some_and(|q| q.contains(&n.name)),
+                Mode::Auto => quarantined(extras, &name, &n.name),
                 Mode::DryRun => false,
             };
             let legacy = extras.legacy_agents.contains(&n.name);

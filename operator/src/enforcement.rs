@@ -43,6 +43,9 @@ pub mod reasons {
     pub const TAMPERED: &str = "Tampered";
     /// The plan is not (yet) in the kernel.
     pub const NOT_ENFORCED: &str = "NotEnforced";
+    /// The node carries another guard's plan, or none: this quarantine's
+    /// throttle cannot be applied there.
+    pub const NOT_PLANNED: &str = "NotPlanned";
 }
 
 /// What the cluster shows of one node's enforcement.
@@ -56,6 +59,8 @@ pub struct NodeReport {
     pub current: bool,
     /// The plan asks the agent to enforce.
     pub enforce: bool,
+    /// The guard whose plan the node carries.
+    pub plan_guard: Option<String>,
     /// The agent's Ready condition: True?, reason, message.
     pub ready: Option<(bool, String, String)>,
     /// The agent's Tampered condition when True: reason, message.
@@ -91,6 +96,9 @@ impl NodeReport {
                 p.status.as_ref().and_then(|s| s.observed_generation) == p.metadata.generation
             }),
             enforce: plan.is_some_and(|p| p.spec.enforce),
+            plan_guard: plan
+                .and_then(|p| p.spec.guard.as_ref())
+                .map(|g| g.name.clone()),
             ready: cond(types::READY)
                 .map(|c| (c.status == "True", c.reason.clone(), bounded(&c.message))),
             tampered: cond(types::TAMPERED)

@@ -44,23 +44,75 @@ impl Reading {
 }
 
 /// Finds the Node a series names: by name, or by an InternalIP in `host:port`.
+///
+/// Addresses come from the nodes themselves (each kubelet writes its own
+/// status), so an address two Nodes claim names neither: attributing it to
+/// whichever came first would let one node make another's alerts its own.
 #[derive(Debug, Default)]
 pub struct NodeIndex {
     names: BTreeSet<String>,
     by_ip: BTreeMap<IpAddr, String>,
+    ambiguous: BTreeMap<IpAddr, BTreeSet<String>>,
 }
 
+/// The label that names a node when a trigger does not say: the scrape
+/// target Prometheus itself attaches (an exporter controls its own labels,
+/// `node` included, unless Prometheus is told to honour them).
+pub const DEFAULT_NODE_LABEL: &str = "instance";
+
+/// Longest problem text kept from one answer: label values are Prometheus's
+/// (and an exporter's) to choose, and the text reaches the guard's status.
+const MAX_PROBLEM: usize = 512;
+
 impl NodeIndex {
-    /// Indexes nodes by name and InternalIP.
+    /// Indexes nodes by name and InternalIP. Pass the facts after
+    /// [`crate::decide::limit_node_addresses`], as every path does, so the
+    /// receiver and the evaluation agree on which addresses count.
     pub fn new(nodes: &[NodeFacts]) -> NodeIndex {
         let mut ix = NodeIndex::default();
         for n in nodes {
             ix.names.insert(n.name.clone());
             for ip in &n.internal_ips {
-                ix.by_ip.insert(*ip, n.name.clone());
+                if let Some(claimants) = ix.ambiguous.get_mut(ip) {
+                    claimants.insert(n.name.clone());
+                    continue;
+                }
+                match ix.by_ip.get(ip) {
+                    Some(other) if *other != n.name => {
+                        let first = other.clone();
+                        ix.by_ip.remove(ip);
+                        ix.ambiguous
+                            .insert(*ip, BTreeSet::from([first, n.name.clone()]));
+                    }
+                    _ => {
+                        ix.by_ip.insert(*ip, n.name.clone());
+                    }
+                }
             }
         }
         ix
+    }
+
+    /// The Nodes claiming `ip` when more than one does.
+    pub fn claimants(&self, ip: &IpAddr) -> Option<&BTreeSet<String>> {
+        self.ambiguous.get(ip)
+    }
+
+    /// Why `value` names no node, for a log line or a status message.
+    pub fn why_unresolved(&self, value: &str) -> String {
+        let host = strip_port(value);
+        match host
+            .parse::<IpAddr>()
+            .ok()
+            .and_then(|ip| self.claimants(&ip))
+        {
+            Some(c) => format!(
+                "address {host} is claimed by {} Nodes ({}): ambiguous, attributed to none",
+                c.len(),
+                c.iter().cloned().collect::<Vec<_>>().join(", ")
+            ),
+            None => format!("{value:?} is neither a Node name nor a Node's InternalIP"),
+        }
     }
 
     /// The node a label value names: a node name, an address, or either with
@@ -78,19 +130,15 @@ impl NodeIndex {
             .and_then(|ip| self.by_ip.get(&ip).cloned())
     }
 
-    /// The node named by `labels` under `label`, or by default `node` then `instance`.
+    /// The node named by `labels` under `label` (default [`DEFAULT_NODE_LABEL`]).
     pub fn node_of(
         &self,
         labels: &BTreeMap<String, String>,
         label: Option<&str>,
     ) -> Option<String> {
-        match label {
-            Some(l) => labels.get(l).and_then(|v| self.resolve(v)),
-            None => labels
-                .get("node")
-                .and_then(|v| self.resolve(v))
-                .or_else(|| labels.get("instance").and_then(|v| self.resolve(v))),
-        }
+        labels
+            .get(label.unwrap_or(DEFAULT_NODE_LABEL))
+            .and_then(|v| self.resolve(v))
     }
 }
 
@@ -157,10 +205,11 @@ pub fn read(
     let series = match answer {
         Ok(s) => s,
         Err(e) => {
+            let why = egressguard_crds::conditions::bounded(&e.to_string(), MAX_PROBLEM);
             for n in watched {
-                out.nodes.insert(n.clone(), Reading::Unknown(e.to_string()));
+                out.nodes.insert(n.clone(), Reading::Unknown(why.clone()));
             }
-            out.problems.push(e.to_string());
+            out.problems.push(why);
             return out;
         }
     };
@@ -168,10 +217,17 @@ pub fn read(
     let mut per_node: BTreeMap<String, Vec<Reading>> = BTreeMap::new();
     for s in series {
         let Some(node) = index.node_of(&s.labels, node_label) else {
-            out.problems.push(format!(
-                "series {} names no Node (by {})",
-                render_labels(&s.labels),
-                node_label.unwrap_or("node or instance")
+            let label = node_label.unwrap_or(DEFAULT_NODE_LABEL);
+            let why = s
+                .labels
+                .get(label)
+                .map_or_else(|| format!("no label {label}"), |v| index.why_unresolved(v));
+            out.problems.push(egressguard_crds::conditions::bounded(
+                &format!(
+                    "series {} names no Node by {label}: {why}",
+                    render_labels(&s.labels)
+                ),
+                MAX_PROBLEM,
             ));
             continue;
         };
@@ -320,6 +376,46 @@ mod tests {
     }
 
     #[test]
+    fn a_claimed_address_or_an_exporters_own_node_label_names_no_node() {
+        let mut facts = vec![
+            NodeFacts {
+                name: "worker-1".into(),
+                labels: Default::default(),
+                internal_ips: vec!["10.0.0.1".parse().unwrap()],
+            },
+            NodeFacts {
+                name: "worker-2".into(),
+                labels: Default::default(),
+                internal_ips: vec!["10.0.0.2".parse().unwrap()],
+            },
+        ];
+        // worker-2's kubelet claims worker-1's address too.
+        facts[1].internal_ips.push("10.0.0.1".parse().unwrap());
+        let ix = NodeIndex::new(&facts);
+        assert_eq!(ix.resolve("10.0.0.1:9100"), None);
+        assert_eq!(ix.resolve("10.0.0.2:9100").as_deref(), Some("worker-2"));
+        let watched = vec!["worker-1".to_string()];
+        let a = Ok(vec![
+            series(&[("instance", "10.0.0.1:9100")], "2e7", 100.0),
+            // A series whose exporter writes node="worker-1" itself.
+            series(
+                &[("instance", "10.0.0.2:9100"), ("node", "worker-1")],
+                "2e7",
+                100.0,
+            ),
+        ]);
+        let r = read(&a, T, None, &watched, &ix, 100.0, 60.0);
+        assert!(matches!(&r.nodes["worker-1"], Reading::Unknown(_)), "{r:?}");
+        assert!(
+            r.problems
+                .iter()
+                .any(|p| p.contains("claimed by 2 Nodes (worker-1, worker-2)")),
+            "{:?}",
+            r.problems
+        );
+    }
+
+    #[test]
     fn missing_data_is_unknown_never_ok() {
         let ix = nodes();
         let watched = vec!["worker-1".to_string(), "worker-2".to_string()];
@@ -328,8 +424,8 @@ mod tests {
         let r = read(&down, T, None, &watched, &ix, 100.0, 60.0);
         assert!(r.nodes.values().all(|o| matches!(o, Reading::Unknown(_))));
         let a = Ok(vec![
-            series(&[("node", "worker-1")], "NaN", 100.0),
-            series(&[("node", "worker-2")], "1", 10.0),
+            series(&[("instance", "worker-1")], "NaN", 100.0),
+            series(&[("instance", "worker-2")], "1", 10.0),
         ]);
         let r = read(&a, T, None, &watched, &ix, 100.0, 60.0);
         assert!(matches!(&r.nodes["worker-1"], Reading::Unknown(m) if m.contains("NaN")));
@@ -338,8 +434,8 @@ mod tests {
         assert!(matches!(&r.nodes["worker-1"], Reading::Unknown(m) if m.contains("no series")));
         // One device breaching, another unknown: a breach.
         let a = Ok(vec![
-            series(&[("node", "worker-1"), ("device", "a")], "+Inf", 100.0),
-            series(&[("node", "worker-1"), ("device", "b")], "2e7", 100.0),
+            series(&[("instance", "worker-1"), ("device", "a")], "+Inf", 100.0),
+            series(&[("instance", "worker-1"), ("device", "b")], "2e7", 100.0),
         ]);
         let r = read(&a, T, None, &watched, &ix, 100.0, 60.0);
         assert!(matches!(r.nodes["worker-1"], Reading::Breach { .. }));

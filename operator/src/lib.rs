@@ -14,6 +14,7 @@ pub mod own_writes;
 pub mod prom;
 pub mod quarantine;
 pub mod rbac;
+pub mod receiver;
 pub mod remediate;
 pub mod run;
 pub mod status;

@@ -254,7 +254,7 @@ fn main() -> ExitCode {
             };
             let webhook_token = match webhook_token_file
                 .as_deref()
-                .map(|p| read_token("--webhook-token-file", p))
+                .map(|p| read_token("--webhook-token-file", p).map(|t| (p.to_path_buf(), t)))
                 .transpose()
             {
                 Ok(t) => t,

@@ -163,27 +163,70 @@ fn is_alert(rules: Option<&QuarantineRules>, trigger: &str) -> bool {
     })
 }
 
+/// FNV-1a over the parts, NUL-separated: stable across versions and
+/// platforms, unlike std's hasher.
+fn fnv64(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (i, p) in parts.iter().enumerate() {
+        let sep = (i > 0).then_some(0u8);
+        for b in sep.into_iter().chain(p.bytes()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
 /// A deterministic, DNS-safe object name for a quarantine (any replica that
 /// computes it for the same event gets the same name, so duplicates collide).
+/// The full 64-bit hash is kept: a name is also what a conflicting object
+/// could squat on.
 pub fn object_name(guard: &str, node: &str, key: &str) -> String {
-    // FNV-1a: stable across versions and platforms, unlike std's hasher.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in guard
-        .bytes()
-        .chain([0])
-        .chain(node.bytes())
-        .chain([0])
-        .chain(key.bytes())
-    {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    let name = format!("{guard}-{node}-{:08x}", h as u32);
+    let h = fnv64(&[guard, node, key]);
+    let name = format!("{guard}-{node}-{h:016x}");
     if name.len() <= 253 {
         name
     } else {
         format!("egq-{h:016x}")
     }
+}
+
+/// `value` as a label value: itself when it is one (at most 63 characters
+/// of `[A-Za-z0-9._-]`, alphanumeric at both ends), else a hash of it. Node
+/// and guard names may be 253 characters long; labels may not.
+pub fn label_value(value: &str) -> String {
+    let ok = value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && value
+            .bytes()
+            .next()
+            .is_none_or(|b| b.is_ascii_alphanumeric())
+        && value
+            .bytes()
+            .last()
+            .is_none_or(|b| b.is_ascii_alphanumeric());
+    if ok {
+        value.to_string()
+    } else {
+        format!("h-{:016x}", fnv64(&[value]))
+    }
+}
+
+/// The labels of a Quarantine record, for `kubectl get egq -l`.
+pub fn record_labels(guard: &str, node: &str, episode: Option<u64>) -> BTreeMap<String, String> {
+    let mut l = BTreeMap::from([
+        ("egressguard.io/guard".to_string(), label_value(guard)),
+        ("egressguard.io/node".to_string(), label_value(node)),
+    ]);
+    if let Some(e) = episode {
+        l.insert(
+            egressguard_crds::quarantine::EPISODE_LABEL.to_string(),
+            e.to_string(),
+        );
+    }
+    l
 }
 
 struct Admission<'w, 'a> {
@@ -365,6 +408,7 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
                     });
                     p.released
                         .push((q.spec.guard.clone(), q.spec.trigger.clone()));
+                    p.create.push(tombstone(q, &now));
                 }
                 p.remove_finalizer.push(name.clone());
             }
@@ -491,11 +535,7 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
                 if has_finalizer(q) {
                     p.remove_finalizer.push(name.clone());
                 }
-                let ended = st
-                    .released_at
-                    .as_ref()
-                    .or(q.metadata.creation_timestamp.as_ref());
-                if ended.is_some_and(|t| secs_since(world.now, t) > world.retention.as_secs_f64()) {
+                if expired(world, q, g.and_then(|g| g.rules.as_ref())) {
                     p.delete.push(name.clone());
                 }
             }
@@ -540,10 +580,7 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
                 finalizers: Some(vec![RELEASE_FINALIZER.into()]),
-                labels: Some(BTreeMap::from([
-                    ("egressguard.io/guard".to_string(), guard.clone()),
-                    ("egressguard.io/node".to_string(), node.clone()),
-                ])),
+                labels: Some(record_labels(guard, node, None)),
                 ..Default::default()
             },
             spec: QuarantineSpec {
@@ -585,6 +622,65 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
     p
 }
 
+/// Is a closed record past keeping? Past the retention, and also past its
+/// guard's cooldown (the record is the memory of a release: deleting it
+/// sooner would let the next alert quarantine the node again at once), and
+/// not the record of an alert still firing (its repeats are counted on it;
+/// a new record would start a new episode).
+fn expired(world: &World<'_>, q: &Quarantine, rules: Option<&QuarantineRules>) -> bool {
+    let st = q.status.clone().unwrap_or_default();
+    let keep = world
+        .retention
+        .max(rules.map_or(Duration::ZERO, |r| r.cooldown))
+        .as_secs_f64();
+    let ended = st
+        .released_at
+        .as_ref()
+        .or(q.metadata.creation_timestamp.as_ref());
+    let old = |t: Option<&Time>| t.is_none_or(|t| secs_since(world.now, t) > keep);
+    ended.is_some_and(|t| old(Some(t))) && old(st.last_alert_at.as_ref())
+}
+
+/// The record left when a person deletes an Active quarantine: the release
+/// is remembered (for the cooldown, and for the episode of an alert that
+/// keeps firing) even though its object is gone.
+fn tombstone(q: &Quarantine, now: &Time) -> Quarantine {
+    let name = q.name_any();
+    let st = q.status.clone().unwrap_or_default();
+    Quarantine {
+        metadata: ObjectMeta {
+            name: Some(object_name(
+                &q.spec.guard,
+                &q.spec.node_name,
+                &format!("deleted/{name}"),
+            )),
+            labels: Some(q.labels().clone()),
+            ..Default::default()
+        },
+        spec: QuarantineSpec {
+            reason: Some(egressguard_crds::conditions::bounded(
+                &format!(
+                    "record of Quarantine {name}, deleted by a person{}",
+                    q.spec
+                        .reason
+                        .as_ref()
+                        .map(|r| format!(" (it said: {r})"))
+                        .unwrap_or_default()
+                ),
+                512,
+            )),
+            ..q.spec.clone()
+        },
+        status: Some(QuarantineStatus {
+            phase: Some(Phase::Released),
+            released_at: Some(now.clone()),
+            released_by: Some(format!("person: deleted Quarantine {name}")),
+            conditions: Vec::new(),
+            ..st
+        }),
+    }
+}
+
 /// Sets the `Enforced` condition of an Active quarantine, with a warning
 /// when it stops holding, and records the escalation its guard asks for.
 fn enforced(
@@ -598,7 +694,20 @@ fn enforced(
     let node = &q.spec.node_name;
     let name = q.name_any();
     let report = world.enforcement.get(node);
-    let (status, reason, message) = enforcement::verdict(node, report, world.now);
+    let (status, reason, message) = match report.map(|r| r.plan_guard.as_deref()) {
+        // A quarantine that cannot be enforced says so; it is never counted
+        // as holding.
+        Some(other) if other != Some(q.spec.guard.as_str()) => (
+            "False",
+            enforcement::reasons::NOT_PLANNED,
+            format!(
+                "node {node} carries {}: EgressGuard {}'s throttle is not applied there",
+                other.map_or("no plan".to_string(), |o| format!("EgressGuard {o}'s plan")),
+                q.spec.guard
+            ),
+        ),
+        _ => enforcement::verdict(node, report, world.now),
+    };
     let prev = next
         .conditions
         .iter()
@@ -826,6 +935,7 @@ mod tests {
             heartbeat: Some((t(at), Duration::from_secs(15))),
             current: true,
             enforce: true,
+            plan_guard: Some("site".into()),
             ready: Some((
                 true,
                 egressguard_crds::node_shaping::reasons::ENFORCED.into(),

@@ -4,27 +4,23 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use egressguard_crds::quarantine::{TriggerRule, RELEASE_FINALIZER};
 use egressguard_crds::{EgressGuard, Mode, Quarantine};
-use hyper::StatusCode;
-use k8s_openapi::api::core::v1::{Node, ObjectReference};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::Store;
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, ResourceExt};
 use tracing::{info, warn};
 
 use crate::evaluate::{read, NodeIndex, Reading, Streaks, Thresholds};
 use crate::prom::Prometheus;
 use crate::quarantine::{Breach, Notice, QuarantinePlan, Signals, Subject};
-use crate::webhook::{self, Intent};
 use egressguard_crds::serve::prometheus_client::encoding::DescriptorEncoder;
-use egressguard_crds::serve::{counters, gauges, read_body, text, Reply, Scrape};
+use egressguard_crds::serve::{counters, gauges, Scrape};
 
 /// Field manager for quarantine writes.
 const MANAGER: &str = "egressguard-operator";
@@ -38,8 +34,9 @@ pub struct QuarantineConfig {
     pub evaluation_interval: Duration,
     /// The Alertmanager receiver's address.
     pub webhook_addr: Option<SocketAddr>,
-    /// The receiver's bearer token; without one the receiver does not start.
-    pub webhook_token: Option<Vec<u8>>,
+    /// The receiver's bearer token file and its content at start; without
+    /// one the receiver does not start.
+    pub webhook_token: Option<(std::path::PathBuf, Vec<u8>)>,
     /// How long Released and Refused records are kept.
     pub retention: Duration,
 }
@@ -57,6 +54,8 @@ pub struct QuarantineMetrics {
     pub evaluations: BTreeMap<&'static str, u64>,
     /// Webhook requests by outcome.
     pub webhook: BTreeMap<&'static str, u64>,
+    /// Alerts (folded per guard, node and trigger) by outcome.
+    pub alerts: BTreeMap<&'static str, u64>,
 }
 
 impl Scrape for QuarantineMetrics {
@@ -116,6 +115,25 @@ impl Scrape for QuarantineMetrics {
                     "bad_request",
                     "too_large",
                     "unavailable",
+                ],
+            ),
+        )?;
+        counters(
+            e,
+            "egressguard_webhook_alerts",
+            "Alerts received, folded per guard, node and trigger, by outcome.",
+            outcomes(
+                &self.alerts,
+                &[
+                    "started",
+                    "repeat",
+                    "rearmed",
+                    "resolved",
+                    "uncorroborated",
+                    "not_planned",
+                    "unmapped",
+                    "would_quarantine",
+                    "name_conflict",
                 ],
             ),
         )
@@ -346,7 +364,27 @@ pub async fn write_changes(client: &Client, p: &QuarantinePlan) -> Result<(), ku
             .await
         {
             Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            // Ours from an earlier pass whose status write failed; or
+            // something else holding the name, which is never patched.
+            Err(kube::Error::Api(e)) if e.code == 409 => match api.get_opt(&name).await {
+                Ok(Some(held))
+                    if held.spec.guard == q.spec.guard
+                        && held.spec.node_name == q.spec.node_name
+                        && held.spec.trigger == q.spec.trigger =>
+                {
+                    if held.status.as_ref().and_then(|s| s.phase).is_some() {
+                        continue;
+                    }
+                }
+                Ok(_) => {
+                    warn!(quarantine = %name, "another object holds this quarantine's name; not written");
+                    continue;
+                }
+                Err(e) => {
+                    first.get_or_insert(e);
+                    continue;
+                }
+            },
             Err(e) => {
                 first.get_or_insert(e);
                 continue;
@@ -449,6 +487,13 @@ pub fn status_patch(status: &egressguard_crds::QuarantineStatus) -> serde_json::
     if status.calm_since.is_none() {
         v["calmSince"] = serde_json::Value::Null;
     }
+    // The receiver's fields: a pass's copy may predate the receiver's write
+    // (a re-armed alert written back as resolved would release the node).
+    if let Some(o) = v.as_object_mut() {
+        for k in ["alertResolvedAt", "alertRepeats", "lastAlertAt"] {
+            o.remove(k);
+        }
+    }
     serde_json::json!({ "status": v })
 }
 
@@ -507,191 +552,6 @@ async fn set_finalizer(
             Err(kube::Error::Api(e)) if e.code == 409 && attempt < 3 => attempt += 1,
             Err(e) => return Err(e),
         }
-    }
-}
-
-/// What the receiver needs; shared by every connection.
-pub struct Receiver {
-    /// API client.
-    pub client: Client,
-    /// Guards.
-    pub guards: Store<EgressGuard>,
-    /// Nodes.
-    pub nodes: Store<Node>,
-    /// The bearer token.
-    pub token: Vec<u8>,
-    /// Event recorder (DryRun "would quarantine").
-    pub recorder: Recorder,
-    /// Counters.
-    pub metrics: Arc<Mutex<QuarantineMetrics>>,
-}
-
-impl Receiver {
-    fn count(&self, outcome: &'static str) {
-        *self
-            .metrics
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .webhook
-            .entry(outcome)
-            .or_default() += 1;
-    }
-
-    /// Handles one request.
-    pub async fn handle(self: Arc<Self>, req: hyper::Request<hyper::body::Incoming>) -> Reply {
-        if req.uri().path() != "/alertmanager" {
-            return text(
-                StatusCode::NOT_FOUND,
-                "not found; Alertmanager posts to /alertmanager\n",
-            );
-        }
-        if req.method() != hyper::Method::POST {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
-        }
-        let auth = req
-            .headers()
-            .get(hyper::header::AUTHORIZATION)
-            .map(|v| v.as_bytes().to_vec());
-        if !webhook::authorized(auth.as_deref(), &self.token) {
-            self.count("unauthorized");
-            return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
-        }
-        let body = match read_body(req, webhook::MAX_BODY).await {
-            Ok(b) => b,
-            Err(code) => {
-                self.count(if code == StatusCode::PAYLOAD_TOO_LARGE {
-                    "too_large"
-                } else {
-                    "bad_request"
-                });
-                return text(
-                    code,
-                    format!("body refused: {code} (limit {} bytes)\n", webhook::MAX_BODY),
-                );
-            }
-        };
-        let n = match webhook::parse(&body) {
-            Ok(n) => n,
-            Err(e) => {
-                self.count("bad_request");
-                return text(StatusCode::BAD_REQUEST, format!("{e}\n"));
-            }
-        };
-        if n.truncated_alerts > 0 {
-            warn!(truncated = n.truncated_alerts, "Alertmanager truncated this notification (max_alerts); the missing alerts arrive on a later send");
-        }
-        if self.guards.wait_until_ready().await.is_err()
-            || self.nodes.wait_until_ready().await.is_err()
-        {
-            self.count("unavailable");
-            return text(StatusCode::SERVICE_UNAVAILABLE, "caches not ready; retry\n");
-        }
-        let guards: Vec<EgressGuard> = self.guards.state().iter().map(|g| (**g).clone()).collect();
-        let facts: Vec<_> = self
-            .nodes
-            .state()
-            .iter()
-            .map(|n| crate::run::facts(n))
-            .collect();
-        let index = NodeIndex::new(&facts);
-        let api: Api<Quarantine> = Api::all(self.client.clone());
-        let (mut stored, mut dup, mut resolved, mut ignored) = (0, 0, 0, 0);
-        for intent in webhook::intents(&n, &guards, &index) {
-            match intent {
-                Intent::Quarantine(q) => {
-                    match api
-                        .create(
-                            &PostParams {
-                                field_manager: Some(MANAGER.into()),
-                                ..Default::default()
-                            },
-                            &q,
-                        )
-                        .await
-                    {
-                        Ok(_) => {
-                            stored += 1;
-                            info!(quarantine = %q.name_any(), node = %q.spec.node_name, guard = %q.spec.guard, "alert stored as a pending quarantine");
-                        }
-                        Err(kube::Error::Api(e)) if e.code == 409 => dup += 1,
-                        Err(e) => {
-                            warn!(error = %e, "cannot store the alert; Alertmanager will retry");
-                            self.count("unavailable");
-                            return text(
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                format!("cannot store the quarantine request: {e}\n"),
-                            );
-                        }
-                    }
-                }
-                Intent::Resolved(name) => match api.get_opt(&name).await {
-                    Ok(Some(q))
-                        if q.status
-                            .as_ref()
-                            .is_none_or(|s| s.alert_resolved_at.is_none()) =>
-                    {
-                        let patch = serde_json::json!({"status": {"alertResolvedAt": Time(Timestamp::now())}});
-                        if let Err(e) = api
-                            .patch_status(&name, &params(), &Patch::Merge(&patch))
-                            .await
-                        {
-                            self.count("unavailable");
-                            return text(
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                format!("cannot record the resolution: {e}\n"),
-                            );
-                        }
-                        resolved += 1;
-                    }
-                    Ok(_) => dup += 1,
-                    Err(e) => {
-                        self.count("unavailable");
-                        return text(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!("cannot read the quarantine: {e}\n"),
-                        );
-                    }
-                },
-                Intent::WouldQuarantine {
-                    guard,
-                    node,
-                    trigger,
-                } => {
-                    let guards_refs: BTreeMap<String, ObjectReference> = guards
-                        .iter()
-                        .filter(|g| g.name_any() == guard)
-                        .map(|g| (guard.clone(), g.object_ref(&())))
-                        .collect();
-                    let note = Notice {
-                        subjects: vec![Subject::Guard(guard.clone()), Subject::Node(node.clone())],
-                        warning: false,
-                        reason: egressguard_crds::conditions::events::WOULD_QUARANTINE,
-                        note: format!("alert trigger {trigger} fired for node {node}; EgressGuard {guard} is a dry run, so nothing is quarantined"),
-                        once: None,
-                        quarantine: None,
-                    };
-                    publish(&self.recorder, &note, &guards_refs).await;
-                    ignored += 1;
-                }
-                Intent::Unmapped {
-                    guard,
-                    trigger,
-                    labels,
-                } => {
-                    warn!(%guard, %trigger, %labels, "a matching alert names no known node; ignored");
-                    ignored += 1;
-                }
-            }
-        }
-        self.count(if stored + resolved > 0 || dup == 0 {
-            "accepted"
-        } else {
-            "duplicate"
-        });
-        text(
-            StatusCode::OK,
-            format!("stored {stored}, duplicate {dup}, resolved {resolved}, ignored {ignored}\n"),
-        )
     }
 }
 

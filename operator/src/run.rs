@@ -917,11 +917,15 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| OperatorError::Listen(*addr, e))?;
-            let receiver = Arc::new(crate::remediate::Receiver {
+            let receiver = Arc::new(crate::receiver::Receiver {
                 client: client.clone(),
                 guards: caches.guards.clone(),
                 nodes: caches.nodes.clone(),
-                token: token.clone(),
+                shapings: caches.shapings.clone(),
+                quarantines: caches.quarantines.clone(),
+                node_addresses: cfg.node_addresses.clone(),
+                prometheus: cfg.quarantine.prometheus.clone(),
+                token: crate::receiver::TokenFile::new(token.0.clone(), token.1.clone()),
                 recorder: recorder.clone(),
                 metrics: q_metrics.clone(),
             });

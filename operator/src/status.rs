@@ -37,15 +37,15 @@ pub fn node_state(ns: Option<&NodeShaping>, guard: &EgressGuard) -> NodeState {
     let (state, message) = match ready {
         // The agent has the plan but not yet the guard or groups it names.
         Some(c) if current && observed && c.reason == reasons::WAITING => {
-            (NodePhase::Pending, c.message.clone())
+            (NodePhase::Pending, node_message(&c.message))
         }
         Some(c) if current && observed && c.status == "True" && c.reason == reasons::DRY_RUN => {
-            (NodePhase::DryRun, c.message.clone())
+            (NodePhase::DryRun, node_message(&c.message))
         }
         Some(c) if current && observed && c.status == "True" => {
             (NodePhase::Enforced, String::new())
         }
-        Some(c) if current && observed => (NodePhase::Failed, c.message.clone()),
+        Some(c) if current && observed => (NodePhase::Failed, node_message(&c.message)),
         _ => (NodePhase::Pending, String::new()),
     };
     NodeState {
@@ -53,6 +53,38 @@ pub fn node_state(ns: Option<&NodeShaping>, guard: &EgressGuard) -> NodeState {
         state,
         message,
     }
+}
+
+/// A message an agent wrote, bounded before it is copied into the guard
+/// (which every agent watches): a node must not bloat every other node's cache.
+fn node_message(m: &str) -> String {
+    egressguard_crds::conditions::bounded(m, 256)
+}
+
+/// The longest `NodesFailed` message: the first failures, then a count.
+const MAX_FAILED_MESSAGE: usize = 2048;
+
+/// The guard's selector keys a node's kubelet can set on itself.
+pub fn node_writable_selector_keys(g: &EgressGuard) -> Vec<String> {
+    let Some(sel) = g.spec.node_selector.as_ref() else {
+        return Vec::new();
+    };
+    let mut keys: Vec<String> = sel
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, _)| k.clone())
+        .chain(
+            sel.match_expressions
+                .iter()
+                .flatten()
+                .map(|e| e.key.clone()),
+        )
+        .filter(|k| egressguard_crds::node_labels::kubelet_settable(k))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
 }
 
 fn cond(
@@ -154,11 +186,14 @@ pub fn guard_status(
         let (reason, msg) = if !failed.is_empty() {
             (
                 guard::NODES_FAILED,
-                failed
-                    .iter()
-                    .map(|n| format!("{}: {}", n.name, n.message))
-                    .collect::<Vec<_>>()
-                    .join("; "),
+                egressguard_crds::conditions::bounded(
+                    &failed
+                        .iter()
+                        .map(|n| format!("{}: {}", n.name, n.message))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    MAX_FAILED_MESSAGE,
+                ),
             )
         } else if pending > 0 {
             (
@@ -265,6 +300,31 @@ pub fn guard_status(
                 gen,
                 prev,
             ),
+        });
+    }
+    if g.spec.node_selector.is_some() {
+        let keys = node_writable_selector_keys(g);
+        conditions.push(if keys.is_empty() {
+            cond(
+                types::SELECTOR_NODE_WRITABLE,
+                false,
+                guard::RESTRICTED_LABELS,
+                "spec.nodeSelector uses only labels a node's kubelet cannot set".into(),
+                gen,
+                prev,
+            )
+        } else {
+            cond(
+                types::SELECTOR_NODE_WRITABLE,
+                true,
+                guard::KUBELET_SETTABLE,
+                format!(
+                    "spec.nodeSelector uses labels a node's own kubelet can set ({}): a compromised node can leave or join this guard by relabelling itself (a quarantined node stays quarantined whatever its labels); select with node-restriction.kubernetes.io/ labels, which the NodeRestriction admission plugin keeps from kubelets",
+                    keys.join(", ")
+                ),
+                gen,
+                prev,
+            )
         });
     }
     let failed_count = failed.len() as i32;

@@ -9,19 +9,24 @@
 //! the token, 400 for malformed JSON or another webhook version, 413 over
 //! 1 MiB, 503 while the API cannot store the intent (Alertmanager retries).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
-use egressguard_crds::quarantine::{Evidence, TriggerRule};
-use egressguard_crds::{EgressGuard, Mode, Quarantine, QuarantineSpec};
+use egressguard_crds::conditions::bounded;
+use egressguard_crds::quarantine::{Evidence, TriggerRule, EPISODE_LABEL};
+use egressguard_crds::{EgressGuard, Mode, Phase, Quarantine, QuarantineSpec};
 use kube::api::ObjectMeta;
 use kube::ResourceExt;
 use serde::Deserialize;
 
-use crate::evaluate::NodeIndex;
-use crate::quarantine::object_name;
+use crate::evaluate::{NodeIndex, DEFAULT_NODE_LABEL};
+use crate::quarantine::{object_name, record_labels};
 
 /// Request bodies larger than this are refused with 413.
 pub const MAX_BODY: usize = 1 << 20;
+/// Notifications with more alerts than this are refused with 413: set
+/// `max_alerts` on the Alertmanager receiver (and group by node).
+pub const MAX_ALERTS: usize = 1000;
 
 /// Alertmanager's webhook payload (version 4).
 #[derive(Debug, Deserialize)]
@@ -63,6 +68,9 @@ pub enum BadRequest {
     /// Another webhook version.
     #[error("webhook version {0:?} is not supported; Alertmanager 0.x sends \"4\"")]
     Version(String),
+    /// More alerts than [`MAX_ALERTS`].
+    #[error("{0} alerts in one notification, at most {MAX_ALERTS}: set max_alerts: {MAX_ALERTS} on the Alertmanager webhook receiver and group alerts by node")]
+    TooManyAlerts(usize),
 }
 
 /// Parses a webhook body.
@@ -72,40 +80,145 @@ pub fn parse(body: &[u8]) -> Result<Notification, BadRequest> {
     if n.version != "4" {
         return Err(BadRequest::Version(n.version));
     }
+    if n.alerts.len() > MAX_ALERTS {
+        return Err(BadRequest::TooManyAlerts(n.alerts.len()));
+    }
     Ok(n)
 }
 
-/// What one alert asks for.
+/// What one notification asks of one (guard, node, trigger): alerts are
+/// folded per triple first, so thousands of fingerprints for one node are
+/// one request, not thousands.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Intent {
-    /// Store this Pending quarantine (creating an existing name is a duplicate).
-    Quarantine(Box<Quarantine>),
-    /// Record that the alert behind this quarantine resolved.
+    /// A new episode: store this Pending quarantine.
+    Start(Box<Quarantine>),
+    /// The episode's alert fires again (a repeat, an HA duplicate, another
+    /// fingerprint): counted on its record, and re-armed if it had resolved.
+    Repeat {
+        /// The episode's record.
+        name: String,
+        /// Firing alerts for the triple in this notification.
+        alerts: u64,
+        /// The record had been resolved: clear that (firing again).
+        rearm: bool,
+    },
+    /// The episode's alert resolved.
     Resolved(String),
     /// A DryRun guard would quarantine the node: an Event only.
-    WouldQuarantine {
-        /// Guard.
-        guard: String,
-        /// Node.
-        node: String,
-        /// Trigger.
-        trigger: String,
-    },
-    /// A matching alert names no known node.
+    WouldQuarantine(Triple),
+    /// The node does not carry the guard's plan: nothing is stored.
+    NotPlanned(Triple),
+    /// A matching alert names no node (or an ambiguous one): nothing is stored.
     Unmapped {
         /// Guard.
         guard: String,
         /// Trigger.
         trigger: String,
-        /// The alert's labels, rendered.
-        labels: String,
+        /// Why, with the alert's labels.
+        why: String,
     },
 }
 
+/// One guard's trigger about one node.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Triple {
+    /// Guard.
+    pub guard: String,
+    /// Node.
+    pub node: String,
+    /// Trigger.
+    pub trigger: String,
+}
+
+/// What a trigger's alerts must be corroborated with before they count.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Corroboration {
+    /// The trigger's matchers: the `ALERTS` series to look for.
+    pub matchers: BTreeMap<String, String>,
+    /// The label naming the node.
+    pub node_label: Option<String>,
+}
+
+impl Corroboration {
+    /// The PromQL selecting the trigger's alerts firing in Prometheus.
+    pub fn query(&self) -> String {
+        let mut sel = vec![r#"alertstate="firing""#.to_string()];
+        for (k, v) in &self.matchers {
+            // Label names are `[a-zA-Z_][a-zA-Z0-9_]*` by Prometheus's rules;
+            // the value is a quoted string, escaped as PromQL reads it.
+            let v = v
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            sel.push(format!("{k}=\"{v}\""));
+        }
+        format!("ALERTS{{{}}}", sel.join(","))
+    }
+}
+
+/// An intent and the corroboration it needs (`None`: none).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked {
+    /// What to do.
+    pub intent: Intent,
+    /// Firing intents need the node among the trigger's firing `ALERTS`;
+    /// a resolve needs it absent (a forged resolve must not release).
+    pub corroborate: Option<Corroboration>,
+    /// The triple (for corroboration and logs).
+    pub triple: Option<Triple>,
+    /// Firing (`true`) or resolved.
+    pub firing: bool,
+}
+
+/// What the receiver knows when it folds a notification.
+pub struct Facts<'a> {
+    /// Every guard.
+    pub guards: &'a [EgressGuard],
+    /// Node names and addresses, after the node address policy.
+    pub index: &'a NodeIndex,
+    /// Nodes carrying each guard's plan (from the stored NodeShapings).
+    pub planned: &'a BTreeMap<String, BTreeSet<String>>,
+    /// Every Quarantine record.
+    pub records: &'a [Arc<Quarantine>],
+    /// The operator has a Prometheus to corroborate with.
+    pub has_prometheus: bool,
+}
+
+/// The latest record of a triple: highest episode, then newest.
+fn latest<'r>(records: &'r [Arc<Quarantine>], t: &Triple) -> Option<&'r Arc<Quarantine>> {
+    records
+        .iter()
+        .filter(|q| {
+            q.spec.guard == t.guard && q.spec.node_name == t.node && q.spec.trigger == t.trigger
+        })
+        .max_by_key(|q| {
+            (
+                episode_of(q),
+                q.metadata.creation_timestamp.as_ref().map(|c| c.0),
+            )
+        })
+}
+
+/// A record's episode number (0 for records from before episodes).
+pub fn episode_of(q: &Quarantine) -> u64 {
+    q.labels()
+        .get(EPISODE_LABEL)
+        .and_then(|e| e.parse().ok())
+        .unwrap_or(0)
+}
+
+fn is_open(q: &Quarantine) -> bool {
+    matches!(
+        q.status.as_ref().and_then(|s| s.phase),
+        None | Some(Phase::Pending | Phase::Active)
+    )
+}
+
 /// What the notification asks of each guard's alertmanager triggers.
-pub fn intents(n: &Notification, guards: &[EgressGuard], nodes: &NodeIndex) -> Vec<Intent> {
+pub fn intents(n: &Notification, f: &Facts<'_>) -> Vec<Checked> {
     let mut out = Vec::new();
-    for g in guards {
+    for g in f.guards {
         if g.metadata.deletion_timestamp.is_some() || g.spec.mode == Mode::Enforce {
             continue;
         }
@@ -119,65 +232,138 @@ pub fn intents(n: &Notification, guards: &[EgressGuard], nodes: &NodeIndex) -> V
             let TriggerRule::Alertmanager {
                 matchers,
                 node_label,
+                corroborate,
             } = rule
             else {
                 continue;
             };
+            let check = corroborate
+                .unwrap_or(f.has_prometheus)
+                .then(|| Corroboration {
+                    matchers: matchers.clone(),
+                    node_label: node_label.clone(),
+                });
+            // Per node: (firing alerts, evidence of the first, any resolved).
+            let mut per_node: BTreeMap<String, (u64, Option<&Alert>, bool)> = BTreeMap::new();
             for a in &n.alerts {
                 if !matchers.iter().all(|(k, v)| a.labels.get(k) == Some(v)) {
                     continue;
                 }
-                let Some(node) = nodes.node_of(&a.labels, node_label.as_deref()) else {
-                    out.push(Intent::Unmapped {
-                        guard: guard.clone(),
-                        trigger: trigger.clone(),
-                        labels: format!("{:?}", a.labels),
+                let label = node_label.as_deref().unwrap_or(DEFAULT_NODE_LABEL);
+                let Some(node) = f.index.node_of(&a.labels, node_label.as_deref()) else {
+                    let why = a.labels.get(label).map_or_else(
+                        || format!("the alert has no label {label}"),
+                        |v| f.index.why_unresolved(v),
+                    );
+                    out.push(Checked {
+                        intent: Intent::Unmapped {
+                            guard: guard.clone(),
+                            trigger: trigger.clone(),
+                            why: bounded(&why, 256),
+                        },
+                        corroborate: None,
+                        triple: None,
+                        firing: a.status == "firing",
                     });
                     continue;
                 };
-                let name = object_name(
-                    &guard,
-                    &node,
-                    &format!("{trigger}/{}/{}", a.fingerprint, a.starts_at),
-                );
-                match (a.status.as_str(), g.spec.mode) {
-                    ("firing", Mode::DryRun) => out.push(Intent::WouldQuarantine {
-                        guard: guard.clone(),
-                        node,
-                        trigger: trigger.clone(),
-                    }),
-                    ("firing", _) => out.push(Intent::Quarantine(Box::new(Quarantine {
-                        metadata: ObjectMeta {
-                            name: Some(name),
-                            labels: Some(BTreeMap::from([
-                                ("egressguard.io/guard".to_string(), guard.clone()),
-                                ("egressguard.io/node".to_string(), node.clone()),
-                            ])),
-                            ..Default::default()
-                        },
-                        spec: QuarantineSpec {
-                            node_name: node,
-                            guard: guard.clone(),
-                            trigger: trigger.clone(),
-                            evidence: Some(Evidence {
-                                fingerprint: Some(a.fingerprint.clone()),
-                                labels: a.labels.clone(),
-                                starts_at: Some(a.starts_at.clone()),
-                                ..Default::default()
-                            }),
-                            release: g.spec.quarantine.as_ref().map(|q| q.release.clone()),
-                            reason: None,
-                        },
-                        status: None,
-                    }))),
-                    ("resolved", _) => out.push(Intent::Resolved(name)),
+                let e = per_node.entry(node).or_default();
+                match a.status.as_str() {
+                    "firing" => {
+                        e.0 += 1;
+                        e.1.get_or_insert(a);
+                    }
+                    "resolved" => e.2 = true,
                     _ => {}
                 }
+            }
+            for (node, (firing, first, resolved)) in per_node {
+                let t = Triple {
+                    guard: guard.clone(),
+                    node,
+                    trigger: trigger.clone(),
+                };
+                let checked = |intent: Intent, firing: bool| Checked {
+                    intent,
+                    corroborate: check.clone(),
+                    triple: Some(t.clone()),
+                    firing,
+                };
+                if !f.planned.get(&guard).is_some_and(|p| p.contains(&t.node)) {
+                    out.push(Checked {
+                        intent: Intent::NotPlanned(t.clone()),
+                        corroborate: None,
+                        triple: Some(t),
+                        firing: firing > 0,
+                    });
+                    continue;
+                }
+                let last = latest(f.records, &t);
+                let resolved_at =
+                    |q: &Quarantine| q.status.as_ref().and_then(|s| s.alert_resolved_at.clone());
+                let Some(a) = first.filter(|_| firing > 0) else {
+                    // Only resolutions: they end the latest episode.
+                    if let Some(q) = last.filter(|q| resolved && resolved_at(q).is_none()) {
+                        out.push(checked(Intent::Resolved(q.name_any()), false));
+                    }
+                    continue;
+                };
+                if g.spec.mode == Mode::DryRun {
+                    out.push(checked(Intent::WouldQuarantine(t.clone()), true));
+                    continue;
+                }
+                // The episode goes on: an open record, or a closed one whose
+                // alert never resolved (a person's release holds while the
+                // alert it overrode keeps firing; a refusal is not retried
+                // by the same alert).
+                if let Some(q) = last.filter(|q| is_open(q) || resolved_at(q).is_none()) {
+                    out.push(checked(
+                        Intent::Repeat {
+                            name: q.name_any(),
+                            alerts: firing,
+                            rearm: is_open(q) && resolved_at(q).is_some(),
+                        },
+                        true,
+                    ));
+                    continue;
+                }
+                let episode = last.map_or(0, |q| episode_of(q)) + 1;
+                let name = object_name(&guard, &t.node, &format!("{trigger}#{episode}"));
+                let record = Quarantine {
+                    metadata: ObjectMeta {
+                        name: Some(name),
+                        labels: Some(record_labels(&guard, &t.node, Some(episode))),
+                        ..Default::default()
+                    },
+                    spec: QuarantineSpec {
+                        node_name: t.node.clone(),
+                        guard: guard.clone(),
+                        trigger: trigger.clone(),
+                        evidence: Some(Evidence {
+                            fingerprint: Some(bounded(&a.fingerprint, 64)),
+                            labels: a
+                                .labels
+                                .iter()
+                                .take(MAX_EVIDENCE_LABELS)
+                                .map(|(k, v)| (bounded(k, 128), bounded(v, 256)))
+                                .collect(),
+                            starts_at: Some(bounded(&a.starts_at, 64)),
+                            ..Default::default()
+                        }),
+                        release: g.spec.quarantine.as_ref().map(|q| q.release.clone()),
+                        reason: None,
+                    },
+                    status: None,
+                };
+                out.push(checked(Intent::Start(Box::new(record)), true));
             }
         }
     }
     out
 }
+
+/// At most this many of an alert's labels are copied into a record.
+const MAX_EVIDENCE_LABELS: usize = 32;
 
 /// Compares the presented `Authorization` header with the token in constant time.
 pub fn authorized(header: Option<&[u8]>, token: &[u8]) -> bool {
@@ -195,77 +381,284 @@ mod tests {
     use super::*;
     use crate::decide::NodeFacts;
     use egressguard_crds::load::parse_str;
+    use egressguard_crds::QuarantineStatus;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-    const GUARD: &str = "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {name: site}\nspec:\n  mode: Auto\n  uplink: {rate: 20Mbit}\n  throttle: {rate: 1Mbit, destinations: [{port: 443}]}\n  quarantine:\n    triggers: [{name: alert, alertmanager: {matchers: {alertname: NodeEgressSaturated}}}]\n";
+    const GUARD: &str = "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {name: site}\nspec:\n  mode: Auto\n  uplink: {rate: 20Mbit}\n  throttle: {rate: 1Mbit, destinations: [{port: 443}]}\n  quarantine:\n    triggers: [{name: alert, alertmanager: {matchers: {alertname: NodeEgressSaturated}EXTRA}}]\n";
+    const LONG: &str = "a-node-name-that-is-seventy-characters-long-0123456789-abcdefghijklmn";
 
-    fn body(status: &str, labels: &str) -> String {
-        format!(
-            r#"{{"version":"4","status":"{status}","receiver":"eg","groupLabels":{{}},"commonLabels":{{}},"commonAnnotations":{{}},"externalURL":"http://am","truncatedAlerts":0,"alerts":[{{"status":"{status}","labels":{labels},"annotations":{{}},"startsAt":"2026-11-23T10:00:00Z","endsAt":"0001-01-01T00:00:00Z","generatorURL":"","fingerprint":"a1b2"}}]}}"#
+    fn guards(extra: &str) -> Vec<EgressGuard> {
+        parse_str(&GUARD.replace("EXTRA", extra)).expect("guard")
+    }
+
+    /// A notification of `alerts`: (status, labels as JSON, fingerprint).
+    fn notification(alerts: &[(&str, String, String)]) -> Notification {
+        let items: Vec<String> = alerts
+            .iter()
+            .map(|(st, labels, fp)| {
+                format!(r#"{{"status":"{st}","labels":{labels},"annotations":{{}},"startsAt":"2026-11-23T10:00:00Z","endsAt":"0001-01-01T00:00:00Z","generatorURL":"","fingerprint":"{fp}"}}"#)
+            })
+            .collect();
+        let body = format!(
+            r#"{{"version":"4","status":"firing","receiver":"eg","groupLabels":{{}},"commonLabels":{{}},"commonAnnotations":{{}},"externalURL":"http://am","truncatedAlerts":0,"alerts":[{}]}}"#,
+            items.join(",")
+        );
+        parse(body.as_bytes()).expect("notification")
+    }
+
+    fn alert(status: &str, instance: &str, fp: &str) -> (&'static str, String, String) {
+        let st = if status == "firing" {
+            "firing"
+        } else {
+            "resolved"
+        };
+        (
+            st,
+            format!(r#"{{"alertname":"NodeEgressSaturated","instance":"{instance}"}}"#),
+            fp.to_string(),
         )
     }
 
-    fn index() -> NodeIndex {
-        NodeIndex::new(&[NodeFacts {
-            name: "worker-1".into(),
+    fn nodes() -> Vec<NodeFacts> {
+        let n = |name: &str, ip: &str| NodeFacts {
+            name: name.into(),
             labels: Default::default(),
-            internal_ips: vec!["10.0.0.1".parse().unwrap()],
-        }])
+            internal_ips: vec![ip.parse().expect("ip")],
+        };
+        vec![
+            n("worker-1", "10.0.0.1"),
+            n("worker-2", "10.0.0.2"),
+            n(LONG, "10.0.0.3"),
+            // Two nodes claiming one address: it names neither.
+            n("worker-4", "10.0.0.9"),
+            n("worker-5", "10.0.0.9"),
+        ]
+    }
+
+    struct World {
+        guards: Vec<EgressGuard>,
+        index: NodeIndex,
+        planned: BTreeMap<String, BTreeSet<String>>,
+        records: Vec<Arc<Quarantine>>,
+        prometheus: bool,
+    }
+
+    impl World {
+        fn new(extra: &str) -> World {
+            World {
+                guards: guards(extra),
+                index: NodeIndex::new(&nodes()),
+                planned: BTreeMap::from([(
+                    "site".to_string(),
+                    ["worker-1", LONG, "worker-4", "worker-5"]
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect(),
+                )]),
+                records: Vec::new(),
+                prometheus: false,
+            }
+        }
+
+        fn run(&self, n: &Notification) -> Vec<Checked> {
+            intents(
+                n,
+                &Facts {
+                    guards: &self.guards,
+                    index: &self.index,
+                    planned: &self.planned,
+                    records: &self.records,
+                    has_prometheus: self.prometheus,
+                },
+            )
+        }
+
+        /// Stores the record a Start asked for, in `phase`, resolved or not.
+        fn store(&mut self, c: &Checked, phase: Option<Phase>, resolved: bool) -> String {
+            let Intent::Start(q) = &c.intent else {
+                panic!("not a start: {c:?}")
+            };
+            let mut q = (**q).clone();
+            q.status = Some(QuarantineStatus {
+                phase,
+                alert_resolved_at: resolved
+                    .then(|| Time("2026-11-23T11:00:00Z".parse().expect("t"))),
+                ..Default::default()
+            });
+            let name = q.name_any();
+            self.records.push(Arc::new(q));
+            name
+        }
+    }
+
+    fn intents_only(c: &[Checked]) -> Vec<&Intent> {
+        c.iter().map(|c| &c.intent).collect()
     }
 
     #[test]
-    fn a_firing_alert_becomes_one_deterministic_pending_quarantine() {
-        let g = parse_str(GUARD).unwrap();
-        let n = parse(
-            body(
+    fn thousands_of_fingerprints_for_one_node_are_one_episode() {
+        let mut w = World::new("");
+        let many: Vec<_> = (0..MAX_ALERTS)
+            .map(|i| alert("firing", "10.0.0.1:9100", &format!("f{i}")))
+            .collect();
+        let n = notification(&many);
+        let out = w.run(&n);
+        assert_eq!(out.len(), 1, "{:?}", intents_only(&out));
+        assert_eq!(
+            out,
+            w.run(&n),
+            "the same notification names the same object"
+        );
+        let name = w.store(&out[0], Some(Phase::Active), false);
+        assert!(name.ends_with(&format!("{:016x}", fnv_of("site", "worker-1", "alert#1"))));
+        // Every later send, with any fingerprints, is counted on that record.
+        let out = w.run(&n);
+        assert_eq!(
+            intents_only(&out),
+            [&Intent::Repeat {
+                name: name.clone(),
+                alerts: MAX_ALERTS as u64,
+                rearm: false
+            }]
+        );
+        // One more than the cap is refused whole, with the fix named.
+        let over: String = (0..=MAX_ALERTS)
+            .map(|i| format!(r#"{{"status":"firing","labels":{{}},"fingerprint":"f{i}"}}"#))
+            .collect::<Vec<_>>()
+            .join(",");
+        let err = parse(format!(r#"{{"version":"4","alerts":[{over}]}}"#).as_bytes())
+            .expect_err("too many");
+        assert!(err.to_string().contains("max_alerts"), "{err}");
+    }
+
+    fn fnv_of(g: &str, n: &str, k: &str) -> u64 {
+        let name = object_name(g, n, k);
+        u64::from_str_radix(&name[name.len() - 16..], 16).expect("hex")
+    }
+
+    #[test]
+    fn resolve_then_fire_rearms_the_same_record_and_a_new_episode_follows_a_resolved_release() {
+        let mut w = World::new("");
+        let fire = notification(&[alert("firing", "10.0.0.1:9100", "a")]);
+        let name = w.store(&w.run(&fire)[0], Some(Phase::Active), false);
+        let resolve = notification(&[alert("resolved", "10.0.0.1:9100", "a")]);
+        assert_eq!(
+            intents_only(&w.run(&resolve)),
+            [&Intent::Resolved(name.clone())]
+        );
+        // Resolved, still Active (calm window running): firing again re-arms it.
+        w.records.clear();
+        let _ = w.store(&w.run(&fire)[0], Some(Phase::Active), true);
+        assert_eq!(
+            intents_only(&w.run(&fire)),
+            [&Intent::Repeat {
+                name: name.clone(),
+                alerts: 1,
+                rearm: true
+            }]
+        );
+        // Released by a person while the alert kept firing: the repeat is
+        // counted there, never a new quarantine.
+        w.records.clear();
+        let _ = w.store(&w.run(&fire)[0], Some(Phase::Released), false);
+        assert!(matches!(
+            w.run(&fire)[0].intent,
+            Intent::Repeat { rearm: false, .. }
+        ));
+        // Released after the alert resolved: a new firing is a new episode.
+        w.records.clear();
+        let _ = w.store(&w.run(&fire)[0], Some(Phase::Released), true);
+        let next = w.run(&fire);
+        let Intent::Start(q) = &next[0].intent else {
+            panic!("{next:?}")
+        };
+        assert_eq!(episode_of(q), 2);
+        assert_ne!(q.name_any(), name);
+    }
+
+    #[test]
+    fn only_planned_nodes_named_by_the_scrape_target_and_unambiguously_count() {
+        let w = World::new("");
+        let out = w.run(&notification(&[
+            alert("firing", "10.0.0.2:9100", "x"),
+            alert("firing", "10.0.0.9:9100", "y"),
+            (
                 "firing",
-                r#"{"alertname":"NodeEgressSaturated","instance":"10.0.0.1:9100"}"#,
-            )
-            .as_bytes(),
-        )
-        .unwrap();
-        let a = intents(&n, &g, &index());
-        let b = intents(&n, &g, &index());
-        assert_eq!(a, b, "the same notification must name the same object");
-        let Intent::Quarantine(q) = &a[0] else {
-            panic!("{a:?}")
+                r#"{"alertname":"NodeEgressSaturated","node":"worker-1"}"#.into(),
+                "z".into(),
+            ),
+        ]));
+        let got: Vec<String> = out
+            .iter()
+            .map(|c| match &c.intent {
+                Intent::NotPlanned(t) => format!("not planned {}", t.node),
+                Intent::Unmapped { why, .. } => format!("unmapped: {why}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(got.contains(&"not planned worker-2".to_string()), "{got:?}");
+        assert!(
+            got.iter()
+                .any(|g| g.contains("claimed by 2 Nodes (worker-4, worker-5)")),
+            "{got:?}"
+        );
+        assert!(
+            got.iter().any(|g| g.contains("no label instance")),
+            "an exporter's own node label is not trusted by default: {got:?}"
+        );
+        // Unless the trigger names it.
+        let w = World::new(", nodeLabel: node");
+        let out = w.run(&notification(&[(
+            "firing",
+            r#"{"alertname":"NodeEgressSaturated","node":"worker-1"}"#.into(),
+            "z".into(),
+        )]));
+        assert!(matches!(out[0].intent, Intent::Start(_)), "{out:?}");
+    }
+
+    #[test]
+    fn corroboration_follows_the_operator_unless_the_trigger_says() {
+        let mut w = World::new("");
+        let fire = notification(&[alert("firing", "10.0.0.1:9100", "a")]);
+        assert_eq!(w.run(&fire)[0].corroborate, None);
+        w.prometheus = true;
+        let c = w.run(&fire)[0].corroborate.clone().expect("corroborated");
+        assert_eq!(
+            c.query(),
+            r#"ALERTS{alertstate="firing",alertname="NodeEgressSaturated"}"#
+        );
+        let mut w = World::new(", corroborate: false");
+        w.prometheus = true;
+        assert_eq!(w.run(&fire)[0].corroborate, None);
+        let quoted = Corroboration {
+            matchers: BTreeMap::from([("a".to_string(), "x\"} or vector(1) #".to_string())]),
+            node_label: None,
         };
         assert_eq!(
-            (q.spec.node_name.as_str(), q.spec.trigger.as_str()),
-            ("worker-1", "alert")
+            quoted.query(),
+            r#"ALERTS{alertstate="firing",a="x\"} or vector(1) #"}"#
         );
-        let resolved = parse(
-            body(
-                "resolved",
-                r#"{"alertname":"NodeEgressSaturated","instance":"10.0.0.1:9100"}"#,
-            )
-            .as_bytes(),
-        )
-        .unwrap();
+    }
+
+    #[test]
+    fn any_legal_node_name_gets_a_valid_record() {
+        let w = World::new("");
+        let out = w.run(&notification(&[alert("firing", "10.0.0.3:9100", "a")]));
+        let Intent::Start(q) = &out[0].intent else {
+            panic!("{out:?}")
+        };
+        assert_eq!(q.spec.node_name, LONG);
+        let name = q.name_any();
+        assert!(name.len() <= 253, "{name}");
+        for v in q.labels().values() {
+            assert!(v.len() <= 63, "label value {v}");
+        }
         assert_eq!(
-            intents(&resolved, &g, &index()),
-            vec![Intent::Resolved(q.name_any())]
+            q.labels()["egressguard.io/node"],
+            crate::quarantine::label_value(LONG)
         );
-        let other = parse(
-            body(
-                "firing",
-                r#"{"alertname":"Other","instance":"10.0.0.1:9100"}"#,
-            )
-            .as_bytes(),
-        )
-        .unwrap();
-        assert!(intents(&other, &g, &index()).is_empty());
-        let lost = parse(
-            body(
-                "firing",
-                r#"{"alertname":"NodeEgressSaturated","instance":"192.0.2.9:9100"}"#,
-            )
-            .as_bytes(),
-        )
-        .unwrap();
-        assert!(matches!(
-            intents(&lost, &g, &index())[0],
-            Intent::Unmapped { .. }
-        ));
+        assert!(q.labels()["egressguard.io/node"].starts_with("h-"));
     }
 
     #[test]
