@@ -133,7 +133,9 @@ pub fn check_refs(refs: &[GroupRef]) -> Vec<FieldError> {
 /// The groups a reference list names, sorted and without duplicates, out of
 /// the groups that exist (name → labels). A missing name, or a selector that
 /// matches no group, is an error naming the reference: a whitelist never
-/// shrinks silently because a group is absent or mislabelled.
+/// shrinks silently because a group is absent or mislabelled. Once the
+/// groups' entries are at hand, [`check_resolved`] checks they do not widen
+/// the guard's whitelist beyond what it allows.
 pub fn resolve<'a>(
     refs: &[GroupRef],
     groups: impl IntoIterator<Item = (&'a str, &'a BTreeMap<String, String>)> + Clone,
@@ -183,6 +185,38 @@ pub fn resolve<'a>(
     names.sort();
     names.dedup();
     Ok(names)
+}
+
+/// The entries of the groups a guard resolved to ([`resolve`]; name and
+/// [`CidrGroupSpec::validate`]d entries), checked against that guard (its
+/// [`crate::validate()`]d spec): unless it sets `spec.allowWideRanges`, an
+/// entry shorter than /8 (IPv4) or /16 (IPv6) is an error naming the group
+/// and the entry's index, and so is a whitelist that, with the groups,
+/// covers half an address family or more. A group selected by label never
+/// widens a guard silently. Same errors as
+/// [`ValidSpec::wide_group_problems`](crate::ValidSpec::wide_group_problems),
+/// without copying the groups' entries into the guard's whitelist.
+pub fn check_resolved(
+    guard: &crate::ValidSpec,
+    groups: &[(&str, &[IpNet])],
+) -> Result<(), Vec<FieldError>> {
+    let own = guard
+        .whitelist
+        .iter()
+        .filter(|e| e.group.is_none())
+        .map(|e| (None, e.index, &e.net));
+    let grouped = groups.iter().flat_map(|(name, nets)| {
+        nets.iter()
+            .enumerate()
+            .map(move |(i, n)| (Some(*name), i, n))
+    });
+    let errors =
+        crate::validate::wide_whitelist_problems(guard.allow_wide_ranges, own.chain(grouped));
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
 }
 
 #[cfg(test)]

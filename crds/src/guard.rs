@@ -27,7 +27,8 @@ pub struct EgressGuardSpec {
     /// Nodes this guard applies to; empty or absent selects every node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<LabelSelector>,
-    /// Interfaces to shape; absent means the interfaces of the host's default routes.
+    /// Interfaces to shape; absent means the interfaces of the host's default
+    /// routes. Never `lo`: shaping loopback throttles the node's own processes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interfaces: Option<Vec<String>>,
     /// The whole egress budget of each shaped interface.
@@ -42,6 +43,13 @@ pub struct EgressGuardSpec {
     /// Refused unless this says it is meant (staging a guard, say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub whitelist_all_destinations: Option<bool>,
+    /// I know this whitelist/protect entry exempts a large part of the
+    /// internet. Without it, validation refuses a whitelist (with its
+    /// CIDRGroups) covering half an address family or more, CIDRGroup
+    /// entries shorter than /8 (IPv4) or /16 (IPv6), and `protect` entries
+    /// without ports shorter than /16 (IPv4) or /48 (IPv6). Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_wide_ranges: bool,
     /// CIDRGroups whose networks join the whitelist, by name or label
     /// selector. A reference that resolves to no group holds the guard's
     /// plans where they are (condition `WhitelistResolved=False`).

@@ -435,3 +435,152 @@ fn whole_families_are_refused_and_useless_entries_warned() {
         ]
     );
 }
+
+fn valid_with(patch: &str) -> crate::ValidSpec {
+    let mut value: serde_json::Value = serde_yaml::from_str(GOOD).unwrap();
+    merge(&mut value, serde_yaml::from_str(patch).unwrap());
+    let guards = parse_str(&serde_yaml::to_string(&value).unwrap()).unwrap();
+    validate(&guards[0].spec).unwrap()
+}
+
+const WIDE_V4: &str = "spec.whitelist: the entries cover 100% of all IPv4 addresses (overlaps merged), so the guard would throttle almost nothing there; remove the widest entries, or set spec.allowWideRanges: true if exempting that much is meant";
+
+/// Inputs that cannot widen or starve (#19): a whitelist covering half an
+/// address family, a protect entry without ports exempting a large network,
+/// loopback as a shaped interface. The first two are accepted with
+/// spec.allowWideRanges; loopback never is.
+#[test]
+fn wide_ranges_and_loopback_are_refused() {
+    let table: &[(&str, &[&str])] = &[
+        ("spec: {whitelist: [0.0.0.0/1, 128.0.0.0/1]}", &[WIDE_V4]),
+        (
+            "spec: {whitelist: [0.0.0.0/1]}",
+            &["spec.whitelist: the entries cover 50% of all IPv4 addresses (overlaps merged), so the guard would throttle almost nothing there; remove the widest entries, or set spec.allowWideRanges: true if exempting that much is meant"],
+        ),
+        // Overlaps are merged: 2^31 + 2^24 listed, exactly half covered.
+        (
+            "spec: {whitelist: [0.0.0.0/2, 10.0.0.0/8, 64.0.0.0/2]}",
+            &["spec.whitelist: the entries cover 50% of all IPv4 addresses (overlaps merged), so the guard would throttle almost nothing there; remove the widest entries, or set spec.allowWideRanges: true if exempting that much is meant"],
+        ),
+        (
+            "spec: {whitelist: ['::/1', '8000::/2', 'c000::/2']}",
+            &["spec.whitelist: the entries cover 100% of all IPv6 addresses (overlaps merged), so the guard would throttle almost nothing there; remove the widest entries, or set spec.allowWideRanges: true if exempting that much is meant"],
+        ),
+        // whitelistAllDestinations lets /0 in, for its family only.
+        (
+            "spec: {whitelist: [0.0.0.0/0, '::/1'], whitelistAllDestinations: true}",
+            &["spec.whitelist: the entries cover 50% of all IPv6 addresses (overlaps merged), so the guard would throttle almost nothing there; remove the widest entries, or set spec.allowWideRanges: true if exempting that much is meant"],
+        ),
+        (
+            "spec: {protect: [{cidr: 10.0.0.0/8}, {cidr: '2001:db8::/32', reason: lab}, {cidr: 0.0.0.0/0}]}",
+            &[
+                "spec.protect[0].cidr: 10.0.0.0/8 has no port and is wider than /16, so every packet to it would skip the throttle in the protected lane; narrow it to /16 or longer, add a port, or set spec.allowWideRanges: true if exempting that much is meant",
+                "spec.protect[1].cidr: 2001:db8::/32 has no port and is wider than /48, so every packet to it would skip the throttle in the protected lane; narrow it to /48 or longer, add a port, or set spec.allowWideRanges: true if exempting that much is meant",
+                "spec.protect[2].cidr: 0.0.0.0/0 has no port and is wider than /16, so every packet to it would skip the throttle in the protected lane; narrow it to /16 or longer, add a port, or set spec.allowWideRanges: true if exempting that much is meant",
+            ],
+        ),
+        (
+            "spec: {interfaces: [enp1s0, lo]}",
+            &["spec.interfaces[1]: \"lo\" is the loopback interface: shaping it throttles the node's own processes talking to each other (the kubelet, local databases, this agent); remove it and list the uplink interfaces"],
+        ),
+        (
+            "spec: {interfaces: [lo], allowWideRanges: true}",
+            &["spec.interfaces[0]: \"lo\" is the loopback interface: shaping it throttles the node's own processes talking to each other (the kubelet, local databases, this agent); remove it and list the uplink interfaces"],
+        ),
+    ];
+    for (patch, want) in table {
+        let got = errors_for(patch);
+        let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        assert_eq!(got, want, "for patch {patch}");
+    }
+    let accepted = [
+        // The opt-in.
+        "spec: {whitelist: [0.0.0.0/1, 128.0.0.0/1, '::/1'], allowWideRanges: true}",
+        "spec: {protect: [{cidr: 10.0.0.0/8}, {cidr: '2001:db8::/32'}], allowWideRanges: true}",
+        "spec: {whitelist: [0.0.0.0/0], whitelistAllDestinations: true}",
+        // Ordinary whitelists: a /8, a few /16s, a /32 of IPv6.
+        "spec: {whitelist: [10.0.0.0/8, 172.16.0.0/16, 172.17.0.0/16, 192.168.0.0/16, '2001:db8::/32']}",
+        // 2^31 listed, 2^30 covered once overlaps are merged.
+        "spec: {whitelist: [0.0.0.0/2, 0.0.0.0/3, 32.0.0.0/3]}",
+        // Just under half.
+        "spec: {whitelist: [0.0.0.0/2, 64.0.0.0/3, 96.0.0.0/4, 112.0.0.0/5]}",
+        // Wide networks with ports, and /16 or /48 without.
+        "spec: {protect: [{cidr: 10.0.0.0/8, protocol: UDP, port: 53}, {cidr: 10.1.0.0/16}, {cidr: '2001:db8:1::/48'}]}",
+        "spec: {interfaces: [enp1s0, lo0]}",
+    ];
+    for patch in accepted {
+        assert_eq!(errors_for(patch), Vec::<String>::new(), "for patch {patch}");
+    }
+}
+
+/// Entries of CIDRGroups count as the guard's own: an entry wider than /8
+/// (IPv4) or /16 (IPv6) is refused naming the group and the index, and the
+/// union check counts the groups' entries, unless the guard opts in.
+#[test]
+fn cidr_groups_cannot_widen_a_guard_unless_allowed() {
+    use crate::cidr_group::check_resolved;
+    let nets = |s: &[&str]| -> Vec<ipnet::IpNet> { s.iter().map(|n| n.parse().unwrap()).collect() };
+    let guard = valid_with("{}");
+    let errors = |guard: &crate::ValidSpec, groups: &[(&str, &[ipnet::IpNet])]| {
+        // Both entry points give the same errors.
+        let mut with = guard.clone();
+        for (g, n) in groups {
+            with.add_group(g, n);
+        }
+        let direct = check_resolved(guard, groups).err().unwrap_or_default();
+        assert_eq!(with.wide_group_problems(), direct);
+        direct.iter().map(ToString::to_string).collect::<Vec<_>>()
+    };
+
+    let wide = nets(&["192.0.2.0/24", "1.0.0.0/7", "2001::/15", "10.0.0.0/8"]);
+    assert_eq!(
+        errors(&guard, &[("partners", &wide)]),
+        [
+            "CIDRGroup partners: spec.cidrs[1]: 1.0.0.0/7 is wider than /8, so every guard using the group would exempt it from its throttle; narrow it to /8 or longer, or set spec.allowWideRanges: true on the guard if exempting that much is meant",
+            "CIDRGroup partners: spec.cidrs[2]: 2001::/15 is wider than /16, so every guard using the group would exempt it from its throttle; narrow it to /16 or longer, or set spec.allowWideRanges: true on the guard if exempting that much is meant",
+        ]
+    );
+
+    // 128 /8s, each acceptable, in two groups: half of IPv4 together.
+    let low: Vec<String> = (0..64).map(|i| format!("{i}.0.0.0/8")).collect();
+    let high: Vec<String> = (64..128).map(|i| format!("{i}.0.0.0/8")).collect();
+    let low = nets(&low.iter().map(String::as_str).collect::<Vec<_>>());
+    let high = nets(&high.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(
+        errors(&guard, &[("cdn", &low), ("payments", &high)]),
+        ["spec.whitelistGroups: with CIDRGroups cdn, payments the whitelist covers 50% of all IPv4 addresses (overlaps merged), so the guard would throttle almost nothing there; narrow the groups or reference fewer of them, or set spec.allowWideRanges: true if exempting that much is meant"]
+    );
+    assert!(errors(&guard, &[("cdn", &low)]).is_empty());
+    // The guard's own entries count with the group's.
+    let own = valid_with("spec: {whitelist: [64.0.0.0/2]}");
+    assert_eq!(
+        errors(&own, &[("cdn", &low)]),
+        ["spec.whitelistGroups: with CIDRGroups cdn the whitelist covers 50% of all IPv4 addresses (overlaps merged), so the guard would throttle almost nothing there; narrow the groups or reference fewer of them, or set spec.allowWideRanges: true if exempting that much is meant"]
+    );
+
+    // A long list of wide entries names the first 20 and counts the rest.
+    let many: Vec<String> = (0..25).map(|i| format!("{}.0.0.0/7", 2 * i)).collect();
+    let many = nets(&many.iter().map(String::as_str).collect::<Vec<_>>());
+    let got = errors(&guard, &[("big", &many)]);
+    assert_eq!(got.len(), 21, "{got:?}");
+    assert!(got[19].starts_with("CIDRGroup big: spec.cidrs[19]: 38.0.0.0/7 is wider than /8"));
+    assert_eq!(
+        got[20],
+        "CIDRGroup big: spec.cidrs: and 5 more entries wider than /8 (IPv4) or /16 (IPv6)"
+    );
+
+    // The opt-in accepts all of it; ordinary groups pass without it.
+    let allowed = valid_with("spec: {allowWideRanges: true}");
+    assert!(errors(
+        &allowed,
+        &[("partners", &wide), ("cdn", &low), ("payments", &high)]
+    )
+    .is_empty());
+    let ordinary = nets(&[
+        "172.16.0.0/16",
+        "172.17.0.0/16",
+        "198.51.100.0/24",
+        "2001:db8::/32",
+    ]);
+    assert!(errors(&guard, &[("partners", &ordinary)]).is_empty());
+}

@@ -45,8 +45,24 @@ pub enum QueryError {
     /// The answer is not an instant vector.
     #[error("unexpected answer: {0}")]
     Malformed(String),
+    /// The answer is too big to use: too many series, or too many bytes.
+    #[error("answer too large: {0}")]
+    TooLarge(String),
 }
 
+/// At most this many series in one answer. A quarantine trigger needs one
+/// series per node; more means the query is not aggregated.
+pub const MAX_SERIES: usize = 20_000;
+
+/// Answers bigger than this are not read (20,000 series with a few labels
+/// each are ~3 MiB).
+pub const MAX_ANSWER: usize = 8 << 20;
+
+const AGGREGATE: &str =
+    "aggregate it to one series per node, e.g. sum by (instance) (rate(...[2m]))";
+
+/// The answer, read straight from the bytes into what is needed: no JSON
+/// tree is built, and series beyond [`MAX_SERIES`] are skipped, not kept.
 #[derive(Deserialize)]
 struct Envelope {
     status: String,
@@ -58,22 +74,157 @@ struct Envelope {
     error: Option<String>,
 }
 
-#[derive(Deserialize)]
+/// `data`: the result type, and the series when it is (or may be) a vector.
+#[derive(Default)]
 struct Data {
-    #[serde(rename = "resultType")]
-    result_type: String,
-    result: serde_json::Value,
+    result_type: Option<String>,
+    result: SeriesList,
 }
+
+#[derive(Default)]
+struct SeriesList {
+    series: Vec<Series>,
+    /// Series beyond [`MAX_SERIES`] (skipped).
+    more: bool,
+    /// Elements that are not series with a value (another result type).
+    odd: bool,
+}
+
+/// One element of `result`, tolerant: anything but a series with a value is
+/// `None` (a scalar's `[time, "value"]`, a matrix's `values`), so the result
+/// type decides the error whatever order the keys come in.
+struct MaybeSeries(Option<Series>);
 
 #[derive(Deserialize)]
 struct RawSeries {
     #[serde(default)]
     metric: BTreeMap<String, String>,
-    value: (f64, String),
+    #[serde(default)]
+    value: Option<(f64, String)>,
+}
+
+mod de {
+    use std::fmt;
+
+    use serde::de::{
+        value::MapAccessDeserializer, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess,
+        Visitor,
+    };
+
+    use super::{Data, MaybeSeries, RawSeries, Series, SeriesList, MAX_SERIES};
+
+    impl<'de> Deserialize<'de> for Data {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Data;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("an object with resultType and result")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Data, A::Error> {
+                    let mut data = Data::default();
+                    while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                        match key.as_ref() {
+                            "resultType" => data.result_type = Some(map.next_value()?),
+                            // Prometheus writes resultType first: a result of
+                            // another type is skipped unread.
+                            "result"
+                                if data.result_type.as_deref().is_none_or(|t| t == "vector") =>
+                            {
+                                data.result = map.next_value()?
+                            }
+                            _ => {
+                                map.next_value::<IgnoredAny>()?;
+                            }
+                        }
+                    }
+                    Ok(data)
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for SeriesList {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = SeriesList;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a list of series")
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<SeriesList, A::Error> {
+                    let mut out = SeriesList::default();
+                    while out.series.len() < MAX_SERIES {
+                        match seq.next_element::<MaybeSeries>()? {
+                            Some(MaybeSeries(Some(s))) => out.series.push(s),
+                            Some(MaybeSeries(None)) => out.odd = true,
+                            None => return Ok(out),
+                        }
+                    }
+                    // Past the cap: read on (the JSON must stay valid) without keeping.
+                    while seq.next_element::<IgnoredAny>()?.is_some() {
+                        out.more = true;
+                    }
+                    Ok(out)
+                }
+                fn visit_unit<E: serde::de::Error>(self) -> Result<SeriesList, E> {
+                    Ok(SeriesList {
+                        odd: true,
+                        ..SeriesList::default()
+                    })
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for MaybeSeries {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = MaybeSeries;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a series")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<MaybeSeries, A::Error> {
+                    let raw = RawSeries::deserialize(MapAccessDeserializer::new(map))?;
+                    Ok(MaybeSeries(raw.value.map(|(time, value)| Series {
+                        labels: raw.metric,
+                        time,
+                        value,
+                    })))
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<MaybeSeries, A::Error> {
+                    while seq.next_element::<IgnoredAny>()?.is_some() {}
+                    Ok(MaybeSeries(None))
+                }
+                fn visit_bool<E>(self, _: bool) -> Result<MaybeSeries, E> {
+                    Ok(MaybeSeries(None))
+                }
+                fn visit_i64<E>(self, _: i64) -> Result<MaybeSeries, E> {
+                    Ok(MaybeSeries(None))
+                }
+                fn visit_u64<E>(self, _: u64) -> Result<MaybeSeries, E> {
+                    Ok(MaybeSeries(None))
+                }
+                fn visit_f64<E>(self, _: f64) -> Result<MaybeSeries, E> {
+                    Ok(MaybeSeries(None))
+                }
+                fn visit_str<E>(self, _: &str) -> Result<MaybeSeries, E> {
+                    Ok(MaybeSeries(None))
+                }
+                fn visit_unit<E>(self) -> Result<MaybeSeries, E> {
+                    Ok(MaybeSeries(None))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
 }
 
 /// Parses an instant-query answer. Only vectors are accepted: a scalar has no
-/// labels, so it cannot name a node.
+/// labels, so it cannot name a node. At most [`MAX_SERIES`] series.
 pub fn parse_answer(status: u16, body: &[u8]) -> Result<Vec<Series>, QueryError> {
     let env: Envelope = serde_json::from_slice(body).map_err(|e| {
         if (200..300).contains(&status) {
@@ -94,22 +245,50 @@ pub fn parse_answer(status: u16, body: &[u8]) -> Result<Vec<Series>, QueryError>
     let data = env
         .data
         .ok_or_else(|| QueryError::Malformed("no data".into()))?;
-    if data.result_type != "vector" {
+    let result_type = data.result_type.unwrap_or_default();
+    if result_type != "vector" {
         return Err(QueryError::Malformed(format!(
-            "result type {} (the query must return an instant vector with one series per node)",
-            data.result_type
+            "result type {result_type} (the query must return an instant vector with one series per node)",
         )));
     }
-    let raw: Vec<RawSeries> = serde_json::from_value(data.result)
-        .map_err(|e| QueryError::Malformed(format!("vector: {e}")))?;
-    Ok(raw
-        .into_iter()
-        .map(|r| Series {
-            labels: r.metric,
-            time: r.value.0,
-            value: r.value.1,
-        })
-        .collect())
+    if data.result.odd {
+        return Err(QueryError::Malformed(
+            "vector: an element is not a series with a value".into(),
+        ));
+    }
+    if data.result.more {
+        return Err(QueryError::TooLarge(format!(
+            "the query returns more than {MAX_SERIES} series; {AGGREGATE}"
+        )));
+    }
+    Ok(data.result.series)
+}
+
+/// Reads a response body, at most `limit` bytes: a bigger answer is refused
+/// before it is in memory.
+async fn read_capped<B>(
+    body: B,
+    content_length: Option<u64>,
+    limit: usize,
+) -> Result<Bytes, QueryError>
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let too_large = || {
+        QueryError::TooLarge(format!(
+            "Prometheus answered more than {} MiB; the query returns too many series: {AGGREGATE}",
+            limit >> 20
+        ))
+    };
+    if content_length.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(QueryError::Unreachable(e.to_string())),
+    }
 }
 
 type Https = hyper_rustls::HttpsConnector<HttpConnector>;
@@ -130,9 +309,6 @@ impl std::fmt::Debug for Prometheus {
             .finish_non_exhaustive()
     }
 }
-
-/// Answers bigger than this are refused (a vector of 10,000 series is ~2 MiB).
-const MAX_ANSWER: usize = 16 << 20;
 
 impl Prometheus {
     /// A client for `url` (http or https), with an optional bearer token file
@@ -227,11 +403,11 @@ impl Prometheus {
                 .await
                 .map_err(|e| QueryError::Unreachable(error_chain(&e)))?;
             let status = resp.status().as_u16();
-            let body = Limited::new(resp.into_body(), MAX_ANSWER)
-                .collect()
-                .await
-                .map_err(|e| QueryError::Unreachable(e.to_string()))?
-                .to_bytes();
+            let length = resp
+                .headers()
+                .get(hyper::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse().ok());
+            let body = read_capped(resp.into_body(), length, MAX_ANSWER).await?;
             parse_answer(status, &body)
         };
         tokio::time::timeout(self.timeout, fut)
@@ -280,5 +456,92 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("HTTP 502"));
+        // Key order does not matter; extra fields are skipped.
+        let reordered = br#"{"data":{"result":[{"value":[1.0,"3"],"metric":{"instance":"b:9100"}}],"resultType":"vector"},"warnings":["x"],"status":"success"}"#;
+        let s = parse_answer(200, reordered).unwrap();
+        assert_eq!(
+            (
+                s[0].labels["instance"].as_str(),
+                s[0].time,
+                s[0].value.as_str()
+            ),
+            ("b:9100", 1.0, "3")
+        );
+        let scalar_first =
+            br#"{"status":"success","data":{"result":[1,"2"],"resultType":"scalar"}}"#;
+        assert!(parse_answer(200, scalar_first)
+            .unwrap_err()
+            .to_string()
+            .contains("result type scalar"));
+        let matrix = br#"{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},"values":[[1,"2"]]}]}}"#;
+        assert!(parse_answer(200, matrix)
+            .unwrap_err()
+            .to_string()
+            .contains("result type matrix"));
+        let no_value =
+            br#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{}}]}}"#;
+        assert_eq!(
+            parse_answer(200, no_value).unwrap_err().to_string(),
+            "unexpected answer: vector: an element is not a series with a value"
+        );
+        assert!(parse_answer(200, b"{")
+            .unwrap_err()
+            .to_string()
+            .starts_with("unexpected answer: not Prometheus JSON"));
+    }
+
+    fn vector(n: usize) -> Vec<u8> {
+        let series: Vec<String> = (0..n)
+            .map(|i| {
+                format!(
+                    r#"{{"metric":{{"instance":"10.0.{}.{}:9100"}},"value":[1700000000,"{i}"]}}"#,
+                    i / 256,
+                    i % 256
+                )
+            })
+            .collect();
+        format!(
+            r#"{{"status":"success","data":{{"resultType":"vector","result":[{}]}}}}"#,
+            series.join(",")
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn too_many_series_are_refused_with_the_fix() {
+        let s = parse_answer(200, &vector(MAX_SERIES)).unwrap();
+        assert_eq!(s.len(), MAX_SERIES);
+        assert_eq!(s[MAX_SERIES - 1].value, (MAX_SERIES - 1).to_string());
+        let e = parse_answer(200, &vector(MAX_SERIES + 1)).unwrap_err();
+        assert!(matches!(e, QueryError::TooLarge(_)), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "answer too large: the query returns more than 20000 series; aggregate it to one series per node, e.g. sum by (instance) (rate(...[2m]))"
+        );
+    }
+
+    #[tokio::test]
+    async fn big_bodies_are_not_read() {
+        let ok = vector(3);
+        let got = read_capped(Full::new(Bytes::from(ok.clone())), None, 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(parse_answer(200, &got).unwrap().len(), 3);
+        let big = Bytes::from(vec![b' '; MAX_ANSWER + 1]);
+        let want = "answer too large: Prometheus answered more than 8 MiB; the query returns too many series: aggregate it to one series per node, e.g. sum by (instance) (rate(...[2m]))";
+        // Found while reading, and from Content-Length before reading.
+        let e = read_capped(Full::new(big.clone()), None, MAX_ANSWER)
+            .await
+            .unwrap_err();
+        assert_eq!(e.to_string(), want);
+        let e = read_capped(Full::new(Bytes::new()), Some(big.len() as u64), MAX_ANSWER)
+            .await
+            .unwrap_err();
+        assert_eq!(e.to_string(), want);
+        // Exactly the cap is read.
+        let at = read_capped(Full::new(big.slice(1..)), None, MAX_ANSWER)
+            .await
+            .unwrap();
+        assert_eq!(at.len(), MAX_ANSWER);
     }
 }
