@@ -1,7 +1,8 @@
 //! The Helm chart, linted and rendered with real Helm (helm-python-sdk embeds
 //! Helm v4's Go SDK). Rendered manifests must parse as the Kubernetes types,
 //! grant exactly the RBAC the code uses, and run node-shaper with NET_ADMIN
-//! only.
+//! only; the operator runs on trusted nodes only, and its admission policy
+//! is proven on a real API server.
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -9,6 +10,7 @@ use std::process::Command;
 use egressguard_operator::rbac::{self, Rule};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
@@ -22,18 +24,32 @@ struct Rendered {
     lint: Value,
 }
 
+/// The Alertmanager receiver token the offline renders set (`render`).
+const TEST_TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+/// Renders like `helm template` (no cluster). The chart refuses that without
+/// a webhook token or an existing Secret (a random token would change on
+/// every render), so this sets `TEST_TOKEN` unless the values choose.
 fn render(values: &str) -> Rendered {
+    let mut v: Value = serde_json::from_str(values).expect("values JSON");
+    let webhook = &v["operator"]["quarantine"]["webhook"];
+    if webhook["token"].is_null() && webhook["existingSecret"].is_null() {
+        v["operator"]["quarantine"]["webhook"]["token"] = TEST_TOKEN.into();
+    }
+    try_render(&v.to_string()).unwrap_or_else(|e| panic!("helm render failed: {e}"))
+}
+
+/// Renders the values exactly as given; Err carries Helm's message.
+fn try_render(values: &str) -> Result<Rendered, String> {
     let out = Command::new(egressguard_e2e::cluster::helm_python())
         .arg(root().join("tests/helm/render.py"))
         .arg(root().join("charts/egressguard"))
         .arg(values)
         .output()
         .expect("python3");
-    assert!(
-        out.status.success(),
-        "helm render failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
     let v: Value = serde_json::from_slice(&out.stdout).expect("render output");
     let mut docs = Vec::new();
     for text in v["manifests"].as_object().expect("manifests").values() {
@@ -44,10 +60,10 @@ fn render(values: &str) -> Rendered {
             }
         }
     }
-    Rendered {
+    Ok(Rendered {
         docs,
         lint: v["lint"].clone(),
-    }
+    })
 }
 
 fn of_kind<T: serde::de::DeserializeOwned>(r: &Rendered, kind: &str) -> Vec<T> {
@@ -133,12 +149,27 @@ fn chart_lints_and_renders_with_real_helm() {
                     .is_some_and(|e| e.contains("authentication.kubernetes.io/node-name"))),
         "the own-node admission policy is missing"
     );
-    assert!(
-        render("{\"nodeShaper\": {\"ownNodePolicy\": false}}")
+    let policies = |values: &str| -> Vec<String> {
+        render(values)
             .docs
             .iter()
-            .all(|d| d["kind"] != "ValidatingAdmissionPolicy"),
+            .filter(|d| d["kind"] == "ValidatingAdmissionPolicy")
+            .filter_map(|d| d["metadata"]["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    assert!(
+        policies("{\"nodeShaper\": {\"ownNodePolicy\": false}}")
+            .iter()
+            .all(|n| !n.starts_with("eg-node-shaper")),
         "ownNodePolicy: false still renders the policy"
+    );
+    // The operator may not write guards' specs (on by default; proven on the
+    // API server in chart_admission_policy_keeps_the_operator_off_guard_specs).
+    assert!(policies("{}").contains(&"eg-operator-read-only-guards".to_string()));
+    assert!(
+        !policies("{\"operator\": {\"readOnlyGuardsPolicy\": false}}")
+            .contains(&"eg-operator-read-only-guards".to_string()),
+        "readOnlyGuardsPolicy: false still renders the policy"
     );
 
     // RBAC: exactly what the code calls.
@@ -347,9 +378,9 @@ fn chart_ships_the_generated_crds() {
     }
 }
 
-/// The quarantine wiring: a generated receiver token mounted into the
-/// operator, the receiver Service, and (when enabled) the alert rule whose
-/// name the example guard's alertmanager trigger matches.
+/// The quarantine wiring: the receiver token mounted into the operator, the
+/// receiver Service, and (when enabled) the alert rule whose name the example
+/// guard's alertmanager trigger matches.
 #[test]
 fn chart_wires_the_alertmanager_receiver_and_the_alert_rule() {
     let r = render(
@@ -367,7 +398,7 @@ fn chart_wires_the_alertmanager_receiver_and_the_alert_rule() {
         .find(|d| d["kind"] == "Secret" && d["metadata"]["name"] == "eg-operator-webhook-token")
         .expect("the webhook token Secret");
     let token = secret["data"]["token"].as_str().unwrap_or_default();
-    assert!(token.len() >= 32, "token too short: {token}");
+    assert_eq!(token, b64(TEST_TOKEN));
     let deployments: Vec<Deployment> = of_kind(&r, "Deployment");
     let pod = deployments[0]
         .spec
@@ -429,4 +460,451 @@ fn chart_wires_the_alertmanager_receiver_and_the_alert_rule() {
     let r = render(r#"{"operator": {"quarantine": {"webhook": {"existingSecret": "mine"}}}}"#);
     assert!(!r.docs.iter().any(|d| d["kind"] == "Secret"));
     assert!(r.docs.iter().all(|d| d["kind"] != "PrometheusRule"));
+}
+
+/// Standard base64 (Secret data), for comparing with what the chart stores.
+fn b64(s: &str) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in s.as_bytes().chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn operator_pod(r: &Rendered) -> k8s_openapi::api::core::v1::PodSpec {
+    let deployments: Vec<Deployment> = of_kind(r, "Deployment");
+    deployments[0]
+        .spec
+        .template
+        .spec
+        .clone()
+        .expect("operator pod spec")
+}
+
+/// Tolerations as (key, operator, effect).
+fn tolerations(pod: &k8s_openapi::api::core::v1::PodSpec) -> Vec<(String, String, String)> {
+    pod.tolerations
+        .iter()
+        .flatten()
+        .map(|t| {
+            (
+                t.key.clone().unwrap_or_default(),
+                t.operator.clone().unwrap_or_default(),
+                t.effect.clone().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// Issue #19, "the operator is not a soft target": its token must not sit on
+/// an ordinary worker. By default it runs on control-plane nodes only (their
+/// label, tolerations for their taints), its replicas prefer different nodes
+/// and a PodDisruptionBudget lets a drain take one at a time; a value opts
+/// out or names a trusted pool instead.
+#[test]
+fn chart_places_the_operator_on_trusted_nodes() {
+    let r = render("{}");
+    let pod = operator_pod(&r);
+    let selector = pod.node_selector.clone().unwrap_or_default();
+    assert_eq!(
+        selector.into_iter().collect::<Vec<_>>(),
+        [(
+            "node-role.kubernetes.io/control-plane".to_string(),
+            String::new()
+        )],
+        "the operator's nodeSelector"
+    );
+    let t = tolerations(&pod);
+    for key in [
+        "node-role.kubernetes.io/control-plane",
+        "node-role.kubernetes.io/master",
+    ] {
+        assert!(
+            t.contains(&(key.into(), "Exists".into(), "NoSchedule".into())),
+            "no toleration for {key}:NoSchedule in {t:?}"
+        );
+    }
+    assert_eq!(t.len(), 2, "{t:?}");
+    let labels = r
+        .docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .map(|d| d["spec"]["template"]["metadata"]["labels"].clone())
+        .expect("pod labels");
+    let anti = |pod: &k8s_openapi::api::core::v1::PodSpec| {
+        let terms = pod
+            .affinity
+            .as_ref()
+            .and_then(|a| a.pod_anti_affinity.as_ref())
+            .and_then(|a| {
+                a.preferred_during_scheduling_ignored_during_execution
+                    .clone()
+            })
+            .unwrap_or_default();
+        assert_eq!(
+            terms.len(),
+            1,
+            "one preferred anti-affinity term: {terms:?}"
+        );
+        let term = &terms[0].pod_affinity_term;
+        assert_eq!(term.topology_key, "kubernetes.io/hostname");
+        let m = term
+            .label_selector
+            .as_ref()
+            .and_then(|s| s.match_labels.clone())
+            .unwrap_or_default();
+        assert_eq!(serde_json::to_value(m).expect("labels"), labels);
+    };
+    anti(&pod);
+    assert!(
+        pod.affinity
+            .as_ref()
+            .and_then(|a| a.pod_anti_affinity.as_ref())
+            .is_some_and(|a| a
+                .required_during_scheduling_ignored_during_execution
+                .is_none()),
+        "anti-affinity must be preferred only: one control-plane node must still run both"
+    );
+    let pdbs: Vec<PodDisruptionBudget> = of_kind(&r, "PodDisruptionBudget");
+    assert_eq!(pdbs.len(), 1, "one PodDisruptionBudget");
+    let pdb = pdbs[0].spec.clone().expect("PDB spec");
+    assert_eq!(pdb.max_unavailable, Some(IntOrString::Int(1)));
+    assert_eq!(pdb.min_available, None);
+    assert_eq!(
+        pdbs[0].metadata.namespace.as_deref(),
+        Some("egressguard-system")
+    );
+    assert_eq!(
+        serde_json::to_value(pdb.selector.and_then(|s| s.match_labels)).expect("selector"),
+        labels,
+        "the PDB selects the operator's pods"
+    );
+
+    // Opt out: no selector, no tolerations; the replicas still spread.
+    let any =
+        render(r#"{"operator": {"placement": {"trusted": "any"}, "podDisruptionBudget": false}}"#);
+    let pod = operator_pod(&any);
+    assert_eq!(pod.node_selector, None);
+    assert_eq!(pod.tolerations, None);
+    anti(&pod);
+    assert!(
+        any.docs.iter().all(|d| d["kind"] != "PodDisruptionBudget"),
+        "podDisruptionBudget: false still renders one"
+    );
+
+    // A declared trusted pool instead of the control plane.
+    let pool = render(
+        r#"{"operator": {"placement": {"trusted": "nodeSelector", "nodeSelector": {"pool": "system"},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "system", "effect": "NoSchedule"}]}}}"#,
+    );
+    let pod = operator_pod(&pool);
+    assert_eq!(
+        pod.node_selector
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect::<Vec<_>>(),
+        [("pool".to_string(), "system".to_string())]
+    );
+    assert_eq!(
+        tolerations(&pod),
+        [("dedicated".into(), "Equal".into(), "NoSchedule".into())]
+    );
+
+    // Refused: a pool with no selector, an unknown mode, the old values.
+    for (values, says) in [
+        (
+            r#"{"operator": {"placement": {"trusted": "nodeSelector"}}}"#,
+            "needs operator.placement.nodeSelector",
+        ),
+        (
+            r#"{"operator": {"placement": {"trusted": "workers"}}}"#,
+            "must be controlPlane, nodeSelector or any",
+        ),
+        (
+            r#"{"operator": {"nodeSelector": {"pool": "system"}}}"#,
+            "set operator.placement",
+        ),
+    ] {
+        let mut v: Value = serde_json::from_str(values).expect("json");
+        v["operator"]["quarantine"]["webhook"]["token"] = TEST_TOKEN.into();
+        match try_render(&v.to_string()) {
+            Ok(_) => panic!("{values} rendered"),
+            Err(e) => assert!(e.contains(says), "{values}: {e}"),
+        }
+    }
+}
+
+/// `helm template` (Argo CD, Flux's kustomize path) has no cluster to read
+/// the generated webhook token back from: a random one would change on
+/// every render and Alertmanager would get 401s. The chart refuses, naming
+/// the values to set; with them the render is stable.
+#[test]
+fn chart_webhook_token_is_stable_or_refused_without_a_cluster() {
+    let err = match try_render("{}") {
+        Ok(_) => panic!("rendered without a cluster, a token or an existing Secret"),
+        Err(e) => e,
+    };
+    for says in [
+        "operator.quarantine.webhook.existingSecret",
+        "operator.quarantine.webhook.token",
+        "helm template",
+    ] {
+        assert!(err.contains(says), "the message lacks {says:?}: {err}");
+    }
+    // `helm lint` on the default values reports the message, it does not fail.
+    let lint = Command::new(egressguard_e2e::cluster::helm_python())
+        .arg("-c")
+        .arg("import json, sys, helm_python\nprint(json.dumps(helm_python.lint(sys.argv[1], {}, strict=True)))")
+        .arg(root().join("charts/egressguard"))
+        .output()
+        .expect("python3");
+    let lint: Value = serde_json::from_slice(&lint.stdout).expect("lint report");
+    assert_eq!(lint["errors"], serde_json::json!([]), "helm lint: {lint}");
+    // Stable: the same values render the same manifests, byte for byte.
+    let manifests = |values: &str| {
+        let out = Command::new(egressguard_e2e::cluster::helm_python())
+            .arg(root().join("tests/helm/render.py"))
+            .arg(root().join("charts/egressguard"))
+            .arg(values)
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "{values}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("render output");
+        v["manifests"].clone()
+    };
+    for values in [
+        r#"{"operator": {"quarantine": {"webhook": {"existingSecret": "x"}}}}"#,
+        r#"{"operator": {"quarantine": {"webhook": {"token": "0123456789abcdef0123456789abcdef"}}}}"#,
+    ] {
+        let first = manifests(values);
+        assert_eq!(first, manifests(values), "{values}: two renders differ");
+    }
+    let r = render(r#"{"operator": {"quarantine": {"webhook": {"existingSecret": "x"}}}}"#);
+    assert!(r.docs.iter().all(|d| d["kind"] != "Secret"));
+    let vol = operator_pod(&r).volumes.unwrap_or_default();
+    assert!(vol.iter().any(|v| v.name == "webhook-token"
+        && v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("x")));
+    let r = render(&format!(
+        r#"{{"operator": {{"quarantine": {{"webhook": {{"token": "{TEST_TOKEN}"}}}}}}}}"#
+    ));
+    let secret = r
+        .docs
+        .iter()
+        .find(|d| d["kind"] == "Secret")
+        .expect("the token Secret");
+    assert_eq!(secret["metadata"]["name"], "eg-operator-webhook-token");
+    assert_eq!(secret["data"]["token"], b64(TEST_TOKEN).as_str());
+    // The operator refuses tokens under 16 bytes: so does the chart.
+    let short = try_render(r#"{"operator": {"quarantine": {"webhook": {"token": "short"}}}}"#);
+    assert!(
+        short.as_ref().is_err_and(|e| e.contains("shorter than 16")),
+        "a short token rendered: {:?}",
+        short.err()
+    );
+}
+
+/// On a real API server, with the chart installed by real Helm (no token
+/// values: a real install still generates one, and an upgrade's render reads
+/// it back), the operator's ServiceAccount may write a guard's finalizers and
+/// status, but not create, delete or change the spec of guards and CIDRGroups
+/// — even when RBAC would let it.
+#[test]
+fn chart_admission_policy_keeps_the_operator_off_guard_specs() {
+    use egressguard_e2e::cluster::{self, ControlPlane, Options};
+    let dir = std::env::temp_dir().join(format!("eg-chart-{}", cluster::unique()));
+    let cp = ControlPlane::start(&dir, Options::default());
+    cp.helm_install(&serde_json::json!({}));
+
+    // Installed without token values: a random token, kept by an upgrade.
+    let stored = cp.kubectl_ok(&[
+        "get",
+        "secret",
+        "-n",
+        cluster::NAMESPACE,
+        "eg-operator-webhook-token",
+        "-o",
+        "jsonpath={.data.token}",
+    ]);
+    assert!(stored.len() >= 32, "generated token: {stored:?}");
+    let upgrade = cp
+        .command(cluster::helm_python())
+        .arg("-c")
+        .arg(
+            "import json, os, sys, helm_python\n\
+             c = helm_python.Config(kubeconfig_path=os.environ['KUBECONFIG'], namespace=sys.argv[2])\n\
+             m = c.render(helm_python.Chart.load(sys.argv[1]), {}, name=sys.argv[3], namespace=sys.argv[2], is_upgrade=True)\n\
+             print(json.dumps(m))\n",
+        )
+        .arg(root().join("charts/egressguard"))
+        .args([cluster::NAMESPACE, cluster::RELEASE])
+        .env("KUBECONFIG", &cp.kubeconfig)
+        .output()
+        .expect("helm render against the cluster");
+    assert!(
+        upgrade.status.success(),
+        "cluster-aware render: {}",
+        String::from_utf8_lossy(&upgrade.stderr)
+    );
+    let m: Value = serde_json::from_slice(&upgrade.stdout).expect("manifests");
+    let text = m
+        .as_object()
+        .and_then(|m| {
+            m.iter()
+                .find(|(k, _)| k.ends_with("templates/operator.yaml"))
+        })
+        .and_then(|(_, t)| t.as_str().map(str::to_string))
+        .expect("operator.yaml");
+    let secret = serde_yaml::Deserializer::from_str(&text)
+        .filter_map(|d| <Value as serde::Deserialize>::deserialize(d).ok())
+        .find(|d| d["kind"] == "Secret")
+        .expect("the Secret in an upgrade's render");
+    assert_eq!(
+        secret["data"]["token"].as_str(),
+        Some(stored.as_str()),
+        "an upgrade would rotate the token"
+    );
+
+    cp.apply(
+        "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {name: g1}\nspec:\n  nodeSelector: {matchLabels: {site: a}}\n  uplink: {rate: 20Mbit}\n  throttle: {rate: 1Mbit, destinations: [{protocol: TCP, port: 443}]}\n  whitelist: [203.0.113.10/32]\n---\napiVersion: egressguard.io/v1alpha1\nkind: CIDRGroup\nmetadata: {name: cg1}\nspec: {cidrs: [198.51.100.0/24]}\n",
+    );
+    let sa = format!(
+        "--as=system:serviceaccount:{}:{}-operator",
+        cluster::NAMESPACE,
+        cluster::RELEASE
+    );
+    let as_operator = |args: &[&str]| {
+        let mut a = vec![sa.as_str()];
+        a.extend_from_slice(args);
+        cp.kubectl(&a)
+    };
+    let ok = |args: &[&str]| {
+        let o = as_operator(args);
+        assert!(
+            o.status.success(),
+            "as the operator, {args:?} refused: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    // `kubectl patch` reads the object first; the operator itself never
+    // does (its reflector has it). Reading grants no write.
+    cp.apply(&format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {{name: eg-test-kubectl-get}}\nrules:\n- apiGroups: [egressguard.io]\n  resources: [egressguards, egressguards/status, cidrgroups]\n  verbs: [get]\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: eg-test-kubectl-get}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: eg-test-kubectl-get}}\nsubjects:\n- {{kind: ServiceAccount, name: {}-operator, namespace: {}}}\n",
+        cluster::RELEASE,
+        cluster::NAMESPACE
+    ));
+    // What the operator does, under the chart's own RBAC: a finalizer
+    // (merge patch of metadata on the guard) and its status.
+    ok(&[
+        "patch",
+        "eg",
+        "g1",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"metadata":{"finalizers":["egressguard.io/cleanup"]}}"#,
+    ]);
+    ok(&[
+        "patch",
+        "eg",
+        "g1",
+        "--subresource=status",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"status":{"observedGeneration":1}}"#,
+    ]);
+
+    // RBAC as wide as a mistake could make it: only the policy stands.
+    cp.apply(&format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {{name: eg-test-too-wide}}\nrules:\n- apiGroups: [egressguard.io]\n  resources: [egressguards, cidrgroups]\n  verbs: [get, create, update, patch, delete]\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: eg-test-too-wide}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: eg-test-too-wide}}\nsubjects:\n- {{kind: ServiceAccount, name: {}-operator, namespace: {}}}\n",
+        cluster::RELEASE,
+        cluster::NAMESPACE
+    ));
+    let refused = |args: &[&str], says: &str| {
+        let o = as_operator(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "as the operator, {args:?} was allowed");
+        assert!(
+            err.contains("eg-operator-read-only-guards") && err.contains(says),
+            "as the operator, {args:?}: not the policy's refusal: {err}"
+        );
+    };
+    let guard_b = "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {name: g2}\nspec:\n  nodeSelector: {matchLabels: {site: a}}\n  uplink: {rate: 20Mbit}\n  throttle: {rate: 1Mbit, destinations: [{protocol: TCP, port: 80}]}\n";
+    let group_b = "apiVersion: egressguard.io/v1alpha1\nkind: CIDRGroup\nmetadata: {name: cg2}\nspec: {cidrs: [0.0.0.0/0]}\n";
+    for (i, text) in [guard_b, group_b].iter().enumerate() {
+        let f = dir.join(format!("new-{i}.yaml"));
+        std::fs::write(&f, text).expect("manifest");
+        refused(&["create", "-f", &f.to_string_lossy()], "may not create");
+    }
+    refused(
+        &[
+            "patch",
+            "eg",
+            "g1",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"whitelist":["0.0.0.0/0"]}}"#,
+        ],
+        "may not change the spec of EgressGuard g1",
+    );
+    refused(
+        &[
+            "patch",
+            "egcg",
+            "cg1",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"cidrs":["0.0.0.0/0"]}}"#,
+        ],
+        "may not change the spec of CIDRGroup cg1",
+    );
+    refused(&["delete", "eg", "g1", "--wait=false"], "may not delete");
+    refused(&["delete", "egcg", "cg1", "--wait=false"], "may not delete");
+    // Metadata stays the operator's to write, on groups too.
+    ok(&[
+        "patch",
+        "egcg",
+        "cg1",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"metadata":{"labels":{"seen":"yes"}}}"#,
+    ]);
+    // Nothing changed the guard's spec; people still may.
+    let g = cp.get("eg", "g1").expect("g1");
+    assert_eq!(
+        g["spec"]["whitelist"],
+        serde_json::json!(["203.0.113.10/32"])
+    );
+    assert_eq!(g["metadata"]["generation"], 1);
+    cp.kubectl_ok(&[
+        "patch",
+        "eg",
+        "g1",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"whitelist":["203.0.113.11/32"]}}"#,
+    ]);
+    assert!(cp.get("egcg", "cg1").is_some() && cp.get("egcg", "cg2").is_none());
 }
