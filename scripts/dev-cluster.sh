@@ -171,7 +171,7 @@ Stop it and remove its files with: scripts/dev-cluster.sh down $dir"
     --tls-cert-file "$dir/pki/apiserver.crt" --tls-private-key-file "$dir/pki/apiserver.key" \
     --client-ca-file "$dir/pki/ca.crt" \
     --service-cluster-ip-range 10.97.0.0/24 \
-    --authorization-mode Node,RBAC \
+    --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$dir/pki/sa.pub" --service-account-signing-key-file "$dir/pki/sa.key" \
     --endpoint-reconciler-type "$reconciler" --allow-privileged=true --v 1

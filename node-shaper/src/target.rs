@@ -76,6 +76,7 @@ impl Target {
             for (g, nets) in groups {
                 v.add_group(g, nets);
             }
+            errors.extend(v.wide_group_problems());
         }
         let mut prot = Vec::new();
         for (i, p) in protected.iter().enumerate() {

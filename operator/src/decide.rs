@@ -178,19 +178,39 @@ pub struct GroupFacts {
     pub labels: BTreeMap<String, String>,
     /// Its content digest, or why its content is invalid.
     pub digest: Result<String, String>,
+    /// Its entries, parsed once (empty when invalid): a group matched by
+    /// label must not widen the guards that select the label.
+    pub entries: std::sync::Arc<[ipnet::IpNet]>,
 }
 
 impl GroupFacts {
     /// Facts of a group object.
     pub fn of(g: &egressguard_crds::CIDRGroup) -> GroupFacts {
+        let (digest, entries) = match g.spec.validate() {
+            Ok(nets) => (Ok(g.spec.digest()), nets.into()),
+            Err(e) => (Err(e.to_string()), Vec::new().into()),
+        };
         GroupFacts {
             labels: g.metadata.labels.clone().unwrap_or_default(),
-            digest: match g.spec.validate() {
-                Ok(_) => Ok(g.spec.digest()),
-                Err(e) => Err(e.to_string()),
-            },
+            digest,
+            entries,
         }
     }
+}
+
+/// Refuses groups that widen the guard past what it allows (prefixes
+/// shorter than /8 or /16, or a union over half an address family).
+fn wide_groups(
+    valid: &egressguard_crds::ValidSpec,
+    resolved: &[ResolvedGroup],
+    groups: &BTreeMap<String, GroupFacts>,
+) -> Result<(), String> {
+    let lists: Vec<(&str, &[ipnet::IpNet])> = resolved
+        .iter()
+        .filter_map(|r| groups.get(&r.name).map(|f| (r.name.as_str(), &*f.entries)))
+        .collect();
+    egressguard_crds::cidr_group::check_resolved(valid, &lists)
+        .map_err(|e| egressguard_crds::ValidationErrors(e).to_string())
 }
 
 /// The groups a guard's `whitelistGroups` resolve to, with their digests;
@@ -404,7 +424,8 @@ pub fn decide_with(
         // guard is invalid whatever the nodes' labels are.
         let problem = match validate(&g.spec) {
             Err(e) => Some(Held::Invalid(e.to_string())),
-            Ok(_) => resolve_groups(&g.spec, &extras.groups)
+            Ok(valid) => resolve_groups(&g.spec, &extras.groups)
+                .and_then(|r| wide_groups(&valid, &r, &extras.groups))
                 .err()
                 .map(Held::Unresolved),
         };
@@ -906,6 +927,102 @@ mod tests {
         let mut other = guard("other", "2026-01-01T00:00:00Z", "");
         other.spec.throttle.rate = "1mbps".into();
         assert!(decide(&[other], &nodes(), &API, &current).plans.is_empty());
+    }
+
+    fn auto(name: &str) -> EgressGuard {
+        guard(
+            name,
+            "2026-01-01T00:00:00Z",
+            "  nodeSelector: {matchLabels: {site: idc-a}}\n  mode: Auto\n  quarantine:\n    triggers: [{name: a, alertmanager: {matchers: {alertname: X}}}]\n",
+        )
+    }
+
+    fn quarantined(guard: &str, node: &str) -> Extras {
+        Extras {
+            quarantined: BTreeMap::from([(guard.to_string(), BTreeSet::from([node.to_string()]))]),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_quarantined_node_stays_planned_and_enforced_whatever_its_labels() {
+        let g = auto("idc");
+        let mut ns = nodes();
+        // a1's kubelet drops the selector label while a1 is quarantined.
+        ns[0].labels.clear();
+        let d = decide_with(
+            std::slice::from_ref(&g),
+            &ns,
+            &API,
+            &BTreeMap::new(),
+            &quarantined("idc", "a1"),
+        );
+        assert!(d.plans["a1"].enforce, "{:?}", d.plans.keys());
+        assert!(!d.plans["a2"].enforce);
+        // Not quarantined: the label decides, as always.
+        let d = decide_with(&[g], &ns, &API, &BTreeMap::new(), &Extras::default());
+        assert!(!d.plans.contains_key("a1"));
+    }
+
+    #[test]
+    fn a_held_guard_still_follows_its_quarantines() {
+        let g = auto("idc");
+        let before = decide(std::slice::from_ref(&g), &nodes(), &API, &BTreeMap::new());
+        let current = before.plans.iter().map(|(n, p)| (n.as_str(), p)).collect();
+        let mut bad = g;
+        bad.spec.throttle.rate = "1mbps".into();
+        let after = decide_with(&[bad], &nodes(), &API, &current, &quarantined("idc", "a2"));
+        assert!(matches!(after.guards["idc"].held, Some(Held::Invalid(_))));
+        assert!(
+            after.plans["a2"].enforce,
+            "a new quarantine not enforced while held"
+        );
+        assert!(!after.plans["a1"].enforce);
+    }
+
+    #[test]
+    fn an_address_two_nodes_claim_is_protected_for_neither() {
+        let mut ns = nodes();
+        ns[2].internal_ips.push("10.0.0.1".parse().expect("ip"));
+        let (kept, ignored) = limit_node_addresses(&ns, &NodeAddressPolicy::default());
+        assert!(kept
+            .iter()
+            .all(|n| !n.internal_ips.contains(&"10.0.0.1".parse().expect("ip"))));
+        assert_eq!(ignored.len(), 2, "{ignored:?}");
+        assert!(
+            ignored[0].reason.contains("claimed by 2 Nodes (a1, b1)"),
+            "{ignored:?}"
+        );
+    }
+
+    #[test]
+    fn dual_stack_addresses_aggregate_and_plans_stay_small_at_2000_nodes() {
+        let ns: Vec<NodeFacts> = (0..2000u32)
+            .map(|i| NodeFacts {
+                name: format!("node-{i:04}"),
+                labels: BTreeMap::new(),
+                internal_ips: vec![
+                    IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)),
+                    IpAddr::V6(std::net::Ipv6Addr::from(
+                        0xfd00_0000_0000_0000_0000_0000_0000_0000u128 + u128::from(i),
+                    )),
+                ],
+            })
+            .collect();
+        let agg = aggregate_nodes(&ns);
+        // 0..2000 is 1024 + 512 + 256 + 128 + 64 + 16: six blocks per family.
+        assert_eq!(agg.len(), 12, "{agg:?}");
+        assert!(agg.iter().any(|e| e.cidr == "fd00::/118"), "{agg:?}");
+        assert!(agg.iter().any(|e| e.cidr == "10.0.0.0/22"), "{agg:?}");
+        let g = guard("all", "2026-01-01T00:00:00Z", "  mode: Enforce\n");
+        let d = decide(&[g], &ns, &API, &BTreeMap::new());
+        let bytes: usize = d
+            .plans
+            .values()
+            .map(|p| serde_json::to_vec(p).map_or(0, |v| v.len()))
+            .sum();
+        eprintln!("PLANS 2,000 dual-stack nodes: {bytes} bytes in storage");
+        assert!(bytes < 10 << 20, "{bytes} bytes");
     }
 
     #[test]

@@ -946,6 +946,13 @@ mod tests {
     }
 
     impl Fixture {
+        fn with_cooldown(mut self, cooldown: &str) -> Fixture {
+            if let Some(q) = self.guard.spec.quarantine.as_mut() {
+                q.limits.cooldown = cooldown.into();
+            }
+            self
+        }
+
         fn new(extra: &str) -> Fixture {
             let mut labels = BTreeMap::new();
             for n in ["n1", "n2", "n3"] {
@@ -1236,6 +1243,79 @@ mod tests {
         );
         let p = f.run(&[], &[], "2026-11-23T10:02:00Z");
         assert_eq!(p.node_changes, [("n1".to_string(), NodeChange::Untaint)]);
+    }
+
+    #[test]
+    fn a_deleted_quarantine_leaves_a_record_and_records_outlive_cooldown_and_firing_alerts() {
+        let f = Fixture::new("");
+        let mut d = (*q(
+            "d",
+            "n1",
+            "alert",
+            Some(Phase::Active),
+            "2026-11-23T10:00:00Z",
+        ))
+        .clone();
+        d.metadata.deletion_timestamp = Some(Time(t("2026-11-23T12:00:00Z")));
+        let p = f.run(&[Arc::new(d)], &[], "2026-11-23T12:00:00Z");
+        assert_eq!(p.create.len(), 1, "the release is remembered");
+        let tomb = &p.create[0];
+        let st = tomb.status.as_ref().expect("status");
+        assert_eq!(st.phase, Some(Phase::Released));
+        assert!(st
+            .released_by
+            .as_deref()
+            .is_some_and(|b| b.contains("deleted Quarantine d")));
+        // It keeps the breach path in its cooldown (10m) like any release.
+        let p = f.run(
+            &[Arc::new(tomb.clone())],
+            &[("n1", breach("2026-11-23T12:01:00Z"))],
+            "2026-11-23T12:05:00Z",
+        );
+        assert!(
+            p.create.is_empty() && p.notices[0].note.contains("cooldown"),
+            "{:?}",
+            p.notices
+        );
+        // Retention 1h, cooldown 10m: a record of an alert still firing is
+        // kept past both; it goes once the alert is quiet for the retention.
+        let mut firing =
+            (*released("r", "n2", "2026-11-23T08:00:00Z", "2026-11-23T09:00:00Z")).clone();
+        if let Some(st) = firing.status.as_mut() {
+            st.last_alert_at = Some(Time(t("2026-11-23T11:30:00Z")));
+        }
+        let p = f.run(&[Arc::new(firing.clone())], &[], "2026-11-23T12:00:00Z");
+        assert!(p.delete.is_empty());
+        let p = f.run(&[Arc::new(firing)], &[], "2026-11-23T12:31:00Z");
+        assert_eq!(p.delete, ["r"]);
+        // A cooldown longer than the retention keeps the record as long.
+        let long = Fixture::new("").with_cooldown("3h");
+        let old = released("o", "n3", "2026-11-23T08:00:00Z", "2026-11-23T10:00:00Z");
+        let p = long.run(std::slice::from_ref(&old), &[], "2026-11-23T12:00:00Z");
+        assert!(p.delete.is_empty());
+        let p = long.run(&[old], &[], "2026-11-23T13:01:00Z");
+        assert_eq!(p.delete, ["o"]);
+    }
+
+    #[test]
+    fn a_quarantine_on_a_node_carrying_another_plan_is_not_enforced() {
+        let f = Fixture::new("");
+        let a = q(
+            "a",
+            "n1",
+            MANUAL,
+            Some(Phase::Active),
+            "2026-11-23T10:00:00Z",
+        );
+        f.report(
+            "n1",
+            NodeReport {
+                plan_guard: Some("older".into()),
+                ..healthy("2026-11-23T10:00:59Z")
+            },
+        );
+        let p = f.run(&[a], &[], "2026-11-23T10:01:00Z");
+        assert_eq!(enforced_of(&p, "a"), Some(("False", "NotPlanned")));
     }
 
     #[test]

@@ -259,6 +259,66 @@ impl ControlPlane {
         self.kubeconfig_with_token(&self.token(&sa, Some(node)), server)
     }
 
+    /// A kubeconfig holding `node`'s own kubelet credential: a client
+    /// certificate for `system:node:NODE` in `system:nodes`, signed by the
+    /// cluster's CA (the Node authorizer and NodeRestriction apply to it).
+    pub fn node_kubeconfig(&self, node: &str) -> PathBuf {
+        let pki = self.dir.join("pki");
+        let id = unique();
+        let key = self.dir.join(format!("node-{id}.key"));
+        let csr = self.dir.join(format!("node-{id}.csr"));
+        let crt = self.dir.join(format!("node-{id}.crt"));
+        let run = |args: &[&str]| {
+            let o = Command::new("openssl")
+                .args(args)
+                .output()
+                .expect("openssl");
+            assert!(
+                o.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        let p = |x: &Path| x.display().to_string();
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            &format!("/O=system:nodes/CN=system:node:{node}"),
+            "-keyout",
+            &p(&key),
+            "-out",
+            &p(&csr),
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &p(&csr),
+            "-CA",
+            &p(&pki.join("ca.crt")),
+            "-CAkey",
+            &p(&pki.join("ca.key")),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            &p(&crt),
+        ]);
+        let path = self.dir.join(format!("kc-node-{id}"));
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: \"{}\", certificate-authority: \"{}\"}}\nusers:\n- name: u\n  user: {{client-certificate: \"{}\", client-key: \"{}\"}}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\n",
+            self.server,
+            pki.join("ca.crt").display(),
+            crt.display(),
+            key.display()
+        );
+        std::fs::write(&path, text).expect("kubeconfig");
+        path
+    }
+
     fn kubeconfig_with_token(&self, token: &str, server: &str) -> PathBuf {
         let path = self.dir.join(format!("kc-{}", unique()));
         let ca = self.dir.join("pki/ca.crt");

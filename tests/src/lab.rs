@@ -877,7 +877,8 @@ fn random_token() -> String {
 /// the chart's `NodeEgressSaturated` rule (rendered by real Helm with the
 /// lab's threshold) every second.
 fn write_prometheus_config(dir: &Path) -> Result<(), LabError> {
-    let values = serde_json::json!({"prometheusRule": {"enabled": true, "thresholdBitsPerSecond": "20e6", "for": "3s", "rateWindow": "5s"}});
+    // Rendered without a cluster: the chart then insists on a named token Secret.
+    let values = serde_json::json!({"prometheusRule": {"enabled": true, "thresholdBitsPerSecond": "20e6", "for": "3s", "rateWindow": "5s"}, "operator": {"quarantine": {"webhook": {"existingSecret": "unused"}}}});
     let root = cluster::root();
     let o = Command::new(cluster::helm_python())
         .arg(root.join("tests/helm/render.py"))

@@ -113,7 +113,7 @@ pub fn start_alertmanager(netns: &str, dir: &Path, ports: Ports, token_file: &Pa
     std::fs::write(
         &cfg,
         format!(
-            "route:\n  receiver: egressguard\n  group_by: [alertname, node]\n  group_wait: 1s\n  group_interval: 1s\n  repeat_interval: 1h\nreceivers:\n- name: egressguard\n  webhook_configs:\n  - url: http://127.0.0.1:{}/alertmanager\n    send_resolved: true\n    http_config:\n      authorization: {{credentials_file: {}}}\n",
+            "route:\n  receiver: egressguard\n  group_by: [alertname, node]\n  group_wait: 1s\n  group_interval: 1s\n  repeat_interval: 1h\nreceivers:\n- name: egressguard\n  webhook_configs:\n  - url: http://127.0.0.1:{}/alertmanager\n    send_resolved: true\n    max_alerts: 1000\n    http_config:\n      authorization: {{credentials_file: {}}}\n",
             ports.receiver,
             token_file.display()
         ),

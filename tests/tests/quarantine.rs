@@ -119,6 +119,16 @@ impl Lab {
     }
 }
 
+/// The value of counter `name` with `outcome`, 0 when absent.
+fn counter(metrics: &str, name: &str, outcome: &str) -> f64 {
+    let prefix = format!("{name}{{outcome=\"{outcome}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn start_operator(c: &mut Cluster, token_file: &std::path::Path, identity: &str) {
     let flags = monitoring::operator_flags(PORTS, token_file);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
@@ -141,7 +151,7 @@ fn e2e_a_prometheus_breach_quarantines_only_that_node_and_calm_releases_it() {
     // Flapping must never quarantine: the breach has to hold for `for`.
     lab.c.apply(&guard(
         "site",
-        "    triggers:\n      - {name: uplink, prometheus: {query: 'max by (node) (egressguard_test_transmit_bits)', above: 5e6, for: 3s}}\n    release: {after: 6s, below: 2e6}\n    limits: {maxQuarantinedNodes: 1, cooldown: 30s}\n",
+        "    triggers:\n      - {name: uplink, prometheus: {query: 'max by (node) (egressguard_test_transmit_bits)', above: 5e6, for: 3s, nodeLabel: node}}\n    release: {after: 6s, below: 2e6}\n    limits: {maxQuarantinedNodes: 1, cooldown: 30s}\n",
     ));
     wait_for(
         &lab.c,
@@ -290,7 +300,7 @@ fn e2e_alerts_and_people_quarantine_through_one_authenticated_door() {
     let lab = Lab::new();
     lab.c.apply(&guard(
         "site",
-        "    triggers:\n      - {name: alert, alertmanager: {matchers: {alertname: NodeEgressSaturated}}}\n    release: {after: 4s}\n    limits: {maxQuarantinedNodes: 2, cooldown: 1s}\n",
+        "    triggers:\n      - {name: alert, alertmanager: {matchers: {alertname: NodeEgressSaturated}, nodeLabel: node}}\n    release: {after: 4s}\n    limits: {maxQuarantinedNodes: 2, cooldown: 1s}\n",
     ));
     wait_for(&lab.c, "the guard watches both nodes", 90, || {
         lab.c
@@ -353,33 +363,108 @@ fn e2e_alerts_and_people_quarantine_through_one_authenticated_door() {
     );
     assert!(!lab.c.shaped(1));
 
-    // A good notification, timed from receipt to the kernel; its replay is a no-op.
-    let t0 = Instant::now();
+    // A notification with the right token, for a node Prometheus does not
+    // see firing: not corroborated, nothing stored. The same alert posted
+    // straight to Alertmanager's unauthenticated API: the same.
     assert_eq!(lab.post(Some(TOKEN), &n1), 200);
-    wait_for(&lab.c, "node-1 throttled by the webhook", 60, || {
+    let am_alert = r#"[{"labels":{"alertname":"NodeEgressSaturated","node":"node-1"}}]"#;
+    let o = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.c.api,
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .args([
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "--data",
+            am_alert,
+        ])
+        .arg(format!(
+            "http://127.0.0.1:{}/api/v2/alerts",
+            PORTS.alertmanager
+        ))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "200");
+    wait_for(
+        &lab.c,
+        "the forged alerts refused as uncorroborated",
+        30,
+        || {
+            counter(
+                &lab.c.metrics(0),
+                "egressguard_webhook_alerts_total",
+                "uncorroborated",
+            ) >= 2.0
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(lab.egq().len(), before, "a forged alert stored something");
+    assert!(!lab.c.shaped(1));
+
+    // node-1 really floods: the real chain quarantines it.
+    let t0 = Instant::now();
+    lab.exporter.set(&[("node-1", 9e6), ("node-2", 1e6)]);
+    wait_for(&lab.c, "node-1 throttled through Alertmanager", 60, || {
         lab.c.shaped(1)
     });
-    let webhook_to_kernel = t0.elapsed().as_secs_f64();
-    let count = lab.egq().len();
-    for _ in 0..3 {
-        assert_eq!(lab.post(Some(TOKEN), &n1), 200);
+    let alert_to_kernel = t0.elapsed().as_secs_f64();
+    // 5,000 distinct fingerprints for node-1, in notifications of 1,000:
+    // still one record, each answered in well under a second.
+    let mut slowest = 0f64;
+    for batch in 0..5 {
+        let path = dir.join(format!("many-{batch}.json"));
+        let alerts: Vec<String> = (0..1000)
+            .map(|i| format!(r#"{{"status":"firing","labels":{{"alertname":"NodeEgressSaturated","node":"node-1","i":"{batch}-{i}"}},"annotations":{{}},"startsAt":"2026-11-23T10:00:00Z","endsAt":"0001-01-01T00:00:00Z","generatorURL":"","fingerprint":"m{batch}x{i}"}}"#))
+            .collect();
+        std::fs::write(&path, format!(r#"{{"version":"4","status":"firing","receiver":"x","groupLabels":{{}},"commonLabels":{{}},"commonAnnotations":{{}},"externalURL":"","truncatedAlerts":0,"groupKey":"k","alerts":[{}]}}"#, alerts.join(","))).expect("body");
+        let t = Instant::now();
+        assert_eq!(lab.post(Some(TOKEN), &path), 200);
+        slowest = slowest.max(t.elapsed().as_secs_f64());
     }
+    let node1: Vec<Value> = lab
+        .egq()
+        .into_iter()
+        .filter(|q| q["spec"]["nodeName"] == "node-1")
+        .collect();
     assert_eq!(
-        lab.egq().len(),
-        count,
-        "a replayed notification made new objects"
+        node1.len(),
+        1,
+        "5,000 fingerprints left {} records",
+        node1.len()
     );
+    assert!(
+        slowest < 1.0,
+        "a 1,000-alert notification took {slowest:.2}s"
+    );
+    let over = dir.join("over.json");
+    let alerts = vec![r#"{"status":"firing","labels":{}}"#; 1001].join(",");
+    std::fs::write(&over, format!(r#"{{"version":"4","alerts":[{alerts}]}}"#)).expect("over");
+    assert_eq!(lab.post(Some(TOKEN), &over), 413);
     let metrics = lab.c.metrics(0);
-    for want in [
-        "outcome=\"unauthorized\"} 2",
-        "outcome=\"bad_request\"} 2",
-        "outcome=\"too_large\"} 1",
-        "outcome=\"duplicate\"} 3",
+    for (name, outcome, at_least) in [
+        ("egressguard_webhook_requests_total", "unauthorized", 2.0),
+        ("egressguard_webhook_requests_total", "bad_request", 2.0),
+        ("egressguard_webhook_requests_total", "too_large", 2.0),
+        ("egressguard_webhook_requests_total", "duplicate", 5.0),
     ] {
-        assert!(metrics.contains(want), "{want} missing in\n{metrics}");
+        assert!(
+            counter(&metrics, name, outcome) >= at_least,
+            "{name} {outcome} in\n{metrics}"
+        );
     }
 
-    // A person releases it with an annotation...
+    // A person releases it with an annotation; the alert keeps firing, and
+    // its repeats are counted on the released record, never re-quarantining.
     let name = lab.phase_of("node-1", "Active")[0]["metadata"]["name"]
         .as_str()
         .expect("name")
@@ -400,24 +485,68 @@ fn e2e_alerts_and_people_quarantine_through_one_authenticated_door() {
             .is_some_and(|b| b.contains("false positive")),
         "{rel}"
     );
-
-    // ...quarantines by hand (even a node labelled exclude, which no alert may touch)...
-    lab.c
-        .cp
-        .kubectl_ok(&["label", "node", "node-1", "egressguard.io/exclude=true"]);
     let n1b = body("n1b.json", "node-1", "2026-11-23T11:00:00Z");
     assert_eq!(lab.post(Some(TOKEN), &n1b), 200);
-    wait_for(&lab.c, "the excluded node's alert refused", 60, || {
-        lab.phase_of("node-1", "Refused").iter().any(|q| {
-            q["status"]["releasedBy"]
-                .as_str()
-                .is_some_and(|b| b.contains("NodeExcluded"))
-        })
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!lab.c.shaped(1), "a repeat undid the person's release");
+    assert_eq!(lab.phase_of("node-1", "Active").len(), 0);
+    let rel = lab.c.get("egq", &name).expect("record kept");
+    assert!(
+        rel["status"]["alertRepeats"]
+            .as_u64()
+            .is_some_and(|n| n >= 1),
+        "{rel}"
+    );
+
+    // The alert resolves, then fires again on a node now excluded (by a
+    // label a kubelet cannot set): a new episode, refused.
+    lab.c.cp.kubectl_ok(&[
+        "label",
+        "node",
+        "node-1",
+        "node-restriction.kubernetes.io/egressguard-exclude=true",
+    ]);
+    lab.exporter.set(&[("node-1", 1e6), ("node-2", 1e6)]);
+    wait_for(&lab.c, "the resolution recorded", 60, || {
+        lab.c
+            .get("egq", &name)
+            .is_some_and(|q| q["status"]["alertResolvedAt"].is_string())
     });
+    lab.exporter.set(&[("node-1", 9e6), ("node-2", 1e6)]);
+    wait_for(
+        &lab.c,
+        "the excluded node's new episode refused",
+        60,
+        || {
+            lab.phase_of("node-1", "Refused").iter().any(|q| {
+                q["status"]["releasedBy"]
+                    .as_str()
+                    .is_some_and(|b| b.contains("NodeExcluded"))
+            })
+        },
+    );
     assert!(!lab.c.shaped(1));
+    lab.exporter.set(&[("node-1", 1e6), ("node-2", 1e6)]);
+    // A person may still quarantine it by hand...
     lab.c.apply("apiVersion: egressguard.io/v1alpha1\nkind: Quarantine\nmetadata: {name: by-hand}\nspec: {nodeName: node-1, guard: site, trigger: manual, reason: investigating}\n");
     wait_for(&lab.c, "node-1 throttled by hand", 60, || lab.c.shaped(1));
-    // ...and releases with kubectl delete: the finalizer releases first.
+    // ...whose spec is the record: immutable.
+    let o = lab.c.cp.kubectl(&[
+        "patch",
+        "egq",
+        "by-hand",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"nodeName":"node-2"}}"#,
+    ]);
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("immutable"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // ...and releases with kubectl delete: the finalizer releases first and
+    // a record of the release stays.
     lab.c
         .cp
         .kubectl_ok(&["delete", "egq", "by-hand", "--wait=true", "--timeout=60s"]);
@@ -426,6 +555,18 @@ fn e2e_alerts_and_people_quarantine_through_one_authenticated_door() {
     wait_for(&lab.c, "a Released Event naming the deletion", 20, || {
         lab.events("Released").contains("was deleted")
     });
+    wait_for(
+        &lab.c,
+        "the release remembered after the delete",
+        20,
+        || {
+            lab.phase_of("node-1", "Released").iter().any(|q| {
+                q["status"]["releasedBy"]
+                    .as_str()
+                    .is_some_and(|b| b.contains("deleted Quarantine by-hand"))
+            })
+        },
+    );
 
     // A dry run only reports.
     lab.c.cp.kubectl_ok(&[
@@ -439,12 +580,12 @@ fn e2e_alerts_and_people_quarantine_through_one_authenticated_door() {
     ]);
     std::thread::sleep(Duration::from_secs(3));
     let count = lab.egq().len();
-    let n2 = body("n2.json", "node-2", "2026-11-23T12:00:00Z");
-    assert_eq!(lab.post(Some(TOKEN), &n2), 200);
-    wait_for(&lab.c, "a WouldQuarantine Event", 30, || {
+    lab.exporter.set(&[("node-1", 1e6), ("node-2", 9e6)]);
+    wait_for(&lab.c, "a WouldQuarantine Event", 60, || {
         lab.events("WouldQuarantine").contains("node-2")
     });
     assert_eq!(lab.egq().len(), count);
     assert!(!lab.c.shaped(2));
-    eprintln!("LATENCY webhook receipt -> kernel throttle: {webhook_to_kernel:.2}s");
+    eprintln!("LATENCY exporter value -> Prometheus -> Alertmanager -> receiver (corroborated) -> kernel throttle: {alert_to_kernel:.2}s");
+    eprintln!("RECEIVER slowest 1,000-alert notification: {slowest:.3}s");
 }
