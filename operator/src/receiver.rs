@@ -24,7 +24,7 @@ use crate::evaluate::NodeIndex;
 use crate::prom::Prometheus;
 use crate::quarantine::{Notice, Subject};
 use crate::remediate::{publish, QuarantineMetrics};
-use crate::webhook::{self, Checked, Corroboration, Intent, Triple};
+use crate::webhook::{self, Corroboration, Intent, Triple};
 use egressguard_crds::serve::{read_body, text, Reply};
 
 /// Field manager for the receiver's writes.
@@ -203,17 +203,8 @@ impl Receiver {
             }
         }
         let records = self.quarantines.state();
-        let checked = webhook::intents(
-            &n,
-            &webhook::Facts {
-                guards: &guards,
-                index: &index,
-                planned: &planned,
-                records: &records,
-                has_prometheus: self.prometheus.is_some(),
-            },
-        );
-        let firing = match self.corroborations(&checked, &index).await {
+        let wanted = webhook::corroborations(&n, &guards, self.prometheus.is_some());
+        let firing = match self.ask_prometheus(&wanted, &index).await {
             Ok(f) => f,
             Err(e) => {
                 warn!(error = %e, "cannot corroborate alerts with Prometheus; Alertmanager will retry");
@@ -224,19 +215,20 @@ impl Receiver {
                 );
             }
         };
+        let intents = webhook::intents(
+            &n,
+            &webhook::Facts {
+                guards: &guards,
+                index: &index,
+                planned: &planned,
+                records: &records,
+                has_prometheus: self.prometheus.is_some(),
+                firing: &firing,
+            },
+        );
         let mut tally = Tally::default();
-        for c in checked {
-            if let (Some(check), Some(t)) = (&c.corroborate, &c.triple) {
-                let seen = firing.get(check).is_some_and(|f| f.contains(&t.node));
-                if seen != c.firing {
-                    warn!(guard = %t.guard, node = %t.node, trigger = %t.trigger, firing = c.firing,
-                        "alert not corroborated: Prometheus {} it firing for this node; ignored",
-                        if seen { "has" } else { "does not have" });
-                    tally.add("uncorroborated");
-                    continue;
-                }
-            }
-            self.carry_out(c.intent, &guards, &mut tally).await;
+        for intent in intents {
+            self.carry_out(intent, &guards, &mut tally).await;
         }
         {
             let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
@@ -266,29 +258,23 @@ impl Receiver {
         text(StatusCode::OK, format!("{}\n", tally.render()))
     }
 
-    /// The nodes each needed corroboration finds firing in Prometheus. With
-    /// no Prometheus, nothing is firing there: a trigger that insists on
-    /// corroboration then admits nothing.
-    async fn corroborations(
+    /// The nodes each corroboration query finds firing in Prometheus.
+    async fn ask_prometheus(
         &self,
-        checked: &[Checked],
+        wanted: &BTreeSet<Corroboration>,
         index: &NodeIndex,
     ) -> Result<BTreeMap<Corroboration, BTreeSet<String>>, crate::prom::QueryError> {
-        let wanted: BTreeSet<&Corroboration> = checked
-            .iter()
-            .filter_map(|c| c.corroborate.as_ref())
-            .collect();
         let mut out = BTreeMap::new();
+        let Some(p) = &self.prometheus else {
+            return Ok(out);
+        };
         for c in wanted {
-            let nodes = match &self.prometheus {
-                Some(p) => p
-                    .query(&c.query())
-                    .await?
-                    .iter()
-                    .filter_map(|s| index.node_of(&s.labels, c.node_label.as_deref()))
-                    .collect(),
-                None => BTreeSet::new(),
-            };
+            let nodes = p
+                .query(&c.query())
+                .await?
+                .iter()
+                .filter_map(|s| index.node_of(&s.labels, c.node_label.as_deref()))
+                .collect();
             out.insert(c.clone(), nodes);
         }
         Ok(out)
@@ -394,6 +380,12 @@ impl Receiver {
                 };
                 publish(&self.recorder, &note, &refs).await;
                 tally.add("would_quarantine");
+            }
+            Intent::Uncorroborated { triple: t, firing } => {
+                warn!(guard = %t.guard, node = %t.node, trigger = %t.trigger, firing,
+                    "alert not corroborated: Prometheus {} it firing for this node; ignored",
+                    if firing { "does not have" } else { "still has" });
+                tally.add("uncorroborated");
             }
             Intent::NotPlanned(t) => {
                 warn!(guard = %t.guard, node = %t.node, trigger = %t.trigger, "alert for a node the guard does not plan; nothing stored");

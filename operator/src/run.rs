@@ -205,9 +205,14 @@ pub fn facts(n: &Node) -> NodeFacts {
     }
 }
 
+/// The API server's addresses: only from the EndpointSlice the API server
+/// itself keeps (`default/kubernetes`). Anyone allowed to create
+/// EndpointSlices in `default` could label another one for the service and
+/// have its addresses protected on every node.
 fn api_endpoints(slices: &[Arc<EndpointSlice>]) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = slices
         .iter()
+        .filter(|s| s.metadata.name.as_deref() == Some(API_SLICE))
         .flat_map(|s| s.endpoints.iter().flatten())
         .flat_map(|e| e.addresses.iter())
         .filter_map(|a| a.parse().ok())
@@ -216,6 +221,9 @@ fn api_endpoints(slices: &[Arc<EndpointSlice>]) -> Vec<IpAddr> {
     out.dedup();
     out
 }
+
+/// The EndpointSlice the API server writes for the `kubernetes` Service.
+const API_SLICE: &str = "kubernetes";
 
 struct Ctx {
     client: Client,
@@ -880,7 +888,9 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
         ),
         slices: spawn_reflector(
             Api::<EndpointSlice>::namespaced(client.clone(), "default"),
-            watcher::Config::default().labels("kubernetes.io/service-name=kubernetes"),
+            watcher::Config::default()
+                .labels("kubernetes.io/service-name=kubernetes")
+                .fields(&format!("metadata.name={API_SLICE}")),
             notify.clone(),
         ),
         quarantines: spawn_reflector(
@@ -1056,4 +1066,42 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
     let _ = renewals.await;
     info!("egressguard-operator stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::discovery::v1::Endpoint;
+
+    fn slice(name: &str, addresses: &[&str]) -> Arc<EndpointSlice> {
+        Arc::new(EndpointSlice {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                labels: Some(
+                    [(
+                        "kubernetes.io/service-name".to_string(),
+                        "kubernetes".to_string(),
+                    )]
+                    .into(),
+                ),
+                ..Default::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: Some(vec![Endpoint {
+                addresses: addresses.iter().map(|a| a.to_string()).collect(),
+                ..Default::default()
+            }]),
+            ports: None,
+        })
+    }
+
+    #[test]
+    fn only_the_api_servers_own_slice_names_api_endpoints() {
+        let got = api_endpoints(&[
+            slice("kubernetes", &["10.96.0.10"]),
+            // Labelled for the service by whoever may create slices in default.
+            slice("kubernetes-extra", &["203.0.113.7"]),
+        ]);
+        assert_eq!(got, vec!["10.96.0.10".parse::<IpAddr>().expect("ip")]);
+    }
 }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use egressguard_crds::conditions::bounded;
 use egressguard_crds::quarantine::{Evidence, TriggerRule, EPISODE_LABEL};
 use egressguard_crds::{EgressGuard, Mode, Phase, Quarantine, QuarantineSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::ObjectMeta;
 use kube::ResourceExt;
 use serde::Deserialize;
@@ -109,6 +110,14 @@ pub enum Intent {
     WouldQuarantine(Triple),
     /// The node does not carry the guard's plan: nothing is stored.
     NotPlanned(Triple),
+    /// Prometheus does not agree (a forged firing alert, or a forged
+    /// resolve of an alert still firing): nothing is stored.
+    Uncorroborated {
+        /// Whose alert.
+        triple: Triple,
+        /// It claimed firing (`true`) or resolved.
+        firing: bool,
+    },
     /// A matching alert names no node (or an ambiguous one): nothing is stored.
     Unmapped {
         /// Guard.
@@ -157,20 +166,6 @@ impl Corroboration {
     }
 }
 
-/// An intent and the corroboration it needs (`None`: none).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Checked {
-    /// What to do.
-    pub intent: Intent,
-    /// Firing intents need the node among the trigger's firing `ALERTS`;
-    /// a resolve needs it absent (a forged resolve must not release).
-    pub corroborate: Option<Corroboration>,
-    /// The triple (for corroboration and logs).
-    pub triple: Option<Triple>,
-    /// Firing (`true`) or resolved.
-    pub firing: bool,
-}
-
 /// What the receiver knows when it folds a notification.
 pub struct Facts<'a> {
     /// Every guard.
@@ -183,6 +178,73 @@ pub struct Facts<'a> {
     pub records: &'a [Arc<Quarantine>],
     /// The operator has a Prometheus to corroborate with.
     pub has_prometheus: bool,
+    /// What Prometheus answered for each [`corroborations`] query: the
+    /// nodes it has the trigger's alert firing for. A query missing here
+    /// (no Prometheus) corroborates no firing alert.
+    pub firing: &'a BTreeMap<Corroboration, BTreeSet<String>>,
+}
+
+/// One alertmanager trigger of a guard that takes alerts now.
+struct AlertTrigger<'g> {
+    guard: &'g EgressGuard,
+    name: String,
+    matchers: BTreeMap<String, String>,
+    node_label: Option<String>,
+    check: Option<Corroboration>,
+}
+
+fn alert_triggers(guards: &[EgressGuard], has_prometheus: bool) -> Vec<AlertTrigger<'_>> {
+    let mut out = Vec::new();
+    for g in guards {
+        if g.metadata.deletion_timestamp.is_some() || g.spec.mode == Mode::Enforce {
+            continue;
+        }
+        let Ok(Some(rules)) =
+            egressguard_crds::quarantine::rules(g.spec.quarantine.as_ref(), g.spec.mode)
+        else {
+            continue;
+        };
+        for (name, rule) in rules.triggers {
+            match rule {
+                TriggerRule::Alertmanager {
+                    matchers,
+                    node_label,
+                    corroborate,
+                } => out.push(AlertTrigger {
+                    guard: g,
+                    name,
+                    check: corroborate
+                        .unwrap_or(has_prometheus)
+                        .then(|| Corroboration {
+                            matchers: matchers.clone(),
+                            node_label: node_label.clone(),
+                        }),
+                    matchers,
+                    node_label,
+                }),
+                TriggerRule::Prometheus { .. } => {}
+            }
+        }
+    }
+    out
+}
+
+/// The Prometheus queries that corroborate this notification's alerts:
+/// one per trigger that some alert matches and that asks for corroboration.
+pub fn corroborations(
+    n: &Notification,
+    guards: &[EgressGuard],
+    has_prometheus: bool,
+) -> BTreeSet<Corroboration> {
+    alert_triggers(guards, has_prometheus)
+        .into_iter()
+        .filter(|t| {
+            n.alerts
+                .iter()
+                .any(|a| t.matchers.iter().all(|(k, v)| a.labels.get(k) == Some(v)))
+        })
+        .filter_map(|t| t.check)
+        .collect()
 }
 
 /// The latest record of a triple: highest episode, then newest.
@@ -215,151 +277,148 @@ fn is_open(q: &Quarantine) -> bool {
     )
 }
 
-/// What the notification asks of each guard's alertmanager triggers.
-pub fn intents(n: &Notification, f: &Facts<'_>) -> Vec<Checked> {
+fn resolved_at(q: &Quarantine) -> Option<Time> {
+    q.status.as_ref().and_then(|s| s.alert_resolved_at.clone())
+}
+
+/// The alerts of one triple in one notification, after corroboration.
+#[derive(Default)]
+struct Folded<'n> {
+    firing: u64,
+    first: Option<&'n Alert>,
+    resolved: bool,
+}
+
+/// What the notification asks of each guard's alertmanager triggers. Each
+/// alert is corroborated first (a forged firing alert must neither start
+/// an episode nor hide a real resolution), then alerts are folded per
+/// (guard, node, trigger).
+pub fn intents(n: &Notification, f: &Facts<'_>) -> Vec<Intent> {
     let mut out = Vec::new();
-    for g in f.guards {
-        if g.metadata.deletion_timestamp.is_some() || g.spec.mode == Mode::Enforce {
-            continue;
-        }
-        let Ok(Some(rules)) =
-            egressguard_crds::quarantine::rules(g.spec.quarantine.as_ref(), g.spec.mode)
-        else {
-            continue;
-        };
-        let guard = g.name_any();
-        for (trigger, rule) in &rules.triggers {
-            let TriggerRule::Alertmanager {
-                matchers,
-                node_label,
-                corroborate,
-            } = rule
-            else {
+    for t in alert_triggers(f.guards, f.has_prometheus) {
+        let guard = t.guard.name_any();
+        let mut per_node: BTreeMap<String, Folded<'_>> = BTreeMap::new();
+        for a in &n.alerts {
+            if !t.matchers.iter().all(|(k, v)| a.labels.get(k) == Some(v)) {
+                continue;
+            }
+            let firing = match a.status.as_str() {
+                "firing" => true,
+                "resolved" => false,
+                _ => continue,
+            };
+            let label = t.node_label.as_deref().unwrap_or(DEFAULT_NODE_LABEL);
+            let Some(node) = f.index.node_of(&a.labels, t.node_label.as_deref()) else {
+                let why = a.labels.get(label).map_or_else(
+                    || format!("the alert has no label {label}"),
+                    |v| f.index.why_unresolved(v),
+                );
+                out.push(Intent::Unmapped {
+                    guard: guard.clone(),
+                    trigger: t.name.clone(),
+                    why: bounded(&why, 256),
+                });
                 continue;
             };
-            let check = corroborate
-                .unwrap_or(f.has_prometheus)
-                .then(|| Corroboration {
-                    matchers: matchers.clone(),
-                    node_label: node_label.clone(),
-                });
-            // Per node: (firing alerts, evidence of the first, any resolved).
-            let mut per_node: BTreeMap<String, (u64, Option<&Alert>, bool)> = BTreeMap::new();
-            for a in &n.alerts {
-                if !matchers.iter().all(|(k, v)| a.labels.get(k) == Some(v)) {
-                    continue;
-                }
-                let label = node_label.as_deref().unwrap_or(DEFAULT_NODE_LABEL);
-                let Some(node) = f.index.node_of(&a.labels, node_label.as_deref()) else {
-                    let why = a.labels.get(label).map_or_else(
-                        || format!("the alert has no label {label}"),
-                        |v| f.index.why_unresolved(v),
-                    );
-                    out.push(Checked {
-                        intent: Intent::Unmapped {
+            if let Some(c) = &t.check {
+                // Firing needs Prometheus to have it firing; a resolve needs
+                // it not to (a forged resolve must not release either).
+                let seen = f.firing.get(c).is_some_and(|s| s.contains(&node));
+                if seen != firing {
+                    out.push(Intent::Uncorroborated {
+                        triple: Triple {
                             guard: guard.clone(),
-                            trigger: trigger.clone(),
-                            why: bounded(&why, 256),
+                            node,
+                            trigger: t.name.clone(),
                         },
-                        corroborate: None,
-                        triple: None,
-                        firing: a.status == "firing",
-                    });
-                    continue;
-                };
-                let e = per_node.entry(node).or_default();
-                match a.status.as_str() {
-                    "firing" => {
-                        e.0 += 1;
-                        e.1.get_or_insert(a);
-                    }
-                    "resolved" => e.2 = true,
-                    _ => {}
-                }
-            }
-            for (node, (firing, first, resolved)) in per_node {
-                let t = Triple {
-                    guard: guard.clone(),
-                    node,
-                    trigger: trigger.clone(),
-                };
-                let checked = |intent: Intent, firing: bool| Checked {
-                    intent,
-                    corroborate: check.clone(),
-                    triple: Some(t.clone()),
-                    firing,
-                };
-                if !f.planned.get(&guard).is_some_and(|p| p.contains(&t.node)) {
-                    out.push(Checked {
-                        intent: Intent::NotPlanned(t.clone()),
-                        corroborate: None,
-                        triple: Some(t),
-                        firing: firing > 0,
+                        firing,
                     });
                     continue;
                 }
-                let last = latest(f.records, &t);
-                let resolved_at =
-                    |q: &Quarantine| q.status.as_ref().and_then(|s| s.alert_resolved_at.clone());
-                let Some(a) = first.filter(|_| firing > 0) else {
-                    // Only resolutions: they end the latest episode.
-                    if let Some(q) = last.filter(|q| resolved && resolved_at(q).is_none()) {
-                        out.push(checked(Intent::Resolved(q.name_any()), false));
-                    }
-                    continue;
-                };
-                if g.spec.mode == Mode::DryRun {
-                    out.push(checked(Intent::WouldQuarantine(t.clone()), true));
-                    continue;
-                }
-                // The episode goes on: an open record, or a closed one whose
-                // alert never resolved (a person's release holds while the
-                // alert it overrode keeps firing; a refusal is not retried
-                // by the same alert).
-                if let Some(q) = last.filter(|q| is_open(q) || resolved_at(q).is_none()) {
-                    out.push(checked(
-                        Intent::Repeat {
-                            name: q.name_any(),
-                            alerts: firing,
-                            rearm: is_open(q) && resolved_at(q).is_some(),
-                        },
-                        true,
-                    ));
-                    continue;
-                }
-                let episode = last.map_or(0, |q| episode_of(q)) + 1;
-                let name = object_name(&guard, &t.node, &format!("{trigger}#{episode}"));
-                let record = Quarantine {
-                    metadata: ObjectMeta {
-                        name: Some(name),
-                        labels: Some(record_labels(&guard, &t.node, Some(episode))),
-                        ..Default::default()
-                    },
-                    spec: QuarantineSpec {
-                        node_name: t.node.clone(),
-                        guard: guard.clone(),
-                        trigger: trigger.clone(),
-                        evidence: Some(Evidence {
-                            fingerprint: Some(bounded(&a.fingerprint, 64)),
-                            labels: a
-                                .labels
-                                .iter()
-                                .take(MAX_EVIDENCE_LABELS)
-                                .map(|(k, v)| (bounded(k, 128), bounded(v, 256)))
-                                .collect(),
-                            starts_at: Some(bounded(&a.starts_at, 64)),
-                            ..Default::default()
-                        }),
-                        release: g.spec.quarantine.as_ref().map(|q| q.release.clone()),
-                        reason: None,
-                    },
-                    status: None,
-                };
-                out.push(checked(Intent::Start(Box::new(record)), true));
             }
+            let e = per_node.entry(node).or_default();
+            if firing {
+                e.firing += 1;
+                e.first.get_or_insert(a);
+            } else {
+                e.resolved = true;
+            }
+        }
+        for (node, folded) in per_node {
+            let triple = Triple {
+                guard: guard.clone(),
+                node,
+                trigger: t.name.clone(),
+            };
+            if !f
+                .planned
+                .get(&guard)
+                .is_some_and(|p| p.contains(&triple.node))
+            {
+                out.push(Intent::NotPlanned(triple));
+                continue;
+            }
+            out.extend(episode(t.guard, triple, &folded, f.records));
         }
     }
     out
+}
+
+/// What a triple's folded alerts do to its episode.
+fn episode(
+    g: &EgressGuard,
+    t: Triple,
+    folded: &Folded<'_>,
+    records: &[Arc<Quarantine>],
+) -> Option<Intent> {
+    let last = latest(records, &t);
+    let Some(a) = folded.first else {
+        // Only resolutions: they end the latest episode.
+        return last
+            .filter(|q| folded.resolved && resolved_at(q).is_none())
+            .map(|q| Intent::Resolved(q.name_any()));
+    };
+    if g.spec.mode == Mode::DryRun {
+        return Some(Intent::WouldQuarantine(t));
+    }
+    // The episode goes on: an open record, or a closed one whose alert
+    // never resolved (a person's release holds while the alert it overrode
+    // keeps firing; a refusal is not retried by the same alert).
+    if let Some(q) = last.filter(|q| is_open(q) || resolved_at(q).is_none()) {
+        return Some(Intent::Repeat {
+            name: q.name_any(),
+            alerts: folded.firing,
+            rearm: is_open(q) && resolved_at(q).is_some(),
+        });
+    }
+    let episode = last.map_or(0, |q| episode_of(q)) + 1;
+    let name = object_name(&t.guard, &t.node, &format!("{}#{episode}", t.trigger));
+    Some(Intent::Start(Box::new(Quarantine {
+        metadata: ObjectMeta {
+            name: Some(name),
+            labels: Some(record_labels(&t.guard, &t.node, Some(episode))),
+            ..Default::default()
+        },
+        spec: QuarantineSpec {
+            evidence: Some(Evidence {
+                fingerprint: Some(bounded(&a.fingerprint, 64)),
+                labels: a
+                    .labels
+                    .iter()
+                    .take(MAX_EVIDENCE_LABELS)
+                    .map(|(k, v)| (bounded(k, 128), bounded(v, 256)))
+                    .collect(),
+                starts_at: Some(bounded(&a.starts_at, 64)),
+                ..Default::default()
+            }),
+            release: g.spec.quarantine.as_ref().map(|q| q.release.clone()),
+            reason: None,
+            node_name: t.node,
+            guard: t.guard,
+            trigger: t.trigger,
+        },
+        status: None,
+    })))
 }
 
 /// At most this many of an alert's labels are copied into a record.
@@ -441,6 +500,7 @@ mod tests {
         planned: BTreeMap<String, BTreeSet<String>>,
         records: Vec<Arc<Quarantine>>,
         prometheus: bool,
+        firing: BTreeMap<Corroboration, BTreeSet<String>>,
     }
 
     impl World {
@@ -457,10 +517,11 @@ mod tests {
                 )]),
                 records: Vec::new(),
                 prometheus: false,
+                firing: BTreeMap::new(),
             }
         }
 
-        fn run(&self, n: &Notification) -> Vec<Checked> {
+        fn run(&self, n: &Notification) -> Vec<Intent> {
             intents(
                 n,
                 &Facts {
@@ -469,13 +530,14 @@ mod tests {
                     planned: &self.planned,
                     records: &self.records,
                     has_prometheus: self.prometheus,
+                    firing: &self.firing,
                 },
             )
         }
 
         /// Stores the record a Start asked for, in `phase`, resolved or not.
-        fn store(&mut self, c: &Checked, phase: Option<Phase>, resolved: bool) -> String {
-            let Intent::Start(q) = &c.intent else {
+        fn store(&mut self, c: &Intent, phase: Option<Phase>, resolved: bool) -> String {
+            let Intent::Start(q) = c else {
                 panic!("not a start: {c:?}")
             };
             let mut q = (**q).clone();
@@ -491,10 +553,6 @@ mod tests {
         }
     }
 
-    fn intents_only(c: &[Checked]) -> Vec<&Intent> {
-        c.iter().map(|c| &c.intent).collect()
-    }
-
     #[test]
     fn thousands_of_fingerprints_for_one_node_are_one_episode() {
         let mut w = World::new("");
@@ -503,7 +561,7 @@ mod tests {
             .collect();
         let n = notification(&many);
         let out = w.run(&n);
-        assert_eq!(out.len(), 1, "{:?}", intents_only(&out));
+        assert_eq!(out.len(), 1, "{out:?}");
         assert_eq!(
             out,
             w.run(&n),
@@ -514,8 +572,8 @@ mod tests {
         // Every later send, with any fingerprints, is counted on that record.
         let out = w.run(&n);
         assert_eq!(
-            intents_only(&out),
-            [&Intent::Repeat {
+            out,
+            [Intent::Repeat {
                 name: name.clone(),
                 alerts: MAX_ALERTS as u64,
                 rearm: false
@@ -542,16 +600,13 @@ mod tests {
         let fire = notification(&[alert("firing", "10.0.0.1:9100", "a")]);
         let name = w.store(&w.run(&fire)[0], Some(Phase::Active), false);
         let resolve = notification(&[alert("resolved", "10.0.0.1:9100", "a")]);
-        assert_eq!(
-            intents_only(&w.run(&resolve)),
-            [&Intent::Resolved(name.clone())]
-        );
+        assert_eq!(w.run(&resolve), [Intent::Resolved(name.clone())]);
         // Resolved, still Active (calm window running): firing again re-arms it.
         w.records.clear();
         let _ = w.store(&w.run(&fire)[0], Some(Phase::Active), true);
         assert_eq!(
-            intents_only(&w.run(&fire)),
-            [&Intent::Repeat {
+            w.run(&fire),
+            [Intent::Repeat {
                 name: name.clone(),
                 alerts: 1,
                 rearm: true
@@ -562,14 +617,14 @@ mod tests {
         w.records.clear();
         let _ = w.store(&w.run(&fire)[0], Some(Phase::Released), false);
         assert!(matches!(
-            w.run(&fire)[0].intent,
+            w.run(&fire)[0],
             Intent::Repeat { rearm: false, .. }
         ));
         // Released after the alert resolved: a new firing is a new episode.
         w.records.clear();
         let _ = w.store(&w.run(&fire)[0], Some(Phase::Released), true);
         let next = w.run(&fire);
-        let Intent::Start(q) = &next[0].intent else {
+        let Intent::Start(q) = &next[0] else {
             panic!("{next:?}")
         };
         assert_eq!(episode_of(q), 2);
@@ -590,7 +645,7 @@ mod tests {
         ]));
         let got: Vec<String> = out
             .iter()
-            .map(|c| match &c.intent {
+            .map(|c| match c {
                 Intent::NotPlanned(t) => format!("not planned {}", t.node),
                 Intent::Unmapped { why, .. } => format!("unmapped: {why}"),
                 other => format!("{other:?}"),
@@ -614,23 +669,56 @@ mod tests {
             r#"{"alertname":"NodeEgressSaturated","node":"worker-1"}"#.into(),
             "z".into(),
         )]));
-        assert!(matches!(out[0].intent, Intent::Start(_)), "{out:?}");
+        assert!(matches!(out[0], Intent::Start(_)), "{out:?}");
     }
 
     #[test]
-    fn corroboration_follows_the_operator_unless_the_trigger_says() {
+    fn alerts_count_only_as_far_as_prometheus_agrees() {
         let mut w = World::new("");
         let fire = notification(&[alert("firing", "10.0.0.1:9100", "a")]);
-        assert_eq!(w.run(&fire)[0].corroborate, None);
+        // Without a Prometheus, the token is all there is.
+        assert!(corroborations(&fire, &w.guards, false).is_empty());
+        assert!(matches!(w.run(&fire)[0], Intent::Start(_)));
+        // With one, the trigger's alert must be firing there for the node.
         w.prometheus = true;
-        let c = w.run(&fire)[0].corroborate.clone().expect("corroborated");
+        let wanted = corroborations(&fire, &w.guards, true);
+        let c = wanted.iter().next().expect("one query").clone();
         assert_eq!(
             c.query(),
             r#"ALERTS{alertstate="firing",alertname="NodeEgressSaturated"}"#
         );
-        let mut w = World::new(", corroborate: false");
-        w.prometheus = true;
-        assert_eq!(w.run(&fire)[0].corroborate, None);
+        assert!(matches!(
+            w.run(&fire)[0],
+            Intent::Uncorroborated { firing: true, .. }
+        ));
+        w.firing
+            .insert(c.clone(), BTreeSet::from(["worker-1".to_string()]));
+        let name = w.store(&w.run(&fire)[0], Some(Phase::Active), false);
+        // A forged firing alert in the same notification as the real
+        // resolution (Alertmanager groups them) hides nothing.
+        w.firing.clear();
+        w.firing.insert(c.clone(), BTreeSet::new());
+        let mixed = notification(&[
+            alert("resolved", "10.0.0.1:9100", "a"),
+            (
+                "firing",
+                r#"{"alertname":"NodeEgressSaturated","instance":"10.0.0.1:9100","forged":"1"}"#
+                    .into(),
+                "b".into(),
+            ),
+        ]);
+        let out = w.run(&mixed);
+        assert!(out.contains(&Intent::Resolved(name.clone())), "{out:?}");
+        // A forged resolve of an alert still firing releases nothing.
+        w.firing.insert(c, BTreeSet::from(["worker-1".to_string()]));
+        let resolve = notification(&[alert("resolved", "10.0.0.1:9100", "a")]);
+        assert!(matches!(
+            w.run(&resolve)[0],
+            Intent::Uncorroborated { firing: false, .. }
+        ));
+        // A trigger that opts out is never corroborated.
+        let w = World::new(", corroborate: false");
+        assert!(corroborations(&fire, &w.guards, true).is_empty());
         let quoted = Corroboration {
             matchers: BTreeMap::from([("a".to_string(), "x\"} or vector(1) #".to_string())]),
             node_label: None,
@@ -645,7 +733,7 @@ mod tests {
     fn any_legal_node_name_gets_a_valid_record() {
         let w = World::new("");
         let out = w.run(&notification(&[alert("firing", "10.0.0.3:9100", "a")]));
-        let Intent::Start(q) = &out[0].intent else {
+        let Intent::Start(q) = &out[0] else {
             panic!("{out:?}")
         };
         assert_eq!(q.spec.node_name, LONG);

@@ -262,12 +262,15 @@ impl ControlPlane {
     /// A kubeconfig holding `node`'s own kubelet credential: a client
     /// certificate for `system:node:NODE` in `system:nodes`, signed by the
     /// cluster's CA (the Node authorizer and NodeRestriction apply to it).
+    /// The certificate and key sit next to it (`.crt`, `.key`), for requests
+    /// kubectl cannot make the way a kubelet does (a status PATCH without a GET).
     pub fn node_kubeconfig(&self, node: &str) -> PathBuf {
         let pki = self.dir.join("pki");
         let id = unique();
-        let key = self.dir.join(format!("node-{id}.key"));
-        let csr = self.dir.join(format!("node-{id}.csr"));
-        let crt = self.dir.join(format!("node-{id}.crt"));
+        let path = self.dir.join(format!("kc-node-{id}"));
+        let key = path.with_extension("key");
+        let csr = path.with_extension("csr");
+        let crt = path.with_extension("crt");
         let run = |args: &[&str]| {
             let o = Command::new("openssl")
                 .args(args)
@@ -307,7 +310,6 @@ impl ControlPlane {
             "-out",
             &p(&crt),
         ]);
-        let path = self.dir.join(format!("kc-node-{id}"));
         let text = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: \"{}\", certificate-authority: \"{}\"}}\nusers:\n- name: u\n  user: {{client-certificate: \"{}\", client-key: \"{}\"}}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\n",
             self.server,
@@ -317,6 +319,35 @@ impl ControlPlane {
         );
         std::fs::write(&path, text).expect("kubeconfig");
         path
+    }
+
+    /// A request with `node`'s kubelet credential: `method` on `path` with a
+    /// JSON merge patch `body`, no GET first. Returns the HTTP status.
+    pub fn as_kubelet(&self, kubeconfig: &Path, method: &str, path: &str, body: &str) -> u16 {
+        let o = self
+            .command("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", method])
+            .arg("--cacert")
+            .arg(self.dir.join("pki/ca.crt"))
+            .arg("--cert")
+            .arg(kubeconfig.with_extension("crt"))
+            .arg("--key")
+            .arg(kubeconfig.with_extension("key"))
+            // A JSON merge patch replaces lists whole (a strategic one merges
+            // node addresses by type, folding two InternalIPs into one).
+            .args(["-H", "Content-Type: application/merge-patch+json"])
+            .args(["--data", body])
+            .arg(format!("{}{path}", self.server))
+            .output()
+            .expect("curl");
+        let code = String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        if code == 0 {
+            eprintln!("curl as kubelet: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        code
     }
 
     fn kubeconfig_with_token(&self, token: &str, server: &str) -> PathBuf {
