@@ -166,8 +166,11 @@ pub struct Watched<'a> {
     pub nodes: Vec<String>,
 }
 
-/// Evaluates every Prometheus trigger of `watched` once (concurrently) and
-/// updates `state`.
+/// Prometheus queries in flight at once during an evaluation.
+pub const MAX_CONCURRENT_QUERIES: usize = 4;
+
+/// Evaluates every Prometheus trigger of `watched` once (at most
+/// [`MAX_CONCURRENT_QUERIES`] at a time) and updates `state`.
 pub async fn evaluate(
     prom: Option<&Prometheus>,
     watched: &[Watched<'_>],
@@ -222,7 +225,15 @@ pub async fn evaluate(
             }
         }
     }
-    let results = futures::future::join_all(jobs).await;
+    // A few queries at a time: a hundred guards must not open a hundred
+    // connections to Prometheus at once, nor wait for each other in turn.
+    let results: Vec<_> = {
+        use futures::StreamExt;
+        futures::stream::iter(jobs)
+            .buffered(MAX_CONCURRENT_QUERIES)
+            .collect()
+            .await
+    };
     let mut signals: BTreeMap<(String, String), Signals> = BTreeMap::new();
     let mut available: BTreeMap<String, Result<(), String>> = BTreeMap::new();
     let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
@@ -582,5 +593,81 @@ mod tests {
             .as_object()
             .is_some_and(|o| o.contains_key("calmSince")));
         assert_eq!(p["status"]["phase"], "Active");
+    }
+}
+
+#[cfg(test)]
+mod concurrency {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A Prometheus stand-in that answers every query after 100 ms and
+    /// records how many were in flight at once.
+    async fn slow_prometheus(peak: Arc<AtomicUsize>) -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let now = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let (now, peak) = (now.clone(), peak.clone());
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(n, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    now.fetch_sub(1, Ordering::SeqCst);
+                    let body = r#"{"status":"success","data":{"resultType":"vector","result":[]}}"#;
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn triggers_are_queried_a_few_at_a_time() {
+        let peak = Arc::new(AtomicUsize::new(0));
+        let url = slow_prometheus(peak.clone()).await;
+        let prom = Prometheus::new(&url, None, None, Duration::from_secs(5)).expect("client");
+        let triggers: String = (0..12)
+            .map(|i| format!("      - {{name: t{i}, prometheus: {{query: q{i}, above: 1}}}}\n"))
+            .collect();
+        let g = egressguard_crds::load::parse_str(&format!("apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {{name: g}}\nspec:\n  mode: Auto\n  uplink: {{rate: 20Mbit}}\n  throttle: {{rate: 1Mbit, destinations: [{{port: 443}}]}}\n  quarantine:\n    triggers:\n{triggers}")).expect("guard").remove(0);
+        let watched = [Watched {
+            guard: &g,
+            nodes: vec!["n1".into()],
+        }];
+        let mut state = EvalState::default();
+        let metrics = Mutex::new(QuarantineMetrics::default());
+        evaluate(
+            Some(&prom),
+            &watched,
+            &NodeIndex::default(),
+            Duration::from_secs(1),
+            &mut state,
+            &metrics,
+        )
+        .await;
+        let peak = peak.load(Ordering::SeqCst);
+        assert!(
+            (2..=MAX_CONCURRENT_QUERIES).contains(&peak),
+            "{peak} queries in flight at once"
+        );
+        assert_eq!(
+            metrics
+                .lock()
+                .map(|m| m.evaluations["unknown"])
+                .unwrap_or(0),
+            12
+        );
     }
 }
