@@ -33,6 +33,26 @@ pub struct NodeFacts {
     pub internal_ips: Vec<IpAddr>,
 }
 
+impl NodeFacts {
+    /// What the decisions need to know about a Node: its name, labels and
+    /// InternalIPs (what its own kubelet reports; see [`limit_node_addresses`]).
+    pub fn of(n: &k8s_openapi::api::core::v1::Node) -> NodeFacts {
+        NodeFacts {
+            name: n.metadata.name.clone().unwrap_or_default(),
+            labels: n.metadata.labels.clone().unwrap_or_default(),
+            internal_ips: n
+                .status
+                .as_ref()
+                .and_then(|s| s.addresses.as_ref())
+                .into_iter()
+                .flatten()
+                .filter(|a| a.type_ == "InternalIP")
+                .filter_map(|a| a.address.parse().ok())
+                .collect(),
+        }
+    }
+}
+
 /// Which self-reported node addresses may become protected destinations.
 ///
 /// A node's kubelet writes its own Node status, so a compromised node could

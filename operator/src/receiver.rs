@@ -189,7 +189,7 @@ impl Receiver {
             .nodes
             .state()
             .iter()
-            .map(|n| crate::run::facts(n))
+            .map(|n| crate::decide::NodeFacts::of(n))
             .collect();
         let (facts, _) = crate::decide::limit_node_addresses(&reported, &self.node_addresses);
         let index = NodeIndex::new(&facts);

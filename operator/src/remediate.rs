@@ -410,11 +410,14 @@ pub async fn write_changes(client: &Client, p: &QuarantinePlan) -> Result<(), ku
         }
     }
     for (name, status) in &p.status {
-        let patch = status_patch(status);
-        if let Err(e) = api
-            .patch_status(name, &params(), &Patch::Merge(&patch))
-            .await
-        {
+        let written = match status_patch(status) {
+            Ok(patch) => api
+                .patch_status(name, &params(), &Patch::Merge(&patch))
+                .await
+                .map(drop),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
             first.get_or_insert(e);
         }
     }
@@ -493,8 +496,10 @@ async fn write_node_change(
 /// A merge patch that sets `status`, clearing the calm window when it ended.
 /// (An absent field leaves the stored value in place; only null removes it,
 /// and a calm window that outlived a breach would release a node too early.)
-pub fn status_patch(status: &egressguard_crds::QuarantineStatus) -> serde_json::Value {
-    let mut v = serde_json::to_value(status).unwrap_or_default();
+pub fn status_patch(
+    status: &egressguard_crds::QuarantineStatus,
+) -> Result<serde_json::Value, kube::Error> {
+    let mut v = serde_json::to_value(status).map_err(kube::Error::SerdeError)?;
     if status.calm_since.is_none() {
         v["calmSince"] = serde_json::Value::Null;
     }
@@ -505,7 +510,7 @@ pub fn status_patch(status: &egressguard_crds::QuarantineStatus) -> serde_json::
             o.remove(k);
         }
     }
-    serde_json::json!({ "status": v })
+    Ok(serde_json::json!({ "status": v }))
 }
 
 /// Finalizer removals and expired records, after the plans were written.
@@ -587,7 +592,7 @@ mod tests {
             phase: Some(egressguard_crds::Phase::Active),
             ..Default::default()
         };
-        let p = status_patch(&st);
+        let p = status_patch(&st).expect("patch");
         assert_eq!(p["status"]["calmSince"], serde_json::Value::Null);
         assert!(p["status"]
             .as_object()

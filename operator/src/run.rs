@@ -188,23 +188,6 @@ where
     reader
 }
 
-/// What the decisions need to know about a Node.
-pub fn facts(n: &Node) -> NodeFacts {
-    NodeFacts {
-        name: n.name_any(),
-        labels: n.labels().clone(),
-        internal_ips: n
-            .status
-            .as_ref()
-            .and_then(|s| s.addresses.as_ref())
-            .into_iter()
-            .flatten()
-            .filter(|a| a.type_ == "InternalIP")
-            .filter_map(|a| a.address.parse().ok())
-            .collect(),
-    }
-}
-
 /// The API server's addresses: only from the EndpointSlice the API server
 /// itself keeps (`default/kubernetes`). Anyone allowed to create
 /// EndpointSlices in `default` could label another one for the service and
@@ -339,7 +322,7 @@ impl Snapshot {
             .map(|g| (**g).clone())
             .collect();
         let node_objs = ctx.caches.nodes.state();
-        let reported: Vec<NodeFacts> = node_objs.iter().map(|n| facts(n)).collect();
+        let reported: Vec<NodeFacts> = node_objs.iter().map(|n| NodeFacts::of(n)).collect();
         let (nodes, ignored) = crate::decide::limit_node_addresses(&reported, &ctx.node_addresses);
         let mut shapings: BTreeMap<String, Arc<NodeShaping>> = ctx
             .caches
@@ -763,7 +746,9 @@ async fn write_plan(
         spec: w.spec,
         status: None,
     };
-    let mut value = serde_json::to_value(&obj).unwrap_or_default();
+    // Never a default: a forced apply of an empty object would take every
+    // field this manager owns away from the plan.
+    let mut value = serde_json::to_value(&obj).map_err(kube::Error::SerdeError)?;
     value["apiVersion"] = "egressguard.io/v1alpha1".into();
     value["kind"] = "NodeShaping".into();
     let apply = PatchParams::apply(MANAGER).force();
