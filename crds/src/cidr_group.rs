@@ -103,6 +103,19 @@ pub struct GroupRef {
     pub selector: Option<LabelSelector>,
 }
 
+/// One CIDRGroup a guard uses, at one content version.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedGroup {
+    /// Group name.
+    pub name: String,
+    /// [`CidrGroupSpec::digest`] of the content. In a guard's status: the
+    /// version its nodes enforce. In a plan: empty when the agent takes it
+    /// from the guard's status (a group edit then rewrites one status per
+    /// guard, not every plan); set for agents from before that.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub digest: String,
+}
 /// Problems of a reference list that do not depend on which groups exist.
 pub fn check_refs(refs: &[GroupRef]) -> Vec<FieldError> {
     let mut out = Vec::new();

@@ -371,6 +371,11 @@ pub struct EgressGuardStatus {
     /// Per-node state, at most 100 entries (counts above are complete).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<NodeState>,
+    /// The CIDRGroups `spec.whitelistGroups` resolves to, each at the digest
+    /// the nodes enforce: an agent programs a plan only when the groups it
+    /// holds have these digests and `observedGeneration` is the guard's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<crate::cidr_group::ResolvedGroup>,
 }
 
 /// One node's state for a guard.

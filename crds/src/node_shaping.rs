@@ -105,15 +105,7 @@ pub struct GuardRef {
     pub generation: i64,
 }
 
-/// One CIDRGroup a plan uses, at one content version.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ResolvedGroup {
-    /// Group name.
-    pub name: String,
-    /// [`crate::CidrGroupSpec::digest`] of the content the plan was made with.
-    pub digest: String,
-}
+pub use crate::cidr_group::ResolvedGroup;
 
 impl NodeShapingSpec {
     /// Does the plan ask for its node's shaping to be removed?
@@ -156,6 +148,11 @@ pub struct NodeShapingStatus {
     /// whose agent has not rolled yet.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub by_reference: bool,
+    /// The agent takes the digests of the groups a plan names from the
+    /// guard's `status.groups` when the plan leaves them out. Agents from
+    /// before never set it; their plans keep the digests.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub digests_from_guard: bool,
 }
 
 /// The outcome on one interface.

@@ -175,6 +175,9 @@ pub struct GuardOutcome {
     pub conflicts: Vec<Conflict>,
     /// Why the guard plans nothing new, if it does not.
     pub held: Option<Held>,
+    /// The groups it resolves to, at their digests (for its status, where
+    /// agents read them); `None` while held (the status keeps what it had).
+    pub groups: Option<Vec<ResolvedGroup>>,
 }
 
 /// Why a guard plans nothing new. While held, the nodes keep the plans the
@@ -407,6 +410,9 @@ pub struct Extras {
     /// without `byReference`): their plans also carry the guard's spec, as
     /// that agent needs, until it rolls.
     pub legacy_agents: BTreeSet<String>,
+    /// Nodes whose agent reported a status without `digestsFromGuard`: their
+    /// plans carry each group's digest, as that agent needs, until it rolls.
+    pub digests_in_plan: BTreeSet<String>,
 }
 
 fn quarantined(extras: &Extras, guard: &str, node: &str) -> bool {
@@ -470,6 +476,17 @@ pub fn decide_with(
             continue;
         }
         let groups = resolve_groups(&g.spec, &extras.groups).unwrap_or_default();
+        // Plans name the groups; their digests live in the guard's status, so
+        // a group edit is one status write per guard instead of a rewrite of
+        // every plan. Agents from before that get the digests in the plan.
+        let names_only: Vec<ResolvedGroup> = groups
+            .iter()
+            .map(|r| ResolvedGroup {
+                name: r.name.clone(),
+                digest: String::new(),
+            })
+            .collect();
+        out.groups = Some(groups.clone());
         let mut selected = Vec::new();
         for n in nodes {
             match selects(g.spec.node_selector.as_ref(), &n.labels) {
@@ -534,7 +551,11 @@ pub fn decide_with(
                     }),
                     // An agent from before plans by reference reads only this.
                     shaping: legacy.then(|| g.spec.clone()),
-                    groups: groups.clone(),
+                    groups: if extras.digests_in_plan.contains(&n.name) {
+                        groups.clone()
+                    } else {
+                        names_only.clone()
+                    },
                     protected: protected.into_iter().collect(),
                     enforce,
                 },
@@ -764,29 +785,54 @@ mod tests {
         );
         let plan = &d.plans["a1"];
         assert_eq!(plan.shaping, None, "the plan must not copy the guard");
-        let named: Vec<(&str, &str)> = plan
-            .groups
-            .iter()
-            .map(|r| (r.name.as_str(), r.digest.as_str()))
-            .collect();
+        let named = |groups: &[ResolvedGroup]| -> Vec<(String, String)> {
+            groups
+                .iter()
+                .map(|r| (r.name.clone(), r.digest.clone()))
+                .collect()
+        };
         let (pd, cd) = (
             partners.digest.clone().expect("valid"),
             cdn.digest.clone().expect("valid"),
         );
+        // The plan names the groups; the guard's status carries the digests.
         assert_eq!(
-            named,
-            [("cdn", cd.as_str()), ("payment-partners", pd.as_str())]
+            named(&plan.groups),
+            [
+                ("cdn".into(), String::new()),
+                ("payment-partners".into(), String::new())
+            ]
+        );
+        let status_groups = d.guards["idc"].groups.clone().expect("resolved");
+        assert_eq!(
+            named(&status_groups),
+            [
+                ("cdn".into(), cd.clone()),
+                ("payment-partners".into(), pd.clone())
+            ]
         );
 
-        // One group edit changes only that group's digest in the plans.
+        // One group edit changes only the guard's status, not a single plan.
         let edited = group(&["198.51.100.0/24", "203.0.113.0/24"], &[]);
-        let extras2 = with_groups(&[("payment-partners", edited.clone()), ("cdn", cdn)]);
-        let d2 = decide_with(&[g], &nodes(), &API, &BTreeMap::new(), &extras2);
-        assert_eq!(
-            d2.plans["a1"].groups[1].digest,
-            edited.digest.expect("valid")
+        let extras2 = with_groups(&[("payment-partners", edited.clone()), ("cdn", cdn.clone())]);
+        let d2 = decide_with(
+            std::slice::from_ref(&g),
+            &nodes(),
+            &API,
+            &BTreeMap::new(),
+            &extras2,
         );
-        assert_eq!(d2.plans["a1"].groups[0], plan.groups[0]);
+        assert_eq!(d2.plans, d.plans, "a group edit rewrote plans");
+        let status2 = d2.guards["idc"].groups.clone().expect("resolved");
+        assert_eq!(status2[1].digest, edited.digest.clone().expect("valid"));
+        assert_eq!(status2[0], status_groups[0]);
+
+        // An agent from before digests in the status gets them in its plan.
+        let mut old_agent = extras2;
+        old_agent.digests_in_plan = BTreeSet::from(["a1".to_string()]);
+        let d3 = decide_with(&[g], &nodes(), &API, &BTreeMap::new(), &old_agent);
+        assert_eq!(named(&d3.plans["a1"].groups), named(&status2));
+        assert!(d3.plans["a2"].groups.iter().all(|r| r.digest.is_empty()));
     }
 
     /// During an upgrade, agents that predate plans by reference still get

@@ -396,6 +396,17 @@ impl Snapshot {
                 })
                 .map(|(n, _)| n.clone())
                 .collect(),
+            // Agents from before digests in the guard's status get them in the plan.
+            digests_in_plan: self
+                .shapings
+                .iter()
+                .filter(|(_, s)| {
+                    s.status.as_ref().is_some_and(|st| {
+                        st.observed_generation.is_some() && !st.digests_from_guard
+                    })
+                })
+                .map(|(n, _)| n.clone())
+                .collect(),
         }
     }
 

@@ -337,6 +337,11 @@ pub fn guard_status(
         quarantined_nodes: q.active as i32,
         failed_nodes: failed_count,
         nodes,
+        // While held, the groups the kept plans were made from stay named.
+        groups: out
+            .groups
+            .clone()
+            .unwrap_or_else(|| prev.map(|p| p.groups.clone()).unwrap_or_default()),
     }
 }
 

@@ -3,13 +3,16 @@
 //! ServiceAccounts:
 //! - `node-shaper run` idle RSS with a 10,000- and a 100,000-entry whitelist
 //!   enforced, read by reference from CIDRGroups (< 20 and < 40 MiB);
-//! - `egressguard-operator run` with 2,000 nodes and 50 guards, 5 of which
-//!   reference their own 10,000-entry CIDRGroup and all of which reference a
-//!   shared one of as many: time from process start to every plan and guard status written
-//!   (< 10 s), RSS (< 150 MiB), bytes the NodeShapings occupy in storage
-//!   (< 10 MB), and for one group edit: the time until every plan that uses
-//!   the group names its new version, as 2,000 agents' field-selected
-//!   watches see it (< 15 s), and the bytes written to the API (< 5 MB).
+//! - `egressguard-operator run` with a fleet (full: 5,000 nodes and 100
+//!   guards; `--nodes N --guards G` to see how each figure grows), 5 guards
+//!   referencing their own 10,000-entry CIDRGroup and all of them a shared
+//!   one of as many: time from process start to every plan and guard status
+//!   written (< 10 s), RSS (< 256 MiB), bytes the NodeShapings occupy in
+//!   storage (< 10 MB); one group edit: the time until every node's agent,
+//!   watching its guard, sees the guard's status name the new version
+//!   (< 15 s), and the bytes written to the API (< 5 MB); one Node's label
+//!   change to its new plan (< 1 s); a Prometheus breach (a stand-in for
+//!   Prometheus's query API) to the node's plan enforcing, after `for` (< 1 s).
 //!
 //! `cargo build --release --workspace --bins && cargo bench -p egressguard-e2e --bench footprint`
 //! (`-- --smoke` uses 200 nodes, 10 guards and 1,000-entry lists and enforces nothing but function).
@@ -184,6 +187,93 @@ struct Fleet {
     stored_bytes: usize,
     /// (group, plans that use it, seconds to the last plan, bytes written)
     edits: Vec<(String, usize, f64, u64)>,
+    /// One Node's label change to its new plan, as its agent's watch sees it (s).
+    relabel_secs: f64,
+    /// A Prometheus breach to the node's plan enforcing, after the trigger's
+    /// `for` window (s).
+    breach_secs: f64,
+}
+
+/// A stand-in for Prometheus's query API: every query answers one series,
+/// `instance="NODE"`, with the value the bench sets (0 calm, 5 a breach),
+/// stamped now. It is the operator's latency that is measured, not Prometheus's.
+struct FakePrometheus {
+    value: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    port: u16,
+}
+
+impl FakePrometheus {
+    fn start(node: &str) -> FakePrometheus {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let value = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let (v, node) = (value.clone(), node.to_string());
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                let mut buf = [0u8; 8192];
+                let _ = s.read(&mut buf);
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                let body = format!(
+                    r#"{{"status":"success","data":{{"resultType":"vector","result":[{{"metric":{{"instance":"{node}"}},"value":[{now},"{}"]}}]}}}}"#,
+                    v.load(Ordering::SeqCst)
+                );
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        FakePrometheus { value, port }
+    }
+
+    fn set(&self, v: u32) {
+        self.value.store(v, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Seconds from `t0` until `node`'s plan satisfies `done`, as a
+/// field-selected watch (an agent's) sees it.
+fn plan_watch(cp: &ControlPlane, node: &str, t0: Instant, done: impl Fn(&Value) -> bool) -> f64 {
+    use futures::StreamExt;
+    use kube::api::{Api, WatchEvent, WatchParams};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let kc = cp.kubeconfig.clone();
+    rt.block_on(async move {
+        let k = kube::config::Kubeconfig::read_from(&kc).expect("kubeconfig");
+        let cfg = kube::Config::from_custom_kubeconfig(k, &Default::default())
+            .await
+            .expect("config");
+        let api: Api<egressguard_crds::NodeShaping> =
+            Api::all(kube::Client::try_from(cfg).expect("client"));
+        let is_done =
+            |o: &egressguard_crds::NodeShaping| serde_json::to_value(o).is_ok_and(|v| done(&v));
+        let current = api.get(node).await.expect("plan");
+        if is_done(&current) {
+            return t0.elapsed().as_secs_f64();
+        }
+        let rv = current.metadata.resource_version.unwrap_or_default();
+        let wp = WatchParams::default()
+            .fields(&format!("metadata.name={node}"))
+            .timeout(120);
+        let stream = api.watch(&wp, &rv).await.expect("watch");
+        let mut stream = std::pin::pin!(stream);
+        while let Some(Ok(ev)) = stream.next().await {
+            if let WatchEvent::Modified(o) | WatchEvent::Added(o) = ev {
+                if is_done(&o) {
+                    return t0.elapsed().as_secs_f64();
+                }
+            }
+        }
+        panic!("the plan of {node} never changed");
+    })
 }
 
 fn free_port() -> u16 {
@@ -205,8 +295,9 @@ fn plan_write_bytes(port: u16) -> u64 {
         .unwrap_or(0)
 }
 
-/// One field-selected watch per node on its NodeShaping, as each agent
-/// keeps one; the time each first names `digest` for `group`.
+/// One field-selected watch per node on its guard, as each agent keeps one
+/// (the guard's status names the digests its plans' groups are enforced at);
+/// the time each first names `digest` for `group`.
 struct Watchers {
     seen: std::sync::Arc<std::sync::Mutex<Vec<Option<Instant>>>>,
     want: std::sync::Arc<std::sync::Mutex<(String, String)>>,
@@ -214,7 +305,7 @@ struct Watchers {
 }
 
 impl Watchers {
-    fn start(cp: &ControlPlane, nodes: usize) -> Watchers {
+    fn start(cp: &ControlPlane, nodes: usize, guards: usize) -> Watchers {
         use futures::StreamExt;
         use kube::api::{Api, WatchEvent, WatchParams};
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -234,10 +325,10 @@ impl Watchers {
             kube::Client::try_from(cfg).expect("client")
         });
         for i in 0..nodes {
-            let api: Api<egressguard_crds::NodeShaping> = Api::all(client.clone());
+            let api: Api<egressguard_crds::EgressGuard> = Api::all(client.clone());
             let (seen, want, ready) = (seen.clone(), want.clone(), ready.clone());
             rt.spawn(async move {
-                let name = format!("node-{i}");
+                let name = format!("guard-{}", i % guards);
                 let rv = api
                     .get(&name)
                     .await
@@ -255,7 +346,10 @@ impl Watchers {
                 while let Some(Ok(ev)) = stream.next().await {
                     if let WatchEvent::Modified(o) | WatchEvent::Added(o) = ev {
                         let (g, d) = want.lock().map(|w| w.clone()).unwrap_or_default();
-                        if o.spec.groups.iter().any(|r| r.name == g && r.digest == d) {
+                        let named = o.status.as_ref().is_some_and(|st| {
+                            st.groups.iter().any(|r| r.name == g && r.digest == d)
+                        });
+                        if named {
                             if let Ok(mut s) = seen.lock() {
                                 s[i].get_or_insert_with(Instant::now);
                             }
@@ -307,6 +401,10 @@ impl Watchers {
     }
 }
 
+/// Nodes labelled for the Auto guard whose breach is timed (outside every
+/// other guard's selector).
+const AUTO_NODES: usize = 10;
+
 fn operator_fleet(nodes: usize, guards: usize, entries: usize) -> Fleet {
     let dir = std::env::temp_dir().join(format!("egfp-{}", cluster::unique()));
     let cp = ControlPlane::start(&dir, Options::default());
@@ -322,6 +420,15 @@ fn operator_fleet(nodes: usize, guards: usize, entries: usize) -> Fleet {
         })
         .collect();
     create_all(&cp, items);
+    let auto_nodes: Vec<Value> = (0..AUTO_NODES)
+        .map(|i| {
+            let ip = std::net::Ipv4Addr::from(0x0a65_0000u32 + 10 + i as u32);
+            json!({"apiVersion": "v1", "kind": "Node",
+                   "metadata": {"name": format!("auto-{i}"), "labels": {"group": "auto"}},
+                   "status": {"addresses": [{"type": "InternalIP", "address": ip.to_string()}]}})
+        })
+        .collect();
+    create_all(&cp, auto_nodes);
     // Five partner lists of `entries` each (one per grouped guard), and a
     // shared list of as many that every guard uses: its edit reaches every plan.
     let all = whitelist(6 * entries, 0);
@@ -352,6 +459,17 @@ fn operator_fleet(nodes: usize, guards: usize, entries: usize) -> Fleet {
         })
         .collect();
     create_all(&cp, items);
+    let prom = FakePrometheus::start("auto-3");
+    create_all(
+        &cp,
+        vec![
+            json!({"apiVersion": "egressguard.io/v1alpha1", "kind": "EgressGuard", "metadata": {"name": "auto"},
+            "spec": {"nodeSelector": {"matchLabels": {"group": "auto"}}, "uplink": {"rate": "1gbit"}, "mode": "Auto",
+                     "throttle": {"rate": "10mbit", "destinations": [{"port": 443}]},
+                     "quarantine": {"triggers": [{"name": "uplink", "prometheus": {"query": "q", "above": 1, "for": "2s"}}],
+                                    "release": {"after": "manual"}}}}),
+        ],
+    );
     let metrics = free_port();
     let start = Instant::now();
     let op = Command::new(release_bin("egressguard-operator"))
@@ -363,6 +481,10 @@ fn operator_fleet(nodes: usize, guards: usize, entries: usize) -> Fleet {
             &format!("127.0.0.1:{metrics}"),
             "--probe-addr",
             &format!("127.0.0.1:{}", free_port()),
+            "--prometheus-url",
+            &format!("http://127.0.0.1:{}", prom.port),
+            "--evaluation-interval",
+            "1s",
         ])
         .env("KUBECONFIG", &kc)
         .env(
@@ -386,10 +508,16 @@ fn operator_fleet(nodes: usize, guards: usize, entries: usize) -> Fleet {
         let gs: Value =
             serde_json::from_str(&cp.kubectl_ok(&["get", "eg", "-o", "json"])).unwrap_or_default();
         let done = gs["items"].as_array().is_some_and(|a| {
-            a.iter()
-                .all(|g| g["status"]["selectedNodes"].as_u64() == Some(per_guard))
+            a.iter().all(|g| {
+                let want = if g["metadata"]["name"] == "auto" {
+                    AUTO_NODES as u64
+                } else {
+                    per_guard
+                };
+                g["status"]["selectedNodes"].as_u64() == Some(want)
+            })
         });
-        if plans == nodes && done {
+        if plans == nodes + AUTO_NODES && done {
             break;
         }
         assert!(
@@ -416,7 +544,7 @@ fn operator_fleet(nodes: usize, guards: usize, entries: usize) -> Fleet {
             .map(|o| serde_json::to_vec(o).map_or(0, |v| v.len()))
             .sum()
     });
-    let watchers = Watchers::start(&cp, nodes);
+    let watchers = Watchers::start(&cp, nodes, guards);
     let mut edits = Vec::new();
     for (name, body, users) in [
         ("shared-0", shared.clone(), nodes),
@@ -439,6 +567,25 @@ fn operator_fleet(nodes: usize, guards: usize, entries: usize) -> Fleet {
         let written = plan_write_bytes(metrics) - before + text.len() as u64;
         edits.push((name.to_string(), users, secs, written));
     }
+    // One Node changes guard: node-7 moves from group g7 to g8.
+    let t0 = Instant::now();
+    let moved = format!("g{}", (7 + 1) % guards);
+    let want_guard = format!("guard-{moved}");
+    cp.kubectl_ok(&[
+        "label",
+        "node",
+        "node-7",
+        &format!("group={moved}"),
+        "--overwrite",
+    ]);
+    let relabel_secs = plan_watch(&cp, "node-7", t0, |p| {
+        p["spec"]["guard"]["name"] == want_guard.as_str()
+    });
+    // A breach of auto-3: the stand-in answers 5 from now; the trigger's
+    // `for` is 2 s, the evaluation interval 1 s.
+    let t0 = Instant::now();
+    prom.set(5);
+    let breach_secs = plan_watch(&cp, "auto-3", t0, |p| p["spec"]["enforce"] == true) - 2.0;
     let rss = rss_mib(pid);
     let cp_rss = ["etcd", "kube-apiserver", "kube-controller-manager"]
         .iter()
@@ -456,6 +603,8 @@ fn operator_fleet(nodes: usize, guards: usize, entries: usize) -> Fleet {
         cp_rss,
         stored_bytes,
         edits,
+        relabel_secs,
+        breach_secs,
     }
 }
 
@@ -467,8 +616,18 @@ fn main() {
     let (agent_sizes, nodes, guards, entries): (&[(usize, f64)], usize, usize, usize) = if smoke {
         (&[(1_000, 20.0)], 200, 10, 1_000)
     } else {
-        (&[(10_000, 20.0), (100_000, 40.0)], 2_000, 50, 10_000)
+        (&[(10_000, 20.0), (100_000, 40.0)], 5_000, 100, 10_000)
     };
+    // `--nodes N --guards G` size the fleet (to see how each figure grows).
+    let arg = |name: &str| {
+        let args: Vec<String> = std::env::args().collect();
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse::<usize>().ok())
+    };
+    let nodes = arg("--nodes").unwrap_or(nodes);
+    let guards = arg("--guards").unwrap_or(guards);
     println!(
         "footprint benchmark ({}) against a real control plane",
         if smoke { "smoke" } else { "full" }
@@ -509,8 +668,20 @@ fn main() {
     check(
         &format!("operator RSS, {nodes} nodes / {guards} guards, 6 x {entries}-entry groups (MiB)"),
         format!("{:.1}", f.rss),
-        "< 150",
-        smoke || f.rss < 150.0,
+        "< 256",
+        smoke || f.rss < 256.0,
+    );
+    check(
+        &format!("one Node relabelled -> its plan names the new guard, {nodes} nodes (s)"),
+        format!("{:.2}", f.relabel_secs),
+        "< 1",
+        smoke || f.relabel_secs < 1.0,
+    );
+    check(
+        &format!("Prometheus breach -> the node's plan enforces, after `for`, {nodes} nodes (s)"),
+        format!("{:.2}", f.breach_secs),
+        "< 1",
+        smoke || f.breach_secs < 1.0,
     );
     check(
         &format!("NodeShapings stored, {nodes} plans (MB)"),
@@ -520,7 +691,7 @@ fn main() {
     );
     for (group, users, secs, bytes) in &f.edits {
         check(
-            &format!("edit of CIDRGroup {group} -> all {users} plans using it, as watched (s)"),
+            &format!("edit of CIDRGroup {group} -> the guards of all {users} nodes name it, as their agents watch (s)"),
             format!("{secs:.2}"),
             "< 15",
             smoke || *secs < 15.0,

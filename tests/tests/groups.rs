@@ -1,8 +1,9 @@
 //! End to end: CIDRGroups referenced from a guard, against a real control
 //! plane with the chart's RBAC, one real agent in its own network namespace.
-//! The plan names the guard and the groups' digests; the agent reads them
-//! (with its own read-only watches) and programs their entries; a group edit
-//! reaches the kernel; a missing group holds what runs.
+//! The plan names the guard and the groups, the guard's status the groups'
+//! digests; the agent reads them (with its own read-only watches) and
+//! programs their entries; a group edit reaches the kernel without a plan
+//! rewrite; a missing group holds what runs.
 
 use std::time::Duration;
 
@@ -112,8 +113,22 @@ fn e2e_guard_whitelists_cidr_groups_by_reference() {
     assert!(e.contains("CIDRGroup cdn[1]"), "{e}");
     assert!(explain(&c, "203.0.113.99").contains("throttled"));
 
-    // One group edit: the plan's digest moves and the kernel follows.
-    let before = plan["spec"]["groups"][1]["digest"].clone();
+    // The plan names the groups; the guard's status, which the agent also
+    // reads, names the digests the nodes enforce.
+    assert!(plan["spec"]["groups"][1]["digest"].is_null(), "{plan}");
+    let digest_of = |name: &str| {
+        c.get("eg", "idc").and_then(|g| {
+            g["status"]["groups"]
+                .as_array()
+                .and_then(|a| a.iter().find(|r| r["name"] == name).cloned())
+                .map(|r| r["digest"].clone())
+        })
+    };
+    let before = digest_of("payment-partners").expect("the status names the group");
+    let plan_generation = plan["metadata"]["generation"].clone();
+
+    // One group edit: the status's digest moves and the kernel follows; the
+    // plan is not rewritten.
     c.apply(&group(
         "payment-partners",
         "",
@@ -122,8 +137,12 @@ fn e2e_guard_whitelists_cidr_groups_by_reference() {
     wait_for(&c, "the edited group reaches the kernel", 30, || {
         explain(&c, "203.0.113.99").contains("CIDRGroup payment-partners[2]")
     });
+    assert_ne!(digest_of("payment-partners"), Some(before));
     let plan = c.get("egns", "node-1").expect("plan");
-    assert_ne!(plan["spec"]["groups"][1]["digest"], before);
+    assert_eq!(
+        plan["metadata"]["generation"], plan_generation,
+        "a group edit rewrote the plan"
+    );
 
     // The group goes away: the guard says so, the node keeps what it had.
     c.kubectl_ok(&["delete", "cidrgroup", "payment-partners"]);

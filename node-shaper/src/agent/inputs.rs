@@ -118,8 +118,30 @@ pub fn input_for(ns: Option<&NodeShaping>, held: &Held, own: &[ProtectedEntry]) 
                     want.name, want.generation
                 ));
             }
+            // Digests the plan leaves out are the guard's status's, which
+            // must describe this generation (the groups of this spec).
+            let status = guard.status.as_ref();
+            let from_status = |name: &str| {
+                status
+                    .filter(|s| s.observed_generation == Some(gen))
+                    .and_then(|s| s.groups.iter().find(|g| g.name == name))
+                    .map(|g| g.digest.as_str())
+            };
             let mut entries: Vec<GroupEntries<'_>> = Vec::with_capacity(spec.groups.len());
             for r in &spec.groups {
+                let want = if r.digest.is_empty() {
+                    match from_status(&r.name) {
+                        Some(d) => d,
+                        None => {
+                            return Input::Waiting(format!(
+                                "EgressGuard {}'s status does not name CIDRGroup {} for generation {gen} yet",
+                                want.name, r.name
+                            ))
+                        }
+                    }
+                } else {
+                    r.digest.as_str()
+                };
                 let g = match held.groups.get(&r.name) {
                     None => return Input::Waiting(format!("reading CIDRGroup {}", r.name)),
                     Some(None) => {
@@ -130,10 +152,10 @@ pub fn input_for(ns: Option<&NodeShaping>, held: &Held, own: &[ProtectedEntry]) 
                     }
                     Some(Some(g)) => g,
                 };
-                if g.digest != r.digest {
+                if g.digest != want {
                     return Input::Waiting(format!(
-                        "CIDRGroup {} holds {}; the plan was made from {}",
-                        r.name, g.digest, r.digest
+                        "CIDRGroup {} holds {}; the plan was made from {want}",
+                        r.name, g.digest
                     ));
                 }
                 match &g.entries {
@@ -221,10 +243,18 @@ impl Inputs {
                     changed.clone(),
                     move |g: Option<EgressGuard>| {
                         // The operator's status writes (as nodes confirm) change
-                        // nothing an agent enforces: only uid and generation count.
+                        // nothing an agent enforces: only uid, generation and
+                        // the group digests the status names count.
                         let id = |g: &Option<EgressGuard>| {
-                            g.as_ref()
-                                .map(|g| (g.metadata.uid.clone(), g.metadata.generation))
+                            g.as_ref().map(|g| {
+                                let st = g.status.as_ref();
+                                (
+                                    g.metadata.uid.clone(),
+                                    g.metadata.generation,
+                                    st.and_then(|s| s.observed_generation),
+                                    st.map(|s| s.groups.clone()).unwrap_or_default(),
+                                )
+                            })
                         };
                         let mut h = lock(&held);
                         let same = h.guards.get(&key).is_some_and(|b| id(b) == id(&g));
@@ -414,6 +444,52 @@ mod tests {
             Input::Waiting(w) => w,
             other => panic!("expected Waiting, got {other:?}"),
         }
+    }
+
+    /// A plan that leaves the digests out takes them from the guard's status,
+    /// and only from a status of the guard's current generation: a group
+    /// edit is then one status write per guard, and a node still never runs
+    /// a version the operator has not resolved.
+    #[test]
+    fn digests_left_out_of_a_plan_come_from_the_guards_status() {
+        use egressguard_crds::EgressGuardStatus;
+        let v1 = group(&["198.51.100.0/24"]);
+        let v2 = group(&["198.51.100.0/24", "192.0.2.0/24"]);
+        let p = plan(3, "");
+        let with_status = |observed: i64, digest: &str, g: &CIDRGroup| {
+            let mut h = held(Some(3), Some(g));
+            if let Some(Some(guard)) = h.guards.get_mut("idc") {
+                guard.status = Some(EgressGuardStatus {
+                    observed_generation: Some(observed),
+                    groups: vec![ResolvedGroup {
+                        name: "partners".into(),
+                        digest: digest.into(),
+                    }],
+                    ..Default::default()
+                });
+            }
+            h
+        };
+        let w = waiting(input_for(Some(&p), &held(Some(3), Some(&v1)), &[]));
+        assert!(w.contains("status does not name CIDRGroup partners"), "{w}");
+        // A status from the previous generation names nothing for this one.
+        let w = waiting(input_for(
+            Some(&p),
+            &with_status(2, &v1.spec.digest(), &v1),
+            &[],
+        ));
+        assert!(w.contains("for generation 3 yet"), "{w}");
+        // The status names v1, the node holds v2 (the edit arrived first): wait.
+        let w = waiting(input_for(
+            Some(&p),
+            &with_status(3, &v1.spec.digest(), &v2),
+            &[],
+        ));
+        assert!(w.starts_with("CIDRGroup partners holds"), "{w}");
+        assert!(matches!(
+            input_for(Some(&p), &with_status(3, &v2.spec.digest(), &v2), &[]),
+            Input::Shape { .. }
+        ));
     }
 
     /// A plan is enforced only with exactly the guard generation and group

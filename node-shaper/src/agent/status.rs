@@ -101,6 +101,7 @@ pub fn status_for(
     };
     NodeShapingStatus {
         by_reference: true,
+        digests_from_guard: true,
         observed_generation: gen,
         interfaces: outcome.interfaces.clone(),
         conditions: vec![
