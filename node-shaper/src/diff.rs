@@ -61,6 +61,36 @@ fn plan_ops(
     rebuild: &BTreeSet<u16>,
     foreign_root: bool,
 ) -> Vec<Op> {
+    plan_ops_from(
+        observed,
+        desired,
+        desired.prios.iter().cloned(),
+        rebuild,
+        foreign_root,
+    )
+}
+
+/// Like [`diff_onto`], with the desired prios handed over one at a time
+/// (ascending) instead of held in `desired` (whose own prios are ignored):
+/// each is diffed and its filters moved into the operations or dropped, so
+/// a 100,000-entry plan is never held twice, nor next to a full copy of its
+/// operations.
+pub fn diff_onto_streamed(
+    observed: &Shape,
+    desired: &Shape,
+    prios: impl IntoIterator<Item = Prio>,
+    foreign_root: bool,
+) -> Vec<Op> {
+    plan_ops_from(observed, desired, prios, &BTreeSet::new(), foreign_root)
+}
+
+fn plan_ops_from(
+    observed: &Shape,
+    desired: &Shape,
+    prios: impl IntoIterator<Item = Prio>,
+    rebuild: &BTreeSet<u16>,
+    foreign_root: bool,
+) -> Vec<Op> {
     let mut ph = Phases::default();
     let mut sweeps = Vec::new();
     let empty = Shape::default();
@@ -89,12 +119,14 @@ fn plan_ops(
             ph.leaves.push(Op::PutLeaf(l.clone()));
         }
     }
-    for p in &desired.prios {
+    let mut wanted = BTreeSet::new();
+    for p in prios {
+        wanted.insert(p.prio);
         let obs = observed.prios.iter().find(|o| o.prio == p.prio);
         let obs = match obs {
             Some(o)
                 if o.protocol != p.protocol
-                    || tables_conflict(o, p)
+                    || tables_conflict(o, &p)
                     || rebuild.contains(&o.prio) =>
             {
                 ph.pre.extend(remove_prio(o));
@@ -105,7 +137,7 @@ fn plan_ops(
         diff_prio(obs, p, &mut ph);
     }
     for o in &observed.prios {
-        if !desired.prios.iter().any(|p| p.prio == o.prio) {
+        if !wanted.contains(&o.prio) {
             for op in remove_prio(o) {
                 match op {
                     Op::Unlink { .. } => ph.node_dels.push(op),
@@ -130,13 +162,16 @@ fn plan_ops(
         prio_dels,
         class_dels,
     } = ph;
-    [
+    let phases = [
         sweeps, pre, root, classes, leaves, tables, user_nodes, user_links, root_nodes, node_dels,
         table_dels, prio_dels, class_dels,
-    ]
-    .into_iter()
-    .flatten()
-    .collect()
+    ];
+    let mut out = Vec::with_capacity(phases.iter().map(Vec::len).sum());
+    for phase in phases {
+        // Each phase's buffer is freed as soon as it is moved.
+        out.extend(phase);
+    }
+    out
 }
 
 /// Before creating a table no visible prio holds, delete any invisible table
@@ -226,7 +261,7 @@ fn diff_classes(observed: &Shape, desired: &Shape, ph: &mut Phases) {
         .extend(extra.into_iter().map(|c| Op::DelClass(c.classid)));
 }
 
-fn diff_prio(obs: Option<&Prio>, p: &Prio, ph: &mut Phases) {
+fn diff_prio(obs: Option<&Prio>, p: Prio, ph: &mut Phases) {
     let (prio, protocol) = (p.prio, p.protocol);
     let empty = Prio {
         prio,
@@ -292,7 +327,12 @@ fn diff_prio(obs: Option<&Prio>, p: &Prio, ph: &mut Phases) {
         }
     }
     let mut changes = Vec::new();
-    for d in p.filters.iter().filter(|d| d.id.is_none()) {
+    let Prio {
+        tables: p_tables,
+        filters: p_filters,
+        ..
+    } = p;
+    for d in p_filters.into_iter().filter(|d| d.id.is_none()) {
         let candidates = by_bucket
             .get(&(d.table, d.bucket))
             .unwrap_or(&no_candidates);
@@ -304,7 +344,7 @@ fn diff_prio(obs: Option<&Prio>, p: &Prio, ph: &mut Phases) {
             used[i] = true;
             Some(i)
         };
-        if free(&|o: &Filter| o.same_rule(d), &mut used).is_some() {
+        if free(&|o: &Filter| o.same_rule(&d), &mut used).is_some() {
             continue;
         }
         let same_sel = |o: &Filter| o.table == d.table && o.bucket == d.bucket && o.sel == d.sel;
@@ -314,11 +354,11 @@ fn diff_prio(obs: Option<&Prio>, p: &Prio, ph: &mut Phases) {
                 prio,
                 protocol,
                 handle,
-                filter: d.clone(),
+                filter: d,
             });
             continue;
         }
-        pending.push(d.clone());
+        pending.push(d);
     }
     for mut d in pending {
         let key = (d.table, d.bucket);
@@ -372,7 +412,7 @@ fn diff_prio(obs: Option<&Prio>, p: &Prio, ph: &mut Phases) {
         }
     }
     for t in &obs.tables {
-        if !p.tables.iter().any(|d| d.handle == t.handle) {
+        if !p_tables.iter().any(|d| d.handle == t.handle) {
             ph.table_dels.push(Op::DelTable {
                 prio,
                 protocol,
@@ -413,20 +453,20 @@ fn free_bucket_early(
 
 /// Counts nodes whose bucket would overflow the kernel's 12-bit node ids.
 pub fn overfull_buckets(shape: &Shape) -> Vec<(u16, Table, u8, usize)> {
-    let mut out = Vec::new();
-    for p in &shape.prios {
-        let mut counts: BTreeMap<(Table, u8), usize> = BTreeMap::new();
-        for n in &p.filters {
-            *counts.entry((n.table, n.bucket)).or_default() += 1;
-        }
-        out.extend(
-            counts
-                .into_iter()
-                .filter(|(_, c)| *c > 0xffe)
-                .map(|((t, b), c)| (p.prio, t, b, c)),
-        );
+    shape.prios.iter().flat_map(overfull_buckets_of).collect()
+}
+
+/// [`overfull_buckets`] of one prio.
+pub fn overfull_buckets_of(p: &Prio) -> Vec<(u16, Table, u8, usize)> {
+    let mut counts: BTreeMap<(Table, u8), usize> = BTreeMap::new();
+    for n in &p.filters {
+        *counts.entry((n.table, n.bucket)).or_default() += 1;
     }
-    out
+    counts
+        .into_iter()
+        .filter(|(_, c)| *c > 0xffe)
+        .map(|((t, b), c)| (p.prio, t, b, c))
+        .collect()
 }
 
 #[cfg(test)]

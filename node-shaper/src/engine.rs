@@ -14,12 +14,13 @@ use tracing::{debug, info, warn};
 
 use std::collections::BTreeSet;
 
-use crate::diff::{diff, diff_onto, diff_rebuilding, overfull_buckets, Op};
+use crate::diff::{diff, diff_onto_streamed, diff_rebuilding, overfull_buckets_of, Op};
 use crate::iface::Interface;
 use crate::model::{fmt_handle, LeafKind, Shape};
 use crate::netlink::{encode, observe, KernelError, KernelReply, Netlink, Observed, RootState};
-use crate::plan::{plan_host, LeafChoice};
+use crate::plan::{plan_host, plan_skeleton, LeafChoice, WhitelistPlan};
 use crate::target::Target;
+use crate::written::Written;
 
 /// Why an operation on an interface failed.
 #[derive(Debug, thiserror::Error)]
@@ -93,8 +94,11 @@ pub enum EngineError {
 pub struct ApplyReport {
     /// Interface.
     pub interface: String,
-    /// Human-readable changes, in order.
+    /// Human-readable changes, in order: the first [`CHANGES_KEPT`].
     pub changes: Vec<String>,
+    /// Changes not described in `changes` (a 100,000-entry apply would
+    /// hold as many strings; `writes` counts every one).
+    pub changes_omitted: usize,
     /// Netlink write requests sent.
     pub writes: usize,
     /// Leaf qdisc in use.
@@ -203,52 +207,80 @@ fn run(
     let mut start = 0;
     while start < ops.len() && first.is_none() {
         let st = stage(&ops[start]);
-        let kind = st == 3;
         let end = ops[start..]
             .iter()
             .position(|o| stage(o) != st)
             .map_or(ops.len(), |p| start + p);
-        let chunk = &ops[start..end];
-        let reqs: Vec<_> = chunk
-            .iter()
-            .map(|op| encode(op, iface.index, &iface.name))
-            .collect();
-        let mut outcomes = nl.execute(&reqs).map_err(io(&iface.name))?;
-        for _ in 0..100 {
-            let busy: Vec<usize> = (0..outcomes.len())
-                .filter(|&i| {
-                    kind && matches!(&outcomes[i], KernelReply::Err(e) if e.errno == EBUSY)
-                })
-                .collect();
-            if busy.is_empty() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-            let retry: Vec<_> = busy.iter().map(|&i| reqs[i].clone()).collect();
-            for (i, o) in busy
-                .into_iter()
-                .zip(nl.execute(&retry).map_err(io(&iface.name))?)
-            {
-                outcomes[i] = o;
-            }
-        }
-        for (i, (op, o)) in chunk.iter().zip(outcomes).enumerate() {
-            match o {
-                KernelReply::Ok(Some(w)) => warnings.push(w),
-                KernelReply::Ok(None) => {}
-                // No hidden table under that handle: the usual case.
-                KernelReply::Err(e) if matches!(op, Op::SweepTable { .. }) && e.errno == ENOENT => {
-                }
-                KernelReply::Err(e) => {
-                    if first.is_none() {
-                        first = Some((start + i, e));
-                    }
-                }
-            }
+        // Encoded a slice at a time: the socket pipelines 48 KiB batches
+        // anyway, and 100,000 encoded requests held at once were the
+        // biggest part of a big apply's peak memory (~50 MiB).
+        let mut at = start;
+        while at < end {
+            let to = (at + ENCODE_AT_ONCE).min(end);
+            run_slice(
+                nl,
+                iface,
+                &ops[at..to],
+                at,
+                st == 3,
+                &mut first,
+                &mut warnings,
+            )?;
+            at = to;
         }
         start = end;
     }
     Ok((first, warnings))
+}
+
+/// Requests encoded and sent at a time.
+const ENCODE_AT_ONCE: usize = 1024;
+
+/// Sends one slice of a stage (`offset`: its index in the run's ops).
+fn run_slice(
+    nl: &mut Netlink,
+    iface: &Interface,
+    chunk: &[Op],
+    offset: usize,
+    tables: bool,
+    first: &mut Option<Refusal>,
+    warnings: &mut Vec<String>,
+) -> Result<(), EngineError> {
+    let reqs: Vec<_> = chunk
+        .iter()
+        .map(|op| encode(op, iface.index, &iface.name))
+        .collect();
+    let mut outcomes = nl.execute(&reqs).map_err(io(&iface.name))?;
+    for _ in 0..100 {
+        let busy: Vec<usize> = (0..outcomes.len())
+            .filter(|&i| tables && matches!(&outcomes[i], KernelReply::Err(e) if e.errno == EBUSY))
+            .collect();
+        if busy.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let retry: Vec<_> = busy.iter().map(|&i| reqs[i].clone()).collect();
+        for (i, o) in busy
+            .into_iter()
+            .zip(nl.execute(&retry).map_err(io(&iface.name))?)
+        {
+            outcomes[i] = o;
+        }
+    }
+    for (i, (op, o)) in chunk.iter().zip(outcomes).enumerate() {
+        match o {
+            KernelReply::Ok(Some(w)) => warnings.push(w),
+            KernelReply::Ok(None) => {}
+            // No hidden table under that handle: the usual case.
+            KernelReply::Err(e) if matches!(op, Op::SweepTable { .. }) && e.errno == ENOENT => {}
+            KernelReply::Err(e) => {
+                if first.is_none() {
+                    *first = Some((offset + i, e));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The qdisc kind this kernel lacks, when `e` is its refusal of `op`: the
@@ -277,6 +309,9 @@ fn leaf_choice(obs: &Observed) -> LeafChoice {
     }
 }
 
+/// Changes described in an [`ApplyReport`] at most.
+pub const CHANGES_KEPT: usize = 1000;
+
 /// How to apply.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApplyOptions {
@@ -290,6 +325,8 @@ pub struct ApplyOptions {
     /// them; the agent does not, and a 100,000-entry apply would hold as
     /// many strings).
     pub describe: bool,
+    /// Remember the tree written (the agent; see [`apply_remembering`]).
+    pub remember: bool,
 }
 
 /// Applies `target` to `iface`: read the tree, plan and diff, send; fall
@@ -301,6 +338,21 @@ pub fn apply(
     target: &Target,
     opts: ApplyOptions,
 ) -> Result<ApplyReport, EngineError> {
+    apply_remembering(nl, iface, target, opts).map(|(r, _)| r)
+}
+
+/// [`apply`], and with `opts.remember`, what the kernel holds afterwards
+/// as the agent remembers it ([`Written`]): the tree read before the pass
+/// with the pass's operations applied, every handle known from the
+/// kernel's acknowledgements. `None` when the pass was not clean (a
+/// refusal, a rollback, a rebuild, the pfifo fallback): the next pass then
+/// reads the tree back.
+pub fn apply_remembering(
+    nl: &mut Netlink,
+    iface: &Interface,
+    target: &Target,
+    opts: ApplyOptions,
+) -> Result<(ApplyReport, Option<Written>), EngineError> {
     let start = Instant::now();
     let dev = iface.name.as_str();
     let writes_before = nl.writes;
@@ -308,10 +360,21 @@ pub fn apply(
     let filters = before.shape.filter_count();
     debug!(interface = dev, ms = ms(&start), filters, "observed");
     check_root(&before.root, dev, opts.force)?;
-    let sent = converge(nl, iface, target, &before, opts.describe)?;
+    let mut sent = converge(nl, iface, target, &before, opts)?;
     debug!(interface = dev, ms = ms(&start), "sent");
+    let written = sent.clean.take().and_then(|(base, ops)| {
+        Written::after(
+            iface.index,
+            base.as_ref().unwrap_or(&before),
+            &ops,
+            target,
+            sent.choice,
+            sent.filters,
+        )
+    });
     if opts.verify {
-        verify(nl, iface, &sent.desired)?;
+        let desired = plan_host(&target.valid, &target.protected, sent.choice, &before.local);
+        verify(nl, iface, &desired)?;
         debug!(interface = dev, ms = ms(&start), "verified");
     }
     for w in &sent.warnings {
@@ -326,27 +389,99 @@ pub fn apply(
         interface: dev.into(),
         writes: nl.writes - writes_before,
         changes: sent.changes,
+        changes_omitted: sent.omitted,
         leaf: leaf.into(),
         fallback: sent.fallback,
         warnings: sent.warnings,
-        filters: sent.desired.filter_count(),
+        filters: sent.filters,
         millis: ms(&start),
         found: Found::of(&before),
     };
     let (writes, filters) = (report.writes, report.filters);
     info!(interface = dev, writes, leaf, filters, "applied");
-    Ok(report)
+    Ok((report, written))
 }
+
+/// The agent's pass when it may trust the tree it last wrote (`written`):
+/// reads the root, classes, leaves, hooks and addresses (a few small
+/// dumps) but not the filters, plans only the whitelist's difference from
+/// what it wrote, and sends that. `Ok(None)` when the difference cannot be
+/// sent this way (our root is gone, a class or leaf differs, the skeleton
+/// or the whitelist's layout changed, a refusal): the caller then runs the
+/// full [`apply_remembering`], which reads the tree back. A refused
+/// incremental write is not rolled back here; the full pass that follows
+/// reads what the kernel holds and converges from there (or rolls back to it).
+pub fn apply_incremental(
+    nl: &mut Netlink,
+    iface: &Interface,
+    target: &Target,
+    written: &mut Written,
+) -> Result<Option<ApplyReport>, EngineError> {
+    let start = Instant::now();
+    let dev = iface.name.as_str();
+    if written.ifindex != iface.index {
+        return Ok(None);
+    }
+    let writes_before = nl.writes;
+    let light = crate::netlink::decode::observe_light(nl, iface.index).map_err(io(dev))?;
+    if light.root != RootState::Owned {
+        return Ok(None);
+    }
+    let choice = leaf_choice(&light);
+    let Some(delta) = written.delta(target, choice, &light) else {
+        return Ok(None);
+    };
+    let (refusal, warnings) = run(nl, iface, &delta.ops)?;
+    if let Some((at, e)) = refusal {
+        warn!(interface = dev, op = %delta.ops[at], error = %e, "incremental change refused; reading the tree back");
+        return Ok(None);
+    }
+    let writes = nl.writes - writes_before;
+    written.commit(delta);
+    for w in &warnings {
+        warn!(interface = dev, warning = %w, "kernel warning");
+    }
+    let report = ApplyReport {
+        interface: dev.into(),
+        changes: vec![],
+        changes_omitted: writes,
+        writes,
+        leaf: match choice {
+            LeafChoice::Sfq => "sfq".into(),
+            LeafChoice::PfifoFallback => "pfifo".into(),
+        },
+        fallback: (choice == LeafChoice::PfifoFallback).then(|| PFIFO_KEPT.to_string()),
+        rebuilt: None,
+        warnings,
+        filters: written.filters(),
+        millis: ms(&start),
+        found: Found::of(&light),
+    };
+    debug!(
+        interface = dev,
+        writes,
+        ms = report.millis,
+        "applied from the remembered tree"
+    );
+    Ok(Some(report))
+}
+
+const PFIFO_KEPT: &str = "pfifo leaves kept from an earlier apply where sfq was unavailable; `node-shaper reset` then apply to retry sfq";
 
 /// What sending a plan came to.
 struct Sent {
-    /// The tree now in the kernel.
-    desired: Shape,
+    /// Filters in the tree now in the kernel.
+    filters: usize,
     choice: LeafChoice,
     fallback: Option<String>,
     changes: Vec<String>,
+    omitted: usize,
     warnings: Vec<String>,
     rebuilt: Option<String>,
+    /// The operations, when they went through without a refusal (after
+    /// the pfifo fallback: from the tree read after it, the first element)
+    /// and the caller remembers the tree.
+    clean: Option<(Option<Observed>, Vec<Op>)>,
 }
 
 /// Sends the changes from `before` to the target. A kernel without sfq
@@ -357,19 +492,23 @@ fn converge(
     iface: &Interface,
     target: &Target,
     before: &Observed,
-    describe: bool,
+    opts: ApplyOptions,
 ) -> Result<Sent, EngineError> {
     let dev = iface.name.as_str();
     let mut choice = leaf_choice(before);
-    let mut fallback = (choice == LeafChoice::PfifoFallback).then(|| {
-        "pfifo leaves kept from an earlier apply where sfq was unavailable; `node-shaper reset` then apply to retry sfq".to_string()
-    });
-    let (mut desired, mut ops) = prepare(before, target, choice, dev)?;
+    let mut fallback = (choice == LeafChoice::PfifoFallback).then(|| PFIFO_KEPT.to_string());
+    let (mut ops, mut filters) = prepare(before, target, choice, dev)?;
     debug!(interface = dev, ops = ops.len(), "planned and diffed");
     let (mut changes, mut warnings, mut rebuilt) = (Vec::new(), Vec::new(), None);
+    let mut omitted = 0;
+    // What the operations were computed from: `before`, or the tree read
+    // after the fallback; `None` once a refusal was recovered.
+    let mut base: Option<Option<Observed>> = Some(None);
     loop {
-        if describe {
-            changes.extend(ops.iter().map(|op| format!("{op} on {dev}")));
+        if opts.describe {
+            let room = CHANGES_KEPT.saturating_sub(changes.len());
+            changes.extend(ops.iter().take(room).map(|op| format!("{op} on {dev}")));
+            omitted += ops.len().saturating_sub(room);
         }
         let Some((at, err)) = send(nl, iface, before, &ops, &mut warnings)? else {
             break;
@@ -383,20 +522,25 @@ fn converge(
             ));
             choice = LeafChoice::PfifoFallback;
             let now = observe(nl, iface.index).map_err(io(dev))?;
-            (desired, ops) = prepare(&now, target, choice, dev)?;
+            (ops, filters) = prepare(&now, target, choice, dev)?;
+            base = base.map(|_| Some(now));
             changes.retain(|c| !c.contains("attach sfq"));
             continue;
         }
+        base = None;
         let scope = ops[at].prio();
+        let desired = plan_host(&target.valid, &target.protected, choice, &before.local);
         ops = recover(nl, iface, before, &desired, scope, err, &mut rebuilt)?;
     }
     Ok(Sent {
-        desired,
+        filters,
         choice,
         fallback,
         changes,
+        omitted,
         warnings,
         rebuilt,
+        clean: base.filter(|_| opts.remember).map(|b| (b, ops)),
     })
 }
 
@@ -422,17 +566,37 @@ fn check_root(root: &RootState, dev: &str, force: bool) -> Result<(), EngineErro
     Ok(())
 }
 
-/// The desired tree for `target` with leaf `choice`, and the operations
-/// that take `observed` there. Pure.
+/// The operations that take `observed` to the desired tree for `target`
+/// with leaf `choice`, and how many filters that tree has. Pure. The
+/// whitelist prios are planned and diffed one at a time, so the plan is
+/// never held whole next to its operations.
 pub fn prepare(
     observed: &Observed,
     target: &Target,
     choice: LeafChoice,
     dev: &str,
-) -> Result<(Shape, Vec<Op>), EngineError> {
+) -> Result<(Vec<Op>, usize), EngineError> {
     // SSH replies are matched from the interface's own addresses.
-    let desired = plan_host(&target.valid, &target.protected, choice, &observed.local);
-    if let Some((prio, _, bucket, count)) = overfull_buckets(&desired).into_iter().next() {
+    let mut skeleton = plan_skeleton(&target.valid, choice, &observed.local);
+    let whitelist = WhitelistPlan::new(&target.valid, &target.protected);
+    let (low, high): (Vec<_>, Vec<_>) = std::mem::take(&mut skeleton.prios)
+        .into_iter()
+        .partition(|p| p.prio < crate::layout::PRIO_V4_WHITELIST);
+    let mut filters = 0;
+    let mut overfull = None;
+    let prios = low
+        .into_iter()
+        .chain(whitelist.prios())
+        .chain(high)
+        .inspect(|p| {
+            filters += p.filters.len();
+            if overfull.is_none() {
+                overfull = overfull_buckets_of(p).into_iter().next();
+            }
+        });
+    let foreign = matches!(observed.root, RootState::Foreign { .. });
+    let ops = diff_onto_streamed(&observed.shape, &skeleton, prios, foreign);
+    if let Some((prio, _, bucket, count)) = overfull {
         return Err(EngineError::BucketFull {
             dev: dev.into(),
             prio,
@@ -440,9 +604,7 @@ pub fn prepare(
             count,
         });
     }
-    let foreign = matches!(observed.root, RootState::Foreign { .. });
-    let ops = diff_onto(&observed.shape, &desired, foreign);
-    Ok((desired, ops))
+    Ok((ops, filters))
 }
 
 /// Sends `ops`: the kernel's first refusal, if any. An I/O error part-way
@@ -685,17 +847,17 @@ mod tests {
             kind: "fq_codel".into(),
             handle: 0x8001_0000,
         });
-        let (_, ops) = prepare(&foreign, &t, LeafChoice::Sfq, "eth0").expect("plan");
+        let (ops, _) = prepare(&foreign, &t, LeafChoice::Sfq, "eth0").expect("plan");
         assert!(
             matches!(ops[0], Op::AddRoot { graft: true, .. }),
             "{:?}",
             ops[0]
         );
         let default = observed(RootState::Default("noqueue".into()));
-        let (desired, ops) = prepare(&default, &t, LeafChoice::Sfq, "eth0").expect("plan");
+        let (ops, filters) = prepare(&default, &t, LeafChoice::Sfq, "eth0").expect("plan");
         assert!(matches!(ops[0], Op::AddRoot { graft: false, .. }));
         assert_eq!(
-            desired.filter_count(),
+            filters,
             ops.iter()
                 .filter(|o| matches!(o, Op::AddFilter { .. }))
                 .count()

@@ -22,3 +22,4 @@ pub mod show;
 pub mod sim;
 pub mod state;
 pub mod target;
+pub mod written;

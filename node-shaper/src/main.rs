@@ -129,6 +129,19 @@ enum Cmd {
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=3_600))]
         heartbeat_seconds: u64,
     },
+    /// (For the benchmark.) Runs the agent's kernel pass for each file in
+    /// turn, as plan changes, in one process, and prints per pass (JSON
+    /// lines) its time, writes, whether it trusted the tree it last wrote,
+    /// and its peak resident memory (VmHWM, reset before each pass).
+    #[command(hide = true)]
+    AgentPasses {
+        /// Interface to shape.
+        #[arg(long)]
+        interface: String,
+        /// Guard files, one pass each.
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Remove node-shaper's shaping and restore the device default qdisc.
     Reset {
         /// Interface (default: the default-route interfaces).
@@ -247,16 +260,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
                         force,
                         verify,
                         describe: true,
+                        remember: false,
                     },
                 )?;
                 node_shaper::state::remember(i, &target);
                 reports.push(r);
             }
             match output {
-                Output::Json => out!(
-                    "{}",
-                    serde_json::to_string_pretty(&reports).map_err(runtime)?
-                ),
+                Output::Json => json_out(&reports)?,
                 Output::Text => {
                     for r in &reports {
                         if r.writes == 0 {
@@ -272,8 +283,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                             for c in r.changes.iter().take(SHOWN) {
                                 out!("  {c}");
                             }
-                            if r.changes.len() > SHOWN {
-                                out!("  ... and {} more", r.changes.len() - SHOWN);
+                            let more = r.changes.len().saturating_sub(SHOWN) + r.changes_omitted;
+                            if more > 0 {
+                                out!("  ... and {more} more");
                             }
                         }
                         out!("  leaf qdisc: {}; {} u32 filters", r.leaf, r.filters);
@@ -404,6 +416,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             rt.block_on(node_shaper::agent::run(cfg)).map_err(runtime)
         }
+        Cmd::AgentPasses { interface, files } => agent_passes(&interface, &files),
         Cmd::Reset { interface, force } => {
             let ifaces = iface::resolve(interface.as_deref(), None).map_err(input)?;
             let mut nl = netlink()?;
@@ -421,6 +434,92 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// Writes JSON to stdout as it is serialised (a big report is never held
+/// as one string); a closed pipe ends output quietly.
+fn json_out<T: serde::Serialize>(v: &T) -> Result<(), Failure> {
+    use std::io::Write as _;
+    let mut w = std::io::BufWriter::new(std::io::stdout().lock());
+    match serde_json::to_writer_pretty(&mut w, v) {
+        Err(e) if e.is_io() => return Ok(()),
+        other => other.map_err(runtime)?,
+    }
+    let _ = writeln!(w);
+    let _ = w.flush();
+    Ok(())
+}
+
+/// A `VmHWM`/`VmRSS` line of /proc/self/status, in KiB.
+fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `node-shaper agent-passes`: the agent's passes without the API server.
+/// Each file is one plan change (`Trigger::Plan`): the first pass reads the
+/// tree back (nothing is remembered yet), later ones trust the tree the
+/// previous pass wrote while the tc monitor reports no foreign change. The
+/// previous input stays held during a pass, as the agent holds it.
+fn agent_passes(interface: &str, files: &[PathBuf]) -> Result<(), Failure> {
+    use node_shaper::agent::{inputs::Input, reconcile_with, record_applied, Memory, Trigger};
+    let watch = node_shaper::netlink::monitor::Watch::default();
+    node_shaper::netlink::monitor::spawn(watch.clone(), |_| true).map_err(runtime)?;
+    let mut mem = Memory {
+        watch: Some(watch),
+        ..Memory::default()
+    };
+    let mut previous: Option<Input> = None;
+    for file in files {
+        let mut target = load_one(file)?;
+        target.valid.interfaces = Some(vec![interface.to_string()]);
+        let input = Input::Shape {
+            guard: Some(target.name.clone()),
+            target: Box::new(target),
+            enforce: true,
+        };
+        // Let the monitor catch up with the previous pass's notifications.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        node_shaper::alloc::release_free_memory();
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        let rss_before = status_kib("VmRSS");
+        let t = std::time::Instant::now();
+        let report = reconcile_with(&input, Trigger::Plan, &mut mem);
+        let pass_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let t = std::time::Instant::now();
+        record_applied(&input, &mut mem);
+        let record_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let peak = status_kib("VmHWM");
+        if let Some(e) = report
+            .interfaces
+            .iter()
+            .find_map(|i| i.error.clone())
+            .or(report.error)
+        {
+            return Err(runtime(anyhow::anyhow!("{}: {e}", file.display())));
+        }
+        out!(
+            "{}",
+            serde_json::json!({
+                "file": file.display().to_string(),
+                "incremental": !report.incremental.is_empty(),
+                "wrote": report.wrote,
+                "filters": report.interfaces.first().map_or(0, |i| i.filters),
+                "engineMs": report.engine_ms,
+                "passMs": pass_ms,
+                "recordMs": record_ms,
+                "rssBeforeKib": rss_before,
+                "peakKib": peak,
+            })
+        );
+        previous = Some(input);
+    }
+    drop(previous);
+    Ok(())
 }
 
 /// A listen address: `IP:PORT`, `[IPv6]:PORT`, or `IPv6:PORT` unbracketed

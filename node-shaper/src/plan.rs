@@ -85,6 +85,17 @@ pub fn plan_host(
     leaf: LeafChoice,
     local: &[IpAddr],
 ) -> Shape {
+    let mut shape = plan_skeleton(spec, leaf, local);
+    shape
+        .prios
+        .extend(WhitelistPlan::new(spec, protected).prios());
+    shape.prios.sort_by_key(|p| p.prio);
+    shape
+}
+
+/// Everything [`plan_host`] plans but the whitelist prios (the root, the
+/// classes, the leaves and every other prio): small, whatever the list.
+pub fn plan_skeleton(spec: &ValidSpec, leaf: LeafChoice, local: &[IpAddr]) -> Shape {
     let up = spec.uplink_rate;
     // Children's rates must add up to at most the parent's, or HTB lets green
     // children exceed the uplink. The throttle and the two lanes keep their
@@ -137,7 +148,6 @@ pub fn plan_host(
     })
     .collect();
     let mut prios = protect_port_prios(spec);
-    prios.extend(whitelist_prios(spec, protected));
     if spec.protect_ssh_replies {
         prios.extend(ssh_prios(local));
     }
@@ -202,6 +212,11 @@ pub fn dst_keys(net: &IpNet) -> Vec<Key> {
             keys
         }
     }
+}
+
+/// The selector of a whitelist entry's filter: its destination, terminal.
+pub fn entry_selector(net: &IpNet) -> Selector {
+    terminal(dst_keys(net))
 }
 
 fn terminal(keys: Vec<Key>) -> Selector {
@@ -274,21 +289,6 @@ pub struct Protected {
     pub net: IpNet,
     /// Why, e.g. `kubernetes API endpoint`.
     pub reason: String,
-}
-
-/// One whitelist-class entry and where it comes from.
-struct Entry {
-    net: IpNet,
-    origin: Origin,
-}
-
-/// Protected destinations go to their lane (guaranteed, served first); the
-/// user's whitelist to its class.
-fn class_of(origin: &Origin) -> u32 {
-    match origin {
-        Origin::Protected(_) => CLASS_PROTECTED,
-        _ => CLASS_WHITELIST,
-    }
 }
 
 /// A prio of link filters (in its root table) and the port tables they link
@@ -468,137 +468,333 @@ fn src_keys(a: &IpAddr) -> Vec<Key> {
         .collect()
 }
 
-fn whitelist_prios(spec: &ValidSpec, protected: &[Protected]) -> Vec<Prio> {
-    // Protected entries first, then the user's; a network listed twice
-    // collapses to its first mention.
-    let mut seen = BTreeSet::new();
-    let groups: Vec<std::sync::Arc<str>> = spec.groups.iter().map(|g| g.as_str().into()).collect();
-    let entries: Vec<Entry> = protected
-        .iter()
-        .enumerate()
-        .map(|(i, p)| Entry {
-            net: p.net.trunc(),
-            origin: Origin::Protected(i),
-        })
-        .chain(spec.whitelist.iter().map(|e| Entry {
-            net: e.net,
-            origin: Origin::Whitelist {
-                group: e.group.and_then(|g| groups.get(g as usize).cloned()),
-                index: e.index,
-            },
-        }))
-        .filter(|e| seen.insert(e.net))
-        .collect();
-    let mut prios = Vec::new();
-    for v4 in [true, false] {
-        let (linear_prio, proto, groups): (u16, u16, &[HashGroup]) = if v4 {
-            (PRIO_V4_WHITELIST, ETH_P_IP, &V4_GROUPS)
-        } else {
-            (PRIO_V6_WHITELIST, ETH_P_IPV6, &V6_GROUPS)
-        };
-        let family: Vec<_> = entries
+/// Where a whitelist entry goes: the linear prio of its family, or a hash group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Group {
+    /// The family's linear prio (IPv4 shorter than /8, IPv6 shorter than /16).
+    Linear,
+    /// A hash group, by index in [`V4_GROUPS`] or [`V6_GROUPS`].
+    Hashed(u8),
+}
+
+/// The filter slot of a hashed whitelist entry: prio, ethertype, table, bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Place {
+    /// Filter prio.
+    pub prio: u16,
+    /// Ethertype.
+    pub protocol: u16,
+    /// User table handle.
+    pub table: u32,
+    /// Bucket in it.
+    pub bucket: u8,
+}
+
+/// The shape of the whitelist prios apart from the entries themselves: the
+/// linear prios' entries (few) and, per non-empty hash group, which buckets
+/// split or spill. Two whitelists with the same layout have the same tables
+/// and link filters, so they differ only in entry filters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Layout {
+    /// Entries of the linear prios with their class, in plan order.
+    pub linear: Vec<(IpNet, u32)>,
+    /// (prio, buckets that split, buckets that spill) of each non-empty group.
+    pub groups: Vec<(u16, [u64; 4], [u64; 4])>,
+}
+
+/// The whitelist-class entries of a spec (protected first, then the user's;
+/// a network listed twice counts at its first mention), planned without
+/// copying the list: one pass counts, each prio is built on demand.
+pub struct WhitelistPlan<'a> {
+    spec: &'a ValidSpec,
+    protected: &'a [Protected],
+    groups: Vec<std::sync::Arc<str>>,
+    /// Per entry (protected, then whitelist): its family (bit 7: IPv4) and
+    /// group (low bits; [`LINEAR`]), or [`DUPLICATE`].
+    slot: Vec<u8>,
+    /// Entries per bucket of each group: IPv4 groups, then IPv6 groups.
+    counts: Vec<[u32; 256]>,
+}
+
+const DUPLICATE: u8 = 0xff;
+const LINEAR: u8 = 0x0f;
+const V4: u8 = 0x80;
+
+impl<'a> WhitelistPlan<'a> {
+    /// One pass over the entries: duplicates, groups, bucket counts.
+    pub fn new(spec: &'a ValidSpec, protected: &'a [Protected]) -> WhitelistPlan<'a> {
+        let mut seen =
+            std::collections::HashSet::with_capacity(protected.len() + spec.whitelist.len());
+        let mut counts = vec![[0u32; 256]; V4_GROUPS.len() + V6_GROUPS.len()];
+        let nets = protected
             .iter()
-            .filter(|e| e.net.network().is_ipv4() == v4)
-            .collect();
-        let linear: Vec<Filter> = family
-            .iter()
-            .filter(|e| group_of(&e.net).is_none())
-            .map(|e| Filter {
-                table: Table::Root,
-                bucket: 0,
-                id: None,
-                sel: terminal(dst_keys(&e.net)),
-                classid: Some(class_of(&e.origin)),
-                link: None,
-                origin: e.origin.clone(),
+            .map(|p| p.net.trunc())
+            .chain(spec.whitelist.iter().map(|e| e.net));
+        let slot = nets
+            .map(|net| {
+                if !seen.insert(net) {
+                    return DUPLICATE;
+                }
+                let fam = if net.network().is_ipv4() { V4 } else { 0 };
+                match group_index(&net) {
+                    Some(gi) => {
+                        let g = group_at(fam == V4, gi);
+                        counts[count_index(fam == V4, gi)][usize::from(addr_byte(&net, g.byte))] +=
+                            1;
+                        fam | gi
+                    }
+                    None => fam | LINEAR,
+                }
             })
             .collect();
-        if !linear.is_empty() {
-            prios.push(Prio {
-                prio: linear_prio,
-                protocol: proto,
-                root_handle: None,
-                tables: vec![],
-                filters: linear,
-            });
-        }
-        for g in groups {
-            let members: Vec<_> = family
-                .iter()
-                .filter(|e| group_of(&e.net) == Some(*g))
-                .collect();
-            if members.is_empty() {
-                continue;
-            }
-            let mut nodes = vec![hash_link(Table::Root, 0, v4, g.byte, g.table)];
-            let mut tables = vec![HashTable {
-                handle: g.table,
-                divisor: 256,
-            }];
-            // A long bucket moves whole into a second-level table behind one
-            // link filter: its own (split, to keep walks short) or, in groups
-            // that do not split, the group's spill table (only when too full
-            // for u32's 12-bit node ids).
-            let mut per_bucket = [0usize; 256];
-            for e in &members {
-                per_bucket[usize::from(addr_byte(&e.net, g.byte))] += 1;
-            }
-            let count = |b: u8| per_bucket[usize::from(b)];
-            let splits = |b: u8| g.split != 0 && count(b) > SPLIT_AT;
-            let spills = |b: u8| g.spill != 0 && count(b) > SPILL_AT;
-            for b in (0..=255u8).filter(|b| splits(*b)) {
-                tables.push(HashTable {
-                    handle: g.split_table(b),
-                    divisor: 256,
-                });
-            }
-            if (0..=255u8).any(spills) {
-                tables.push(HashTable {
-                    handle: g.spill,
-                    divisor: 256,
-                });
-            }
-            // Both second levels are keyed on the byte before (always
-            // covered by the prefix too).
-            nodes.extend(members.iter().map(|e| {
-                let first = addr_byte(&e.net, g.byte);
-                let (table, bucket) = if splits(first) {
-                    (g.split_table(first), addr_byte(&e.net, g.byte - 1))
-                } else if spills(first) {
-                    (g.spill, addr_byte(&e.net, g.byte - 1))
-                } else {
-                    (g.table, first)
-                };
-                Filter {
-                    table: Table::User(table),
-                    bucket,
-                    id: None,
-                    sel: terminal(dst_keys(&e.net)),
-                    classid: Some(class_of(&e.origin)),
-                    link: None,
-                    origin: e.origin.clone(),
-                }
-            }));
-            nodes.extend((0..=255u8).filter_map(|b| {
-                let to = if splits(b) {
-                    g.split_table(b)
-                } else if spills(b) {
-                    g.spill
-                } else {
-                    return None;
-                };
-                Some(hash_link(Table::User(g.table), b, v4, g.byte - 1, to))
-            }));
-            prios.push(Prio {
-                prio: g.prio,
-                protocol: proto,
-                root_handle: None,
-                tables,
-                filters: nodes,
-            });
+        WhitelistPlan {
+            spec,
+            protected,
+            groups: spec.groups.iter().map(|g| g.as_str().into()).collect(),
+            slot,
+            counts,
         }
     }
-    prios
+
+    fn net(&self, i: usize) -> IpNet {
+        match self.protected.get(i) {
+            Some(p) => p.net.trunc(),
+            None => self.spec.whitelist[i - self.protected.len()].net,
+        }
+    }
+
+    fn origin(&self, i: usize) -> Origin {
+        if i < self.protected.len() {
+            return Origin::Protected(i);
+        }
+        let e = &self.spec.whitelist[i - self.protected.len()];
+        Origin::Whitelist {
+            group: e.group.and_then(|g| self.groups.get(g as usize).cloned()),
+            index: e.index,
+        }
+    }
+
+    /// The class an entry's filter classifies into.
+    fn class(&self, i: usize) -> u32 {
+        if i < self.protected.len() {
+            CLASS_PROTECTED
+        } else {
+            CLASS_WHITELIST
+        }
+    }
+
+    /// Every entry (first mentions only): network, class and group.
+    pub fn entries(&self) -> impl Iterator<Item = (IpNet, u32, Group)> + '_ {
+        self.slot
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| **s != DUPLICATE)
+            .map(|(i, &s)| {
+                let g = match s & !V4 {
+                    LINEAR => Group::Linear,
+                    gi => Group::Hashed(gi),
+                };
+                (self.net(i), self.class(i), g)
+            })
+    }
+
+    fn splits(&self, v4: bool, gi: u8, b: u8) -> bool {
+        let g = group_at(v4, gi);
+        g.split != 0 && self.counts[count_index(v4, gi)][usize::from(b)] as usize > SPLIT_AT
+    }
+
+    fn spills(&self, v4: bool, gi: u8, b: u8) -> bool {
+        let g = group_at(v4, gi);
+        g.spill != 0 && self.counts[count_index(v4, gi)][usize::from(b)] as usize > SPILL_AT
+    }
+
+    /// Where a hashed entry's filter goes (group `gi` of its family).
+    pub fn place(&self, net: &IpNet, gi: u8) -> Place {
+        let v4 = net.network().is_ipv4();
+        let g = group_at(v4, gi);
+        let first = addr_byte(net, g.byte);
+        let (table, bucket) = if self.splits(v4, gi, first) {
+            (g.split_table(first), addr_byte(net, g.byte - 1))
+        } else if self.spills(v4, gi, first) {
+            (g.spill, addr_byte(net, g.byte - 1))
+        } else {
+            (g.table, first)
+        };
+        Place {
+            prio: g.prio,
+            protocol: if v4 { ETH_P_IP } else { ETH_P_IPV6 },
+            table,
+            bucket,
+        }
+    }
+
+    /// The layout of the whitelist prios (see [`Layout`]).
+    pub fn layout(&self) -> Layout {
+        let mut out = Layout::default();
+        for (i, &s) in self.slot.iter().enumerate() {
+            if s != DUPLICATE && s & !V4 == LINEAR {
+                out.linear.push((self.net(i), self.class(i)));
+            }
+        }
+        for v4 in [true, false] {
+            let n = if v4 { V4_GROUPS.len() } else { V6_GROUPS.len() };
+            for gi in 0..n as u8 {
+                if self.counts[count_index(v4, gi)].iter().all(|c| *c == 0) {
+                    continue;
+                }
+                let (mut split, mut spill) = ([0u64; 4], [0u64; 4]);
+                for b in 0..=255u8 {
+                    if self.splits(v4, gi, b) {
+                        split[usize::from(b >> 6)] |= 1 << (b & 63);
+                    }
+                    if self.spills(v4, gi, b) {
+                        spill[usize::from(b >> 6)] |= 1 << (b & 63);
+                    }
+                }
+                out.groups.push((group_at(v4, gi).prio, split, spill));
+            }
+        }
+        out
+    }
+
+    /// The whitelist prios, ascending, each built when asked for.
+    pub fn prios(&self) -> impl Iterator<Item = Prio> + '_ {
+        let v4 = (0..V4_GROUPS.len() as u8).map(|g| (true, Group::Hashed(g)));
+        let v6 = (0..V6_GROUPS.len() as u8).map(|g| (false, Group::Hashed(g)));
+        std::iter::once((true, Group::Linear))
+            .chain(v4)
+            .chain(std::iter::once((false, Group::Linear)))
+            .chain(v6)
+            .filter_map(|(v4, g)| self.prio(v4, g))
+    }
+
+    fn members(&self, v4: bool, g: Group) -> impl Iterator<Item = usize> + '_ {
+        let want = (if v4 { V4 } else { 0 })
+            | match g {
+                Group::Linear => LINEAR,
+                Group::Hashed(gi) => gi,
+            };
+        self.slot
+            .iter()
+            .enumerate()
+            .filter(move |(_, s)| **s == want)
+            .map(|(i, _)| i)
+    }
+
+    fn entry_filter(&self, i: usize, table: Table, bucket: u8) -> Filter {
+        Filter {
+            table,
+            bucket,
+            id: None,
+            sel: terminal(dst_keys(&self.net(i))),
+            classid: Some(self.class(i)),
+            link: None,
+            origin: self.origin(i),
+        }
+    }
+
+    fn prio(&self, v4: bool, g: Group) -> Option<Prio> {
+        let proto = if v4 { ETH_P_IP } else { ETH_P_IPV6 };
+        let gi = match g {
+            Group::Linear => {
+                let linear: Vec<Filter> = self
+                    .members(v4, g)
+                    .map(|i| self.entry_filter(i, Table::Root, 0))
+                    .collect();
+                return (!linear.is_empty()).then(|| Prio {
+                    prio: if v4 {
+                        PRIO_V4_WHITELIST
+                    } else {
+                        PRIO_V6_WHITELIST
+                    },
+                    protocol: proto,
+                    root_handle: None,
+                    tables: vec![],
+                    filters: linear,
+                });
+            }
+            Group::Hashed(gi) => gi,
+        };
+        let g = group_at(v4, gi);
+        let count = self.counts[count_index(v4, gi)]
+            .iter()
+            .map(|c| *c as usize)
+            .sum::<usize>();
+        if count == 0 {
+            return None;
+        }
+        // A long bucket moves whole into a second-level table behind one
+        // link filter: its own (split, to keep walks short) or, in groups
+        // that do not split, the group's spill table (only when too full
+        // for u32's 12-bit node ids). Both second levels are keyed on the
+        // byte before (always covered by the prefix too).
+        let mut tables = vec![HashTable {
+            handle: g.table,
+            divisor: 256,
+        }];
+        for b in (0..=255u8).filter(|b| self.splits(v4, gi, *b)) {
+            tables.push(HashTable {
+                handle: g.split_table(b),
+                divisor: 256,
+            });
+        }
+        if (0..=255u8).any(|b| self.spills(v4, gi, b)) {
+            tables.push(HashTable {
+                handle: g.spill,
+                divisor: 256,
+            });
+        }
+        let mut nodes = Vec::with_capacity(count + 257);
+        nodes.push(hash_link(Table::Root, 0, v4, g.byte, g.table));
+        nodes.extend(self.members(v4, Group::Hashed(gi)).map(|i| {
+            let p = self.place(&self.net(i), gi);
+            self.entry_filter(i, Table::User(p.table), p.bucket)
+        }));
+        nodes.extend((0..=255u8).filter_map(|b| {
+            let to = if self.splits(v4, gi, b) {
+                g.split_table(b)
+            } else if self.spills(v4, gi, b) {
+                g.spill
+            } else {
+                return None;
+            };
+            Some(hash_link(Table::User(g.table), b, v4, g.byte - 1, to))
+        }));
+        Some(Prio {
+            prio: g.prio,
+            protocol: proto,
+            root_handle: None,
+            tables,
+            filters: nodes,
+        })
+    }
+}
+
+fn group_index(net: &IpNet) -> Option<u8> {
+    let groups: &[HashGroup] = match net {
+        IpNet::V4(_) => &V4_GROUPS,
+        IpNet::V6(_) => &V6_GROUPS,
+    };
+    groups
+        .iter()
+        .rposition(|g| net.prefix_len() >= g.min_len)
+        .map(|i| i as u8)
+}
+
+fn group_at(v4: bool, gi: u8) -> HashGroup {
+    if v4 {
+        V4_GROUPS[usize::from(gi)]
+    } else {
+        V6_GROUPS[usize::from(gi)]
+    }
+}
+
+fn count_index(v4: bool, gi: u8) -> usize {
+    if v4 {
+        usize::from(gi)
+    } else {
+        V4_GROUPS.len() + usize::from(gi)
+    }
 }
 
 const IPPROTO_TCP: u32 = 6;

@@ -21,14 +21,28 @@ pub fn path(iface: &str) -> PathBuf {
 
 /// Records what was applied to `iface`.
 pub fn remember(iface: &Interface, target: &Target) {
+    remember_name(&iface.name, target);
+}
+
+/// Records what was applied to the interface named `iface`: streamed to a
+/// temporary file, one document at a time, then renamed over the record
+/// (a 100,000-entry record is a few MiB of YAML; it is never held whole).
+pub fn remember_name(iface: &str, target: &Target) {
+    use std::io::Write as _;
     let write = || -> Result<(), Box<dyn std::error::Error>> {
         std::fs::create_dir_all(dir())?;
-        let mut text = serde_yaml::to_string(&target.to_node_shaping(&iface.name))?;
+        let tmp = dir().join(format!(".{iface}.yaml.tmp"));
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        serde_yaml::to_writer(&mut out, &target.to_node_shaping(iface))?;
         for g in target.group_objects() {
-            text.push_str("---\n");
-            text.push_str(&serde_yaml::to_string(&g)?);
+            out.write_all(b"---\n")?;
+            serde_yaml::to_writer(&mut out, &g)?;
         }
-        std::fs::write(path(&iface.name), text)?;
+        out.into_inner()
+            .map_err(|e| e.into_error())?
+            .sync_data()
+            .ok();
+        std::fs::rename(&tmp, path(iface))?;
         Ok(())
     };
     if let Err(e) = write() {

@@ -27,10 +27,10 @@ use std::thread::JoinHandle;
 use tokio::sync::oneshot;
 
 use super::inputs::Input;
-use super::reconcile::{reconcile, Memory, PassReport};
+use super::reconcile::{reconcile_with, record_applied, Memory, PassReport, Trigger};
 
 /// A pass asked of the kernel thread; the input comes back with the report.
-type Job = (Input, oneshot::Sender<(Input, PassReport)>);
+type Job = (Input, Trigger, oneshot::Sender<(Input, PassReport)>);
 
 /// The kernel thread stopped: a pass panicked.
 #[derive(Debug, thiserror::Error)]
@@ -52,8 +52,11 @@ impl Kernel {
         let thread = std::thread::Builder::new()
             .name("netlink".into())
             .spawn(move || {
-                for (input, done) in queue {
-                    let report = reconcile(&input, &mut memory);
+                for (input, trigger, done) in queue {
+                    let report = reconcile_with(&input, trigger, &mut memory);
+                    // The kernel holds the plan now; the record for
+                    // `explain` and `show` follows.
+                    record_applied(&input, &mut memory);
                     // Return the input first: it was allocated on the runtime
                     // and is freed there; this thread's own peak is trimmed now.
                     let _ = done.send((input, report));
@@ -66,14 +69,19 @@ impl Kernel {
         })
     }
 
-    /// Runs one pass for `input` on the kernel thread and waits for it
-    /// without blocking the runtime; gives the input back with the report.
-    pub async fn pass(&self, input: Input) -> Result<(Input, PassReport), KernelGone> {
+    /// Runs one pass for `input` (run for `trigger`) on the kernel thread
+    /// and waits for it without blocking the runtime; gives the input back
+    /// with the report.
+    pub async fn pass(
+        &self,
+        input: Input,
+        trigger: Trigger,
+    ) -> Result<(Input, PassReport), KernelGone> {
         let (done, report) = oneshot::channel();
         self.jobs
             .as_ref()
             .ok_or(KernelGone)?
-            .send((input, done))
+            .send((input, trigger, done))
             .map_err(|_| KernelGone)?;
         report.await.map_err(|_| KernelGone)
     }

@@ -41,7 +41,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 pub use metrics::Metrics;
-pub use reconcile::{reconcile, Memory, PassReport};
+pub use reconcile::{reconcile, reconcile_with, record_applied, Memory, PassReport, Trigger};
 pub use status::status_for;
 
 /// How the agent runs.
@@ -240,21 +240,28 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let mut last_write: Option<std::time::Instant> = None;
     info!(node = %cfg.node, "node-shaper agent started");
     loop {
+        // A pass for a plan change may trust the tree the agent last wrote;
+        // the resync and a foreign tc change read it back.
+        let trigger;
         tokio::select! {
-            changed = rx.changed() => if changed.is_err() { break },
-            _ = inputs_changed.notified() => {}
-            _ = ticker.tick() => {}
+            changed = rx.changed() => {
+                if changed.is_err() { break }
+                trigger = Trigger::Plan;
+            }
+            _ = inputs_changed.notified() => trigger = Trigger::Plan,
+            _ = ticker.tick() => trigger = Trigger::Resync,
             Some(change) = tc_rx.recv() => {
                 // One pass answers a burst: what arrived meanwhile is covered.
                 while tc_rx.try_recv().is_ok() {}
                 info!(?change, "tc changed under this agent; repairing now");
+                trigger = Trigger::Tamper;
             }
             _ = sigterm.recv() => {
                 let watched = daemonset.as_ref().map(|w| *w.borrow()).unwrap_or_default();
                 match uninstall::on_sigterm(&client, cfg.daemonset.as_ref(), watched).await {
                     uninstall::Verdict::Remove(why) => {
                         info!(%why, "SIGTERM: the chart was uninstalled; removing shaping so no node stays shaped with nothing to manage it");
-                        let (_, out) = kernel.pass(inputs::Input::Remove).await?;
+                        let (_, out) = kernel.pass(inputs::Input::Remove, Trigger::Resync).await?;
                         for i in &out.interfaces {
                             info!(interface = %i.name, error = ?i.error, "shaping removed on uninstall");
                         }
@@ -288,7 +295,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         }
         // Netlink is blocking: the pass runs on the kernel thread while this
         // runtime goes on answering probes and scrapes.
-        let (input, outcome) = kernel.pass(input).await?;
+        let (input, outcome) = kernel.pass(input, trigger).await?;
         progress.mark();
         last_enforced = match (input, spec) {
             (i @ inputs::Input::Shape { .. }, Some(plan)) if outcome.error.is_none() => {

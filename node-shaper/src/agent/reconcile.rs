@@ -16,6 +16,7 @@ use crate::netlink::decode::Hook;
 use crate::netlink::{class_counters, observe, Netlink, RootState};
 use crate::plan::{plan_protected, LeafChoice};
 use crate::target::Target;
+use crate::written::Written;
 
 /// How long `Tampered` stays True after a repaired tree or a direct-queue
 /// bypass: long enough for a person (or the operator) to see it.
@@ -240,8 +241,27 @@ pub struct Memory {
     /// Tamper evidence between passes.
     pub tamper: TamperMemory,
     /// Shared with the tc-notification monitor: our sockets and the
-    /// interfaces we shape.
+    /// interfaces we shape, and whether anyone else changed tc since.
     pub watch: Option<crate::netlink::monitor::Watch>,
+    /// The tree last written to each interface, for passes that may trust
+    /// it (see [`Trigger`] and [`crate::written`]).
+    pub written: BTreeMap<String, Written>,
+    /// Interfaces whose record for `explain` and `show` is due
+    /// ([`record_applied`], after the pass).
+    pub record_due: Vec<String>,
+}
+
+/// Why a pass runs: which decides whether it may trust the tree it last
+/// wrote instead of reading 100,000 filters back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The plan or its inputs changed: trusts the written tree, unless the
+    /// tc monitor is not running or reported a foreign change since.
+    Plan,
+    /// The periodic resync: reads everything back (drift repair).
+    Resync,
+    /// A foreign tc change was notified: reads everything back.
+    Tamper,
 }
 
 /// The result of one pass.
@@ -271,6 +291,10 @@ pub struct PassReport {
     pub tampered: Option<(TamperKind, String)>,
     /// When the pass finished (RFC 3339).
     pub at: String,
+    /// Interfaces changed from the remembered tree, without a read-back.
+    pub incremental: Vec<String>,
+    /// Milliseconds the engine took over all interfaces (read, plan, send).
+    pub engine_ms: f64,
 }
 
 /// Every interface of this host whose root qdisc is ours.
@@ -343,9 +367,18 @@ fn remove(
     failed
 }
 
-/// Drives the kernel to what `input` asks for, and says whether anyone
-/// tampered with what it enforces.
+/// Drives the kernel to what `input` asks for, reading the tree back (as
+/// a resync does), and says whether anyone tampered with what it enforces.
 pub fn reconcile(input: &Input, mem: &mut Memory) -> PassReport {
+    reconcile_with(input, Trigger::Resync, mem)
+}
+
+/// [`reconcile`] for a pass run for `trigger`: a plan-driven pass diffs
+/// against the tree it last wrote when nothing else touched tc since.
+pub fn reconcile_with(input: &Input, trigger: Trigger, mem: &mut Memory) -> PassReport {
+    if !trusts(trigger, mem.watch.as_ref()) {
+        mem.written.clear();
+    }
     let mut out = pass(input, mem);
     if let Some(w) = &mem.watch {
         w.set_interfaces(
@@ -358,7 +391,9 @@ pub fn reconcile(input: &Input, mem: &mut Memory) -> PassReport {
     if out.removed {
         // Nothing of ours is left to tamper with.
         mem.tamper = TamperMemory::default();
+        mem.written.clear();
     }
+    mem.written.retain(|name, _| mem.shaped.contains(name));
     out.tampered = mem.tamper.state();
     out
 }
@@ -438,6 +473,12 @@ fn pass(input: &Input, mem: &mut Memory) -> PassReport {
         mem.shaped = remove(&mut nl, names, &mut out);
         return out;
     }
+    // Watched from before the first write: a foreign change right after
+    // this pass's writes must not be trusted away by the next.
+    if let Some(w) = &mem.watch {
+        let shaped = mem.shaped.iter().filter_map(|n| iface::by_name(n).ok());
+        w.set_interfaces(shaped.chain(ifaces.iter().cloned()).map(|i| i.index));
+    }
     let wanted: BTreeSet<String> = ifaces.iter().map(|i| i.name.clone()).collect();
     let stale: Vec<String> = mem.shaped.difference(&wanted).cloned().collect();
     let kept = remove(&mut nl, stale.clone(), &mut out);
@@ -447,9 +488,19 @@ fn pass(input: &Input, mem: &mut Memory) -> PassReport {
     let fp = fingerprint(target);
     let same_plan = mem.tamper.fingerprint == Some(fp);
     let mut all_applied = true;
+    let engine_start = Instant::now();
     for i in &ifaces {
         let was_shaped = mem.shaped.contains(&i.name);
-        match engine::apply(&mut nl, i, target, ApplyOptions::default()) {
+        let applied = match apply_one(&mut nl, i, target, mem) {
+            Ok((r, incremental)) => {
+                if incremental {
+                    out.incremental.push(i.name.clone());
+                }
+                Ok(r)
+            }
+            Err(e) => Err(e),
+        };
+        match applied {
             Ok(r) => {
                 let direct_after = (r.writes > 0)
                     .then(|| crate::netlink::decode::direct_packets(&mut nl, i.index).ok())
@@ -462,9 +513,10 @@ fn pass(input: &Input, mem: &mut Memory) -> PassReport {
                 ));
                 mem.shaped.insert(i.name.clone());
                 // The record only changes with the kernel; rewriting a
-                // 100,000-entry record every resync would cost more than the pass.
+                // 100,000-entry record every resync would cost more than the
+                // pass. It is written after the pass ([`record_applied`]).
                 if r.writes > 0 || !crate::state::path(&i.name).exists() {
-                    crate::state::remember(i, target);
+                    mem.record_due.push(i.name.clone());
                 }
                 out.wrote |= r.writes > 0;
                 out.interfaces.push(InterfaceStatus {
@@ -492,12 +544,65 @@ fn pass(input: &Input, mem: &mut Memory) -> PassReport {
             }
         }
     }
+    out.engine_ms = engine_start.elapsed().as_secs_f64() * 1000.0;
     // Only a target in force everywhere is the reference for "unchanged".
     mem.tamper.fingerprint = all_applied.then_some(fp);
     for t in &out.tamper {
         warn!(interface = %t.interface, kind = t.kind.reason(), detail = %t.detail, "tampering");
     }
     out
+}
+
+/// May this pass trust the tree the last one wrote? Only a plan change,
+/// with the tc monitor listening and no foreign change reported since. The
+/// monitor's word is read (and cleared) on every pass: a pass that reads
+/// back covers whatever it reported.
+fn trusts(trigger: Trigger, watch: Option<&crate::netlink::monitor::Watch>) -> bool {
+    let foreign = watch.is_none_or(|w| w.take_foreign());
+    !foreign && trigger == Trigger::Plan
+}
+
+/// Applies `target` to `i`: from the tree last written there when this
+/// pass may trust it, else reading it back (and remembering what it
+/// wrote). Says which.
+fn apply_one(
+    nl: &mut Netlink,
+    i: &Interface,
+    target: &Target,
+    mem: &mut Memory,
+) -> Result<(ApplyReport, bool), EngineError> {
+    if let Some(w) = mem.written.get_mut(&i.name) {
+        match engine::apply_incremental(nl, i, target, w) {
+            Ok(Some(r)) => return Ok((r, true)),
+            Ok(None) => {}
+            Err(e) => {
+                mem.written.remove(&i.name);
+                return Err(e);
+            }
+        }
+    }
+    mem.written.remove(&i.name);
+    let opts = ApplyOptions {
+        remember: true,
+        ..ApplyOptions::default()
+    };
+    let (r, written) = engine::apply_remembering(nl, i, target, opts)?;
+    if let Some(w) = written {
+        mem.written.insert(i.name.clone(), w);
+    }
+    Ok((r, false))
+}
+
+/// Writes the records `explain` and `show` read for the interfaces the last
+/// pass changed (kept off the pass itself: at 100,000 entries the record
+/// costs more than a one-entry change).
+pub fn record_applied(input: &Input, mem: &mut Memory) {
+    let due = std::mem::take(&mut mem.record_due);
+    if let Input::Shape { target, .. } = input {
+        for name in due {
+            crate::state::remember_name(&name, target);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -509,6 +614,7 @@ mod tamper_tests {
         ApplyReport {
             interface: "eth0".into(),
             changes: vec![],
+            changes_omitted: 0,
             writes,
             leaf: "sfq".into(),
             fallback: None,
@@ -627,6 +733,37 @@ mod tamper_tests {
             None,
         );
         assert_eq!(m.state().map(|s| s.0), Some(TamperKind::RootRemoved));
+    }
+
+    /// Only a plan change may skip the read-back, and only while the
+    /// monitor listens and reported nothing foreign since the last pass.
+    #[test]
+    fn a_foreign_change_forces_a_read_back() {
+        use crate::netlink::monitor::Watch;
+        assert!(!trusts(Trigger::Plan, None), "no monitor at all");
+        let w = Watch::default();
+        assert!(!trusts(Trigger::Plan, Some(&w)), "monitor not listening");
+        // A real monitor on this host (it only listens), as the agent runs one.
+        if crate::netlink::monitor::spawn(w.clone(), |_| true).is_err() {
+            return;
+        }
+        assert!(
+            !trusts(Trigger::Plan, Some(&w)),
+            "the first pass after it started reads back"
+        );
+        assert!(
+            trusts(Trigger::Plan, Some(&w)),
+            "a plan change, nothing foreign"
+        );
+        assert!(!trusts(Trigger::Resync, Some(&w)), "the resync reads back");
+        assert!(
+            !trusts(Trigger::Tamper, Some(&w)),
+            "a tamper pass reads back"
+        );
+        assert!(trusts(Trigger::Plan, Some(&w)));
+        w.mark_foreign_for_tests();
+        assert!(!trusts(Trigger::Plan, Some(&w)), "a foreign change since");
+        assert!(trusts(Trigger::Plan, Some(&w)), "covered by that read-back");
     }
 
     #[test]

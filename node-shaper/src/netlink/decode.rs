@@ -396,6 +396,28 @@ mod root_tests {
 
 /// Reads root, classes, leaves and filters of `ifindex`.
 pub fn observe(nl: &mut Netlink, ifindex: i32) -> io::Result<Observed> {
+    let mut obs = observe_light(nl, ifindex)?;
+    if obs.root != RootState::Owned {
+        return Ok(obs);
+    }
+    let mut req = TcMessage::with_index(ifindex);
+    req.header.parent = TcHandle::from(ROOT);
+    let prios = &mut obs.shape.prios;
+    nl.dump_with(RouteNetlinkMessage::GetTrafficFilter(req), |raw| {
+        if let Some(f) = U32Filter::parse(raw) {
+            add_filter(prios, f);
+        }
+        Ok(())
+    })?;
+    obs.shape.prios.sort_by_key(|p| p.prio);
+    Ok(obs)
+}
+
+/// [`observe`] without the filters (`shape.prios` stays empty): the root,
+/// classes, leaves, counters, hooks and addresses, a few small dumps
+/// whatever the whitelist. The filter dump is what costs at 100,000
+/// entries (the kernel re-walks a u32 prio for every 32 KiB batch).
+pub fn observe_light(nl: &mut Netlink, ifindex: i32) -> io::Result<Observed> {
     let mut qdiscs = Vec::new();
     for m in nl.dump(RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default()))? {
         if let RouteNetlinkMessage::NewQueueDiscipline(q) = m {
@@ -482,17 +504,6 @@ pub fn observe(nl: &mut Netlink, ifindex: i32) -> io::Result<Observed> {
         }
     }
     obs.shape.classes = ordered;
-
-    let mut req = TcMessage::with_index(ifindex);
-    req.header.parent = TcHandle::from(ROOT);
-    let prios = &mut obs.shape.prios;
-    nl.dump_with(RouteNetlinkMessage::GetTrafficFilter(req), |raw| {
-        if let Some(f) = U32Filter::parse(raw) {
-            add_filter(prios, f);
-        }
-        Ok(())
-    })?;
-    obs.shape.prios.sort_by_key(|p| p.prio);
     Ok(obs)
 }
 

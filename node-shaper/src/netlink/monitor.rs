@@ -33,6 +33,11 @@ pub struct Watch(Arc<Mutex<WatchState>>);
 struct WatchState {
     own_ports: VecDeque<u32>,
     ifindexes: BTreeSet<i32>,
+    /// The monitor thread is listening.
+    live: bool,
+    /// A foreign change (or lost notifications) since the last
+    /// [`Watch::take_foreign`].
+    foreign: bool,
 }
 
 impl Watch {
@@ -58,6 +63,33 @@ impl Watch {
     fn concerns(&self, ifindex: i32, from: u32) -> bool {
         let s = self.lock();
         s.ifindexes.contains(&ifindex) && !s.own_ports.contains(&from)
+    }
+
+    /// Has anyone but us changed tc on a watched interface since the last
+    /// call (or may have: notifications lost, or no monitor listening)?
+    /// Clears the mark. A pass that may skip reading the tree back asks
+    /// this first; a foreign change notified after the question marks the
+    /// next pass (and wakes a repair pass, which reads back anyway).
+    pub fn take_foreign(&self) -> bool {
+        let mut s = self.lock();
+        let foreign = std::mem::take(&mut s.foreign);
+        foreign || !s.live
+    }
+
+    fn mark_foreign(&self) {
+        self.lock().foreign = true;
+    }
+
+    /// Test hook: as if the monitor had seen a foreign change.
+    #[doc(hidden)]
+    pub fn mark_foreign_for_tests(&self) {
+        self.mark_foreign();
+    }
+
+    fn set_live(&self, live: bool) {
+        let mut s = self.lock();
+        s.live = live;
+        s.foreign = true;
     }
 }
 
@@ -112,10 +144,20 @@ pub fn spawn(
     // caps this at net.core.rmem_max: beyond it, an overflow (ENOBUFS) is
     // reported as `Lost` and costs one extra pass.
     let _ = sock.set_rx_buf_sz(8 << 20);
+    watch.set_live(true);
+    let alive = watch.clone();
     std::thread::Builder::new()
         .name("tc-monitor".into())
         .spawn(move || {
             let mut buf: Vec<u8> = Vec::with_capacity(256 * 1024);
+            // Whichever way the loop ends, nothing vouches for the tree any more.
+            struct Stopped(Watch);
+            impl Drop for Stopped {
+                fn drop(&mut self) {
+                    self.0.set_live(false);
+                }
+            }
+            let _stopped = Stopped(watch.clone());
             loop {
                 buf.clear();
                 let change = match sock.recv(&mut buf, 0) {
@@ -130,12 +172,14 @@ pub fn spawn(
                     }
                 };
                 if let Some(c) = change {
+                    watch.mark_foreign();
                     if !report(c) {
                         return;
                     }
                 }
             }
         })
+        .inspect_err(|_| alive.set_live(false))
 }
 
 /// `ENOBUFS` (Linux): the kernel dropped notifications for this socket.
@@ -173,5 +217,25 @@ mod tests {
             w.own_port(1000 + p);
         }
         assert!(w.concerns(4, 77), "only the last few sockets are ours");
+    }
+
+    /// A pass may trust the tree it wrote only while a monitor listens and
+    /// nobody else changed tc since it last asked.
+    #[test]
+    fn a_foreign_change_or_no_monitor_forces_a_read_back() {
+        let w = Watch::default();
+        assert!(w.take_foreign(), "no monitor: nothing vouches for the tree");
+        w.set_live(true);
+        assert!(
+            w.take_foreign(),
+            "the first pass after the monitor started reads back"
+        );
+        assert!(!w.take_foreign(), "nothing happened since");
+        w.mark_foreign();
+        assert!(w.take_foreign(), "a foreign change");
+        assert!(!w.take_foreign(), "asked once, cleared");
+        w.set_live(false);
+        assert!(w.take_foreign(), "monitor stopped");
+        assert!(w.take_foreign(), "and stays untrusted");
     }
 }
