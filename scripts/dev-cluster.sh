@@ -68,9 +68,20 @@ build() {
 # calls cannot be handed the same just-released port (etcd's client and peer
 # ports once collided that way: "bind: address already in use").
 free_ports() {
-  python3 -c 'import socket, sys
-ss = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in ss: s.bind(("127.0.0.1", 0))
+  # Below the kernel's ephemeral range: a port the kernel hands out (bind to
+  # 0) can be taken again, between our release and etcd's bind, as the local
+  # port of any outgoing connection on the machine (CI saw etcd lose its port
+  # that way); ports below the range are never handed out implicitly.
+  python3 -c 'import random, socket, sys
+lo = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+ss = []
+while len(ss) < int(sys.argv[1]):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", random.randint(10000, lo - 1) if lo > 11000 else 0))
+        ss.append(s)
+    except OSError:
+        s.close()
 print(" ".join(str(s.getsockname()[1]) for s in ss))' "$1"
 }
 

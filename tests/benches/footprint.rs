@@ -570,7 +570,7 @@ fn operator_fleet(nodes: usize, guards: usize, entries: usize) -> Fleet {
     // One Node changes guard: node-7 moves from group g7 to g8.
     let t0 = Instant::now();
     let moved = format!("g{}", (7 + 1) % guards);
-    let want_guard = format!("guard-{moved}");
+    let want_guard = format!("guard-{}", (7 + 1) % guards);
     cp.kubectl_ok(&[
         "label",
         "node",
@@ -583,9 +583,22 @@ fn operator_fleet(nodes: usize, guards: usize, entries: usize) -> Fleet {
     });
     // A breach of auto-3: the stand-in answers 5 from now; the trigger's
     // `for` is 2 s, the evaluation interval 1 s.
+    // Timed from the end of the `for` window: the breach streak's start as
+    // the Quarantine records it (the operator's first breaching evaluation)
+    // plus 2 s, to when the plan enforces as the node's watch sees it.
     let t0 = Instant::now();
     prom.set(5);
-    let breach_secs = plan_watch(&cp, "auto-3", t0, |p| p["spec"]["enforce"] == true) - 2.0;
+    plan_watch(&cp, "auto-3", t0, |p| p["spec"]["enforce"] == true);
+    let seen_at = k8s_openapi::jiff::Timestamp::now();
+    let egq: Value = serde_json::from_str(&cp.kubectl_ok(&["get", "egq", "-o", "json"]))
+        .unwrap_or_default();
+    let since = egq["items"]
+        .as_array()
+        .and_then(|a| a.iter().find(|q| q["spec"]["nodeName"] == "auto-3"))
+        .and_then(|q| q["spec"]["evidence"]["breachSince"].as_str())
+        .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        .expect("the Quarantine of auto-3 records when the breach began");
+    let breach_secs = seen_at.duration_since(since).as_secs_f64() - 2.0;
     let rss = rss_mib(pid);
     let cp_rss = ["etcd", "kube-apiserver", "kube-controller-manager"]
         .iter()
