@@ -75,13 +75,23 @@ fn plan_ops(
 /// each is diffed and its filters moved into the operations or dropped, so
 /// a 100,000-entry plan is never held twice, nor next to a full copy of its
 /// operations.
+///
+/// `filters` is how many filters the prios hold in all (a hint): building
+/// from nothing, the additions are reserved once at that size, so the
+/// buffer of 100,000 operations is never reallocated (copied) while it grows.
 pub fn diff_onto_streamed(
     observed: &Shape,
     desired: &Shape,
     prios: impl IntoIterator<Item = Prio>,
     foreign_root: bool,
+    filters: usize,
 ) -> Vec<Op> {
-    plan_ops_from(observed, desired, prios, &BTreeSet::new(), foreign_root)
+    let mut ph = Phases::default();
+    if observed.prios.is_empty() {
+        // Every filter is an addition, plus tables, classes, leaves, root.
+        ph.user_nodes.reserve_exact(filters + 1024);
+    }
+    plan_ops_into(ph, observed, desired, prios, &BTreeSet::new(), foreign_root)
 }
 
 fn plan_ops_from(
@@ -91,7 +101,24 @@ fn plan_ops_from(
     rebuild: &BTreeSet<u16>,
     foreign_root: bool,
 ) -> Vec<Op> {
-    let mut ph = Phases::default();
+    plan_ops_into(
+        Phases::default(),
+        observed,
+        desired,
+        prios,
+        rebuild,
+        foreign_root,
+    )
+}
+
+fn plan_ops_into(
+    mut ph: Phases,
+    observed: &Shape,
+    desired: &Shape,
+    prios: impl IntoIterator<Item = Prio>,
+    rebuild: &BTreeSet<u16>,
+    foreign_root: bool,
+) -> Vec<Op> {
     let mut sweeps = Vec::new();
     let empty = Shape::default();
     let observed =
@@ -162,14 +189,25 @@ fn plan_ops_from(
         prio_dels,
         class_dels,
     } = ph;
-    let phases = [
+    let mut phases = [
         sweeps, pre, root, classes, leaves, tables, user_nodes, user_links, root_nodes, node_dels,
         table_dels, prio_dels, class_dels,
     ];
-    let mut out = Vec::with_capacity(phases.iter().map(Vec::len).sum());
-    for phase in phases {
-        // Each phase's buffer is freed as soon as it is moved.
-        out.extend(phase);
+    // The biggest phase (100,000 additions of a fresh whitelist) becomes
+    // the result in place: the others are moved in around it, so its
+    // buffer is never copied next to itself.
+    let total: usize = phases.iter().map(Vec::len).sum();
+    let big = (0..phases.len())
+        .max_by_key(|&i| phases[i].len())
+        .unwrap_or(0);
+    let mut out = std::mem::take(&mut phases[big]);
+    if out.capacity() < total {
+        out.reserve_exact(total - out.len());
+    }
+    let before: Vec<Op> = phases[..big].iter_mut().flat_map(std::mem::take).collect();
+    out.splice(0..0, before);
+    for phase in &mut phases[big + 1..] {
+        out.append(phase);
     }
     out
 }
@@ -359,6 +397,9 @@ fn diff_prio(obs: Option<&Prio>, p: Prio, ph: &mut Phases) {
             continue;
         }
         pending.push(d);
+    }
+    if ph.user_nodes.capacity() - ph.user_nodes.len() < pending.len() {
+        ph.user_nodes.reserve_exact(pending.len());
     }
     for mut d in pending {
         let key = (d.table, d.bucket);

@@ -358,10 +358,21 @@ pub fn apply_remembering(
     let writes_before = nl.writes;
     let before = observe(nl, iface.index).map_err(io(dev))?;
     let filters = before.shape.filter_count();
-    debug!(interface = dev, ms = ms(&start), filters, "observed");
+    debug!(
+        interface = dev,
+        ms = ms(&start),
+        filters,
+        peak_kib = peak_kib(),
+        "observed"
+    );
     check_root(&before.root, dev, opts.force)?;
     let mut sent = converge(nl, iface, target, &before, opts)?;
-    debug!(interface = dev, ms = ms(&start), "sent");
+    debug!(
+        interface = dev,
+        ms = ms(&start),
+        peak_kib = peak_kib(),
+        "sent"
+    );
     let written = sent.clean.take().and_then(|(base, ops)| {
         Written::after(
             iface.index,
@@ -498,7 +509,12 @@ fn converge(
     let mut choice = leaf_choice(before);
     let mut fallback = (choice == LeafChoice::PfifoFallback).then(|| PFIFO_KEPT.to_string());
     let (mut ops, mut filters) = prepare(before, target, choice, dev)?;
-    debug!(interface = dev, ops = ops.len(), "planned and diffed");
+    debug!(
+        interface = dev,
+        ops = ops.len(),
+        peak_kib = peak_kib(),
+        "planned and diffed"
+    );
     let (mut changes, mut warnings, mut rebuilt) = (Vec::new(), Vec::new(), None);
     let mut omitted = 0;
     // What the operations were computed from: `before`, or the tree read
@@ -521,6 +537,9 @@ fn converge(
                 err.reason
             ));
             choice = LeafChoice::PfifoFallback;
+            // The rest of the refused stage went through: read it back,
+            // without holding the old operations next to it.
+            drop(std::mem::take(&mut ops));
             let now = observe(nl, iface.index).map_err(io(dev))?;
             (ops, filters) = prepare(&now, target, choice, dev)?;
             base = base.map(|_| Some(now));
@@ -542,6 +561,16 @@ fn converge(
         rebuilt,
         clean: base.filter(|_| opts.remember).map(|b| (b, ops)),
     })
+}
+
+/// Peak resident memory so far (VmHWM, KiB), for debug logs.
+pub fn peak_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn ms(t: &Instant) -> f64 {
@@ -579,6 +608,7 @@ pub fn prepare(
     // SSH replies are matched from the interface's own addresses.
     let mut skeleton = plan_skeleton(&target.valid, choice, &observed.local);
     let whitelist = WhitelistPlan::new(&target.valid, &target.protected);
+    let skeleton_filters = skeleton.filter_count();
     let (low, high): (Vec<_>, Vec<_>) = std::mem::take(&mut skeleton.prios)
         .into_iter()
         .partition(|p| p.prio < crate::layout::PRIO_V4_WHITELIST);
@@ -595,7 +625,8 @@ pub fn prepare(
             }
         });
     let foreign = matches!(observed.root, RootState::Foreign { .. });
-    let ops = diff_onto_streamed(&observed.shape, &skeleton, prios, foreign);
+    let hint = whitelist.len() + 512 + skeleton_filters;
+    let ops = diff_onto_streamed(&observed.shape, &skeleton, prios, foreign, hint);
     if let Some((prio, _, bucket, count)) = overfull {
         return Err(EngineError::BucketFull {
             dev: dev.into(),

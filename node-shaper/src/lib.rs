@@ -10,6 +10,7 @@ pub mod alloc;
 pub mod diff;
 pub mod engine;
 pub mod explain;
+pub mod hashing;
 pub mod iface;
 pub mod layout;
 pub mod model;

@@ -523,8 +523,10 @@ const V4: u8 = 0x80;
 impl<'a> WhitelistPlan<'a> {
     /// One pass over the entries: duplicates, groups, bucket counts.
     pub fn new(spec: &'a ValidSpec, protected: &'a [Protected]) -> WhitelistPlan<'a> {
-        let mut seen =
-            std::collections::HashSet::with_capacity(protected.len() + spec.whitelist.len());
+        let mut seen = crate::hashing::FastSet::with_capacity_and_hasher(
+            protected.len() + spec.whitelist.len(),
+            Default::default(),
+        );
         let mut counts = vec![[0u32; 256]; V4_GROUPS.len() + V6_GROUPS.len()];
         let nets = protected
             .iter()
@@ -554,6 +556,16 @@ impl<'a> WhitelistPlan<'a> {
             slot,
             counts,
         }
+    }
+
+    /// Entries kept (first mentions).
+    pub fn len(&self) -> usize {
+        self.slot.iter().filter(|s| **s != DUPLICATE).count()
+    }
+
+    /// No entries at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     fn net(&self, i: usize) -> IpNet {

@@ -16,12 +16,13 @@
 //! notified since (`netlink::monitor::Watch::take_foreign`). The periodic
 //! resync and any foreign change read the kernel back, as before.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::diff::{diff, filter_handle};
+use crate::hashing::{FastMap as HashMap, FastSet as HashSet};
 use crate::layout::{V4_GROUPS, V6_GROUPS};
 use crate::model::*;
 use crate::netlink::Observed;
@@ -143,8 +144,8 @@ impl Written {
         choice: LeafChoice,
         filters: usize,
     ) -> Option<Written> {
-        let mut deleted = HashSet::new();
-        let mut changed = HashMap::new();
+        let mut deleted = HashSet::default();
+        let mut changed = HashMap::default();
         let mut dead = BTreeSet::new();
         let mut root_gone = false;
         for op in ops {
@@ -167,11 +168,16 @@ impl Written {
                 _ => {}
             }
         }
+        let plan = WhitelistPlan::new(&target.valid, &target.protected);
+        let hashed = plan
+            .entries()
+            .filter(|(_, _, g)| matches!(g, Group::Hashed(_)))
+            .count();
         let mut w = Written {
             ifindex,
             skeleton: plan_skeleton(&target.valid, choice, &before.local),
             layout: Layout::default(),
-            entries: HashMap::new(),
+            entries: HashMap::with_capacity_and_hasher(hashed, Default::default()),
             others: Vec::new(),
             filters,
         };
@@ -227,11 +233,8 @@ impl Written {
             }
         }
         // Every entry of the plan, where the plan puts it, and nothing else.
-        let plan = WhitelistPlan::new(&target.valid, &target.protected);
-        let mut hashed = 0;
         for (net, class, g) in plan.entries() {
             let Group::Hashed(gi) = g else { continue };
-            hashed += 1;
             let slot = w.entries.get(&net)?;
             let p = plan.place(&net, gi);
             let (table, bucket, _) = split(slot.handle);
@@ -243,7 +246,6 @@ impl Written {
             return None;
         }
         w.layout = plan.layout();
-        w.entries.shrink_to_fit();
         Some(w)
     }
 
@@ -303,7 +305,7 @@ impl Written {
         // entries about to be deleted stay taken (deletions run last).
         let buckets: HashSet<(u32, u8)> =
             added.iter().map(|(_, _, p)| (p.table, p.bucket)).collect();
-        let mut taken: HashMap<(u32, u8), BTreeSet<u32>> = HashMap::new();
+        let mut taken: HashMap<(u32, u8), BTreeSet<u32>> = HashMap::default();
         let slots = self.entries.values().map(|s| split(s.handle));
         for (table, bucket, id) in slots.chain(self.others.iter().copied()) {
             if buckets.contains(&(table, bucket)) {

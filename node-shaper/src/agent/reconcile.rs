@@ -92,7 +92,8 @@ pub struct TamperMemory {
 }
 
 fn fingerprint(target: &Target) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    use std::hash::BuildHasher as _;
+    let mut h = crate::hashing::Fast::default().build_hasher();
     target.valid.hash(&mut h);
     target.protected.hash(&mut h);
     h.finish()
