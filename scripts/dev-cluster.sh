@@ -16,6 +16,8 @@
 #   EG_CP_ADVERTISE  address the API server advertises in the `kubernetes` EndpointSlice
 #                    (default: the bind address; a loopback address is not published there)
 #   EG_CP_SANS       extra IP SANs for the serving certificate, comma separated
+#   EG_CP_CONTROLLERS kube-controller-manager --controllers (default *; the footprint bench drops
+#                    node-lifecycle-controller: its Nodes have no kubelet to heartbeat)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 module="$root/tests/control-plane"
@@ -197,7 +199,7 @@ Stop it and remove its files with: scripts/dev-cluster.sh down $dir"
     --service-account-private-key-file "$dir/pki/sa.key" --root-ca-file "$dir/pki/ca.crt" \
     --use-service-account-credentials=true --leader-elect=false \
     --bind-address 127.0.0.1 --secure-port 0 \
-    --controllers '*' --v 1
+    --controllers "${EG_CP_CONTROLLERS:-*}" --v 1
   # The serviceaccount controller creating "default" shows the controller manager is working.
   wait_until "kube-controller-manager (default ServiceAccount)" 60 \
     kubectl --kubeconfig "$dir/kubeconfig" --cache-dir "$dir/kube-cache" -n default get serviceaccount default

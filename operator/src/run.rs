@@ -23,7 +23,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, Preconditions};
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -502,7 +502,7 @@ impl Snapshot {
 /// One full pass: decide, then write the differences. A failed write is
 /// logged and the pass goes on (one bad object must not block the others);
 /// the first error is returned so the pass is retried with backoff.
-async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
+async fn reconcile_all(ctx: &Ctx, stop_writing: Instant) -> Result<Pass, kube::Error> {
     let seen = Snapshot::take(ctx);
     report_ignored(ctx, &seen.ignored).await;
     // Quarantines first (crate::quarantine admits, starts and releases them);
@@ -530,13 +530,25 @@ async fn reconcile_all(ctx: &Ctx) -> Result<(), kube::Error> {
         cleanup_timeout: ctx.cleanup_timeout,
     };
     let intent = intend(&observed, seen.decide(&extras));
-    execute(ctx, &seen, intent, &mut first).await;
+    let pass = execute(ctx, &seen, intent, &mut first, stop_writing).await;
     // Quarantine Events, then finalizer removals and expired records, now
     // that the plans are written.
     publish_notices(ctx, &seen.refs, &qp).await;
     let r = crate::remediate::write_cleanup(&ctx.client, &qp).await;
     note(&mut first, "release quarantine finalizers", r);
-    first.map_or(Ok(()), Err)
+    first.map_or(Ok(pass), Err)
+}
+
+/// How a pass ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Everything decided was written.
+    Done,
+    /// Plan writes were left for the next pass, which starts at once: a
+    /// pass that would outlive the leadership deadline is cut, and a cut
+    /// loses the writes in flight; one that stops starting new writes in
+    /// time loses nothing (a full resync of thousands of nodes).
+    More,
 }
 
 /// Queries Prometheus for the evaluated guards when the interval is due.
@@ -614,8 +626,15 @@ async fn publish_notices(
     }
 }
 
-/// Executes an [`Intent`] in its order, deciding nothing.
-async fn execute(ctx: &Ctx, seen: &Snapshot, intent: Intent, first: &mut Option<kube::Error>) {
+/// Executes an [`Intent`] in its order, deciding nothing; plan writes not
+/// started by `stop_writing` are left to the next pass.
+async fn execute(
+    ctx: &Ctx,
+    seen: &Snapshot,
+    intent: Intent,
+    first: &mut Option<kube::Error>,
+    stop_writing: Instant,
+) -> Pass {
     let refs = &seen.refs;
     let guards: Api<EgressGuard> = Api::all(ctx.client.clone());
     let plans: Api<NodeShaping> = Api::all(ctx.client.clone());
@@ -633,15 +652,21 @@ async fn execute(ctx: &Ctx, seen: &Snapshot, intent: Intent, first: &mut Option<
     // time made a 2,000-node resync take 14 s on the real API server (each
     // request's round trip, not the server's throughput, was the limit).
     let writes = intent.plans.into_iter().map(|w| {
-        write_plan(
-            ctx,
-            &plans,
-            seen.cached_rv.get(&w.node).cloned().flatten(),
-            w,
-        )
+        let plans = &plans;
+        async move {
+            if Instant::now() >= stop_writing {
+                return Ok(Pass::More);
+            }
+            let cached = seen.cached_rv.get(&w.node).cloned().flatten();
+            write_plan(ctx, plans, cached, w).await.map(|()| Pass::Done)
+        }
     });
+    let mut pass = Pass::Done;
     for r in parallel(writes).await {
-        note(first, "write plan", r);
+        match r {
+            Ok(Pass::More) => pass = Pass::More,
+            r => note(first, "write plan", r.map(drop)),
+        }
     }
     for d in &intent.deletions {
         let fenced = DeleteParams {
@@ -708,6 +733,7 @@ async fn execute(ctx: &Ctx, seen: &Snapshot, intent: Intent, first: &mut Option<
         }
         note(first, "remove finalizer", r.map(|_| ()));
     }
+    pass
 }
 
 async fn parallel<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
@@ -762,8 +788,22 @@ async fn write_plan(
     let mut value = serde_json::to_value(&obj).map_err(kube::Error::SerdeError)?;
     value["apiVersion"] = "egressguard.io/v1alpha1".into();
     value["kind"] = "NodeShaping".into();
-    let apply = PatchParams::apply(MANAGER).force();
-    let stored = match api.patch(&w.node, &apply, &Patch::Apply(&value)).await {
+    // A new plan is created: a create costs the API server less than a
+    // server-side apply (no field ownership to merge), which decides how
+    // long a full resync of thousands of nodes takes. It names no version,
+    // so a plan someone else created meanwhile makes it fail (409) and the
+    // next pass applies over what it finds.
+    let written = if obj.metadata.resource_version.is_none() && cached.is_none() {
+        let pp = PostParams {
+            field_manager: Some(MANAGER.into()),
+            ..Default::default()
+        };
+        api.create(&pp, &obj).await
+    } else {
+        let apply = PatchParams::apply(MANAGER).force();
+        api.patch(&w.node, &apply, &Patch::Apply(&value)).await
+    };
+    let stored = match written {
         Ok(stored) => stored,
         Err(e) => {
             ctx.own
@@ -1022,7 +1062,9 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
         let Some(bound) = leadership.remaining() else {
             continue;
         };
-        let res = match tokio::time::timeout(bound, reconcile_all(&ctx)).await {
+        // New plan writes stop well before the cut, and the next pass goes on.
+        let stop_writing = Instant::now() + bound.mul_f64(0.6);
+        let res = match tokio::time::timeout(bound, reconcile_all(&ctx, stop_writing)).await {
             Ok(r) => r,
             Err(_) => {
                 warn!(
@@ -1047,7 +1089,11 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
             m.errors += u64::from(res.is_err());
         }
         match res {
-            Ok(()) => backoff = Duration::from_millis(200),
+            Ok(Pass::Done) => backoff = Duration::from_millis(200),
+            Ok(Pass::More) => {
+                backoff = Duration::from_millis(200);
+                notify.notify_one();
+            }
             Err(e) => {
                 warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "reconcile failed; retrying");
                 tokio::time::sleep(backoff).await;

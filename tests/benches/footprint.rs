@@ -199,6 +199,9 @@ struct Fleet {
 /// stamped now. It is the operator's latency that is measured, not Prometheus's.
 struct FakePrometheus {
     value: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    /// When a query was first answered with a breach: the operator's streak
+    /// (and so its `for` window) starts at that evaluation.
+    first_breach: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
     port: u16,
 }
 
@@ -209,7 +212,8 @@ impl FakePrometheus {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = l.local_addr().expect("addr").port();
         let value = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let (v, node) = (value.clone(), node.to_string());
+        let first_breach = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let (v, node, first) = (value.clone(), node.to_string(), first_breach.clone());
         std::thread::spawn(move || {
             for mut s in l.incoming().flatten() {
                 let mut buf = [0u8; 8192];
@@ -217,9 +221,14 @@ impl FakePrometheus {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0.0, |d| d.as_secs_f64());
+                let answer = v.load(Ordering::SeqCst);
+                if answer > 1 {
+                    if let Ok(mut f) = first.lock() {
+                        f.get_or_insert_with(Instant::now);
+                    }
+                }
                 let body = format!(
-                    r#"{{"status":"success","data":{{"resultType":"vector","result":[{{"metric":{{"instance":"{node}"}},"value":[{now},"{}"]}}]}}}}"#,
-                    v.load(Ordering::SeqCst)
+                    r#"{{"status":"success","data":{{"resultType":"vector","result":[{{"metric":{{"instance":"{node}"}},"value":[{now},"{answer}"]}}]}}}}"#
                 );
                 let _ = write!(
                     s,
@@ -228,7 +237,11 @@ impl FakePrometheus {
                 );
             }
         });
-        FakePrometheus { value, port }
+        FakePrometheus {
+            value,
+            first_breach,
+            port,
+        }
     }
 
     fn set(&self, v: u32) {
@@ -407,7 +420,16 @@ const AUTO_NODES: usize = 10;
 
 fn operator_fleet(nodes: usize, guards: usize, entries: usize) -> Fleet {
     let dir = std::env::temp_dir().join(format!("egfp-{}", cluster::unique()));
-    let cp = ControlPlane::start(&dir, Options::default());
+    // The Nodes here have no kubelet: the node lifecycle controller would
+    // mark thousands of them unreachable and taint them in the middle of the
+    // measurement, a storm a real fleet (kubelets heartbeating) does not see.
+    let cp = ControlPlane::start(
+        &dir,
+        Options {
+            controllers: Some("*,-node-lifecycle-controller".into()),
+            ..Options::default()
+        },
+    );
     cp.helm_install(&json!({}));
     let kc = cp.service_account_kubeconfig(&format!("{}-operator", cluster::RELEASE), &cp.server);
     // Nodes as kubelets register them: status (addresses) included on create.
@@ -583,22 +605,19 @@ fn operator_fleet(nodes: usize, guards: usize, entries: usize) -> Fleet {
     });
     // A breach of auto-3: the stand-in answers 5 from now; the trigger's
     // `for` is 2 s, the evaluation interval 1 s.
-    // Timed from the end of the `for` window: the breach streak's start as
-    // the Quarantine records it (the operator's first breaching evaluation)
-    // plus 2 s, to when the plan enforces as the node's watch sees it.
+    // Timed from the end of the `for` window (2 s after the first
+    // evaluation that saw the breach, when the operator's streak starts) to
+    // the plan enforcing, as the node's watch sees it.
     let t0 = Instant::now();
     prom.set(5);
-    plan_watch(&cp, "auto-3", t0, |p| p["spec"]["enforce"] == true);
-    let seen_at = k8s_openapi::jiff::Timestamp::now();
-    let egq: Value = serde_json::from_str(&cp.kubectl_ok(&["get", "egq", "-o", "json"]))
-        .unwrap_or_default();
-    let since = egq["items"]
-        .as_array()
-        .and_then(|a| a.iter().find(|q| q["spec"]["nodeName"] == "auto-3"))
-        .and_then(|q| q["spec"]["evidence"]["breachSince"].as_str())
-        .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
-        .expect("the Quarantine of auto-3 records when the breach began");
-    let breach_secs = seen_at.duration_since(since).as_secs_f64() - 2.0;
+    let seen = plan_watch(&cp, "auto-3", t0, |p| p["spec"]["enforce"] == true);
+    let first = prom
+        .first_breach
+        .lock()
+        .ok()
+        .and_then(|f| *f)
+        .expect("the operator asked");
+    let breach_secs = seen - first.duration_since(t0).as_secs_f64() - 2.0;
     let rss = rss_mib(pid);
     let cp_rss = ["etcd", "kube-apiserver", "kube-controller-manager"]
         .iter()

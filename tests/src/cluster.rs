@@ -47,6 +47,8 @@ pub struct Options {
     pub advertise: Option<String>,
     /// Extra IP SANs of the serving certificate.
     pub sans: Vec<String>,
+    /// kube-controller-manager's `--controllers` (default `*`).
+    pub controllers: Option<String>,
 }
 
 /// A running control plane; dropped, it stops exactly its processes and
@@ -101,6 +103,9 @@ impl ControlPlane {
         }
         if !opts.sans.is_empty() {
             cmd.env("EG_CP_SANS", opts.sans.join(","));
+        }
+        if let Some(c) = &opts.controllers {
+            cmd.env("EG_CP_CONTROLLERS", c);
         }
         let out = cmd.output().expect("run scripts/dev-cluster.sh");
         let mut cp = ControlPlane {

@@ -167,6 +167,7 @@ impl Cluster {
                 bind: Some("0.0.0.0".into()),
                 advertise: Some("10.230.1.1".into()),
                 sans: (1..=nodes).map(|i| format!("10.230.{i}.1")).collect(),
+                ..Options::default()
             },
         );
         cp.helm_install(&serde_json::json!({}));
