@@ -23,7 +23,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, Preconditions};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -788,21 +788,12 @@ async fn write_plan(
     let mut value = serde_json::to_value(&obj).map_err(kube::Error::SerdeError)?;
     value["apiVersion"] = "egressguard.io/v1alpha1".into();
     value["kind"] = "NodeShaping".into();
-    // A new plan is created: a create costs the API server less than a
-    // server-side apply (no field ownership to merge), which decides how
-    // long a full resync of thousands of nodes takes. It names no version,
-    // so a plan someone else created meanwhile makes it fail (409) and the
-    // next pass applies over what it finds.
-    let written = if obj.metadata.resource_version.is_none() && cached.is_none() {
-        let pp = PostParams {
-            field_manager: Some(MANAGER.into()),
-            ..Default::default()
-        };
-        api.create(&pp, &obj).await
-    } else {
-        let apply = PatchParams::apply(MANAGER).force();
-        api.patch(&w.node, &apply, &Patch::Apply(&value)).await
-    };
+    // Always a server-side apply, creation included: a plain create would
+    // record its fields under an Update entry of the same manager, and a
+    // later apply that leaves a field out (a plan's groups emptied, its copy
+    // of the spec dropped) would not remove it.
+    let apply = PatchParams::apply(MANAGER).force();
+    let written = api.patch(&w.node, &apply, &Patch::Apply(&value)).await;
     let stored = match written {
         Ok(stored) => stored,
         Err(e) => {
