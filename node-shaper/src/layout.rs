@@ -8,8 +8,10 @@
 //! └─ e9:1   uplink     rate = ceil = spec.uplink.rate
 //!    ├─ e9:40 protected prio 0   rate/ceil = spec.lanes.protected                   leaf 40: sfq (140: pfifo)
 //!    ├─ e9:50 ssh       prio 1   rate/ceil = spec.lanes.ssh                         leaf 50: sfq (150: pfifo)
-//!    ├─ e9:30 whitelist prio 1   rate = half of what the others leave, ceil uplink  leaf 30: sfq (130: pfifo)
-//!    ├─ e9:20 default   prio 2   rate = the other half,               ceil uplink   leaf 20: sfq (120: pfifo)
+//!    ├─ e9:30 whitelist prio 1   rate = what the others leave but default's share,
+//!    │                           ceil uplink                                        leaf 30: sfq (130: pfifo)
+//!    ├─ e9:20 default   prio 2   rate = a tenth of what the others leave, at least
+//!    │                           min(1Mbit, half of it), ceil uplink                leaf 20: sfq (120: pfifo)
 //!    └─ e9:10 throttled prio 3   rate/ceil = spec.throttle                          leaf 10: sfq (110: pfifo)
 //! filters on e9: (u32)
 //!   prio 5      ip    spec.protect entries with ports: dst + proto -> table 240:+i, dport -> e9:40

@@ -20,10 +20,10 @@ fn spec_with(whitelist: &[String], dests: &str) -> ValidSpec {
         .map(|w| format!("'{w}'"))
         .collect::<Vec<_>>()
         .join(", ");
-    // Random lists may hold a whole family (0.0.0.0/0): the planner must
-    // classify those too, so they are accepted here as meant.
+    // Random lists may hold a whole family (0.0.0.0/0) or half of one: the
+    // planner must classify those too, so they are accepted here as meant.
     let text = format!(
-        "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {{name: t}}\nspec:\n  uplink: {{rate: 20Mbit, burst: 15k}}\n  throttle:\n    rate: 1Mbit\n    destinations: {dests}\n  whitelist: [{wl}]\n  whitelistAllDestinations: true\n"
+        "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {{name: t}}\nspec:\n  uplink: {{rate: 20Mbit, burst: 15k}}\n  throttle:\n    rate: 1Mbit\n    destinations: {dests}\n  whitelist: [{wl}]\n  whitelistAllDestinations: true\n  allowWideRanges: true\n"
     );
     let g = parse_str(&text).expect("parse");
     validate(&g[0].spec).expect("valid")
@@ -184,6 +184,36 @@ impl Kernel {
     }
 }
 
+/// Whitelist and default split what the throttle and the lanes leave: the
+/// default class a tenth, at least min(1Mbit, half); never more than the
+/// uplink in all, on uplinks from 1Mbit to 100gbit.
+#[test]
+fn whitelist_takes_what_the_guarantees_leave_but_a_small_default_share() {
+    for (uplink, throttle, wl_bits, def_bits) in [
+        // 1Mbit: lanes shrink to a quarter of 0.5 each (125k); 250k left.
+        ("1Mbit", "500kbit", 125_000, 125_000),
+        // 4Mbit: the lanes shrink to a quarter of 3 each; 1.5Mbit left,
+        // default half of it (a tenth would be under 1Mbit).
+        ("4Mbit", "1Mbit", 750_000, 750_000),
+        // 20Mbit: 16Mbit left, default 1.6.
+        ("20Mbit", "1Mbit", 14_400_000, 1_600_000),
+        // 100gbit: protected 10gbit, SSH 1Mbit; default a tenth of the rest.
+        ("100gbit", "1gbit", 80_099_100_000, 8_899_900_000),
+    ] {
+        let text = format!("apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {{name: t}}\nspec:\n  uplink: {{rate: {uplink}}}\n  throttle: {{rate: {throttle}, destinations: [{{port: 443}}]}}\n");
+        let g = parse_str(&text).expect("parse");
+        let s = plan(&validate(&g[0].spec).expect("valid"), LeafChoice::Sfq);
+        let class = |id: u32| s.classes.iter().find(|c| c.classid == id).expect("class");
+        assert_eq!(
+            (class(CLASS_WHITELIST).rate, class(CLASS_DEFAULT).rate),
+            (wl_bits / 8, def_bits / 8),
+            "uplink {uplink}"
+        );
+        let sum: u64 = s.classes[1..].iter().map(|c| c.rate).sum();
+        assert_eq!(sum, class(CLASS_UPLINK).rate, "uplink {uplink}");
+    }
+}
+
 #[test]
 fn incident_plan_has_the_documented_layout() {
     let s = plan(&incident(), LeafChoice::Sfq);
@@ -213,6 +243,18 @@ fn incident_plan_has_the_documented_layout() {
     assert_eq!((p.rate, p.ceil, p.prio), (250_000, 2_500_000, 0));
     let ssh = class(CLASS_SSH);
     assert_eq!((ssh.rate, ssh.ceil), (125_000, 625_000));
+    // Of the 16 Mbit the throttle and the lanes leave, default keeps a tenth
+    // and the whitelist the rest (not half each: a flood landing in default
+    // would hold its half against a whitelisted flow); both borrow up to the
+    // uplink, and the children's rates add up to exactly the uplink.
+    let (wl, def) = (class(CLASS_WHITELIST), class(CLASS_DEFAULT));
+    assert_eq!((wl.rate, wl.ceil, wl.prio), (1_800_000, 2_500_000, 1));
+    assert_eq!((def.rate, def.ceil, def.prio), (200_000, 2_500_000, 2));
+    assert_eq!(
+        (wl.quantum, def.quantum, thr.quantum),
+        (180_000, 20_000, 12_500)
+    );
+    assert_eq!(sum, uplink.rate);
     assert!(
         class(CLASS_WHITELIST).prio < class(CLASS_DEFAULT).prio,
         "whitelist borrows before default"

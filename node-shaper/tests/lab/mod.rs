@@ -425,3 +425,87 @@ pub fn whitelist(n4: usize, v6: usize) -> Vec<String> {
     }
     out
 }
+
+/// A network outside the lab's /24 (TEST-NET-3) for floods to random
+/// destinations: see [`Lab::route_and_count`].
+pub const FLOOD_NET4: &str = "203.0.113.0/24";
+/// The ifb device in the server namespace whose counters are the flood's.
+const FLOOD_IFB: &str = "egflood";
+
+impl Lab {
+    /// Routes `net` from the client namespace via the server address, so
+    /// packets to random destinations in it leave through the shaped
+    /// interface (destinations in the veth's own /24 would wait for ARP
+    /// replies that never come and be dropped before the qdisc), and counts
+    /// what arrives for `net` in the server namespace: an ingress u32 filter
+    /// on the peer redirects those packets to an ifb device, whose counter
+    /// ([`Lab::counted_bytes`]) is then their L2 bytes on the wire; the ifb
+    /// hands them back to the peer's stack, which drops them (no forwarding).
+    /// Also sets the shaped interface to one TCP segment per packet (no
+    /// TSO/GSO), so the veth's counters ([`Lab::wire_bytes`]) are exact
+    /// Ethernet-frame bytes (a GSO packet's counter misses the headers of
+    /// all its segments but the first). An error names what the kernel refused.
+    pub fn route_and_count(&self, net: &str) -> Result<(), String> {
+        let (cli, srv) = (self.cli.as_str(), self.srv.as_str());
+        let steps: [&[&str]; 7] = [
+            &[
+                "ip", "-n", cli, "route", "add", net, "via", SERVER4, "dev", DEV,
+            ],
+            &[
+                "ip",
+                "-n",
+                cli,
+                "link",
+                "set",
+                "dev",
+                DEV,
+                "gso_max_segs",
+                "1",
+            ],
+            &["ip", "-n", srv, "link", "add", FLOOD_IFB, "type", "ifb"],
+            &["ip", "-n", srv, "link", "set", FLOOD_IFB, "up"],
+            &[
+                "tc", "-n", srv, "qdisc", "add", "dev", "egpeer", "handle", "ffff:", "ingress",
+            ],
+            &[
+                "tc", "-n", srv, "filter", "add", "dev", "egpeer", "parent", "ffff:", "protocol",
+                "ip", "prio", "1", "u32", "match", "ip", "dst", net, "action", "mirred", "egress",
+                "redirect", "dev", FLOOD_IFB,
+            ],
+            &["ip", "-n", srv, "link", "show", FLOOD_IFB],
+        ];
+        for s in steps {
+            let o = sh(s);
+            if !o.status.success() {
+                return Err(format!(
+                    "{}: {}",
+                    s.join(" "),
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// L2 bytes that reached the server namespace for the network of
+    /// [`Lab::route_and_count`].
+    pub fn counted_bytes(&self) -> u64 {
+        link_bytes(&self.srv, FLOOD_IFB, "tx")
+    }
+
+    /// L2 bytes the server namespace received on the veth: everything the
+    /// shaped interface put on the wire.
+    pub fn wire_bytes(&self) -> u64 {
+        link_bytes(&self.srv, "egpeer", "rx")
+    }
+}
+
+/// One byte counter of a device (`rx` or `tx`), read with iproute2.
+fn link_bytes(ns: &str, dev: &str, dir: &str) -> u64 {
+    let o = sh(&["ip", "-n", ns, "-s", "-j", "link", "show", "dev", dev]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("ip -s -j link show {dev}: {e}"));
+    v[0]["stats64"][dir]["bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {dir} bytes for {dev} in {v}"))
+}
