@@ -155,11 +155,21 @@ fn has_finalizer(q: &Quarantine) -> bool {
     q.finalizers().iter().any(|f| f == RELEASE_FINALIZER)
 }
 
+/// Does the trigger fire through Alertmanager (resolved by its alerts) rather
+/// than by the operator's own evaluation (calm by its readings)? Every kind
+/// is named: a new one must say which it is.
+fn alert_kind(t: &TriggerRule) -> bool {
+    match t {
+        TriggerRule::Alertmanager { .. } => true,
+        TriggerRule::Prometheus { .. } => false,
+    }
+}
+
 fn is_alert(rules: Option<&QuarantineRules>, trigger: &str) -> bool {
     rules.is_some_and(|r| {
         r.triggers
             .iter()
-            .any(|(n, t)| n == trigger && matches!(t, TriggerRule::Alertmanager { .. }))
+            .any(|(n, t)| n == trigger && alert_kind(t))
     })
 }
 
@@ -820,11 +830,7 @@ fn calm(world: &World<'_>, q: &Quarantine) -> (bool, Option<Duration>) {
         .signals
         .get(&key)
         .is_none_or(|s| s.calm && s.unknown.is_none() && s.breach.is_none());
-    let has_prom = rules.is_some_and(|r| {
-        r.triggers
-            .iter()
-            .any(|(_, t)| matches!(t, TriggerRule::Prometheus { .. }))
-    });
+    let has_prom = rules.is_some_and(|r| r.triggers.iter().any(|(_, t)| !alert_kind(t)));
     // Without evaluated signals for a guard that has Prometheus triggers, we
     // do not know: not calm.
     let prom_calm = prom_calm && (!has_prom || world.signals.contains_key(&key));

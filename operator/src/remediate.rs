@@ -192,14 +192,19 @@ pub async fn evaluate(
             continue;
         };
         for (name, rule) in rules.triggers {
-            if let TriggerRule::Prometheus {
-                query,
-                above,
-                threshold,
-                calm,
-                hold,
-                node_label,
-            } = rule
+            // Every kind named: a new one must be decided here, not skipped.
+            let (query, above, threshold, calm, hold, node_label) = match rule {
+                TriggerRule::Prometheus {
+                    query,
+                    above,
+                    threshold,
+                    calm,
+                    hold,
+                    node_label,
+                } => (query, above, threshold, calm, hold, node_label),
+                // Alerts arrive at the receiver; nothing to ask Prometheus.
+                TriggerRule::Alertmanager { .. } => continue,
+            };
             {
                 jobs.push(async move {
                     let answer = match prom {
