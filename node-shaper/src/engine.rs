@@ -366,7 +366,10 @@ pub fn apply_remembering(
         "observed"
     );
     check_root(&before.root, dev, opts.force)?;
-    let mut sent = converge(nl, iface, target, &before, opts)?;
+    // One plan of the whitelist for the pass (its duplicate check holds
+    // a set of every network while it runs).
+    let whitelist = WhitelistPlan::new(&target.valid, &target.protected);
+    let mut sent = converge(nl, iface, target, &whitelist, &before, opts)?;
     debug!(
         interface = dev,
         ms = ms(&start),
@@ -379,6 +382,7 @@ pub fn apply_remembering(
             base.as_ref().unwrap_or(&before),
             &ops,
             target,
+            &whitelist,
             sent.choice,
             sent.filters,
         )
@@ -502,13 +506,14 @@ fn converge(
     nl: &mut Netlink,
     iface: &Interface,
     target: &Target,
+    whitelist: &WhitelistPlan<'_>,
     before: &Observed,
     opts: ApplyOptions,
 ) -> Result<Sent, EngineError> {
     let dev = iface.name.as_str();
     let mut choice = leaf_choice(before);
     let mut fallback = (choice == LeafChoice::PfifoFallback).then(|| PFIFO_KEPT.to_string());
-    let (mut ops, mut filters) = prepare(before, target, choice, dev)?;
+    let (mut ops, mut filters) = prepare_with(before, target, whitelist, choice, dev)?;
     debug!(
         interface = dev,
         ops = ops.len(),
@@ -541,7 +546,7 @@ fn converge(
             // without holding the old operations next to it.
             drop(std::mem::take(&mut ops));
             let now = observe(nl, iface.index).map_err(io(dev))?;
-            (ops, filters) = prepare(&now, target, choice, dev)?;
+            (ops, filters) = prepare_with(&now, target, whitelist, choice, dev)?;
             base = base.map(|_| Some(now));
             changes.retain(|c| !c.contains("attach sfq"));
             continue;
@@ -605,9 +610,20 @@ pub fn prepare(
     choice: LeafChoice,
     dev: &str,
 ) -> Result<(Vec<Op>, usize), EngineError> {
+    let whitelist = WhitelistPlan::new(&target.valid, &target.protected);
+    prepare_with(observed, target, &whitelist, choice, dev)
+}
+
+/// [`prepare`] with the whitelist's plan made once for the whole pass.
+fn prepare_with(
+    observed: &Observed,
+    target: &Target,
+    whitelist: &WhitelistPlan<'_>,
+    choice: LeafChoice,
+    dev: &str,
+) -> Result<(Vec<Op>, usize), EngineError> {
     // SSH replies are matched from the interface's own addresses.
     let mut skeleton = plan_skeleton(&target.valid, choice, &observed.local);
-    let whitelist = WhitelistPlan::new(&target.valid, &target.protected);
     let skeleton_filters = skeleton.filter_count();
     let (low, high): (Vec<_>, Vec<_>) = std::mem::take(&mut skeleton.prios)
         .into_iter()

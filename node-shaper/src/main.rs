@@ -141,6 +141,10 @@ enum Cmd {
         /// Guard files, one pass each.
         #[arg(short = 'f', long = "file", required = true)]
         files: Vec<PathBuf>,
+        /// Then one more pass over the last file, as the periodic resync
+        /// (which reads the whole tree back).
+        #[arg(long)]
+        resync: bool,
     },
     /// Remove node-shaper's shaping and restore the device default qdisc.
     Reset {
@@ -416,7 +420,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             rt.block_on(node_shaper::agent::run(cfg)).map_err(runtime)
         }
-        Cmd::AgentPasses { interface, files } => agent_passes(&interface, &files),
+        Cmd::AgentPasses {
+            interface,
+            files,
+            resync,
+        } => agent_passes(&interface, &files, resync),
         Cmd::Reset { interface, force } => {
             let ifaces = iface::resolve(interface.as_deref(), None).map_err(input)?;
             let mut nl = netlink()?;
@@ -463,9 +471,11 @@ fn status_kib(field: &str) -> u64 {
 /// `node-shaper agent-passes`: the agent's passes without the API server.
 /// Each file is one plan change (`Trigger::Plan`): the first pass reads the
 /// tree back (nothing is remembered yet), later ones trust the tree the
-/// previous pass wrote while the tc monitor reports no foreign change. The
-/// previous input stays held during a pass, as the agent holds it.
-fn agent_passes(interface: &str, files: &[PathBuf]) -> Result<(), Failure> {
+/// previous pass wrote while the tc monitor reports no foreign change; with
+/// `resync`, a last pass over the last file reads everything back, as the
+/// periodic resync does. The previous input stays held during a pass, as the
+/// agent holds it.
+fn agent_passes(interface: &str, files: &[PathBuf], resync: bool) -> Result<(), Failure> {
     use node_shaper::agent::{inputs::Input, reconcile_with, record_applied, Memory, Trigger};
     let watch = node_shaper::netlink::monitor::Watch::default();
     node_shaper::netlink::monitor::spawn(watch.clone(), |_| true).map_err(runtime)?;
@@ -474,7 +484,12 @@ fn agent_passes(interface: &str, files: &[PathBuf]) -> Result<(), Failure> {
         ..Memory::default()
     };
     let mut previous: Option<Input> = None;
-    for file in files {
+    let last = files.last().map(|f| (f, Trigger::Resync));
+    let passes = files
+        .iter()
+        .map(|f| (f, Trigger::Plan))
+        .chain(last.filter(|_| resync));
+    for (file, trigger) in passes {
         let mut target = load_one(file)?;
         target.valid.interfaces = Some(vec![interface.to_string()]);
         let input = Input::Shape {
@@ -488,7 +503,7 @@ fn agent_passes(interface: &str, files: &[PathBuf]) -> Result<(), Failure> {
         let _ = std::fs::write("/proc/self/clear_refs", "5");
         let rss_before = status_kib("VmRSS");
         let t = std::time::Instant::now();
-        let report = reconcile_with(&input, Trigger::Plan, &mut mem);
+        let report = reconcile_with(&input, trigger, &mut mem);
         let pass_ms = t.elapsed().as_secs_f64() * 1000.0;
         let t = std::time::Instant::now();
         record_applied(&input, &mut mem);
@@ -506,6 +521,7 @@ fn agent_passes(interface: &str, files: &[PathBuf]) -> Result<(), Failure> {
             "{}",
             serde_json::json!({
                 "file": file.display().to_string(),
+                "trigger": format!("{trigger:?}"),
                 "incremental": !report.incremental.is_empty(),
                 "wrote": report.wrote,
                 "filters": report.interfaces.first().map_or(0, |i| i.filters),

@@ -141,6 +141,7 @@ impl Written {
         before: &Observed,
         ops: &[Op],
         target: &Target,
+        plan: &WhitelistPlan<'_>,
         choice: LeafChoice,
         filters: usize,
     ) -> Option<Written> {
@@ -168,7 +169,6 @@ impl Written {
                 _ => {}
             }
         }
-        let plan = WhitelistPlan::new(&target.valid, &target.protected);
         let hashed = plan
             .entries()
             .filter(|(_, _, g)| matches!(g, Group::Hashed(_)))
@@ -535,7 +535,9 @@ mod tests {
         let before = observed(Shape::default());
         let (ops, filters) = prepare(&before, t, LeafChoice::Sfq, "eth0").expect("plan");
         let tree = kernel(Shape::default(), &ops);
-        let w = Written::after(7, &before, &ops, t, LeafChoice::Sfq, filters).expect("remembered");
+        let plan = WhitelistPlan::new(&t.valid, &t.protected);
+        let w = Written::after(7, &before, &ops, t, &plan, LeafChoice::Sfq, filters)
+            .expect("remembered");
         (tree, w)
     }
 

@@ -410,6 +410,12 @@ pub fn observe(nl: &mut Netlink, ifindex: i32) -> io::Result<Observed> {
         Ok(())
     })?;
     obs.shape.prios.sort_by_key(|p| p.prio);
+    // Grown by doubling while the dump arrived: a 33,000-filter prio held
+    // room for 65,536 (3.6 MiB unused). Freed now, it is reused by the
+    // plan and the diff that follow.
+    for p in &mut obs.shape.prios {
+        p.filters.shrink_to_fit();
+    }
     Ok(obs)
 }
 
