@@ -133,6 +133,9 @@ pub mod events {
     pub const QUARANTINE_ESCALATED: &str = "QuarantineEscalated";
     /// node-shaper found its shaping tampered with (Warning, on the Node).
     pub const TAMPERED: &str = "Tampered";
+    /// A node carries the exclusion label of earlier releases, which no longer
+    /// exempts it (its own kubelet can set it).
+    pub const LEGACY_EXCLUDE_LABEL: &str = "LegacyExcludeLabelIgnored";
 }
 
 #[cfg(test)]

@@ -374,7 +374,8 @@ pub struct EgressGuardStatus {
     /// The CIDRGroups `spec.whitelistGroups` resolves to, each at the digest
     /// the nodes enforce: an agent programs a plan only when the groups it
     /// holds have these digests and `observedGeneration` is the guard's.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Always written, empty included: a merge patch must be able to clear it.
+    #[serde(default)]
     pub groups: Vec<crate::cidr_group::ResolvedGroup>,
 }
 

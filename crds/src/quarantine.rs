@@ -615,6 +615,20 @@ pub fn rules(
                 if am.matchers.is_empty() {
                     push(format!("{base}.alertmanager.matchers"), "is empty; match at least the alert name, e.g. {alertname: NodeEgressSaturated}".into());
                 }
+                // The matchers also select the trigger's `ALERTS` in Prometheus
+                // (corroboration): each key must be a Prometheus label name.
+                let label_name = |k: &str| {
+                    let mut c = k.chars();
+                    c.next()
+                        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+                        && c.all(|c| c.is_ascii_alphanumeric() || c == '_')
+                };
+                for k in am.matchers.keys().filter(|k| !label_name(k)) {
+                    push(
+                        format!("{base}.alertmanager.matchers.{k}"),
+                        "is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)".into(),
+                    );
+                }
                 TriggerRule::Alertmanager {
                     matchers: am.matchers.clone(),
                     node_label: am.node_label.clone().filter(|l| !l.is_empty()),
@@ -642,4 +656,32 @@ pub fn rules(
         cooldown,
         escalation: (escalation.action, escalate_after),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alert_matchers_must_be_prometheus_label_names() {
+        let policy = |key: &str| QuarantinePolicy {
+            triggers: vec![Trigger {
+                name: "alert".into(),
+                alertmanager: Some(AlertmanagerTrigger {
+                    matchers: BTreeMap::from([(key.to_string(), "x".to_string())]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(rules(Some(&policy("alertname")), crate::guard::Mode::Auto).is_ok());
+        let errs =
+            rules(Some(&policy("team.name")), crate::guard::Mode::Auto).expect_err("a dotted key");
+        assert_eq!(
+            errs[0].path,
+            "spec.quarantine.triggers[0].alertmanager.matchers.team.name"
+        );
+        assert!(errs[0].message.contains("Prometheus label name"));
+    }
 }

@@ -123,9 +123,18 @@ pub fn limit_node_addresses(
             for ip in &n.internal_ips {
                 let claimants = claims.get(ip).map_or(0, BTreeSet::len);
                 let reason = if claimants > 1 {
+                    // The first few names: an address a whole fleet shares (a
+                    // NAT default) must not cost every node a list of all.
+                    let some: Vec<&str> = claims[ip].iter().copied().take(3).collect();
+                    let more = claimants.saturating_sub(some.len());
                     Some(format!(
-                        "claimed by {claimants} Nodes ({}): ambiguous",
-                        claims[ip].iter().copied().collect::<Vec<_>>().join(", ")
+                        "claimed by {claimants} Nodes ({}{}): ambiguous",
+                        some.join(", "),
+                        if more > 0 {
+                            format!(" and {more} more")
+                        } else {
+                            String::new()
+                        }
                     ))
                 } else if !policy.ranges.iter().any(|r| r.contains(ip)) {
                     Some("outside the configured node address ranges".to_string())
@@ -434,6 +443,21 @@ pub fn decide_with(
     // report (DryRun): a dry run never keeps a real guard off a node.
     ordered.sort_by_key(|g| (g.spec.mode == Mode::DryRun, age_key(g)));
     let mut owner: BTreeMap<String, String> = BTreeMap::new();
+    // A quarantined node belongs to the guard that quarantined it, before
+    // age decides anything: relabelled to match an older guard, it would
+    // otherwise leave the quarantine for that guard's plan.
+    let existing: BTreeSet<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+    for g in &ordered {
+        if g.spec.mode != Mode::Auto || g.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let name = g.metadata.name.clone().unwrap_or_default();
+        for node in extras.quarantined.get(&name).into_iter().flatten() {
+            if existing.contains(node.as_str()) {
+                owner.entry(node.clone()).or_insert_with(|| name.clone());
+            }
+        }
+    }
     // One list for every plan (a node's own address is harmless to protect),
     // aggregated into prefixes so plans stay small on big clusters.
     let node_entries = aggregate_nodes(nodes);
@@ -458,7 +482,9 @@ pub fn decide_with(
             // last valid generation wrote; removing them would fail open.
             let uid = g.metadata.uid.clone().unwrap_or_default();
             for (&node, &spec) in current {
-                if spec.guard.as_ref().is_some_and(|r| r.uid == uid) && !owner.contains_key(node) {
+                if spec.guard.as_ref().is_some_and(|r| r.uid == uid)
+                    && owner.get(node).is_none_or(|w| *w == name)
+                {
                     owner.insert(node.to_string(), name.clone());
                     out.planned.push(node.to_string());
                     let mut kept = spec.clone();
@@ -504,7 +530,7 @@ pub fn decide_with(
         }
         out.selected = selected.iter().map(|n| n.name.clone()).collect();
         for n in selected {
-            if let Some(winner) = owner.get(&n.name) {
+            if let Some(winner) = owner.get(&n.name).filter(|w| **w != name) {
                 out.conflicts.push(Conflict {
                     node: n.name.clone(),
                     winner: winner.clone(),
@@ -1026,6 +1052,35 @@ mod tests {
         // Not quarantined: the label decides, as always.
         let d = decide_with(&[g], &ns, &API, &BTreeMap::new(), &Extras::default());
         assert!(!d.plans.contains_key("a1"));
+    }
+
+    #[test]
+    fn a_quarantined_node_cannot_escape_to_an_older_guard() {
+        // "old" (Enforce, older) selects idc-b; "idc" (Auto) quarantined a1,
+        // whose kubelet now relabels it to idc-b.
+        let old = guard(
+            "old",
+            "2025-01-01T00:00:00Z",
+            "  nodeSelector: {matchLabels: {site: idc-b}}\n",
+        );
+        let g = auto("idc");
+        let mut ns = nodes();
+        ns[0].labels.insert("site".into(), "idc-b".into());
+        let d = decide_with(
+            &[old, g],
+            &ns,
+            &API,
+            &BTreeMap::new(),
+            &quarantined("idc", "a1"),
+        );
+        let plan = &d.plans["a1"];
+        assert_eq!(plan.guard.as_ref().map(|r| r.name.as_str()), Some("idc"));
+        assert!(plan.enforce);
+        assert_eq!(d.guards["old"].conflicts.len(), 1);
+        assert_eq!(
+            d.plans["b1"].guard.as_ref().map(|r| r.name.as_str()),
+            Some("old")
+        );
     }
 
     #[test]

@@ -107,9 +107,14 @@ impl NodeIndex {
             .and_then(|ip| self.claimants(&ip))
         {
             Some(c) => format!(
-                "address {host} is claimed by {} Nodes ({}): ambiguous, attributed to none",
+                "address {host} is claimed by {} Nodes ({}{}): ambiguous, attributed to none",
                 c.len(),
-                c.iter().cloned().collect::<Vec<_>>().join(", ")
+                c.iter().take(3).cloned().collect::<Vec<_>>().join(", "),
+                if c.len() > 3 {
+                    format!(" and {} more", c.len() - 3)
+                } else {
+                    String::new()
+                }
             ),
             None => format!("{value:?} is neither a Node name nor a Node's InternalIP"),
         }
@@ -218,10 +223,16 @@ pub fn read(
     for s in series {
         let Some(node) = index.node_of(&s.labels, node_label) else {
             let label = node_label.unwrap_or(DEFAULT_NODE_LABEL);
-            let why = s
-                .labels
-                .get(label)
-                .map_or_else(|| format!("no label {label}"), |v| index.why_unresolved(v));
+            let why = s.labels.get(label).map_or_else(
+                || {
+                    if node_label.is_none() && s.labels.contains_key("node") {
+                        format!("no label {label} (it has `node`: set nodeLabel: node on the trigger if that label is trusted, or aggregate by instance)")
+                    } else {
+                        format!("no label {label}")
+                    }
+                },
+                |v| index.why_unresolved(v),
+            );
             out.problems.push(egressguard_crds::conditions::bounded(
                 &format!(
                     "series {} names no Node by {label}: {why}",

@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use egressguard_crds::conditions::events;
 use egressguard_crds::quarantine::{
-    EscalationAction, QuarantineRules, Refusal, TriggerRule, EXCLUDE_LABEL, MANUAL,
-    RELEASE_ANNOTATION, RELEASE_FINALIZER,
+    EscalationAction, QuarantineRules, Refusal, TriggerRule, EXCLUDE_LABEL, LEGACY_EXCLUDE_LABEL,
+    MANUAL, RELEASE_ANNOTATION, RELEASE_FINALIZER,
 };
 use egressguard_crds::{EgressGuard, Mode, Phase, Quarantine, QuarantineSpec, QuarantineStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -35,6 +35,11 @@ use crate::enforcement::{self, NodeChange, NodeReport};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::ObjectMeta;
 use kube::ResourceExt;
+
+/// How `status.releasedBy` starts when a person released the quarantine.
+pub const PERSON: &str = "person:";
+/// Label of the record a person's delete leaves behind.
+pub const TOMBSTONE_LABEL: &str = "egressguard.io/tombstone";
 
 /// What the operator knows about a guard for quarantine decisions.
 #[derive(Debug, Clone)]
@@ -126,6 +131,10 @@ pub struct QuarantinePlan {
     pub released: Vec<(String, String)>,
     /// Escalations to apply to nodes, and the ones to undo.
     pub node_changes: Vec<(String, NodeChange)>,
+    /// The resourceVersion each record was decided from: status writes are
+    /// fenced on it, so a receiver's write in between (an alert firing
+    /// again) is never overwritten by a decision that did not see it.
+    pub versions: BTreeMap<String, String>,
 }
 
 /// Everything the planner reads.
@@ -370,7 +379,14 @@ fn describe(q: &Quarantine) -> String {
 
 /// Plans one pass.
 pub fn plan(world: &World<'_>) -> QuarantinePlan {
-    let mut p = QuarantinePlan::default();
+    let mut p = QuarantinePlan {
+        versions: world
+            .quarantines
+            .iter()
+            .filter_map(|q| Some((q.name_any(), q.resource_version()?)))
+            .collect(),
+        ..QuarantinePlan::default()
+    };
     let now = Time(world.now);
     let mut qs: Vec<&Arc<Quarantine>> = world.quarantines.iter().collect();
     // Oldest first: the first quarantine of a node wins, whatever order the
@@ -424,7 +440,51 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
             }
             continue;
         }
+        let rules = g.and_then(|g| g.rules.as_ref());
         match st.phase {
+            // A release record whose status write was lost is still a release,
+            // never a quarantine to admit.
+            None if q.labels().contains_key(TOMBSTONE_LABEL) => {
+                let mut next = st.clone();
+                next.phase = Some(Phase::Released);
+                next.released_at = Some(now.clone());
+                next.released_by = Some(format!("{PERSON} deleted a quarantine of this node"));
+                p.status.push((name.clone(), next));
+            }
+            // A rail refused it, but its alert has not resolved: admitted once
+            // the rail clears (cap freed, cooldown over, unpaused), as a
+            // Prometheus breach is re-checked at every evaluation.
+            Some(Phase::Refused)
+                if is_alert(rules, &q.spec.trigger)
+                    && st.alert_resolved_at.is_none()
+                    && adm
+                        .refusal(&q.spec.guard, &q.spec.node_name, &q.spec.trigger)
+                        .is_none() =>
+            {
+                adm.admit(&q.spec.guard, &q.spec.node_name);
+                let mut next = st.clone();
+                next.phase = Some(Phase::Active);
+                next.since = Some(now.clone());
+                next.released_at = None;
+                next.released_by = None;
+                p.add_finalizer.push(name.clone());
+                p.started
+                    .push((q.spec.guard.clone(), q.spec.trigger.clone()));
+                p.notices.push(Notice {
+                    subjects: who(q),
+                    warning: true,
+                    reason: events::QUARANTINED,
+                    note: format!(
+                        "node {} quarantined by EgressGuard {}: {} (Quarantine {name}, refused before; its alert still fires and the rail cleared)",
+                        q.spec.node_name,
+                        q.spec.guard,
+                        describe(q)
+                    ),
+                    once: None,
+                    quarantine: Some(name.clone()),
+                });
+                p.status.push((name.clone(), next));
+            }
             None | Some(Phase::Pending) => {
                 let refusal = adm.refusal(&q.spec.guard, &q.spec.node_name, &q.spec.trigger);
                 let mut next = st.clone();
@@ -476,7 +536,7 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
                     p.add_finalizer.push(name.clone());
                 }
                 let release = if let Some(why) = q.annotations().get(RELEASE_ANNOTATION) {
-                    Some(format!("person: annotation {RELEASE_ANNOTATION}={why:?}"))
+                    Some(format!("{PERSON} annotation {RELEASE_ANNOTATION}={why:?}"))
                 } else if g.is_none() {
                     Some(format!("EgressGuard {} was deleted", q.spec.guard))
                 } else if !world.nodes.contains_key(&q.spec.node_name) {
@@ -627,6 +687,23 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
         });
         p.create.push(obj);
     }
+    // Said once per node while it lasts: the old exclusion label exempts
+    // nothing now, and whoever set it should know.
+    for (node, labels) in &world.nodes {
+        if labels
+            .get(LEGACY_EXCLUDE_LABEL)
+            .is_some_and(|v| v == "true")
+        {
+            p.notices.push(Notice {
+                subjects: vec![Subject::Node(node.clone())],
+                warning: true,
+                reason: events::LEGACY_EXCLUDE_LABEL,
+                note: format!("node {node} is labelled {LEGACY_EXCLUDE_LABEL}=true, which no longer exempts it from automatic quarantine (a node's own kubelet can set it); use {EXCLUDE_LABEL}"),
+                once: Some(format!("legacy-exclude/{node}")),
+                quarantine: None,
+            });
+        }
+    }
     p.active = adm.active;
     p.node_changes = node_changes(world, &escalate, &mut p.notices);
     p
@@ -664,7 +741,11 @@ fn tombstone(q: &Quarantine, now: &Time) -> Quarantine {
                 &q.spec.node_name,
                 &format!("deleted/{name}"),
             )),
-            labels: Some(q.labels().clone()),
+            labels: Some({
+                let mut l = q.labels().clone();
+                l.insert(TOMBSTONE_LABEL.into(), "true".into());
+                l
+            }),
             ..Default::default()
         },
         spec: QuarantineSpec {
@@ -684,7 +765,7 @@ fn tombstone(q: &Quarantine, now: &Time) -> Quarantine {
         status: Some(QuarantineStatus {
             phase: Some(Phase::Released),
             released_at: Some(now.clone()),
-            released_by: Some(format!("person: deleted Quarantine {name}")),
+            released_by: Some(format!("{PERSON} deleted Quarantine {name}")),
             conditions: Vec::new(),
             ..st
         }),
@@ -1301,6 +1382,71 @@ mod tests {
         assert!(p.delete.is_empty());
         let p = long.run(&[old], &[], "2026-11-23T13:01:00Z");
         assert_eq!(p.delete, ["o"]);
+    }
+
+    #[test]
+    fn a_refused_alert_still_firing_is_admitted_once_the_rail_clears() {
+        let f = Fixture::new("");
+        let mut refused = (*q(
+            "r",
+            "n2",
+            "alert",
+            Some(Phase::Refused),
+            "2026-11-23T10:00:00Z",
+        ))
+        .clone();
+        if let Some(st) = refused.status.as_mut() {
+            st.released_by = Some("refused (CapReached): the cap is 1".into());
+            st.released_at = Some(Time(t("2026-11-23T10:00:00Z")));
+        }
+        let refused = Arc::new(refused);
+        // n1 holds the cap: still refused, nothing written.
+        let holder = q(
+            "a",
+            "n1",
+            "alert",
+            Some(Phase::Active),
+            "2026-11-23T09:00:00Z",
+        );
+        let p = f.run(&[holder, refused.clone()], &[], "2026-11-23T10:05:00Z");
+        assert_eq!(active(&p), ["n1"]);
+        assert!(p.status.iter().all(|(n, _)| n != "r"), "{:?}", p.status);
+        // The cap frees: the same record is admitted, its release fields cleared.
+        let p = f.run(std::slice::from_ref(&refused), &[], "2026-11-23T10:06:00Z");
+        assert_eq!(active(&p), ["n2"]);
+        let st = &p.status.iter().find(|(n, _)| n == "r").expect("written").1;
+        assert_eq!(st.phase, Some(Phase::Active));
+        assert_eq!(
+            (st.released_at.clone(), st.released_by.clone()),
+            (None, None)
+        );
+        // Its alert resolved meanwhile: a refusal stays final.
+        let mut resolved = (*refused).clone();
+        if let Some(st) = resolved.status.as_mut() {
+            st.alert_resolved_at = Some(Time(t("2026-11-23T10:05:30Z")));
+        }
+        let p = f.run(&[Arc::new(resolved)], &[], "2026-11-23T10:06:00Z");
+        assert!(active(&p).is_empty());
+    }
+
+    #[test]
+    fn a_release_record_that_lost_its_status_is_never_admitted() {
+        let f = Fixture::new("");
+        let mut d = (*q(
+            "d",
+            "n1",
+            "alert",
+            Some(Phase::Active),
+            "2026-11-23T10:00:00Z",
+        ))
+        .clone();
+        d.metadata.deletion_timestamp = Some(Time(t("2026-11-23T12:00:00Z")));
+        let p = f.run(&[Arc::new(d)], &[], "2026-11-23T12:00:00Z");
+        let mut tomb = p.create[0].clone();
+        tomb.status = None;
+        let p = f.run(&[Arc::new(tomb)], &[], "2026-11-23T12:00:01Z");
+        assert!(active(&p).is_empty());
+        assert_eq!(p.status[0].1.phase, Some(Phase::Released));
     }
 
     #[test]

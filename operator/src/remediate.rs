@@ -416,10 +416,14 @@ pub async fn write_changes(client: &Client, p: &QuarantinePlan) -> Result<(), ku
     }
     for (name, status) in &p.status {
         let written = match status_patch(status) {
-            Ok(patch) => api
-                .patch_status(name, &params(), &Patch::Merge(&patch))
-                .await
-                .map(drop),
+            Ok(mut patch) => {
+                if let Some(rv) = p.versions.get(name) {
+                    patch["metadata"] = serde_json::json!({"resourceVersion": rv});
+                }
+                api.patch_status(name, &params(), &Patch::Merge(&patch))
+                    .await
+                    .map(drop)
+            }
             Err(e) => Err(e),
         };
         if let Err(e) = written {
@@ -505,8 +509,15 @@ pub fn status_patch(
     status: &egressguard_crds::QuarantineStatus,
 ) -> Result<serde_json::Value, kube::Error> {
     let mut v = serde_json::to_value(status).map_err(kube::Error::SerdeError)?;
-    if status.calm_since.is_none() {
-        v["calmSince"] = serde_json::Value::Null;
+    // A refused record admitted later loses its release fields too.
+    for (absent, key) in [
+        (status.calm_since.is_none(), "calmSince"),
+        (status.released_at.is_none(), "releasedAt"),
+        (status.released_by.is_none(), "releasedBy"),
+    ] {
+        if absent {
+            v[key] = serde_json::Value::Null;
+        }
     }
     // The receiver's fields: a pass's copy may predate the receiver's write
     // (a re-armed alert written back as resolved would release the node).

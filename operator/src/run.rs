@@ -512,6 +512,7 @@ async fn reconcile_all(ctx: &Ctx, stop_writing: Instant) -> Result<Pass, kube::E
     evaluate_if_due(ctx, &seen, &before).await;
     let qp = crate::quarantine::plan(&seen.world(ctx, &before));
     let q_written = crate::remediate::write_changes(&ctx.client, &qp).await;
+    let q_ok = q_written.is_ok();
     if q_written.is_ok() {
         extras.quarantined = qp.active.clone();
         count_quarantines(ctx, &qp);
@@ -534,8 +535,13 @@ async fn reconcile_all(ctx: &Ctx, stop_writing: Instant) -> Result<Pass, kube::E
     // Quarantine Events, then finalizer removals and expired records, now
     // that the plans are written.
     publish_notices(ctx, &seen.refs, &qp).await;
-    let r = crate::remediate::write_cleanup(&ctx.client, &qp).await;
-    note(&mut first, "release quarantine finalizers", r);
+    // Finalizers go only after every record this pass decided was written:
+    // a deleted quarantine's release record must exist before the quarantine
+    // itself may go.
+    if q_ok {
+        let r = crate::remediate::write_cleanup(&ctx.client, &qp).await;
+        note(&mut first, "release quarantine finalizers", r);
+    }
     first.map_or(Ok(pass), Err)
 }
 

@@ -277,6 +277,21 @@ fn is_open(q: &Quarantine) -> bool {
     )
 }
 
+/// A release a person made (annotation or delete): it holds against the
+/// alert it overrode for as long as that alert keeps firing.
+pub fn released_by_person(q: &Quarantine) -> bool {
+    q.status.as_ref().is_some_and(|s| {
+        s.phase == Some(Phase::Released)
+            && s.released_by
+                .as_deref()
+                .is_some_and(|b| b.starts_with(crate::quarantine::PERSON))
+    })
+}
+
+fn is_refused(q: &Quarantine) -> bool {
+    q.status.as_ref().and_then(|s| s.phase) == Some(Phase::Refused)
+}
+
 fn resolved_at(q: &Quarantine) -> Option<Time> {
     q.status.as_ref().and_then(|s| s.alert_resolved_at.clone())
 }
@@ -350,11 +365,12 @@ pub fn intents(n: &Notification, f: &Facts<'_>) -> Vec<Intent> {
                 node,
                 trigger: t.name.clone(),
             };
-            if !f
+            // A resolve always reaches the record it ends, planned or not.
+            let planned = f
                 .planned
                 .get(&guard)
-                .is_some_and(|p| p.contains(&triple.node))
-            {
+                .is_some_and(|p| p.contains(&triple.node));
+            if !planned && folded.first.is_some() {
                 out.push(Intent::NotPlanned(triple));
                 continue;
             }
@@ -381,17 +397,26 @@ fn episode(
     if g.spec.mode == Mode::DryRun {
         return Some(Intent::WouldQuarantine(t));
     }
-    // The episode goes on: an open record, or a closed one whose alert
-    // never resolved (a person's release holds while the alert it overrode
-    // keeps firing; a refusal is not retried by the same alert).
-    if let Some(q) = last.filter(|q| is_open(q) || resolved_at(q).is_none()) {
+    // The episode goes on: an open record; a refused one whose alert never
+    // resolved (the leader admits it once the rail that refused it clears);
+    // or one a person released while its alert kept firing (the release
+    // holds against that alert). A release for any other reason (the guard
+    // or the node gone) ends the episode: the next firing starts another.
+    let goes_on = |q: &Quarantine| {
+        is_open(q) || (resolved_at(q).is_none() && (is_refused(q) || released_by_person(q)))
+    };
+    if let Some(q) = last.filter(|q| goes_on(q)) {
         return Some(Intent::Repeat {
             name: q.name_any(),
             alerts: folded.firing,
-            rearm: is_open(q) && resolved_at(q).is_some(),
+            // Always on an open record: idempotent, and right even when this
+            // replica's cache has not seen a resolution yet.
+            rearm: is_open(q),
         });
     }
-    let episode = last.map_or(0, |q| episode_of(q)) + 1;
+    // An episode number someone set absurdly high starts nothing new (a
+    // wrap to 0 would collide with the first episode forever).
+    let episode = last.map_or(0, |q| episode_of(q)).checked_add(1)?;
     let name = object_name(&t.guard, &t.node, &format!("{}#{episode}", t.trigger));
     Some(Intent::Start(Box::new(Quarantine {
         metadata: ObjectMeta {
@@ -576,7 +601,7 @@ mod tests {
             [Intent::Repeat {
                 name: name.clone(),
                 alerts: MAX_ALERTS as u64,
-                rearm: false
+                rearm: true
             }]
         );
         // One more than the cap is refused whole, with the fix named.
@@ -614,12 +639,45 @@ mod tests {
         );
         // Released by a person while the alert kept firing: the repeat is
         // counted there, never a new quarantine.
+        let by = |w: &mut World, who: &str| {
+            if let Some(q) = w.records.last_mut() {
+                let mut o = (**q).clone();
+                if let Some(st) = o.status.as_mut() {
+                    st.released_by = Some(who.to_string());
+                }
+                *q = Arc::new(o);
+            }
+        };
         w.records.clear();
         let _ = w.store(&w.run(&fire)[0], Some(Phase::Released), false);
+        by(
+            &mut w,
+            "person: annotation egressguard.io/release=\"checked\"",
+        );
         assert!(matches!(
             w.run(&fire)[0],
             Intent::Repeat { rearm: false, .. }
         ));
+        // Released because its guard or node went away: the episode is over,
+        // the next firing starts another.
+        w.records.clear();
+        let _ = w.store(&w.run(&fire)[0], Some(Phase::Released), false);
+        by(&mut w, "EgressGuard site was deleted");
+        assert!(matches!(w.run(&fire)[0], Intent::Start(_)));
+        // Refused (say the cap) while it fires: counted there; the leader
+        // admits that record once the rail clears.
+        w.records.clear();
+        let _ = w.store(&w.run(&fire)[0], Some(Phase::Refused), false);
+        assert!(matches!(
+            w.run(&fire)[0],
+            Intent::Repeat { rearm: false, .. }
+        ));
+        // A resolve still reaches a record of a node no longer planned.
+        w.planned.clear();
+        let resolve = notification(&[alert("resolved", "10.0.0.1:9100", "a")]);
+        assert!(matches!(w.run(&resolve)[0], Intent::Resolved(_)));
+        assert!(matches!(w.run(&fire)[0], Intent::NotPlanned(_)));
+        w.planned = World::new("").planned;
         // Released after the alert resolved: a new firing is a new episode.
         w.records.clear();
         let _ = w.store(&w.run(&fire)[0], Some(Phase::Released), true);

@@ -133,6 +133,25 @@ fn e2e_a_node_cannot_exempt_unshape_or_impersonate_itself() {
     wait_for(&c, "node-1 quarantined despite its own label", 60, || {
         active(&c, "node-1") && c.shaped(1)
     });
+    wait_for(
+        &c,
+        "a Warning that the old label exempts nothing",
+        30,
+        || {
+            c.cp.kubectl_ok(&[
+                "get",
+                "events",
+                "-A",
+                "--field-selector",
+                "reason=LegacyExcludeLabelIgnored",
+                "-o",
+                "name",
+            ])
+            .lines()
+            .count()
+                >= 1
+        },
+    );
 
     // Quarantined, node-1 drops the guard's selector label: still shaped.
     let o = as_node("node-1", &["label", "node", "node-1", "site-"]);
@@ -225,4 +244,35 @@ fn e2e_a_node_cannot_exempt_unshape_or_impersonate_itself() {
         metrics.contains("egressguard_webhook_alerts_total{outcome=\"unmapped\"} 1"),
         "{metrics}"
     );
+
+    // The guard is held (it names a CIDRGroup that does not exist): its
+    // kept plans still follow the quarantines. A person releases node-1.
+    c.cp.kubectl_ok(&[
+        "patch",
+        "eg",
+        "site",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"whitelistGroups":[{"name":"not-there"}]}}"#,
+    ]);
+    wait_for(&c, "the guard held", 30, || {
+        c.get("eg", "site")
+            .is_some_and(|g| cond(&g, "Ready").1 == "WhitelistUnresolved")
+    });
+    assert!(c.shaped(1));
+    let name = records(&c, "node-1")
+        .into_iter()
+        .find(|q| q["status"]["phase"] == "Active")
+        .and_then(|q| q["metadata"]["name"].as_str().map(String::from))
+        .expect("node-1's quarantine");
+    c.cp.kubectl_ok(&[
+        "annotate",
+        "egq",
+        &name,
+        "egressguard.io/release=checked while the guard is held",
+    ]);
+    wait_for(&c, "node-1 released while its guard is held", 60, || {
+        !c.shaped(1)
+    });
 }

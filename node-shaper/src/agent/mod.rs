@@ -291,6 +291,19 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             if spec == Some(plan) {
                 info!(waiting = %why, "the plan is unchanged; keeping the version it was enforced with");
                 input = last.clone();
+            } else if let (Some(s), inputs::Input::Shape { guard, target, .. }) = (spec, last) {
+                // Only `enforce` moved (a quarantine began or ended while its
+                // guard is held): the same version, enforced or not as asked.
+                let mut same = s.clone();
+                same.enforce = plan.enforce;
+                if &same == plan {
+                    info!(waiting = %why, enforce = s.enforce, "only enforcement changed; keeping the version it was enforced with");
+                    input = inputs::Input::Shape {
+                        guard: guard.clone(),
+                        target: target.clone(),
+                        enforce: s.enforce,
+                    };
+                }
             }
         }
         // Netlink is blocking: the pass runs on the kernel thread while this
