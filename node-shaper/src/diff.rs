@@ -320,16 +320,17 @@ fn diff_prio(obs: Option<&Prio>, p: Prio, ph: &mut Phases) {
     }
     // Observed nodes sorted by (table, bucket), so matching costs one bucket
     // walk per desired node; `used` marks the ones we keep. (One vector of
-    // indices: a map of small vectors and id sets per bucket cost ~4 MiB
-    // at 100,000 filters.)
+    // (bucket, index): a map of small vectors and id sets per bucket cost
+    // ~4 MiB at 100,000 filters.)
     let mut used = vec![false; obs.filters.len()];
-    let key_at = |i: u32| bucket_key(&obs.filters[i as usize]);
-    let mut order: Vec<u32> = (0..obs.filters.len() as u32).collect();
-    order.sort_unstable_by_key(|&i| key_at(i));
-    let bucket = |t: Table, b: u8| -> &[u32] {
+    let mut order: Vec<(u64, u32)> = (0..obs.filters.len())
+        .map(|i| (bucket_key(&obs.filters[i]), i as u32))
+        .collect();
+    order.sort_unstable();
+    let bucket = |t: Table, b: u8| -> &[(u64, u32)] {
         let k = key_of(t, b);
-        let lo = order.partition_point(|&i| key_at(i) < k);
-        let n = order[lo..].partition_point(|&i| key_at(i) == k);
+        let lo = order.partition_point(|e| e.0 < k);
+        let n = order[lo..].iter().take_while(|e| e.0 == k).count();
         &order[lo..lo + n]
     };
     // Ids in use, per bucket, only in buckets that get additions.
@@ -339,7 +340,7 @@ fn diff_prio(obs: Option<&Prio>, p: Prio, ph: &mut Phases) {
     for d in p.filters.iter().filter(|d| d.id.is_some()) {
         let at = bucket(d.table, d.bucket)
             .iter()
-            .map(|&i| i as usize)
+            .map(|&(_, i)| i as usize)
             .find(|&i| obs.filters[i].id == d.id);
         match at {
             Some(i) if obs.filters[i].same_rule(d) => used[i] = true,
@@ -376,7 +377,7 @@ fn diff_prio(obs: Option<&Prio>, p: Prio, ph: &mut Phases) {
         let free = |pred: &dyn Fn(&Filter) -> bool, used: &mut Vec<bool>| {
             let i = candidates
                 .iter()
-                .map(|&i| i as usize)
+                .map(|&(_, i)| i as usize)
                 .find(|&i| !used[i] && pred(&obs.filters[i]))?;
             used[i] = true;
             Some(i)
@@ -405,7 +406,7 @@ fn diff_prio(obs: Option<&Prio>, p: Prio, ph: &mut Phases) {
         let ids = taken.entry(key).or_insert_with(|| {
             bucket(d.table, d.bucket)
                 .iter()
-                .map(|&i| obs.filters[i as usize].id.unwrap_or(0))
+                .map(|&(_, i)| obs.filters[i as usize].id.unwrap_or(0))
                 .collect()
         });
         let id = match d.id {

@@ -443,9 +443,11 @@ pub fn apply_incremental(
         return Ok(None);
     }
     let choice = leaf_choice(&light);
+    let light_ms = ms(&start);
     let Some(delta) = written.delta(target, choice, &light) else {
         return Ok(None);
     };
+    let delta_ms = ms(&start) - light_ms;
     let (refusal, warnings) = run(nl, iface, &delta.ops)?;
     if let Some((at, e)) = refusal {
         warn!(interface = dev, op = %delta.ops[at], error = %e, "incremental change refused; reading the tree back");
@@ -476,6 +478,8 @@ pub fn apply_incremental(
         interface = dev,
         writes,
         ms = report.millis,
+        light_ms,
+        delta_ms,
         "applied from the remembered tree"
     );
     Ok(Some(report))
