@@ -320,13 +320,17 @@ impl Receiver {
                 alerts,
                 rearm,
             } => {
-                let prev = self
+                let cached = self
                     .quarantines
                     .state()
                     .iter()
                     .find(|q| q.name_any() == name)
-                    .and_then(|q| q.status.as_ref().and_then(|s| s.alert_repeats))
-                    .unwrap_or(0);
+                    .and_then(|q| q.status.clone())
+                    .unwrap_or_default();
+                let prev = cached.alert_repeats.unwrap_or(0);
+                // Counted as a re-arm only when it had resolved; the null is
+                // written on every firing of an open record either way.
+                let rearmed = rearm && cached.alert_resolved_at.is_some();
                 let mut status = serde_json::json!({
                     "alertRepeats": prev.saturating_add(alerts),
                     "lastAlertAt": Time(Timestamp::now()),
@@ -343,7 +347,7 @@ impl Receiver {
                     )
                     .await
                 {
-                    Ok(_) => tally.add(if rearm { "rearmed" } else { "repeat" }),
+                    Ok(_) => tally.add(if rearmed { "rearmed" } else { "repeat" }),
                     Err(kube::Error::Api(e)) if e.code == 404 => tally.add("repeat"),
                     Err(e) => retry(format!("cannot count the repeat on {name}: {e}")),
                 }
