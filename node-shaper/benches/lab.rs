@@ -13,6 +13,7 @@
 
 #[path = "../tests/lab/mod.rs"]
 mod lab;
+mod syn_flood;
 
 use std::fmt::Write as _;
 use std::time::Instant;
@@ -448,6 +449,7 @@ fn main() {
         f.retransmits == 0 && d1 == d0,
     );
 
+    syn_flood::run(smoke, &mut |w, v, t, ok| rep.check(w, v, t, ok));
     println!("{} of {} targets met", rep.met, rep.met + rep.missed);
     drop(lab);
     if rep.missed > 0 {

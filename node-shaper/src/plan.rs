@@ -65,6 +65,28 @@ fn class(
     }
 }
 
+/// What the throttle and the lanes leave of the uplink (`rest`, bit/s),
+/// split into the whitelist's and the default class's guarantees: default
+/// gets a tenth, at least min(1Mbit, half), enough for ARP, neighbour
+/// discovery and the node's ordinary traffic; the whitelist the rest. So a
+/// flood that lands in the default class (random unlisted ports) cannot hold
+/// more than that tenth against a whitelisted flow: HTB serves a class below
+/// its own rate before any class borrows, so an even split let such a flood
+/// keep half of the rest whatever the priorities. The two always add up to
+/// `rest` (at least 16 bit/s), so the children never exceed the uplink.
+fn split_rest(rest: u64) -> (Rate, Rate) {
+    let rest = rest.max(16);
+    let def = (rest / 10).max((rest / 2).min(DEFAULT_FLOOR)).max(8);
+    (
+        Rate::from_bits_per_sec(rest - def),
+        Rate::from_bits_per_sec(def),
+    )
+}
+
+/// The default class's guarantee is at least this much (or half of what the
+/// throttle and the lanes leave, when that is less).
+const DEFAULT_FLOOR: u64 = 1_000_000;
+
 /// The desired shape for a spec.
 pub fn plan(spec: &ValidSpec, leaf: LeafChoice) -> Shape {
     plan_protected(spec, &[], leaf)
@@ -99,8 +121,9 @@ pub fn plan_skeleton(spec: &ValidSpec, leaf: LeafChoice, local: &[IpAddr]) -> Sh
     let up = spec.uplink_rate;
     // Children's rates must add up to at most the parent's, or HTB lets green
     // children exceed the uplink. The throttle and the two lanes keep their
-    // own rates; the rest is split between whitelist and default, both
-    // allowed to borrow up to the uplink. Nothing goes to HTB's direct queue:
+    // own rates; of what they leave, the default class is guaranteed a small
+    // share and the whitelist the rest, both allowed to borrow up to the
+    // uplink (the whitelist first). Nothing goes to HTB's direct queue:
     // every packet is under the uplink and a class's ceiling.
     let (pl, ssh) = (spec.protected_lane, spec.ssh_lane);
     let rest = up
@@ -109,8 +132,7 @@ pub fn plan_skeleton(spec: &ValidSpec, leaf: LeafChoice, local: &[IpAddr]) -> Sh
         .saturating_sub(pl.rate.bits_per_sec())
         .saturating_sub(ssh.rate.bits_per_sec())
         .max(16);
-    let wl = Rate::from_bits_per_sec(rest.div_ceil(2));
-    let def = Rate::from_bits_per_sec((rest - rest.div_ceil(2)).max(8));
+    let (wl, def) = split_rest(rest);
     let classes = vec![
         class(CLASS_UPLINK, ROOT, up, up, spec.uplink_burst, 0),
         class(CLASS_PROTECTED, CLASS_UPLINK, pl.rate, pl.ceil, None, 0),
