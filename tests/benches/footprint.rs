@@ -89,7 +89,10 @@ fn groups(
 /// Idle RSS of `node-shaper run` enforcing a guard whose whitelist is
 /// `entries` networks (the benchmark's mix of /32, /24, /16 and IPv6 /48,
 /// /64, /128) held in CIDRGroups, as the operator would plan it.
-fn agent_rss(entries: usize) -> f64 {
+/// The agent's resident memory with `entries` enforced: (idle, peak). The
+/// peak is the process's high-water mark (VmHWM), its first pass from
+/// scratch included: what decides whether the kubelet OOM-kills it.
+fn agent_rss(entries: usize) -> (f64, f64) {
     let lab = Lab::new("fp");
     let cp = ControlPlane::start(
         &lab.dir.join("cp"),
@@ -176,7 +179,15 @@ fn agent_rss(entries: usize) -> f64 {
     );
     // Idle: let a resync pass and allocator caches settle.
     std::thread::sleep(Duration::from_secs(5));
-    rss_mib(pid)
+    let peak = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0);
+    (rss_mib(pid), peak)
 }
 
 /// What the fleet run measured.
@@ -675,12 +686,20 @@ fn main() {
     // EG_BENCH_ONLY=agent or =fleet runs one half (while working on it).
     let only = std::env::var("EG_BENCH_ONLY").unwrap_or_default();
     for &(n, target) in agent_sizes.iter().filter(|_| only != "fleet") {
-        let a = agent_rss(n);
+        let (a, peak) = agent_rss(n);
         check(
             &format!("node-shaper run idle RSS, {n}-entry whitelist from CIDRGroups (MiB)"),
             format!("{a:.1}"),
             &format!("< {target}"),
             smoke || a < target,
+        );
+        check(
+            &format!(
+                "node-shaper run peak RSS (its passes, from scratch included), {n} entries (MiB)"
+            ),
+            format!("{peak:.1}"),
+            "<= 48",
+            smoke || peak <= 48.0,
         );
     }
     if only == "agent" {
