@@ -386,10 +386,20 @@ impl Receiver {
                 tally.add("would_quarantine");
             }
             Intent::Uncorroborated { triple: t, firing } => {
-                warn!(guard = %t.guard, node = %t.node, trigger = %t.trigger, firing,
-                    "alert not corroborated: Prometheus {} it firing for this node; ignored",
-                    if firing { "does not have" } else { "still has" });
-                tally.add("uncorroborated");
+                if firing {
+                    warn!(guard = %t.guard, node = %t.node, trigger = %t.trigger,
+                        "alert not corroborated: Prometheus does not have it firing for this node; ignored");
+                    tally.add("uncorroborated");
+                } else {
+                    // Alertmanager sends a resolve once: dropped, the episode
+                    // would never end by policy. A Prometheus that lags the one
+                    // that raised the alert catches up; Alertmanager retries.
+                    retry(format!(
+                        "Prometheus still has trigger {}'s alert firing for node {}; the resolve is not recorded yet",
+                        t.trigger, t.node
+                    ));
+                    tally.add("uncorroborated");
+                }
             }
             Intent::NotPlanned(t) => {
                 warn!(guard = %t.guard, node = %t.node, trigger = %t.trigger, "alert for a node the guard does not plan; nothing stored");
