@@ -314,19 +314,16 @@ impl Streaks {
 mod tests {
     use super::*;
 
+    fn fact(name: &str, ip: &str) -> NodeFacts {
+        NodeFacts {
+            name: name.into(),
+            labels: Default::default(),
+            internal_ips: vec![ip.parse().unwrap()],
+        }
+    }
+
     fn nodes() -> NodeIndex {
-        NodeIndex::new(&[
-            NodeFacts {
-                name: "worker-1".into(),
-                labels: Default::default(),
-                internal_ips: vec!["10.0.0.1".parse().unwrap()],
-            },
-            NodeFacts {
-                name: "worker-2".into(),
-                labels: Default::default(),
-                internal_ips: vec!["fd00::2".parse().unwrap()],
-            },
-        ])
+        NodeIndex::new(&[fact("worker-1", "10.0.0.1"), fact("worker-2", "fd00::2")])
     }
 
     fn series(labels: &[(&str, &str)], value: &str, time: f64) -> Series {
@@ -388,18 +385,7 @@ mod tests {
 
     #[test]
     fn a_claimed_address_or_an_exporters_own_node_label_names_no_node() {
-        let mut facts = vec![
-            NodeFacts {
-                name: "worker-1".into(),
-                labels: Default::default(),
-                internal_ips: vec!["10.0.0.1".parse().unwrap()],
-            },
-            NodeFacts {
-                name: "worker-2".into(),
-                labels: Default::default(),
-                internal_ips: vec!["10.0.0.2".parse().unwrap()],
-            },
-        ];
+        let mut facts = vec![fact("worker-1", "10.0.0.1"), fact("worker-2", "10.0.0.2")];
         // worker-2's kubelet claims worker-1's address too.
         facts[1].internal_ips.push("10.0.0.1".parse().unwrap());
         let ix = NodeIndex::new(&facts);

@@ -1332,19 +1332,24 @@ mod tests {
         assert_eq!(p.node_changes, [("n1".to_string(), NodeChange::Untaint)]);
     }
 
-    #[test]
-    fn a_deleted_quarantine_leaves_a_record_and_records_outlive_cooldown_and_firing_alerts() {
-        let f = Fixture::new("");
+    /// An Active alert quarantine a person is deleting (since 12:00).
+    fn being_deleted(name: &str, node: &str) -> Arc<Quarantine> {
         let mut d = (*q(
-            "d",
-            "n1",
+            name,
+            node,
             "alert",
             Some(Phase::Active),
             "2026-11-23T10:00:00Z",
         ))
         .clone();
         d.metadata.deletion_timestamp = Some(Time(t("2026-11-23T12:00:00Z")));
-        let p = f.run(&[Arc::new(d)], &[], "2026-11-23T12:00:00Z");
+        Arc::new(d)
+    }
+
+    #[test]
+    fn a_deleted_quarantine_leaves_a_record_and_records_outlive_cooldown_and_firing_alerts() {
+        let f = Fixture::new("");
+        let p = f.run(&[being_deleted("d", "n1")], &[], "2026-11-23T12:00:00Z");
         assert_eq!(p.create.len(), 1, "the release is remembered");
         let tomb = &p.create[0];
         let st = tomb.status.as_ref().expect("status");
@@ -1432,16 +1437,7 @@ mod tests {
     #[test]
     fn a_release_record_that_lost_its_status_is_never_admitted() {
         let f = Fixture::new("");
-        let mut d = (*q(
-            "d",
-            "n1",
-            "alert",
-            Some(Phase::Active),
-            "2026-11-23T10:00:00Z",
-        ))
-        .clone();
-        d.metadata.deletion_timestamp = Some(Time(t("2026-11-23T12:00:00Z")));
-        let p = f.run(&[Arc::new(d)], &[], "2026-11-23T12:00:00Z");
+        let p = f.run(&[being_deleted("d", "n1")], &[], "2026-11-23T12:00:00Z");
         let mut tomb = p.create[0].clone();
         tomb.status = None;
         let p = f.run(&[Arc::new(tomb)], &[], "2026-11-23T12:00:01Z");

@@ -179,14 +179,7 @@ fn agent_rss(entries: usize) -> (f64, f64) {
     );
     // Idle: let a resync pass and allocator caches settle.
     std::thread::sleep(Duration::from_secs(5));
-    let peak = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0);
+    let peak = cluster::status_mib(pid, "VmHWM");
     (rss_mib(pid), peak)
 }
 
