@@ -5,6 +5,7 @@
 # a virtualenv: Debian's python refuses system-wide pip, PEP 668), cargo's
 # fmt/clippy, Prometheus, Alertmanager and node-exporter (the quarantine tests
 # and the incident lab start their own; the packages' services are not started),
+# lua5.1 and lua-cjson (the chart's Argo CD health checks, tests/tests/argocd.rs),
 # and the Go modules of the test control plane (built by
 # scripts/dev-cluster.sh build).
 set -euo pipefail
@@ -13,9 +14,12 @@ venv="${EG_VENV:-/opt/egressguard-venv}"
 need=()
 for pair in ip:iproute2 tc:iproute2 iperf3:iperf3 hping3:hping3 strace:strace curl:curl openssl:openssl \
   prometheus:prometheus prometheus-alertmanager:prometheus-alertmanager \
-  prometheus-node-exporter:prometheus-node-exporter; do
+  prometheus-node-exporter:prometheus-node-exporter lua5.1:lua5.1; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
 done
+# lua-cjson: the JSON module the Argo CD health check tests load in lua5.1
+# (tests/argocd/run.lua).
+compgen -G '/usr/lib/*/lua/5.1/cjson.so' >/dev/null || need+=(lua-cjson)
 # The incident lab's chart (PNG) labels its axes with DejaVu Sans.
 [[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] || need+=(fonts-dejavu-core)
 if [[ ! -x "$venv/bin/python" ]] && ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then
