@@ -9,8 +9,8 @@ docs = open(sys.argv[1]).read().split("---\n")
 names = ["crds/egressguard.io_egressguards.yaml", "crds/egressguard.io_nodeshapings.yaml", "crds/egressguard.io_quarantines.yaml", "crds/egressguard.io_cidrgroups.yaml"]
 for name, doc in zip(names, docs):
     open(name, "w").write(doc)
-    # The Helm chart ships the same files.
-    open("charts/egressguard/" + name, "w").write(doc)
+    # The Helm chart renders the same files (templates/crds.yaml).
+    open("charts/egressguard/files/" + name, "w").write(doc)
 PY
 rm -f /tmp/egressguard-crds.$$.yaml
-echo "regenerated: crds/*.yaml and charts/egressguard/crds/*.yaml"
+echo "regenerated: crds/*.yaml and charts/egressguard/files/crds/*.yaml"

@@ -30,6 +30,9 @@ pub const MAX_GROUP_ENTRIES: usize = 50_000;
     kind = "CIDRGroup",
     plural = "cidrgroups",
     shortname = "egcg",
+    status = "CidrGroupStatus",
+    printcolumn = r#"{"name":"Entries","type":"integer","jsonPath":".status.entries"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -88,6 +91,26 @@ impl CidrGroupSpec {
             Err(ValidationErrors(errors))
         }
     }
+}
+
+/// What the operator found in a group (written by its leader).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CidrGroupStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Entries of the list (when valid).
+    #[serde(default)]
+    pub entries: i64,
+    /// [`CidrGroupSpec::digest`] of the content (when valid): what guards'
+    /// `status.groups` name once their nodes enforce this version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Standard conditions: Ready (the list is valid), Stalled (it is not:
+    /// only an edit can fix it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
 }
 
 /// A guard's reference to CIDR groups: exactly one of a name or a selector.

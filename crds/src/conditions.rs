@@ -61,16 +61,62 @@ pub mod types {
     pub const TAMPERED: &str = "Tampered";
     /// The guard selects nodes by labels their own kubelets can set (a warning).
     pub const SELECTOR_NODE_WRITABLE: &str = "SelectorNodeWritable";
+    /// A CRD the object needs is served (written only when one is not).
+    pub const CRDS_INSTALLED: &str = "CRDsInstalled";
+    /// Work toward the spec is under way (kstatus: InProgress). Written only
+    /// while True, as kstatus and Flux expect of this "abnormal-true" type.
+    pub const RECONCILING: &str = "Reconciling";
+    /// The spec cannot be met until someone changes something: a retry will
+    /// not help (kstatus: Failed; always with Ready=False). Written only
+    /// while True.
+    pub const STALLED: &str = "Stalled";
 
     /// Is `status` the troubling one for condition `type_`? `Degraded`,
-    /// `Conflict`, `Tampered` and `SelectorNodeWritable` are bad when True,
-    /// the others when False.
+    /// `Conflict`, `Tampered`, `SelectorNodeWritable` and `Stalled` are bad
+    /// when True, `Reconciling` never, the others when False.
     pub fn is_bad(type_: &str, status: &str) -> bool {
+        if type_ == RECONCILING {
+            return false;
+        }
         (status == "True")
             == matches!(
                 type_,
-                DEGRADED | CONFLICT | TAMPERED | SELECTOR_NODE_WRITABLE
+                DEGRADED | CONFLICT | TAMPERED | SELECTOR_NODE_WRITABLE | STALLED
             )
+    }
+}
+
+/// Where an object is on its way to what its spec asks, as GitOps tools
+/// (kstatus: Flux, Helm's `--wait`; Argo CD's health checks) read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// In force: `Ready=True`, neither Reconciling nor Stalled.
+    Done,
+    /// On its way: `Reconciling=True` (kstatus InProgress).
+    Reconciling,
+    /// Stuck until someone acts: `Stalled=True` (kstatus Failed).
+    Stalled,
+}
+
+impl Progress {
+    /// The Reconciling or Stalled condition of this progress (none when
+    /// Done: both are abnormal-true types, absent when not True).
+    pub fn condition(
+        self,
+        reason: &str,
+        message: String,
+        generation: Option<i64>,
+        previous: &[Condition],
+        now: impl FnOnce() -> Time,
+    ) -> Option<Condition> {
+        let type_ = match self {
+            Progress::Done => return None,
+            Progress::Reconciling => types::RECONCILING,
+            Progress::Stalled => types::STALLED,
+        };
+        Some(condition(
+            type_, true, reason, message, generation, previous, now,
+        ))
     }
 }
 
@@ -110,6 +156,30 @@ pub mod guard {
     pub const KUBELET_SETTABLE: &str = "KubeletSettableLabels";
     /// SelectorNodeWritable=False.
     pub const RESTRICTED_LABELS: &str = "RestrictedLabels";
+    /// Ready=False, Stalled, CRDsInstalled=False: a kind the guard needs
+    /// (CIDRGroup, Quarantine) is not installed.
+    pub const CRD_MISSING: &str = "CRDMissing";
+}
+
+/// Reasons of a CIDRGroup's conditions.
+pub mod group {
+    /// Ready: every entry parses.
+    pub const VALID: &str = "Valid";
+    /// Ready=False, Stalled: some entries do not (the message names them).
+    pub const INVALID_ENTRIES: &str = "InvalidEntries";
+}
+
+/// Reasons of a Quarantine's Ready, Reconciling and Stalled conditions
+/// (Refused records use the rail's name, [`crate::quarantine::Refusal`]).
+pub mod quarantine {
+    /// Reconciling: stored, not admitted yet.
+    pub const PENDING: &str = "Pending";
+    /// Reconciling: Active, the node's agent has not confirmed the plan yet.
+    pub const ENFORCING: &str = "Enforcing";
+    /// Ready: Active and enforced on the node.
+    pub const ENFORCED: &str = "Enforced";
+    /// Ready: over; the record is kept.
+    pub const RELEASED: &str = "Released";
 }
 
 /// Event reasons the operator emits, for alerts and `kubectl get events
@@ -148,6 +218,7 @@ mod tests {
         assert!(is_bad(WHITELIST_RESOLVED, "False") && is_bad(METRICS_AVAILABLE, "False"));
         assert!(is_bad(DEGRADED, "True") && !is_bad(DEGRADED, "False"));
         assert!(is_bad(CONFLICT, "True") && !is_bad(CONFLICT, "False"));
+        assert!(is_bad(STALLED, "True") && !is_bad(RECONCILING, "True"));
     }
 }
 

@@ -13,7 +13,7 @@ pub mod serve;
 pub mod units;
 pub mod validate;
 
-pub use cidr_group::{CIDRGroup, CidrGroupSpec, GroupRef};
+pub use cidr_group::{CIDRGroup, CidrGroupSpec, CidrGroupStatus, GroupRef};
 pub use guard::{
     Destination, EgressGuard, EgressGuardSpec, EgressGuardStatus, Mode, NodePhase, NodeState,
     Protocol, Throttle, Uplink,
@@ -21,6 +21,42 @@ pub use guard::{
 pub use node_shaping::{NodeShaping, NodeShapingSpec, NodeShapingStatus};
 pub use quarantine::{Phase, Quarantine, QuarantineSpec, QuarantineStatus};
 pub use validate::{validate, FieldError, ValidSpec, ValidationErrors};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSON,
+};
+use kube::CustomResourceExt;
+
+/// Every CRD of the API, as the chart ships them: EgressGuard, NodeShaping,
+/// Quarantine, CIDRGroup.
+///
+/// Each defaults `status` to `{observedGeneration: 0}`. An object nobody has
+/// processed yet then reads as "generation 1 not observed" instead of having
+/// no status at all, which kstatus (Flux, Helm's `--wait`) takes for Current
+/// and Argo CD for Healthy. The API server applies the default when it reads
+/// an object without a status, so it holds from the create response on.
+pub fn definitions() -> Vec<CustomResourceDefinition> {
+    let mut crds = vec![
+        EgressGuard::crd(),
+        NodeShaping::crd(),
+        Quarantine::crd(),
+        CIDRGroup::crd(),
+    ];
+    for crd in &mut crds {
+        for version in &mut crd.spec.versions {
+            let status = version
+                .schema
+                .as_mut()
+                .and_then(|s| s.open_api_v3_schema.as_mut())
+                .and_then(|s| s.properties.as_mut())
+                .and_then(|p| p.get_mut("status"));
+            if let Some(status) = status {
+                status.default = Some(JSON(serde_json::json!({ "observedGeneration": 0 })));
+            }
+        }
+    }
+    crds
+}
 
 #[cfg(test)]
 mod tests;

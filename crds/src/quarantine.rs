@@ -326,6 +326,10 @@ pub enum Phase {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct QuarantineStatus {
+    /// The generation this status describes (a Quarantine's spec is
+    /// immutable: 1 once the operator has seen it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
     /// Pending, Active, Released or Refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
@@ -353,7 +357,10 @@ pub struct QuarantineStatus {
     /// or the person's request; for Refused, the rail that refused it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released_by: Option<String>,
-    /// Standard conditions: Enforced.
+    /// Standard conditions: Enforced, Ready (the record's state is what it
+    /// should be: Active and enforced, or Released), Reconciling (Pending,
+    /// or Active but not confirmed yet) and Stalled (refused, or not
+    /// enforced on its node).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

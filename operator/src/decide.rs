@@ -774,6 +774,7 @@ mod tests {
             spec: egressguard_crds::CidrGroupSpec {
                 cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
             },
+            status: None,
         })
     }
 

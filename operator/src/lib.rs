@@ -8,11 +8,14 @@
 pub mod decide;
 pub mod enforcement;
 pub mod evaluate;
+pub mod group_status;
 pub mod intent;
+pub mod kinds;
 pub mod leader;
 pub mod own_writes;
 pub mod prom;
 pub mod quarantine;
+pub mod quarantine_progress;
 pub mod rbac;
 pub mod receiver;
 pub mod remediate;

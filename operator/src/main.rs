@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use egressguard_crds::{load::load_file, validate, EgressGuard};
-use kube::CustomResourceExt;
+use egressguard_crds::{load::load_file, validate};
 
 #[derive(Parser)]
 #[command(
@@ -179,13 +178,11 @@ fn validate_path(path: &Path) -> Result<usize, String> {
 
 /// Every CRD as one multi-document YAML stream.
 fn crds_yaml() -> Result<String, serde_yaml::Error> {
-    Ok(format!(
-        "{}---\n{}---\n{}---\n{}",
-        serde_yaml::to_string(&EgressGuard::crd())?,
-        serde_yaml::to_string(&egressguard_crds::NodeShaping::crd())?,
-        serde_yaml::to_string(&egressguard_crds::Quarantine::crd())?,
-        serde_yaml::to_string(&egressguard_crds::CIDRGroup::crd())?
-    ))
+    let docs = egressguard_crds::definitions()
+        .iter()
+        .map(serde_yaml::to_string)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(docs.join("---\n"))
 }
 
 fn main() -> ExitCode {

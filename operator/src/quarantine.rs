@@ -492,6 +492,12 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
                     next.phase = Some(Phase::Refused);
                     next.released_at = Some(now.clone());
                     next.released_by = Some(format!("refused ({reason}): {why}"));
+                    crate::quarantine_progress::refused(
+                        &mut next,
+                        &reason.to_string(),
+                        &why,
+                        world.now,
+                    );
                     p.notices.push(Notice {
                         subjects: who(q),
                         warning: reason != Refusal::DryRun,
@@ -706,6 +712,7 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
     }
     p.active = adm.active;
     p.node_changes = node_changes(world, &escalate, &mut p.notices);
+    crate::quarantine_progress::settle(world, &mut p);
     p
 }
 
@@ -1403,6 +1410,10 @@ mod tests {
         if let Some(st) = refused.status.as_mut() {
             st.released_by = Some("refused (CapReached): the cap is 1".into());
             st.released_at = Some(Time(t("2026-11-23T10:00:00Z")));
+            // As the pass that refused it left it (Ready, Stalled).
+            let at = t("2026-11-23T10:00:00Z");
+            crate::quarantine_progress::refused(st, "CapReached", "the cap is 1", at);
+            crate::quarantine_progress::with_progress(st, None, at);
         }
         let refused = Arc::new(refused);
         // n1 holds the cap: still refused, nothing written.

@@ -26,6 +26,8 @@ pub const OPERATOR_CLUSTER: &[Rule] = &[
     ("", "nodes", &["get", "list", "watch", "patch"]),
     // reflector: the guards' whitelistGroups resolve against it.
     ("egressguard.io", "cidrgroups", &["list", "watch"]),
+    // Each group's validity (observedGeneration, Ready, Stalled).
+    ("egressguard.io", "cidrgroups/status", &["patch"]),
     // reflector; the receiver stores alerts as Pending objects (create) and
     // reads them (get); the leader starts them (create), adds and removes the
     // release finalizer (patch) and deletes records past their retention.

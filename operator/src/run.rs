@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use egressguard_crds::node_shaping::NodeShapingSpec;
 use egressguard_crds::{EgressGuard, NodeShaping, Phase, Quarantine};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -35,6 +35,7 @@ use crate::decide::{decide_with, Decision, Extras, GroupFacts, NodeFacts};
 use crate::enforcement::NodeReport;
 use crate::evaluate::NodeIndex;
 use crate::intent::{intend, Finalizers, GuardEvent, Intent, Observed, PlanWrite};
+use crate::kinds::Served;
 use crate::leader::Leader;
 use crate::own_writes::OwnWrites;
 use crate::quarantine::{GuardFacts, World};
@@ -167,9 +168,62 @@ struct Caches {
     groups: Store<egressguard_crds::CIDRGroup>,
     /// The agents' heartbeat Leases (in this release's namespace).
     heartbeats: Store<Lease>,
+    /// Whether the Quarantine and CIDRGroup CRDs are installed: kinds added
+    /// after the first release, which an upgrade may have left out.
+    quarantines_served: Served,
+    groups_served: Served,
+}
+
+impl Caches {
+    /// Every cache has listed once, or (for the kinds later releases added)
+    /// found its CRD missing. Waits for the kinds every release had.
+    async fn ready(&self) -> bool {
+        let optional = |store_ready: Option<Result<(), _>>, served: &Served| {
+            served.missing() || matches!(store_ready, Some(Ok(())))
+        };
+        self.guards.wait_until_ready().await.is_ok()
+            && self.nodes.wait_until_ready().await.is_ok()
+            && self.shapings.wait_until_ready().await.is_ok()
+            && self.slices.wait_until_ready().await.is_ok()
+            && self.heartbeats.wait_until_ready().await.is_ok()
+            && optional(
+                self.quarantines.wait_until_ready().now_or_never(),
+                &self.quarantines_served,
+            )
+            && optional(
+                self.groups.wait_until_ready().now_or_never(),
+                &self.groups_served,
+            )
+    }
+
+    /// The kinds whose CRD the API server does not serve.
+    fn missing(&self) -> Vec<&'static str> {
+        [
+            (&self.quarantines_served, "quarantines.egressguard.io"),
+            (&self.groups_served, "cidrgroups.egressguard.io"),
+        ]
+        .into_iter()
+        .filter(|(s, _)| s.missing())
+        .map(|(_, name)| name)
+        .collect()
+    }
 }
 
 fn spawn_reflector<K>(api: Api<K>, cfg: watcher::Config, notify: Arc<Notify>) -> Store<K>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    spawn_served_reflector(api, cfg, notify, Served::default())
+}
+
+/// A reflector whose watch steps also tell `served` whether the kind exists.
+fn spawn_served_reflector<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    notify: Arc<Notify>,
+    served: Served,
+) -> Store<K>
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
@@ -179,6 +233,7 @@ where
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(ev) = stream.next().await {
+            served.observe(&ev);
             match ev {
                 Ok(_) => notify.notify_one(),
                 Err(e) => warn!(error = %e, "watch failed; retrying with backoff"),
@@ -392,7 +447,7 @@ impl Snapshot {
                 .filter(|(_, s)| {
                     s.status
                         .as_ref()
-                        .is_some_and(|st| st.observed_generation.is_some() && !st.by_reference)
+                        .is_some_and(|st| agent_wrote(st) && !st.by_reference)
                 })
                 .map(|(n, _)| n.clone())
                 .collect(),
@@ -401,9 +456,9 @@ impl Snapshot {
                 .shapings
                 .iter()
                 .filter(|(_, s)| {
-                    s.status.as_ref().is_some_and(|st| {
-                        st.observed_generation.is_some() && !st.digests_from_guard
-                    })
+                    s.status
+                        .as_ref()
+                        .is_some_and(|st| agent_wrote(st) && !st.digests_from_guard)
                 })
                 .map(|(n, _)| n.clone())
                 .collect(),
@@ -492,11 +547,18 @@ impl Snapshot {
                 let q = GuardQuarantine {
                     active: extras.quarantined.get(&name).map_or(0, |s| s.len()),
                     metrics: available.get(&name).cloned(),
+                    missing_kinds: ctx.caches.missing(),
                 };
                 (name, q)
             })
             .collect()
     }
+}
+
+/// An agent wrote this status: it observed a generation (1 or more). The
+/// schema's default, `observedGeneration: 0`, is nobody's report.
+fn agent_wrote(st: &egressguard_crds::NodeShapingStatus) -> bool {
+    st.observed_generation.is_some_and(|g| g > 0)
 }
 
 /// One full pass: decide, then write the differences. A failed write is
@@ -510,7 +572,13 @@ async fn reconcile_all(ctx: &Ctx, stop_writing: Instant) -> Result<Pass, kube::E
     let mut extras = seen.extras(ctx);
     let before = seen.decide(&extras);
     evaluate_if_due(ctx, &seen, &before).await;
-    let qp = crate::quarantine::plan(&seen.world(ctx, &before));
+    // Without the Quarantine CRD (an upgrade that left it out) there is
+    // nothing to record a quarantine in: plans and guards still go on.
+    let qp = if ctx.caches.quarantines_served.missing() {
+        Default::default()
+    } else {
+        crate::quarantine::plan(&seen.world(ctx, &before))
+    };
     let q_written = crate::remediate::write_changes(&ctx.client, &qp).await;
     let q_ok = q_written.is_ok();
     if q_written.is_ok() {
@@ -532,6 +600,7 @@ async fn reconcile_all(ctx: &Ctx, stop_writing: Instant) -> Result<Pass, kube::E
     };
     let intent = intend(&observed, seen.decide(&extras));
     let pass = execute(ctx, &seen, intent, &mut first, stop_writing).await;
+    write_group_statuses(ctx, &extras).await;
     // Quarantine Events, then finalizer removals and expired records, now
     // that the plans are written.
     publish_notices(ctx, &seen.refs, &qp).await;
@@ -630,6 +699,38 @@ async fn publish_notices(
     for n in fresh {
         crate::remediate::publish(&ctx.recorder, n, refs).await;
     }
+}
+
+/// Writes the CIDRGroup statuses that changed. Informational (nothing is
+/// enforced from them), so a failure is logged, not retried at once: a
+/// release rolled back to RBAC without `cidrgroups/status` must not turn
+/// every pass into an error.
+async fn write_group_statuses(ctx: &Ctx, extras: &Extras) {
+    let api: Api<egressguard_crds::CIDRGroup> = Api::all(ctx.client.clone());
+    let now = Timestamp::now();
+    let groups = ctx.caches.groups.state();
+    let writes = groups.iter().filter_map(|g| {
+        let facts = extras.groups.get(&g.name_any())?;
+        let status = crate::group_status::group_status(g, facts, now)?;
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": g.resource_version()},
+            "status": status,
+        });
+        let api = &api;
+        Some(async move {
+            let name = g.name_any();
+            match api
+                .patch_status(&name, &merge_params(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {}
+                // The next pass reads the newer version and writes again.
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => warn!(group = %name, error = %e, "CIDRGroup status not written"),
+            }
+        })
+    });
+    parallel(writes).await;
 }
 
 /// Executes an [`Intent`] in its order, deciding nothing; plan writes not
@@ -903,6 +1004,7 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
         serve::Limits::probes(),
     ));
     let notify = Arc::new(Notify::new());
+    let (quarantines_served, groups_served) = (Served::default(), Served::default());
     let caches = Caches {
         guards: spawn_reflector(
             Api::<EgressGuard>::all(client.clone()),
@@ -926,15 +1028,17 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
                 .fields(&format!("metadata.name={API_SLICE}")),
             notify.clone(),
         ),
-        quarantines: spawn_reflector(
+        quarantines: spawn_served_reflector(
             Api::<Quarantine>::all(client.clone()),
             watcher::Config::default(),
             notify.clone(),
+            quarantines_served.clone(),
         ),
-        groups: spawn_reflector(
+        groups: spawn_served_reflector(
             Api::<egressguard_crds::CIDRGroup>::all(client.clone()),
             watcher::Config::default(),
             notify.clone(),
+            groups_served.clone(),
         ),
         heartbeats: spawn_reflector(
             Api::<Lease>::namespaced(client.clone(), &cfg.namespace),
@@ -947,6 +1051,8 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
             // read by the passes the tick below schedules.
             Arc::new(Notify::new()),
         ),
+        quarantines_served,
+        groups_served,
     };
     let recorder = Recorder::new(
         client.clone(),
@@ -1041,14 +1147,8 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
         }
         // Let a burst of events settle before recomputing.
         tokio::time::sleep(Duration::from_millis(150)).await;
-        let ready = ctx.caches.guards.wait_until_ready().await.is_ok()
-            && ctx.caches.nodes.wait_until_ready().await.is_ok()
-            && ctx.caches.shapings.wait_until_ready().await.is_ok()
-            && ctx.caches.slices.wait_until_ready().await.is_ok()
-            && ctx.caches.quarantines.wait_until_ready().await.is_ok()
-            && ctx.caches.groups.wait_until_ready().await.is_ok()
-            && ctx.caches.heartbeats.wait_until_ready().await.is_ok();
-        if !ready {
+        if !ctx.caches.ready().await {
+            // A kind still listing: its watch wakes this loop when it has.
             continue;
         }
         let t = Instant::now();

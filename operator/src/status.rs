@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use egressguard_crds::conditions::{guard, types};
+use egressguard_crds::conditions::{guard, types, Progress};
 use egressguard_crds::node_shaping::{reasons, NodeShapingSpec};
 use egressguard_crds::{EgressGuard, EgressGuardStatus, Mode, NodePhase, NodeShaping, NodeState};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -108,6 +108,40 @@ pub struct GuardQuarantine {
     pub active: usize,
     /// For guards with Prometheus triggers: Ok, or why metrics are unavailable.
     pub metrics: Option<Result<(), String>>,
+    /// CRDs of the API the server does not serve (an upgrade that left
+    /// them out), by name: reported on every guard they affect.
+    pub missing_kinds: Vec<&'static str>,
+}
+
+/// Where a guard stands for GitOps tools: the kstatus pair's reason and
+/// message, from the conditions just computed.
+fn progress(held: Option<&Held>, failed: bool, pending: usize) -> (Progress, &'static str) {
+    match held {
+        // kstatus reads a deletion from deletionTimestamp first.
+        Some(Held::Deleting) => (Progress::Done, guard::DELETING),
+        // Only an edit of the spec fixes it.
+        Some(Held::Invalid(_)) => (Progress::Stalled, guard::INVALID_SPEC),
+        // A group the pipeline has not applied yet may come.
+        Some(Held::Unresolved(_)) => (Progress::Reconciling, guard::WHITELIST_UNRESOLVED),
+        // An agent's error (an interface missing, a refused plan) needs a
+        // person; the agent retries, and Stalled clears when it succeeds.
+        None if failed => (Progress::Stalled, guard::NODES_FAILED),
+        None if pending > 0 => (Progress::Reconciling, guard::PROGRESSING),
+        None => (Progress::Done, guard::ENFORCED),
+    }
+}
+
+/// The missing CRDs that stop this guard from doing what it asks.
+fn missing_for(g: &EgressGuard, missing: &[&'static str]) -> Vec<&'static str> {
+    missing
+        .iter()
+        .copied()
+        .filter(|kind| match *kind {
+            "cidrgroups.egressguard.io" => !g.spec.whitelist_groups.is_empty(),
+            "quarantines.egressguard.io" => g.spec.mode == Mode::Auto,
+            _ => true,
+        })
+        .collect()
 }
 
 /// The status a guard should have now.
@@ -327,6 +361,28 @@ pub fn guard_status(
             )
         });
     }
+    let (mut progress, mut reason) = progress(out.held.as_ref(), !failed.is_empty(), pending);
+    let missing = missing_for(g, &q.missing_kinds);
+    if !missing.is_empty() {
+        // Ready says what is in force: an Auto guard that cannot record a
+        // quarantine, or a guard whose groups cannot be read, is not.
+        let why = crate::kinds::missing_message(&missing);
+        (progress, reason) = (Progress::Stalled, guard::CRD_MISSING);
+        conditions.retain(|c| c.type_ != types::READY);
+        conditions.push(cond(types::READY, false, reason, why.clone(), gen, prev));
+        conditions.push(cond(types::CRDS_INSTALLED, false, reason, why, gen, prev));
+    }
+    let ready_message = conditions
+        .iter()
+        .find(|c| c.type_ == types::READY)
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    let previous = prev.map_or(&[][..], |p| p.conditions.as_slice());
+    conditions.extend(
+        progress.condition(reason, ready_message, gen, previous, || {
+            Time(Timestamp::now())
+        }),
+    );
     let failed_count = failed.len() as i32;
     nodes.truncate(MAX_NODES_IN_STATUS);
     EgressGuardStatus {
@@ -556,7 +612,7 @@ mod tests {
         .collect();
         let q = GuardQuarantine {
             active: 1,
-            metrics: None,
+            ..Default::default()
         };
         let s = guard_status(&g, &decision(planned(&["n1", "n2"])), &shapings, &q);
         let states: Vec<NodePhase> = s.nodes.iter().map(|n| n.state).collect();

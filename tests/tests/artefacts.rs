@@ -11,21 +11,13 @@ fn root() -> std::path::PathBuf {
 /// `scripts/gen-crds.sh`.
 #[test]
 fn committed_crd_yaml_is_current() {
-    for (file, crd) in [
-        ("crds/egressguard.io_egressguards.yaml", EgressGuard::crd()),
-        (
-            "crds/egressguard.io_nodeshapings.yaml",
-            egressguard_crds::NodeShaping::crd(),
-        ),
-        (
-            "crds/egressguard.io_quarantines.yaml",
-            egressguard_crds::Quarantine::crd(),
-        ),
-        (
-            "crds/egressguard.io_cidrgroups.yaml",
-            egressguard_crds::CIDRGroup::crd(),
-        ),
-    ] {
+    let files = [
+        "crds/egressguard.io_egressguards.yaml",
+        "crds/egressguard.io_nodeshapings.yaml",
+        "crds/egressguard.io_quarantines.yaml",
+        "crds/egressguard.io_cidrgroups.yaml",
+    ];
+    for (file, crd) in files.into_iter().zip(egressguard_crds::definitions()) {
         let path = root().join(file);
         let committed = std::fs::read_to_string(&path).unwrap_or_default();
         let generated = serde_yaml::to_string(&crd).expect("serialize CRD");

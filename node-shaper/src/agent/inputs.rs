@@ -118,6 +118,17 @@ pub fn input_for(ns: Option<&NodeShaping>, held: &Held, own: &[ProtectedEntry]) 
                     want.name, want.generation
                 ));
             }
+            // A guard with whitelistGroups always has its plans name at least
+            // one group (the operator holds the guard otherwise). A plan that
+            // names none lost them on the way (written under an older
+            // NodeShaping schema, which prunes the field): enforced, it would
+            // throttle the whitelisted destinations.
+            if spec.groups.is_empty() && !guard.spec.whitelist_groups.is_empty() {
+                return Input::Invalid(format!(
+                    "invalid plan, kernel left unchanged:\nspec.groups: names no CIDRGroup, but EgressGuard {} has spec.whitelistGroups; enforcing it would throttle the groups' destinations. A NodeShaping CRD from before CIDRGroups prunes the field: upgrade the CRDs (helm upgrade installs them)",
+                    want.name
+                ));
+            }
             // Digests the plan leaves out are the guard's status's, which
             // must describe this generation (the groups of this spec).
             let status = guard.status.as_ref();
@@ -549,6 +560,25 @@ mod tests {
             input_for(None, &Held::default(), &[]),
             Input::Remove
         ));
+    }
+
+    /// A plan without groups for a guard that has them lost them on the way
+    /// (an older schema pruned the field): refused, never enforced without
+    /// the whitelist.
+    #[test]
+    fn a_plan_naming_no_groups_for_a_guard_with_groups_is_refused() {
+        let v1 = group(&["198.51.100.0/24"]);
+        let mut p = plan(3, &v1.spec.digest());
+        p.spec.groups.clear();
+        match input_for(Some(&p), &held(Some(3), Some(&v1)), &[]) {
+            Input::Invalid(e) => assert!(
+                e.contains(
+                    "spec.groups: names no CIDRGroup, but EgressGuard idc has spec.whitelistGroups"
+                ),
+                "{e}"
+            ),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
     }
 
     /// A plan that carries its spec is enforced from it (the operator's copy

@@ -6,7 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use super::PassReport;
 
-use egressguard_crds::conditions::types;
+use egressguard_crds::conditions::{types, Progress};
 pub use egressguard_crds::node_shaping::reasons;
 
 fn condition(
@@ -99,6 +99,20 @@ pub fn status_for(
             "nothing foreign on the shaped interfaces".to_string(),
         ),
     };
+    // For GitOps tools (kstatus, Argo CD): waiting for the guard's status
+    // or a group is on the way; a refused plan or a kernel error needs a
+    // person (the agent still retries, and Stalled clears when it succeeds).
+    let progress = if outcome.waiting.is_some() {
+        Progress::Reconciling
+    } else if ready {
+        Progress::Done
+    } else {
+        Progress::Stalled
+    };
+    let previous_conditions = previous.map_or(&[][..], |p| p.conditions.as_slice());
+    let progress = progress.condition(reason, message.clone(), gen, previous_conditions, || {
+        now.clone()
+    });
     NodeShapingStatus {
         by_reference: true,
         digests_from_guard: true,
@@ -124,7 +138,10 @@ pub fn status_for(
                 previous,
                 &now,
             ),
-        ],
+        ]
+        .into_iter()
+        .chain(progress)
+        .collect(),
         last_apply_time: Some(now),
     }
 }
@@ -304,6 +321,20 @@ mod tests {
             assert_eq!(cond(&s, types::DEGRADED), own(degraded), "{case}: Degraded");
             assert_eq!(s.observed_generation, Some(4), "{case}");
             assert!(s.by_reference, "{case}: the operator relies on this flag");
+            // kstatus: Reconciling while waiting, Stalled when not Ready
+            // otherwise, neither when Ready.
+            let progress: Vec<&str> = s
+                .conditions
+                .iter()
+                .filter(|c| c.type_ == types::RECONCILING || c.type_ == types::STALLED)
+                .map(|c| c.type_.as_str())
+                .collect();
+            let want: &[&str] = match ready.0 {
+                "True" => &[],
+                _ if ready.1 == reasons::WAITING => &[types::RECONCILING],
+                _ => &[types::STALLED],
+            };
+            assert_eq!(progress, want, "{case}: kstatus conditions");
         }
     }
 
