@@ -125,8 +125,29 @@ impl Cluster {
         })
     }
 
+    /// A cluster with `nodes` nodes and the release installed from `chart`
+    /// (an earlier version's chart, for upgrade tests).
+    pub fn with_chart(nodes: usize, chart: &std::path::Path) -> Cluster {
+        let id = cluster::unique();
+        Cluster::create_from(
+            Names {
+                api: format!("ega-{id}"),
+                nodes: (1..=nodes).map(|i| format!("egn{i}-{id}")).collect(),
+                dir: std::env::temp_dir().join(format!("egop-{id}")),
+                keep_dir: false,
+            },
+            Some(chart),
+        )
+    }
+
     /// A cluster with the given names.
     pub fn create(n: Names) -> Cluster {
+        Cluster::create_from(n, None)
+    }
+
+    /// A cluster with the given names, the release installed from `chart`
+    /// (default: this repository's).
+    fn create_from(n: Names, chart: Option<&std::path::Path>) -> Cluster {
         let Names {
             api,
             nodes: node_names,
@@ -170,7 +191,24 @@ impl Cluster {
                 ..Options::default()
             },
         );
-        cp.helm_install(&serde_json::json!({}));
+        match chart {
+            None => {
+                cp.helm_install(&serde_json::json!({}));
+            }
+            Some(chart) => {
+                let values = serde_json::json!({});
+                let out = cp.helm(
+                    &["install", cluster::RELEASE, "--create-namespace"],
+                    Some((chart, &values)),
+                );
+                assert!(
+                    out.status.success(),
+                    "helm install of {}: {}",
+                    chart.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
         Cluster {
             operators: vec![],
             agents: vec![],
