@@ -712,7 +712,7 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
     }
     p.active = adm.active;
     p.node_changes = node_changes(world, &escalate, &mut p.notices);
-    crate::quarantine_progress::settle(world, &mut p);
+    settle(world, &mut p);
     p
 }
 
@@ -844,6 +844,42 @@ fn enforced(
     let overdue = status != "True" && secs_since(world.now, &since) >= after.as_secs_f64();
     if action != EscalationAction::None && (overdue || already) {
         escalate.entry(node.clone()).or_insert((action, name));
+    }
+}
+
+/// Settles every record the plan writes or creates, and writes the records
+/// whose stored status lacks them (records from before, or whose verdict
+/// changed nothing else).
+fn settle(world: &World<'_>, p: &mut QuarantinePlan) {
+    for q in &mut p.create {
+        // A created object's first generation.
+        if let Some(st) = q.status.as_mut() {
+            crate::quarantine_progress::with_progress(st, Some(1), world.now);
+        }
+    }
+    let generation: BTreeMap<String, Option<i64>> = world
+        .quarantines
+        .iter()
+        .map(|q| (q.name_any(), q.metadata.generation))
+        .collect();
+    for (name, st) in &mut p.status {
+        crate::quarantine_progress::with_progress(
+            st,
+            generation.get(name).copied().flatten(),
+            world.now,
+        );
+    }
+    for q in world.quarantines {
+        let name = q.name_any();
+        if p.status.iter().any(|(n, _)| *n == name) || p.delete.contains(&name) {
+            continue;
+        }
+        let stored = q.status.clone().unwrap_or_default();
+        let mut next = stored.clone();
+        crate::quarantine_progress::with_progress(&mut next, q.metadata.generation, world.now);
+        if next != stored {
+            p.status.push((name, next));
+        }
     }
 }
 

@@ -6,16 +6,12 @@
 //! and an Active one whose node stopped enforcing it, need a person
 //! (Stalled). Pure; the pass writes what changed.
 
-use std::collections::BTreeMap;
-
 use egressguard_crds::conditions::{condition, quarantine as reasons, types, Progress};
 use egressguard_crds::{Phase, QuarantineStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::ResourceExt;
 
 use crate::enforcement::{self, ENFORCED_CONDITION};
-use crate::quarantine::{QuarantinePlan, World};
 
 /// Reason of a refusal's Stalled condition when the record predates it.
 const REFUSED: &str = "Refused";
@@ -97,38 +93,6 @@ pub fn with_progress(st: &mut QuarantineStatus, generation: Option<i64>, now: Ti
     ));
     st.conditions
         .extend(progress.condition(&reason, message, generation, &previous, at));
-}
-
-/// Settles every record the plan writes or creates, and writes the records
-/// whose stored status lacks them (records from before, or whose verdict
-/// changed nothing else).
-pub fn settle(world: &World<'_>, p: &mut QuarantinePlan) {
-    for q in &mut p.create {
-        // A created object's first generation.
-        if let Some(st) = q.status.as_mut() {
-            with_progress(st, Some(1), world.now);
-        }
-    }
-    let generation: BTreeMap<String, Option<i64>> = world
-        .quarantines
-        .iter()
-        .map(|q| (q.name_any(), q.metadata.generation))
-        .collect();
-    for (name, st) in &mut p.status {
-        with_progress(st, generation.get(name).copied().flatten(), world.now);
-    }
-    for q in world.quarantines {
-        let name = q.name_any();
-        if p.status.iter().any(|(n, _)| *n == name) || p.delete.contains(&name) {
-            continue;
-        }
-        let stored = q.status.clone().unwrap_or_default();
-        let mut next = stored.clone();
-        with_progress(&mut next, q.metadata.generation, world.now);
-        if next != stored {
-            p.status.push((name, next));
-        }
-    }
 }
 
 #[cfg(test)]
