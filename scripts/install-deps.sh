@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need on a fresh Debian 12 machine (as root):
 # iproute2 (ip, tc), iperf3, hping3 (the SYN-flood tests), strace (fixture capture), curl, openssl (the test
-# control plane's certificates), python3-venv, real Helm v4 (helm-python-sdk, in
-# a virtualenv: Debian's python refuses system-wide pip, PEP 668), cargo's
-# fmt/clippy, Prometheus, Alertmanager and node-exporter (the quarantine tests
-# and the incident lab start their own; the packages' services are not started),
+# control plane's certificates), cargo's fmt/clippy, Prometheus, Alertmanager
+# and node-exporter (the quarantine tests and the incident lab start their own;
+# the packages' services are not started),
 # lua5.1 and lua-cjson (the chart's Argo CD health checks, tests/tests/argocd.rs),
-# and the Go modules of the test control plane (built by
-# scripts/dev-cluster.sh build).
+# the Go modules of the test control plane (built by
+# scripts/dev-cluster.sh build), and the real Helm CLI v4 and the kstatus
+# helper (built from tests/tools by scripts/build-tools.sh).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-venv="${EG_VENV:-/opt/egressguard-venv}"
 need=()
 for pair in ip:iproute2 tc:iproute2 iperf3:iperf3 hping3:hping3 strace:strace curl:curl openssl:openssl \
   prometheus:prometheus prometheus-alertmanager:prometheus-alertmanager \
@@ -22,9 +21,6 @@ done
 compgen -G '/usr/lib/*/lua/5.1/cjson.so' >/dev/null || need+=(lua-cjson)
 # The incident lab's chart (PNG) labels its axes with DejaVu Sans.
 [[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] || need+=(fonts-dejavu-core)
-if [[ ! -x "$venv/bin/python" ]] && ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then
-  need+=(python3-venv)
-fi
 if ((${#need[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
@@ -40,12 +36,6 @@ if ((${#need[@]})); then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
   [[ -n "$policy" ]] && rm -f "$policy"
 fi
-# Real Helm v4 (its Go SDK) for the chart tests and for installing the chart
-# into the test control plane.
-if ! "$venv/bin/python" -c "import helm_python" >/dev/null 2>&1; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check helm-python-sdk
-fi
 # kubectl drives the end-to-end tests (preinstalled on these machines).
 command -v kubectl >/dev/null 2>&1 || echo "warning: kubectl not found; the end-to-end tests need it" >&2
 if command -v rustup >/dev/null 2>&1; then
@@ -58,3 +48,6 @@ command -v go >/dev/null 2>&1 || {
   exit 1
 }
 "$root/scripts/dev-cluster.sh" build >/dev/null
+# The real Helm CLI (v4.3.2) for the chart tests and for installing the chart
+# into the test control plane, and kstatus: Go modules too, cached the same way.
+"$root/scripts/build-tools.sh" >/dev/null

@@ -23,18 +23,6 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The Python that has helm-python-sdk (the virtualenv install-deps.sh makes).
-pub fn helm_python() -> PathBuf {
-    let venv = std::env::var_os("EG_VENV")
-        .map_or_else(|| PathBuf::from("/opt/egressguard-venv"), PathBuf::from);
-    let py = venv.join("bin/python");
-    if py.exists() {
-        py
-    } else {
-        PathBuf::from("python3")
-    }
-}
-
 /// Where to reach the API server from outside its namespace, and what the
 /// serving certificate must name.
 #[derive(Debug, Default, Clone)]
@@ -195,18 +183,14 @@ impl ControlPlane {
             .flatten()
     }
 
-    /// Installs charts/egressguard with real Helm (CRDs, namespace, ServiceAccounts,
-    /// roles, bindings, Services, Deployment and DaemonSet objects).
+    /// Installs charts/egressguard with the real Helm CLI (CRDs, namespace,
+    /// ServiceAccounts, roles, bindings, Services, Deployment and DaemonSet
+    /// objects); returns what `helm install` printed.
     pub fn helm_install(&self, values: &serde_json::Value) -> String {
-        let out = self
-            .command(helm_python())
-            .arg(root().join("tests/helm/install.py"))
-            .arg("install")
-            .arg(root().join("charts/egressguard"))
-            .args([RELEASE, NAMESPACE, &values.to_string()])
-            .env("KUBECONFIG", &self.kubeconfig)
-            .output()
-            .expect("helm install");
+        let out = self.helm(
+            &["install", RELEASE, "--create-namespace"],
+            Some((&root().join("charts/egressguard"), values)),
+        );
         assert!(
             out.status.success(),
             "helm install: {}",
@@ -223,14 +207,36 @@ impl ControlPlane {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// `helm uninstall` of the release.
+    /// `helm upgrade` of the release to `chart` with `values`.
+    pub fn helm_upgrade(&self, chart: &Path, values: &serde_json::Value) -> Output {
+        self.helm(&["upgrade", RELEASE], Some((chart, values)))
+    }
+
+    /// `helm rollback` of the release to `revision`.
+    pub fn helm_rollback(&self, revision: u32) -> Output {
+        self.helm(&["rollback", RELEASE, &revision.to_string()], None)
+    }
+
+    /// `helm uninstall` of the release, waiting until its objects are gone.
     pub fn helm_uninstall(&self) -> Output {
-        self.command(helm_python())
-            .arg(root().join("tests/helm/install.py"))
-            .args(["uninstall", RELEASE, NAMESPACE])
-            .env("KUBECONFIG", &self.kubeconfig)
+        self.helm(&["uninstall", RELEASE, "--wait"], None)
+    }
+
+    /// The Helm CLI against this control plane, in the release's namespace;
+    /// with a chart, its values go in a file in the control plane's directory.
+    pub fn helm(&self, args: &[&str], chart: Option<(&Path, &serde_json::Value)>) -> Output {
+        let mut cmd = self.command(crate::tools::helm());
+        cmd.args(args);
+        if let Some((chart, values)) = chart {
+            let file = self.dir.join(format!("values-{}.json", unique()));
+            std::fs::write(&file, values.to_string()).expect("write helm values");
+            cmd.arg(chart).arg("-f").arg(file);
+        }
+        cmd.args(["--namespace", NAMESPACE, "--timeout", "120s"])
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
             .output()
-            .expect("helm uninstall")
+            .expect("run helm")
     }
 
     /// A token for a ServiceAccount of the chart, from the TokenRequest API;

@@ -879,25 +879,16 @@ fn random_token() -> String {
 fn write_prometheus_config(dir: &Path) -> Result<(), LabError> {
     // Rendered without a cluster: the chart then insists on a named token Secret.
     let values = serde_json::json!({"prometheusRule": {"enabled": true, "thresholdBitsPerSecond": "20e6", "for": "3s", "rateWindow": "5s"}, "operator": {"quarantine": {"webhook": {"existingSecret": "unused"}}}});
-    let root = cluster::root();
-    let o = Command::new(cluster::helm_python())
-        .arg(root.join("tests/helm/render.py"))
-        .arg(root.join("charts/egressguard"))
-        .arg(values.to_string())
-        .output()
-        .map_err(|e| LabError::Other(format!("helm render: {e}")))?;
-    if !o.status.success() {
-        return Err(LabError::Other(format!(
-            "helm render: {}",
-            String::from_utf8_lossy(&o.stderr)
-        )));
-    }
-    let v: Value = serde_json::from_slice(&o.stdout)
-        .map_err(|e| LabError::Other(format!("helm render: {e}")))?;
-    let rule = v["manifests"]
-        .as_object()
-        .and_then(|m| m.iter().find(|(k, _)| k.ends_with("prometheusrule.yaml")))
-        .and_then(|(_, t)| serde_yaml::from_str::<Value>(t.as_str()?).ok())
+    crate::tools::try_helm().map_err(|e| LabError::Other(format!("helm: {e}")))?;
+    let manifests = crate::tools::helm_template(
+        &cluster::root().join("charts/egressguard"),
+        &values,
+        &["--show-only", "templates/prometheusrule.yaml"],
+    )
+    .map_err(|e| LabError::Other(format!("helm render: {e}")))?;
+    let rule = crate::tools::documents(&manifests)
+        .into_iter()
+        .find(|d| d["kind"] == "PrometheusRule")
         .ok_or_else(|| LabError::Other("the chart rendered no PrometheusRule".into()))?;
     let rules = serde_json::json!({"groups": rule["spec"]["groups"]});
     let rules_path = dir.join("rules.yml");

@@ -7,3 +7,4 @@ pub mod lab;
 pub mod monitoring;
 pub mod plot;
 pub mod site;
+pub mod tools;

@@ -5,10 +5,10 @@
 //! them, byte for byte, as the keys Argo CD reads (real Helm).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Command;
 
 use egressguard_e2e::argocd::{check_file, config_map_key, health, KINDS};
-use egressguard_e2e::cluster::{helm_python, root};
+use egressguard_e2e::cluster::root;
+use egressguard_e2e::tools;
 use serde_json::{json, Value};
 
 /// The cases every kind must have: each branch of the mapping, and the
@@ -201,34 +201,20 @@ fn the_four_checks_are_one_script() {
     assert_eq!(files, want);
 }
 
-/// Renders the chart with real Helm (helm-python-sdk, `tests/helm/render.py`).
+/// Renders the chart with real Helm (the CLI `scripts/build-tools.sh` builds):
+/// the documents of `helm template` and the report of `helm lint --strict`.
 fn render(argocd: Value) -> (Vec<Value>, Value) {
     let values = json!({
         "operator": {"quarantine": {"webhook": {"token": "0123456789abcdef0123456789abcdef"}}},
         "argocd": argocd,
     });
-    let out = Command::new(helm_python())
-        .arg(root().join("tests/helm/render.py"))
-        .arg(root().join("charts/egressguard"))
-        .arg(values.to_string())
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "helm render: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("render output");
-    let mut docs = Vec::new();
-    for text in v["manifests"].as_object().expect("manifests").values() {
-        for doc in serde_yaml::Deserializer::from_str(text.as_str().unwrap_or_default()) {
-            let d: Value = serde::Deserialize::deserialize(doc).expect("rendered YAML parses");
-            if !d.is_null() {
-                docs.push(d);
-            }
-        }
-    }
-    (docs, v["lint"].clone())
+    let chart = root().join("charts/egressguard");
+    let manifests =
+        tools::helm_template(&chart, &values, &[]).unwrap_or_else(|e| panic!("helm render: {e}"));
+    (
+        tools::documents(&manifests),
+        tools::helm_lint(&chart, &values),
+    )
 }
 
 fn config_maps(docs: &[Value]) -> Vec<&Value> {

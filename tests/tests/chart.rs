@@ -1,12 +1,12 @@
-//! The Helm chart, linted and rendered with real Helm (helm-python-sdk embeds
-//! Helm v4's Go SDK). Rendered manifests must parse as the Kubernetes types,
+//! The Helm chart, linted and rendered with the real Helm CLI (v4, built from
+//! its Go module by `scripts/build-tools.sh`). Rendered manifests must parse as the Kubernetes types,
 //! grant exactly the RBAC the code uses, and run node-shaper with NET_ADMIN
 //! only; the operator runs on trusted nodes only, and its admission policy
 //! is proven on a real API server.
 
 use std::collections::BTreeSet;
-use std::process::Command;
 
+use egressguard_e2e::tools;
 use egressguard_operator::rbac::{self, Rule};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
@@ -39,30 +39,15 @@ fn render(values: &str) -> Rendered {
     try_render(&v.to_string()).unwrap_or_else(|e| panic!("helm render failed: {e}"))
 }
 
-/// Renders the values exactly as given; Err carries Helm's message.
+/// Renders the values exactly as given (`helm template`, then `helm lint
+/// --strict`); Err carries Helm's message.
 fn try_render(values: &str) -> Result<Rendered, String> {
-    let out = Command::new(egressguard_e2e::cluster::helm_python())
-        .arg(root().join("tests/helm/render.py"))
-        .arg(root().join("charts/egressguard"))
-        .arg(values)
-        .output()
-        .expect("python3");
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    let v: Value = serde_json::from_slice(&out.stdout).expect("render output");
-    let mut docs = Vec::new();
-    for text in v["manifests"].as_object().expect("manifests").values() {
-        for doc in serde_yaml::Deserializer::from_str(text.as_str().unwrap_or_default()) {
-            let d: Value = serde::Deserialize::deserialize(doc).expect("rendered YAML parses");
-            if !d.is_null() {
-                docs.push(d);
-            }
-        }
-    }
+    let v: Value = serde_json::from_str(values).expect("values JSON");
+    let chart = root().join("charts/egressguard");
+    let manifests = tools::helm_template(&chart, &v, &[])?;
     Ok(Rendered {
-        docs,
-        lint: v["lint"].clone(),
+        docs: tools::documents(&manifests),
+        lint: tools::helm_lint(&chart, &v),
     })
 }
 
@@ -368,12 +353,12 @@ fn chart_ships_the_generated_crds() {
         "egressguard.io_quarantines.yaml",
         "egressguard.io_cidrgroups.yaml",
     ] {
-        let chart = std::fs::read_to_string(root().join("charts/egressguard/crds").join(f))
+        let chart = std::fs::read_to_string(root().join("charts/egressguard/files/crds").join(f))
             .unwrap_or_default();
         let generated = std::fs::read_to_string(root().join("crds").join(f)).unwrap_or_default();
         assert!(
             !generated.is_empty() && chart == generated,
-            "charts/egressguard/crds/{f} is stale: run scripts/gen-crds.sh"
+            "charts/egressguard/files/crds/{f} is stale: run scripts/gen-crds.sh"
         );
     }
 }
@@ -666,29 +651,13 @@ fn chart_webhook_token_is_stable_or_refused_without_a_cluster() {
         assert!(err.contains(says), "the message lacks {says:?}: {err}");
     }
     // `helm lint` on the default values reports the message, it does not fail.
-    let lint = Command::new(egressguard_e2e::cluster::helm_python())
-        .arg("-c")
-        .arg("import json, sys, helm_python\nprint(json.dumps(helm_python.lint(sys.argv[1], {}, strict=True)))")
-        .arg(root().join("charts/egressguard"))
-        .output()
-        .expect("python3");
-    let lint: Value = serde_json::from_slice(&lint.stdout).expect("lint report");
+    let lint = tools::helm_lint(&root().join("charts/egressguard"), &serde_json::json!({}));
     assert_eq!(lint["errors"], serde_json::json!([]), "helm lint: {lint}");
     // Stable: the same values render the same manifests, byte for byte.
     let manifests = |values: &str| {
-        let out = Command::new(egressguard_e2e::cluster::helm_python())
-            .arg(root().join("tests/helm/render.py"))
-            .arg(root().join("charts/egressguard"))
-            .arg(values)
-            .output()
-            .expect("python3");
-        assert!(
-            out.status.success(),
-            "{values}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: Value = serde_json::from_slice(&out.stdout).expect("render output");
-        v["manifests"].clone()
+        let v: Value = serde_json::from_str(values).expect("values JSON");
+        tools::helm_template(&root().join("charts/egressguard"), &v, &[])
+            .unwrap_or_else(|e| panic!("{values}: {e}"))
     };
     for values in [
         r#"{"operator": {"quarantine": {"webhook": {"existingSecret": "x"}}}}"#,
@@ -721,6 +690,37 @@ fn chart_webhook_token_is_stable_or_refused_without_a_cluster() {
     );
 }
 
+/// kstatus (sigs.k8s.io/cli-utils) of a rendered chart: what the API server
+/// serves as is (RBAC, ServiceAccounts, Services) is Current; the workloads,
+/// never rolled out, are InProgress.
+#[test]
+fn kstatus_of_the_rendered_chart() {
+    let r = render("{}");
+    let s = tools::kstatus(&Value::Array(r.docs.clone()));
+    assert_eq!(s.len(), r.docs.len(), "one status per object: {s:?}");
+    let of =
+        |kind: &str| -> Vec<&tools::ObjectStatus> { s.iter().filter(|o| o.kind == kind).collect() };
+    for kind in [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Service",
+    ] {
+        assert!(
+            !of(kind).is_empty() && of(kind).iter().all(|o| o.status == "Current"),
+            "{kind}: {s:?}"
+        );
+    }
+    for kind in ["Deployment", "DaemonSet"] {
+        assert!(
+            of(kind).iter().all(|o| o.status == "InProgress"),
+            "{kind}: {s:?}"
+        );
+    }
+}
+
 /// On a real API server, with the chart installed by real Helm (no token
 /// values: a real install still generates one, and an upgrade's render reads
 /// it back), the operator's ServiceAccount may write a guard's finalizers and
@@ -744,42 +744,73 @@ fn chart_admission_policy_keeps_the_operator_off_guard_specs() {
         "jsonpath={.data.token}",
     ]);
     assert!(stored.len() >= 32, "generated token: {stored:?}");
+    // An upgrade's render against the cluster (lookup reads the Secret back).
     let upgrade = cp
-        .command(cluster::helm_python())
-        .arg("-c")
-        .arg(
-            "import json, os, sys, helm_python\n\
-             c = helm_python.Config(kubeconfig_path=os.environ['KUBECONFIG'], namespace=sys.argv[2])\n\
-             m = c.render(helm_python.Chart.load(sys.argv[1]), {}, name=sys.argv[3], namespace=sys.argv[2], is_upgrade=True)\n\
-             print(json.dumps(m))\n",
-        )
+        .command(tools::helm())
+        .args(["template", cluster::RELEASE])
         .arg(root().join("charts/egressguard"))
-        .args([cluster::NAMESPACE, cluster::RELEASE])
-        .env("KUBECONFIG", &cp.kubeconfig)
+        .args([
+            "--namespace",
+            cluster::NAMESPACE,
+            "--is-upgrade",
+            "--dry-run=server",
+        ])
+        .arg("--kubeconfig")
+        .arg(&cp.kubeconfig)
         .output()
-        .expect("helm render against the cluster");
+        .expect("helm template against the cluster");
     assert!(
         upgrade.status.success(),
         "cluster-aware render: {}",
         String::from_utf8_lossy(&upgrade.stderr)
     );
-    let m: Value = serde_json::from_slice(&upgrade.stdout).expect("manifests");
-    let text = m
-        .as_object()
-        .and_then(|m| {
-            m.iter()
-                .find(|(k, _)| k.ends_with("templates/operator.yaml"))
-        })
-        .and_then(|(_, t)| t.as_str().map(str::to_string))
-        .expect("operator.yaml");
-    let secret = serde_yaml::Deserializer::from_str(&text)
-        .filter_map(|d| <Value as serde::Deserialize>::deserialize(d).ok())
+    let secret = tools::documents(&String::from_utf8_lossy(&upgrade.stdout))
+        .into_iter()
         .find(|d| d["kind"] == "Secret")
         .expect("the Secret in an upgrade's render");
     assert_eq!(
         secret["data"]["token"].as_str(),
         Some(stored.as_str()),
         "an upgrade would rotate the token"
+    );
+    // The real upgrade keeps it, and so does a rollback to the install.
+    let chart = root().join("charts/egressguard");
+    let token = || {
+        cp.kubectl_ok(&[
+            "get",
+            "secret",
+            "-n",
+            cluster::NAMESPACE,
+            "eg-operator-webhook-token",
+            "-o",
+            "jsonpath={.data.token}",
+        ])
+    };
+    for (what, o) in [
+        (
+            "helm upgrade",
+            cp.helm_upgrade(&chart, &serde_json::json!({})),
+        ),
+        ("helm rollback 1", cp.helm_rollback(1)),
+    ] {
+        assert!(
+            o.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(token(), stored, "{what} rotated the token");
+    }
+    // The chart's CRDs are served: kstatus says Current for each.
+    cluster::wait_for(
+        "the chart's CRDs Current",
+        30,
+        || {
+            let list: Value =
+                serde_json::from_str(&cp.kubectl_ok(&["get", "crd", "-o", "json"])).expect("CRDs");
+            let s = tools::kstatus(&list);
+            s.len() >= 4 && s.iter().all(|c| c.status == "Current")
+        },
+        || cp.kubectl_ok(&["get", "crd", "-o", "json"]),
     );
 
     cp.apply(
