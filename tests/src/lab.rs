@@ -167,6 +167,9 @@ pub struct Report {
     pub classes_capped: String,
     /// Expectations checked, each with whether it held.
     pub checks: Vec<(String, bool)>,
+    /// Every alert-rule and dashboard expression of the chart, queried from
+    /// the lab's Prometheus while node-1 was quarantined and at the end.
+    pub queries: Vec<QueryCount>,
 }
 
 /// Lists lab namespaces that exist now.
@@ -521,7 +524,8 @@ pub fn run_lab(
         c.others.push(child);
     }
     // Prometheus with the chart's own alert rule, rendered by Helm.
-    write_prometheus_config(&c.dir)?;
+    let promql = write_prometheus_config(&c.dir)?;
+    let queries = lab_queries(&promql)?;
     c.others
         .push(monitoring::start_prometheus(&c.api, &c.dir, PORTS));
     let token_file = c.dir.join("webhook-token");
@@ -535,8 +539,8 @@ pub fn run_lab(
     let flags = monitoring::operator_flags(PORTS, &token_file);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     c.start_operator_with("lab", &flags);
-    c.start_agent(1);
-    c.start_agent(2);
+    start_agent_scraped(&mut c, 1)?;
+    start_agent_scraped(&mut c, 2)?;
     check_stop()?;
 
     // The story starts: business traffic on node-1, ordinary traffic on node-2.
@@ -680,6 +684,11 @@ pub fn run_lab(
         &mut || at() >= until,
         progress,
     )?;
+    // node-1 quarantined, throttled for the whole hold: every series of the
+    // quarantine exists now (its classes, the operator's counts).
+    progress(&status("quarantined: querying PromQL"));
+    let while_quarantined: Vec<Result<usize, String>> =
+        queries.iter().map(|(_, q)| prom_series(&c, q)).collect();
     let classes_capped = Command::new("ip")
         .args([
             "netns",
@@ -725,6 +734,18 @@ pub fn run_lab(
     let get_eg = c.cp.kubectl_ok(&["get", "eg"]);
     let get_egq = c.cp.kubectl_ok(&["get", "egq"]);
     let node2_quarantined = egq(&c).iter().any(|q| q["spec"]["nodeName"] == "node-2");
+    // After the release: what only a release writes.
+    let queries: Vec<QueryCount> = queries
+        .into_iter()
+        .zip(while_quarantined)
+        .map(|((e, query), quarantined)| QueryCount {
+            required: required(&query),
+            end: prom_series(&c, &query),
+            source: e.source,
+            query,
+            quarantined,
+        })
+        .collect();
     drop(flows);
     drop(internet);
 
@@ -786,6 +807,7 @@ pub fn run_lab(
             format!("the node stays quarantined for the {after:.0} s calm window after the flood stops, then is released"),
             tl.released - tl.flood_stop >= after,
         ),
+        queries_check(&queries),
     ];
     let series: Vec<(f64, f64, f64, f64)> = {
         let bs = per_second(&b);
@@ -813,6 +835,7 @@ pub fn run_lab(
         show_end,
         classes_capped,
         checks,
+        queries,
     })
 }
 
@@ -873,32 +896,265 @@ fn random_token() -> String {
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Prometheus scrapes both nodes' node-exporter every second and evaluates
-/// the chart's `NodeEgressSaturated` rule (rendered by real Helm with the
-/// lab's threshold) every second.
-fn write_prometheus_config(dir: &Path) -> Result<(), LabError> {
-    // Rendered without a cluster: the chart then insists on a named token Secret.
-    let values = serde_json::json!({"prometheusRule": {"enabled": true, "thresholdBitsPerSecond": "20e6", "for": "3s", "rateWindow": "5s"}, "operator": {"quarantine": {"webhook": {"existingSecret": "unused"}}}});
-    crate::tools::try_helm().map_err(|e| LabError::Other(format!("helm: {e}")))?;
-    let manifests = crate::tools::helm_template(
-        &cluster::root().join("charts/egressguard"),
-        &values,
-        &["--show-only", "templates/prometheusrule.yaml"],
-    )
-    .map_err(|e| LabError::Other(format!("helm render: {e}")))?;
-    let rule = crate::tools::documents(&manifests)
-        .into_iter()
-        .find(|d| d["kind"] == "PrometheusRule")
-        .ok_or_else(|| LabError::Other("the chart rendered no PrometheusRule".into()))?;
-    let rules = serde_json::json!({"groups": rule["spec"]["groups"]});
+/// Where the lab's operator serves /metrics (`Cluster::start_operator_with`
+/// gives the first operator 9465), in the api namespace with Prometheus.
+const OPERATOR_METRICS: &str = "127.0.0.1:9465";
+/// The agents' /metrics port, on each node's address (`start_agent_scraped`).
+const AGENT_METRICS_PORT: u16 = 9464;
+/// The scrape jobs, named like the chart's ServiceMonitor names them (after
+/// the Services of release `eg`), which the dashboard's job variables list.
+const OPERATOR_JOB: &str = "eg-operator-metrics";
+const AGENT_JOB: &str = "eg-node-shaper-metrics";
+
+/// Prometheus scrapes both nodes' node-exporter and agent, and the operator,
+/// every second, and evaluates the chart's alert rules (rendered by real Helm
+/// with the lab's threshold) every second. Returns what the chart renders for
+/// monitoring (its rules and its dashboard), for `lab_queries`.
+fn write_prometheus_config(dir: &Path) -> Result<ChartPromql, LabError> {
+    let values = serde_json::json!({"prometheusRule": {"thresholdBitsPerSecond": "20e6", "for": "3s", "rateWindow": "5s"}});
+    let promql = chart_promql(&values).map_err(|e| LabError::Other(format!("helm render: {e}")))?;
+    let rules = serde_json::json!({"groups": promql.rule_groups});
     let rules_path = dir.join("rules.yml");
     std::fs::write(&rules_path, rules.to_string()).map_err(|e| LabError::Other(e.to_string()))?;
     let cfg = format!(
-        "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [{}]\nalerting:\n  alertmanagers:\n  - static_configs: [{{targets: ['127.0.0.1:{}']}}]\nscrape_configs:\n- job_name: node\n  static_configs: [{{targets: ['10.230.1.2:9100', '10.230.2.2:9100']}}]\n",
+        "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [{}]\nalerting:\n  alertmanagers:\n  - static_configs: [{{targets: ['127.0.0.1:{}']}}]\nscrape_configs:\n- job_name: node\n  static_configs: [{{targets: ['10.230.1.2:9100', '10.230.2.2:9100']}}]\n- job_name: {AGENT_JOB}\n  static_configs: [{{targets: ['10.230.1.2:{AGENT_METRICS_PORT}', '10.230.2.2:{AGENT_METRICS_PORT}']}}]\n- job_name: {OPERATOR_JOB}\n  static_configs: [{{targets: ['{OPERATOR_METRICS}']}}]\n",
         rules_path.display(),
         PORTS.alertmanager
     );
-    std::fs::write(dir.join("prometheus.yml"), cfg).map_err(|e| LabError::Other(e.to_string()))
+    std::fs::write(dir.join("prometheus.yml"), cfg).map_err(|e| LabError::Other(e.to_string()))?;
+    Ok(promql)
+}
+
+/// Starts node `i`'s agent as `Cluster::start_agent` does, but with /metrics
+/// on the node's address (as the chart's DaemonSet serves it, on the host's
+/// IP), where the lab's Prometheus in the api namespace reaches it.
+fn start_agent_scraped(c: &mut Cluster, i: usize) -> Result<(), LabError> {
+    let server = format!("https://10.230.{i}.1:{}", c.cp.port);
+    let kc = c.cp.agent_kubeconfig(&format!("node-{i}"), &server);
+    let log = std::fs::File::create(c.dir.join(format!("agent-{i}.log")))
+        .map_err(|e| LabError::Other(e.to_string()))?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", &c.nodes[i - 1]])
+        .arg(crate::site::target_bin("node-shaper"))
+        .args([
+            "run",
+            "--node-name",
+            &format!("node-{i}"),
+            "--metrics-addr",
+            &format!("10.230.{i}.2:{AGENT_METRICS_PORT}"),
+            "--resync-seconds",
+            "2",
+        ])
+        .env("KUBECONFIG", kc)
+        .env("EGRESSGUARD_STATE_DIR", c.dir.join(format!("state-{i}")))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| LabError::Other(format!("node-shaper: {e}")))?;
+    c.agents.push(child);
+    Ok(())
+}
+
+/// When a query of the chart must return data in the lab.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Required {
+    /// While node-1 is quarantined (the end of the capped flood).
+    Quarantined,
+    /// After node-1's release.
+    Released,
+    /// Never: it may be empty all along, for this reason.
+    No(&'static str),
+}
+
+/// One chart expression as the lab queried it.
+#[derive(Debug, Clone)]
+pub struct QueryCount {
+    /// Where the expression is (`alert NAME`, `panel "TITLE" REFID`).
+    pub source: String,
+    /// The query sent.
+    pub query: String,
+    /// When it must return data.
+    pub required: Required,
+    /// Series returned while node-1 was quarantined, or the error.
+    pub quarantined: Result<usize, String>,
+    /// Series returned at the end, after the release, or the error.
+    pub end: Result<usize, String>,
+}
+
+/// The lab's values for the dashboard's variables: node-1, as Grafana
+/// interpolates a multi-value variable into a PromQL regex (escaped, and
+/// escaped again for the PromQL string); the lab's scrape jobs; rate windows
+/// for its 1 s scrapes (Grafana's `$__rate_interval` is at least 4 scrape
+/// intervals). Variables with a default (`exclude_devices`) keep it.
+fn lab_variables(dashboard: &Value) -> Vec<(String, String)> {
+    let mut vars = dashboard_defaults(dashboard);
+    vars.extend(
+        [
+            ("node", r"10\\.230\\.1\\.2"),
+            ("operator_job", OPERATOR_JOB),
+            ("agent_job", AGENT_JOB),
+            ("__rate_interval", "10s"),
+            ("__interval", "2s"),
+            ("__range", "5m"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    vars
+}
+
+/// The values of a dashboard's variables that carry their own (textbox,
+/// constant and custom variables: the current value, else the query).
+pub fn dashboard_defaults(dashboard: &Value) -> Vec<(String, String)> {
+    dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| matches!(v["type"].as_str(), Some("textbox" | "constant" | "custom")))
+        .filter_map(|v| {
+            let value = v["current"]["value"]
+                .as_str()
+                .or_else(|| v["query"].as_str())?;
+            Some((v["name"].as_str()?.to_string(), value.to_string()))
+        })
+        .collect()
+}
+
+/// What the lab queries: every dashboard expression with node-1's values,
+/// and every alert rule's expression without its threshold. An alert's
+/// condition (`... > 20e6`) is empty whenever it does not fire, and in the
+/// lab nothing fires at the moments it looks (the throttle ended the breach;
+/// nothing tampers): the left side of the comparison is what the rule reads
+/// every evaluation, and it must exist for the rule to ever fire. An alert
+/// that does not end in a comparison with a number is queried whole.
+fn lab_queries(promql: &ChartPromql) -> Result<Vec<(Expr, String)>, LabError> {
+    let vars = lab_variables(&promql.dashboard);
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut out = vec![];
+    for e in rule_exprs(&promql.rule_groups) {
+        let q = without_threshold(&e.expr).unwrap_or_else(|| e.expr.clone());
+        out.push((e, q));
+    }
+    for e in dashboard_exprs(&promql.dashboard) {
+        let q = substitute(&e.expr, &vars)
+            .map_err(|why| LabError::Other(format!("dashboard {}: {why}", e.source)))?;
+        out.push((e, q));
+    }
+    if out.is_empty() {
+        return Err(LabError::Other("the chart rendered no PromQL".into()));
+    }
+    Ok(out)
+}
+
+/// When a query must have data: series only some moments of the story have.
+fn required(query: &str) -> Required {
+    if query.contains("egressguard_quarantines_released_total") {
+        // The operator writes a guard and trigger's row at its first release.
+        Required::Released
+    } else if query.contains("egressguard_tamper_events_total") {
+        Required::No(
+            "nothing tampers in the lab; an agent writes a kind's row once it finds such evidence",
+        )
+    } else {
+        Required::Quarantined
+    }
+}
+
+/// The expectation: every query returned data when it must.
+fn queries_check(queries: &[QueryCount]) -> (String, bool) {
+    let missing: Vec<String> = queries
+        .iter()
+        .filter_map(|q| {
+            let (when, got) = match q.required {
+                Required::Quarantined => ("while node-1 was quarantined", &q.quarantined),
+                Required::Released => ("after the release", &q.end),
+                Required::No(_) => return None,
+            };
+            match got {
+                Ok(n) if *n > 0 => None,
+                Ok(_) => Some(format!(
+                    "{} returned no series {when}: {}",
+                    q.source, q.query
+                )),
+                Err(e) => Some(format!("{} failed {when}: {e}: {}", q.source, q.query)),
+            }
+        })
+        .collect();
+    let n = queries.len();
+    if missing.is_empty() {
+        (
+            format!("every alert-rule and dashboard expression of the chart ({n}) returns data from the lab's Prometheus when it must"),
+            true,
+        )
+    } else {
+        (
+            format!(
+                "every alert-rule and dashboard expression of the chart ({n}) returns data from the lab's Prometheus when it must; not: {}",
+                missing.join("; ")
+            ),
+            false,
+        )
+    }
+}
+
+/// How many series `query` returns from the lab's Prometheus now.
+fn prom_series(c: &Cluster, query: &str) -> Result<usize, String> {
+    let o = Command::new("ip")
+        .args(["netns", "exec", &c.api, "curl", "-sS", "--max-time", "5"])
+        .arg(format!(
+            "http://127.0.0.1:{}/api/v1/query",
+            PORTS.prometheus
+        ))
+        .args(["--data-urlencode", &format!("query={query}")])
+        .output()
+        .map_err(|e| format!("curl: {e}"))?;
+    let v: Value = serde_json::from_slice(&o.stdout).map_err(|e| {
+        format!(
+            "no JSON from Prometheus ({e}): {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    })?;
+    if v["status"] != "success" {
+        return Err(format!(
+            "{}: {}",
+            v["errorType"].as_str().unwrap_or("error"),
+            v["error"].as_str().unwrap_or_default()
+        ));
+    }
+    match &v["data"]["result"] {
+        Value::Array(series) => Ok(series.len()),
+        // A scalar or a string: one value.
+        _ => Ok(1),
+    }
+}
+
+/// The chart's PromQL against the lab's Prometheus, as Markdown.
+pub fn render_queries(r: &Report) -> String {
+    let cell = |s: &str| s.replace('|', "\\|");
+    let count = |c: &Result<usize, String>| match c {
+        Ok(n) => n.to_string(),
+        Err(e) => format!("error: {}", cell(e)),
+    };
+    let mut s = String::from(
+        "Every alert rule (its expression without the threshold) and every dashboard query (variables for node-1) \
+         of the chart, queried from the lab's Prometheus: series returned.\n\n\
+         | expression | query | while quarantined | at the end | must return data |\n|---|---|---|---|---|\n",
+    );
+    for q in &r.queries {
+        let must = match q.required {
+            Required::Quarantined => "while quarantined".to_string(),
+            Required::Released => "after the release".to_string(),
+            Required::No(why) => format!("no: {why}"),
+        };
+        s.push_str(&format!(
+            "| {} | `{}` | {} | {} | {must} |\n",
+            cell(&q.source),
+            cell(&q.query),
+            count(&q.quarantined),
+            count(&q.end)
+        ));
+    }
+    s
 }
 
 /// The table as Markdown.
@@ -913,9 +1169,233 @@ pub fn render_table(r: &Report) -> String {
     s
 }
 
+// ---------------------------------------------------------------------------
+// The chart's PromQL (its alert rules and its Grafana dashboard), extracted
+// from a Helm render; `tests/tests/promql.rs` checks that it parses, the lab
+// that it returns data from a real Prometheus.
+
+/// One PromQL expression of the chart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expr {
+    /// Where it is: `alert NAME`, or `panel "TITLE" REFID`.
+    pub source: String,
+    /// The expression as written there.
+    pub expr: String,
+}
+
+/// What the chart renders for monitoring.
+#[derive(Debug, Clone)]
+pub struct ChartPromql {
+    /// The PrometheusRule's `spec.groups`: a Prometheus rules file's `groups`.
+    pub rule_groups: Value,
+    /// The dashboard, parsed from the ConfigMap's `egressguard.json`.
+    pub dashboard: Value,
+}
+
+/// Renders the chart (`helm template`, no cluster) with `values` plus
+/// `prometheusRule.enabled` and `grafanaDashboard.enabled`, and returns its
+/// alert rules and its dashboard as shipped.
+pub fn chart_promql(values: &Value) -> Result<ChartPromql, String> {
+    let mut values = values.clone();
+    values["prometheusRule"]["enabled"] = true.into();
+    values["grafanaDashboard"]["enabled"] = true.into();
+    // Rendered without a cluster, the chart insists on a webhook token.
+    let webhook = &values["operator"]["quarantine"]["webhook"];
+    if webhook["token"].is_null() && webhook["existingSecret"].is_null() {
+        values["operator"]["quarantine"]["webhook"]["existingSecret"] = "unused".into();
+    }
+    crate::tools::try_helm()?;
+    let manifests = crate::tools::helm_template(
+        &cluster::root().join("charts/egressguard"),
+        &values,
+        &[
+            "--show-only",
+            "templates/prometheusrule.yaml",
+            "--show-only",
+            "templates/grafana-dashboard.yaml",
+        ],
+    )?;
+    let docs = crate::tools::documents(&manifests);
+    let rule = docs
+        .iter()
+        .find(|d| d["kind"] == "PrometheusRule")
+        .ok_or("the chart rendered no PrometheusRule")?;
+    let text = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["data"]["egressguard.json"].is_string())
+        .and_then(|d| d["data"]["egressguard.json"].as_str())
+        .ok_or("the chart rendered no dashboard ConfigMap with egressguard.json")?;
+    let dashboard =
+        serde_json::from_str(text).map_err(|e| format!("the dashboard is not JSON: {e}"))?;
+    Ok(ChartPromql {
+        rule_groups: rule["spec"]["groups"].clone(),
+        dashboard,
+    })
+}
+
+/// Every rule's expression: `alert NAME` or `record NAME`.
+pub fn rule_exprs(groups: &Value) -> Vec<Expr> {
+    let rules = groups
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().into_iter().flatten());
+    rules
+        .map(|r| {
+            let source = match (r["alert"].as_str(), r["record"].as_str()) {
+                (Some(a), _) => format!("alert {a}"),
+                (None, Some(rec)) => format!("record {rec}"),
+                (None, None) => "rule without a name".to_string(),
+            };
+            Expr {
+                source,
+                expr: r["expr"].as_str().unwrap_or_default().trim().to_string(),
+            }
+        })
+        .collect()
+}
+
+/// Every `targets[].expr` of a dashboard's panels (and of panels nested in
+/// collapsed rows): `panel "TITLE" REFID`.
+pub fn dashboard_exprs(dashboard: &Value) -> Vec<Expr> {
+    fn walk(panels: &Value, out: &mut Vec<Expr>) {
+        for p in panels.as_array().into_iter().flatten() {
+            for t in p["targets"].as_array().into_iter().flatten() {
+                if let Some(e) = t["expr"].as_str() {
+                    out.push(Expr {
+                        source: format!(
+                            "panel {:?} {}",
+                            p["title"].as_str().unwrap_or_default(),
+                            t["refId"].as_str().unwrap_or_default()
+                        ),
+                        expr: e.to_string(),
+                    });
+                }
+            }
+            walk(&p["panels"], out);
+        }
+    }
+    let mut out = vec![];
+    walk(&dashboard["panels"], &mut out);
+    out
+}
+
+/// Replaces Grafana's template variables (`$name`, `${name}`, `[[name]]`)
+/// by `vars` (name without `$`, value as Grafana would interpolate it).
+/// Err names a variable left without a value.
+pub fn substitute(expr: &str, vars: &[(&str, &str)]) -> Result<String, String> {
+    let mut vars = vars.to_vec();
+    // `$node_job` before `$node`.
+    vars.sort_by_key(|(name, _)| std::cmp::Reverse(name.len()));
+    let mut s = expr.to_string();
+    for (name, value) in &vars {
+        for pattern in [
+            format!("${{{name}}}"),
+            format!("[[{name}]]"),
+            format!("${name}"),
+        ] {
+            s = s.replace(&pattern, value);
+        }
+    }
+    let left = s.char_indices().find(|(i, c)| {
+        *c == '$'
+            && s[i + 1..]
+                .chars()
+                .next()
+                .is_some_and(|n| n == '{' || n == '_' || n.is_ascii_alphabetic())
+    });
+    match left {
+        Some((i, _)) => Err(format!(
+            "a variable has no value: {}",
+            s[i..]
+                .split(|c: char| !(c.is_alphanumeric() || "${_".contains(c)))
+                .next()
+                .unwrap_or_default()
+        )),
+        None if s.contains("[[") => Err(format!("a variable has no value in {s}")),
+        None => Ok(s),
+    }
+}
+
+/// An alert expression without its final comparison with a number
+/// (`sum(...) * 8 > 20e6` → `sum(...) * 8`): what the condition compares,
+/// which has data whenever the alert could be evaluated. None if the
+/// expression does not end in such a comparison.
+pub fn without_threshold(expr: &str) -> Option<String> {
+    let e = expr.trim();
+    ["==", "!=", ">=", "<=", ">", "<"]
+        .iter()
+        .filter_map(|op| {
+            let at = e.rfind(op)?;
+            let number = e[at + op.len()..].trim();
+            let number = number.strip_prefix("bool ").unwrap_or(number).trim();
+            number.parse::<f64>().ok()?;
+            Some(at)
+        })
+        .max()
+        .map(|at| e[..at].trim().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_promql_check_names_what_returned_nothing_when_it_had_to() {
+        let q = |source: &str, query: &str, quarantined: Result<usize, String>, end| QueryCount {
+            source: source.into(),
+            required: required(query),
+            query: query.into(),
+            quarantined,
+            end,
+        };
+        let fine = [
+            q("panel \"a\" A", "up", Ok(1), Ok(1)),
+            q(
+                "panel \"b\" A",
+                "egressguard_quarantines_released_total",
+                Ok(0),
+                Ok(1),
+            ),
+            q(
+                "panel \"c\" A",
+                "egressguard_tamper_events_total",
+                Ok(0),
+                Ok(0),
+            ),
+        ];
+        assert!(queries_check(&fine).1);
+        let (what, ok) = queries_check(&[
+            fine[0].clone(),
+            q("alert X", "x", Ok(0), Ok(3)),
+            q(
+                "panel \"d\" B",
+                "egressguard_quarantines_released_total",
+                Ok(2),
+                Ok(0),
+            ),
+            q(
+                "panel \"e\" C",
+                "y",
+                Err("bad_data: parse error".into()),
+                Ok(1),
+            ),
+        ]);
+        assert!(!ok);
+        assert!(
+            what.contains("alert X returned no series while node-1 was quarantined: x"),
+            "{what}"
+        );
+        assert!(
+            what.contains("panel \"d\" B returned no series after the release"),
+            "{what}"
+        );
+        assert!(
+            what.contains("panel \"e\" C failed while node-1 was quarantined: bad_data"),
+            "{what}"
+        );
+        assert!(!what.contains("panel \"a\""), "{what}");
+    }
 
     #[test]
     fn iperf3_interval_lines_parse() {

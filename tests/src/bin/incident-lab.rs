@@ -168,6 +168,8 @@ fn finish(r: &Report, s: &Settings, out: &std::path::Path) -> ExitCode {
     for (what, ok) in &r.checks {
         text.push_str(&format!("- [{}] {what}\n", if *ok { "x" } else { " " }));
     }
+    text.push_str("\n## The chart's PromQL against the lab's Prometheus\n\n");
+    text.push_str(&lab::render_queries(r));
     text.push_str(&format!(
         "\n## kubectl get eg\n\n```text\n{}```\n\n## kubectl get egq\n\n```text\n{}```\n\n## node-shaper show on node-1, while quarantined\n\n```text\n{}```\n\n## node-shaper show on node-1, at the end\n\n```text\n{}```\n",
         r.get_eg, r.get_egq, r.show_quarantined, r.show_end
