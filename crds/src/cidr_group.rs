@@ -10,12 +10,16 @@
 use std::collections::BTreeMap;
 
 use ipnet::IpNet;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::validate::{parse_cidr, FieldError, ValidationErrors};
+use crate::errors::{FieldError, ValidationErrors};
+pub use crate::guard::{GroupRef, ResolvedGroup};
+use crate::net::parse_cidr;
+use crate::selector::{selector_problems, selects};
+use crate::valid_spec::ValidSpec;
+use crate::wide::wide_whitelist_problems;
 
 /// Most entries one group may hold. etcd refuses objects over 1.5 MiB; a
 /// list of IPv6 /128s reaches that near 35,000 entries, IPv4 /24s near
@@ -113,32 +117,6 @@ pub struct CidrGroupStatus {
     pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
 }
 
-/// A guard's reference to CIDR groups: exactly one of a name or a selector.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-#[schemars(extend("x-kubernetes-validations" = [{"rule": "has(self.name) != has(self.selector)", "message": "set exactly one of name and selector"}]))]
-pub struct GroupRef {
-    /// One group, by name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// Every group whose labels match (at least one must).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub selector: Option<LabelSelector>,
-}
-
-/// One CIDRGroup a guard uses, at one content version.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ResolvedGroup {
-    /// Group name.
-    pub name: String,
-    /// [`CidrGroupSpec::digest`] of the content. In a guard's status: the
-    /// version its nodes enforce. In a plan: empty when the agent takes it
-    /// from the guard's status (a group edit then rewrites one status per
-    /// guard, not every plan); set for agents from before that.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub digest: String,
-}
 /// Problems of a reference list that do not depend on which groups exist.
 pub fn check_refs(refs: &[GroupRef]) -> Vec<FieldError> {
     let mut out = Vec::new();
@@ -155,10 +133,7 @@ pub fn check_refs(refs: &[GroupRef]) -> Vec<FieldError> {
                 message: "must not be empty".into(),
             }),
             (None, Some(sel)) => {
-                out.extend(crate::validate::selector_problems(
-                    sel,
-                    &format!("{path}.selector"),
-                ));
+                out.extend(selector_problems(sel, &format!("{path}.selector")));
             }
             _ => {}
         }
@@ -201,7 +176,7 @@ pub fn resolve<'a>(
             (None, Some(sel)) => {
                 let before = names.len();
                 for (g, labels) in groups.clone() {
-                    if crate::validate::selects(sel, labels).unwrap_or(false) {
+                    if selects(sel, labels).unwrap_or(false) {
                         names.push(g.to_string());
                     }
                 }
@@ -233,7 +208,7 @@ pub fn resolve<'a>(
 /// [`ValidSpec::wide_group_problems`](crate::ValidSpec::wide_group_problems),
 /// without copying the groups' entries into the guard's whitelist.
 pub fn check_resolved(
-    guard: &crate::ValidSpec,
+    guard: &ValidSpec,
     groups: &[(&str, &[IpNet])],
 ) -> Result<(), Vec<FieldError>> {
     let own = guard
@@ -246,8 +221,7 @@ pub fn check_resolved(
             .enumerate()
             .map(move |(i, n)| (Some(*name), i, n))
     });
-    let errors =
-        crate::validate::wide_whitelist_problems(guard.allow_wide_ranges, own.chain(grouped));
+    let errors = wide_whitelist_problems(guard.allow_wide_ranges, own.chain(grouped));
     if errors.is_empty() {
         Ok(())
     } else {
@@ -257,6 +231,8 @@ pub fn check_resolved(
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
     use super::*;
 
     fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {

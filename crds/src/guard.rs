@@ -5,6 +5,9 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use crate::mode::Mode;
+use crate::quarantine::QuarantinePolicy;
+
 /// Desired egress shaping for the nodes a guard selects.
 ///
 /// Rates use tc's bit units (`20Mbit`), sizes tc's byte units (`15k`).
@@ -54,7 +57,7 @@ pub struct EgressGuardSpec {
     /// selector. A reference that resolves to no group holds the guard's
     /// plans where they are (condition `WhitelistResolved=False`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub whitelist_groups: Vec<crate::cidr_group::GroupRef>,
+    pub whitelist_groups: Vec<GroupRef>,
     /// How the operator enforces this guard.
     #[serde(default)]
     pub mode: Mode,
@@ -77,7 +80,7 @@ pub struct EgressGuardSpec {
     /// When mode `Auto` quarantines a node (required then), and when it
     /// releases it. In `DryRun`, what would be quarantined is reported only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub quarantine: Option<crate::quarantine::QuarantinePolicy>,
+    pub quarantine: Option<QuarantinePolicy>,
 }
 
 /// Guaranteed lanes (HTB classes under the uplink, served before the
@@ -313,18 +316,6 @@ impl std::fmt::Display for Protocol {
     }
 }
 
-/// How the operator treats a guard.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-pub enum Mode {
-    /// Program the selected nodes now.
-    #[default]
-    Enforce,
-    /// Program a node only while it is quarantined by a metric or alert.
-    Auto,
-    /// Compute and report everything; program nothing.
-    DryRun,
-}
-
 /// Where one node stands with a guard.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum NodePhase {
@@ -376,7 +367,7 @@ pub struct EgressGuardStatus {
     /// holds have these digests and `observedGeneration` is the guard's.
     /// Always written, empty included: a merge patch must be able to clear it.
     #[serde(default)]
-    pub groups: Vec<crate::cidr_group::ResolvedGroup>,
+    pub groups: Vec<ResolvedGroup>,
 }
 
 /// One node's state for a guard.
@@ -390,4 +381,34 @@ pub struct NodeState {
     /// Details (errors, the guard that won a conflict).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+}
+
+/// A guard's reference to CIDR groups: exactly one of a name or a selector.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{"rule": "has(self.name) != has(self.selector)", "message": "set exactly one of name and selector"}]))]
+pub struct GroupRef {
+    /// One group, by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Every group whose labels match (at least one must).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+}
+
+/// One CIDRGroup a guard uses, at one content version.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedGroup {
+    /// Group name.
+    pub name: String,
+    // This text is also the CRD's description, so it names the digest as
+    // before the type moved here; the kind it links to sits above this module.
+    #[allow(rustdoc::broken_intra_doc_links)]
+    /// [`CidrGroupSpec::digest`] of the content. In a guard's status: the
+    /// version its nodes enforce. In a plan: empty when the agent takes it
+    /// from the guard's status (a group edit then rewrites one status per
+    /// guard, not every plan); set for agents from before that.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub digest: String,
 }

@@ -1,17 +1,34 @@
 //! The EgressGuard API (`egressguard.io/v1alpha1`): the custom resource, tc's
 //! units, and the one validation shared by the operator and node-shaper.
+//!
+//! Imports run one way, from the top of this list down; nothing imports a
+//! module above it:
+//!
+//! - [`mod@validate`] (the one validation; it knows every kind) and [`load`];
+//! - the kinds: [`node_shaping`], [`cidr_group`] (the group kind, and how a
+//!   guard's references resolve), [`valid_spec`] (a checked guard spec),
+//!   [`guard`], [`quarantine`];
+//! - shared vocabulary, importing nothing of the crate but [`errors`]:
+//!   [`wide`], [`selector`], [`net`], [`mode`], [`units`], [`conditions`],
+//!   [`node_labels`], [`errors`].
 
 pub mod cidr_group;
 pub mod conditions;
+pub mod errors;
 pub mod guard;
 pub mod load;
+pub mod mode;
+pub mod net;
 pub mod node_labels;
 pub mod node_shaping;
 pub mod quarantine;
+pub mod selector;
 #[cfg(feature = "serve")]
 pub mod serve;
 pub mod units;
+pub mod valid_spec;
 pub mod validate;
+pub mod wide;
 
 pub use cidr_group::{CIDRGroup, CidrGroupSpec, CidrGroupStatus, GroupRef};
 pub use guard::{

@@ -105,7 +105,7 @@ pub struct GuardRef {
     pub generation: i64,
 }
 
-pub use crate::cidr_group::ResolvedGroup;
+pub use crate::guard::ResolvedGroup;
 
 impl NodeShapingSpec {
     /// Does the plan ask for its node's shaping to be removed?

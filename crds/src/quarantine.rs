@@ -10,6 +10,9 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::errors::FieldError;
+use crate::mode::Mode;
+
 /// Trigger name of a quarantine a person asked for.
 pub const MANUAL: &str = "manual";
 /// Node label that keeps a node out of automatic quarantine. Its prefix is
@@ -469,12 +472,10 @@ pub fn parse_duration(input: &str) -> Result<std::time::Duration, String> {
 /// Checks `spec.quarantine` against `spec.mode`; every problem has its path.
 pub fn rules(
     policy: Option<&QuarantinePolicy>,
-    mode: crate::guard::Mode,
-) -> Result<Option<QuarantineRules>, Vec<crate::validate::FieldError>> {
-    use crate::guard::Mode;
+    mode: Mode,
+) -> Result<Option<QuarantineRules>, Vec<FieldError>> {
     let mut errs = Vec::new();
-    let mut push =
-        |path: String, message: String| errs.push(crate::validate::FieldError { path, message });
+    let mut push = |path: String, message: String| errs.push(FieldError { path, message });
     let Some(p) = policy else {
         if mode == Mode::Auto {
             push(
@@ -682,9 +683,8 @@ mod tests {
             }],
             ..Default::default()
         };
-        assert!(rules(Some(&policy("alertname")), crate::guard::Mode::Auto).is_ok());
-        let errs =
-            rules(Some(&policy("team.name")), crate::guard::Mode::Auto).expect_err("a dotted key");
+        assert!(rules(Some(&policy("alertname")), Mode::Auto).is_ok());
+        let errs = rules(Some(&policy("team.name")), Mode::Auto).expect_err("a dotted key");
         assert_eq!(
             errs[0].path,
             "spec.quarantine.triggers[0].alertmanager.matchers.team.name"

@@ -1,126 +1,26 @@
 //! One validation for every entry point (node-shaper, the operator, `validate`).
 //!
 //! It reports every problem at once, each with its field path, and turns the
-//! stringly-typed spec into checked values the planners consume.
-
-use std::fmt;
-use std::net::IpAddr;
+//! stringly-typed spec into checked values the planners consume. It sits on
+//! top of the crate: it knows every kind, and no kind imports it.
 
 use ipnet::IpNet;
 
-use crate::guard::{EgressGuardSpec, Protocol};
+use crate::guard::{EgressGuardSpec, Mode, PortlessPolicy};
+use crate::net::family;
+use crate::quarantine::QuarantineThrottle;
 use crate::units::{parse_rate, parse_size, Rate, Size};
+use crate::wide::min_prefix;
+
+// Kept at their paths of before the split into leaf modules.
+pub use crate::errors::{FieldError, ValidationErrors};
+pub use crate::net::parse_cidr;
+pub use crate::selector::{selector_problems, selects};
+pub use crate::valid_spec::{LaneRates, PortRange, ProtectPort, ValidSpec, WhitelistEntry};
+pub use crate::wide::{wide_union, wide_whitelist_problems, MIN_GROUP_PREFIX, MIN_PROTECT_PREFIX};
 
 /// Nanoseconds per HTB tick on every kernel since 2.6.x (`/proc/net/psched`).
 pub const NS_PER_TICK: u64 = 64;
-
-/// One problem with one field.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    /// Path of the field, e.g. `spec.throttle.destinations[2].endPort`.
-    pub path: String,
-    /// What is wrong and how to fix it.
-    pub message: String,
-}
-
-impl fmt::Display for FieldError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
-    }
-}
-
-/// Every problem found in a spec.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct ValidationErrors(pub Vec<FieldError>);
-
-impl fmt::Display for ValidationErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
-
-/// A destination port range after validation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PortRange {
-    /// Protocol to match.
-    pub protocol: Protocol,
-    /// First port, inclusive.
-    pub first: u16,
-    /// Last port, inclusive.
-    pub last: u16,
-    /// Index in `spec.throttle.destinations`.
-    pub index: usize,
-}
-
-/// A whitelist entry after validation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct WhitelistEntry {
-    /// The network, host bits clear.
-    pub net: IpNet,
-    /// Index in `spec.whitelist`, or in the group's `spec.cidrs`.
-    pub index: usize,
-    /// The CIDRGroup it comes from (an index into [`ValidSpec::groups`]);
-    /// `None` for the guard's own `spec.whitelist`.
-    pub group: Option<u32>,
-}
-
-/// A spec whose every field has been checked and parsed.
-#[derive(Debug, Clone, PartialEq, Hash)]
-pub struct ValidSpec {
-    /// Interfaces named by the spec, if any.
-    pub interfaces: Option<Vec<String>>,
-    /// Egress budget.
-    pub uplink_rate: Rate,
-    /// Burst of the uplink class.
-    pub uplink_burst: Option<Size>,
-    /// Guaranteed rate of the throttled class.
-    pub throttle_rate: Rate,
-    /// Ceiling of the throttled class.
-    pub throttle_ceil: Rate,
-    /// Burst of the throttled class.
-    pub throttle_burst: Option<Size>,
-    /// Throttled destinations, in spec order.
-    pub destinations: Vec<PortRange>,
-    /// Whitelisted networks: `spec.whitelist` in order, then each group's.
-    pub whitelist: Vec<WhitelistEntry>,
-    /// Names of the CIDRGroups whose entries [`ValidSpec::whitelist`] holds.
-    pub groups: Vec<String>,
-    /// Throttle packets whose ports cannot be read (later fragments, IPv6
-    /// extension headers), unless whitelisted or protected.
-    pub throttle_portless: bool,
-    /// Send TCP from source port 22 past every class (SSH stays reachable).
-    pub protect_ssh_replies: bool,
-    /// `spec.protect` entries without ports: networks and why.
-    pub protect: Vec<(IpNet, String)>,
-    /// `spec.protect` entries with ports.
-    pub protect_ports: Vec<ProtectPort>,
-    /// The protected lane (control plane, nodes, `spec.protect`).
-    pub protected_lane: LaneRates,
-    /// The SSH lane.
-    pub ssh_lane: LaneRates,
-    /// A quarantine throttles every destination but the whitelisted and
-    /// protected ones, whatever the port or protocol (mode `Auto` with
-    /// `quarantine.throttle: AllButWhitelisted`).
-    pub throttle_all: bool,
-    /// `spec.allowWideRanges`: the guard accepts whitelist and protect
-    /// entries that exempt a large part of the internet.
-    pub allow_wide_ranges: bool,
-}
-
-/// A lane's guaranteed rate and ceiling, defaults filled in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct LaneRates {
-    /// Guaranteed rate.
-    pub rate: Rate,
-    /// Ceiling.
-    pub ceil: Rate,
-}
 
 const MBIT: u64 = 1_000_000;
 
@@ -147,23 +47,6 @@ fn default_ssh_ceil(up: Rate) -> Rate {
     )
 }
 
-/// A protected destination port range (`spec.protect[i]` with a port).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ProtectPort {
-    /// The network.
-    pub net: IpNet,
-    /// Protocol to match.
-    pub protocol: Protocol,
-    /// First port, inclusive.
-    pub first: u16,
-    /// Last port, inclusive.
-    pub last: u16,
-    /// Why.
-    pub reason: String,
-    /// Index in `spec.protect`.
-    pub index: usize,
-}
-
 /// At most this many `spec.protect` entries with ports (each is one u32
 /// table; the list is meant for a DNS server or a bastion, not a whitelist).
 pub const MAX_PROTECT_PORTS: usize = 16;
@@ -180,189 +63,6 @@ pub fn burst_ticks(burst: Size, rate: Rate) -> Option<u64> {
     let ns = (burst.bytes() as u128 * 1_000_000_000).div_ceil(bps);
     let ticks = ns.div_ceil(NS_PER_TICK as u128);
     u32::try_from(ticks).ok().map(u64::from)
-}
-
-/// Parses a whitelist entry; a bare address means a host route.
-pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
-    let s = s.trim();
-    if let Ok(ip) = s.parse::<IpAddr>() {
-        return Ok(IpNet::from(ip));
-    }
-    let net: IpNet = s.parse().map_err(|_| {
-        format!("{s:?} is not a CIDR; write an address and prefix length such as 203.0.113.0/24 or 2001:db8::/48")
-    })?;
-    if net.trunc() != net {
-        return Err(format!(
-            "{s} has host bits set; the network is {}",
-            net.trunc()
-        ));
-    }
-    Ok(net)
-}
-
-fn family(net: &IpNet) -> &'static str {
-    match net {
-        IpNet::V4(_) => "IPv4",
-        IpNet::V6(_) => "IPv6",
-    }
-}
-
-/// The shortest prefix (IPv4, IPv6) a CIDRGroup entry may have unless the
-/// guard sets `spec.allowWideRanges`: a group is shared, often selected by
-/// label, so one wide entry would widen every guard that uses it.
-pub const MIN_GROUP_PREFIX: (u8, u8) = (8, 16);
-
-/// The shortest prefix (IPv4, IPv6) a `spec.protect` entry without ports may
-/// have unless the guard sets `spec.allowWideRanges`: every packet to it
-/// skips the throttle, in a lane with a guarantee of its own.
-pub const MIN_PROTECT_PREFIX: (u8, u8) = (16, 48);
-
-/// At most this many wide entries of one CIDRGroup are named; the rest are
-/// counted (a group may hold 50,000 entries).
-const MAX_WIDE_NAMED: usize = 20;
-
-fn min_prefix(net: &IpNet, (v4, v6): (u8, u8)) -> u8 {
-    match net {
-        IpNet::V4(_) => v4,
-        IpNet::V6(_) => v6,
-    }
-}
-
-/// Family index (0 IPv4, 1 IPv6) and first and last address of a network.
-fn span(net: &IpNet) -> (usize, u128, u128) {
-    match net {
-        IpNet::V4(n) => (
-            0,
-            u128::from(u32::from(n.network())),
-            u128::from(u32::from(n.broadcast())),
-        ),
-        IpNet::V6(n) => (1, u128::from(n.network()), u128::from(n.broadcast())),
-    }
-}
-
-const FAMILIES: [&str; 2] = ["IPv4", "IPv6"];
-const HALF: [u128; 2] = [1 << 31, 1 << 127];
-
-/// Addresses covered by the union of `nets`, overlaps merged, for each
-/// family (IPv4, IPv6) whose union is half of the family or more. IPv6
-/// saturates at `u128::MAX` (all of it). Sorts only when the plain sum of
-/// the entries' sizes reaches half, so ordinary whitelists cost one pass.
-pub fn wide_union<'a>(nets: impl Iterator<Item = &'a IpNet> + Clone) -> [Option<u128>; 2] {
-    let mut upper = [0u128; 2];
-    for n in nets.clone() {
-        let (f, a, b) = span(n);
-        upper[f] = upper[f].saturating_add(b - a).saturating_add(1);
-    }
-    let mut out = [None; 2];
-    for f in 0..2 {
-        if upper[f] < HALF[f] {
-            continue;
-        }
-        let mut spans: Vec<(u128, u128)> = nets
-            .clone()
-            .map(span)
-            .filter(|s| s.0 == f)
-            .map(|(_, a, b)| (a, b))
-            .collect();
-        spans.sort_unstable();
-        let mut total = 0u128;
-        let mut cur: Option<(u128, u128)> = None;
-        for (a, b) in spans {
-            cur = match cur {
-                Some((ca, cb)) if a <= cb.saturating_add(1) => Some((ca, cb.max(b))),
-                Some((ca, cb)) => {
-                    total = total.saturating_add(cb - ca).saturating_add(1);
-                    Some((a, b))
-                }
-                None => Some((a, b)),
-            };
-        }
-        if let Some((ca, cb)) = cur {
-            total = total.saturating_add(cb - ca).saturating_add(1);
-        }
-        if total >= HALF[f] {
-            out[f] = Some(total);
-        }
-    }
-    out
-}
-
-/// The whitelist problems `spec.allowWideRanges` exists for, none when
-/// `allow`: CIDRGroup entries shorter than [`MIN_GROUP_PREFIX`] and, per
-/// family, a union of every entry covering half of it or more. `entries` are
-/// (the CIDRGroup's name, or `None` for `spec.whitelist`; the index; the
-/// network). A family the guard's own whitelist lists as a whole (`/0`,
-/// accepted only with `spec.whitelistAllDestinations`) is meant to be covered.
-pub fn wide_whitelist_problems<'a, I>(allow: bool, entries: I) -> Vec<FieldError>
-where
-    I: Iterator<Item = (Option<&'a str>, usize, &'a IpNet)> + Clone,
-{
-    let mut out = Vec::new();
-    if allow {
-        return out;
-    }
-    // Group entries, at most MAX_WIDE_NAMED named per group.
-    let mut named: Vec<(&str, usize)> = Vec::new();
-    for (g, i, net) in entries.clone() {
-        let Some(g) = g else { continue };
-        let min = min_prefix(net, MIN_GROUP_PREFIX);
-        if net.prefix_len() >= min {
-            continue;
-        }
-        let k = match named.iter().position(|(n, _)| *n == g) {
-            Some(k) => k,
-            None => {
-                named.push((g, 0));
-                named.len() - 1
-            }
-        };
-        named[k].1 += 1;
-        if named[k].1 <= MAX_WIDE_NAMED {
-            out.push(FieldError {
-                path: format!("CIDRGroup {g}: spec.cidrs[{i}]"),
-                message: format!("{net} is wider than /{min}, so every guard using the group would exempt it from its throttle; narrow it to /{min} or longer, or set spec.allowWideRanges: true on the guard if exempting that much is meant"),
-            });
-        }
-    }
-    for (g, n) in named {
-        if n > MAX_WIDE_NAMED {
-            out.push(FieldError {
-                path: format!("CIDRGroup {g}: spec.cidrs"),
-                message: format!(
-                    "and {} more entries wider than /8 (IPv4) or /16 (IPv6)",
-                    n - MAX_WIDE_NAMED
-                ),
-            });
-        }
-    }
-    let union = wide_union(entries.clone().map(|(_, _, n)| n));
-    for (f, total) in union.iter().enumerate() {
-        let Some(total) = total else { continue };
-        let in_family = entries.clone().filter(|(_, _, n)| span(n).0 == f);
-        if in_family
-            .clone()
-            .any(|(g, _, n)| g.is_none() && n.prefix_len() == 0)
-        {
-            continue;
-        }
-        let mut groups: Vec<&str> = in_family.filter_map(|(g, _, _)| g).collect();
-        groups.sort_unstable();
-        groups.dedup();
-        let share = (*total as f64) / 2f64.powi(if f == 0 { 32 } else { 128 }) * 100.0;
-        let family = FAMILIES[f];
-        out.push(if groups.is_empty() {
-            FieldError {
-                path: "spec.whitelist".into(),
-                message: format!("the entries cover {share:.0}% of all {family} addresses (overlaps merged), so the guard would throttle almost nothing there; remove the widest entries, or set spec.allowWideRanges: true if exempting that much is meant"),
-            }
-        } else {
-            FieldError {
-                path: "spec.whitelistGroups".into(),
-                message: format!("with CIDRGroups {} the whitelist covers {share:.0}% of all {family} addresses (overlaps merged), so the guard would throttle almost nothing there; narrow the groups or reference fewer of them, or set spec.allowWideRanges: true if exempting that much is meant", groups.join(", ")),
-            }
-        });
-    }
-    out
 }
 
 /// Whitelist entries that change nothing: a network listed twice, or one
@@ -402,99 +102,6 @@ pub fn whitelist_warnings(v: &ValidSpec) -> Vec<String> {
         }
     }
     out
-}
-
-impl ValidSpec {
-    /// What [`wide_whitelist_problems`] finds in the whitelist with the
-    /// CIDRGroups added ([`ValidSpec::add_group`]); nothing when the guard
-    /// sets `spec.allowWideRanges`. [`validate`] checks the guard's own
-    /// entries; whoever adds groups runs this once they are all added.
-    pub fn wide_group_problems(&self) -> Vec<FieldError> {
-        wide_whitelist_problems(
-            self.allow_wide_ranges,
-            self.whitelist.iter().map(|e| {
-                let g = e.group.and_then(|g| self.groups.get(g as usize));
-                (g.map(String::as_str), e.index, &e.net)
-            }),
-        )
-    }
-
-    /// Adds a CIDRGroup's entries (already validated) to the whitelist.
-    pub fn add_group(&mut self, name: &str, nets: &[IpNet]) {
-        let g = self.groups.len() as u32;
-        self.groups.push(name.to_string());
-        self.whitelist.reserve(nets.len());
-        self.whitelist
-            .extend(nets.iter().enumerate().map(|(index, net)| WhitelistEntry {
-                net: *net,
-                index,
-                group: Some(g),
-            }));
-    }
-}
-
-/// The label-selector operators Kubernetes defines.
-const SELECTOR_OPERATORS: [&str; 4] = ["In", "NotIn", "Exists", "DoesNotExist"];
-
-/// Problems of a label selector, with paths under `path`: what the API
-/// server's own selector parsing would refuse.
-pub fn selector_problems(
-    sel: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
-    path: &str,
-) -> Vec<FieldError> {
-    let mut out = Vec::new();
-    for (i, e) in sel.match_expressions.iter().flatten().enumerate() {
-        let values = e.values.as_deref().unwrap_or_default();
-        let at = format!("{path}.matchExpressions[{i}]");
-        match e.operator.as_str() {
-            "In" | "NotIn" if values.is_empty() => out.push(FieldError {
-                path: format!("{at}.values"),
-                message: format!("must not be empty for operator {}", e.operator),
-            }),
-            "Exists" | "DoesNotExist" if !values.is_empty() => out.push(FieldError {
-                path: format!("{at}.values"),
-                message: format!("must be empty for operator {}", e.operator),
-            }),
-            op if !SELECTOR_OPERATORS.contains(&op) => out.push(FieldError {
-                path: format!("{at}.operator"),
-                message: format!("{op:?} is not one of In, NotIn, Exists, DoesNotExist"),
-            }),
-            _ => {}
-        }
-    }
-    out
-}
-
-/// Does `sel` match `labels`? An empty selector matches everything. An
-/// unknown operator is an error (see [`selector_problems`]).
-pub fn selects(
-    sel: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
-    labels: &std::collections::BTreeMap<String, String>,
-) -> Result<bool, String> {
-    if let Some(ml) = &sel.match_labels {
-        if ml.iter().any(|(k, v)| labels.get(k) != Some(v)) {
-            return Ok(false);
-        }
-    }
-    for (i, e) in sel.match_expressions.iter().flatten().enumerate() {
-        let values = e.values.as_deref().unwrap_or_default();
-        let have = labels.get(&e.key);
-        let ok = match e.operator.as_str() {
-            "In" => have.is_some_and(|v| values.contains(v)),
-            "NotIn" => !have.is_some_and(|v| values.contains(v)),
-            "Exists" => have.is_some(),
-            "DoesNotExist" => have.is_none(),
-            other => {
-                return Err(format!(
-                    "matchExpressions[{i}].operator: {other:?} is not one of In, NotIn, Exists, DoesNotExist"
-                ))
-            }
-        };
-        if !ok {
-            return Ok(false);
-        }
-    }
-    Ok(true)
 }
 
 struct Collector(Vec<FieldError>);
@@ -868,13 +475,13 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
     if !c.0.is_empty() {
         return Err(ValidationErrors(c.0));
     }
-    let throttle_all = spec.mode == crate::guard::Mode::Auto
+    let throttle_all = spec.mode == Mode::Auto
         && spec
             .quarantine
             .as_ref()
             .and_then(|q| q.throttle)
             .unwrap_or_default()
-            == crate::quarantine::QuarantineThrottle::AllButWhitelisted;
+            == QuarantineThrottle::AllButWhitelisted;
     match (
         uplink_rate,
         uplink_burst,
@@ -900,7 +507,7 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
             destinations,
             whitelist,
             groups: Vec::new(),
-            throttle_portless: spec.throttle.portless == crate::guard::PortlessPolicy::Throttle,
+            throttle_portless: spec.throttle.portless == PortlessPolicy::Throttle,
             protect_ssh_replies: spec.protect_ssh_replies.unwrap_or(true),
             protect,
             protect_ports,
