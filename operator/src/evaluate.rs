@@ -12,8 +12,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+
 use crate::decide::NodeFacts;
 use crate::prom::{QueryError, Series};
+use crate::quarantine::{Breach, Signals};
 
 /// A node's reading for one trigger at one evaluation.
 #[derive(Debug, Clone, PartialEq)]
@@ -308,6 +313,131 @@ impl Streaks {
     pub fn retain(&mut self, keep: impl Fn(&str, &str) -> bool) {
         self.since.retain(|(g, t, _), _| keep(g, t));
     }
+}
+
+/// One trigger's answer from Prometheus, with what judging it takes.
+#[derive(Debug)]
+pub struct Answer {
+    /// The guard.
+    pub guard: String,
+    /// The trigger's name.
+    pub trigger: String,
+    /// The PromQL asked.
+    pub query: String,
+    /// How its values read.
+    pub thresholds: Thresholds,
+    /// How long a breach must hold (`for`).
+    pub hold: Duration,
+    /// The series label naming the node.
+    pub node_label: Option<String>,
+    /// What Prometheus answered.
+    pub answer: Result<Vec<Series>, QueryError>,
+}
+
+/// What the evaluations found, kept between passes by the leader.
+#[derive(Debug, Default)]
+pub struct EvalState {
+    streaks: Streaks,
+    /// Signals per (guard, node).
+    pub signals: BTreeMap<(String, String), Signals>,
+    /// Per guard with Prometheus triggers: Ok, or why metrics are unavailable.
+    pub available: BTreeMap<String, Result<(), String>>,
+    last: Option<Timestamp>,
+}
+
+impl EvalState {
+    /// Is an evaluation due at `now`?
+    pub fn due(&self, every: Duration, now: Timestamp) -> bool {
+        self.last
+            .is_none_or(|t| now.duration_since(t).as_secs_f64() >= every.as_secs_f64())
+    }
+}
+
+/// Judges one evaluation's `answers` for the nodes each guard plans
+/// (`planned`) and updates `state`: a breach counts once it held for its
+/// trigger's `for` (its streak is kept across evaluations), a node is calm
+/// only when every trigger reads calm, and a guard's metrics are available
+/// only when every trigger read every node. Returns how many readings had
+/// each outcome.
+pub fn fold(
+    state: &mut EvalState,
+    answers: &[Answer],
+    planned: &BTreeMap<String, Vec<String>>,
+    index: &NodeIndex,
+    interval: Duration,
+    now: Timestamp,
+) -> BTreeMap<&'static str, u64> {
+    let now_s = now.as_millisecond() as f64 / 1000.0;
+    // A sample older than two evaluations (or a minute) is stale.
+    let stale_after = (2.0 * interval.as_secs_f64()).max(60.0);
+    let mut signals: BTreeMap<(String, String), Signals> = BTreeMap::new();
+    let mut available: BTreeMap<String, Result<(), String>> = BTreeMap::new();
+    let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let none = Vec::new();
+    for a in answers {
+        let (guard, trigger) = (&a.guard, &a.trigger);
+        seen.insert((guard.clone(), trigger.clone()));
+        let nodes = planned.get(guard).unwrap_or(&none);
+        let r = read(
+            &a.answer,
+            a.thresholds,
+            a.node_label.as_deref(),
+            nodes,
+            index,
+            now_s,
+            stale_after,
+        );
+        let entry = available.entry(guard.clone()).or_insert(Ok(()));
+        if let Some(p) = r.problems.first() {
+            if entry.is_ok() {
+                *entry = Err(format!("trigger {trigger}: {p}"));
+            }
+        }
+        for (node, o) in &r.nodes {
+            *counts.entry(o.label()).or_default() += 1;
+            let s = signals
+                .entry((guard.clone(), node.clone()))
+                .or_insert(Signals {
+                    calm: true,
+                    ..Default::default()
+                });
+            let began = state.streaks.record(guard, trigger, node, o, now_s);
+            match o {
+                Reading::Breach { value } => {
+                    s.calm = false;
+                    let since = began.unwrap_or(now_s);
+                    if now_s - since >= a.hold.as_secs_f64() && s.breach.is_none() {
+                        s.breach = Some(Breach {
+                            trigger: trigger.clone(),
+                            query: a.query.clone(),
+                            value: value.clone(),
+                            since: Timestamp::from_millisecond((since * 1000.0) as i64)
+                                .unwrap_or(now),
+                            sample: now,
+                        });
+                    }
+                }
+                Reading::Ok { calm } => s.calm &= calm,
+                Reading::Unknown(why) => {
+                    s.calm = false;
+                    if s.unknown.is_none() {
+                        s.unknown = Some(format!("trigger {trigger}: {why}"));
+                    }
+                    if entry.is_ok() {
+                        *entry = Err(format!("trigger {trigger}: node {node}: {why}"));
+                    }
+                }
+            }
+        }
+    }
+    state
+        .streaks
+        .retain(|g, t| seen.contains(&(g.to_string(), t.to_string())));
+    state.signals = signals;
+    state.available = available;
+    state.last = Some(now);
+    counts
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ pub mod intent;
 pub mod kinds;
 pub mod leader;
 pub mod own_writes;
+pub mod pass;
 pub mod prom;
 pub mod quarantine;
 pub mod quarantine_progress;

@@ -2,23 +2,21 @@
 //! carrying out a [`QuarantinePlan`], and the Alertmanager receiver. The
 //! decisions themselves are in [`crate::evaluate`] and [`crate::quarantine`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use egressguard_crds::quarantine::{TriggerRule, RELEASE_FINALIZER};
 use egressguard_crds::{EgressGuard, Mode, Quarantine};
 use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, ResourceExt};
 use tracing::{info, warn};
 
-use crate::evaluate::{read, NodeIndex, Reading, Streaks, Thresholds};
+use crate::evaluate::{Answer, Thresholds};
 use crate::prom::Prometheus;
-use crate::quarantine::{Breach, Notice, QuarantinePlan, Signals, Subject};
+use crate::quarantine::{Notice, QuarantinePlan, Subject};
 use egressguard_crds::serve::prometheus_client::encoding::DescriptorEncoder;
 use egressguard_crds::serve::{counters, gauges, Scrape};
 
@@ -140,58 +138,21 @@ impl Scrape for QuarantineMetrics {
     }
 }
 
-/// What the last Prometheus evaluation found, kept between passes by the leader.
-#[derive(Debug, Default)]
-pub struct EvalState {
-    streaks: Streaks,
-    /// Signals per (guard, node).
-    pub signals: BTreeMap<(String, String), Signals>,
-    /// Per guard with Prometheus triggers: Ok, or why metrics are unavailable.
-    pub available: BTreeMap<String, Result<(), String>>,
-    last: Option<std::time::Instant>,
-}
-
-impl EvalState {
-    /// Is an evaluation due?
-    pub fn due(&self, every: Duration) -> bool {
-        self.last.is_none_or(|t| t.elapsed() >= every)
-    }
-}
-
-/// A guard's Prometheus triggers, with the nodes carrying its plan.
-pub struct Watched<'a> {
-    /// The guard.
-    pub guard: &'a EgressGuard,
-    /// Its nodes.
-    pub nodes: Vec<String>,
-}
-
 /// Prometheus queries in flight at once during an evaluation.
 pub const MAX_CONCURRENT_QUERIES: usize = 4;
 
-/// Evaluates every Prometheus trigger of `watched` once (at most
-/// [`MAX_CONCURRENT_QUERIES`] at a time) and updates `state`.
-pub async fn evaluate(
-    prom: Option<&Prometheus>,
-    watched: &[Watched<'_>],
-    index: &NodeIndex,
-    interval: Duration,
-    state: &mut EvalState,
-    metrics: &Mutex<QuarantineMetrics>,
-) {
-    let now = Timestamp::now();
-    let now_s = now.as_millisecond() as f64 / 1000.0;
-    // A sample older than two evaluations (or a minute) is stale.
-    let stale_after = (2.0 * interval.as_secs_f64()).max(60.0);
+/// Asks Prometheus every trigger of the evaluated `guards` once (at most
+/// [`MAX_CONCURRENT_QUERIES`] at a time): the reads of an evaluation, which
+/// `evaluate::fold` then judges.
+pub async fn query_triggers(prom: Option<&Prometheus>, guards: &[&EgressGuard]) -> Vec<Answer> {
     let mut jobs = Vec::new();
-    for w in watched {
-        let Ok(Some(rules)) = egressguard_crds::quarantine::rules(
-            w.guard.spec.quarantine.as_ref(),
-            w.guard.spec.mode,
-        ) else {
+    for g in guards {
+        let Ok(Some(rules)) =
+            egressguard_crds::quarantine::rules(g.spec.quarantine.as_ref(), g.spec.mode)
+        else {
             continue;
         };
-        for (name, rule) in rules.triggers {
+        for (trigger, rule) in rules.triggers {
             // Every kind named: a new one must be decided here, not skipped.
             let (query, above, threshold, calm, hold, node_label) = match rule {
                 TriggerRule::Prometheus {
@@ -205,109 +166,37 @@ pub async fn evaluate(
                 // Alerts arrive at the receiver; nothing to ask Prometheus.
                 TriggerRule::Alertmanager { .. } => continue,
             };
-            {
-                jobs.push(async move {
-                    let answer = match prom {
-                        Some(p) => p.query(&query).await,
-                        None => Err(crate::prom::QueryError::Config(
-                            "no --prometheus-url is set".into(),
-                        )),
-                    };
-                    (
-                        w,
-                        name,
-                        query,
-                        Thresholds {
-                            above,
-                            breach: threshold,
-                            calm,
-                        },
-                        hold,
-                        node_label,
-                        answer,
-                    )
-                });
-            }
+            let guard = g.name_any();
+            jobs.push(async move {
+                let answer = match prom {
+                    Some(p) => p.query(&query).await,
+                    None => Err(crate::prom::QueryError::Config(
+                        "no --prometheus-url is set".into(),
+                    )),
+                };
+                Answer {
+                    guard,
+                    trigger,
+                    query,
+                    thresholds: Thresholds {
+                        above,
+                        breach: threshold,
+                        calm,
+                    },
+                    hold,
+                    node_label,
+                    answer,
+                }
+            });
         }
     }
     // A few queries at a time: a hundred guards must not open a hundred
     // connections to Prometheus at once, nor wait for each other in turn.
-    let results: Vec<_> = {
-        use futures::StreamExt;
-        futures::stream::iter(jobs)
-            .buffered(MAX_CONCURRENT_QUERIES)
-            .collect()
-            .await
-    };
-    let mut signals: BTreeMap<(String, String), Signals> = BTreeMap::new();
-    let mut available: BTreeMap<String, Result<(), String>> = BTreeMap::new();
-    let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
-    let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
-    for (w, trigger, query, t, hold, label, answer) in results {
-        let guard = w.guard.name_any();
-        seen.insert((guard.clone(), trigger.clone()));
-        let r = read(
-            &answer,
-            t,
-            label.as_deref(),
-            &w.nodes,
-            index,
-            now_s,
-            stale_after,
-        );
-        let entry = available.entry(guard.clone()).or_insert(Ok(()));
-        if let Some(p) = r.problems.first() {
-            if entry.is_ok() {
-                *entry = Err(format!("trigger {trigger}: {p}"));
-            }
-        }
-        for (node, o) in &r.nodes {
-            *counts.entry(o.label()).or_default() += 1;
-            let s = signals
-                .entry((guard.clone(), node.clone()))
-                .or_insert(Signals {
-                    calm: true,
-                    ..Default::default()
-                });
-            let began = state.streaks.record(&guard, &trigger, node, o, now_s);
-            match o {
-                Reading::Breach { value } => {
-                    s.calm = false;
-                    let since = began.unwrap_or(now_s);
-                    if now_s - since >= hold.as_secs_f64() && s.breach.is_none() {
-                        s.breach = Some(Breach {
-                            trigger: trigger.clone(),
-                            query: query.clone(),
-                            value: value.clone(),
-                            since: Timestamp::from_millisecond((since * 1000.0) as i64)
-                                .unwrap_or(now),
-                            sample: now,
-                        });
-                    }
-                }
-                Reading::Ok { calm } => s.calm &= calm,
-                Reading::Unknown(why) => {
-                    s.calm = false;
-                    if s.unknown.is_none() {
-                        s.unknown = Some(format!("trigger {trigger}: {why}"));
-                    }
-                    if entry.is_ok() {
-                        *entry = Err(format!("trigger {trigger}: node {node}: {why}"));
-                    }
-                }
-            }
-        }
-    }
-    state
-        .streaks
-        .retain(|g, t| seen.contains(&(g.to_string(), t.to_string())));
-    state.signals = signals;
-    state.available = available;
-    state.last = Some(std::time::Instant::now());
-    let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
-    for (k, v) in counts {
-        *m.evaluations.entry(k).or_default() += v;
-    }
+    use futures::StreamExt;
+    futures::stream::iter(jobs)
+        .buffered(MAX_CONCURRENT_QUERIES)
+        .collect()
+        .await
 }
 
 /// A reference to a Node for Events.
@@ -590,12 +479,19 @@ async fn set_finalizer(
 /// Guards with Prometheus triggers that are evaluated (Auto, and DryRun to
 /// report what would happen).
 pub fn evaluated(g: &EgressGuard) -> bool {
-    g.metadata.deletion_timestamp.is_none()
-        && matches!(g.spec.mode, Mode::Auto | Mode::DryRun)
-        && g.spec
-            .quarantine
-            .as_ref()
-            .is_some_and(|q| q.triggers.iter().any(|t| t.prometheus.is_some()))
+    if g.metadata.deletion_timestamp.is_some() || !matches!(g.spec.mode, Mode::Auto | Mode::DryRun)
+    {
+        return false;
+    }
+    let Ok(Some(rules)) =
+        egressguard_crds::quarantine::rules(g.spec.quarantine.as_ref(), g.spec.mode)
+    else {
+        return false;
+    };
+    rules.triggers.iter().any(|(_, t)| match t {
+        TriggerRule::Prometheus { .. } => true,
+        TriggerRule::Alertmanager { .. } => false,
+    })
 }
 
 #[cfg(test)]
@@ -663,32 +559,24 @@ mod concurrency {
             .map(|i| format!("      - {{name: t{i}, prometheus: {{query: q{i}, above: 1}}}}\n"))
             .collect();
         let g = egressguard_crds::load::parse_str(&format!("apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {{name: g}}\nspec:\n  mode: Auto\n  uplink: {{rate: 20Mbit}}\n  throttle: {{rate: 1Mbit, destinations: [{{port: 443}}]}}\n  quarantine:\n    triggers:\n{triggers}")).expect("guard").remove(0);
-        let watched = [Watched {
-            guard: &g,
-            nodes: vec!["n1".into()],
-        }];
-        let mut state = EvalState::default();
-        let metrics = Mutex::new(QuarantineMetrics::default());
-        evaluate(
-            Some(&prom),
-            &watched,
-            &NodeIndex::default(),
-            Duration::from_secs(1),
-            &mut state,
-            &metrics,
-        )
-        .await;
+        let answers = query_triggers(Some(&prom), &[&g]).await;
         let peak = peak.load(Ordering::SeqCst);
         assert!(
             (2..=MAX_CONCURRENT_QUERIES).contains(&peak),
             "{peak} queries in flight at once"
         );
-        assert_eq!(
-            metrics
-                .lock()
-                .map(|m| m.evaluations["unknown"])
-                .unwrap_or(0),
-            12
+        assert_eq!(answers.len(), 12);
+        // Judged for a planned node, each empty answer reads Unknown.
+        let mut state = crate::evaluate::EvalState::default();
+        let planned = [("g".to_string(), vec!["n1".to_string()])].into();
+        let counts = crate::evaluate::fold(
+            &mut state,
+            &answers,
+            &planned,
+            &crate::evaluate::NodeIndex::default(),
+            Duration::from_secs(1),
+            k8s_openapi::jiff::Timestamp::now(),
         );
+        assert_eq!(counts["unknown"], 12);
     }
 }

@@ -44,7 +44,8 @@ impl Table {
             .push([kind, transition.into(), k[0].status.clone(), argo]);
     }
 
-    /// Waits until `what` judges as `want` by kstatus, then judges it.
+    /// Waits until `what`'s controller has observed its generation and
+    /// kstatus judges it as `want`, then judges it with both tools.
     fn settle(
         &mut self,
         c: &Cluster,
@@ -58,7 +59,10 @@ impl Table {
         loop {
             if let Some(o) = c.get(what.0, what.1) {
                 let k = kstatus(&o);
-                if k[0].status == want.0 {
+                // Processed by its controller (not the schema's default),
+                // and judged as expected.
+                let observed = o["status"]["observedGeneration"] == o["metadata"]["generation"];
+                if k[0].status == want.0 && (observed || want.0 == "Terminating") {
                     break;
                 }
                 last = format!(
