@@ -83,9 +83,9 @@ impl CidrGroupSpec {
                     message: format!("{n} is every destination of its family; a guard that whitelists it throttles nothing. A group cannot hold it: put it in the guard's own whitelist with spec.whitelistAllDestinations: true if that is meant"),
                 }),
                 Ok(n) => nets.push(n),
-                Err(message) => errors.push(FieldError {
+                Err(e) => errors.push(FieldError {
                     path: format!("spec.cidrs[{i}]"),
-                    message,
+                    message: e.to_string(),
                 }),
             }
         }

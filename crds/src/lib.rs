@@ -9,11 +9,12 @@
 //!   guard's references resolve), [`valid_spec`] (a checked guard spec),
 //!   [`guard`], [`quarantine`];
 //! - shared vocabulary, importing nothing of the crate but [`errors`]:
-//!   [`wide`], [`selector`], [`net`], [`mode`], [`units`], [`conditions`],
-//!   [`node_labels`], [`errors`].
+//!   [`wide`], [`selector`], [`net`], [`mode`], [`units`], [`duration`],
+//!   [`conditions`], [`node_labels`], [`errors`].
 
 pub mod cidr_group;
 pub mod conditions;
+pub mod duration;
 pub mod errors;
 pub mod guard;
 pub mod load;

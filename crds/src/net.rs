@@ -6,20 +6,39 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+/// Why a whitelist, protect or CIDRGroup entry was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    /// Neither an address nor an address with a prefix length.
+    #[error("{input:?} is not a CIDR; write an address and prefix length such as 203.0.113.0/24 or 2001:db8::/48")]
+    NotACidr {
+        /// The rejected input, trimmed.
+        input: String,
+    },
+    /// Bits are set past the prefix length (`10.0.0.1/8`).
+    #[error("{input} has host bits set; the network is {network}")]
+    HostBitsSet {
+        /// The rejected input, trimmed.
+        input: String,
+        /// The network it was probably meant to be.
+        network: IpNet,
+    },
+}
+
 /// Parses a whitelist entry; a bare address means a host route.
-pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+pub fn parse_cidr(s: &str) -> Result<IpNet, CidrError> {
     let s = s.trim();
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Ok(IpNet::from(ip));
     }
-    let net: IpNet = s.parse().map_err(|_| {
-        format!("{s:?} is not a CIDR; write an address and prefix length such as 203.0.113.0/24 or 2001:db8::/48")
+    let net: IpNet = s.parse().map_err(|_| CidrError::NotACidr {
+        input: s.to_string(),
     })?;
     if net.trunc() != net {
-        return Err(format!(
-            "{s} has host bits set; the network is {}",
-            net.trunc()
-        ));
+        return Err(CidrError::HostBitsSet {
+            input: s.to_string(),
+            network: net.trunc(),
+        });
     }
     Ok(net)
 }

@@ -10,6 +10,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use crate::duration::{parse_duration, DurationError};
 use crate::errors::FieldError;
 use crate::mode::Mode;
 
@@ -433,42 +434,6 @@ pub struct QuarantineRules {
     pub escalation: (EscalationAction, std::time::Duration),
 }
 
-/// Parses a Go-style duration such as `30s`, `2m`, `1h30m` or `500ms`.
-pub fn parse_duration(input: &str) -> Result<std::time::Duration, String> {
-    let s = input.trim();
-    let bad = || {
-        format!("{input:?} is not a duration; write a number and a unit (ms, s, m, h), e.g. 30s, 2m or 1h30m")
-    };
-    if s.is_empty() {
-        return Err(bad());
-    }
-    let mut total = 0f64;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(bad)?;
-        let n: f64 = rest[..end].parse().map_err(|_| bad())?;
-        rest = &rest[end..];
-        let unit_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let secs = match &rest[..unit_end] {
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(bad()),
-        };
-        total += n * secs;
-        rest = &rest[unit_end..];
-    }
-    if !total.is_finite() || total > 366.0 * 86400.0 {
-        return Err(format!("{input:?} is longer than a year"));
-    }
-    Ok(std::time::Duration::from_secs_f64(total))
-}
-
 /// Checks `spec.quarantine` against `spec.mode`; every problem has its path.
 pub fn rules(
     policy: Option<&QuarantinePolicy>,
@@ -523,14 +488,14 @@ pub fn rules(
         None => std::time::Duration::from_secs(30),
         Some(Ok(d)) => d,
         Some(Err(m)) => {
-            push("spec.quarantine.escalation.after".into(), m);
+            push("spec.quarantine.escalation.after".into(), m.to_string());
             Default::default()
         }
     };
     let cooldown = match parse_duration(&p.limits.cooldown) {
         Ok(d) => d,
         Err(m) => {
-            push("spec.quarantine.limits.cooldown".into(), m);
+            push("spec.quarantine.limits.cooldown".into(), m.to_string());
             Default::default()
         }
     };
@@ -606,7 +571,7 @@ pub fn rules(
                     None => Default::default(),
                     Some(Ok(d)) => d,
                     Some(Err(m)) => {
-                        push(format!("{base}.prometheus.for"), m);
+                        push(format!("{base}.prometheus.for"), m.to_string());
                         Default::default()
                     }
                 };

@@ -36,9 +36,25 @@ pub fn selector_problems(sel: &LabelSelector, path: &str) -> Vec<FieldError> {
     out
 }
 
+/// Why a selector could not be matched.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectorError {
+    /// An operator other than In, NotIn, Exists and DoesNotExist.
+    #[error("matchExpressions[{index}].operator: {operator:?} is not one of In, NotIn, Exists, DoesNotExist")]
+    UnknownOperator {
+        /// Index of the expression in `matchExpressions`.
+        index: usize,
+        /// The operator as written.
+        operator: String,
+    },
+}
+
 /// Does `sel` match `labels`? An empty selector matches everything. An
 /// unknown operator is an error (see [`selector_problems`]).
-pub fn selects(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> Result<bool, String> {
+pub fn selects(
+    sel: &LabelSelector,
+    labels: &BTreeMap<String, String>,
+) -> Result<bool, SelectorError> {
     if let Some(ml) = &sel.match_labels {
         if ml.iter().any(|(k, v)| labels.get(k) != Some(v)) {
             return Ok(false);
@@ -53,9 +69,10 @@ pub fn selects(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> Result
             "Exists" => have.is_some(),
             "DoesNotExist" => have.is_none(),
             other => {
-                return Err(format!(
-                    "matchExpressions[{i}].operator: {other:?} is not one of In, NotIn, Exists, DoesNotExist"
-                ))
+                return Err(SelectorError::UnknownOperator {
+                    index: i,
+                    operator: other.to_string(),
+                })
             }
         };
         if !ok {

@@ -584,3 +584,51 @@ fn cidr_groups_cannot_widen_a_guard_unless_allowed() {
     ]);
     assert!(errors(&guard, &[("partners", &ordinary)]).is_empty());
 }
+
+#[test]
+fn parse_errors_are_typed_and_keep_their_messages() {
+    use crate::duration::{parse_duration, DurationError};
+    use crate::net::{parse_cidr, CidrError};
+    use crate::selector::{selects, SelectorError};
+
+    let e = parse_cidr(" 10.0.0.1/8 ").unwrap_err();
+    assert!(matches!(e, CidrError::HostBitsSet { .. }));
+    assert_eq!(
+        e.to_string(),
+        "10.0.0.1/8 has host bits set; the network is 10.0.0.0/8"
+    );
+    let e = parse_cidr("nope").unwrap_err();
+    assert!(matches!(e, CidrError::NotACidr { .. }));
+
+    let e = parse_duration(" 2d").unwrap_err();
+    assert!(matches!(e, DurationError::NotADuration { .. }));
+    assert_eq!(
+        e.to_string(),
+        "\" 2d\" is not a duration; write a number and a unit (ms, s, m, h), e.g. 30s, 2m or 1h30m"
+    );
+    let e = parse_duration("9000h").unwrap_err();
+    assert_eq!(e.to_string(), "\"9000h\" is longer than a year");
+
+    let sel = k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+        match_expressions: Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
+                key: "site".into(),
+                operator: "Matches".into(),
+                values: None,
+            },
+        ]),
+        ..Default::default()
+    };
+    let e = selects(&sel, &Default::default()).unwrap_err();
+    assert_eq!(
+        e,
+        SelectorError::UnknownOperator {
+            index: 0,
+            operator: "Matches".into()
+        }
+    );
+    assert_eq!(
+        e.to_string(),
+        "matchExpressions[0].operator: \"Matches\" is not one of In, NotIn, Exists, DoesNotExist"
+    );
+}

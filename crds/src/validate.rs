@@ -14,8 +14,8 @@ use crate::wide::min_prefix;
 
 // Kept at their paths of before the split into leaf modules.
 pub use crate::errors::{FieldError, ValidationErrors};
-pub use crate::net::parse_cidr;
-pub use crate::selector::{selector_problems, selects};
+pub use crate::net::{parse_cidr, CidrError};
+pub use crate::selector::{selector_problems, selects, SelectorError};
 pub use crate::valid_spec::{LaneRates, PortRange, ProtectPort, ValidSpec, WhitelistEntry};
 pub use crate::wide::{wide_union, wide_whitelist_problems, MIN_GROUP_PREFIX, MIN_PROTECT_PREFIX};
 
@@ -389,7 +389,7 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
                 index: i,
                 group: None,
             }),
-            Err(m) => c.push(format!("spec.whitelist[{i}]"), m),
+            Err(m) => c.push(format!("spec.whitelist[{i}]"), m.to_string()),
         }
     }
     c.0.extend(wide_whitelist_problems(
@@ -407,7 +407,7 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
         let net = match parse_cidr(&p.cidr) {
             Ok(net) => Some(net),
             Err(m) => {
-                c.push(format!("spec.protect[{i}].cidr"), m);
+                c.push(format!("spec.protect[{i}].cidr"), m.to_string());
                 None
             }
         };

@@ -90,7 +90,7 @@ impl Target {
                 }),
                 Err(m) => errors.push(FieldError {
                     path: format!("spec.protected[{i}].cidr"),
-                    message: m,
+                    message: m.to_string(),
                 }),
             }
         }

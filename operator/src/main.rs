@@ -95,7 +95,7 @@ enum Cmd {
 }
 
 fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
-    let d = egressguard_crds::quarantine::parse_duration(s)?;
+    let d = egressguard_crds::quarantine::parse_duration(s).map_err(|e| e.to_string())?;
     if d < std::time::Duration::from_secs(1) {
         return Err(format!("{s:?} is shorter than 1s"));
     }
