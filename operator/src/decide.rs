@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use egressguard_crds::node_shaping::{GuardRef, NodeShapingSpec, ProtectedEntry, ResolvedGroup};
-use egressguard_crds::{validate, EgressGuard, Mode};
+use egressguard_crds::{EgressGuard, Mode};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 /// What the operator knows about a node (from a metadata-only watch plus addresses).
@@ -203,32 +203,7 @@ pub enum Held {
     Unresolved(String),
 }
 
-/// What the operator knows about one CIDRGroup.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GroupFacts {
-    /// Its labels (selectors match them).
-    pub labels: BTreeMap<String, String>,
-    /// Its content digest, or why its content is invalid.
-    pub digest: Result<String, String>,
-    /// Its entries, parsed once (empty when invalid): a group matched by
-    /// label must not widen the guards that select the label.
-    pub entries: std::sync::Arc<[ipnet::IpNet]>,
-}
-
-impl GroupFacts {
-    /// Facts of a group object.
-    pub fn of(g: &egressguard_crds::CIDRGroup) -> GroupFacts {
-        let (digest, entries) = match g.spec.validate() {
-            Ok(nets) => (Ok(g.spec.digest()), nets.into()),
-            Err(e) => (Err(e.to_string()), Vec::new().into()),
-        };
-        GroupFacts {
-            labels: g.metadata.labels.clone().unwrap_or_default(),
-            digest,
-            entries,
-        }
-    }
-}
+pub use crate::index::{GroupFacts, ParsedGuard};
 
 /// Refuses groups that widen the guard past what it allows (prefixes
 /// shorter than /8 or /16, or a union over half an address family).
@@ -413,6 +388,9 @@ pub struct Extras {
     pub protected: Vec<ProtectedEntry>,
     /// The CIDRGroups that exist, by name.
     pub groups: BTreeMap<String, GroupFacts>,
+    /// The guards as parsed once per change, by name (a guard missing here
+    /// is validated on the spot).
+    pub parsed: BTreeMap<String, ParsedGuard>,
     /// Nodes whose agent predates plans by reference (it reported a status
     /// without `byReference`): their plans also carry the guard's spec, as
     /// that agent needs, until it rolls.
@@ -430,15 +408,15 @@ fn quarantined(extras: &Extras, guard: &str, node: &str) -> bool {
 }
 
 /// [`decide`], with quarantines and extra protected destinations.
-pub fn decide_with(
-    guards: &[EgressGuard],
+pub fn decide_with<G: std::borrow::Borrow<EgressGuard>>(
+    guards: &[G],
     nodes: &[NodeFacts],
     api_endpoints: &[IpAddr],
     current: &BTreeMap<&str, &NodeShapingSpec>,
     extras: &Extras,
 ) -> Decision {
     let mut d = Decision::default();
-    let mut ordered: Vec<&EgressGuard> = guards.iter().collect();
+    let mut ordered: Vec<&EgressGuard> = guards.iter().map(|g| g.borrow()).collect();
     // Guards that program (Enforce, Auto) claim nodes before guards that only
     // report (DryRun): a dry run never keeps a real guard off a node.
     ordered.sort_by_key(|g| (g.spec.mode == Mode::DryRun, age_key(g)));
@@ -470,10 +448,14 @@ pub fn decide_with(
         }
         // The shared validation also refuses a bad selector operator, so the
         // guard is invalid whatever the nodes' labels are.
-        let problem = match validate(&g.spec) {
-            Err(e) => Some(Held::Invalid(e.to_string())),
+        let parsed = match extras.parsed.get(&name) {
+            Some(p) => p.valid.clone(),
+            None => ParsedGuard::of(g).valid,
+        };
+        let problem = match &*parsed {
+            Err(e) => Some(Held::Invalid(e.clone())),
             Ok(valid) => resolve_groups(&g.spec, &extras.groups)
-                .and_then(|r| wide_groups(&valid, &r, &extras.groups))
+                .and_then(|r| wide_groups(valid, &r, &extras.groups))
                 .err()
                 .map(Held::Unresolved),
         };

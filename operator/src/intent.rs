@@ -35,7 +35,7 @@ pub const FINALIZER: &str = "egressguard.io/cleanup";
 #[derive(Debug)]
 pub struct Observed<'a> {
     /// Every guard, including those being deleted.
-    pub guards: &'a [EgressGuard],
+    pub guards: &'a [Arc<EgressGuard>],
     /// The stored plans by node name.
     pub shapings: &'a BTreeMap<String, Arc<NodeShaping>>,
     /// Nodes that exist.
@@ -343,7 +343,7 @@ mod tests {
     }
 
     struct World {
-        guards: Vec<EgressGuard>,
+        guards: Vec<Arc<EgressGuard>>,
         shapings: BTreeMap<String, Arc<NodeShaping>>,
         nodes: BTreeSet<String>,
         quarantine: BTreeMap<String, GuardQuarantine>,
@@ -352,7 +352,7 @@ mod tests {
     impl World {
         fn new(guards: Vec<EgressGuard>, shapings: Vec<(String, Arc<NodeShaping>)>) -> Self {
             World {
-                guards,
+                guards: guards.into_iter().map(Arc::new).collect(),
                 shapings: shapings.into_iter().collect(),
                 nodes: ["a", "b", "c"].map(String::from).into(),
                 quarantine: BTreeMap::new(),
@@ -585,7 +585,7 @@ mod tests {
         assert!(ready[0].warning);
         assert_eq!(first.events.len(), first.status.conditions.len());
         // Stored as computed: nothing to write, nothing to announce.
-        w.guards[0].status = Some(first.status.clone());
+        Arc::make_mut(&mut w.guards[0]).status = Some(first.status.clone());
         assert!(w.intend(d()).statuses.is_empty());
         // The agent reports Ready: Ready turns True (a Normal Event), the
         // other conditions did not change (no Event).

@@ -9,6 +9,7 @@ pub mod decide;
 pub mod enforcement;
 pub mod evaluate;
 pub mod group_status;
+pub mod index;
 pub mod intent;
 pub mod kinds;
 pub mod leader;

@@ -28,10 +28,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use egressguard_crds::node_shaping::{NodeShapingSpec, ProtectedEntry};
-use egressguard_crds::quarantine::rules;
 use egressguard_crds::serve::prometheus_client::encoding::DescriptorEncoder;
 use egressguard_crds::serve::{counter, counters, gauge, Scrape};
-use egressguard_crds::{validate, CidrGroupStatus, EgressGuard, NodeShaping, Phase, Quarantine};
+use egressguard_crds::{CidrGroupStatus, EgressGuard, NodeShaping, Phase, Quarantine};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
@@ -43,9 +42,10 @@ use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use tracing::{field, info, info_span, warn, Instrument};
 
-use crate::decide::{decide_with, Decision, Extras, GroupFacts, IgnoredAddress, NodeFacts};
+use crate::decide::{decide_with, Decision, Extras, IgnoredAddress, NodeFacts};
 use crate::enforcement::NodeReport;
 use crate::evaluate::{Answer, EvalState, NodeIndex};
+use crate::index::{GroupFacts, Index, ParsedGuard};
 use crate::intent::{intend, Finalizers, GuardEvent, Intent, Observed, PlanWrite};
 use crate::kinds::Served;
 use crate::own_writes::OwnWrites;
@@ -80,6 +80,8 @@ pub struct OpMetrics {
     /// Failed writes by [`Stage`] label: every error of every pass, not only
     /// the first.
     pub write_errors: BTreeMap<&'static str, u64>,
+    /// Guards and groups parsed (per change, not per pass).
+    pub parses: u64,
 }
 
 impl Scrape for OpMetrics {
@@ -125,6 +127,12 @@ impl Scrape for OpMetrics {
             "egressguard_operator_plan_write_bytes",
             "Request body bytes of NodeShaping plan writes.",
             self.plan_write_bytes,
+        )?;
+        counter(
+            e,
+            "egressguard_operator_parses",
+            "Guards and CIDRGroups parsed and validated (once per change, not per pass).",
+            self.parses,
         )?;
         counters(
             e,
@@ -224,6 +232,8 @@ pub(crate) struct Ctx {
     pub(crate) noticed: Mutex<std::collections::BTreeSet<String>>,
     /// Plans written that the cache has not caught up with.
     pub(crate) own: Mutex<OwnWrites>,
+    /// Guards and groups parsed once per change.
+    pub(crate) index: Mutex<Index>,
     /// Each node's heartbeat Lease version and when this replica first saw it.
     pub(crate) heartbeat_seen: Mutex<BTreeMap<String, (String, Timestamp)>>,
 }
@@ -279,6 +289,7 @@ async fn gather_answers(ctx: &Ctx, seen: &Snapshot) -> Option<Vec<Answer>> {
     let evaluated: Vec<&EgressGuard> = seen
         .guards
         .iter()
+        .map(|g| &**g)
         .filter(|g| crate::remediate::evaluated(g))
         .collect();
     Some(crate::remediate::query_triggers(ctx.quarantine.prometheus.as_ref(), &evaluated).await)
@@ -575,7 +586,11 @@ async fn write_group_statuses(ctx: &Ctx, groups: Vec<(String, Option<String>, Ci
 
 /// The caches at the start of a pass, owned so the pass can borrow freely.
 struct Snapshot {
-    guards: Vec<EgressGuard>,
+    guards: Vec<Arc<EgressGuard>>,
+    /// The guards as parsed once per change (the index's view).
+    parsed: BTreeMap<String, ParsedGuard>,
+    /// The CIDRGroups' facts, parsed once per change.
+    groups: BTreeMap<String, GroupFacts>,
     /// Node facts after the node address policy.
     nodes: Vec<NodeFacts>,
     ignored: Vec<crate::decide::IgnoredAddress>,
@@ -595,13 +610,14 @@ struct Snapshot {
 
 impl Snapshot {
     fn take(ctx: &Ctx) -> Snapshot {
-        let guards: Vec<EgressGuard> = ctx
-            .caches
-            .guards
-            .state()
-            .iter()
-            .map(|g| (**g).clone())
-            .collect();
+        let guards = ctx.caches.guards.state();
+        let (parsed, groups) = {
+            let mut index = ctx.index.lock().unwrap_or_else(|p| p.into_inner());
+            let parsed = index.guards(&guards);
+            let groups = index.groups(&ctx.caches.groups.state());
+            ctx.metrics.lock().unwrap_or_else(|p| p.into_inner()).parses = index.parses;
+            (parsed, groups)
+        };
         let node_objs = ctx.caches.nodes.state();
         let reported: Vec<NodeFacts> = node_objs.iter().map(|n| NodeFacts::of(n)).collect();
         let (nodes, ignored) = crate::decide::limit_node_addresses(&reported, &ctx.node_addresses);
@@ -627,6 +643,8 @@ impl Snapshot {
                 .map(|g| (g.name_any(), g.object_ref(&())))
                 .collect(),
             guards,
+            parsed,
+            groups,
             nodes,
             ignored,
             node_objs,
@@ -659,13 +677,8 @@ impl Snapshot {
                 })
                 .into_iter()
                 .collect(),
-            groups: ctx
-                .caches
-                .groups
-                .state()
-                .iter()
-                .map(|g| (g.name_any(), GroupFacts::of(g)))
-                .collect(),
+            groups: self.groups.clone(),
+            parsed: self.parsed.clone(),
             // Agents from before plans by reference get the spec copied.
             legacy_agents: self
                 .shapings
@@ -715,11 +728,7 @@ impl Snapshot {
                 .iter()
                 .map(|g| {
                     let out = d.guards.get(&g.name_any());
-                    let rules = validate(&g.spec).ok().and_then(|_| {
-                        rules(g.spec.quarantine.as_ref(), g.spec.mode)
-                            .ok()
-                            .flatten()
-                    });
+                    let rules = self.parsed.get(&g.name_any()).and_then(|p| p.rules.clone());
                     let facts = GuardFacts {
                         guard: g,
                         rules,

@@ -231,6 +231,7 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
         eval: Mutex::new(Default::default()),
         noticed: Mutex::new(Default::default()),
         own: Mutex::new(OwnWrites::default()),
+        index: Mutex::default(),
         heartbeat_seen: Mutex::default(),
     };
     let leader = Leader::new(
