@@ -6,7 +6,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use crate::mode::Mode;
-use crate::quarantine::QuarantinePolicy;
+use crate::quarantine_policy::QuarantinePolicy;
 
 /// Desired egress shaping for the nodes a guard selects.
 ///

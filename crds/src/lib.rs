@@ -7,7 +7,8 @@
 //! - [`mod@validate`] (the one validation; it knows every kind) and [`load`];
 //! - the kinds: [`node_shaping`], [`cidr_group`] (the group kind, and how a
 //!   guard's references resolve), [`valid_spec`] (a checked guard spec),
-//!   [`guard`], [`quarantine`];
+//!   [`guard`], [`quarantine`] (the record kind), [`quarantine_policy`] (a
+//!   guard's `spec.quarantine` and its check);
 //! - shared vocabulary, importing nothing of the crate but [`errors`]:
 //!   [`wide`], [`selector`], [`net`], [`mode`], [`units`], [`duration`],
 //!   [`conditions`], [`node_labels`], [`errors`].
@@ -23,6 +24,7 @@ pub mod net;
 pub mod node_labels;
 pub mod node_shaping;
 pub mod quarantine;
+pub mod quarantine_policy;
 pub mod selector;
 #[cfg(feature = "serve")]
 pub mod serve;

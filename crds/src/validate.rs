@@ -8,7 +8,7 @@ use ipnet::IpNet;
 
 use crate::guard::{EgressGuardSpec, Mode, PortlessPolicy};
 use crate::net::family;
-use crate::quarantine::QuarantineThrottle;
+use crate::quarantine_policy::{rules as quarantine_rules, QuarantineThrottle};
 use crate::units::{parse_rate, parse_size, Rate, Size};
 use crate::wide::min_prefix;
 
@@ -468,7 +468,7 @@ pub fn validate(spec: &EgressGuardSpec) -> Result<ValidSpec, ValidationErrors> {
     }
     c.0.extend(crate::cidr_group::check_refs(&spec.whitelist_groups));
 
-    if let Err(errs) = crate::quarantine::rules(spec.quarantine.as_ref(), spec.mode) {
+    if let Err(errs) = quarantine_rules(spec.quarantine.as_ref(), spec.mode) {
         c.0.extend(errs);
     }
 
