@@ -379,15 +379,6 @@ fn describe(q: &Quarantine) -> String {
 
 /// Plans one pass.
 pub fn plan(world: &World<'_>) -> QuarantinePlan {
-    let mut p = QuarantinePlan {
-        versions: world
-            .quarantines
-            .iter()
-            .filter_map(|q| Some((q.name_any(), q.resource_version()?)))
-            .collect(),
-        ..QuarantinePlan::default()
-    };
-    let now = Time(world.now);
     let mut qs: Vec<&Arc<Quarantine>> = world.quarantines.iter().collect();
     // Oldest first: the first quarantine of a node wins, whatever order the
     // cache lists them in.
@@ -397,59 +388,89 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
             q.name_any(),
         )
     });
-    let phase = |q: &Quarantine| q.status.as_ref().and_then(|s| s.phase);
-    let mut adm = Admission {
-        world,
-        active: BTreeMap::new(),
-    };
-    // Nodes an Active quarantine escalates: (action, the quarantine).
-    let mut escalate: BTreeMap<String, (EscalationAction, String)> = BTreeMap::new();
+    let mut pl = Planner::new(world);
     // Active ones first, so admission sees every node already quarantined.
     for q in qs.iter().filter(|q| phase(q) == Some(Phase::Active)) {
         if q.metadata.deletion_timestamp.is_none() {
-            adm.admit(&q.spec.guard, &q.spec.node_name);
+            pl.adm.admit(&q.spec.guard, &q.spec.node_name);
+        }
+    }
+    for q in &qs {
+        pl.record(q);
+    }
+    // Confirmed Prometheus breaches start new quarantines.
+    for ((guard, node), s) in &world.signals {
+        if let Some(b) = &s.breach {
+            pl.breach(guard, node, b);
+        }
+    }
+    pl.legacy_exclude_labels();
+    pl.finish()
+}
+
+fn phase(q: &Quarantine) -> Option<Phase> {
+    q.status.as_ref().and_then(|s| s.phase)
+}
+
+/// One pass's quarantine plan as it is built: the plan, the admissions so
+/// far, and the nodes Active quarantines escalate.
+struct Planner<'w, 'a> {
+    world: &'w World<'a>,
+    p: QuarantinePlan,
+    adm: Admission<'w, 'a>,
+    /// Nodes an Active quarantine escalates: (action, the quarantine).
+    escalate: BTreeMap<String, (EscalationAction, String)>,
+    now: Time,
+}
+
+impl<'w, 'a> Planner<'w, 'a> {
+    fn new(world: &'w World<'a>) -> Self {
+        Planner {
+            world,
+            p: QuarantinePlan {
+                versions: world
+                    .quarantines
+                    .iter()
+                    .filter_map(|q| Some((q.name_any(), q.resource_version()?)))
+                    .collect(),
+                ..QuarantinePlan::default()
+            },
+            adm: Admission {
+                world,
+                active: BTreeMap::new(),
+            },
+            escalate: BTreeMap::new(),
+            now: Time(world.now),
         }
     }
 
-    for q in &qs {
-        let name = q.name_any();
+    fn finish(mut self) -> QuarantinePlan {
+        self.p.active = self.adm.active;
+        self.p.node_changes = node_changes(self.world, &self.escalate, &mut self.p.notices);
+        settle(self.world, &mut self.p);
+        self.p
+    }
+
+    /// What becomes of one stored record this pass.
+    fn record(&mut self, q: &Quarantine) {
         let st = q.status.clone().unwrap_or_default();
-        let g = world.guards.get(&q.spec.guard);
         if q.metadata.deletion_timestamp.is_some() {
-            if has_finalizer(q) {
-                if st.phase == Some(Phase::Active) {
-                    if let Some(s) = adm.active.get_mut(&q.spec.guard) {
-                        s.remove(&q.spec.node_name);
-                    }
-                    p.notices.push(Notice {
-                        subjects: who(q),
-                        warning: false,
-                        reason: events::RELEASED,
-                        note: format!(
-                            "node {} released from EgressGuard {}: Quarantine {name} was deleted",
-                            q.spec.node_name, q.spec.guard
-                        ),
-                        once: None,
-                        quarantine: Some(name.clone()),
-                    });
-                    p.released
-                        .push((q.spec.guard.clone(), q.spec.trigger.clone()));
-                    p.create.push(tombstone(q, &now));
-                }
-                p.remove_finalizer.push(name.clone());
-            }
-            continue;
+            return self.deleted(q, &st);
         }
-        let rules = g.and_then(|g| g.rules.as_ref());
+        let rules = self
+            .world
+            .guards
+            .get(&q.spec.guard)
+            .and_then(|g| g.rules.as_ref());
         match st.phase {
-            // A release record whose status write was lost is still a release,
-            // never a quarantine to admit.
+            // A release record whose status write was lost is still a
+            // release, never a quarantine to admit.
             None if q.labels().contains_key(TOMBSTONE_LABEL) => {
-                let mut next = st.clone();
+                let mut next = st;
                 next.phase = Some(Phase::Released);
-                next.released_at = Some(now.clone());
+                next.released_at = Some(self.now.clone());
                 next.released_by = Some(format!("{PERSON} deleted a quarantine of this node"));
-                p.status.push((name.clone(), next));
+                self.p.status.push((q.name_any(), next));
             }
             // A rail refused it, but its alert has not resolved: admitted once
             // the rail clears (cap freed, cooldown over, unpaused), as a
@@ -457,185 +478,235 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
             Some(Phase::Refused)
                 if is_alert(rules, &q.spec.trigger)
                     && st.alert_resolved_at.is_none()
-                    && adm
+                    && self
+                        .adm
                         .refusal(&q.spec.guard, &q.spec.node_name, &q.spec.trigger)
                         .is_none() =>
             {
-                adm.admit(&q.spec.guard, &q.spec.node_name);
-                let mut next = st.clone();
-                next.phase = Some(Phase::Active);
-                next.since = Some(now.clone());
-                next.released_at = None;
-                next.released_by = None;
-                p.add_finalizer.push(name.clone());
-                p.started
-                    .push((q.spec.guard.clone(), q.spec.trigger.clone()));
-                p.notices.push(Notice {
-                    subjects: who(q),
-                    warning: true,
-                    reason: events::QUARANTINED,
-                    note: format!(
-                        "node {} quarantined by EgressGuard {}: {} (Quarantine {name}, refused before; its alert still fires and the rail cleared)",
-                        q.spec.node_name,
-                        q.spec.guard,
-                        describe(q)
-                    ),
-                    once: None,
-                    quarantine: Some(name.clone()),
-                });
-                p.status.push((name.clone(), next));
+                self.start(
+                    q,
+                    st,
+                    ", refused before; its alert still fires and the rail cleared",
+                );
             }
             None | Some(Phase::Pending) => {
-                let refusal = adm.refusal(&q.spec.guard, &q.spec.node_name, &q.spec.trigger);
-                let mut next = st.clone();
-                if let Some((reason, why)) = refusal {
-                    next.phase = Some(Phase::Refused);
-                    next.released_at = Some(now.clone());
-                    next.released_by = Some(format!("refused ({reason}): {why}"));
-                    crate::quarantine_progress::refused(
-                        &mut next,
-                        &reason.to_string(),
-                        &why,
-                        world.now,
-                    );
-                    p.notices.push(Notice {
-                        subjects: who(q),
-                        warning: reason != Refusal::DryRun,
-                        reason: if reason == Refusal::DryRun {
-                            events::WOULD_QUARANTINE
-                        } else {
-                            events::QUARANTINE_REFUSED
-                        },
-                        note: format!(
-                            "Quarantine {name} of node {} by {}: {why}",
-                            q.spec.node_name,
-                            describe(q)
-                        ),
-                        once: None,
-                        quarantine: Some(name.clone()),
-                    });
-                } else {
-                    adm.admit(&q.spec.guard, &q.spec.node_name);
-                    next.phase = Some(Phase::Active);
-                    next.since = Some(now.clone());
-                    p.add_finalizer.push(name.clone());
-                    p.started
-                        .push((q.spec.guard.clone(), q.spec.trigger.clone()));
-                    p.notices.push(Notice {
-                        subjects: who(q),
-                        warning: true,
-                        reason: events::QUARANTINED,
-                        note: format!(
-                            "node {} quarantined by EgressGuard {}: {} (Quarantine {name})",
-                            q.spec.node_name,
-                            q.spec.guard,
-                            describe(q)
-                        ),
-                        once: None,
-                        quarantine: Some(name.clone()),
-                    });
-                }
-                p.status.push((name.clone(), next));
-            }
-            Some(Phase::Active) => {
-                if !has_finalizer(q) {
-                    p.add_finalizer.push(name.clone());
-                }
-                let release = if let Some(why) = q.annotations().get(RELEASE_ANNOTATION) {
-                    Some(format!("{PERSON} annotation {RELEASE_ANNOTATION}={why:?}"))
-                } else if g.is_none() {
-                    Some(format!("EgressGuard {} was deleted", q.spec.guard))
-                } else if !world.nodes.contains_key(&q.spec.node_name) {
-                    Some(format!("node {} was deleted", q.spec.node_name))
-                } else {
-                    None
-                };
-                let mut next = st.clone();
-                let released_by = match release {
-                    Some(r) => Some(r),
-                    None => {
-                        let (calm, window) = calm(world, q);
-                        next.calm_since = if calm {
-                            st.calm_since.clone().or(Some(now.clone()))
-                        } else {
-                            None
-                        };
-                        match (window, &next.calm_since) {
-                            (Some(after), Some(since)) if secs_since(world.now, since) >= after.as_secs_f64() => Some(format!(
-                                "policy: every trigger calm for node {} since {} (release.after {}s)",
-                                q.spec.node_name,
-                                since.0,
-                                after.as_secs()
-                            )),
-                            _ => None,
-                        }
-                    }
-                };
-                if let Some(by) = released_by {
-                    next.phase = Some(Phase::Released);
-                    next.released_at = Some(now.clone());
-                    next.released_by = Some(by.clone());
-                    if let Some(s) = adm.active.get_mut(&q.spec.guard) {
-                        s.remove(&q.spec.node_name);
-                    }
-                    p.remove_finalizer.push(name.clone());
-                    p.released
-                        .push((q.spec.guard.clone(), q.spec.trigger.clone()));
-                    p.notices.push(Notice {
-                        subjects: who(q),
-                        warning: false,
-                        reason: events::RELEASED,
-                        note: format!(
-                            "node {} released from EgressGuard {} (Quarantine {name}): {by}",
-                            q.spec.node_name, q.spec.guard
-                        ),
-                        once: None,
-                        quarantine: Some(name.clone()),
-                    });
-                }
-                if next.phase == Some(Phase::Active) {
-                    enforced(
-                        world,
-                        q,
-                        g.and_then(|g| g.rules.as_ref()),
-                        &mut next,
-                        &mut p,
-                        &mut escalate,
-                    );
-                }
-                if next != st {
-                    p.status.push((name.clone(), next));
+                match self
+                    .adm
+                    .refusal(&q.spec.guard, &q.spec.node_name, &q.spec.trigger)
+                {
+                    Some((reason, why)) => self.refuse(q, st, reason, &why),
+                    None => self.start(q, st, ""),
                 }
             }
+            Some(Phase::Active) => self.active(q, st),
             Some(Phase::Released | Phase::Refused) => {
+                let name = q.name_any();
                 if has_finalizer(q) {
-                    p.remove_finalizer.push(name.clone());
+                    self.p.remove_finalizer.push(name.clone());
                 }
-                if expired(world, q, g.and_then(|g| g.rules.as_ref())) {
-                    p.delete.push(name.clone());
+                if expired(self.world, q, rules) {
+                    self.p.delete.push(name);
                 }
             }
         }
     }
 
-    // Confirmed Prometheus breaches start new quarantines.
-    for ((guard, node), s) in &world.signals {
-        let Some(b) = &s.breach else { continue };
-        let Some(g) = world.guards.get(guard) else {
-            continue;
-        };
-        if adm.active.get(guard).is_some_and(|a| a.contains(node)) || !g.planned.contains(node) {
-            continue;
+    /// A record being deleted: an Active one is released first (a release
+    /// record keeps the memory), then its finalizer goes.
+    fn deleted(&mut self, q: &Quarantine, st: &QuarantineStatus) {
+        if !has_finalizer(q) {
+            return;
         }
-        if let Some((reason, why)) = adm.refusal(guard, node, &b.trigger) {
-            p.notices.push(Notice {
-                subjects: vec![Subject::Guard(guard.clone()), Subject::Node(node.clone())],
+        let name = q.name_any();
+        if st.phase == Some(Phase::Active) {
+            if let Some(s) = self.adm.active.get_mut(&q.spec.guard) {
+                s.remove(&q.spec.node_name);
+            }
+            self.p.notices.push(Notice {
+                subjects: who(q),
+                warning: false,
+                reason: events::RELEASED,
+                note: format!(
+                    "node {} released from EgressGuard {}: Quarantine {name} was deleted",
+                    q.spec.node_name, q.spec.guard
+                ),
+                once: None,
+                quarantine: Some(name.clone()),
+            });
+            self.p
+                .released
+                .push((q.spec.guard.clone(), q.spec.trigger.clone()));
+            self.p.create.push(tombstone(q, &self.now));
+        }
+        self.p.remove_finalizer.push(name);
+    }
+
+    /// Admits `q`: Active from now, finalizer added, announced (`why`
+    /// completes the note).
+    fn start(&mut self, q: &Quarantine, st: QuarantineStatus, why: &str) {
+        let name = q.name_any();
+        self.adm.admit(&q.spec.guard, &q.spec.node_name);
+        let mut next = st;
+        next.phase = Some(Phase::Active);
+        next.since = Some(self.now.clone());
+        next.released_at = None;
+        next.released_by = None;
+        self.p.add_finalizer.push(name.clone());
+        self.p
+            .started
+            .push((q.spec.guard.clone(), q.spec.trigger.clone()));
+        self.p.notices.push(Notice {
+            subjects: who(q),
+            warning: true,
+            reason: events::QUARANTINED,
+            note: format!(
+                "node {} quarantined by EgressGuard {}: {} (Quarantine {name}{why})",
+                q.spec.node_name,
+                q.spec.guard,
+                describe(q)
+            ),
+            once: None,
+            quarantine: Some(name.clone()),
+        });
+        self.p.status.push((name, next));
+    }
+
+    /// Refuses `q` by the first rail it hit.
+    fn refuse(&mut self, q: &Quarantine, st: QuarantineStatus, reason: Refusal, why: &str) {
+        let name = q.name_any();
+        let mut next = st;
+        next.phase = Some(Phase::Refused);
+        next.released_at = Some(self.now.clone());
+        next.released_by = Some(format!("refused ({reason}): {why}"));
+        crate::quarantine_progress::refused(&mut next, &reason.to_string(), why, self.world.now);
+        self.p.notices.push(Notice {
+            subjects: who(q),
+            warning: reason != Refusal::DryRun,
+            reason: refusal_event(reason),
+            note: format!(
+                "Quarantine {name} of node {} by {}: {why}",
+                q.spec.node_name,
+                describe(q)
+            ),
+            once: None,
+            quarantine: Some(name.clone()),
+        });
+        self.p.status.push((name, next));
+    }
+
+    /// An Active quarantine: released when a person, a deletion or the
+    /// release policy says so; otherwise its enforcement is checked.
+    fn active(&mut self, q: &Quarantine, st: QuarantineStatus) {
+        let name = q.name_any();
+        if !has_finalizer(q) {
+            self.p.add_finalizer.push(name.clone());
+        }
+        let mut next = st.clone();
+        let released_by = self
+            .forced_release(q)
+            .or_else(|| self.policy_release(q, &mut next));
+        if let Some(by) = released_by {
+            self.release(q, &mut next, by);
+        }
+        if next.phase == Some(Phase::Active) {
+            let rules = self
+                .world
+                .guards
+                .get(&q.spec.guard)
+                .and_then(|g| g.rules.as_ref());
+            enforced(
+                self.world,
+                q,
+                rules,
+                &mut next,
+                &mut self.p,
+                &mut self.escalate,
+            );
+        }
+        if next != st {
+            self.p.status.push((name, next));
+        }
+    }
+
+    /// A release nobody's policy decides: a person's annotation, the guard
+    /// or the node deleted.
+    fn forced_release(&self, q: &Quarantine) -> Option<String> {
+        if let Some(why) = q.annotations().get(RELEASE_ANNOTATION) {
+            Some(format!("{PERSON} annotation {RELEASE_ANNOTATION}={why:?}"))
+        } else if !self.world.guards.contains_key(&q.spec.guard) {
+            Some(format!("EgressGuard {} was deleted", q.spec.guard))
+        } else if !self.world.nodes.contains_key(&q.spec.node_name) {
+            Some(format!("node {} was deleted", q.spec.node_name))
+        } else {
+            None
+        }
+    }
+
+    /// The release policy: every trigger calm for `release.after`. Keeps
+    /// `next.calmSince` up to date on the way.
+    fn policy_release(&self, q: &Quarantine, next: &mut QuarantineStatus) -> Option<String> {
+        let (calm, window) = calm(self.world, q);
+        next.calm_since = if calm {
+            next.calm_since.clone().or(Some(self.now.clone()))
+        } else {
+            None
+        };
+        match (window, &next.calm_since) {
+            (Some(after), Some(since))
+                if secs_since(self.world.now, since) >= after.as_secs_f64() =>
+            {
+                Some(format!(
+                    "policy: every trigger calm for node {} since {} (release.after {}s)",
+                    q.spec.node_name,
+                    since.0,
+                    after.as_secs()
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// Ends `q` now, `by` whom or what.
+    fn release(&mut self, q: &Quarantine, next: &mut QuarantineStatus, by: String) {
+        let name = q.name_any();
+        next.phase = Some(Phase::Released);
+        next.released_at = Some(self.now.clone());
+        next.released_by = Some(by.clone());
+        if let Some(s) = self.adm.active.get_mut(&q.spec.guard) {
+            s.remove(&q.spec.node_name);
+        }
+        self.p.remove_finalizer.push(name.clone());
+        self.p
+            .released
+            .push((q.spec.guard.clone(), q.spec.trigger.clone()));
+        self.p.notices.push(Notice {
+            subjects: who(q),
+            warning: false,
+            reason: events::RELEASED,
+            note: format!(
+                "node {} released from EgressGuard {} (Quarantine {name}): {by}",
+                q.spec.node_name, q.spec.guard
+            ),
+            once: None,
+            quarantine: Some(name),
+        });
+    }
+
+    /// A confirmed breach on `node`: a new quarantine, unless the node is
+    /// quarantined by the guard already, not planned by it, or a rail says no.
+    fn breach(&mut self, guard: &str, node: &str, b: &Breach) {
+        let Some(g) = self.world.guards.get(guard) else {
+            return;
+        };
+        if self.adm.active.get(guard).is_some_and(|a| a.contains(node)) || !g.planned.contains(node)
+        {
+            return;
+        }
+        if let Some((reason, why)) = self.adm.refusal(guard, node, &b.trigger) {
+            self.p.notices.push(Notice {
+                subjects: vec![Subject::Guard(guard.into()), Subject::Node(node.into())],
                 warning: reason != Refusal::DryRun,
-                reason: if reason == Refusal::DryRun {
-                    events::WOULD_QUARANTINE
-                } else {
-                    events::QUARANTINE_REFUSED
-                },
+                reason: refusal_event(reason),
                 note: format!(
                     "trigger {} in breach on node {} (value {}): {why}",
                     b.trigger, node, b.value
@@ -643,45 +714,15 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
                 once: Some(format!("{guard}/{node}/{reason}")),
                 quarantine: None,
             });
-            continue;
+            return;
         }
-        adm.admit(guard, node);
-        let name = object_name(
-            guard,
-            node,
-            &format!("{}/{}", b.trigger, b.since.as_second()),
-        );
+        self.adm.admit(guard, node);
         let release = g.guard.spec.quarantine.as_ref().map(|q| q.release.clone());
-        let obj = Quarantine {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                finalizers: Some(vec![RELEASE_FINALIZER.into()]),
-                labels: Some(record_labels(guard, node, None)),
-                ..Default::default()
-            },
-            spec: QuarantineSpec {
-                node_name: node.clone(),
-                guard: guard.clone(),
-                trigger: b.trigger.clone(),
-                evidence: Some(egressguard_crds::quarantine::Evidence {
-                    query: Some(b.query.clone()),
-                    value: Some(b.value.clone()),
-                    breach_since: Some(Time(b.since)),
-                    sample_time: Some(Time(b.sample)),
-                    ..Default::default()
-                }),
-                release,
-                reason: None,
-            },
-            status: Some(QuarantineStatus {
-                phase: Some(Phase::Active),
-                since: Some(now.clone()),
-                ..Default::default()
-            }),
-        };
-        p.started.push((guard.clone(), b.trigger.clone()));
-        p.notices.push(Notice {
-            subjects: vec![Subject::Guard(guard.clone()), Subject::Node(node.clone())],
+        let obj = breach_record(guard, node, b, release, &self.now);
+        let name = obj.name_any();
+        self.p.started.push((guard.into(), b.trigger.clone()));
+        self.p.notices.push(Notice {
+            subjects: vec![Subject::Guard(guard.into()), Subject::Node(node.into())],
             warning: true,
             reason: events::QUARANTINED,
             note: format!(
@@ -689,31 +730,80 @@ pub fn plan(world: &World<'_>) -> QuarantinePlan {
                 describe(&obj)
             ),
             once: None,
-            quarantine: Some(name.clone()),
+            quarantine: Some(name),
         });
-        p.create.push(obj);
+        self.p.create.push(obj);
     }
-    // Said once per node while it lasts: the old exclusion label exempts
-    // nothing now, and whoever set it should know.
-    for (node, labels) in &world.nodes {
-        if labels
-            .get(LEGACY_EXCLUDE_LABEL)
-            .is_some_and(|v| v == "true")
-        {
-            p.notices.push(Notice {
-                subjects: vec![Subject::Node(node.clone())],
-                warning: true,
-                reason: events::LEGACY_EXCLUDE_LABEL,
-                note: format!("node {node} is labelled {LEGACY_EXCLUDE_LABEL}=true, which no longer exempts it from automatic quarantine (a node's own kubelet can set it); use {EXCLUDE_LABEL}"),
-                once: Some(format!("legacy-exclude/{node}")),
-                quarantine: None,
-            });
+
+    /// Said once per node while it lasts: the old exclusion label exempts
+    /// nothing now, and whoever set it should know.
+    fn legacy_exclude_labels(&mut self) {
+        for (node, labels) in &self.world.nodes {
+            if labels
+                .get(LEGACY_EXCLUDE_LABEL)
+                .is_some_and(|v| v == "true")
+            {
+                self.p.notices.push(Notice {
+                    subjects: vec![Subject::Node(node.clone())],
+                    warning: true,
+                    reason: events::LEGACY_EXCLUDE_LABEL,
+                    note: format!("node {node} is labelled {LEGACY_EXCLUDE_LABEL}=true, which no longer exempts it from automatic quarantine (a node's own kubelet can set it); use {EXCLUDE_LABEL}"),
+                    once: Some(format!("legacy-exclude/{node}")),
+                    quarantine: None,
+                });
+            }
         }
     }
-    p.active = adm.active;
-    p.node_changes = node_changes(world, &escalate, &mut p.notices);
-    settle(world, &mut p);
-    p
+}
+
+/// The Event reason of a refusal: a dry run's is an announcement.
+fn refusal_event(reason: Refusal) -> &'static str {
+    match reason {
+        Refusal::DryRun => events::WOULD_QUARANTINE,
+        _ => events::QUARANTINE_REFUSED,
+    }
+}
+
+/// The record of a quarantine a confirmed breach starts.
+fn breach_record(
+    guard: &str,
+    node: &str,
+    b: &Breach,
+    release: Option<egressguard_crds::quarantine::ReleasePolicy>,
+    now: &Time,
+) -> Quarantine {
+    let name = object_name(
+        guard,
+        node,
+        &format!("{}/{}", b.trigger, b.since.as_second()),
+    );
+    Quarantine {
+        metadata: ObjectMeta {
+            name: Some(name),
+            finalizers: Some(vec![RELEASE_FINALIZER.into()]),
+            labels: Some(record_labels(guard, node, None)),
+            ..Default::default()
+        },
+        spec: QuarantineSpec {
+            node_name: node.into(),
+            guard: guard.into(),
+            trigger: b.trigger.clone(),
+            evidence: Some(egressguard_crds::quarantine::Evidence {
+                query: Some(b.query.clone()),
+                value: Some(b.value.clone()),
+                breach_since: Some(Time(b.since)),
+                sample_time: Some(Time(b.sample)),
+                ..Default::default()
+            }),
+            release,
+            reason: None,
+        },
+        status: Some(QuarantineStatus {
+            phase: Some(Phase::Active),
+            since: Some(now.clone()),
+            ..Default::default()
+        }),
+    }
 }
 
 /// Is a closed record past keeping? Past the retention, and also past its
