@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 
 use crate::diff::{diff, diff_onto_streamed, diff_rebuilding, overfull_buckets_of, Op};
 use crate::iface::Interface;
-use crate::model::{fmt_handle, LeafKind, Shape};
+use crate::model::{fmt_handle, Leaf, LeafKind, Shape};
 use crate::netlink::{encode, observe, KernelError, KernelReply, Netlink, Observed, RootState};
 use crate::plan::{plan_host, plan_skeleton, LeafChoice, WhitelistPlan};
 use crate::target::Target;
@@ -101,10 +101,10 @@ pub struct ApplyReport {
     pub changes_omitted: usize,
     /// Netlink write requests sent.
     pub writes: usize,
-    /// Leaf qdisc in use.
-    pub leaf: String,
-    /// Set when sfq was missing and pfifo leaves are used instead.
-    pub fallback: Option<String>,
+    /// Leaf qdiscs in use, and why (serialised as `leaf`, the kind, and
+    /// `fallback`, set when sfq was missing and pfifo leaves are used instead).
+    #[serde(flatten)]
+    pub leaves: Leaves,
     /// Set when an incremental change could neither be applied nor undone and
     /// part of the tree (or all of it) was rebuilt instead.
     pub rebuilt: Option<String>,
@@ -117,6 +117,70 @@ pub struct ApplyReport {
     /// What the pass found before it wrote anything: the root qdisc then,
     /// HTB's direct-queue counter, and hooks someone else put on the interface.
     pub found: Found,
+}
+
+/// The leaf qdiscs an apply left under the classes, and why. What an
+/// [`ApplyReport`]'s `leaf` and `fallback` say (and so the NodeShaping
+/// status's): see [`Leaves::kind`] and [`Leaves::fallback`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Leaves {
+    /// sfq, as planned.
+    Sfq,
+    /// pfifo: this apply found the kernel without sfq (the kernel's reason).
+    SfqUnavailable(String),
+    /// pfifo leaves an earlier apply fell back to, kept: re-applying writes
+    /// nothing, and sfq is retried only after a reset.
+    PfifoKept,
+}
+
+impl Leaves {
+    /// What an apply starts from: a pfifo fallback already in place is
+    /// kept (so re-applying writes nothing); otherwise sfq is asked for.
+    fn found(obs: &Observed) -> Leaves {
+        if obs.shape.leaves.iter().any(|l| l.kind == LeafKind::Pfifo) {
+            Leaves::PfifoKept
+        } else {
+            Leaves::Sfq
+        }
+    }
+
+    /// The leaves to plan.
+    pub fn choice(&self) -> LeafChoice {
+        match self {
+            Leaves::Sfq => LeafChoice::Sfq,
+            Leaves::SfqUnavailable(_) | Leaves::PfifoKept => LeafChoice::PfifoFallback,
+        }
+    }
+
+    /// The leaf qdisc kind, as `tc` names it: `sfq` or `pfifo`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Leaves::Sfq => "sfq",
+            Leaves::SfqUnavailable(_) | Leaves::PfifoKept => "pfifo",
+        }
+    }
+
+    /// Set when running degraded: why the leaves are not sfq, in words.
+    pub fn fallback(&self) -> Option<String> {
+        match self {
+            Leaves::Sfq => None,
+            Leaves::SfqUnavailable(reason) => {
+                Some(format!("sfq unavailable ({reason}); using pfifo leaves"))
+            }
+            Leaves::PfifoKept => Some(PFIFO_KEPT.to_string()),
+        }
+    }
+}
+
+/// As the report has always read: `leaf` (the kind) and `fallback`.
+impl serde::Serialize for Leaves {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut st = s.serialize_struct("Leaves", 2)?;
+        st.serialize_field("leaf", self.kind())?;
+        st.serialize_field("fallback", &self.fallback())?;
+        st.end()
+    }
 }
 
 /// The state an apply found the interface in, for tamper evidence.
@@ -170,20 +234,42 @@ fn io(dev: &str) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
 /// The first refused operation of a run: its index in the ops, and why.
 type Refusal = (usize, KernelError);
 
-/// Which operations may share a pipelined chunk.
-fn stage(op: &Op) -> u8 {
-    match op {
-        Op::DelRoot => 0,
-        Op::AddRoot { .. }
-        | Op::PutClass(_)
-        | Op::PutLeaf(_)
-        | Op::AddTable { .. }
-        | Op::AddFilter { .. }
-        | Op::ChangeFilter { .. } => 1,
-        Op::DelFilter { .. } | Op::Unlink { .. } => 2,
-        Op::DelTable { .. } | Op::SweepTable { .. } => 3,
-        Op::DelPrio { .. } => 4,
-        Op::DelClass(_) => 5,
+/// Which operations may share a pipelined chunk: [`run`] sends each run of
+/// consecutive operations of one stage together, and the next run only
+/// after the kernel answered every request of this one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Stage {
+    /// Deleting the root (its parameters changed, or nothing is wanted).
+    DelRoot,
+    /// Additions and in-place changes: the root, classes, leaves, tables
+    /// and filters.
+    Put,
+    /// Filter deletions, and unlinks that release a table.
+    DelFilters,
+    /// Table deletions and sweeps (retried while the kernel says EBUSY).
+    DelTables,
+    /// Whole-prio deletions.
+    DelPrios,
+    /// Class deletions.
+    DelClasses,
+}
+
+impl Stage {
+    /// The stage `op` is sent in.
+    fn of(op: &Op) -> Stage {
+        match op {
+            Op::DelRoot => Stage::DelRoot,
+            Op::AddRoot { .. }
+            | Op::PutClass(_)
+            | Op::PutLeaf(_)
+            | Op::AddTable { .. }
+            | Op::AddFilter { .. }
+            | Op::ChangeFilter { .. } => Stage::Put,
+            Op::DelFilter { .. } | Op::Unlink { .. } => Stage::DelFilters,
+            Op::DelTable { .. } | Op::SweepTable { .. } => Stage::DelTables,
+            Op::DelPrio { .. } => Stage::DelPrios,
+            Op::DelClass(_) => Stage::DelClasses,
+        }
     }
 }
 
@@ -206,10 +292,10 @@ fn run(
     let mut warnings = Vec::new();
     let mut start = 0;
     while start < ops.len() && first.is_none() {
-        let st = stage(&ops[start]);
+        let st = Stage::of(&ops[start]);
         let end = ops[start..]
             .iter()
-            .position(|o| stage(o) != st)
+            .position(|o| Stage::of(o) != st)
             .map_or(ops.len(), |p| start + p);
         // Encoded a slice at a time: the socket pipelines 48 KiB batches
         // anyway, and 100,000 encoded requests held at once were the
@@ -222,7 +308,7 @@ fn run(
                 iface,
                 &ops[at..to],
                 at,
-                st == 3,
+                st == Stage::DelTables,
                 &mut first,
                 &mut warnings,
             )?;
@@ -294,20 +380,20 @@ fn missing_kind<'a>(op: &'a Op, e: &KernelError) -> Option<&'a LeafKind> {
     }
 }
 
+/// `op` puts an sfq leaf under a class.
+fn attaches_sfq(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::PutLeaf(Leaf {
+            kind: LeafKind::Sfq { .. },
+            ..
+        })
+    )
+}
+
 const ENOENT: i32 = 2;
 
 const EBUSY: i32 = 16;
-
-/// Picks the leaf kind: keep a pfifo fallback already in place (so re-applying
-/// writes nothing), otherwise ask for sfq and fall back if the kernel lacks it.
-fn leaf_choice(obs: &Observed) -> LeafChoice {
-    let has_fallback = obs.shape.leaves.iter().any(|l| l.kind == LeafKind::Pfifo);
-    if has_fallback {
-        LeafChoice::PfifoFallback
-    } else {
-        LeafChoice::Sfq
-    }
-}
 
 /// Changes described in an [`ApplyReport`] at most.
 pub const CHANGES_KEPT: usize = 1000;
@@ -383,30 +469,31 @@ pub fn apply_remembering(
             &ops,
             target,
             &whitelist,
-            sent.choice,
+            sent.leaves.choice(),
             sent.filters,
         )
     });
     if opts.verify {
-        let desired = plan_host(&target.valid, &target.protected, sent.choice, &before.local);
+        let desired = plan_host(
+            &target.valid,
+            &target.protected,
+            sent.leaves.choice(),
+            &before.local,
+        );
         verify(nl, iface, &desired)?;
         debug!(interface = dev, ms = ms(&start), "verified");
     }
     for w in &sent.warnings {
         warn!(interface = dev, warning = %w, "kernel warning");
     }
-    let leaf = match sent.choice {
-        LeafChoice::Sfq => "sfq",
-        LeafChoice::PfifoFallback => "pfifo",
-    };
+    let leaf = sent.leaves.kind();
     let report = ApplyReport {
         rebuilt: sent.rebuilt,
         interface: dev.into(),
         writes: nl.writes - writes_before,
         changes: sent.changes,
         changes_omitted: sent.omitted,
-        leaf: leaf.into(),
-        fallback: sent.fallback,
+        leaves: sent.leaves,
         warnings: sent.warnings,
         filters: sent.filters,
         millis: ms(&start),
@@ -442,9 +529,9 @@ pub fn apply_incremental(
     if light.root != RootState::Owned {
         return Ok(None);
     }
-    let choice = leaf_choice(&light);
+    let leaves = Leaves::found(&light);
     let light_ms = ms(&start);
-    let Some(delta) = written.delta(target, choice, &light) else {
+    let Some(delta) = written.delta(target, leaves.choice(), &light) else {
         return Ok(None);
     };
     let delta_ms = ms(&start) - light_ms;
@@ -463,11 +550,7 @@ pub fn apply_incremental(
         changes: vec![],
         changes_omitted: writes,
         writes,
-        leaf: match choice {
-            LeafChoice::Sfq => "sfq".into(),
-            LeafChoice::PfifoFallback => "pfifo".into(),
-        },
-        fallback: (choice == LeafChoice::PfifoFallback).then(|| PFIFO_KEPT.to_string()),
+        leaves,
         rebuilt: None,
         warnings,
         filters: written.filters(),
@@ -491,8 +574,7 @@ const PFIFO_KEPT: &str = "pfifo leaves kept from an earlier apply where sfq was 
 struct Sent {
     /// Filters in the tree now in the kernel.
     filters: usize,
-    choice: LeafChoice,
-    fallback: Option<String>,
+    leaves: Leaves,
     changes: Vec<String>,
     omitted: usize,
     warnings: Vec<String>,
@@ -515,56 +597,61 @@ fn converge(
     opts: ApplyOptions,
 ) -> Result<Sent, EngineError> {
     let dev = iface.name.as_str();
-    let mut choice = leaf_choice(before);
-    let mut fallback = (choice == LeafChoice::PfifoFallback).then(|| PFIFO_KEPT.to_string());
-    let (mut ops, mut filters) = prepare_with(before, target, whitelist, choice, dev)?;
+    let mut leaves = Leaves::found(before);
+    let (mut ops, mut filters) = prepare_with(before, target, whitelist, leaves.choice(), dev)?;
     debug!(
         interface = dev,
         ops = ops.len(),
         peak_kib = peak_kib(),
         "planned and diffed"
     );
-    let (mut changes, mut warnings, mut rebuilt) = (Vec::new(), Vec::new(), None);
+    // The operations described so far (formatted at the end).
+    let mut described: Vec<Op> = Vec::new();
+    let (mut warnings, mut rebuilt) = (Vec::new(), None);
     let mut omitted = 0;
     // What the operations were computed from: `before`, or the tree read
     // after the fallback; `None` once a refusal was recovered.
     let mut base: Option<Option<Observed>> = Some(None);
     loop {
         if opts.describe {
-            let room = CHANGES_KEPT.saturating_sub(changes.len());
-            changes.extend(ops.iter().take(room).map(|op| format!("{op} on {dev}")));
+            let room = CHANGES_KEPT.saturating_sub(described.len());
+            described.extend(ops.iter().take(room).cloned());
             omitted += ops.len().saturating_sub(room);
         }
         let Some((at, err)) = send(nl, iface, before, &ops, &mut warnings)? else {
             break;
         };
         let lacks_sfq = matches!(missing_kind(&ops[at], &err), Some(LeafKind::Sfq { .. }));
-        if choice == LeafChoice::Sfq && lacks_sfq {
+        if leaves == Leaves::Sfq && lacks_sfq {
             warn!(interface = dev, reason = %err.reason, "sfq is not available on this kernel; falling back to pfifo leaves (rates are still enforced, flows are not fair-queued)");
-            fallback = Some(format!(
-                "sfq unavailable ({}); using pfifo leaves",
-                err.reason
-            ));
-            choice = LeafChoice::PfifoFallback;
+            leaves = Leaves::SfqUnavailable(err.reason.clone());
             // The rest of the refused stage went through: read it back,
             // without holding the old operations next to it.
             drop(std::mem::take(&mut ops));
             let now = observe(nl, iface.index).map_err(io(dev))?;
-            (ops, filters) = prepare_with(&now, target, whitelist, choice, dev)?;
+            (ops, filters) = prepare_with(&now, target, whitelist, leaves.choice(), dev)?;
             base = base.map(|_| Some(now));
-            changes.retain(|c| !c.contains("attach sfq"));
+            // The sfq leaves described were refused: they are not changes.
+            described.retain(|op| !attaches_sfq(op));
             continue;
         }
         base = None;
         let scope = ops[at].prio();
-        let desired = plan_host(&target.valid, &target.protected, choice, &before.local);
+        let desired = plan_host(
+            &target.valid,
+            &target.protected,
+            leaves.choice(),
+            &before.local,
+        );
         ops = recover(nl, iface, before, &desired, scope, err, &mut rebuilt)?;
     }
     Ok(Sent {
         filters,
-        choice,
-        fallback,
-        changes,
+        leaves,
+        changes: described
+            .iter()
+            .map(|op| format!("{op} on {dev}"))
+            .collect(),
         omitted,
         warnings,
         rebuilt,
@@ -922,6 +1009,104 @@ mod tests {
             matches!(err, EngineError::BucketFull { count: 5000, .. }),
             "{err}"
         );
+    }
+
+    /// The leaves' kind and fallback read as the status has always written
+    /// them, in the report's JSON too.
+    #[test]
+    fn leaves_read_as_the_status_and_the_report_always_did() {
+        let cases = [
+            (Leaves::Sfq, LeafChoice::Sfq, "sfq", None),
+            (
+                Leaves::SfqUnavailable("Specified qdisc kind is unknown".into()),
+                LeafChoice::PfifoFallback,
+                "pfifo",
+                Some("sfq unavailable (Specified qdisc kind is unknown); using pfifo leaves"),
+            ),
+            (
+                Leaves::PfifoKept,
+                LeafChoice::PfifoFallback,
+                "pfifo",
+                Some("pfifo leaves kept from an earlier apply where sfq was unavailable; `node-shaper reset` then apply to retry sfq"),
+            ),
+        ];
+        for (leaves, choice, kind, fallback) in cases {
+            assert_eq!(leaves.choice(), choice, "{leaves:?}");
+            assert_eq!(leaves.kind(), kind, "{leaves:?}");
+            assert_eq!(leaves.fallback().as_deref(), fallback, "{leaves:?}");
+            let json = serde_json::to_value(&leaves).expect("json");
+            assert_eq!(
+                json,
+                serde_json::json!({ "leaf": kind, "fallback": fallback }),
+                "{leaves:?}"
+            );
+        }
+        // An apply keeps pfifo leaves it finds, and asks for sfq otherwise.
+        let mut o = observed(RootState::Owned);
+        assert_eq!(Leaves::found(&o), Leaves::Sfq);
+        o.shape.leaves.push(Leaf {
+            handle: 0x110 << 16,
+            parent: 0x00e9_0010,
+            kind: LeafKind::Pfifo,
+        });
+        assert_eq!(Leaves::found(&o), Leaves::PfifoKept);
+    }
+
+    /// The report's JSON keeps its keys, in order, with `leaf` and
+    /// `fallback` where they always were.
+    #[test]
+    fn the_apply_report_serialises_as_before() {
+        let r = ApplyReport {
+            interface: "eth0".into(),
+            changes: vec![],
+            changes_omitted: 0,
+            writes: 3,
+            leaves: Leaves::SfqUnavailable("gone".into()),
+            rebuilt: None,
+            warnings: vec![],
+            filters: 7,
+            millis: 1.5,
+            found: Found::default(),
+        };
+        let json = serde_json::to_string(&r).expect("json");
+        assert_eq!(
+            json,
+            r#"{"interface":"eth0","changes":[],"changes_omitted":0,"writes":3,"leaf":"pfifo","fallback":"sfq unavailable (gone); using pfifo leaves","rebuilt":null,"warnings":[],"filters":7,"millis":1.5,"found":{"root":"owned","direct_packets":0,"hooks":[],"local":[]}}"#
+        );
+    }
+
+    /// Only sfq leaves are dropped from the changes after the fallback, and
+    /// only table deletions share the stage that is retried on EBUSY.
+    #[test]
+    fn operations_are_told_apart_by_variant() {
+        let leaf = |kind| {
+            Op::PutLeaf(Leaf {
+                handle: 0x10 << 16,
+                parent: 0x00e9_0010,
+                kind,
+            })
+        };
+        assert!(attaches_sfq(&leaf(LeafKind::Sfq { perturb: 10 })));
+        assert!(!attaches_sfq(&leaf(LeafKind::Pfifo)));
+        assert!(!attaches_sfq(&Op::DelRoot));
+        let (prio, protocol, handle) = (10, crate::model::ETH_P_IP, 0x101 << 20);
+        let table_ops = [
+            Op::DelTable {
+                prio,
+                protocol,
+                handle,
+            },
+            Op::SweepTable {
+                prio,
+                protocol,
+                handle,
+            },
+        ];
+        assert!(table_ops.iter().all(|o| Stage::of(o) == Stage::DelTables));
+        assert_eq!(Stage::of(&Op::DelRoot), Stage::DelRoot);
+        assert_eq!(Stage::of(&leaf(LeafKind::Pfifo)), Stage::Put);
+        assert_eq!(Stage::of(&Op::DelPrio { prio, protocol }), Stage::DelPrios);
+        assert_eq!(Stage::of(&Op::DelClass(0x00e9_0010)), Stage::DelClasses);
     }
 
     /// The fallback is decided by the operation and errno, whatever the text.

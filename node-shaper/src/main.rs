@@ -292,8 +292,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
                                 out!("  ... and {more} more");
                             }
                         }
-                        out!("  leaf qdisc: {}; {} u32 filters", r.leaf, r.filters);
-                        if let Some(f) = &r.fallback {
+                        out!(
+                            "  leaf qdisc: {}; {} u32 filters",
+                            r.leaves.kind(),
+                            r.filters
+                        );
+                        if let Some(f) = r.leaves.fallback() {
                             out!("  DEGRADED: {f}");
                         }
                         if let Some(b) = &r.rebuilt {
@@ -513,7 +517,7 @@ fn agent_passes(interface: &str, files: &[PathBuf], resync: bool) -> Result<(), 
             .interfaces
             .iter()
             .find_map(|i| i.error.clone())
-            .or(report.error)
+            .or(report.outcome.error().map(String::from))
         {
             return Err(runtime(anyhow::anyhow!("{}: {e}", file.display())));
         }

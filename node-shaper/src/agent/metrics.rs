@@ -45,7 +45,7 @@ impl Metrics {
                 );
             }
         }
-        if o.error.is_some() {
+        if o.outcome.error().is_some() {
             self.apply_errors += 1;
         }
         for t in &o.tamper {

@@ -41,7 +41,9 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 pub use metrics::Metrics;
-pub use reconcile::{reconcile, reconcile_with, record_applied, Memory, PassReport, Trigger};
+pub use reconcile::{
+    reconcile, reconcile_with, record_applied, Memory, Outcome, PassReport, Trigger,
+};
 pub use status::status_for;
 
 /// How the agent runs.
@@ -311,7 +313,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         let (input, outcome) = kernel.pass(input, trigger).await?;
         progress.mark();
         last_enforced = match (input, spec) {
-            (i @ inputs::Input::Shape { .. }, Some(plan)) if outcome.error.is_none() => {
+            (i @ inputs::Input::Shape { .. }, Some(plan)) if outcome.outcome.error().is_none() => {
                 Some((plan.clone(), i))
             }
             (inputs::Input::Waiting(_), _) => last_enforced,

@@ -265,24 +265,60 @@ pub enum Trigger {
     Tamper,
 }
 
+/// What a pass came to, as a whole: exactly one of these. Per-interface
+/// results (an interface may fail while another is enforced) are in
+/// [`PassReport::interfaces`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Outcome {
+    /// The plan is enforced on the interfaces it names (each interface's
+    /// own result says whether it got there).
+    #[default]
+    Enforced,
+    /// No shaping is planned for this node: ours was removed.
+    Removed,
+    /// The plan does not enforce (DryRun, or Auto while not quarantined):
+    /// ours was removed, and this says what would be programmed.
+    DryRun(String),
+    /// The plan's guard or groups are not at the versions it names yet:
+    /// what is missing. The kernel was left as it was.
+    Waiting(String),
+    /// The plan cannot be enforced as written (its fault, not the node's);
+    /// the kernel was left as it was.
+    Invalid(String),
+    /// The node could not use the plan at all (no rtnetlink socket, no
+    /// interface to shape): the node's fault, not the plan's.
+    Failed(String),
+}
+
+impl Outcome {
+    /// The pass left nothing of ours in the kernel on purpose.
+    pub fn removes_shaping(&self) -> bool {
+        match self {
+            Outcome::Removed | Outcome::DryRun(_) => true,
+            Outcome::Enforced | Outcome::Waiting(_) | Outcome::Invalid(_) | Outcome::Failed(_) => {
+                false
+            }
+        }
+    }
+
+    /// Why the plan could not be used at all, if it could not.
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            Outcome::Invalid(e) | Outcome::Failed(e) => Some(e),
+            Outcome::Enforced | Outcome::Removed | Outcome::DryRun(_) | Outcome::Waiting(_) => None,
+        }
+    }
+}
+
 /// The result of one pass.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PassReport {
     /// Guard the plan came from.
     pub guard: Option<String>,
+    /// What the pass came to.
+    pub outcome: Outcome,
     /// Per-interface results.
     pub interfaces: Vec<InterfaceStatus>,
-    /// The plan could not be used at all (invalid, no interface...).
-    pub error: Option<String>,
-    /// That error is the plan's fault (invalid), not the node's.
-    pub invalid: bool,
-    /// Shaping was removed or intentionally not programmed.
-    pub removed: bool,
-    /// DryRun: what would be programmed.
-    pub dry_run: Option<String>,
-    /// The plan's guard or groups are not at the versions it names yet:
-    /// what is missing. The kernel was left as it was.
-    pub waiting: Option<String>,
     /// The pass wrote to the kernel.
     pub wrote: bool,
     /// New tamper evidence found by this pass (each is logged, counted and
@@ -389,7 +425,7 @@ pub fn reconcile_with(input: &Input, trigger: Trigger, mem: &mut Memory) -> Pass
                 .map(|i| i.index),
         );
     }
-    if out.removed {
+    if out.outcome.removes_shaping() {
         // Nothing of ours is left to tamper with.
         mem.tamper = TamperMemory::default();
         mem.written.clear();
@@ -407,7 +443,7 @@ fn pass(input: &Input, mem: &mut Memory) -> PassReport {
     let mut nl = match Netlink::open() {
         Ok(nl) => nl,
         Err(e) => {
-            out.error = Some(format!("cannot open rtnetlink: {e}"));
+            out.outcome = Outcome::Failed(format!("cannot open rtnetlink: {e}"));
             return out;
         }
     };
@@ -423,7 +459,7 @@ fn pass(input: &Input, mem: &mut Memory) -> PassReport {
     }
     let (target, enforce) = match input {
         Input::Remove => {
-            out.removed = true;
+            out.outcome = Outcome::Removed;
             let names = std::mem::take(&mut mem.shaped);
             mem.shaped = remove(&mut nl, names, &mut out);
             return out;
@@ -431,13 +467,13 @@ fn pass(input: &Input, mem: &mut Memory) -> PassReport {
         // Neither a plan that does not validate nor one whose inputs have
         // not arrived touches the kernel: what runs stays.
         Input::Invalid(e) => {
-            out.error = Some(e.clone());
-            out.invalid = true;
+            out.outcome = Outcome::Invalid(e.clone());
             warn!(error = %e, "invalid NodeShaping; kernel left unchanged");
             return out;
         }
         Input::Waiting(why) => {
-            out.waiting = Some(format!("{why}; kernel left unchanged until it arrives"));
+            out.outcome =
+                Outcome::Waiting(format!("{why}; kernel left unchanged until it arrives"));
             info!(waiting = %why, "plan not enforceable yet; kernel left unchanged");
             return out;
         }
@@ -453,13 +489,13 @@ fn pass(input: &Input, mem: &mut Memory) -> PassReport {
     let ifaces = match iface::resolve(None, target.valid.interfaces.as_deref()) {
         Ok(i) => i,
         Err(e) => {
-            out.error = Some(e.to_string());
+            out.outcome = Outcome::Failed(e.to_string());
             return out;
         }
     };
     if !enforce {
         let shape = plan_protected(&target.valid, &target.protected, LeafChoice::Sfq);
-        out.dry_run = Some(format!(
+        out.outcome = Outcome::DryRun(format!(
             "dry run: would program {} classes and {} u32 filters on {}",
             shape.classes.len(),
             shape.filter_count(),
@@ -469,7 +505,6 @@ fn pass(input: &Input, mem: &mut Memory) -> PassReport {
                 .collect::<Vec<_>>()
                 .join(", ")
         ));
-        out.removed = true;
         let names = std::mem::take(&mut mem.shaped);
         mem.shaped = remove(&mut nl, names, &mut out);
         return out;
@@ -523,8 +558,8 @@ fn pass(input: &Input, mem: &mut Memory) -> PassReport {
                 out.interfaces.push(InterfaceStatus {
                     name: i.name.clone(),
                     enforced: true,
-                    leaf: Some(r.leaf.clone()),
-                    fallback: r.fallback.clone(),
+                    leaf: Some(r.leaves.kind().to_string()),
+                    fallback: r.leaves.fallback(),
                     rebuilt: r.rebuilt.clone(),
                     error: None,
                     filters: r.filters as i64,
@@ -617,8 +652,7 @@ mod tamper_tests {
             changes: vec![],
             changes_omitted: 0,
             writes,
-            leaf: "sfq".into(),
-            fallback: None,
+            leaves: crate::engine::Leaves::Sfq,
             rebuilt: None,
             warnings: vec![],
             filters: 0,
@@ -792,6 +826,28 @@ mod tamper_tests {
             None,
         );
         assert_eq!(m.state(), None);
+    }
+
+    /// Only a removal or a dry run resets the tamper memory, and only an
+    /// invalid plan or a node that could not use it is an error of the pass.
+    #[test]
+    fn outcomes_say_what_was_removed_and_what_failed() {
+        let cases = [
+            (Outcome::Enforced, false, None),
+            (Outcome::Removed, true, None),
+            (Outcome::DryRun("would".into()), true, None),
+            (Outcome::Waiting("guard".into()), false, None),
+            (Outcome::Invalid("bad".into()), false, Some("bad")),
+            (
+                Outcome::Failed("no netlink".into()),
+                false,
+                Some("no netlink"),
+            ),
+        ];
+        for (o, removes, error) in cases {
+            assert_eq!(o.removes_shaping(), removes, "{o:?}");
+            assert_eq!(o.error(), error, "{o:?}");
+        }
     }
 
     #[test]

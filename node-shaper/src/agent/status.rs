@@ -1,12 +1,13 @@
 //! The NodeShaping status the agent writes: pure, from a pass report.
 
-use egressguard_crds::node_shaping::NodeShapingStatus;
+use egressguard_crds::conditions::{types, Progress};
+use egressguard_crds::node_shaping::{InterfaceStatus, NodeShapingStatus};
 use egressguard_crds::NodeShaping;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
+use super::reconcile::Outcome;
 use super::PassReport;
 
-use egressguard_crds::conditions::{types, Progress};
 pub use egressguard_crds::node_shaping::reasons;
 
 fn condition(
@@ -32,117 +33,152 @@ pub fn status_for(
 ) -> NodeShapingStatus {
     let gen = obj.metadata.generation;
     let now = Time(outcome.at.parse().unwrap_or_default());
-    let failed: Vec<String> = outcome
-        .interfaces
-        .iter()
-        .filter_map(|i| i.error.as_ref().map(|e| format!("{}: {e}", i.name)))
-        .chain(outcome.error.clone())
-        .collect();
-    let (ready, reason, message) = if let Some(w) = &outcome.waiting {
-        (false, reasons::WAITING, w.clone())
-    } else if let Some(e) = &outcome.error {
-        let r = if outcome.invalid {
-            reasons::INVALID_PLAN
-        } else {
-            reasons::APPLY_FAILED
-        };
-        (false, r, e.clone())
-    } else if !failed.is_empty() {
-        (false, reasons::APPLY_FAILED, failed.join("; "))
-    } else if let Some(d) = &outcome.dry_run {
-        (true, reasons::DRY_RUN, d.clone())
-    } else if outcome.removed {
-        (
-            true,
-            reasons::REMOVED,
-            "no shaping is planned for this node, and none is installed".into(),
-        )
-    } else {
-        let names: Vec<&str> = outcome.interfaces.iter().map(|i| i.name.as_str()).collect();
-        (
-            true,
-            reasons::ENFORCED,
-            format!("enforced on {}", names.join(", ")),
-        )
-    };
-    let fallbacks: Vec<String> = outcome
-        .interfaces
-        .iter()
-        .filter_map(|i| i.fallback.as_ref().map(|f| format!("{}: {f}", i.name)))
-        .collect();
-    let rebuilt: Vec<String> = outcome
-        .interfaces
-        .iter()
-        .filter_map(|i| i.rebuilt.as_ref().map(|r| format!("{}: {r}", i.name)))
-        .collect();
-    let (degraded, dreason, dmsg) = if outcome.waiting.is_some() {
-        (false, reasons::AS_PLANNED, String::new())
-    } else if !failed.is_empty() || outcome.error.is_some() {
-        (true, reason, message.clone())
-    } else if !rebuilt.is_empty() {
-        (true, reasons::REBUILT, rebuilt.join("; "))
-    } else if !fallbacks.is_empty() {
-        (true, reasons::FALLBACK, fallbacks.join("; "))
-    } else {
-        (false, reasons::AS_PLANNED, String::new())
-    };
-    let (tampered, treason, tmsg) = match &outcome.tampered {
-        // The operator copies it into the Quarantine: at most 1 KiB.
-        Some((kind, why)) => (
-            true,
-            kind.reason(),
-            egressguard_crds::conditions::bounded(why, 1024),
-        ),
-        None => (
-            false,
-            reasons::NO_TAMPERING,
-            "nothing foreign on the shaped interfaces".to_string(),
-        ),
-    };
-    // For GitOps tools (kstatus, Argo CD): waiting for the guard's status
-    // or a group is on the way; a refused plan or a kernel error needs a
-    // person (the agent still retries, and Stalled clears when it succeeds).
-    let progress = if outcome.waiting.is_some() {
-        Progress::Reconciling
-    } else if ready {
-        Progress::Done
-    } else {
-        Progress::Stalled
-    };
+    let ready = ready(outcome);
+    let degraded = degraded(outcome, &ready);
+    let tampered = tampered(outcome);
     let previous_conditions = previous.map_or(&[][..], |p| p.conditions.as_slice());
-    let progress = progress.condition(reason, message.clone(), gen, previous_conditions, || {
-        now.clone()
-    });
+    let progress = progress(&outcome.outcome, ready.ok).condition(
+        ready.reason,
+        ready.message.clone(),
+        gen,
+        previous_conditions,
+        || now.clone(),
+    );
+    let conditions = [
+        (types::READY, ready),
+        (types::DEGRADED, degraded),
+        (types::TAMPERED, tampered),
+    ]
+    .into_iter()
+    .map(|(type_, r)| condition(type_, r.ok, r.reason, r.message, gen, previous, &now))
+    .chain(progress)
+    .collect();
     NodeShapingStatus {
         by_reference: true,
         digests_from_guard: true,
         observed_generation: gen,
         interfaces: outcome.interfaces.clone(),
-        conditions: vec![
-            condition(types::READY, ready, reason, message, gen, previous, &now),
-            condition(
-                types::DEGRADED,
-                degraded,
-                dreason,
-                dmsg,
-                gen,
-                previous,
-                &now,
-            ),
-            condition(
-                types::TAMPERED,
-                tampered,
-                treason,
-                tmsg,
-                gen,
-                previous,
-                &now,
-            ),
-        ]
-        .into_iter()
-        .chain(progress)
-        .collect(),
+        conditions,
         last_apply_time: Some(now),
+    }
+}
+
+/// One condition's value: True or False, the reason, and why in words.
+struct Reading {
+    ok: bool,
+    reason: &'static str,
+    message: String,
+}
+
+impl Reading {
+    fn new(ok: bool, reason: &'static str, message: impl Into<String>) -> Reading {
+        Reading {
+            ok,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// `name: what` for each interface whose result is `field`'s `Some`.
+fn per_interface(
+    outcome: &PassReport,
+    field: impl Fn(&InterfaceStatus) -> Option<&String>,
+) -> Vec<String> {
+    outcome
+        .interfaces
+        .iter()
+        .filter_map(|i| field(i).map(|v| format!("{}: {v}", i.name)))
+        .collect()
+}
+
+/// Ready: what the pass came to, unless an interface failed.
+fn ready(outcome: &PassReport) -> Reading {
+    let failed = per_interface(outcome, |i| i.error.as_ref());
+    match &outcome.outcome {
+        Outcome::Waiting(why) => Reading::new(false, reasons::WAITING, why),
+        Outcome::Invalid(e) => Reading::new(false, reasons::INVALID_PLAN, e),
+        Outcome::Failed(e) => Reading::new(false, reasons::APPLY_FAILED, e),
+        Outcome::Enforced | Outcome::Removed | Outcome::DryRun(_) if !failed.is_empty() => {
+            Reading::new(false, reasons::APPLY_FAILED, failed.join("; "))
+        }
+        Outcome::DryRun(what) => Reading::new(true, reasons::DRY_RUN, what),
+        Outcome::Removed => Reading::new(
+            true,
+            reasons::REMOVED,
+            "no shaping is planned for this node, and none is installed",
+        ),
+        Outcome::Enforced => {
+            let names: Vec<&str> = outcome.interfaces.iter().map(|i| i.name.as_str()).collect();
+            Reading::new(
+                true,
+                reasons::ENFORCED,
+                format!("enforced on {}", names.join(", ")),
+            )
+        }
+    }
+}
+
+/// Degraded: a failure says what Ready says; otherwise a rebuilt tree or
+/// the pfifo fallback. Waiting is not degraded: the kernel runs what it ran.
+fn degraded(outcome: &PassReport, ready: &Reading) -> Reading {
+    let as_planned = || Reading::new(false, reasons::AS_PLANNED, "");
+    match &outcome.outcome {
+        Outcome::Waiting(_) => as_planned(),
+        Outcome::Invalid(_) | Outcome::Failed(_) => {
+            Reading::new(true, ready.reason, ready.message.clone())
+        }
+        Outcome::Enforced | Outcome::Removed | Outcome::DryRun(_) if !ready.ok => {
+            Reading::new(true, ready.reason, ready.message.clone())
+        }
+        Outcome::Enforced | Outcome::Removed | Outcome::DryRun(_) => {
+            let rebuilt = per_interface(outcome, |i| i.rebuilt.as_ref());
+            let fallbacks = per_interface(outcome, |i| i.fallback.as_ref());
+            if !rebuilt.is_empty() {
+                Reading::new(true, reasons::REBUILT, rebuilt.join("; "))
+            } else if !fallbacks.is_empty() {
+                Reading::new(true, reasons::FALLBACK, fallbacks.join("; "))
+            } else {
+                as_planned()
+            }
+        }
+    }
+}
+
+/// Tampered: the worst evidence still in force, bounded (the operator
+/// copies it into the Quarantine: at most 1 KiB).
+fn tampered(outcome: &PassReport) -> Reading {
+    match &outcome.tampered {
+        Some((kind, why)) => Reading::new(
+            true,
+            kind.reason(),
+            egressguard_crds::conditions::bounded(why, 1024),
+        ),
+        None => Reading::new(
+            false,
+            reasons::NO_TAMPERING,
+            "nothing foreign on the shaped interfaces",
+        ),
+    }
+}
+
+/// For GitOps tools (kstatus, Argo CD): waiting for the guard's status or
+/// a group is on the way; a refused plan or a kernel error needs a person
+/// (the agent still retries, and Stalled clears when it succeeds).
+fn progress(outcome: &Outcome, ready: bool) -> Progress {
+    match outcome {
+        Outcome::Waiting(_) => Progress::Reconciling,
+        Outcome::Enforced
+        | Outcome::Removed
+        | Outcome::DryRun(_)
+        | Outcome::Invalid(_)
+        | Outcome::Failed(_) => {
+            if ready {
+                Progress::Done
+            } else {
+                Progress::Stalled
+            }
+        }
     }
 }
 
@@ -163,7 +199,7 @@ pub fn essence(s: &NodeShapingStatus) -> NodeShapingStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use egressguard_crds::node_shaping::{InterfaceStatus, NodeShapingSpec};
+    use egressguard_crds::node_shaping::NodeShapingSpec;
 
     fn plan() -> NodeShaping {
         let mut ns = NodeShaping::new(
@@ -273,8 +309,7 @@ mod tests {
             (
                 "invalid plan",
                 report(|r| {
-                    r.error = Some("invalid plan: spec.uplink.rate: missing".into());
-                    r.invalid = true;
+                    r.outcome = Outcome::Invalid("invalid plan: spec.uplink.rate: missing".into())
                 }),
                 (
                     "False",
@@ -289,7 +324,9 @@ mod tests {
             ),
             (
                 "waiting for the guard's generation: not degraded, kernel untouched",
-                report(|r| r.waiting = Some("EgressGuard idc generation 3 (holding 2)".into())),
+                report(|r| {
+                    r.outcome = Outcome::Waiting("EgressGuard idc generation 3 (holding 2)".into())
+                }),
                 (
                     "False",
                     reasons::WAITING,
@@ -299,19 +336,50 @@ mod tests {
             ),
             (
                 "dry run",
-                report(|r| r.dry_run = Some("would shape eth0".into())),
+                report(|r| r.outcome = Outcome::DryRun("would shape eth0".into())),
                 ("True", reasons::DRY_RUN, "would shape eth0"),
                 ("False", reasons::AS_PLANNED, ""),
             ),
             (
                 "removed",
-                report(|r| r.removed = true),
+                report(|r| r.outcome = Outcome::Removed),
                 (
                     "True",
                     reasons::REMOVED,
                     "no shaping is planned for this node, and none is installed",
                 ),
                 ("False", reasons::AS_PLANNED, ""),
+            ),
+            (
+                "the node could not use the plan: the node's fault, not the plan's",
+                report(|r| r.outcome = Outcome::Failed("cannot open rtnetlink: EPERM".into())),
+                (
+                    "False",
+                    reasons::APPLY_FAILED,
+                    "cannot open rtnetlink: EPERM",
+                ),
+                (
+                    "True",
+                    reasons::APPLY_FAILED,
+                    "cannot open rtnetlink: EPERM",
+                ),
+            ),
+            (
+                "dry run whose removal failed on an interface",
+                report(|r| {
+                    r.outcome = Outcome::DryRun("would shape eth0".into());
+                    r.interfaces = vec![iface("eth0", Some("Device or resource busy"), None, None)];
+                }),
+                (
+                    "False",
+                    reasons::APPLY_FAILED,
+                    "eth0: Device or resource busy",
+                ),
+                (
+                    "True",
+                    reasons::APPLY_FAILED,
+                    "eth0: Device or resource busy",
+                ),
             ),
         ];
         for (case, r, ready, degraded) in cases {
