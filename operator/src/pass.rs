@@ -822,9 +822,7 @@ async fn execute_intent(
     errors: &mut Errors,
     stop_writing: Instant,
 ) -> Pass {
-    let refs = &seen.refs;
     let guards: Api<EgressGuard> = Api::all(ctx.client.clone());
-    let plans: Api<NodeShaping> = Api::all(ctx.client.clone());
     // The versions these writes return fence this pass's later writes of the
     // same guard (its status after its finalizer, its release after its status).
     let mut fresh_rv: BTreeMap<String, Option<String>> = BTreeMap::new();
@@ -835,17 +833,44 @@ async fn execute_intent(
         }
         errors.note(Stage::Finalizer, r);
     }
-    // Plans are independent objects: write several at once. One request at a
-    // time made a 2,000-node resync take 14 s on the real API server (each
-    // request's round trip, not the server's throughput, was the limit).
-    let writes = intent.plans.into_iter().map(|w| {
-        let plans = &plans;
+    let pass = write_plans(ctx, seen, intent.plans, errors, stop_writing).await;
+    delete_plans(ctx, &intent.deletions, errors).await;
+    write_guard_statuses(ctx, seen, intent.statuses, &mut fresh_rv, errors).await;
+    for mut rel in intent.releases {
+        if let Some(e) = &rel.gave_up {
+            event(ctx, seen.refs.get(&rel.finalizers.guard), e).await;
+        }
+        if let Some(rv) = fresh_rv.get(&rel.finalizers.guard) {
+            rel.finalizers.resource_version = rv.clone();
+        }
+        let r = write_finalizers(&guards, &rel.finalizers).await;
+        if r.is_ok() {
+            info!(guard = %rel.finalizers.guard, "cleanup done; finalizer removed");
+        }
+        errors.note(Stage::Finalizer, r);
+    }
+    pass
+}
+
+/// Plans are independent objects: several are written at once. One request
+/// at a time made a 2,000-node resync take 14 s on the real API server (each
+/// request's round trip, not the server's throughput, was the limit).
+async fn write_plans(
+    ctx: &Ctx,
+    seen: &Snapshot,
+    plans: Vec<PlanWrite>,
+    errors: &mut Errors,
+    stop_writing: Instant,
+) -> Pass {
+    let api: Api<NodeShaping> = Api::all(ctx.client.clone());
+    let writes = plans.into_iter().map(|w| {
+        let api = &api;
         async move {
             if Instant::now() >= stop_writing {
                 return Ok(Pass::More);
             }
             let cached = seen.cached_rv.get(&w.node).cloned().flatten();
-            write_plan(ctx, plans, cached, w).await.map(|()| Pass::Done)
+            write_plan(ctx, api, cached, w).await.map(|()| Pass::Done)
         }
     });
     let mut pass = Pass::Done;
@@ -857,7 +882,14 @@ async fn execute_intent(
             }
         }
     }
-    for d in &intent.deletions {
+    pass
+}
+
+/// Deletes the plans whose removal their agent confirmed (or whose node is
+/// gone), each fenced on the version read.
+async fn delete_plans(ctx: &Ctx, deletions: &[crate::intent::Deletion], errors: &mut Errors) {
+    let api: Api<NodeShaping> = Api::all(ctx.client.clone());
+    for d in deletions {
         let fenced = DeleteParams {
             preconditions: Some(Preconditions {
                 resource_version: d.resource_version.clone(),
@@ -865,7 +897,7 @@ async fn execute_intent(
             }),
             ..DeleteParams::default()
         };
-        let r = plans.delete(&d.node, &fenced).await;
+        let r = api.delete(&d.node, &fenced).await;
         let gone = match &r {
             Ok(_) => true,
             Err(kube::Error::Api(e)) => e.code == 404,
@@ -885,9 +917,21 @@ async fn execute_intent(
             }
         }
     }
-    // Statuses and their Events, several guards at once like the plans.
-    let writes = intent.statuses.into_iter().map(|mut w| {
-        let (guards, fresh_rv) = (&guards, &fresh_rv);
+}
+
+/// Guard statuses and their Events, several guards at once like the plans;
+/// each write's new version goes to `fresh_rv` for the release after it.
+async fn write_guard_statuses(
+    ctx: &Ctx,
+    seen: &Snapshot,
+    statuses: Vec<crate::intent::StatusWrite>,
+    fresh_rv: &mut BTreeMap<String, Option<String>>,
+    errors: &mut Errors,
+) {
+    let guards: Api<EgressGuard> = Api::all(ctx.client.clone());
+    let refs = &seen.refs;
+    let writes = statuses.into_iter().map(|mut w| {
+        let (guards, fresh_rv) = (&guards, &*fresh_rv);
         async move {
             for e in &w.events {
                 event(ctx, refs.get(&w.guard), e).await;
@@ -911,20 +955,6 @@ async fn execute_intent(
         }
         errors.note(Stage::GuardStatus, r);
     }
-    for mut rel in intent.releases {
-        if let Some(e) = &rel.gave_up {
-            event(ctx, refs.get(&rel.finalizers.guard), e).await;
-        }
-        if let Some(rv) = fresh_rv.get(&rel.finalizers.guard) {
-            rel.finalizers.resource_version = rv.clone();
-        }
-        let r = write_finalizers(&guards, &rel.finalizers).await;
-        if r.is_ok() {
-            info!(guard = %rel.finalizers.guard, "cleanup done; finalizer removed");
-        }
-        errors.note(Stage::Finalizer, r);
-    }
-    pass
 }
 
 async fn event(ctx: &Ctx, guard: Option<&ObjectReference>, e: &GuardEvent) {

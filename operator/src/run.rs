@@ -105,6 +105,57 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
     let client = Client::try_default().await.map_err(OperatorError::Client)?;
     let metrics = Arc::new(Mutex::new(OpMetrics::default()));
     let q_metrics = Arc::new(Mutex::new(crate::remediate::QuarantineMetrics::default()));
+    serve_metrics_and_probes(&cfg, &metrics, &q_metrics).await?;
+    let notify = Arc::new(Notify::new());
+    let caches = watch_caches(&client, &cfg.namespace, &notify);
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: MANAGER.into(),
+            instance: Some(cfg.identity.clone()),
+        },
+    );
+    serve_receiver(&cfg, &client, &caches, &recorder, &q_metrics).await?;
+    let ctx = Ctx {
+        client: client.clone(),
+        caches,
+        recorder,
+        cleanup_timeout: cfg.cleanup_timeout,
+        node_addresses: cfg.node_addresses.clone(),
+        reported: Mutex::new(Default::default()),
+        metrics: metrics.clone(),
+        quarantine: cfg.quarantine.clone(),
+        q_metrics,
+        eval: Mutex::new(Default::default()),
+        noticed: Mutex::new(Default::default()),
+        own: Mutex::new(OwnWrites::default()),
+        index: Mutex::default(),
+        heartbeat_seen: Mutex::default(),
+    };
+    let leader = Leader::new(
+        client,
+        &cfg.namespace,
+        "egressguard-operator",
+        &cfg.identity,
+    );
+    let (stop_renewing, stop_rx) = tokio::sync::oneshot::channel();
+    let (leadership, renewals) = crate::leader::spawn(leader, notify.clone(), stop_rx);
+    info!(identity = %cfg.identity, "egressguard-operator started");
+    lead(&cfg, &ctx, &leadership, &notify).await?;
+    // The renewal task releases the lease, so a successor need not wait for it to expire.
+    let _ = stop_renewing.send(());
+    let _ = renewals.await;
+    info!("egressguard-operator stopped");
+    Ok(())
+}
+
+/// `/metrics` with the probes on `--metrics-addr`, and the probes alone on
+/// `--probe-addr` (connection slots of their own, which no scrape can take).
+async fn serve_metrics_and_probes(
+    cfg: &OperatorConfig,
+    metrics: &Arc<Mutex<OpMetrics>>,
+    q_metrics: &Arc<Mutex<crate::remediate::QuarantineMetrics>>,
+) -> Result<(), OperatorError> {
     let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
         .await
         .map_err(|e| OperatorError::Listen(cfg.metrics_addr, e))?;
@@ -135,64 +186,68 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
         },
         serve::Limits::probes(),
     ));
-    let notify = Arc::new(Notify::new());
+    Ok(())
+}
+
+/// One watch per kind a pass reads, each waking the loop on a change.
+fn watch_caches(client: &Client, namespace: &str, notify: &Arc<Notify>) -> Caches {
+    let all = watcher::Config::default;
     let (quarantines_served, groups_served) = (Served::default(), Served::default());
-    let caches = Caches {
+    Caches {
         guards: spawn_reflector(
             Api::<EgressGuard>::all(client.clone()),
-            watcher::Config::default(),
+            all(),
             notify.clone(),
         ),
-        nodes: spawn_reflector(
-            Api::<Node>::all(client.clone()),
-            watcher::Config::default(),
-            notify.clone(),
-        ),
+        nodes: spawn_reflector(Api::<Node>::all(client.clone()), all(), notify.clone()),
         shapings: spawn_reflector(
             Api::<NodeShaping>::all(client.clone()),
-            watcher::Config::default(),
+            all(),
             notify.clone(),
         ),
         slices: spawn_reflector(
             Api::<EndpointSlice>::namespaced(client.clone(), "default"),
-            watcher::Config::default()
+            all()
                 .labels("kubernetes.io/service-name=kubernetes")
                 .fields(&format!("metadata.name={API_SLICE}")),
             notify.clone(),
         ),
         quarantines: spawn_served_reflector(
             Api::<Quarantine>::all(client.clone()),
-            watcher::Config::default(),
+            all(),
             notify.clone(),
             quarantines_served.clone(),
         ),
         groups: spawn_served_reflector(
             Api::<egressguard_crds::CIDRGroup>::all(client.clone()),
-            watcher::Config::default(),
+            all(),
             notify.clone(),
             groups_served.clone(),
         ),
         heartbeats: spawn_reflector(
-            Api::<Lease>::namespaced(client.clone(), &cfg.namespace),
-            watcher::Config::default().labels(&format!(
+            Api::<Lease>::namespaced(client.clone(), namespace),
+            all().labels(&format!(
                 "{}=node-shaper",
                 crate::enforcement::HEARTBEAT_LABEL
             )),
             // Every agent renews every few seconds: a pass per renewal would
             // be a pass per node per period. Staleness is a matter of time,
-            // read by the passes the tick below schedules.
+            // read by the passes the loop's tick schedules.
             Arc::new(Notify::new()),
         ),
         quarantines_served,
         groups_served,
-    };
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: MANAGER.into(),
-            instance: Some(cfg.identity.clone()),
-        },
-    );
+    }
+}
+
+/// The Alertmanager receiver, when it has an address and a token.
+async fn serve_receiver(
+    cfg: &OperatorConfig,
+    client: &Client,
+    caches: &Caches,
+    recorder: &Recorder,
+    q_metrics: &Arc<Mutex<crate::remediate::QuarantineMetrics>>,
+) -> Result<(), OperatorError> {
     match (&cfg.quarantine.webhook_addr, &cfg.quarantine.webhook_token) {
         (Some(addr), Some(token)) => {
             let l = tokio::net::TcpListener::bind(addr)
@@ -218,53 +273,28 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
         ),
         _ => {}
     }
-    let ctx = Ctx {
-        client: client.clone(),
-        caches,
-        recorder,
-        cleanup_timeout: cfg.cleanup_timeout,
-        node_addresses: cfg.node_addresses.clone(),
-        reported: Mutex::new(Default::default()),
-        metrics: metrics.clone(),
-        quarantine: cfg.quarantine.clone(),
-        q_metrics,
-        eval: Mutex::new(Default::default()),
-        noticed: Mutex::new(Default::default()),
-        own: Mutex::new(OwnWrites::default()),
-        index: Mutex::default(),
-        heartbeat_seen: Mutex::default(),
-    };
-    let leader = Leader::new(
-        client,
-        &cfg.namespace,
-        "egressguard-operator",
-        &cfg.identity,
-    );
-    let (stop_renewing, stop_rx) = tokio::sync::oneshot::channel();
-    let (leadership, renewals) = crate::leader::spawn(leader, notify.clone(), stop_rx);
+    Ok(())
+}
 
+/// The loop: a pass on every change (and at least every tick) while this
+/// replica leads, until SIGTERM or SIGINT.
+async fn lead(
+    cfg: &OperatorConfig,
+    ctx: &Ctx,
+    leadership: &crate::leader::Leadership,
+    notify: &Notify,
+) -> Result<(), OperatorError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut sigterm = signal(SignalKind::terminate()).map_err(OperatorError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(OperatorError::Signal)?;
     let mut backoff = Duration::from_millis(200);
-    info!(identity = %cfg.identity, "egressguard-operator started");
     let mut leading = false;
     loop {
-        // The renewal task wakes this loop when leadership changes.
-        let mut tick = Duration::from_secs(if leading { 5 } else { 2 });
-        if leading && cfg.quarantine.prometheus.is_some() {
-            // Prometheus triggers are evaluated in passes: wake for each evaluation.
-            tick = tick.min(cfg.quarantine.evaluation_interval);
-        }
-        if leading && any_active(&ctx) {
-            // An Active quarantine's heartbeat can go stale at any moment.
-            tick = tick.min(HEARTBEAT_CHECK);
-        }
         tokio::select! {
             _ = notify.notified() => {}
-            _ = tokio::time::sleep(cfg.resync.min(tick)) => {}
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            _ = tokio::time::sleep(cfg.resync.min(tick(cfg, ctx, leading))) => {}
+            _ = sigterm.recv() => return Ok(()),
+            _ = sigint.recv() => return Ok(()),
         }
         let leads = leadership.is_leading();
         if leading && !leads {
@@ -274,7 +304,7 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
             );
         }
         leading = leads;
-        metrics.lock().unwrap_or_else(|p| p.into_inner()).leader = leads;
+        ctx.metrics.lock().unwrap_or_else(|p| p.into_inner()).leader = leads;
         if !leads {
             continue;
         }
@@ -284,7 +314,6 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
             // A kind still listing: its watch wakes this loop when it has.
             continue;
         }
-        let t = Instant::now();
         // A pass may not outlive this replica's leadership: it is cut at the
         // renew deadline, which comes before the lease can expire and another
         // replica take over. A write a stalled network still delivers later is
@@ -292,31 +321,7 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
         let Some(bound) = leadership.remaining() else {
             continue;
         };
-        // New plan writes stop well before the cut, and the next pass goes on.
-        let stop_writing = Instant::now() + bound.mul_f64(0.6);
-        let res = match tokio::time::timeout(bound, reconcile(&ctx, stop_writing)).await {
-            Ok(r) => r,
-            Err(_) => {
-                warn!(
-                    seconds = bound.as_secs_f64(),
-                    "reconcile pass abandoned: it would outlive the renew deadline"
-                );
-                Err(PassError::Timeout(bound.as_secs_f64()))
-            }
-        };
-        tracing::debug!(
-            ms = t.elapsed().as_millis() as u64,
-            ok = res.is_ok(),
-            "reconcile pass"
-        );
-        {
-            let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
-            m.ready = true;
-            m.reconciles += 1;
-            m.seconds += t.elapsed().as_secs_f64();
-            m.errors += u64::from(res.is_err());
-        }
-        match res {
+        match bounded_pass(ctx, bound).await {
             Ok(Pass::Done) => backoff = Duration::from_millis(200),
             Ok(Pass::More) => {
                 backoff = Duration::from_millis(200);
@@ -331,9 +336,47 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
             }
         }
     }
-    // The renewal task releases the lease, so a successor need not wait for it to expire.
-    let _ = stop_renewing.send(());
-    let _ = renewals.await;
-    info!("egressguard-operator stopped");
-    Ok(())
+}
+
+/// How long the loop may sleep without a change: the renewal task wakes it
+/// when leadership changes; a leader also wakes for each Prometheus
+/// evaluation, and twice a second while a quarantine is Active (its
+/// heartbeat can go stale at any moment).
+fn tick(cfg: &OperatorConfig, ctx: &Ctx, leading: bool) -> Duration {
+    let mut tick = Duration::from_secs(if leading { 5 } else { 2 });
+    if leading && cfg.quarantine.prometheus.is_some() {
+        tick = tick.min(cfg.quarantine.evaluation_interval);
+    }
+    if leading && any_active(ctx) {
+        tick = tick.min(HEARTBEAT_CHECK);
+    }
+    tick
+}
+
+/// One pass, abandoned at `bound`; new plan writes stop well before the
+/// cut, and the next pass goes on. Counted in the metrics.
+async fn bounded_pass(ctx: &Ctx, bound: Duration) -> Result<Pass, PassError> {
+    let t = Instant::now();
+    let stop_writing = t + bound.mul_f64(0.6);
+    let res = match tokio::time::timeout(bound, reconcile(ctx, stop_writing)).await {
+        Ok(r) => r,
+        Err(_) => {
+            warn!(
+                seconds = bound.as_secs_f64(),
+                "reconcile pass abandoned: it would outlive the renew deadline"
+            );
+            Err(PassError::Timeout(bound.as_secs_f64()))
+        }
+    };
+    tracing::debug!(
+        ms = t.elapsed().as_millis() as u64,
+        ok = res.is_ok(),
+        "reconcile pass"
+    );
+    let mut m = ctx.metrics.lock().unwrap_or_else(|p| p.into_inner());
+    m.ready = true;
+    m.reconciles += 1;
+    m.seconds += t.elapsed().as_secs_f64();
+    m.errors += u64::from(res.is_err());
+    res
 }
