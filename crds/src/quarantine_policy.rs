@@ -3,6 +3,7 @@
 //! [`rules`], the one check that turns it into [`QuarantineRules`].
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use schemars::JsonSchema;
@@ -208,7 +209,7 @@ pub enum TriggerRule {
         /// The calm threshold (hysteresis); equal to `threshold` when unset.
         calm: f64,
         /// How long a breach must hold.
-        hold: std::time::Duration,
+        hold: Duration,
         /// Result label naming the node, if set.
         node_label: Option<String>,
     },
@@ -250,199 +251,42 @@ pub struct QuarantineRules {
     /// Triggers by name, in spec order.
     pub triggers: Vec<(String, TriggerRule)>,
     /// Calm this long releases; `None` means only a person releases.
-    pub release_after: Option<std::time::Duration>,
+    pub release_after: Option<Duration>,
     /// At most this many quarantined nodes.
     pub cap: Cap,
     /// No automatic re-quarantine sooner than this after a release.
-    pub cooldown: std::time::Duration,
+    pub cooldown: Duration,
     /// What to do to a node whose quarantine is not enforced, and after how long.
-    pub escalation: (EscalationAction, std::time::Duration),
+    pub escalation: (EscalationAction, Duration),
 }
 
 /// Checks `spec.quarantine` against `spec.mode`; every problem has its path.
+///
+/// Each part of the policy has its check below, in the order they run here;
+/// problems are reported in that order, which the bad-input tests pin.
 pub fn rules(
     policy: Option<&QuarantinePolicy>,
     mode: Mode,
 ) -> Result<Option<QuarantineRules>, Vec<FieldError>> {
-    let mut errs = Vec::new();
-    let mut push = |path: String, message: String| errs.push(FieldError { path, message });
     let Some(p) = policy else {
-        if mode == Mode::Auto {
-            push(
-                "spec.quarantine".into(),
-                "is required when spec.mode is Auto: list at least one trigger, or use mode Enforce to throttle every selected node".into(),
-            );
-            return Err(errs);
-        }
-        return Ok(None);
-    };
-    if mode == Mode::Enforce {
-        push(
-            "spec.quarantine".into(),
-            "only applies in mode Auto (or DryRun, to report what it would do); mode Enforce throttles every selected node already".into(),
-        );
-    }
-    if p.triggers.is_empty() {
-        push(
-            "spec.quarantine.triggers".into(),
-            "is empty; add a prometheus or alertmanager trigger".into(),
-        );
-    }
-    let release_after = match p.release.after.trim() {
-        MANUAL => None,
-        s => match parse_duration(s) {
-            Ok(d) if d.as_secs_f64() >= 1.0 => Some(d),
-            Ok(_) => {
-                push(
-                    "spec.quarantine.release.after".into(),
-                    format!("{s:?} is shorter than 1s; a release needs a calm window"),
-                );
-                None
-            }
-            Err(m) => {
-                push(
-                    "spec.quarantine.release.after".into(),
-                    format!("{m}, or `manual`"),
-                );
-                None
-            }
-        },
-    };
-    let escalation = p.escalation.clone().unwrap_or_default();
-    let escalate_after = match escalation.after.as_deref().map(parse_duration) {
-        None => std::time::Duration::from_secs(30),
-        Some(Ok(d)) => d,
-        Some(Err(m)) => {
-            push("spec.quarantine.escalation.after".into(), m.to_string());
-            Default::default()
-        }
-    };
-    let cooldown = match parse_duration(&p.limits.cooldown) {
-        Ok(d) => d,
-        Err(m) => {
-            push("spec.quarantine.limits.cooldown".into(), m.to_string());
-            Default::default()
-        }
-    };
-    let cap = match &p.limits.max_quarantined_nodes {
-        IntOrString::Int(n) if *n >= 1 => Cap::Nodes(*n as u32),
-        IntOrString::Int(n) => {
-            push("spec.quarantine.limits.maxQuarantinedNodes".into(), format!("{n} must be at least 1; pause the guard (spec.quarantine.paused) to stop new quarantines"));
-            Cap::Nodes(1)
-        }
-        IntOrString::String(s) => match s.strip_suffix('%').map(str::parse::<u32>) {
-            Some(Ok(p)) if (1..=100).contains(&p) => Cap::Percent(p),
-            _ => {
-                push(
-                    "spec.quarantine.limits.maxQuarantinedNodes".into(),
-                    format!("{s:?} is neither a number of nodes nor a percentage from 1% to 100%"),
-                );
-                Cap::Nodes(1)
-            }
-        },
-    };
-    let mut triggers = Vec::new();
-    for (i, t) in p.triggers.iter().enumerate() {
-        let base = format!("spec.quarantine.triggers[{i}]");
-        if t.name.is_empty() || t.name == MANUAL || t.name.len() > 63 {
-            push(
-                format!("{base}.name"),
-                format!(
-                    "{:?} must be 1 to 63 characters and not `manual` (reserved for people)",
-                    t.name
-                ),
-            );
-        } else if p.triggers[..i].iter().any(|o| o.name == t.name) {
-            push(
-                format!("{base}.name"),
-                format!(
-                    "{:?} is used by an earlier trigger; names must be unique",
-                    t.name
-                ),
-            );
-        }
-        let rule = match (&t.prometheus, &t.alertmanager) {
-            (Some(pr), None) => {
-                if pr.query.trim().is_empty() {
-                    push(
-                        format!("{base}.prometheus.query"),
-                        "is empty; write a PromQL query returning one series per node".into(),
-                    );
-                }
-                let (above, threshold) = match (pr.above, pr.below) {
-                    (Some(a), None) => (true, a),
-                    (None, Some(b)) => (false, b),
-                    _ => {
-                        push(
-                            format!("{base}.prometheus"),
-                            "set exactly one of `above` and `below`".into(),
-                        );
-                        (true, 0.0)
-                    }
-                };
-                if !threshold.is_finite() {
-                    push(
-                        format!("{base}.prometheus"),
-                        "the threshold must be a finite number".into(),
-                    );
-                }
-                let calm = p.release.below.unwrap_or(threshold);
-                if let Some(rb) = p.release.below {
-                    if above && rb > threshold {
-                        push("spec.quarantine.release.below".into(), format!("{rb} is above trigger {:?}'s threshold {threshold}; the calm threshold must not exceed the breach threshold", t.name));
-                    }
-                }
-                let hold = match pr.r#for.as_deref().map(parse_duration) {
-                    None => Default::default(),
-                    Some(Ok(d)) => d,
-                    Some(Err(m)) => {
-                        push(format!("{base}.prometheus.for"), m.to_string());
-                        Default::default()
-                    }
-                };
-                TriggerRule::Prometheus {
-                    query: pr.query.clone(),
-                    above,
-                    threshold,
-                    calm,
-                    hold,
-                    node_label: pr.node_label.clone().filter(|l| !l.is_empty()),
-                }
-            }
-            (None, Some(am)) => {
-                if am.matchers.is_empty() {
-                    push(format!("{base}.alertmanager.matchers"), "is empty; match at least the alert name, e.g. {alertname: NodeEgressSaturated}".into());
-                }
-                // The matchers also select the trigger's `ALERTS` in Prometheus
-                // (corroboration): each key must be a Prometheus label name.
-                let label_name = |k: &str| {
-                    let mut c = k.chars();
-                    c.next()
-                        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
-                        && c.all(|c| c.is_ascii_alphanumeric() || c == '_')
-                };
-                for k in am.matchers.keys().filter(|k| !label_name(k)) {
-                    push(
-                        format!("{base}.alertmanager.matchers.{k}"),
-                        "is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)".into(),
-                    );
-                }
-                TriggerRule::Alertmanager {
-                    matchers: am.matchers.clone(),
-                    node_label: am.node_label.clone().filter(|l| !l.is_empty()),
-                    corroborate: am.corroborate,
-                }
-            }
-            _ => {
-                push(
-                    base.clone(),
-                    "set exactly one of `prometheus` and `alertmanager`".into(),
-                );
-                continue;
-            }
+        return match mode {
+            Mode::Auto => Err(vec![FieldError::new(
+                "spec.quarantine",
+                "is required when spec.mode is Auto: list at least one trigger, or use mode Enforce to throttle every selected node",
+            )]),
+            _ => Ok(None),
         };
-        triggers.push((t.name.clone(), rule));
-    }
+    };
+    let mut errs = Vec::new();
+    check_mode(mode, &mut errs);
+    check_has_triggers(p, &mut errs);
+    let release_after = release_after(&p.release, &mut errs);
+    let escalation = escalation(p.escalation.as_ref(), &mut errs);
+    let cooldown = cooldown(&p.limits, &mut errs);
+    let cap = cap(&p.limits.max_quarantined_nodes, &mut errs);
+    let triggers = (p.triggers.iter().enumerate())
+        .filter_map(|(i, t)| trigger(p, i, t, &mut errs))
+        .collect();
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -452,8 +296,247 @@ pub fn rules(
         release_after,
         cap,
         cooldown,
-        escalation: (escalation.action, escalate_after),
+        escalation,
     }))
+}
+
+/// `spec.mode`: a policy means nothing in mode Enforce.
+fn check_mode(mode: Mode, errs: &mut Vec<FieldError>) {
+    if mode == Mode::Enforce {
+        errs.push(FieldError::new(
+            "spec.quarantine",
+            "only applies in mode Auto (or DryRun, to report what it would do); mode Enforce throttles every selected node already",
+        ));
+    }
+}
+
+/// `spec.quarantine.triggers`: at least one.
+fn check_has_triggers(p: &QuarantinePolicy, errs: &mut Vec<FieldError>) {
+    if p.triggers.is_empty() {
+        errs.push(FieldError::new(
+            "spec.quarantine.triggers",
+            "is empty; add a prometheus or alertmanager trigger",
+        ));
+    }
+}
+
+/// `spec.quarantine.release.after`: `manual` (`None`), or a calm window of
+/// at least a second.
+fn release_after(release: &ReleasePolicy, errs: &mut Vec<FieldError>) -> Option<Duration> {
+    let path = "spec.quarantine.release.after";
+    match release.after.trim() {
+        MANUAL => None,
+        s => match parse_duration(s) {
+            Ok(d) if d.as_secs_f64() >= 1.0 => Some(d),
+            Ok(_) => {
+                errs.push(FieldError::new(
+                    path,
+                    format!("{s:?} is shorter than 1s; a release needs a calm window"),
+                ));
+                None
+            }
+            Err(m) => {
+                errs.push(FieldError::new(path, format!("{m}, or `manual`")));
+                None
+            }
+        },
+    }
+}
+
+/// `spec.quarantine.escalation`: its action, and how long a quarantine may
+/// go unenforced first (default 30s).
+fn escalation(
+    escalation: Option<&Escalation>,
+    errs: &mut Vec<FieldError>,
+) -> (EscalationAction, Duration) {
+    let escalation = escalation.cloned().unwrap_or_default();
+    let after = match escalation.after.as_deref().map(parse_duration) {
+        None => Duration::from_secs(30),
+        Some(Ok(d)) => d,
+        Some(Err(m)) => {
+            errs.push(FieldError::new(
+                "spec.quarantine.escalation.after",
+                m.to_string(),
+            ));
+            Duration::default()
+        }
+    };
+    (escalation.action, after)
+}
+
+/// `spec.quarantine.limits.cooldown`: a duration.
+fn cooldown(limits: &Limits, errs: &mut Vec<FieldError>) -> Duration {
+    parse_duration(&limits.cooldown).unwrap_or_else(|m| {
+        errs.push(FieldError::new(
+            "spec.quarantine.limits.cooldown",
+            m.to_string(),
+        ));
+        Duration::default()
+    })
+}
+
+/// `spec.quarantine.limits.maxQuarantinedNodes`: at least one node, or a
+/// percentage from 1% to 100%.
+fn cap(max: &IntOrString, errs: &mut Vec<FieldError>) -> Cap {
+    let path = "spec.quarantine.limits.maxQuarantinedNodes";
+    match max {
+        IntOrString::Int(n) if *n >= 1 => Cap::Nodes(*n as u32),
+        IntOrString::Int(n) => {
+            errs.push(FieldError::new(path, format!("{n} must be at least 1; pause the guard (spec.quarantine.paused) to stop new quarantines")));
+            Cap::Nodes(1)
+        }
+        IntOrString::String(s) => match s.strip_suffix('%').map(str::parse::<u32>) {
+            Some(Ok(p)) if (1..=100).contains(&p) => Cap::Percent(p),
+            _ => {
+                errs.push(FieldError::new(
+                    path,
+                    format!("{s:?} is neither a number of nodes nor a percentage from 1% to 100%"),
+                ));
+                Cap::Nodes(1)
+            }
+        },
+    }
+}
+
+/// `spec.quarantine.triggers[i]`: its name, then its one source. `None`
+/// when it names no source or both.
+fn trigger(
+    p: &QuarantinePolicy,
+    i: usize,
+    t: &Trigger,
+    errs: &mut Vec<FieldError>,
+) -> Option<(String, TriggerRule)> {
+    let base = format!("spec.quarantine.triggers[{i}]");
+    check_trigger_name(&p.triggers[..i], t, &base, errs);
+    let rule = match (&t.prometheus, &t.alertmanager) {
+        (Some(pr), None) => prometheus_rule(pr, &p.release, &t.name, &base, errs),
+        (None, Some(am)) => alertmanager_rule(am, &base, errs),
+        _ => {
+            errs.push(FieldError::new(
+                base,
+                "set exactly one of `prometheus` and `alertmanager`",
+            ));
+            return None;
+        }
+    };
+    Some((t.name.clone(), rule))
+}
+
+/// `triggers[i].name`: 1 to 63 characters, not `manual`, and not the name
+/// of an `earlier` trigger.
+fn check_trigger_name(earlier: &[Trigger], t: &Trigger, base: &str, errs: &mut Vec<FieldError>) {
+    let path = format!("{base}.name");
+    if t.name.is_empty() || t.name == MANUAL || t.name.len() > 63 {
+        errs.push(FieldError::new(
+            path,
+            format!(
+                "{:?} must be 1 to 63 characters and not `manual` (reserved for people)",
+                t.name
+            ),
+        ));
+    } else if earlier.iter().any(|o| o.name == t.name) {
+        errs.push(FieldError::new(
+            path,
+            format!(
+                "{:?} is used by an earlier trigger; names must be unique",
+                t.name
+            ),
+        ));
+    }
+}
+
+/// `triggers[i].prometheus`: a query, exactly one finite threshold, a calm
+/// threshold (`release.below`) on the calm side of it, and a hold duration.
+fn prometheus_rule(
+    pr: &PrometheusTrigger,
+    release: &ReleasePolicy,
+    name: &str,
+    base: &str,
+    errs: &mut Vec<FieldError>,
+) -> TriggerRule {
+    if pr.query.trim().is_empty() {
+        errs.push(FieldError::new(
+            format!("{base}.prometheus.query"),
+            "is empty; write a PromQL query returning one series per node",
+        ));
+    }
+    let (above, threshold) = match (pr.above, pr.below) {
+        (Some(a), None) => (true, a),
+        (None, Some(b)) => (false, b),
+        _ => {
+            errs.push(FieldError::new(
+                format!("{base}.prometheus"),
+                "set exactly one of `above` and `below`",
+            ));
+            (true, 0.0)
+        }
+    };
+    if !threshold.is_finite() {
+        errs.push(FieldError::new(
+            format!("{base}.prometheus"),
+            "the threshold must be a finite number",
+        ));
+    }
+    if let Some(rb) = release.below {
+        if above && rb > threshold {
+            errs.push(FieldError::new("spec.quarantine.release.below", format!("{rb} is above trigger {name:?}'s threshold {threshold}; the calm threshold must not exceed the breach threshold")));
+        }
+    }
+    let hold = match pr.r#for.as_deref().map(parse_duration) {
+        None => Duration::default(),
+        Some(Ok(d)) => d,
+        Some(Err(m)) => {
+            errs.push(FieldError::new(
+                format!("{base}.prometheus.for"),
+                m.to_string(),
+            ));
+            Duration::default()
+        }
+    };
+    TriggerRule::Prometheus {
+        query: pr.query.clone(),
+        above,
+        threshold,
+        calm: release.below.unwrap_or(threshold),
+        hold,
+        node_label: pr.node_label.clone().filter(|l| !l.is_empty()),
+    }
+}
+
+/// `triggers[i].alertmanager`: at least one matcher, each keyed by a
+/// Prometheus label name.
+fn alertmanager_rule(
+    am: &AlertmanagerTrigger,
+    base: &str,
+    errs: &mut Vec<FieldError>,
+) -> TriggerRule {
+    if am.matchers.is_empty() {
+        errs.push(FieldError::new(
+            format!("{base}.alertmanager.matchers"),
+            "is empty; match at least the alert name, e.g. {alertname: NodeEgressSaturated}",
+        ));
+    }
+    // The matchers also select the trigger's `ALERTS` in Prometheus
+    // (corroboration): each key must be a Prometheus label name.
+    for k in am.matchers.keys().filter(|k| !is_label_name(k)) {
+        errs.push(FieldError::new(
+            format!("{base}.alertmanager.matchers.{k}"),
+            "is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)",
+        ));
+    }
+    TriggerRule::Alertmanager {
+        matchers: am.matchers.clone(),
+        node_label: am.node_label.clone().filter(|l| !l.is_empty()),
+        corroborate: am.corroborate,
+    }
+}
+
+/// Is `k` a Prometheus label name (`[a-zA-Z_][a-zA-Z0-9_]*`)?
+fn is_label_name(k: &str) -> bool {
+    let mut c = k.chars();
+    c.next()
+        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+        && c.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 #[cfg(test)]
