@@ -14,9 +14,9 @@ use serde::{Deserialize, Serialize};
 // Kept at their paths of before the policy had a module of its own.
 pub use crate::duration::{parse_duration, DurationError};
 pub use crate::quarantine_policy::{
-    rules, AlertmanagerTrigger, Cap, Escalation, EscalationAction, Limits, PrometheusTrigger,
-    QuarantinePolicy, QuarantineRules, QuarantineThrottle, ReleasePolicy, Trigger, TriggerRule,
-    MANUAL,
+    rules, AlertmanagerTrigger, Cap, Escalation, EscalationAction, Limits, Origin,
+    PrometheusTrigger, QuarantinePolicy, QuarantineRules, QuarantineThrottle, ReleaseAfter,
+    ReleasePolicy, Trigger, TriggerRule, MANUAL,
 };
 
 /// Node label that keeps a node out of automatic quarantine. Its prefix is
@@ -108,6 +108,18 @@ pub struct QuarantineSpec {
     /// Why, in a person's words (manual quarantines).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+impl QuarantineSpec {
+    /// Who started this quarantine: a person or the trigger `spec.trigger`.
+    pub fn origin(&self) -> Origin<'_> {
+        Origin::of(&self.trigger)
+    }
+
+    /// Did a person ask for it (`trigger: manual`)?
+    pub fn is_manual(&self) -> bool {
+        self.origin().is_manual()
+    }
 }
 
 /// What a trigger saw when it fired.

@@ -9,12 +9,49 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::duration::parse_duration;
+use crate::duration::{parse_duration, DurationError};
 use crate::errors::FieldError;
 use crate::mode::Mode;
 
-/// Trigger name of a quarantine a person asked for.
+/// Trigger name of a quarantine a person asked for, and the `release.after`
+/// of a policy under which only a person releases. Read through [`Origin`]
+/// and [`ReleasePolicy::release_after`] rather than compared.
 pub const MANUAL: &str = "manual";
+
+/// Who started a quarantine: a person, or one of the guard's triggers. The
+/// one reading of a Quarantine's `spec.trigger` and of a trigger's `name`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin<'a> {
+    /// A person ([`MANUAL`], a name no trigger may take).
+    Manual,
+    /// The guard's trigger of this name.
+    Trigger(&'a str),
+}
+
+impl<'a> Origin<'a> {
+    /// What the trigger name `trigger` stands for.
+    pub fn of(trigger: &'a str) -> Self {
+        if trigger == MANUAL {
+            Origin::Manual
+        } else {
+            Origin::Trigger(trigger)
+        }
+    }
+
+    /// Did a person start it?
+    pub fn is_manual(self) -> bool {
+        self == Origin::Manual
+    }
+}
+
+/// When a quarantine ends by itself, as a policy's `release.after` says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReleaseAfter {
+    /// `manual`: never; only a person releases.
+    Manual,
+    /// Once every trigger has been calm this long.
+    Calm(Duration),
+}
 
 /// When a guard in mode `Auto` quarantines a node, and when it lets it go.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -154,6 +191,16 @@ pub struct ReleasePolicy {
 
 fn default_after() -> String {
     "30m".into()
+}
+
+impl ReleasePolicy {
+    /// `after` read: [`MANUAL`], or a duration; blanks around it ignored.
+    pub fn release_after(&self) -> Result<ReleaseAfter, DurationError> {
+        match self.after.trim() {
+            MANUAL => Ok(ReleaseAfter::Manual),
+            s => parse_duration(s).map(ReleaseAfter::Calm),
+        }
+    }
 }
 
 impl Default for ReleasePolicy {
@@ -324,22 +371,21 @@ fn check_has_triggers(p: &QuarantinePolicy, errs: &mut Vec<FieldError>) {
 /// at least a second.
 fn release_after(release: &ReleasePolicy, errs: &mut Vec<FieldError>) -> Option<Duration> {
     let path = "spec.quarantine.release.after";
-    match release.after.trim() {
-        MANUAL => None,
-        s => match parse_duration(s) {
-            Ok(d) if d.as_secs_f64() >= 1.0 => Some(d),
-            Ok(_) => {
-                errs.push(FieldError::new(
-                    path,
-                    format!("{s:?} is shorter than 1s; a release needs a calm window"),
-                ));
-                None
-            }
-            Err(m) => {
-                errs.push(FieldError::new(path, format!("{m}, or `manual`")));
-                None
-            }
-        },
+    match release.release_after() {
+        Ok(ReleaseAfter::Manual) => None,
+        Ok(ReleaseAfter::Calm(d)) if d.as_secs_f64() >= 1.0 => Some(d),
+        Ok(ReleaseAfter::Calm(_)) => {
+            let s = release.after.trim();
+            errs.push(FieldError::new(
+                path,
+                format!("{s:?} is shorter than 1s; a release needs a calm window"),
+            ));
+            None
+        }
+        Err(m) => {
+            errs.push(FieldError::new(path, format!("{m}, or `manual`")));
+            None
+        }
     }
 }
 
@@ -426,7 +472,7 @@ fn trigger(
 /// of an `earlier` trigger.
 fn check_trigger_name(earlier: &[Trigger], t: &Trigger, base: &str, errs: &mut Vec<FieldError>) {
     let path = format!("{base}.name");
-    if t.name.is_empty() || t.name == MANUAL || t.name.len() > 63 {
+    if t.name.is_empty() || Origin::of(&t.name).is_manual() || t.name.len() > 63 {
         errs.push(FieldError::new(
             path,
             format!(
@@ -542,6 +588,27 @@ fn is_label_name(k: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn manual_is_read_in_one_place() {
+        assert_eq!(Origin::of("manual"), Origin::Manual);
+        assert!(Origin::of(MANUAL).is_manual());
+        assert_eq!(Origin::of("uplink"), Origin::Trigger("uplink"));
+        assert!(!Origin::of("Manual").is_manual());
+        let after = |a: &str| {
+            ReleasePolicy {
+                after: a.into(),
+                below: None,
+            }
+            .release_after()
+        };
+        assert_eq!(after(" manual "), Ok(ReleaseAfter::Manual));
+        assert_eq!(
+            after("2m"),
+            Ok(ReleaseAfter::Calm(Duration::from_secs(120)))
+        );
+        assert!(after("soon").is_err());
+    }
 
     #[test]
     fn alert_matchers_must_be_prometheus_label_names() {
