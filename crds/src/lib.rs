@@ -9,9 +9,9 @@
 //!   guard's references resolve), [`valid_spec`] (a checked guard spec),
 //!   [`guard`], [`quarantine`] (the record kind), [`quarantine_policy`] (a
 //!   guard's `spec.quarantine` and its check);
-//! - shared vocabulary, importing nothing of the crate but [`errors`]:
-//!   [`wide`], [`selector`], [`net`], [`mode`], [`units`], [`duration`],
-//!   [`conditions`], [`node_labels`], [`errors`].
+//! - shared vocabulary, knowing no kind: [`wide`] (on [`net`]), [`selector`],
+//!   [`net`], [`mode`], [`units`], [`duration`], [`conditions`],
+//!   [`node_labels`], and [`errors`] at the bottom.
 
 pub mod cidr_group;
 pub mod conditions;
