@@ -542,16 +542,22 @@ fn agent_passes(interface: &str, files: &[PathBuf], resync: bool) -> Result<(), 
     Ok(())
 }
 
+/// A `--metrics-addr`/`--probe-addr` that is none of the forms
+/// [`listen_addr`] takes (clap prints it after the flag's name).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not IP:PORT")]
+struct NotListenAddr(String);
+
 /// A listen address: `IP:PORT`, `[IPv6]:PORT`, or `IPv6:PORT` unbracketed
 /// (what `$(HOST_IP):PORT` expands to on an IPv6 node).
-fn listen_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+fn listen_addr(s: &str) -> Result<std::net::SocketAddr, NotListenAddr> {
     if let Ok(a) = s.parse() {
         return Ok(a);
     }
     s.rsplit_once(':')
         .and_then(|(host, port)| Some((host.parse::<IpAddr>().ok()?, port.parse::<u16>().ok()?)))
         .map(std::net::SocketAddr::from)
-        .ok_or_else(|| format!("{s:?} is not IP:PORT"))
+        .ok_or_else(|| NotListenAddr(s.to_string()))
 }
 
 fn main() -> ExitCode {
@@ -591,7 +597,10 @@ mod tests {
         assert_eq!(a("10.0.0.7:9464").as_deref(), Ok("10.0.0.7:9464"));
         assert_eq!(a("[fd00::7]:9464").as_deref(), Ok("[fd00::7]:9464"));
         assert_eq!(a("fd00::7:9464").as_deref(), Ok("[fd00::7]:9464"));
-        assert!(listen_addr("node-a:9464").is_err());
+        assert_eq!(
+            listen_addr("node-a:9464").map_err(|e| e.to_string()),
+            Err(r#""node-a:9464" is not IP:PORT"#.to_string())
+        );
         assert!(listen_addr(":9464").is_err());
         assert!(listen_addr("10.0.0.7").is_err());
     }

@@ -20,11 +20,28 @@ impl Scrape for Shared {
     }
 }
 
+/// Why a probe fails: the body of its 503.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    /// `/readyz`: the first list of this node's NodeShaping has not completed.
+    #[error("waiting for the first NodeShaping list")]
+    NotSynced,
+    /// `/healthz`: the agent's runtime has not run for this long.
+    #[error("the agent's runtime has not run for {} s", .0.as_secs())]
+    Stalled(Duration),
+}
+
+/// A probe's answer as [`egressguard_crds::serve`] takes it (its reason in
+/// words; that signature is shared with the operator and kept).
+fn answer(probe: Result<(), ProbeError>) -> Result<(), String> {
+    probe.map_err(|e| e.to_string())
+}
+
 /// `/readyz`'s answer.
-fn ready(shared: &Mutex<Shared>) -> Result<(), String> {
+fn ready(shared: &Mutex<Shared>) -> Result<(), ProbeError> {
     match shared.lock().unwrap_or_else(|p| p.into_inner()).synced {
         true => Ok(()),
-        false => Err("waiting for the first NodeShaping list".to_string()),
+        false => Err(ProbeError::NotSynced),
     }
 }
 
@@ -36,7 +53,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Mutex<Shared>>) {
     serve::serve(listener, move |req| {
         // Read (and unlock) before `probes`: its collector locks the same mutex.
         let ready = ready(&shared);
-        let reply = serve::probes(&req, &registry, ready)
+        let reply = serve::probes(&req, &registry, answer(ready))
             .unwrap_or_else(|| serve::text(StatusCode::NOT_FOUND, "not found\n"));
         async move { reply }
     })
@@ -88,12 +105,9 @@ impl Default for Liveness {
 }
 
 /// `/healthz`'s answer: the runtime ran within `limit`.
-pub fn live(age: Duration, limit: Duration) -> Result<(), String> {
+pub fn live(age: Duration, limit: Duration) -> Result<(), ProbeError> {
     match age > limit {
-        true => Err(format!(
-            "the agent's runtime has not run for {} s",
-            age.as_secs()
-        )),
+        true => Err(ProbeError::Stalled(age)),
         false => Ok(()),
     }
 }
@@ -126,8 +140,8 @@ pub fn spawn_probes(
                 serve::serve_with(
                     listener,
                     move |req| {
-                        let reply =
-                            serve::health(&req, live(alive.age(), STALLED_AFTER), ready(&shared));
+                        let live = answer(live(alive.age(), STALLED_AFTER));
+                        let reply = serve::health(&req, live, answer(ready(&shared)));
                         async move { reply }
                     },
                     Limits::probes(),
@@ -147,8 +161,13 @@ mod tests {
         let limit = Duration::from_secs(10);
         assert!(live(Duration::ZERO, limit).is_ok());
         assert!(live(Duration::from_millis(9_999), limit).is_ok());
-        let e = live(Duration::from_secs(11), limit).expect_err("stalled");
-        assert_eq!(e, "the agent's runtime has not run for 11 s");
+        let e = live(Duration::from_millis(11_500), limit).expect_err("stalled");
+        assert_eq!(e, ProbeError::Stalled(Duration::from_millis(11_500)));
+        assert_eq!(e.to_string(), "the agent's runtime has not run for 11 s");
+        assert_eq!(
+            answer(Err(ProbeError::NotSynced)),
+            Err("waiting for the first NodeShaping list".to_string())
+        );
         let h = Liveness::new();
         h.mark();
         assert!(h.age() < Duration::from_secs(1));
