@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use egressguard_crds::conditions::events;
 use egressguard_crds::quarantine::{
-    EscalationAction, QuarantineRules, Refusal, TriggerRule, EXCLUDE_LABEL, LEGACY_EXCLUDE_LABEL,
-    MANUAL, RELEASE_ANNOTATION, RELEASE_FINALIZER,
+    EscalationAction, Origin, QuarantineRules, Refusal, ReleaseAfter, TriggerRule, EXCLUDE_LABEL,
+    LEGACY_EXCLUDE_LABEL, RELEASE_ANNOTATION, RELEASE_FINALIZER,
 };
 use egressguard_crds::{EgressGuard, Mode, Phase, Quarantine, QuarantineSpec, QuarantineStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -287,9 +287,11 @@ impl Admission<'_, '_> {
                 format!("node {node} is already quarantined by EgressGuard {guard}"),
             ));
         }
-        if trigger == MANUAL {
-            return None;
-        }
+        let trigger = match Origin::of(trigger) {
+            // A person's quarantine: the automatic rails below do not apply.
+            Origin::Manual => return None,
+            Origin::Trigger(name) => name,
+        };
         if !rules.triggers.iter().any(|(n, _)| n == trigger) {
             return Some((Refusal::UnknownTrigger, format!("EgressGuard {guard} has no trigger {trigger:?}; a person uses trigger `manual`")));
         }
@@ -1030,13 +1032,15 @@ fn escalated(node: &str, quarantine: &str, what: &str) -> Notice {
 fn calm(world: &World<'_>, q: &Quarantine) -> (bool, Option<Duration>) {
     let g = world.guards.get(&q.spec.guard);
     let rules = g.and_then(|g| g.rules.as_ref());
-    let policy = q.spec.release.as_ref().map(|r| r.after.as_str());
-    let after = match policy {
-        Some(MANUAL) => None,
-        Some(a) => egressguard_crds::quarantine::parse_duration(a).ok(),
+    let after = match q.spec.release.as_ref().map(|r| r.release_after()) {
+        Some(Ok(ReleaseAfter::Manual)) => None,
+        Some(Ok(ReleaseAfter::Calm(d))) => Some(d),
+        // The schema refuses a bad duration; a record from before that
+        // waits for a person rather than guessing.
+        Some(Err(_)) => None,
         None => rules.and_then(|r| r.release_after),
     };
-    if q.spec.trigger == MANUAL {
+    if q.spec.is_manual() {
         return (false, None);
     }
     let key = (q.spec.guard.clone(), q.spec.node_name.clone());
@@ -1070,6 +1074,7 @@ fn calm(world: &World<'_>, q: &Quarantine) -> (bool, Option<Duration>) {
 mod tests {
     use super::*;
     use egressguard_crds::load::parse_str;
+    use egressguard_crds::quarantine::MANUAL;
 
     const GUARD: &str = "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {name: site, uid: u1}\nspec:\n  mode: Auto\n  uplink: {rate: 20Mbit}\n  throttle: {rate: 1Mbit, destinations: [{port: 443}]}\n  quarantine:\n    triggers:\n      - {name: uplink, prometheus: {query: q, above: 10, for: 1m}}\n      - {name: alert, alertmanager: {matchers: {alertname: X}}}\n    release: {after: 5m}\n    limits: {maxQuarantinedNodes: 1, cooldown: 10m}\n";
 
