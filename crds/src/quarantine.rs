@@ -162,6 +162,21 @@ pub enum Phase {
     Refused,
 }
 
+/// What ended a quarantine.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ReleaseCause {
+    /// A person: the release annotation, or the deletion of the record.
+    Person,
+    /// The release policy: every trigger calm for `release.after`.
+    Policy,
+    /// Its guard was deleted.
+    GuardDeleted,
+    /// Its node was deleted.
+    NodeDeleted,
+    /// A safety rail refused it (`Stalled`'s reason names the rail).
+    Refused,
+}
+
 /// What became of a quarantine.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -197,6 +212,10 @@ pub struct QuarantineStatus {
     /// or the person's request; for Refused, the rail that refused it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released_by: Option<String>,
+    /// What ended it, for machines (`releasedBy` says it for people):
+    /// absent while it lasts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_cause: Option<ReleaseCause>,
     /// Standard conditions: Enforced, Ready (the record's state is what it
     /// should be: Active and enforced, or Released), Reconciling (Pending,
     /// or Active but not confirmed yet) and Stalled (refused, or not

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use egressguard_crds::conditions::events;
+use egressguard_crds::quarantine::ReleaseCause;
 use egressguard_crds::quarantine::{
     EscalationAction, Origin, QuarantineRules, Refusal, ReleaseAfter, TriggerRule, EXCLUDE_LABEL,
     LEGACY_EXCLUDE_LABEL, RELEASE_ANNOTATION, RELEASE_FINALIZER,
@@ -472,6 +473,7 @@ impl<'w, 'a> Planner<'w, 'a> {
                 next.phase = Some(Phase::Released);
                 next.released_at = Some(self.now.clone());
                 next.released_by = Some(format!("{PERSON} deleted a quarantine of this node"));
+                next.release_cause = Some(ReleaseCause::Person);
                 self.p.status.push((q.name_any(), next));
             }
             // A rail refused it, but its alert has not resolved: admitted once
@@ -553,6 +555,7 @@ impl<'w, 'a> Planner<'w, 'a> {
         next.since = Some(self.now.clone());
         next.released_at = None;
         next.released_by = None;
+        next.release_cause = None;
         self.p.add_finalizer.push(name.clone());
         self.p
             .started
@@ -580,6 +583,7 @@ impl<'w, 'a> Planner<'w, 'a> {
         next.phase = Some(Phase::Refused);
         next.released_at = Some(self.now.clone());
         next.released_by = Some(format!("refused ({reason}): {why}"));
+        next.release_cause = Some(ReleaseCause::Refused);
         crate::quarantine_progress::refused(&mut next, &reason.to_string(), why, self.world.now);
         self.p.notices.push(Notice {
             subjects: who(q),
@@ -607,8 +611,8 @@ impl<'w, 'a> Planner<'w, 'a> {
         let released_by = self
             .forced_release(q)
             .or_else(|| self.policy_release(q, &mut next));
-        if let Some(by) = released_by {
-            self.release(q, &mut next, by);
+        if let Some((cause, by)) = released_by {
+            self.release(q, &mut next, cause, by);
         }
         if next.phase == Some(Phase::Active) {
             let rules = self
@@ -632,13 +636,22 @@ impl<'w, 'a> Planner<'w, 'a> {
 
     /// A release nobody's policy decides: a person's annotation, the guard
     /// or the node deleted.
-    fn forced_release(&self, q: &Quarantine) -> Option<String> {
+    fn forced_release(&self, q: &Quarantine) -> Option<(ReleaseCause, String)> {
         if let Some(why) = q.annotations().get(RELEASE_ANNOTATION) {
-            Some(format!("{PERSON} annotation {RELEASE_ANNOTATION}={why:?}"))
+            Some((
+                ReleaseCause::Person,
+                format!("{PERSON} annotation {RELEASE_ANNOTATION}={why:?}"),
+            ))
         } else if !self.world.guards.contains_key(&q.spec.guard) {
-            Some(format!("EgressGuard {} was deleted", q.spec.guard))
+            Some((
+                ReleaseCause::GuardDeleted,
+                format!("EgressGuard {} was deleted", q.spec.guard),
+            ))
         } else if !self.world.nodes.contains_key(&q.spec.node_name) {
-            Some(format!("node {} was deleted", q.spec.node_name))
+            Some((
+                ReleaseCause::NodeDeleted,
+                format!("node {} was deleted", q.spec.node_name),
+            ))
         } else {
             None
         }
@@ -646,7 +659,11 @@ impl<'w, 'a> Planner<'w, 'a> {
 
     /// The release policy: every trigger calm for `release.after`. Keeps
     /// `next.calmSince` up to date on the way.
-    fn policy_release(&self, q: &Quarantine, next: &mut QuarantineStatus) -> Option<String> {
+    fn policy_release(
+        &self,
+        q: &Quarantine,
+        next: &mut QuarantineStatus,
+    ) -> Option<(ReleaseCause, String)> {
         let (calm, window) = calm(self.world, q);
         next.calm_since = if calm {
             next.calm_since.clone().or(Some(self.now.clone()))
@@ -657,11 +674,14 @@ impl<'w, 'a> Planner<'w, 'a> {
             (Some(after), Some(since))
                 if secs_since(self.world.now, since) >= after.as_secs_f64() =>
             {
-                Some(format!(
-                    "policy: every trigger calm for node {} since {} (release.after {}s)",
-                    q.spec.node_name,
-                    since.0,
-                    after.as_secs()
+                Some((
+                    ReleaseCause::Policy,
+                    format!(
+                        "policy: every trigger calm for node {} since {} (release.after {}s)",
+                        q.spec.node_name,
+                        since.0,
+                        after.as_secs()
+                    ),
                 ))
             }
             _ => None,
@@ -669,11 +689,18 @@ impl<'w, 'a> Planner<'w, 'a> {
     }
 
     /// Ends `q` now, `by` whom or what.
-    fn release(&mut self, q: &Quarantine, next: &mut QuarantineStatus, by: String) {
+    fn release(
+        &mut self,
+        q: &Quarantine,
+        next: &mut QuarantineStatus,
+        cause: ReleaseCause,
+        by: String,
+    ) {
         let name = q.name_any();
         next.phase = Some(Phase::Released);
         next.released_at = Some(self.now.clone());
         next.released_by = Some(by.clone());
+        next.release_cause = Some(cause);
         if let Some(s) = self.adm.active.get_mut(&q.spec.guard) {
             s.remove(&q.spec.node_name);
         }
@@ -865,6 +892,7 @@ fn tombstone(q: &Quarantine, now: &Time) -> Quarantine {
             phase: Some(Phase::Released),
             released_at: Some(now.clone()),
             released_by: Some(format!("{PERSON} deleted Quarantine {name}")),
+            release_cause: Some(ReleaseCause::Person),
             conditions: Vec::new(),
             ..st
         }),

@@ -403,6 +403,7 @@ pub fn status_patch(
         (status.calm_since.is_none(), "calmSince"),
         (status.released_at.is_none(), "releasedAt"),
         (status.released_by.is_none(), "releasedBy"),
+        (status.release_cause.is_none(), "releaseCause"),
     ] {
         if absent {
             v[key] = serde_json::Value::Null;
