@@ -32,7 +32,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use egressguard_crds::NodeShaping;
+use egressguard_crds::node_shaping::{NodeShapingStatus, ProtectedEntry};
+use egressguard_crds::{NodeShaping, NodeShapingSpec};
 use futures::StreamExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher::{self, Event};
@@ -40,6 +41,7 @@ use kube::runtime::WatchStreamExt;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use inputs::Input;
 pub use metrics::Metrics;
 pub use reconcile::{
     reconcile, reconcile_with, record_applied, Memory, Outcome, PassReport, Trigger,
@@ -102,10 +104,7 @@ pub struct Shared {
 /// The API server's addresses as protected entries: an IP literal as is, a
 /// host name resolved now (a name that does not resolve protects nothing,
 /// and says so in the log).
-pub fn api_server_entries(
-    host: &str,
-    port: u16,
-) -> Vec<egressguard_crds::node_shaping::ProtectedEntry> {
+pub fn api_server_entries(host: &str, port: u16) -> Vec<ProtectedEntry> {
     use std::net::ToSocketAddrs;
     // An IPv6 literal comes bracketed from a URL's authority.
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -124,7 +123,7 @@ pub fn api_server_entries(
     };
     let mut out: Vec<_> = addrs
         .into_iter()
-        .map(|ip| egressguard_crds::node_shaping::ProtectedEntry {
+        .map(|ip| ProtectedEntry {
             cidr: match ip {
                 std::net::IpAddr::V4(_) => format!("{ip}/32"),
                 std::net::IpAddr::V6(_) => format!("{ip}/128"),
@@ -137,8 +136,88 @@ pub fn api_server_entries(
     out
 }
 
+/// The agent's name as the status's field manager and as the reporter of
+/// its Events.
+const AGENT: &str = "egressguard-node-shaper";
+
+/// What the NodeShaping watch last delivered: `None` until the first list
+/// completed, then the object (`None` when absent).
+type PlanWatch = watch::Receiver<Option<Option<NodeShaping>>>;
+
 /// Runs until SIGTERM/SIGINT.
+///
+/// # Errors
+/// Before the first pass: no client, a port that cannot be bound, no
+/// signal handlers or threads. After: only the kernel thread stopping.
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
+    let (client, own_protected) = connect().await?;
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    serve_http(&cfg, shared.clone()).await?;
+    let daemonset = cfg
+        .daemonset
+        .as_ref()
+        .map(|(ns, name)| uninstall::watch(client.clone(), ns, name));
+    let api: Api<NodeShaping> = Api::all(client.clone());
+    let plan = watch_plan(api.clone(), &cfg.node);
+    let inputs = inputs::Inputs::new(client.clone());
+    let mut wake = Wake::install(cfg.resync, plan, inputs.changed())?;
+    let kernel = kernel::Kernel::start(Memory {
+        own_protected: own_protected.clone(),
+        watch: Some(wake.tc_watch.clone()),
+        ..Memory::default()
+    })
+    .map_err(AgentError::Thread)?;
+    let progress = heartbeat::Progress::default();
+    if let Some(period) = cfg.heartbeat {
+        spawn_heartbeat(&client, &cfg, period, progress.clone());
+    }
+    let recorder = kube::runtime::events::Recorder::new(
+        client.clone(),
+        kube::runtime::events::Reporter {
+            controller: AGENT.into(),
+            instance: Some(cfg.node.clone()),
+        },
+    );
+    let mut agent = Agent {
+        node: cfg.node.clone(),
+        api,
+        kernel,
+        inputs,
+        own_protected,
+        shared,
+        progress,
+        recorder,
+        last_enforced: None,
+        status: StatusWrites::default(),
+    };
+    info!(node = %cfg.node, "node-shaper agent started");
+    loop {
+        match wake.next().await {
+            Woken::Pass(trigger) => {
+                // Nothing is decided before the first complete list.
+                if let Some(current) = wake.plan.borrow().clone() {
+                    agent.pass(current, trigger).await?;
+                }
+            }
+            Woken::Sigterm => {
+                let watched = daemonset.as_ref().map(|w| *w.borrow()).unwrap_or_default();
+                let verdict = uninstall::on_sigterm(&client, cfg.daemonset.as_ref(), watched).await;
+                agent.on_sigterm(verdict).await?;
+                break;
+            }
+            Woken::Sigint => {
+                info!("SIGINT: leaving enforcement in place; exiting");
+                break;
+            }
+            Woken::PlanWatchGone => break,
+        }
+    }
+    Ok(())
+}
+
+/// A client from the kubeconfig or the in-cluster config, and the API
+/// server it talks to as protected entries (logged).
+async fn connect() -> Result<(kube::Client, Vec<ProtectedEntry>), AgentError> {
     let config = kube::Config::infer()
         .await
         .map_err(|e| AgentError::Client(kube::Error::InferConfig(e)))?;
@@ -148,8 +227,13 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     );
     info!(api = %config.cluster_url, protected = ?own_protected, "protecting the API server this agent talks to");
     let client = kube::Client::try_from(config).map_err(AgentError::Client)?;
-    let api: Api<NodeShaping> = Api::all(client.clone());
-    let shared = Arc::new(Mutex::new(Shared::default()));
+    Ok((client, own_protected))
+}
+
+/// Binds the probe listener (served on a thread of its own, with a task
+/// on this runtime marking it alive every second) and the metrics
+/// listener (served on this runtime).
+async fn serve_http(cfg: &AgentConfig, shared: Arc<Mutex<Shared>>) -> Result<(), AgentError> {
     let listen = |addr: SocketAddr| move |source| AgentError::Listen { addr, source };
     let alive = Arc::new(http::Liveness::new());
     let probes = std::net::TcpListener::bind(cfg.probe_addr).map_err(listen(cfg.probe_addr))?;
@@ -163,17 +247,18 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let metrics = tokio::net::TcpListener::bind(cfg.metrics_addr)
         .await
         .map_err(listen(cfg.metrics_addr))?;
-    tokio::spawn(http::serve(metrics, shared.clone()));
+    tokio::spawn(http::serve(metrics, shared));
     info!(metrics = %cfg.metrics_addr, probes = %cfg.probe_addr, "serving /metrics, and the probes on their own listener");
-    let daemonset = cfg
-        .daemonset
-        .as_ref()
-        .map(|(ns, name)| uninstall::watch(client.clone(), ns, name));
+    Ok(())
+}
 
-    // The watcher feeds the latest version of our object (None = absent).
-    let (tx, mut rx) = watch::channel::<Option<Option<NodeShaping>>>(None);
-    let wc = watcher::Config::default().fields(&format!("metadata.name={}", cfg.node));
-    let stream = watcher::watcher(api.clone(), wc).default_backoff();
+/// Watches this node's NodeShaping (field-selected by name) and keeps the
+/// latest version in the returned receiver, from the first complete list
+/// on; a failing watch retries with backoff.
+fn watch_plan(api: Api<NodeShaping>, node: &str) -> PlanWatch {
+    let (tx, rx) = watch::channel::<Option<Option<NodeShaping>>>(None);
+    let wc = watcher::Config::default().fields(&format!("metadata.name={node}"));
+    let stream = watcher::watcher(api, wc).default_backoff();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut listing: Option<NodeShaping> = None;
@@ -194,178 +279,274 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             }
         }
     });
+    rx
+}
 
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
-    let mut ticker = tokio::time::interval(cfg.resync);
-    let mut inputs = inputs::Inputs::new(client.clone());
-    // The last plan enforced and what it was enforced with.
-    let mut last_enforced: Option<(egressguard_crds::NodeShapingSpec, inputs::Input)> = None;
-    let inputs_changed = inputs.changed();
-    // Tampering: the kernel's tc notifications wake a pass at once (the
-    // passes record their own sockets, whose changes are not tampering).
-    let tc_watch = crate::netlink::monitor::Watch::default();
-    let (tc_tx, mut tc_rx) = tokio::sync::mpsc::unbounded_channel();
-    if let Err(e) = crate::netlink::monitor::spawn(tc_watch.clone(), move |c| tc_tx.send(c).is_ok())
-    {
-        warn!(error = %e, "cannot listen to tc notifications; drift is repaired at the resync only");
-    }
-    let kernel = kernel::Kernel::start(Memory {
-        own_protected: own_protected.clone(),
-        watch: Some(tc_watch),
-        ..Memory::default()
-    })
-    .map_err(AgentError::Thread)?;
-    let progress = heartbeat::Progress::default();
-    if let Some(period) = cfg.heartbeat {
-        let ns = client.default_namespace().to_string();
-        // Passes run at least every resync: two missed ones mean a hang.
-        let silence = 2 * cfg.resync + period;
-        tokio::spawn(heartbeat::run(
-            client.clone(),
-            ns,
-            cfg.node.clone(),
-            period,
-            progress.clone(),
-            silence,
-        ));
-    }
-    let recorder = kube::runtime::events::Recorder::new(
+/// Renews this node's heartbeat Lease every `period` in the client's
+/// namespace while passes keep finishing.
+fn spawn_heartbeat(
+    client: &kube::Client,
+    cfg: &AgentConfig,
+    period: Duration,
+    progress: heartbeat::Progress,
+) {
+    let ns = client.default_namespace().to_string();
+    // Passes run at least every resync: two missed ones mean a hang.
+    let silence = 2 * cfg.resync + period;
+    tokio::spawn(heartbeat::run(
         client.clone(),
-        kube::runtime::events::Reporter {
-            controller: "egressguard-node-shaper".into(),
-            instance: Some(cfg.node.clone()),
-        },
-    );
-    let mut last_status = None;
-    let mut last_write: Option<std::time::Instant> = None;
-    info!(node = %cfg.node, "node-shaper agent started");
-    loop {
-        // A pass for a plan change may trust the tree the agent last wrote;
-        // the resync and a foreign tc change read it back.
-        let trigger;
+        ns,
+        cfg.node.clone(),
+        period,
+        progress,
+        silence,
+    ));
+}
+
+/// What woke the agent's loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Woken {
+    /// A pass is due, for this reason.
+    Pass(Trigger),
+    /// SIGTERM: remove the shaping if the chart was uninstalled, then exit.
+    Sigterm,
+    /// SIGINT: exit, leaving enforcement in place.
+    Sigint,
+    /// The NodeShaping watch ended (the runtime is going away).
+    PlanWatchGone,
+}
+
+/// Everything that wakes the loop: the plan, its inputs, the resync
+/// ticker, the kernel's tc notifications and the signals.
+struct Wake {
+    plan: PlanWatch,
+    inputs_changed: Arc<tokio::sync::Notify>,
+    ticker: tokio::time::Interval,
+    /// Shared with the tc monitor and the kernel thread's passes, which
+    /// record their own sockets, whose changes are not tampering.
+    tc_watch: crate::netlink::monitor::Watch,
+    tc: tokio::sync::mpsc::UnboundedReceiver<crate::netlink::monitor::TcChange>,
+    sigterm: tokio::signal::unix::Signal,
+    sigint: tokio::signal::unix::Signal,
+}
+
+impl Wake {
+    /// Installs the signal handlers, the resync ticker and the tc monitor.
+    fn install(
+        resync: Duration,
+        plan: PlanWatch,
+        inputs_changed: Arc<tokio::sync::Notify>,
+    ) -> Result<Wake, AgentError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+        let sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+        let ticker = tokio::time::interval(resync);
+        // Tampering: the kernel's tc notifications wake a pass at once.
+        let tc_watch = crate::netlink::monitor::Watch::default();
+        let (tc_tx, tc) = tokio::sync::mpsc::unbounded_channel();
+        if let Err(e) =
+            crate::netlink::monitor::spawn(tc_watch.clone(), move |c| tc_tx.send(c).is_ok())
+        {
+            warn!(error = %e, "cannot listen to tc notifications; drift is repaired at the resync only");
+        }
+        Ok(Wake {
+            plan,
+            inputs_changed,
+            ticker,
+            tc_watch,
+            tc,
+            sigterm,
+            sigint,
+        })
+    }
+
+    /// Waits for the next reason to act. A pass for a plan change may
+    /// trust the tree the agent last wrote; the resync and a foreign tc
+    /// change read it back.
+    async fn next(&mut self) -> Woken {
         tokio::select! {
-            changed = rx.changed() => {
-                if changed.is_err() { break }
-                trigger = Trigger::Plan;
-            }
-            _ = inputs_changed.notified() => trigger = Trigger::Plan,
-            _ = ticker.tick() => trigger = Trigger::Resync,
-            Some(change) = tc_rx.recv() => {
+            changed = self.plan.changed() => match changed {
+                Ok(()) => Woken::Pass(Trigger::Plan),
+                Err(_) => Woken::PlanWatchGone,
+            },
+            _ = self.inputs_changed.notified() => Woken::Pass(Trigger::Plan),
+            _ = self.ticker.tick() => Woken::Pass(Trigger::Resync),
+            Some(change) = self.tc.recv() => {
                 // One pass answers a burst: what arrived meanwhile is covered.
-                while tc_rx.try_recv().is_ok() {}
+                while self.tc.try_recv().is_ok() {}
                 info!(?change, "tc changed under this agent; repairing now");
-                trigger = Trigger::Tamper;
+                Woken::Pass(Trigger::Tamper)
             }
-            _ = sigterm.recv() => {
-                let watched = daemonset.as_ref().map(|w| *w.borrow()).unwrap_or_default();
-                match uninstall::on_sigterm(&client, cfg.daemonset.as_ref(), watched).await {
-                    uninstall::Verdict::Remove(why) => {
-                        info!(%why, "SIGTERM: the chart was uninstalled; removing shaping so no node stays shaped with nothing to manage it");
-                        let (_, out) = kernel.pass(inputs::Input::Remove, Trigger::Resync).await?;
-                        for i in &out.interfaces {
-                            info!(interface = %i.name, error = ?i.error, "shaping removed on uninstall");
-                        }
-                    }
-                    uninstall::Verdict::Keep(why) => {
-                        info!(%why, "SIGTERM: leaving enforcement in place (a rolling update must not open a gap); exiting");
-                    }
-                }
-                break;
-            }
-            _ = sigint.recv() => {
-                info!("SIGINT: leaving enforcement in place; exiting");
-                break;
-            }
+            _ = self.sigterm.recv() => Woken::Sigterm,
+            _ = self.sigint.recv() => Woken::Sigint,
         }
-        // Nothing is decided before the first complete list.
-        let Some(current) = rx.borrow().clone() else {
-            continue;
-        };
-        inputs.follow(current.as_ref());
-        let mut input = inputs::input_for(current.as_ref(), &inputs.held(), &own_protected);
+    }
+}
+
+/// The reconcile loop's state between passes.
+struct Agent {
+    node: String,
+    api: Api<NodeShaping>,
+    kernel: kernel::Kernel,
+    inputs: inputs::Inputs,
+    own_protected: Vec<ProtectedEntry>,
+    shared: Arc<Mutex<Shared>>,
+    progress: heartbeat::Progress,
+    recorder: kube::runtime::events::Recorder,
+    /// The last plan enforced and what it was enforced with.
+    last_enforced: Option<(NodeShapingSpec, inputs::Input)>,
+    status: StatusWrites,
+}
+
+impl Agent {
+    /// One pass over `current` (the plan as the watch holds it; `None`:
+    /// absent) for `trigger`: decides the input, runs it on the kernel
+    /// thread, records it (metrics, tamper Events) and writes the status.
+    async fn pass(
+        &mut self,
+        current: Option<NodeShaping>,
+        trigger: Trigger,
+    ) -> Result<(), AgentError> {
+        self.inputs.follow(current.as_ref());
         let spec = current.as_ref().map(|n| &n.spec);
-        // The plan has not changed but its guard or groups moved on (an
-        // edit the operator holds back, a group gone): keep enforcing, and
-        // repairing, what this same plan was enforced with.
-        if let (inputs::Input::Waiting(why), Some((plan, last))) = (&input, &last_enforced) {
-            if spec == Some(plan) {
-                info!(waiting = %why, "the plan is unchanged; keeping the version it was enforced with");
-                input = last.clone();
-            } else if let (Some(s), inputs::Input::Shape { guard, target, .. }) = (spec, last) {
-                // Only `enforce` moved (a quarantine began or ended while its
-                // guard is held): the same version, enforced or not as asked.
-                let mut same = s.clone();
-                same.enforce = plan.enforce;
-                if &same == plan {
-                    info!(waiting = %why, enforce = s.enforce, "only enforcement changed; keeping the version it was enforced with");
-                    input = inputs::Input::Shape {
-                        guard: guard.clone(),
-                        target: target.clone(),
-                        enforce: s.enforce,
-                    };
-                }
-            }
-        }
+        let input = inputs::input_for(current.as_ref(), &self.inputs.held(), &self.own_protected);
+        let input = keep_enforced_version(input, spec, self.last_enforced.as_ref());
         // Netlink is blocking: the pass runs on the kernel thread while this
         // runtime goes on answering probes and scrapes.
-        let (input, outcome) = kernel.pass(input, trigger).await?;
-        progress.mark();
-        last_enforced = match (input, spec) {
-            (i @ inputs::Input::Shape { .. }, Some(plan)) if outcome.outcome.error().is_none() => {
-                Some((plan.clone(), i))
-            }
-            (inputs::Input::Waiting(_), _) => last_enforced,
-            _ => None,
-        };
-        let reconciled = current;
-        {
-            let mut s = shared.lock().unwrap_or_else(|p| p.into_inner());
-            s.synced = true;
-            s.metrics.record(&outcome);
-        }
-        if !outcome.tamper.is_empty() {
-            heartbeat::report_tampering(&recorder, &cfg.node, &outcome.tamper).await;
-        }
+        let (input, outcome) = self.kernel.pass(input, trigger).await?;
+        self.progress.mark();
+        self.last_enforced = enforced_after(input, spec, &outcome, self.last_enforced.take());
+        self.record(&outcome).await;
         // The status describes the object this pass acted on (its generation),
         // not a newer one that may have arrived meanwhile: that one gets its own pass.
-        if let Some(obj) = reconciled {
-            let status = status_for(&obj, &outcome, last_status.as_ref());
-            // Counters and timestamps change every pass; write for them at most
-            // every five minutes, and at once for anything else.
-            let stale = last_write
-                .is_none_or(|t: std::time::Instant| t.elapsed() > Duration::from_secs(300));
-            if stale
-                || outcome.wrote
-                || last_status.as_ref().map(status::essence) != Some(status::essence(&status))
-            {
-                let patch = serde_json::json!({ "status": status });
-                match api
-                    .patch_status(
-                        &cfg.node,
-                        &PatchParams {
-                            field_manager: Some("egressguard-node-shaper".into()),
-                            ..PatchParams::default()
-                        },
-                        &Patch::Merge(&patch),
-                    )
-                    .await
-                {
-                    Ok(_) => {
-                        last_status = Some(status);
-                        last_write = Some(std::time::Instant::now());
-                    }
-                    Err(e) => warn!(error = %e, "cannot write NodeShaping status; will retry"),
-                }
-            }
+        if let Some(obj) = current {
+            self.status
+                .write(&self.api, &self.node, &obj, &outcome)
+                .await;
         }
         // What this iteration decoded and built on the runtime (watch events of
         // big groups, the input, the status) is freed by now; the kernel thread
         // trimmed after its pass, while the runtime still held it.
         crate::alloc::release_free_memory();
+        Ok(())
     }
-    Ok(())
+
+    /// Folds a pass into the metrics and reports its new tamper evidence.
+    async fn record(&self, outcome: &PassReport) {
+        {
+            let mut s = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            s.synced = true;
+            s.metrics.record(outcome);
+        }
+        if !outcome.tamper.is_empty() {
+            heartbeat::report_tampering(&self.recorder, &self.node, &outcome.tamper).await;
+        }
+    }
+
+    /// Acts on SIGTERM's `verdict`: removes the shaping when the chart was
+    /// uninstalled, keeps it otherwise (a rolling update must not open a gap).
+    async fn on_sigterm(&self, verdict: uninstall::Verdict) -> Result<(), AgentError> {
+        match verdict {
+            uninstall::Verdict::Remove(why) => {
+                info!(%why, "SIGTERM: the chart was uninstalled; removing shaping so no node stays shaped with nothing to manage it");
+                let (_, out) = self
+                    .kernel
+                    .pass(inputs::Input::Remove, Trigger::Resync)
+                    .await?;
+                for i in &out.interfaces {
+                    info!(interface = %i.name, error = ?i.error, "shaping removed on uninstall");
+                }
+            }
+            uninstall::Verdict::Keep(why) => {
+                info!(%why, "SIGTERM: leaving enforcement in place (a rolling update must not open a gap); exiting");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The input to enforce when `input` waits for the plan's guard or groups
+/// but the plan itself has not changed since `last` was enforced (an edit
+/// the operator holds back, a group gone): keep enforcing, and repairing,
+/// what this same plan was enforced with. When only `enforce` moved (a
+/// quarantine began or ended while its guard is held), the same version,
+/// enforced or not as asked. Anything else: `input` as it is. Pure but
+/// for the log line.
+fn keep_enforced_version(
+    input: Input,
+    spec: Option<&NodeShapingSpec>,
+    last: Option<&(NodeShapingSpec, Input)>,
+) -> Input {
+    let (Input::Waiting(why), Some((plan, last))) = (&input, last) else {
+        return input;
+    };
+    if spec == Some(plan) {
+        info!(waiting = %why, "the plan is unchanged; keeping the version it was enforced with");
+        return last.clone();
+    }
+    if let (Some(s), Input::Shape { guard, target, .. }) = (spec, last) {
+        let mut same = s.clone();
+        same.enforce = plan.enforce;
+        if &same == plan {
+            info!(waiting = %why, enforce = s.enforce, "only enforcement changed; keeping the version it was enforced with");
+            return Input::Shape {
+                guard: guard.clone(),
+                target: target.clone(),
+                enforce: s.enforce,
+            };
+        }
+    }
+    input
+}
+
+/// What is remembered as enforced after a pass of `input` for plan `spec`:
+/// the plan and its input when it shaped (or dry-ran) without an error,
+/// what was remembered before while waiting, nothing otherwise. Pure.
+fn enforced_after(
+    input: Input,
+    spec: Option<&NodeShapingSpec>,
+    outcome: &PassReport,
+    last: Option<(NodeShapingSpec, Input)>,
+) -> Option<(NodeShapingSpec, Input)> {
+    match (input, spec) {
+        (i @ Input::Shape { .. }, Some(plan)) if outcome.outcome.error().is_none() => {
+            Some((plan.clone(), i))
+        }
+        (Input::Waiting(_), _) => last,
+        _ => None,
+    }
+}
+
+/// The status last written, and when.
+#[derive(Debug, Default)]
+struct StatusWrites(Option<(NodeShapingStatus, std::time::Instant)>);
+
+impl StatusWrites {
+    /// Writes `obj`'s status after `outcome` when it is due
+    /// ([`status::due`]); a failed write is logged and retried after the
+    /// next pass.
+    async fn write(
+        &mut self,
+        api: &Api<NodeShaping>,
+        node: &str,
+        obj: &NodeShaping,
+        outcome: &PassReport,
+    ) {
+        let last = self.0.as_ref().map(|(s, at)| (s, *at));
+        let status = status_for(obj, outcome, last.map(|(s, _)| s));
+        if !status::due(last, &status, outcome.wrote) {
+            return;
+        }
+        let patch = serde_json::json!({ "status": status });
+        let params = PatchParams {
+            field_manager: Some(AGENT.into()),
+            ..PatchParams::default()
+        };
+        match api.patch_status(node, &params, &Patch::Merge(&patch)).await {
+            Ok(_) => self.0 = Some((status, std::time::Instant::now())),
+            Err(e) => warn!(error = %e, "cannot write NodeShaping status; will retry"),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -389,5 +570,88 @@ mod api_server_tests {
         assert!(cidrs("").is_empty());
         let e = api_server_entries("10.0.0.1", 6443).remove(0);
         assert_eq!(e.reason, "API server of this agent (10.0.0.1)");
+    }
+}
+
+#[cfg(test)]
+mod loop_tests {
+    use super::*;
+    use egressguard_crds::node_shaping::GuardRef;
+
+    fn spec(generation: i64, enforce: bool) -> NodeShapingSpec {
+        NodeShapingSpec {
+            node_name: "n1".into(),
+            guard: Some(GuardRef {
+                name: "idc".into(),
+                uid: "u1".into(),
+                generation,
+            }),
+            shaping: None,
+            groups: vec![],
+            protected: vec![],
+            enforce,
+        }
+    }
+
+    fn shape(enforce: bool) -> Input {
+        let g = egressguard_crds::load::parse_str(
+            "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {name: idc}\nspec:\n  uplink: {rate: 20Mbit}\n  throttle: {rate: 1Mbit, destinations: [{port: 443}]}\n",
+        )
+        .expect("guard")
+        .remove(0);
+        Input::Shape {
+            guard: Some("idc".into()),
+            target: Box::new(crate::target::Target::new("n1", &g.spec, &[]).expect("valid")),
+            enforce,
+        }
+    }
+
+    fn enforce_of(i: &Input) -> Option<bool> {
+        match i {
+            Input::Shape { enforce, .. } => Some(*enforce),
+            Input::Remove | Input::Waiting(_) | Input::Invalid(_) => None,
+        }
+    }
+
+    /// While the guard is held back, an unchanged plan keeps the version it
+    /// was enforced with; a plan that only flips `enforce` keeps it too,
+    /// enforced as now asked; any other change waits.
+    #[test]
+    fn a_held_guard_keeps_the_version_the_plan_was_enforced_with() {
+        let last = (spec(3, true), shape(true));
+        let waiting = || Input::Waiting("EgressGuard idc is at generation 4".into());
+        let kept = keep_enforced_version(waiting(), Some(&spec(3, true)), Some(&last));
+        assert_eq!(enforce_of(&kept), Some(true), "unchanged plan");
+        let kept = keep_enforced_version(waiting(), Some(&spec(3, false)), Some(&last));
+        assert_eq!(enforce_of(&kept), Some(false), "only enforce moved");
+        let kept = keep_enforced_version(waiting(), Some(&spec(4, true)), Some(&last));
+        assert!(matches!(kept, Input::Waiting(_)), "a new generation waits");
+        let kept = keep_enforced_version(waiting(), Some(&spec(3, true)), None);
+        assert!(matches!(kept, Input::Waiting(_)), "nothing enforced yet");
+        let kept = keep_enforced_version(Input::Remove, None, Some(&last));
+        assert!(matches!(kept, Input::Remove), "only waiting is replaced");
+    }
+
+    /// A shape that went through is remembered; waiting keeps the memory;
+    /// an error, an invalid plan or a removal forgets it.
+    #[test]
+    fn what_is_remembered_as_enforced() {
+        let ok = PassReport::default();
+        let failed = PassReport {
+            outcome: Outcome::Failed("cannot open rtnetlink".into()),
+            ..PassReport::default()
+        };
+        let plan = spec(3, true);
+        let last = || Some((spec(2, true), shape(true)));
+        let after = enforced_after(shape(true), Some(&plan), &ok, last());
+        assert_eq!(after.map(|(p, _)| p), Some(plan.clone()));
+        let after = enforced_after(shape(true), Some(&plan), &failed, last());
+        assert!(after.is_none(), "failed");
+        let after = enforced_after(Input::Waiting("w".into()), Some(&plan), &ok, last());
+        assert_eq!(after.map(|(p, _)| p), Some(spec(2, true)), "waiting");
+        let after = enforced_after(Input::Invalid("bad".into()), Some(&plan), &ok, last());
+        assert!(after.is_none(), "invalid");
+        let after = enforced_after(Input::Remove, None, &ok, last());
+        assert!(after.is_none(), "removed");
     }
 }

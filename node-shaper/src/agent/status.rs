@@ -5,6 +5,8 @@ use egressguard_crds::node_shaping::{InterfaceStatus, NodeShapingStatus};
 use egressguard_crds::NodeShaping;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
+use std::time::{Duration, Instant};
+
 use super::reconcile::Outcome;
 use super::PassReport;
 
@@ -194,6 +196,25 @@ pub fn essence(s: &NodeShapingStatus) -> NodeShapingStatus {
         c.last_transition_time = Time(Default::default());
     }
     e
+}
+
+/// A status that differs from the last one written only in counters and
+/// timestamps is written at most this often.
+pub const REFRESH: Duration = Duration::from_secs(300);
+
+/// Whether `status`, after a pass that `wrote` to the kernel or not, is
+/// worth a write, given the `last` one written and when: counters and
+/// timestamps change every pass, so a status that differs only in them
+/// waits for [`REFRESH`]; anything else is written at once.
+pub fn due(
+    last: Option<(&NodeShapingStatus, Instant)>,
+    status: &NodeShapingStatus,
+    wrote: bool,
+) -> bool {
+    match last {
+        None => true,
+        Some((last, at)) => at.elapsed() > REFRESH || wrote || essence(last) != essence(status),
+    }
 }
 
 #[cfg(test)]
@@ -425,5 +446,25 @@ mod tests {
         let broken = status_for(&plan(), &failed, Some(&again));
         assert_ne!(ready(&broken), ready(&first));
         assert_ne!(essence(&broken), essence(&again));
+    }
+
+    /// A status is written at once when it changed or the kernel was
+    /// written; one that differs only in counters and times waits.
+    #[test]
+    fn status_writes_wait_only_for_counters_and_times() {
+        let at = |t: &str| report(|r| r.at = t.into());
+        let first = status_for(&plan(), &at("2026-11-23T20:00:00Z"), None);
+        assert!(due(None, &first, false), "never written");
+        let last = Some((&first, Instant::now()));
+        let later = status_for(&plan(), &at("2026-11-23T20:00:30Z"), Some(&first));
+        assert!(!due(last, &later, false), "only the time moved");
+        assert!(due(last, &later, true), "the kernel was written");
+        let waiting = report(|r| r.outcome = Outcome::Waiting("reading EgressGuard idc".into()));
+        let changed = status_for(&plan(), &waiting, Some(&first));
+        assert!(due(last, &changed, false), "Ready changed");
+        let long_ago = Instant::now().checked_sub(REFRESH + Duration::from_secs(1));
+        if let Some(t) = long_ago {
+            assert!(due(Some((&first, t)), &later, false), "refreshed");
+        }
     }
 }
