@@ -239,6 +239,7 @@ fn netlink() -> Result<Netlink, Failure> {
         .map_err(runtime)
 }
 
+/// Runs the subcommand.
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.cmd {
         Cmd::Apply {
@@ -247,121 +248,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             force,
             verify,
             output,
-        } => {
-            let target = load_one(&file)?;
-            warn_whitelist(&target);
-            let spec = &target.valid;
-            let ifaces =
-                iface::resolve(interface.as_deref(), spec.interfaces.as_deref()).map_err(input)?;
-            let mut nl = netlink()?;
-            let mut reports = Vec::new();
-            for i in &ifaces {
-                let r = engine::apply(
-                    &mut nl,
-                    i,
-                    &target,
-                    engine::ApplyOptions {
-                        force,
-                        verify,
-                        describe: true,
-                        remember: false,
-                    },
-                )?;
-                node_shaper::state::remember(i, &target);
-                reports.push(r);
-            }
-            match output {
-                Output::Json => json_out(&reports)?,
-                Output::Text => {
-                    for r in &reports {
-                        if r.writes == 0 {
-                            out!("{}: already enforced, no changes", r.interface);
-                        } else {
-                            out!(
-                                "{}: {} netlink writes in {:.1} ms",
-                                r.interface,
-                                r.writes,
-                                r.millis
-                            );
-                            const SHOWN: usize = 40;
-                            for c in r.changes.iter().take(SHOWN) {
-                                out!("  {c}");
-                            }
-                            let more = r.changes.len().saturating_sub(SHOWN) + r.changes_omitted;
-                            if more > 0 {
-                                out!("  ... and {more} more");
-                            }
-                        }
-                        out!(
-                            "  leaf qdisc: {}; {} u32 filters",
-                            r.leaves.kind(),
-                            r.filters
-                        );
-                        if let Some(f) = r.leaves.fallback() {
-                            out!("  DEGRADED: {f}");
-                        }
-                        if let Some(b) = &r.rebuilt {
-                            out!("  REBUILT: {b}");
-                        }
-                        for w in &r.warnings {
-                            out!("  kernel warning: {w}");
-                        }
-                    }
-                }
-            }
-            Ok(())
-        }
-        Cmd::Plan { file, interface } => {
-            let target = load_one(&file)?;
-            warn_whitelist(&target);
-            let spec = &target.valid;
-            let devs: Vec<String> = match (interface, &spec.interfaces) {
-                (Some(i), _) => vec![i],
-                (None, Some(s)) => s.clone(),
-                (None, None) => {
-                    let d = iface::default_route_interfaces();
-                    if d.is_empty() {
-                        vec!["DEV".into()]
-                    } else {
-                        d
-                    }
-                }
-            };
-            let desired = plan_protected(spec, &target.protected, LeafChoice::Sfq);
-            if !spec.throttle_portless {
-                out!("# warning: spec.throttle.portless is Pass: later IPv4 fragments and IPv6 packets with extension headers ride the default class, so large datagrams to a throttled port evade the throttle");
-            }
-            for dev in devs {
-                out!(
-                    "# node-shaper plan for {dev}: {} u32 filters",
-                    desired.filter_count()
-                );
-                for op in diff::diff(&Default::default(), &desired) {
-                    out!("{}", render::tc_command(&op, &dev));
-                }
-            }
-            Ok(())
-        }
-        Cmd::Show { interface, output } => {
-            let ifaces = iface::resolve(interface.as_deref(), None).map_err(input)?;
-            let mut nl = netlink()?;
-            let mut reports = Vec::new();
-            for i in &ifaces {
-                let obs = observe(&mut nl, i.index).map_err(runtime)?;
-                let applied = load_one(&node_shaper::state::path(&i.name)).ok();
-                reports.push(show::report(&i.name, &obs, applied.as_ref()));
-            }
-            match output {
-                Output::Json => out!(
-                    "{}",
-                    serde_json::to_string_pretty(&reports).map_err(runtime)?
-                ),
-                Output::Text => reports
-                    .iter()
-                    .for_each(|r| out!("{}", show::render(r).trim_end())),
-            }
-            Ok(())
-        }
+        } => apply_file(&file, interface.as_deref(), force, verify, output),
+        Cmd::Plan { file, interface } => print_plan(&file, interface),
+        Cmd::Show { interface, output } => show_interfaces(interface.as_deref(), output),
         Cmd::Explain {
             interface,
             dest,
@@ -369,35 +258,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             protocol,
             file,
             output,
-        } => {
-            let dst: IpAddr = dest
-                .parse()
-                .map_err(|_| input(anyhow::anyhow!("DEST: {dest:?} is not an IP address; give the destination as 203.0.113.10 or 2001:db8::1")))?;
-            let i = iface::by_name(&interface).map_err(input)?;
-            let mut nl = netlink()?;
-            let obs = observe(&mut nl, i.index).map_err(runtime)?;
-            if obs.root != node_shaper::netlink::RootState::Owned {
-                out!("{}", show::report(&i.name, &obs, None).state);
-                return Ok(());
-            }
-            let path = file.unwrap_or_else(|| node_shaper::state::path(&i.name));
-            let target = load_one(&path).ok();
-            let l4 = match protocol {
-                Proto::Tcp => L4::Tcp,
-                Proto::Udp => L4::Udp,
-            };
-            let e = explain::explain(&obs.shape, target.as_ref(), dst, port, l4);
-            match output {
-                Output::Json => out!("{}", serde_json::to_string_pretty(&e).map_err(runtime)?),
-                Output::Text => {
-                    out!("{} (class {})", e.reason, e.class);
-                    if let Some(f) = e.filter {
-                        out!("  kernel filter: {f}");
-                    }
-                }
-            }
-            Ok(())
-        }
+        } => explain_destination(&interface, &dest, port, protocol, file, output),
         Cmd::Run {
             node_name,
             metrics_addr,
@@ -406,10 +267,6 @@ fn run(cli: Cli) -> Result<(), Failure> {
             daemonset,
             heartbeat_seconds,
         } => {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(runtime)?;
             let cfg = node_shaper::agent::AgentConfig {
                 node: node_name,
                 metrics_addr,
@@ -422,30 +279,209 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 heartbeat: (heartbeat_seconds > 0)
                     .then(|| std::time::Duration::from_secs(heartbeat_seconds)),
             };
-            rt.block_on(node_shaper::agent::run(cfg)).map_err(runtime)
+            run_agent(cfg)
         }
         Cmd::AgentPasses {
             interface,
             files,
             resync,
         } => agent_passes(&interface, &files, resync),
-        Cmd::Reset { interface, force } => {
-            let ifaces = iface::resolve(interface.as_deref(), None).map_err(input)?;
-            let mut nl = netlink()?;
-            for i in &ifaces {
-                let r = engine::reset(&mut nl, i, force)?;
-                match r.removed {
-                    Some(what) => out!(
-                        "{}: removed {what}; device default qdisc restored",
-                        r.interface
-                    ),
-                    None => out!("{}: nothing to reset (device default qdisc)", r.interface),
-                }
-                let _ = std::fs::remove_file(node_shaper::state::path(&i.name));
-            }
-            Ok(())
+        Cmd::Reset { interface, force } => reset_interfaces(interface.as_deref(), force),
+    }
+}
+
+/// `node-shaper apply`: enforces the guard in `file` on each interface and
+/// remembers it there for `show` and `explain`.
+fn apply_file(
+    file: &Path,
+    interface: Option<&str>,
+    force: bool,
+    verify: bool,
+    output: Output,
+) -> Result<(), Failure> {
+    let target = load_one(file)?;
+    warn_whitelist(&target);
+    let ifaces = iface::resolve(interface, target.valid.interfaces.as_deref()).map_err(input)?;
+    let mut nl = netlink()?;
+    let mut reports = Vec::new();
+    for i in &ifaces {
+        let opts = engine::ApplyOptions {
+            force,
+            verify,
+            describe: true,
+            remember: false,
+        };
+        let r = engine::apply(&mut nl, i, &target, opts)?;
+        node_shaper::state::remember(i, &target);
+        reports.push(r);
+    }
+    match output {
+        Output::Json => json_out(&reports)?,
+        Output::Text => reports.iter().for_each(print_applied),
+    }
+    Ok(())
+}
+
+/// One interface's apply, for people: the changes (the first 40), the
+/// leaves and filters, and whatever is degraded.
+fn print_applied(r: &engine::ApplyReport) {
+    if r.writes == 0 {
+        out!("{}: already enforced, no changes", r.interface);
+    } else {
+        out!(
+            "{}: {} netlink writes in {:.1} ms",
+            r.interface,
+            r.writes,
+            r.millis
+        );
+        const SHOWN: usize = 40;
+        for c in r.changes.iter().take(SHOWN) {
+            out!("  {c}");
+        }
+        let more = r.changes.len().saturating_sub(SHOWN) + r.changes_omitted;
+        if more > 0 {
+            out!("  ... and {more} more");
         }
     }
+    out!(
+        "  leaf qdisc: {}; {} u32 filters",
+        r.leaves.kind(),
+        r.filters
+    );
+    if let Some(f) = r.leaves.fallback() {
+        out!("  DEGRADED: {f}");
+    }
+    if let Some(b) = &r.rebuilt {
+        out!("  REBUILT: {b}");
+    }
+    for w in &r.warnings {
+        out!("  kernel warning: {w}");
+    }
+}
+
+/// `node-shaper plan`: the tc commands that build the guard in `file`
+/// from nothing, per interface; changes nothing.
+fn print_plan(file: &Path, interface: Option<String>) -> Result<(), Failure> {
+    let target = load_one(file)?;
+    warn_whitelist(&target);
+    let spec = &target.valid;
+    let devs: Vec<String> = match (interface, &spec.interfaces) {
+        (Some(i), _) => vec![i],
+        (None, Some(s)) => s.clone(),
+        (None, None) => {
+            let d = iface::default_route_interfaces();
+            if d.is_empty() {
+                vec!["DEV".into()]
+            } else {
+                d
+            }
+        }
+    };
+    let desired = plan_protected(spec, &target.protected, LeafChoice::Sfq);
+    if !spec.throttle_portless {
+        out!("# warning: spec.throttle.portless is Pass: later IPv4 fragments and IPv6 packets with extension headers ride the default class, so large datagrams to a throttled port evade the throttle");
+    }
+    for dev in devs {
+        out!(
+            "# node-shaper plan for {dev}: {} u32 filters",
+            desired.filter_count()
+        );
+        for op in diff::diff(&Default::default(), &desired) {
+            out!("{}", render::tc_command(&op, &dev));
+        }
+    }
+    Ok(())
+}
+
+/// `node-shaper show`: what each interface holds, with the guard last
+/// applied there.
+fn show_interfaces(interface: Option<&str>, output: Output) -> Result<(), Failure> {
+    let ifaces = iface::resolve(interface, None).map_err(input)?;
+    let mut nl = netlink()?;
+    let mut reports = Vec::new();
+    for i in &ifaces {
+        let obs = observe(&mut nl, i.index).map_err(runtime)?;
+        let applied = load_one(&node_shaper::state::path(&i.name)).ok();
+        reports.push(show::report(&i.name, &obs, applied.as_ref()));
+    }
+    match output {
+        Output::Json => out!(
+            "{}",
+            serde_json::to_string_pretty(&reports).map_err(runtime)?
+        ),
+        Output::Text => reports
+            .iter()
+            .for_each(|r| out!("{}", show::render(r).trim_end())),
+    }
+    Ok(())
+}
+
+/// `node-shaper explain`: the class a packet to `dest`:`port` lands in on
+/// `interface`, and why (spec fields from `file`, or the guard last
+/// applied there).
+fn explain_destination(
+    interface: &str,
+    dest: &str,
+    port: u16,
+    protocol: Proto,
+    file: Option<PathBuf>,
+    output: Output,
+) -> Result<(), Failure> {
+    let dst: IpAddr = dest
+        .parse()
+        .map_err(|_| input(anyhow::anyhow!("DEST: {dest:?} is not an IP address; give the destination as 203.0.113.10 or 2001:db8::1")))?;
+    let i = iface::by_name(interface).map_err(input)?;
+    let mut nl = netlink()?;
+    let obs = observe(&mut nl, i.index).map_err(runtime)?;
+    if obs.root != node_shaper::netlink::RootState::Owned {
+        out!("{}", show::report(&i.name, &obs, None).state);
+        return Ok(());
+    }
+    let path = file.unwrap_or_else(|| node_shaper::state::path(&i.name));
+    let target = load_one(&path).ok();
+    let l4 = match protocol {
+        Proto::Tcp => L4::Tcp,
+        Proto::Udp => L4::Udp,
+    };
+    let e = explain::explain(&obs.shape, target.as_ref(), dst, port, l4);
+    match output {
+        Output::Json => out!("{}", serde_json::to_string_pretty(&e).map_err(runtime)?),
+        Output::Text => {
+            out!("{} (class {})", e.reason, e.class);
+            if let Some(f) = e.filter {
+                out!("  kernel filter: {f}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `node-shaper run`: the agent, on a single-threaded runtime.
+fn run_agent(cfg: node_shaper::agent::AgentConfig) -> Result<(), Failure> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(runtime)?;
+    rt.block_on(node_shaper::agent::run(cfg)).map_err(runtime)
+}
+
+/// `node-shaper reset`: removes node-shaper's root qdisc (and with
+/// `force`, a foreign one) and the record of what was applied.
+fn reset_interfaces(interface: Option<&str>, force: bool) -> Result<(), Failure> {
+    let ifaces = iface::resolve(interface, None).map_err(input)?;
+    let mut nl = netlink()?;
+    for i in &ifaces {
+        let r = engine::reset(&mut nl, i, force)?;
+        match r.removed {
+            Some(what) => out!(
+                "{}: removed {what}; device default qdisc restored",
+                r.interface
+            ),
+            None => out!("{}: nothing to reset (device default qdisc)", r.interface),
+        }
+        let _ = std::fs::remove_file(node_shaper::state::path(&i.name));
+    }
+    Ok(())
 }
 
 /// Writes JSON to stdout as it is serialised (a big report is never held
