@@ -205,27 +205,74 @@ pub enum Held {
 
 pub use crate::index::{GroupFacts, ParsedGuard};
 
+/// Why a guard's `whitelistGroups` give it no groups it may plan with. The
+/// message is what the guard's status says (one problem per line).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GroupError {
+    /// A reference itself is wrong, or selects or names no group.
+    #[error("{0}")]
+    References(egressguard_crds::ValidationErrors),
+    /// Groups the references name are missing or invalid.
+    #[error("{}", lines(.0))]
+    Groups(Vec<GroupProblem>),
+    /// The groups widen the guard past what it allows (prefixes shorter
+    /// than /8 or /16, or a union over half an address family).
+    #[error("{0}")]
+    TooWide(egressguard_crds::ValidationErrors),
+}
+
+/// One group a guard names that it cannot use.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GroupProblem {
+    /// No CIDRGroup has this name.
+    #[error("CIDRGroup {0} does not exist")]
+    Missing(String),
+    /// The group's content fails validation.
+    #[error("CIDRGroup {name} is invalid: {}", .why.replace('\n', "; "))]
+    Invalid {
+        /// The group's name.
+        name: String,
+        /// Every problem, one per line (as the group's validation says).
+        why: String,
+    },
+}
+
+/// The problems, one per line.
+fn lines(problems: &[GroupProblem]) -> String {
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A guard's node selector that cannot be matched (an operator the API
+/// server would refuse).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("spec.nodeSelector.{0}")]
+pub struct NodeSelectorError(#[from] pub egressguard_crds::validate::SelectorError);
+
 /// Refuses groups that widen the guard past what it allows (prefixes
 /// shorter than /8 or /16, or a union over half an address family).
 fn wide_groups(
     valid: &egressguard_crds::ValidSpec,
     resolved: &[ResolvedGroup],
     groups: &BTreeMap<String, GroupFacts>,
-) -> Result<(), String> {
+) -> Result<(), GroupError> {
     let lists: Vec<(&str, &[ipnet::IpNet])> = resolved
         .iter()
         .filter_map(|r| groups.get(&r.name).map(|f| (r.name.as_str(), &*f.entries)))
         .collect();
     egressguard_crds::cidr_group::check_resolved(valid, &lists)
-        .map_err(|e| egressguard_crds::ValidationErrors(e).to_string())
+        .map_err(|e| GroupError::TooWide(egressguard_crds::ValidationErrors(e)))
 }
 
 /// The groups a guard's `whitelistGroups` resolve to, with their digests;
-/// every unresolved reference or invalid group in words otherwise.
+/// every unresolved reference or invalid group otherwise.
 pub fn resolve_groups(
     spec: &egressguard_crds::EgressGuardSpec,
     groups: &BTreeMap<String, GroupFacts>,
-) -> Result<Vec<ResolvedGroup>, String> {
+) -> Result<Vec<ResolvedGroup>, GroupError> {
     if spec.whitelist_groups.is_empty() {
         return Ok(vec![]);
     }
@@ -233,7 +280,7 @@ pub fn resolve_groups(
         &spec.whitelist_groups,
         groups.iter().map(|(n, f)| (n.as_str(), &f.labels)),
     )
-    .map_err(|e| egressguard_crds::ValidationErrors(e).to_string())?;
+    .map_err(|e| GroupError::References(egressguard_crds::ValidationErrors(e)))?;
     let mut out = Vec::new();
     let mut bad = Vec::new();
     for name in names {
@@ -242,17 +289,17 @@ pub fn resolve_groups(
                 name,
                 digest: digest.clone(),
             }),
-            Some(Err(e)) => bad.push(format!(
-                "CIDRGroup {name} is invalid: {}",
-                e.replace('\n', "; ")
-            )),
-            None => bad.push(format!("CIDRGroup {name} does not exist")),
+            Some(Err(why)) => bad.push(GroupProblem::Invalid {
+                name,
+                why: why.clone(),
+            }),
+            None => bad.push(GroupProblem::Missing(name)),
         }
     }
     if bad.is_empty() {
         Ok(out)
     } else {
-        Err(bad.join("\n"))
+        Err(GroupError::Groups(bad))
     }
 }
 
@@ -269,11 +316,10 @@ pub struct Decision {
 pub fn selects(
     selector: Option<&LabelSelector>,
     labels: &BTreeMap<String, String>,
-) -> Result<bool, String> {
+) -> Result<bool, NodeSelectorError> {
     match selector {
         None => Ok(true),
-        Some(sel) => egressguard_crds::validate::selects(sel, labels)
-            .map_err(|e| format!("spec.nodeSelector.{e}")),
+        Some(sel) => Ok(egressguard_crds::validate::selects(sel, labels)?),
     }
 }
 
@@ -408,6 +454,11 @@ fn quarantined(extras: &Extras, guard: &str, node: &str) -> bool {
 }
 
 /// [`decide`], with quarantines and extra protected destinations.
+///
+/// Guards claim nodes in [`claim_order`]; nodes a guard quarantined are its
+/// own before that order decides anything ([`Claims::quarantined`]); then
+/// each guard either keeps the plans it had (held: [`Planner::keep`]) or
+/// plans the nodes it selects ([`Planner::plan`]).
 pub fn decide_with<G: std::borrow::Borrow<EgressGuard>>(
     guards: &[G],
     nodes: &[NodeFacts],
@@ -415,160 +466,291 @@ pub fn decide_with<G: std::borrow::Borrow<EgressGuard>>(
     current: &BTreeMap<&str, &NodeShapingSpec>,
     extras: &Extras,
 ) -> Decision {
+    let ordered = claim_order(guards);
+    let mut claims = Claims::quarantined(&ordered, nodes, extras);
+    let planner = Planner {
+        nodes,
+        api_endpoints,
+        current,
+        extras,
+        // One list for every plan (a node's own address is harmless to
+        // protect), aggregated into prefixes so plans stay small on big
+        // clusters.
+        node_entries: aggregate_nodes(nodes),
+    };
     let mut d = Decision::default();
-    let mut ordered: Vec<&EgressGuard> = guards.iter().map(|g| g.borrow()).collect();
-    // Guards that program (Enforce, Auto) claim nodes before guards that only
-    // report (DryRun): a dry run never keeps a real guard off a node.
-    ordered.sort_by_key(|g| (g.spec.mode == Mode::DryRun, age_key(g)));
-    let mut owner: BTreeMap<String, String> = BTreeMap::new();
-    // A quarantined node belongs to the guard that quarantined it, before
-    // age decides anything: relabelled to match an older guard, it would
-    // otherwise leave the quarantine for that guard's plan.
-    let existing: BTreeSet<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
-    for g in &ordered {
-        if g.spec.mode != Mode::Auto || g.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        let name = g.metadata.name.clone().unwrap_or_default();
-        for node in extras.quarantined.get(&name).into_iter().flatten() {
-            if existing.contains(node.as_str()) {
-                owner.entry(node.clone()).or_insert_with(|| name.clone());
-            }
-        }
-    }
-    // One list for every plan (a node's own address is harmless to protect),
-    // aggregated into prefixes so plans stay small on big clusters.
-    let node_entries = aggregate_nodes(nodes);
     for g in ordered {
         let name = g.metadata.name.clone().unwrap_or_default();
         let out = d.guards.entry(name.clone()).or_default();
+        planner.guard(g, &name, &mut claims, out, &mut d.plans);
+    }
+    d
+}
+
+/// The order guards claim nodes in: guards that program (Enforce, Auto)
+/// before guards that only report (DryRun), so a dry run never keeps a real
+/// guard off a node; then by age ([`age_key`]), so the winner never depends
+/// on the order objects arrive in.
+fn claim_order<G: std::borrow::Borrow<EgressGuard>>(guards: &[G]) -> Vec<&EgressGuard> {
+    let mut ordered: Vec<&EgressGuard> = guards.iter().map(|g| g.borrow()).collect();
+    ordered.sort_by_key(|g| (g.spec.mode == Mode::DryRun, age_key(g)));
+    ordered
+}
+
+/// Which guard has claimed each node so far.
+#[derive(Debug, Default)]
+struct Claims(BTreeMap<String, String>);
+
+impl Claims {
+    /// A quarantined node belongs to the guard that quarantined it, before
+    /// age decides anything: relabelled to match an older guard, it would
+    /// otherwise leave the quarantine for that guard's plan. Only Auto
+    /// guards not being deleted quarantine, and only existing nodes count.
+    fn quarantined(ordered: &[&EgressGuard], nodes: &[NodeFacts], extras: &Extras) -> Claims {
+        let existing: BTreeSet<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+        let mut claims = Claims::default();
+        for g in ordered {
+            if g.spec.mode != Mode::Auto || g.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let name = g.metadata.name.clone().unwrap_or_default();
+            for node in extras.quarantined.get(&name).into_iter().flatten() {
+                if existing.contains(node.as_str()) {
+                    claims.0.entry(node.clone()).or_insert_with(|| name.clone());
+                }
+            }
+        }
+        claims
+    }
+
+    /// The other guard that claimed `node`, if one did.
+    fn taken_by(&self, node: &str, guard: &str) -> Option<&String> {
+        self.0.get(node).filter(|w| *w != guard)
+    }
+
+    /// Records that `guard` plans `node`.
+    fn take(&mut self, node: &str, guard: &str) {
+        self.0.insert(node.to_string(), guard.to_string());
+    }
+}
+
+/// The group lists a guard's plans carry.
+struct PlanGroups {
+    /// With their digests: for agents that predate digests in the guard's status.
+    with_digests: Vec<ResolvedGroup>,
+    /// Names only: plans name the groups, whose digests live in the guard's
+    /// status, so a group edit is one status write per guard instead of a
+    /// rewrite of every plan.
+    names_only: Vec<ResolvedGroup>,
+}
+
+impl PlanGroups {
+    /// The lists for `groups`.
+    fn of(groups: &[ResolvedGroup]) -> PlanGroups {
+        PlanGroups {
+            with_digests: groups.to_vec(),
+            names_only: groups
+                .iter()
+                .map(|r| ResolvedGroup {
+                    name: r.name.clone(),
+                    digest: String::new(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// What every guard's plans are made from, for one decision.
+struct Planner<'a> {
+    nodes: &'a [NodeFacts],
+    api_endpoints: &'a [IpAddr],
+    current: &'a BTreeMap<&'a str, &'a NodeShapingSpec>,
+    extras: &'a Extras,
+    /// Every node's InternalIPs, aggregated ([`aggregate_nodes`]).
+    node_entries: Vec<ProtectedEntry>,
+}
+
+impl Planner<'_> {
+    /// Decides one guard: held (deleted, invalid, groups unresolved) it keeps
+    /// the plans it had; otherwise it plans the nodes it selects.
+    fn guard(
+        &self,
+        g: &EgressGuard,
+        name: &str,
+        claims: &mut Claims,
+        out: &mut GuardOutcome,
+        plans: &mut BTreeMap<String, NodeShapingSpec>,
+    ) {
         if g.metadata.deletion_timestamp.is_some() {
             out.held = Some(Held::Deleting);
-            continue;
+            return;
         }
-        // The shared validation also refuses a bad selector operator, so the
-        // guard is invalid whatever the nodes' labels are.
-        let parsed = match extras.parsed.get(&name) {
+        match self.groups(g, name) {
+            Ok(groups) => self.plan(g, name, &groups, claims, out, plans),
+            Err(held) => {
+                self.keep(g, name, claims, out, plans);
+                out.held = Some(held);
+            }
+        }
+    }
+
+    /// The groups the guard plans with, or why it is held. The shared
+    /// validation also refuses a bad selector operator, so the guard is
+    /// invalid whatever the nodes' labels are.
+    fn groups(&self, g: &EgressGuard, name: &str) -> Result<Vec<ResolvedGroup>, Held> {
+        let parsed = match self.extras.parsed.get(name) {
             Some(p) => p.valid.clone(),
             None => ParsedGuard::of(g).valid,
         };
-        let problem = match &*parsed {
-            Err(e) => Some(Held::Invalid(e.clone())),
-            Ok(valid) => resolve_groups(&g.spec, &extras.groups)
-                .and_then(|r| wide_groups(valid, &r, &extras.groups))
-                .err()
-                .map(Held::Unresolved),
+        let valid = match &*parsed {
+            Ok(valid) => valid,
+            Err(e) => return Err(Held::Invalid(e.clone())),
         };
-        if let Some(held) = problem {
-            // Fail safe: an edit the validation refuses keeps the plans the
-            // last valid generation wrote; removing them would fail open.
-            let uid = g.metadata.uid.clone().unwrap_or_default();
-            for (&node, &spec) in current {
-                if spec.guard.as_ref().is_some_and(|r| r.uid == uid)
-                    && owner.get(node).is_none_or(|w| *w == name)
-                {
-                    owner.insert(node.to_string(), name.clone());
-                    out.planned.push(node.to_string());
-                    let mut kept = spec.clone();
-                    // Quarantines still start and end while the guard is
-                    // held: the kept plans follow them.
-                    if g.spec.mode == Mode::Auto {
-                        kept.enforce = quarantined(extras, &name, node);
-                    }
-                    d.plans.insert(node.to_string(), kept);
-                }
-            }
-            out.held = Some(held);
-            continue;
-        }
-        let groups = resolve_groups(&g.spec, &extras.groups).unwrap_or_default();
-        // Plans name the groups; their digests live in the guard's status, so
-        // a group edit is one status write per guard instead of a rewrite of
-        // every plan. Agents from before that get the digests in the plan.
-        let names_only: Vec<ResolvedGroup> = groups
+        let unresolved = |e: GroupError| Held::Unresolved(e.to_string());
+        let groups = resolve_groups(&g.spec, &self.extras.groups).map_err(unresolved)?;
+        wide_groups(valid, &groups, &self.extras.groups).map_err(unresolved)?;
+        Ok(groups)
+    }
+
+    /// Fail safe: a held guard keeps the plans its last valid generation
+    /// wrote (removing them would fail open) on the nodes no other guard
+    /// claimed. Quarantines still start and end while the guard is held:
+    /// an Auto guard's kept plans follow them.
+    fn keep(
+        &self,
+        g: &EgressGuard,
+        name: &str,
+        claims: &mut Claims,
+        out: &mut GuardOutcome,
+        plans: &mut BTreeMap<String, NodeShapingSpec>,
+    ) {
+        let uid = g.metadata.uid.clone().unwrap_or_default();
+        let its_own = self
+            .current
             .iter()
-            .map(|r| ResolvedGroup {
-                name: r.name.clone(),
-                digest: String::new(),
-            })
-            .collect();
-        out.groups = Some(groups.clone());
-        let mut selected = Vec::new();
-        for n in nodes {
-            match selects(g.spec.node_selector.as_ref(), &n.labels) {
-                Ok(true) => selected.push(n),
-                // A quarantined node stays selected whatever its labels: its
-                // own kubelet may relabel it, and must not unshape itself.
-                Ok(false) if g.spec.mode == Mode::Auto && quarantined(extras, &name, &n.name) => {
-                    selected.push(n)
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    out.held = Some(Held::Invalid(e));
-                    selected.clear();
-                    break;
-                }
+            .filter(|(_, spec)| spec.guard.as_ref().is_some_and(|r| r.uid == uid));
+        for (&node, &spec) in its_own {
+            if claims.taken_by(node, name).is_some() {
+                continue;
             }
+            claims.take(node, name);
+            out.planned.push(node.to_string());
+            let mut kept = spec.clone();
+            if g.spec.mode == Mode::Auto {
+                kept.enforce = quarantined(self.extras, name, node);
+            }
+            plans.insert(node.to_string(), kept);
         }
+    }
+
+    /// Plans the nodes the guard selects and no other guard claimed; the
+    /// others are its conflicts.
+    fn plan(
+        &self,
+        g: &EgressGuard,
+        name: &str,
+        groups: &[ResolvedGroup],
+        claims: &mut Claims,
+        out: &mut GuardOutcome,
+        plans: &mut BTreeMap<String, NodeShapingSpec>,
+    ) {
+        out.groups = Some(groups.to_vec());
+        let selected = match self.select(g, name) {
+            Ok(selected) => selected,
+            Err(e) => {
+                out.held = Some(Held::Invalid(e.to_string()));
+                Vec::new()
+            }
+        };
         out.selected = selected.iter().map(|n| n.name.clone()).collect();
+        let groups = PlanGroups::of(groups);
+        let protected = self.protected(g);
         for n in selected {
-            if let Some(winner) = owner.get(&n.name).filter(|w| **w != name) {
+            if let Some(winner) = claims.taken_by(&n.name, name) {
                 out.conflicts.push(Conflict {
                     node: n.name.clone(),
                     winner: winner.clone(),
                 });
                 continue;
             }
-            owner.insert(n.name.clone(), name.clone());
+            claims.take(&n.name, name);
             out.planned.push(n.name.clone());
-            let mut protected: BTreeSet<ProtectedEntry> = api_endpoints
-                .iter()
-                .map(|ip| ProtectedEntry {
-                    cidr: host_cidr(ip),
-                    reason: "kubernetes API endpoint".into(),
-                })
-                .collect();
-            if g.spec.protect_cluster_traffic.unwrap_or(true) {
-                protected.extend(node_entries.iter().cloned());
+            if let Some(plan) = self.node_plan(g, name, n, &groups, &protected) {
+                plans.insert(n.name.clone(), plan);
             }
-            protected.extend(extras.protected.iter().cloned());
-            let enforce = match g.spec.mode {
-                Mode::Enforce => true,
-                Mode::Auto => quarantined(extras, &name, &n.name),
-                Mode::DryRun => false,
-            };
-            let legacy = extras.legacy_agents.contains(&n.name);
-            if legacy && !g.spec.whitelist_groups.is_empty() {
-                // An agent from before CIDRGroups would enforce the guard
-                // without them: it keeps its current plan until it rolls.
-                if let Some(&cur) = current.get(n.name.as_str()) {
-                    d.plans.insert(n.name.clone(), cur.clone());
-                }
-                continue;
-            }
-            d.plans.insert(
-                n.name.clone(),
-                NodeShapingSpec {
-                    node_name: n.name.clone(),
-                    guard: Some(GuardRef {
-                        name: name.clone(),
-                        uid: g.metadata.uid.clone().unwrap_or_default(),
-                        generation: g.metadata.generation.unwrap_or_default(),
-                    }),
-                    // An agent from before plans by reference reads only this.
-                    shaping: legacy.then(|| g.spec.clone()),
-                    groups: if extras.digests_in_plan.contains(&n.name) {
-                        groups.clone()
-                    } else {
-                        names_only.clone()
-                    },
-                    protected: protected.into_iter().collect(),
-                    enforce,
-                },
-            );
         }
     }
-    d
+
+    /// The nodes the guard's selector matches. A quarantined node stays
+    /// selected whatever its labels: its own kubelet may relabel it, and
+    /// must not unshape itself.
+    fn select(&self, g: &EgressGuard, name: &str) -> Result<Vec<&NodeFacts>, NodeSelectorError> {
+        let mut selected = Vec::new();
+        for n in self.nodes {
+            let matches = selects(g.spec.node_selector.as_ref(), &n.labels)?;
+            if matches || (g.spec.mode == Mode::Auto && quarantined(self.extras, name, &n.name)) {
+                selected.push(n);
+            }
+        }
+        Ok(selected)
+    }
+
+    /// What every plan of the guard protects: the API server endpoints,
+    /// the nodes' InternalIPs unless the guard opts out, and the extras.
+    fn protected(&self, g: &EgressGuard) -> Vec<ProtectedEntry> {
+        let mut protected: BTreeSet<ProtectedEntry> = self
+            .api_endpoints
+            .iter()
+            .map(|ip| ProtectedEntry {
+                cidr: host_cidr(ip),
+                reason: "kubernetes API endpoint".into(),
+            })
+            .collect();
+        if g.spec.protect_cluster_traffic.unwrap_or(true) {
+            protected.extend(self.node_entries.iter().cloned());
+        }
+        protected.extend(self.extras.protected.iter().cloned());
+        protected.into_iter().collect()
+    }
+
+    /// The plan for node `n` of the guard; `None` keeps the node without
+    /// one. An agent from before CIDRGroups would enforce a guard that names
+    /// groups without them: it keeps its current plan until it rolls.
+    fn node_plan(
+        &self,
+        g: &EgressGuard,
+        name: &str,
+        n: &NodeFacts,
+        groups: &PlanGroups,
+        protected: &[ProtectedEntry],
+    ) -> Option<NodeShapingSpec> {
+        let legacy = self.extras.legacy_agents.contains(&n.name);
+        if legacy && !g.spec.whitelist_groups.is_empty() {
+            return self.current.get(n.name.as_str()).map(|&cur| cur.clone());
+        }
+        let enforce = match g.spec.mode {
+            Mode::Enforce => true,
+            Mode::Auto => quarantined(self.extras, name, &n.name),
+            Mode::DryRun => false,
+        };
+        Some(NodeShapingSpec {
+            node_name: n.name.clone(),
+            guard: Some(GuardRef {
+                name: name.to_string(),
+                uid: g.metadata.uid.clone().unwrap_or_default(),
+                generation: g.metadata.generation.unwrap_or_default(),
+            }),
+            // An agent from before plans by reference reads only this.
+            shaping: legacy.then(|| g.spec.clone()),
+            groups: if self.extras.digests_in_plan.contains(&n.name) {
+                groups.with_digests.clone()
+            } else {
+                groups.names_only.clone()
+            },
+            protected: protected.to_vec(),
+            enforce,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -576,6 +758,7 @@ mod tests {
     use super::*;
     use egressguard_crds::load::parse_str;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelectorRequirement, Time};
+    use kube::ResourceExt;
 
     fn guard(name: &str, created: &str, extra: &str) -> EgressGuard {
         let text = format!(
@@ -1199,8 +1382,130 @@ mod tests {
             selects(Some(&expr("tier", "Exists", &[])), &labels),
             Ok(true)
         );
-        assert!(selects(Some(&expr("tier", "Matches", &[])), &labels).is_err());
+        assert_eq!(
+            selects(Some(&expr("tier", "Matches", &[])), &labels)
+                .map_err(|e| e.to_string()),
+            Err("spec.nodeSelector.matchExpressions[0].operator: \"Matches\" is not one of In, NotIn, Exists, DoesNotExist".into())
+        );
         assert_eq!(selects(None, &labels), Ok(true));
         assert_eq!(selects(Some(&LabelSelector::default()), &labels), Ok(true));
+    }
+
+    #[test]
+    fn group_errors_say_every_problem_one_per_line() {
+        let mut groups = BTreeMap::new();
+        groups.insert("bad".to_string(), group(&["198.51.100.1/24"], &[]));
+        groups.insert("worse".to_string(), group(&["not-a-cidr"], &[]));
+        let g = guard(
+            "idc",
+            "2026-01-01T00:00:00Z",
+            "  whitelistGroups: [{name: bad}, {name: worse}]\n",
+        );
+        let e = resolve_groups(&g.spec, &groups).expect_err("unresolved");
+        let GroupError::Groups(problems) = &e else {
+            panic!("{e:?}");
+        };
+        assert!(matches!(
+            &problems[..],
+            [GroupProblem::Invalid { name: a, .. }, GroupProblem::Invalid { name: b, .. }]
+                if a == "bad" && b == "worse"
+        ));
+        let text = e.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(
+            lines[0],
+            "CIDRGroup bad is invalid: spec.cidrs[0]: 198.51.100.1/24 has host bits set; the network is 198.51.100.0/24"
+        );
+        assert!(
+            lines[1].starts_with("CIDRGroup worse is invalid: "),
+            "{text}"
+        );
+        // A group's own problems share its line.
+        let invalid = GroupProblem::Invalid {
+            name: "g".into(),
+            why: "one\ntwo".into(),
+        };
+        assert_eq!(invalid.to_string(), "CIDRGroup g is invalid: one; two");
+        assert_eq!(
+            GroupProblem::Missing("gone".into()).to_string(),
+            "CIDRGroup gone does not exist"
+        );
+        // A reference that names no group is the shared validation's words.
+        let e = resolve_groups(&g.spec, &BTreeMap::new()).expect_err("missing");
+        assert!(matches!(e, GroupError::References(_)), "{e:?}");
+        let none = guard("idc", "2026-01-01T00:00:00Z", "");
+        assert_eq!(resolve_groups(&none.spec, &groups), Ok(vec![]));
+    }
+
+    #[test]
+    fn programming_guards_claim_before_dry_runs_then_by_age() {
+        let guards = [
+            guard("dry-old", "2025-01-01T00:00:00Z", "  mode: DryRun\n"),
+            guard("young", "2026-02-01T00:00:00Z", ""),
+            guard("old", "2026-01-01T00:00:00Z", ""),
+        ];
+        let order: Vec<_> = claim_order(&guards).iter().map(|g| g.name_any()).collect();
+        assert_eq!(order, ["old", "young", "dry-old"]);
+    }
+
+    #[test]
+    fn only_live_auto_guards_claim_their_quarantined_nodes_first() {
+        let mut deleting = auto("deleting");
+        deleting.metadata.deletion_timestamp = deleting.metadata.creation_timestamp.clone();
+        let enforce = guard("enforce", "2026-01-01T00:00:00Z", "");
+        let live = auto("live");
+        let mut extras = Extras::default();
+        for (g, n) in [
+            ("deleting", "a1"),
+            ("enforce", "a2"),
+            ("live", "b1"),
+            ("live", "gone"),
+        ] {
+            extras
+                .quarantined
+                .entry(g.into())
+                .or_default()
+                .insert(n.into());
+        }
+        let ordered = [&deleting, &enforce, &live];
+        let claims = Claims::quarantined(&ordered, &nodes(), &extras);
+        assert_eq!(
+            claims.0,
+            BTreeMap::from([("b1".to_string(), "live".to_string())])
+        );
+        assert_eq!(claims.taken_by("b1", "live"), None, "its own claim");
+        assert_eq!(
+            claims.taken_by("b1", "enforce").map(String::as_str),
+            Some("live")
+        );
+    }
+
+    #[test]
+    fn a_selector_that_cannot_be_matched_holds_the_guard() {
+        // Parsed (valid) before an edit the cache has not seen yet: the
+        // selector's unknown operator is found when it is matched.
+        let valid = guard("idc", "2026-01-01T00:00:00Z", "");
+        let g = guard(
+            "idc",
+            "2026-01-01T00:00:00Z",
+            "  nodeSelector: {matchExpressions: [{key: site, operator: Matches}]}\n",
+        );
+        let extras = Extras {
+            parsed: BTreeMap::from([("idc".to_string(), ParsedGuard::of(&valid))]),
+            ..Extras::default()
+        };
+        let d = decide_with(&[g], &nodes(), &API, &BTreeMap::new(), &extras);
+        assert!(d.plans.is_empty());
+        assert_eq!(
+            d.guards["idc"],
+            GuardOutcome {
+                held: Some(Held::Invalid(
+                    "spec.nodeSelector.matchExpressions[0].operator: \"Matches\" is not one of In, NotIn, Exists, DoesNotExist".into()
+                )),
+                groups: Some(vec![]),
+                ..GuardOutcome::default()
+            }
+        );
     }
 }
