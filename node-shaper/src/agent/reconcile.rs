@@ -435,6 +435,8 @@ pub fn reconcile_with(input: &Input, trigger: Trigger, mem: &mut Memory) -> Pass
     out
 }
 
+/// One pass for `input`: opens the socket, scans for leftovers once, then
+/// does what the input asks.
 fn pass(input: &Input, mem: &mut Memory) -> PassReport {
     let mut out = PassReport {
         at: k8s_openapi::jiff::Timestamp::now().to_string(),
@@ -457,25 +459,21 @@ fn pass(input: &Input, mem: &mut Memory) -> PassReport {
             .collect();
         mem.scanned = true;
     }
-    let (target, enforce) = match input {
+    match input {
         Input::Remove => {
             out.outcome = Outcome::Removed;
-            let names = std::mem::take(&mut mem.shaped);
-            mem.shaped = remove(&mut nl, names, &mut out);
-            return out;
+            remove_all(&mut nl, mem, &mut out);
         }
         // Neither a plan that does not validate nor one whose inputs have
         // not arrived touches the kernel: what runs stays.
         Input::Invalid(e) => {
             out.outcome = Outcome::Invalid(e.clone());
             warn!(error = %e, "invalid NodeShaping; kernel left unchanged");
-            return out;
         }
         Input::Waiting(why) => {
             out.outcome =
                 Outcome::Waiting(format!("{why}; kernel left unchanged until it arrives"));
             info!(waiting = %why, "plan not enforceable yet; kernel left unchanged");
-            return out;
         }
         Input::Shape {
             guard,
@@ -483,88 +481,92 @@ fn pass(input: &Input, mem: &mut Memory) -> PassReport {
             enforce,
         } => {
             out.guard = guard.clone();
-            (target.as_ref(), *enforce)
+            shape(&mut nl, target, *enforce, mem, &mut out);
         }
-    };
+    }
+    out
+}
+
+/// Removes our tree from every interface that carries it; the ones where
+/// that failed stay remembered for the next pass.
+fn remove_all(nl: &mut Netlink, mem: &mut Memory, out: &mut PassReport) {
+    let names = std::mem::take(&mut mem.shaped);
+    mem.shaped = remove(nl, names, out);
+}
+
+/// Enforces `target` on the interfaces it names, or with `enforce` false
+/// (a dry run) says what it would program and removes ours.
+fn shape(nl: &mut Netlink, target: &Target, enforce: bool, mem: &mut Memory, out: &mut PassReport) {
     let ifaces = match iface::resolve(None, target.valid.interfaces.as_deref()) {
         Ok(i) => i,
         Err(e) => {
             out.outcome = Outcome::Failed(e.to_string());
-            return out;
+            return;
         }
     };
     if !enforce {
-        let shape = plan_protected(&target.valid, &target.protected, LeafChoice::Sfq);
-        out.outcome = Outcome::DryRun(format!(
-            "dry run: would program {} classes and {} u32 filters on {}",
-            shape.classes.len(),
-            shape.filter_count(),
-            ifaces
-                .iter()
-                .map(|i| i.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-        let names = std::mem::take(&mut mem.shaped);
-        mem.shaped = remove(&mut nl, names, &mut out);
-        return out;
+        out.outcome = Outcome::DryRun(dry_run(target, &ifaces));
+        remove_all(nl, mem, out);
+        return;
     }
+    out.outcome = Outcome::Enforced;
     // Watched from before the first write: a foreign change right after
     // this pass's writes must not be trusted away by the next.
     if let Some(w) = &mem.watch {
         let shaped = mem.shaped.iter().filter_map(|n| iface::by_name(n).ok());
         w.set_interfaces(shaped.chain(ifaces.iter().cloned()).map(|i| i.index));
     }
+    remove_stale(nl, &ifaces, mem, out);
+    enforce_on(nl, &ifaces, target, mem, out);
+}
+
+/// What a dry run would program, in words.
+fn dry_run(target: &Target, ifaces: &[Interface]) -> String {
+    let shape = plan_protected(&target.valid, &target.protected, LeafChoice::Sfq);
+    format!(
+        "dry run: would program {} classes and {} u32 filters on {}",
+        shape.classes.len(),
+        shape.filter_count(),
+        ifaces
+            .iter()
+            .map(|i| i.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Removes our tree from the interfaces we shape that the plan no longer
+/// names; one whose removal failed stays remembered.
+fn remove_stale(nl: &mut Netlink, ifaces: &[Interface], mem: &mut Memory, out: &mut PassReport) {
     let wanted: BTreeSet<String> = ifaces.iter().map(|i| i.name.clone()).collect();
     let stale: Vec<String> = mem.shaped.difference(&wanted).cloned().collect();
-    let kept = remove(&mut nl, stale.clone(), &mut out);
+    let kept = remove(nl, stale.clone(), out);
     for s in stale.into_iter().filter(|s| !kept.contains(s)) {
         mem.shaped.remove(&s);
     }
+}
+
+/// Applies `target` to each interface and gathers the evidence: a pass
+/// with the target last enforced everywhere that has to write is repairing.
+fn enforce_on(
+    nl: &mut Netlink,
+    ifaces: &[Interface],
+    target: &Target,
+    mem: &mut Memory,
+    out: &mut PassReport,
+) {
     let fp = fingerprint(target);
     let same_plan = mem.tamper.fingerprint == Some(fp);
     let mut all_applied = true;
     let engine_start = Instant::now();
-    for i in &ifaces {
+    for i in ifaces {
         let was_shaped = mem.shaped.contains(&i.name);
-        let applied = match apply_one(&mut nl, i, target, mem) {
+        match apply_one(nl, i, target, mem) {
             Ok((r, incremental)) => {
                 if incremental {
                     out.incremental.push(i.name.clone());
                 }
-                Ok(r)
-            }
-            Err(e) => Err(e),
-        };
-        match applied {
-            Ok(r) => {
-                let direct_after = (r.writes > 0)
-                    .then(|| crate::netlink::decode::direct_packets(&mut nl, i.index).ok())
-                    .flatten();
-                out.tamper.extend(mem.tamper.applied(
-                    &i.name,
-                    &r,
-                    same_plan && was_shaped,
-                    direct_after,
-                ));
-                mem.shaped.insert(i.name.clone());
-                // The record only changes with the kernel; rewriting a
-                // 100,000-entry record every resync would cost more than the
-                // pass. It is written after the pass ([`record_applied`]).
-                if r.writes > 0 || !crate::state::path(&i.name).exists() {
-                    mem.record_due.push(i.name.clone());
-                }
-                out.wrote |= r.writes > 0;
-                out.interfaces.push(InterfaceStatus {
-                    name: i.name.clone(),
-                    enforced: true,
-                    leaf: Some(r.leaves.kind().to_string()),
-                    fallback: r.leaves.fallback(),
-                    rebuilt: r.rebuilt.clone(),
-                    error: None,
-                    filters: r.filters as i64,
-                    counters: counters_of(&mut nl, i),
-                });
+                applied(nl, i, &r, same_plan && was_shaped, mem, out);
             }
             Err(e) => {
                 all_applied = false;
@@ -586,7 +588,42 @@ fn pass(input: &Input, mem: &mut Memory) -> PassReport {
     for t in &out.tamper {
         warn!(interface = %t.interface, kind = t.kind.reason(), detail = %t.detail, "tampering");
     }
-    out
+}
+
+/// Records an interface's successful apply `r`: its tamper evidence
+/// (`same_plan`: the target last enforced, on an interface we shaped),
+/// that it is shaped, whether its record is due, and its status.
+fn applied(
+    nl: &mut Netlink,
+    i: &Interface,
+    r: &ApplyReport,
+    same_plan: bool,
+    mem: &mut Memory,
+    out: &mut PassReport,
+) {
+    let direct_after = (r.writes > 0)
+        .then(|| crate::netlink::decode::direct_packets(nl, i.index).ok())
+        .flatten();
+    out.tamper
+        .extend(mem.tamper.applied(&i.name, r, same_plan, direct_after));
+    mem.shaped.insert(i.name.clone());
+    // The record only changes with the kernel; rewriting a
+    // 100,000-entry record every resync would cost more than the
+    // pass. It is written after the pass ([`record_applied`]).
+    if r.writes > 0 || !crate::state::path(&i.name).exists() {
+        mem.record_due.push(i.name.clone());
+    }
+    out.wrote |= r.writes > 0;
+    out.interfaces.push(InterfaceStatus {
+        name: i.name.clone(),
+        enforced: true,
+        leaf: Some(r.leaves.kind().to_string()),
+        fallback: r.leaves.fallback(),
+        rebuilt: r.rebuilt.clone(),
+        error: None,
+        filters: r.filters as i64,
+        counters: counters_of(nl, i),
+    });
 }
 
 /// May this pass trust the tree the last one wrote? Only a plan change,
@@ -826,6 +863,30 @@ mod tamper_tests {
             None,
         );
         assert_eq!(m.state(), None);
+    }
+
+    /// A dry run says what it would program, where.
+    #[test]
+    fn a_dry_run_says_what_it_would_program() {
+        let g = egressguard_crds::load::parse_str(
+            "apiVersion: egressguard.io/v1alpha1\nkind: EgressGuard\nmetadata: {name: t}\nspec:\n  uplink: {rate: 20Mbit}\n  throttle: {rate: 1Mbit, destinations: [{port: 443}]}\n",
+        )
+        .expect("guard")
+        .remove(0);
+        let t = Target::new("t", &g.spec, &[]).expect("valid");
+        let ifaces = ["eth0", "wg0"].map(|n| Interface {
+            name: n.into(),
+            index: 0,
+        });
+        let shape = plan_protected(&t.valid, &t.protected, LeafChoice::Sfq);
+        assert_eq!(
+            dry_run(&t, &ifaces),
+            format!(
+                "dry run: would program {} classes and {} u32 filters on eth0, wg0",
+                shape.classes.len(),
+                shape.filter_count()
+            )
+        );
     }
 
     /// Only a removal or a dry run resets the tamper memory, and only an
