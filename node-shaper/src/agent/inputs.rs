@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use egressguard_crds::node_shaping::ProtectedEntry;
-use egressguard_crds::{CIDRGroup, EgressGuard, NodeShaping};
+use egressguard_crds::node_shaping::{GuardRef, ProtectedEntry, ResolvedGroup};
+use egressguard_crds::{CIDRGroup, EgressGuard, NodeShaping, NodeShapingSpec, ValidationErrors};
 use futures::StreamExt;
 use ipnet::IpNet;
 use kube::api::Api;
@@ -84,7 +84,6 @@ pub fn input_for(ns: Option<&NodeShaping>, held: &Held, own: &[ProtectedEntry]) 
     let spec = &ns.spec;
     let node = spec.node_name.as_str();
     let protected = [spec.protected.as_slice(), own].concat();
-    let guard_name = spec.guard.as_ref().map(|g| g.name.clone());
     let built = match (&spec.guard, &spec.shaping) {
         // A plan that carries its spec: hand-written, or the operator's copy
         // for an agent that has not reported `byReference` yet (the copy is
@@ -97,99 +96,170 @@ pub fn input_for(ns: Option<&NodeShaping>, held: &Held, own: &[ProtectedEntry]) 
         }
         (_, Some(shaping)) => Target::new(node, shaping, &protected),
         // A plan that names its guard: the guard and groups are read.
-        (Some(want), None) => {
-            let guard = match held.guards.get(&want.name) {
-                None => return Input::Waiting(format!("reading EgressGuard {}", want.name)),
-                Some(None) => {
-                    return Input::Waiting(format!(
-                        "EgressGuard {} named by the plan does not exist",
-                        want.name
-                    ))
-                }
-                Some(Some(g)) => g,
-            };
-            let (uid, gen) = (
-                guard.metadata.uid.as_deref().unwrap_or_default(),
-                guard.metadata.generation.unwrap_or_default(),
-            );
-            if uid != want.uid || gen != want.generation {
-                return Input::Waiting(format!(
-                    "EgressGuard {} is at generation {gen}; the plan was made from generation {}",
-                    want.name, want.generation
-                ));
-            }
-            // A guard with whitelistGroups always has its plans name at least
-            // one group (the operator holds the guard otherwise). A plan that
-            // names none lost them on the way (written under an older
-            // NodeShaping schema, which prunes the field): enforced, it would
-            // throttle the whitelisted destinations.
-            if spec.groups.is_empty() && !guard.spec.whitelist_groups.is_empty() {
-                return Input::Invalid(format!(
-                    "invalid plan, kernel left unchanged:\nspec.groups: names no CIDRGroup, but EgressGuard {} has spec.whitelistGroups; enforcing it would throttle the groups' destinations. A NodeShaping CRD from before CIDRGroups prunes the field: upgrade the CRDs (helm upgrade installs them)",
-                    want.name
-                ));
-            }
-            // Digests the plan leaves out are the guard's status's, which
-            // must describe this generation (the groups of this spec).
-            let status = guard.status.as_ref();
-            let from_status = |name: &str| {
-                status
-                    .filter(|s| s.observed_generation == Some(gen))
-                    .and_then(|s| s.groups.iter().find(|g| g.name == name))
-                    .map(|g| g.digest.as_str())
-            };
-            let mut entries: Vec<GroupEntries<'_>> = Vec::with_capacity(spec.groups.len());
-            for r in &spec.groups {
-                let want = if r.digest.is_empty() {
-                    match from_status(&r.name) {
-                        Some(d) => d,
-                        None => {
-                            return Input::Waiting(format!(
-                                "EgressGuard {}'s status does not name CIDRGroup {} for generation {gen} yet",
-                                want.name, r.name
-                            ))
-                        }
-                    }
-                } else {
-                    r.digest.as_str()
-                };
-                let g = match held.groups.get(&r.name) {
-                    None => return Input::Waiting(format!("reading CIDRGroup {}", r.name)),
-                    Some(None) => {
-                        return Input::Waiting(format!(
-                            "CIDRGroup {} named by the plan does not exist",
-                            r.name
-                        ))
-                    }
-                    Some(Some(g)) => g,
-                };
-                if g.digest != want {
-                    return Input::Waiting(format!(
-                        "CIDRGroup {} holds {}; the plan was made from {want}",
-                        r.name, g.digest
-                    ));
-                }
-                match &g.entries {
-                    Ok(nets) => entries.push((r.name.as_str(), nets.as_slice())),
-                    Err(e) => {
-                        return Input::Invalid(format!(
-                            "invalid plan, kernel left unchanged:\nCIDRGroup {}: {e}",
-                            r.name
-                        ))
-                    }
-                }
-            }
-            Target::with_groups(node, &guard.spec, &protected, &entries)
-        }
+        (Some(want), None) => match by_reference(spec, want, held, &protected) {
+            Ok(built) => built,
+            Err(hold) => return hold.into(),
+        },
         (None, None) => return Input::Remove,
     };
     match built {
         Ok(t) => Input::Shape {
-            guard: guard_name,
+            guard: spec.guard.as_ref().map(|g| g.name.clone()),
             target: Box::new(t),
             enforce: spec.enforce,
         },
         Err(e) => Input::Invalid(format!("invalid plan, kernel left unchanged:\n{e}")),
+    }
+}
+
+/// Why a plan that names its guard is not enforced now; the kernel is
+/// left as it is either way.
+#[derive(Debug)]
+enum Hold {
+    /// An input is not at the version the plan names yet (or not at all).
+    Waiting(String),
+    /// The plan cannot be enforced with what it names.
+    Invalid(String),
+}
+
+impl From<Hold> for Input {
+    fn from(h: Hold) -> Input {
+        match h {
+            Hold::Waiting(why) => Input::Waiting(why),
+            Hold::Invalid(why) => Input::Invalid(why),
+        }
+    }
+}
+
+/// The target of a plan that names its guard (`want`), built from the
+/// guard and groups held, at exactly the versions the plan names. The
+/// inner result is the target's own validation.
+fn by_reference(
+    spec: &NodeShapingSpec,
+    want: &GuardRef,
+    held: &Held,
+    protected: &[ProtectedEntry],
+) -> Result<Result<Target, ValidationErrors>, Hold> {
+    let guard = held_guard(want, held)?;
+    groups_not_lost(spec, want, guard)?;
+    let entries = group_entries(spec, want, guard, held)?;
+    Ok(Target::with_groups(
+        &spec.node_name,
+        &guard.spec,
+        protected,
+        &entries,
+    ))
+}
+
+/// The guard the plan names, at the uid and generation it names.
+fn held_guard<'h>(want: &GuardRef, held: &'h Held) -> Result<&'h EgressGuard, Hold> {
+    let guard = match held.guards.get(&want.name) {
+        None => return Err(Hold::Waiting(format!("reading EgressGuard {}", want.name))),
+        Some(None) => {
+            return Err(Hold::Waiting(format!(
+                "EgressGuard {} named by the plan does not exist",
+                want.name
+            )))
+        }
+        Some(Some(g)) => g,
+    };
+    let (uid, gen) = (
+        guard.metadata.uid.as_deref().unwrap_or_default(),
+        guard.metadata.generation.unwrap_or_default(),
+    );
+    if uid != want.uid || gen != want.generation {
+        return Err(Hold::Waiting(format!(
+            "EgressGuard {} is at generation {gen}; the plan was made from generation {}",
+            want.name, want.generation
+        )));
+    }
+    Ok(guard)
+}
+
+/// A guard with whitelistGroups always has its plans name at least one
+/// group (the operator holds the guard otherwise). A plan that names none
+/// lost them on the way (written under an older NodeShaping schema, which
+/// prunes the field): enforced, it would throttle the whitelisted
+/// destinations.
+fn groups_not_lost(
+    spec: &NodeShapingSpec,
+    want: &GuardRef,
+    guard: &EgressGuard,
+) -> Result<(), Hold> {
+    if spec.groups.is_empty() && !guard.spec.whitelist_groups.is_empty() {
+        return Err(Hold::Invalid(format!(
+            "invalid plan, kernel left unchanged:\nspec.groups: names no CIDRGroup, but EgressGuard {} has spec.whitelistGroups; enforcing it would throttle the groups' destinations. A NodeShaping CRD from before CIDRGroups prunes the field: upgrade the CRDs (helm upgrade installs them)",
+            want.name
+        )));
+    }
+    Ok(())
+}
+
+/// The networks of every group the plan names, each held at the digest
+/// the plan names (or, left out, the guard's status names).
+fn group_entries<'a>(
+    spec: &'a NodeShapingSpec,
+    want: &GuardRef,
+    guard: &'a EgressGuard,
+    held: &'a Held,
+) -> Result<Vec<GroupEntries<'a>>, Hold> {
+    let mut entries: Vec<GroupEntries<'_>> = Vec::with_capacity(spec.groups.len());
+    for r in &spec.groups {
+        let digest = wanted_digest(r, want, guard)?;
+        let nets = held_group(&r.name, digest, held)?;
+        entries.push((r.name.as_str(), nets));
+    }
+    Ok(entries)
+}
+
+/// The digest the plan wants for group `r`: its own, or when it leaves it
+/// out, the guard's status's, which must describe this generation (the
+/// groups of this spec).
+fn wanted_digest<'a>(
+    r: &'a ResolvedGroup,
+    want: &GuardRef,
+    guard: &'a EgressGuard,
+) -> Result<&'a str, Hold> {
+    if !r.digest.is_empty() {
+        return Ok(r.digest.as_str());
+    }
+    let gen = guard.metadata.generation.unwrap_or_default();
+    guard
+        .status
+        .as_ref()
+        .filter(|s| s.observed_generation == Some(gen))
+        .and_then(|s| s.groups.iter().find(|g| g.name == r.name))
+        .map(|g| g.digest.as_str())
+        .ok_or_else(|| {
+            Hold::Waiting(format!(
+                "EgressGuard {}'s status does not name CIDRGroup {} for generation {gen} yet",
+                want.name, r.name
+            ))
+        })
+}
+
+/// Group `name`'s networks, held at `digest`.
+fn held_group<'h>(name: &str, digest: &str, held: &'h Held) -> Result<&'h [IpNet], Hold> {
+    let g = match held.groups.get(name) {
+        None => return Err(Hold::Waiting(format!("reading CIDRGroup {name}"))),
+        Some(None) => {
+            return Err(Hold::Waiting(format!(
+                "CIDRGroup {name} named by the plan does not exist"
+            )))
+        }
+        Some(Some(g)) => g,
+    };
+    if g.digest != digest {
+        return Err(Hold::Waiting(format!(
+            "CIDRGroup {name} holds {}; the plan was made from {digest}",
+            g.digest
+        )));
+    }
+    match &g.entries {
+        Ok(nets) => Ok(nets.as_slice()),
+        Err(e) => Err(Hold::Invalid(format!(
+            "invalid plan, kernel left unchanged:\nCIDRGroup {name}: {e}"
+        ))),
     }
 }
 
@@ -560,6 +630,25 @@ mod tests {
             input_for(None, &Held::default(), &[]),
             Input::Remove
         ));
+    }
+
+    /// A guard or group listed and not found waits, and says which.
+    #[test]
+    fn a_named_input_that_does_not_exist_waits() {
+        let v1 = group(&["198.51.100.0/24"]);
+        let p = plan(3, &v1.spec.digest());
+        let mut h = Held::default();
+        h.guards.insert("idc".into(), None);
+        assert_eq!(
+            waiting(input_for(Some(&p), &h, &[])),
+            "EgressGuard idc named by the plan does not exist"
+        );
+        let mut h = held(Some(3), None);
+        h.groups.insert("partners".into(), None);
+        assert_eq!(
+            waiting(input_for(Some(&p), &h, &[])),
+            "CIDRGroup partners named by the plan does not exist"
+        );
     }
 
     /// A plan without groups for a guard that has them lost them on the way
