@@ -181,6 +181,7 @@ impl RunError {
     }
 }
 
+/// A duration flag's value: a duration of at least a second.
 fn duration_arg(s: &str) -> Result<Duration, DurationArgError> {
     let d = egressguard_crds::quarantine::parse_duration(s)?;
     if d < Duration::from_secs(1) {
@@ -189,6 +190,7 @@ fn duration_arg(s: &str) -> Result<Duration, DurationArgError> {
     Ok(d)
 }
 
+/// The token in the file `path` (given as `flag`), trimmed: at least 16 bytes.
 fn read_token(flag: &'static str, path: &Path) -> Result<Vec<u8>, TokenError> {
     let t = std::fs::read_to_string(path).map_err(|source| TokenError::Unreadable {
         flag,
@@ -206,6 +208,7 @@ fn read_token(flag: &'static str, path: &Path) -> Result<Vec<u8>, TokenError> {
     Ok(t.as_bytes().to_vec())
 }
 
+/// `path` itself, or every `*.yaml`/`*.yml` under the directory `path`, sorted.
 fn manifests(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     if !path.is_dir() {
         return Ok(vec![path.to_path_buf()]);
