@@ -91,9 +91,14 @@ struct SeriesList {
 }
 
 /// One element of `result`, tolerant: anything but a series with a value is
-/// `None` (a scalar's `[time, "value"]`, a matrix's `values`), so the result
-/// type decides the error whatever order the keys come in.
-struct MaybeSeries(Option<Series>);
+/// [`Element::Other`] (a scalar's `[time, "value"]`, a matrix's `values`), so
+/// the result type decides the error whatever order the keys come in.
+enum Element {
+    /// A series with a value.
+    Series(Series),
+    /// Anything else.
+    Other,
+}
 
 #[derive(Deserialize)]
 struct RawSeries {
@@ -111,7 +116,7 @@ mod de {
         Visitor,
     };
 
-    use super::{Data, MaybeSeries, RawSeries, Series, SeriesList, MAX_SERIES};
+    use super::{Data, Element, RawSeries, Series, SeriesList, MAX_SERIES};
 
     impl<'de> Deserialize<'de> for Data {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -156,9 +161,9 @@ mod de {
                 fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<SeriesList, A::Error> {
                     let mut out = SeriesList::default();
                     while out.series.len() < MAX_SERIES {
-                        match seq.next_element::<MaybeSeries>()? {
-                            Some(MaybeSeries(Some(s))) => out.series.push(s),
-                            Some(MaybeSeries(None)) => out.odd = true,
+                        match seq.next_element::<Element>()? {
+                            Some(Element::Series(s)) => out.series.push(s),
+                            Some(Element::Other) => out.odd = true,
                             None => return Ok(out),
                         }
                     }
@@ -179,43 +184,46 @@ mod de {
         }
     }
 
-    impl<'de> Deserialize<'de> for MaybeSeries {
+    impl<'de> Deserialize<'de> for Element {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
             struct V;
             impl<'de> Visitor<'de> for V {
-                type Value = MaybeSeries;
+                type Value = Element;
                 fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                     f.write_str("a series")
                 }
-                fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<MaybeSeries, A::Error> {
+                fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Element, A::Error> {
                     let raw = RawSeries::deserialize(MapAccessDeserializer::new(map))?;
-                    Ok(MaybeSeries(raw.value.map(|(time, value)| Series {
-                        labels: raw.metric,
-                        time,
-                        value,
-                    })))
+                    Ok(match raw.value {
+                        Some((time, value)) => Element::Series(Series {
+                            labels: raw.metric,
+                            time,
+                            value,
+                        }),
+                        None => Element::Other,
+                    })
                 }
-                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<MaybeSeries, A::Error> {
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Element, A::Error> {
                     while seq.next_element::<IgnoredAny>()?.is_some() {}
-                    Ok(MaybeSeries(None))
+                    Ok(Element::Other)
                 }
-                fn visit_bool<E>(self, _: bool) -> Result<MaybeSeries, E> {
-                    Ok(MaybeSeries(None))
+                fn visit_bool<E>(self, _: bool) -> Result<Element, E> {
+                    Ok(Element::Other)
                 }
-                fn visit_i64<E>(self, _: i64) -> Result<MaybeSeries, E> {
-                    Ok(MaybeSeries(None))
+                fn visit_i64<E>(self, _: i64) -> Result<Element, E> {
+                    Ok(Element::Other)
                 }
-                fn visit_u64<E>(self, _: u64) -> Result<MaybeSeries, E> {
-                    Ok(MaybeSeries(None))
+                fn visit_u64<E>(self, _: u64) -> Result<Element, E> {
+                    Ok(Element::Other)
                 }
-                fn visit_f64<E>(self, _: f64) -> Result<MaybeSeries, E> {
-                    Ok(MaybeSeries(None))
+                fn visit_f64<E>(self, _: f64) -> Result<Element, E> {
+                    Ok(Element::Other)
                 }
-                fn visit_str<E>(self, _: &str) -> Result<MaybeSeries, E> {
-                    Ok(MaybeSeries(None))
+                fn visit_str<E>(self, _: &str) -> Result<Element, E> {
+                    Ok(Element::Other)
                 }
-                fn visit_unit<E>(self) -> Result<MaybeSeries, E> {
-                    Ok(MaybeSeries(None))
+                fn visit_unit<E>(self) -> Result<Element, E> {
+                    Ok(Element::Other)
                 }
             }
             d.deserialize_any(V)
@@ -488,6 +496,34 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("unexpected answer: not Prometheus JSON"));
+    }
+
+    #[test]
+    fn only_a_series_with_a_value_is_a_series() {
+        let element = |json: &str| serde_json::from_str::<Element>(json).expect("element");
+        assert!(matches!(
+            element(r#"{"metric":{"node":"a"},"value":[1,"2"]}"#),
+            Element::Series(s) if s.labels["node"] == "a" && s.value == "2"
+        ));
+        for other in [
+            r#"{"metric":{}}"#,
+            r#"{"metric":{},"values":[[1,"2"]]}"#,
+            r#"[1,"2"]"#,
+            "1",
+            "-1",
+            "1.5",
+            r#""x""#,
+            "true",
+            "null",
+        ] {
+            assert!(matches!(element(other), Element::Other), "{other}");
+        }
+        // One odd element refuses the whole vector, wherever it is.
+        let mixed = br#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1,"2"]},7]}}"#;
+        assert!(matches!(
+            parse_answer(200, mixed),
+            Err(QueryError::Malformed(m)) if m == "vector: an element is not a series with a value"
+        ));
     }
 
     fn vector(n: usize) -> Vec<u8> {
