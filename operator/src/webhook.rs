@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use egressguard_crds::conditions::bounded;
-use egressguard_crds::quarantine::{Evidence, TriggerRule, EPISODE_LABEL};
+use egressguard_crds::quarantine::{Evidence, ReleaseCause, TriggerRule, EPISODE_LABEL};
 use egressguard_crds::{EgressGuard, Mode, Phase, Quarantine, QuarantineSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::ObjectMeta;
@@ -278,14 +278,29 @@ fn is_open(q: &Quarantine) -> bool {
 }
 
 /// A release a person made (annotation or delete): it holds against the
-/// alert it overrode for as long as that alert keeps firing.
+/// alert it overrode for as long as that alert keeps firing. Read from
+/// `releaseCause`; a record released before that field existed says it
+/// only in `releasedBy`'s words.
 pub fn released_by_person(q: &Quarantine) -> bool {
-    q.status.as_ref().is_some_and(|s| {
-        s.phase == Some(Phase::Released)
-            && s.released_by
-                .as_deref()
-                .is_some_and(|b| b.starts_with(crate::quarantine::PERSON))
-    })
+    let Some(s) = q.status.as_ref() else {
+        return false;
+    };
+    if s.phase != Some(Phase::Released) {
+        return false;
+    }
+    match s.release_cause {
+        Some(ReleaseCause::Person) => true,
+        Some(
+            ReleaseCause::Policy
+            | ReleaseCause::GuardDeleted
+            | ReleaseCause::NodeDeleted
+            | ReleaseCause::Refused,
+        ) => false,
+        None => s
+            .released_by
+            .as_deref()
+            .is_some_and(|b| b.starts_with(crate::quarantine::PERSON)),
+    }
 }
 
 fn is_refused(q: &Quarantine) -> bool {
@@ -687,6 +702,43 @@ mod tests {
         };
         assert_eq!(episode_of(q), 2);
         assert_ne!(q.name_any(), name);
+    }
+
+    #[test]
+    fn a_person_s_release_is_read_from_its_cause_and_from_the_words_of_older_records() {
+        let released = |cause: Option<ReleaseCause>, by: &str| {
+            let mut q = Quarantine::new(
+                "q",
+                QuarantineSpec {
+                    node_name: "n1".into(),
+                    guard: "site".into(),
+                    trigger: "alert".into(),
+                    evidence: None,
+                    release: None,
+                    reason: None,
+                },
+            );
+            q.status = Some(egressguard_crds::QuarantineStatus {
+                phase: Some(Phase::Released),
+                released_by: Some(by.into()),
+                release_cause: cause,
+                ..Default::default()
+            });
+            released_by_person(&q)
+        };
+        let person = "person: deleted Quarantine q";
+        assert!(released(Some(ReleaseCause::Person), person));
+        assert!(!released(
+            Some(ReleaseCause::GuardDeleted),
+            "EgressGuard site was deleted"
+        ));
+        assert!(!released(
+            Some(ReleaseCause::Policy),
+            "policy: every trigger calm"
+        ));
+        // Records from before releaseCause: the words say it.
+        assert!(released(None, person));
+        assert!(!released(None, "node n1 was deleted"));
     }
 
     #[test]
