@@ -20,19 +20,35 @@ pub fn filter_handle(prio: &Prio, n: &Filter) -> u32 {
     htid | (u32::from(n.bucket) << 12) | n.id.unwrap_or(0)
 }
 
+/// A diff's operations by phase, in the order they are sent
+/// ([`Phases::into_ops`], after the sweeps of hidden tables).
 #[derive(Default)]
 struct Phases {
+    /// Deletions that must come first: the root being rebuilt, prios
+    /// removed whole to be created again, filters holding an id needed now.
     pre: Vec<Op>,
+    /// Our root qdisc.
     root: Vec<Op>,
+    /// Classes, parents before children.
     classes: Vec<Op>,
+    /// Leaf qdiscs.
     leaves: Vec<Op>,
+    /// Hash tables.
     tables: Vec<Op>,
+    /// Filters inside hash tables.
     user_nodes: Vec<Op>,
+    /// Links inside hash tables, after the entries of the tables they lead to.
     user_links: Vec<Op>,
+    /// Filters of the root tables (links to the hash tables among them), and
+    /// changes in place.
     root_nodes: Vec<Op>,
+    /// Filter deletions and unlinks.
     node_dels: Vec<Op>,
+    /// Table deletions.
     table_dels: Vec<Op>,
+    /// Whole-prio deletions.
     prio_dels: Vec<Op>,
+    /// Class deletions, children before parents.
     class_dels: Vec<Op>,
 }
 
@@ -111,6 +127,8 @@ fn plan_ops_from(
     )
 }
 
+/// Plans the operations from `observed` to `desired` (with `prios` as its
+/// prios) into the phases `ph`, and lays them out in order.
 fn plan_ops_into(
     mut ph: Phases,
     observed: &Shape,
@@ -119,7 +137,6 @@ fn plan_ops_into(
     rebuild: &BTreeSet<u16>,
     foreign_root: bool,
 ) -> Vec<Op> {
-    let mut sweeps = Vec::new();
     let empty = Shape::default();
     let observed =
         if observed.root.is_some() && observed.root != desired.root && desired.root.is_some() {
@@ -146,6 +163,20 @@ fn plan_ops_into(
             ph.leaves.push(Op::PutLeaf(l.clone()));
         }
     }
+    diff_prios(observed, prios, rebuild, &mut ph);
+    let sweeps = sweep_hidden_tables(observed, &ph);
+    ph.into_ops(sweeps)
+}
+
+/// Diffs each desired prio against the observed one (a prio whose
+/// protocol or tables changed, or that is to be rebuilt, is removed whole
+/// first and created again), then removes the observed prios not desired.
+fn diff_prios(
+    observed: &Shape,
+    prios: impl IntoIterator<Item = Prio>,
+    rebuild: &BTreeSet<u16>,
+    ph: &mut Phases,
+) {
     let mut wanted = BTreeSet::new();
     for p in prios {
         wanted.insert(p.prio);
@@ -161,7 +192,7 @@ fn plan_ops_into(
             }
             other => other,
         };
-        diff_prio(obs, p, &mut ph);
+        diff_prio(obs, p, ph);
     }
     for o in &observed.prios {
         if !wanted.contains(&o.prio) {
@@ -174,51 +205,58 @@ fn plan_ops_into(
             }
         }
     }
-    sweep_hidden_tables(observed, &ph, &mut sweeps);
-    let Phases {
-        pre,
-        root,
-        classes,
-        leaves,
-        tables,
-        user_nodes,
-        user_links,
-        root_nodes,
-        node_dels,
-        table_dels,
-        prio_dels,
-        class_dels,
-    } = ph;
-    let mut phases = [
-        sweeps, pre, root, classes, leaves, tables, user_nodes, user_links, root_nodes, node_dels,
-        table_dels, prio_dels, class_dels,
-    ];
-    // The biggest phase (100,000 additions of a fresh whitelist) becomes
-    // the result in place: the others are moved in around it, so its
-    // buffer is never copied next to itself.
-    let total: usize = phases.iter().map(Vec::len).sum();
-    let big = (0..phases.len())
-        .max_by_key(|&i| phases[i].len())
-        .unwrap_or(0);
-    let mut out = std::mem::take(&mut phases[big]);
-    if out.capacity() < total {
-        out.reserve_exact(total - out.len());
+}
+
+impl Phases {
+    /// The operations in the order they must be sent: `sweeps` first, then
+    /// each phase in declaration order.
+    fn into_ops(self, sweeps: Vec<Op>) -> Vec<Op> {
+        let Phases {
+            pre,
+            root,
+            classes,
+            leaves,
+            tables,
+            user_nodes,
+            user_links,
+            root_nodes,
+            node_dels,
+            table_dels,
+            prio_dels,
+            class_dels,
+        } = self;
+        let mut phases = [
+            sweeps, pre, root, classes, leaves, tables, user_nodes, user_links, root_nodes,
+            node_dels, table_dels, prio_dels, class_dels,
+        ];
+        // The biggest phase (100,000 additions of a fresh whitelist) becomes
+        // the result in place: the others are moved in around it, so its
+        // buffer is never copied next to itself.
+        let total: usize = phases.iter().map(Vec::len).sum();
+        let big = (0..phases.len())
+            .max_by_key(|&i| phases[i].len())
+            .unwrap_or(0);
+        let mut out = std::mem::take(&mut phases[big]);
+        if out.capacity() < total {
+            out.reserve_exact(total - out.len());
+        }
+        let before: Vec<Op> = phases[..big].iter_mut().flat_map(std::mem::take).collect();
+        out.splice(0..0, before);
+        for phase in &mut phases[big + 1..] {
+            out.append(phase);
+        }
+        out
     }
-    let before: Vec<Op> = phases[..big].iter_mut().flat_map(std::mem::take).collect();
-    out.splice(0..0, before);
-    for phase in &mut phases[big + 1..] {
-        out.append(phase);
-    }
-    out
 }
 
 /// Before creating a table no visible prio holds, delete any invisible table
 /// under that handle (see [`Op::SweepTable`]). Orphans can only exist while
 /// some u32 prio of the qdisc does (the kernel frees them with the last one),
 /// so there is always a prio to reach them through.
-fn sweep_hidden_tables(observed: &Shape, ph: &Phases, sweeps: &mut Vec<Op>) {
+fn sweep_hidden_tables(observed: &Shape, ph: &Phases) -> Vec<Op> {
+    let mut sweeps = Vec::new();
     let Some(via) = observed.prios.first() else {
-        return;
+        return sweeps;
     };
     for op in &ph.tables {
         if let Op::AddTable { table, .. } = op {
@@ -235,6 +273,7 @@ fn sweep_hidden_tables(observed: &Shape, ph: &Phases, sweeps: &mut Vec<Op>) {
             }
         }
     }
+    sweeps
 }
 
 /// Removing a prio must remove its hash tables explicitly: tables live in the
@@ -299,6 +338,10 @@ fn diff_classes(observed: &Shape, desired: &Shape, ph: &mut Phases) {
         .extend(extra.into_iter().map(|c| Op::DelClass(c.classid)));
 }
 
+/// Diffs one desired prio `p` against the observed one (`None`: absent or
+/// to be rebuilt): its tables, then its filters, kept where the kernel
+/// already holds the same rule, changed in place where it holds the same
+/// selector, added otherwise; what is left over is deleted.
 fn diff_prio(obs: Option<&Prio>, p: Prio, ph: &mut Phases) {
     let (prio, protocol) = (p.prio, p.protocol);
     let empty = Prio {
@@ -318,153 +361,218 @@ fn diff_prio(obs: Option<&Prio>, p: Prio, ph: &mut Phases) {
             });
         }
     }
-    // Observed nodes sorted by (table, bucket), so matching costs one bucket
-    // walk per desired node; `used` marks the ones we keep. (One vector of
-    // (bucket, index): a map of small vectors and id sets per bucket cost
-    // ~4 MiB at 100,000 filters.)
-    let mut used = vec![false; obs.filters.len()];
-    let mut order: Vec<(u64, u32)> = (0..obs.filters.len())
-        .map(|i| (bucket_key(&obs.filters[i]), i as u32))
-        .collect();
-    order.sort_unstable();
-    let bucket = |t: Table, b: u8| -> &[(u64, u32)] {
-        let k = key_of(t, b);
-        let lo = order.partition_point(|e| e.0 < k);
-        let n = order[lo..].iter().take_while(|e| e.0 == k).count();
-        &order[lo..lo + n]
-    };
-    // Ids in use, per bucket, only in buckets that get additions.
-    let mut taken: HashMap<(Table, u8), BTreeSet<u32>> = HashMap::new();
-    let mut pending = Vec::new();
-    // Nodes with a fixed id (rollback to a snapshot) claim their id first.
-    for d in p.filters.iter().filter(|d| d.id.is_some()) {
-        let at = bucket(d.table, d.bucket)
-            .iter()
-            .map(|&(_, i)| i as usize)
-            .find(|&i| obs.filters[i].id == d.id);
-        match at {
-            Some(i) if obs.filters[i].same_rule(d) => used[i] = true,
-            Some(i) if obs.filters[i].sel == d.sel => {
-                used[i] = true;
-                let handle = filter_handle(obs, &obs.filters[i]);
-                ph.root_nodes.push(Op::ChangeFilter {
-                    prio,
-                    protocol,
-                    handle,
-                    filter: d.clone(),
-                });
-            }
-            Some(i) => {
-                used[i] = true;
-                ph.pre.push(Op::DelFilter {
-                    prio,
-                    protocol,
-                    handle: filter_handle(obs, &obs.filters[i]),
-                });
-                pending.push(d.clone());
-            }
-            None => pending.push(d.clone()),
-        }
-    }
-    let mut changes = Vec::new();
+    let mut m = Matcher::new(obs, prio, protocol);
+    let mut pending = m.claim_fixed_ids(&p.filters, ph);
     let Prio {
-        tables: p_tables,
-        filters: p_filters,
-        ..
+        tables, filters, ..
     } = p;
-    for d in p_filters.into_iter().filter(|d| d.id.is_none()) {
-        let candidates = bucket(d.table, d.bucket);
-        let free = |pred: &dyn Fn(&Filter) -> bool, used: &mut Vec<bool>| {
-            let i = candidates
-                .iter()
-                .map(|&(_, i)| i as usize)
-                .find(|&i| !used[i] && pred(&obs.filters[i]))?;
-            used[i] = true;
-            Some(i)
-        };
-        if free(&|o: &Filter| o.same_rule(&d), &mut used).is_some() {
-            continue;
-        }
-        let same_sel = |o: &Filter| o.table == d.table && o.bucket == d.bucket && o.sel == d.sel;
-        if let Some(i) = free(&same_sel, &mut used) {
-            let handle = filter_handle(obs, &obs.filters[i]);
-            changes.push(Op::ChangeFilter {
-                prio,
-                protocol,
-                handle,
-                filter: d,
-            });
-            continue;
-        }
-        pending.push(d);
-    }
-    if ph.user_nodes.capacity() - ph.user_nodes.len() < pending.len() {
-        ph.user_nodes.reserve_exact(pending.len());
-    }
-    for mut d in pending {
-        let key = (d.table, d.bucket);
-        let ids = taken.entry(key).or_insert_with(|| {
-            bucket(d.table, d.bucket)
-                .iter()
-                .map(|&(_, i)| obs.filters[i as usize].id.unwrap_or(0))
-                .collect()
-        });
-        let id = match d.id {
-            Some(id) => id,
-            // Lowest id free in this bucket; ids of nodes about to be deleted
-            // stay taken because deletions run after additions.
-            None => match lowest_free(ids) {
-                Some(id) => id,
-                None => {
-                    // The bucket's 12-bit id space is full of nodes we keep
-                    // plus nodes we are about to delete: delete this bucket's
-                    // unwanted nodes first (they are unwanted, so nothing
-                    // that stays loses a rule), which frees their ids.
-                    free_bucket_early(obs, key, &mut used, &mut taken, ph);
-                    lowest_free(taken.entry(key).or_default()).unwrap_or(0xfff)
-                }
-            },
-        };
-        taken.entry(key).or_default().insert(id);
-        d.id = Some(id);
-        let op = Op::AddFilter {
+    let changes = m.match_the_rest(filters, &mut pending);
+    m.add(pending, ph);
+    ph.root_nodes.extend(changes);
+    m.delete_unmatched(&tables, ph);
+}
+
+/// The observed filters of one prio, indexed for matching desired ones.
+///
+/// Observed filters are sorted by (table, bucket), so matching costs one
+/// bucket walk per desired filter; `used` marks the ones kept (or already
+/// scheduled for deletion). One vector of (bucket, index): a map of small
+/// vectors and id sets per bucket cost ~4 MiB at 100,000 filters.
+struct Matcher<'o> {
+    obs: &'o Prio,
+    prio: u16,
+    protocol: u16,
+    order: Vec<(u64, u32)>,
+    used: Vec<bool>,
+}
+
+impl<'o> Matcher<'o> {
+    /// Indexes `obs`, the observed prio `prio`/`protocol` (or an empty one).
+    fn new(obs: &'o Prio, prio: u16, protocol: u16) -> Matcher<'o> {
+        let mut order: Vec<(u64, u32)> = (0..obs.filters.len())
+            .map(|i| (bucket_key(&obs.filters[i]), i as u32))
+            .collect();
+        order.sort_unstable();
+        Matcher {
+            obs,
             prio,
             protocol,
-            filter: d,
-        };
-        match op {
-            Op::AddFilter {
-                filter: Filter {
-                    table: Table::Root, ..
+            order,
+            used: vec![false; obs.filters.len()],
+        }
+    }
+
+    /// Where bucket `b` of table `t` is in `order`.
+    fn bucket(&self, t: Table, b: u8) -> std::ops::Range<usize> {
+        let k = key_of(t, b);
+        let lo = self.order.partition_point(|e| e.0 < k);
+        let n = self.order[lo..].iter().take_while(|e| e.0 == k).count();
+        lo..lo + n
+    }
+
+    /// Indexes into `obs.filters` of the filters in `range` of `order`.
+    fn filters_in(&self, range: std::ops::Range<usize>) -> impl Iterator<Item = usize> + '_ {
+        self.order[range].iter().map(|&(_, i)| i as usize)
+    }
+
+    /// Marks and returns the first unused filter in `range` that `pred` accepts.
+    fn claim(
+        &mut self,
+        range: std::ops::Range<usize>,
+        pred: impl Fn(&Filter) -> bool,
+    ) -> Option<usize> {
+        let i = self
+            .filters_in(range)
+            .find(|&i| !self.used[i] && pred(&self.obs.filters[i]))?;
+        self.used[i] = true;
+        Some(i)
+    }
+
+    /// The kernel handle of observed filter `i`.
+    fn handle(&self, i: usize) -> u32 {
+        filter_handle(self.obs, &self.obs.filters[i])
+    }
+
+    /// Desired filters with a fixed id (a rollback to a snapshot) claim
+    /// their id first: kept if the same rule holds it, changed in place if
+    /// the same selector does, else that filter is deleted early and the
+    /// desired one added. Returns the ones to add.
+    fn claim_fixed_ids(&mut self, desired: &[Filter], ph: &mut Phases) -> Vec<Filter> {
+        let (prio, protocol) = (self.prio, self.protocol);
+        let mut pending = Vec::new();
+        for d in desired.iter().filter(|d| d.id.is_some()) {
+            let range = self.bucket(d.table, d.bucket);
+            let at = self
+                .filters_in(range)
+                .find(|&i| self.obs.filters[i].id == d.id);
+            match at {
+                Some(i) if self.obs.filters[i].same_rule(d) => self.used[i] = true,
+                Some(i) if self.obs.filters[i].sel == d.sel => {
+                    self.used[i] = true;
+                    ph.root_nodes.push(Op::ChangeFilter {
+                        prio,
+                        protocol,
+                        handle: self.handle(i),
+                        filter: d.clone(),
+                    });
+                }
+                Some(i) => {
+                    self.used[i] = true;
+                    ph.pre.push(Op::DelFilter {
+                        prio,
+                        protocol,
+                        handle: self.handle(i),
+                    });
+                    pending.push(d.clone());
+                }
+                None => pending.push(d.clone()),
+            }
+        }
+        pending
+    }
+
+    /// Desired filters without an id: kept where an unused observed filter
+    /// holds the same rule, changed in place where one holds the same
+    /// selector in the same bucket (returned, sent with the root's
+    /// filters), else added to `pending`.
+    fn match_the_rest(&mut self, desired: Vec<Filter>, pending: &mut Vec<Filter>) -> Vec<Op> {
+        let (prio, protocol) = (self.prio, self.protocol);
+        let mut changes = Vec::new();
+        for d in desired.into_iter().filter(|d| d.id.is_none()) {
+            let candidates = self.bucket(d.table, d.bucket);
+            if self
+                .claim(candidates.clone(), |o| o.same_rule(&d))
+                .is_some()
+            {
+                continue;
+            }
+            let same_sel =
+                |o: &Filter| o.table == d.table && o.bucket == d.bucket && o.sel == d.sel;
+            if let Some(i) = self.claim(candidates, same_sel) {
+                changes.push(Op::ChangeFilter {
+                    prio,
+                    protocol,
+                    handle: self.handle(i),
+                    filter: d,
+                });
+                continue;
+            }
+            pending.push(d);
+        }
+        changes
+    }
+
+    /// Adds `pending`, each with the lowest id free in its bucket (or its
+    /// own fixed one): root filters with the root's, links inside a table
+    /// after that table's entries, the rest with the user tables' entries.
+    fn add(&mut self, pending: Vec<Filter>, ph: &mut Phases) {
+        // Ids in use, per bucket, only in buckets that get additions.
+        let mut taken: HashMap<(Table, u8), BTreeSet<u32>> = HashMap::new();
+        if ph.user_nodes.capacity() - ph.user_nodes.len() < pending.len() {
+            ph.user_nodes.reserve_exact(pending.len());
+        }
+        for mut d in pending {
+            let key = (d.table, d.bucket);
+            let ids = taken.entry(key).or_insert_with(|| {
+                let range = self.bucket(d.table, d.bucket);
+                self.filters_in(range)
+                    .map(|i| self.obs.filters[i].id.unwrap_or(0))
+                    .collect()
+            });
+            let id = match d.id {
+                Some(id) => id,
+                // Lowest id free in this bucket; ids of nodes about to be deleted
+                // stay taken because deletions run after additions.
+                None => match lowest_free(ids) {
+                    Some(id) => id,
+                    None => {
+                        // The bucket's 12-bit id space is full of nodes we keep
+                        // plus nodes we are about to delete: delete this bucket's
+                        // unwanted nodes first (they are unwanted, so nothing
+                        // that stays loses a rule), which frees their ids.
+                        free_bucket_early(self.obs, key, &mut self.used, &mut taken, ph);
+                        lowest_free(taken.entry(key).or_default()).unwrap_or(0xfff)
+                    }
                 },
-                ..
-            } => ph.root_nodes.push(op),
-            // A link inside a table (a spilled bucket) goes in after the
-            // entries of the table it leads to.
-            Op::AddFilter {
-                filter: Filter { link: Some(_), .. },
-                ..
-            } => ph.user_links.push(op),
-            _ => ph.user_nodes.push(op),
-        }
-    }
-    ph.root_nodes.extend(changes);
-    for (i, o) in obs.filters.iter().enumerate() {
-        if !used[i] {
-            ph.node_dels.push(Op::DelFilter {
-                prio,
-                protocol,
-                handle: filter_handle(obs, o),
+            };
+            taken.entry(key).or_default().insert(id);
+            d.id = Some(id);
+            let phase = match (&d.table, &d.link) {
+                (Table::Root, _) => &mut ph.root_nodes,
+                // A link inside a table (a spilled bucket) goes in after the
+                // entries of the table it leads to.
+                (Table::User(_), Some(_)) => &mut ph.user_links,
+                (Table::User(_), None) => &mut ph.user_nodes,
+            };
+            phase.push(Op::AddFilter {
+                prio: self.prio,
+                protocol: self.protocol,
+                filter: d,
             });
         }
     }
-    for t in &obs.tables {
-        if !p_tables.iter().any(|d| d.handle == t.handle) {
-            ph.table_dels.push(Op::DelTable {
-                prio,
-                protocol,
-                handle: t.handle,
-            });
+
+    /// Deletes the observed filters nothing matched, and the observed
+    /// tables the desired prio (`tables`) does not have.
+    fn delete_unmatched(&self, tables: &[HashTable], ph: &mut Phases) {
+        let (prio, protocol) = (self.prio, self.protocol);
+        for (i, o) in self.obs.filters.iter().enumerate() {
+            if !self.used[i] {
+                ph.node_dels.push(Op::DelFilter {
+                    prio,
+                    protocol,
+                    handle: filter_handle(self.obs, o),
+                });
+            }
+        }
+        for t in &self.obs.tables {
+            if !tables.iter().any(|d| d.handle == t.handle) {
+                ph.table_dels.push(Op::DelTable {
+                    prio,
+                    protocol,
+                    handle: t.handle,
+                });
+            }
         }
     }
 }
@@ -696,5 +804,74 @@ mod tests {
         // Building from nothing deletes nothing.
         let ops = diff(&Shape::default(), &desired);
         assert!(!ops.iter().any(deletes), "{ops:#?}");
+    }
+
+    /// Filters with a fixed id (a rollback to a snapshot) claim it: kept
+    /// when the same rule holds it, changed in place when the same selector
+    /// does, deleted first and added again otherwise; the rest takes the
+    /// lowest free id, and what nothing claimed is deleted.
+    #[test]
+    fn fixed_ids_are_claimed_before_free_ones_are_given() {
+        let table = Table::User(0x101 << 20);
+        let sel = |v: u32| Selector {
+            keys: vec![Key {
+                mask: u32::MAX,
+                val: v,
+                off: 16,
+                offmask: 0,
+            }],
+            ..Selector::default()
+        };
+        let filter = |id: Option<u32>, v: u32, class: u32| Filter {
+            table,
+            bucket: 5,
+            id,
+            sel: sel(v),
+            classid: Some(class),
+            link: None,
+            origin: Origin::Unknown,
+        };
+        let prio = |filters: Vec<Filter>| Prio {
+            prio: 12,
+            protocol: ETH_P_IP,
+            root_handle: Some(0x800 << 20),
+            tables: vec![HashTable {
+                handle: 0x101 << 20,
+                divisor: 256,
+            }],
+            filters,
+        };
+        let observed = prio(vec![
+            filter(Some(1), 1, 0x00e9_0030),
+            filter(Some(2), 2, 0x00e9_0030),
+            filter(Some(3), 3, 0x00e9_0030),
+            filter(Some(4), 4, 0x00e9_0030),
+        ]);
+        let desired = prio(vec![
+            filter(Some(1), 1, 0x00e9_0030),
+            filter(Some(2), 2, 0x00e9_0010),
+            filter(Some(3), 9, 0x00e9_0030),
+            filter(None, 7, 0x00e9_0030),
+        ]);
+        let mut ph = Phases::default();
+        diff_prio(Some(&observed), desired, &mut ph);
+        let ids = |ops: &[Op]| -> Vec<(&'static str, u32)> {
+            ops.iter()
+                .map(|op| match op {
+                    Op::AddFilter { filter, .. } => (kind(op), filter.id.unwrap_or(0)),
+                    Op::ChangeFilter { handle, .. } | Op::DelFilter { handle, .. } => {
+                        (kind(op), handle & 0xfff)
+                    }
+                    other => panic!("unexpected {other:?}"),
+                })
+                .collect()
+        };
+        assert_eq!(ids(&ph.root_nodes), [("ChangeFilter", 2)]);
+        assert_eq!(ids(&ph.pre), [("DelFilter", 3)]);
+        // Id 3 is taken again by its new rule; the free one gets 5 (4 is
+        // deleted only after the additions).
+        assert_eq!(ids(&ph.user_nodes), [("AddFilter", 3), ("AddFilter", 5)]);
+        assert_eq!(ids(&ph.node_dels), [("DelFilter", 4)]);
+        assert!(ph.tables.is_empty() && ph.table_dels.is_empty());
     }
 }
