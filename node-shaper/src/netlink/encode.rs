@@ -191,57 +191,20 @@ pub fn del_root(handle: u32, ifindex: i32, dev: &str) -> Request {
 
 /// Encodes one operation for the interface `ifindex` (named `dev` in messages).
 pub fn encode(op: &Op, ifindex: i32, dev: &str) -> Request {
-    use RouteNetlinkMessage as M;
-    let kind = |k: &str| TcAttribute::Kind(k.to_string());
     let (inner, flags) = match op {
-        Op::AddRoot { root, graft } => {
-            let msg = TcMessage::from_parts(
-                header(ifindex, root.handle, TC_H_ROOT, 0),
-                vec![kind("htb"), raw_options(htb_init(root))],
-            );
-            let flags = if *graft {
-                NLM_F_CREATE | NLM_F_REPLACE
-            } else {
-                NLM_F_CREATE | NLM_F_EXCL
-            };
-            (M::NewQueueDiscipline(msg), flags)
-        }
+        Op::AddRoot { root, graft } => add_root(ifindex, root, *graft),
         Op::DelRoot => return del_root(ROOT, ifindex, dev),
-        Op::PutClass(c) => {
-            let msg = TcMessage::from_parts(
-                header(ifindex, c.classid, c.parent, 0),
-                vec![kind("htb"), raw_options(htb_class_options(c))],
-            );
-            (M::NewTrafficClass(msg), NLM_F_CREATE)
-        }
-        Op::DelClass(id) => {
-            let msg = TcMessage::from_parts(header(ifindex, *id, 0, 0), vec![]);
-            (M::DelTrafficClass(msg), 0)
-        }
-        Op::PutLeaf(l) => {
-            let mut attrs = vec![kind(l.kind.kind())];
-            if let LeafKind::Sfq { perturb } = l.kind {
-                attrs.push(raw_options(sfq_options(perturb)));
-            }
-            let msg = TcMessage::from_parts(header(ifindex, l.handle, l.parent, 0), attrs);
-            (M::NewQueueDiscipline(msg), NLM_F_CREATE | NLM_F_REPLACE)
-        }
+        Op::PutClass(c) => put_class(ifindex, c),
+        Op::DelClass(id) => del_class(ifindex, *id),
+        Op::PutLeaf(l) => put_leaf(ifindex, l),
         Op::AddTable {
             prio,
             protocol,
             table,
-        } => {
-            let msg = TcMessage::from_parts(
-                header(ifindex, table.handle, ROOT, filter_info(*prio, *protocol)),
-                vec![
-                    kind("u32"),
-                    TcAttribute::Options(vec![TcOption::U32(TcFilterU32Option::Divisor(
-                        table.divisor,
-                    ))]),
-                ],
-            );
-            (M::NewTrafficFilter(msg), NLM_F_CREATE | NLM_F_EXCL)
-        }
+        } => add_table(ifindex, filter_info(*prio, *protocol), table),
+        // The same request for a table, a hidden table and a filter: each
+        // is a u32 node by handle. A sweep only reads differently (and its
+        // "not found" is expected, see engine::run).
         Op::DelTable {
             prio,
             protocol,
@@ -251,76 +214,151 @@ pub fn encode(op: &Op, ifindex: i32, dev: &str) -> Request {
             prio,
             protocol,
             handle,
-        } => {
-            // The same request; a sweep only reads differently (and its
-            // "not found" is expected, see engine::run).
-            let msg = TcMessage::from_parts(
-                header(ifindex, *handle, ROOT, filter_info(*prio, *protocol)),
-                vec![kind("u32")],
-            );
-            (M::DelTrafficFilter(msg), 0)
         }
+        | Op::DelFilter {
+            prio,
+            protocol,
+            handle,
+        } => del_filter(ifindex, filter_info(*prio, *protocol), *handle),
         Op::AddFilter {
             prio,
             protocol,
-            filter: node,
-        } => {
-            let handle = new_filter_handle(node);
-            let msg = TcMessage::from_parts(
-                header(ifindex, handle, ROOT, filter_info(*prio, *protocol)),
-                vec![kind("u32"), TcAttribute::Options(filter_options(node))],
-            );
-            (M::NewTrafficFilter(msg), NLM_F_CREATE | NLM_F_EXCL)
-        }
+            filter,
+        } => add_filter(ifindex, filter_info(*prio, *protocol), filter),
         Op::ChangeFilter {
             prio,
             protocol,
             handle,
-            filter: node,
-        } => {
-            let mut opts = filter_options(node);
-            opts.retain(|o| !matches!(o, TcOption::U32(TcFilterU32Option::Hash(_))));
-            let msg = TcMessage::from_parts(
-                header(ifindex, *handle, ROOT, filter_info(*prio, *protocol)),
-                vec![kind("u32"), TcAttribute::Options(opts)],
-            );
-            (M::NewTrafficFilter(msg), NLM_F_CREATE)
-        }
+            filter,
+        } => change_filter(ifindex, filter_info(*prio, *protocol), *handle, filter),
         Op::Unlink {
             prio,
             protocol,
             handle,
-        } => {
-            let msg = TcMessage::from_parts(
-                header(ifindex, *handle, ROOT, filter_info(*prio, *protocol)),
-                vec![
-                    kind("u32"),
-                    TcAttribute::Options(vec![TcOption::U32(TcFilterU32Option::Link(0))]),
-                ],
-            );
-            (M::NewTrafficFilter(msg), NLM_F_CREATE)
-        }
-        Op::DelFilter {
-            prio,
-            protocol,
-            handle,
-        } => {
-            let msg = TcMessage::from_parts(
-                header(ifindex, *handle, ROOT, filter_info(*prio, *protocol)),
-                vec![kind("u32")],
-            );
-            (M::DelTrafficFilter(msg), 0)
-        }
-        Op::DelPrio { prio, protocol } => {
-            let msg = TcMessage::from_parts(
-                header(ifindex, 0, ROOT, filter_info(*prio, *protocol)),
-                vec![],
-            );
-            (M::DelTrafficFilter(msg), 0)
-        }
+        } => unlink(ifindex, filter_info(*prio, *protocol), *handle),
+        Op::DelPrio { prio, protocol } => del_prio(ifindex, filter_info(*prio, *protocol)),
     };
     Request {
         message: message(inner, flags),
         what: format!("{op} on {dev}"),
     }
+}
+
+/// An encoded request's message and its `NLM_F_*` flags beyond REQUEST|ACK.
+type Encoded = (RouteNetlinkMessage, u16);
+
+/// `TCA_KIND`.
+fn kind(k: &str) -> TcAttribute {
+    TcAttribute::Kind(k.to_string())
+}
+
+/// `tc qdisc add dev DEV root handle e9: htb default 20 r2q 10`, or with
+/// `graft`, `tc qdisc replace` (over a foreign root, `--force`).
+fn add_root(ifindex: i32, root: &Root, graft: bool) -> Encoded {
+    let msg = TcMessage::from_parts(
+        header(ifindex, root.handle, TC_H_ROOT, 0),
+        vec![kind("htb"), raw_options(htb_init(root))],
+    );
+    let flags = if graft {
+        NLM_F_CREATE | NLM_F_REPLACE
+    } else {
+        NLM_F_CREATE | NLM_F_EXCL
+    };
+    (RouteNetlinkMessage::NewQueueDiscipline(msg), flags)
+}
+
+/// `tc class replace dev DEV parent P classid C htb rate R ceil C ...`
+/// (created if missing, changed in place otherwise).
+fn put_class(ifindex: i32, c: &Class) -> Encoded {
+    let msg = TcMessage::from_parts(
+        header(ifindex, c.classid, c.parent, 0),
+        vec![kind("htb"), raw_options(htb_class_options(c))],
+    );
+    (RouteNetlinkMessage::NewTrafficClass(msg), NLM_F_CREATE)
+}
+
+/// `tc class del dev DEV classid C`.
+fn del_class(ifindex: i32, classid: u32) -> Encoded {
+    let msg = TcMessage::from_parts(header(ifindex, classid, 0, 0), vec![]);
+    (RouteNetlinkMessage::DelTrafficClass(msg), 0)
+}
+
+/// `tc qdisc replace dev DEV parent C handle H: sfq perturb 10` (or `pfifo`).
+fn put_leaf(ifindex: i32, l: &Leaf) -> Encoded {
+    let mut attrs = vec![kind(l.kind.kind())];
+    if let LeafKind::Sfq { perturb } = l.kind {
+        attrs.push(raw_options(sfq_options(perturb)));
+    }
+    let msg = TcMessage::from_parts(header(ifindex, l.handle, l.parent, 0), attrs);
+    (
+        RouteNetlinkMessage::NewQueueDiscipline(msg),
+        NLM_F_CREATE | NLM_F_REPLACE,
+    )
+}
+
+/// `tc filter add dev DEV parent e9: prio P protocol X handle T: u32 divisor N`.
+fn add_table(ifindex: i32, info: u32, table: &HashTable) -> Encoded {
+    let msg = TcMessage::from_parts(
+        header(ifindex, table.handle, ROOT, info),
+        vec![
+            kind("u32"),
+            TcAttribute::Options(vec![TcOption::U32(TcFilterU32Option::Divisor(
+                table.divisor,
+            ))]),
+        ],
+    );
+    (
+        RouteNetlinkMessage::NewTrafficFilter(msg),
+        NLM_F_CREATE | NLM_F_EXCL,
+    )
+}
+
+/// `tc filter del dev DEV parent e9: prio P protocol X handle H u32`.
+fn del_filter(ifindex: i32, info: u32, handle: u32) -> Encoded {
+    let msg = TcMessage::from_parts(header(ifindex, handle, ROOT, info), vec![kind("u32")]);
+    (RouteNetlinkMessage::DelTrafficFilter(msg), 0)
+}
+
+/// `tc filter add dev DEV parent e9: prio P protocol X handle T:B:N u32
+/// classid C (or link L:) ht T:B: match ...`.
+fn add_filter(ifindex: i32, info: u32, node: &Filter) -> Encoded {
+    let msg = TcMessage::from_parts(
+        header(ifindex, new_filter_handle(node), ROOT, info),
+        vec![kind("u32"), TcAttribute::Options(filter_options(node))],
+    );
+    (
+        RouteNetlinkMessage::NewTrafficFilter(msg),
+        NLM_F_CREATE | NLM_F_EXCL,
+    )
+}
+
+/// `tc filter replace dev DEV parent e9: prio P protocol X handle H u32 ...`:
+/// the node's classid and link (without `ht`: the kernel keeps its place).
+fn change_filter(ifindex: i32, info: u32, handle: u32, node: &Filter) -> Encoded {
+    let mut opts = filter_options(node);
+    opts.retain(|o| !matches!(o, TcOption::U32(TcFilterU32Option::Hash(_))));
+    let msg = TcMessage::from_parts(
+        header(ifindex, handle, ROOT, info),
+        vec![kind("u32"), TcAttribute::Options(opts)],
+    );
+    (RouteNetlinkMessage::NewTrafficFilter(msg), NLM_F_CREATE)
+}
+
+/// `tc filter change dev DEV parent e9: prio P protocol X handle H u32 link 0`:
+/// the link filter stays and releases its table.
+fn unlink(ifindex: i32, info: u32, handle: u32) -> Encoded {
+    let msg = TcMessage::from_parts(
+        header(ifindex, handle, ROOT, info),
+        vec![
+            kind("u32"),
+            TcAttribute::Options(vec![TcOption::U32(TcFilterU32Option::Link(0))]),
+        ],
+    );
+    (RouteNetlinkMessage::NewTrafficFilter(msg), NLM_F_CREATE)
+}
+
+/// `tc filter del dev DEV parent e9: prio P protocol X`: every filter of the prio.
+fn del_prio(ifindex: i32, info: u32) -> Encoded {
+    let msg = TcMessage::from_parts(header(ifindex, 0, ROOT, info), vec![]);
+    (RouteNetlinkMessage::DelTrafficFilter(msg), 0)
 }
