@@ -63,8 +63,56 @@ pub struct Delta {
     /// Additions, class changes, then deletions (the differ's order).
     pub ops: Vec<Op>,
     added: Vec<(IpNet, Slot)>,
-    changed: Vec<(IpNet, u32)>,
+    changed: Vec<ClassChange>,
     removed: Vec<IpNet>,
+}
+
+/// A hashed entry the plan adds: its network, class and place.
+type Addition = (IpNet, u32, Place);
+
+/// A remembered entry whose class changes: its network and new class.
+type ClassChange = (IpNet, u32);
+
+/// What a pass's operations did to the whitelist prios of the tree it
+/// read: what [`Written::after`] must not carry over as read.
+#[derive(Default)]
+struct Effects {
+    /// Filters deleted, by (prio, handle).
+    deleted: HashSet<(u16, u32)>,
+    /// Filters changed in place, by (prio, handle), and what they hold now.
+    changed: HashMap<(u16, u32), Filter>,
+    /// Prios deleted whole.
+    dead: BTreeSet<u16>,
+    /// The root was deleted (and everything under it).
+    root_gone: bool,
+}
+
+impl Effects {
+    /// The effects of `ops`.
+    fn of(ops: &[Op]) -> Effects {
+        let mut e = Effects::default();
+        for op in ops {
+            match op {
+                Op::DelRoot => e.root_gone = true,
+                Op::DelPrio { prio, .. } => {
+                    e.dead.insert(*prio);
+                }
+                Op::DelFilter { prio, handle, .. } if is_whitelist_prio(*prio) => {
+                    e.deleted.insert((*prio, *handle));
+                }
+                Op::ChangeFilter {
+                    prio,
+                    handle,
+                    filter,
+                    ..
+                } if is_whitelist_prio(*prio) => {
+                    e.changed.insert((*prio, *handle), filter.clone());
+                }
+                _ => {}
+            }
+        }
+        e
+    }
 }
 
 fn is_whitelist_prio(prio: u16) -> bool {
@@ -145,30 +193,7 @@ impl Written {
         choice: LeafChoice,
         filters: usize,
     ) -> Option<Written> {
-        let mut deleted = HashSet::default();
-        let mut changed = HashMap::default();
-        let mut dead = BTreeSet::new();
-        let mut root_gone = false;
-        for op in ops {
-            match op {
-                Op::DelRoot => root_gone = true,
-                Op::DelPrio { prio, .. } => {
-                    dead.insert(*prio);
-                }
-                Op::DelFilter { prio, handle, .. } if is_whitelist_prio(*prio) => {
-                    deleted.insert((*prio, *handle));
-                }
-                Op::ChangeFilter {
-                    prio,
-                    handle,
-                    filter,
-                    ..
-                } if is_whitelist_prio(*prio) => {
-                    changed.insert((*prio, *handle), filter.clone());
-                }
-                _ => {}
-            }
-        }
+        let effects = Effects::of(ops);
         let hashed = plan
             .entries()
             .filter(|(_, _, g)| matches!(g, Group::Hashed(_)))
@@ -181,72 +206,96 @@ impl Written {
             others: Vec::new(),
             filters,
         };
-        let mut keep = |prio: u16, protocol: u16, handle: u32, f: &Filter| -> Option<()> {
-            let (table, bucket, id) = split(handle);
-            if is_entry(f) {
-                let net = net_of(&f.sel, protocol)?;
-                let slot = Slot {
-                    handle,
-                    classid: f.classid?,
-                    prio,
-                    seen: false,
-                };
-                if w.entries.insert(net, slot).is_some() {
-                    return None;
-                }
-            } else if matches!(f.table, Table::User(_)) {
-                w.others.push((table, bucket, id));
-            }
-            Some(())
-        };
-        if !root_gone {
-            for p in before.shape.prios.iter() {
-                if !is_whitelist_prio(p.prio) || dead.contains(&p.prio) {
-                    continue;
-                }
-                for f in &p.filters {
-                    let handle = filter_handle(p, f);
-                    if deleted.contains(&(p.prio, handle)) {
-                        continue;
-                    }
-                    match changed.get(&(p.prio, handle)) {
-                        Some(new) => keep(p.prio, p.protocol, handle, new)?,
-                        None => keep(p.prio, p.protocol, handle, f)?,
-                    }
-                }
-            }
+        if !effects.root_gone {
+            w.keep_surviving(before, &effects)?;
         }
-        for op in ops {
-            if let Op::AddFilter {
-                prio,
-                protocol,
-                filter,
-            } = op
-            {
-                if !is_whitelist_prio(*prio) {
-                    continue;
-                }
-                if let (Table::User(t), Some(id)) = (filter.table, filter.id) {
-                    let handle = t | (u32::from(filter.bucket) << 12) | id;
-                    keep(*prio, *protocol, handle, filter)?;
-                }
-            }
-        }
-        // Every entry of the plan, where the plan puts it, and nothing else.
-        for (net, class, g) in plan.entries() {
-            let Group::Hashed(gi) = g else { continue };
-            let slot = w.entries.get(&net)?;
-            let p = plan.place(&net, gi);
-            let (table, bucket, _) = split(slot.handle);
-            if slot.classid != class || (p.prio, p.table, p.bucket) != (slot.prio, table, bucket) {
-                return None;
-            }
-        }
-        if hashed != w.entries.len() {
+        w.keep_added(ops)?;
+        if !w.holds_exactly(plan, hashed) {
             return None;
         }
         w.layout = plan.layout();
         Some(w)
+    }
+
+    /// Remembers one filter of a whitelist prio: an entry by its network
+    /// (`None` if it is not one the plan can have made, or a second filter
+    /// for the same network), any other filter in a user table by its id.
+    fn keep(&mut self, prio: u16, protocol: u16, handle: u32, f: &Filter) -> Option<()> {
+        let (table, bucket, id) = split(handle);
+        if is_entry(f) {
+            let net = net_of(&f.sel, protocol)?;
+            let slot = Slot {
+                handle,
+                classid: f.classid?,
+                prio,
+                seen: false,
+            };
+            if self.entries.insert(net, slot).is_some() {
+                return None;
+            }
+        } else if matches!(f.table, Table::User(_)) {
+            self.others.push((table, bucket, id));
+        }
+        Some(())
+    }
+
+    /// Remembers the filters of `before`'s whitelist prios that the pass
+    /// left in place (changed ones as changed).
+    fn keep_surviving(&mut self, before: &Observed, effects: &Effects) -> Option<()> {
+        for p in before.shape.prios.iter() {
+            if !is_whitelist_prio(p.prio) || effects.dead.contains(&p.prio) {
+                continue;
+            }
+            for f in &p.filters {
+                let handle = filter_handle(p, f);
+                if effects.deleted.contains(&(p.prio, handle)) {
+                    continue;
+                }
+                match effects.changed.get(&(p.prio, handle)) {
+                    Some(new) => self.keep(p.prio, p.protocol, handle, new)?,
+                    None => self.keep(p.prio, p.protocol, handle, f)?,
+                }
+            }
+        }
+        Some(())
+    }
+
+    /// Remembers the filters the pass added to user tables of whitelist
+    /// prios, under the handles it gave them.
+    fn keep_added(&mut self, ops: &[Op]) -> Option<()> {
+        for op in ops {
+            let Op::AddFilter {
+                prio,
+                protocol,
+                filter,
+            } = op
+            else {
+                continue;
+            };
+            if !is_whitelist_prio(*prio) {
+                continue;
+            }
+            if let (Table::User(t), Some(id)) = (filter.table, filter.id) {
+                let handle = t | (u32::from(filter.bucket) << 12) | id;
+                self.keep(*prio, *protocol, handle, filter)?;
+            }
+        }
+        Some(())
+    }
+
+    /// Every hashed entry of the plan (`hashed` of them) is remembered
+    /// where the plan puts it, and nothing else.
+    fn holds_exactly(&self, plan: &WhitelistPlan<'_>, hashed: usize) -> bool {
+        let placed = plan.entries().all(|(net, class, g)| {
+            let Group::Hashed(gi) = g else { return true };
+            let Some(slot) = self.entries.get(&net) else {
+                return false;
+            };
+            let p = plan.place(&net, gi);
+            let (table, bucket, _) = split(slot.handle);
+            slot.classid == class && (p.prio, p.table, p.bucket) == (slot.prio, table, bucket)
+        });
+        placed && hashed == self.entries.len()
     }
 
     /// Filters in the written tree.
@@ -266,75 +315,11 @@ impl Written {
         choice: LeafChoice,
         light: &Observed,
     ) -> Option<Delta> {
-        let skeleton = plan_skeleton(&target.valid, choice, &light.local);
-        if skeleton != self.skeleton {
-            return None;
-        }
-        let bare = Shape {
-            prios: vec![],
-            ..skeleton
-        };
-        if !diff(&light.shape, &bare).is_empty() {
-            return None;
-        }
-        let plan = WhitelistPlan::new(&target.valid, &target.protected);
-        if plan.layout() != self.layout {
-            return None;
-        }
-        let mut added: Vec<(IpNet, u32, Place)> = Vec::new();
-        let mut changed = Vec::new();
-        for (net, class, g) in plan.entries() {
-            let Group::Hashed(gi) = g else { continue };
-            match self.entries.get_mut(&net) {
-                Some(slot) => {
-                    slot.seen = true;
-                    if slot.classid != class {
-                        changed.push((net, class));
-                    }
-                }
-                None => added.push((net, class, plan.place(&net, gi))),
-            }
-        }
-        let mut removed = Vec::new();
-        for (net, slot) in self.entries.iter_mut() {
-            if !std::mem::take(&mut slot.seen) {
-                removed.push(*net);
-            }
-        }
-        // Ids: the lowest free in each bucket that gains an entry; ids of
-        // entries about to be deleted stay taken (deletions run last).
-        let buckets: HashSet<(u32, u8)> =
-            added.iter().map(|(_, _, p)| (p.table, p.bucket)).collect();
-        let mut taken: HashMap<(u32, u8), BTreeSet<u32>> = HashMap::default();
-        let slots = self.entries.values().map(|s| split(s.handle));
-        for (table, bucket, id) in slots.chain(self.others.iter().copied()) {
-            if buckets.contains(&(table, bucket)) {
-                taken.entry((table, bucket)).or_default().insert(id);
-            }
-        }
+        let plan = self.same_outline(target, choice, light)?;
+        let (added, changed) = self.compare(&plan);
+        let removed = self.unseen();
         let mut ops = Vec::with_capacity(added.len() + changed.len() + removed.len());
-        let mut new_slots = Vec::with_capacity(added.len());
-        for (net, class, p) in added {
-            let ids = taken.entry((p.table, p.bucket)).or_default();
-            let id = (1..0xfff).find(|i| !ids.contains(i))?;
-            ids.insert(id);
-            let filter = entry_filter(&net, class, p.table, p.bucket, id);
-            let handle = p.table | (u32::from(p.bucket) << 12) | id;
-            new_slots.push((
-                net,
-                Slot {
-                    handle,
-                    classid: class,
-                    prio: p.prio,
-                    seen: false,
-                },
-            ));
-            ops.push(Op::AddFilter {
-                prio: p.prio,
-                protocol: p.protocol,
-                filter,
-            });
-        }
+        let new_slots = self.add(added, &mut ops)?;
         for (net, class) in &changed {
             let slot = self.entries[net];
             let (table, bucket, id) = split(slot.handle);
@@ -359,6 +344,100 @@ impl Written {
             changed,
             removed,
         })
+    }
+
+    /// The plan of `target`'s whitelist, when everything around its entries
+    /// is as written: the skeleton, the classes and leaves the kernel holds
+    /// (`light`), and the whitelist's layout.
+    fn same_outline<'t>(
+        &self,
+        target: &'t Target,
+        choice: LeafChoice,
+        light: &Observed,
+    ) -> Option<WhitelistPlan<'t>> {
+        let skeleton = plan_skeleton(&target.valid, choice, &light.local);
+        if skeleton != self.skeleton {
+            return None;
+        }
+        let bare = Shape {
+            prios: vec![],
+            ..skeleton
+        };
+        if !diff(&light.shape, &bare).is_empty() {
+            return None;
+        }
+        let plan = WhitelistPlan::new(&target.valid, &target.protected);
+        (plan.layout() == self.layout).then_some(plan)
+    }
+
+    /// The plan's hashed entries not remembered (with where they go), and
+    /// the remembered ones whose class changed; marks every remembered one
+    /// the plan has as seen.
+    fn compare(&mut self, plan: &WhitelistPlan<'_>) -> (Vec<Addition>, Vec<ClassChange>) {
+        let mut added = Vec::new();
+        let mut changed = Vec::new();
+        for (net, class, g) in plan.entries() {
+            let Group::Hashed(gi) = g else { continue };
+            match self.entries.get_mut(&net) {
+                Some(slot) => {
+                    slot.seen = true;
+                    if slot.classid != class {
+                        changed.push((net, class));
+                    }
+                }
+                None => added.push((net, class, plan.place(&net, gi))),
+            }
+        }
+        (added, changed)
+    }
+
+    /// The remembered entries [`Written::compare`] did not see (clearing
+    /// every mark for the next delta).
+    fn unseen(&mut self) -> Vec<IpNet> {
+        let mut removed = Vec::new();
+        for (net, slot) in self.entries.iter_mut() {
+            if !std::mem::take(&mut slot.seen) {
+                removed.push(*net);
+            }
+        }
+        removed
+    }
+
+    /// Pushes an addition for each of `added` with the lowest id free in
+    /// its bucket, and returns their slots; `None` when a bucket is full.
+    /// Ids of entries about to be deleted stay taken (deletions run last).
+    fn add(&self, added: Vec<Addition>, ops: &mut Vec<Op>) -> Option<Vec<(IpNet, Slot)>> {
+        let buckets: HashSet<(u32, u8)> =
+            added.iter().map(|(_, _, p)| (p.table, p.bucket)).collect();
+        let mut taken: HashMap<(u32, u8), BTreeSet<u32>> = HashMap::default();
+        let slots = self.entries.values().map(|s| split(s.handle));
+        for (table, bucket, id) in slots.chain(self.others.iter().copied()) {
+            if buckets.contains(&(table, bucket)) {
+                taken.entry((table, bucket)).or_default().insert(id);
+            }
+        }
+        let mut new_slots = Vec::with_capacity(added.len());
+        for (net, class, p) in added {
+            let ids = taken.entry((p.table, p.bucket)).or_default();
+            let id = (1..0xfff).find(|i| !ids.contains(i))?;
+            ids.insert(id);
+            let handle = p.table | (u32::from(p.bucket) << 12) | id;
+            new_slots.push((
+                net,
+                Slot {
+                    handle,
+                    classid: class,
+                    prio: p.prio,
+                    seen: false,
+                },
+            ));
+            ops.push(Op::AddFilter {
+                prio: p.prio,
+                protocol: p.protocol,
+                filter: entry_filter(&net, class, p.table, p.bucket, id),
+            });
+        }
+        Some(new_slots)
     }
 
     /// Records a delta the kernel acknowledged in full.
@@ -550,6 +629,53 @@ mod tests {
                 _ => "other",
             })
             .collect()
+    }
+
+    /// Only deletions and changes in whitelist prios are carried as such;
+    /// a deleted prio or root is noted whatever it held.
+    #[test]
+    fn the_effects_of_a_pass_on_the_whitelist_prios() {
+        let f = entry_filter(
+            &"198.51.100.0/24".parse().expect("net"),
+            0x00e9_0030,
+            0x103 << 20,
+            100,
+            1,
+        );
+        let ops = [
+            Op::DelFilter {
+                prio: 13,
+                protocol: ETH_P_IP,
+                handle: 1,
+            },
+            Op::DelFilter {
+                prio: 40,
+                protocol: ETH_P_IP,
+                handle: 2,
+            },
+            Op::ChangeFilter {
+                prio: 13,
+                protocol: ETH_P_IP,
+                handle: 3,
+                filter: f.clone(),
+            },
+            Op::ChangeFilter {
+                prio: 40,
+                protocol: ETH_P_IP,
+                handle: 4,
+                filter: f.clone(),
+            },
+            Op::DelPrio {
+                prio: 40,
+                protocol: ETH_P_IP,
+            },
+        ];
+        let e = Effects::of(&ops);
+        assert_eq!(e.deleted, HashSet::from_iter([(13, 1)]));
+        assert_eq!(e.changed.keys().copied().collect::<Vec<_>>(), [(13, 3)]);
+        assert_eq!(e.dead, BTreeSet::from([40]));
+        assert!(!e.root_gone);
+        assert!(Effects::of(&[Op::DelRoot]).root_gone);
     }
 
     #[test]
