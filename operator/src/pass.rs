@@ -870,7 +870,15 @@ async fn write_plans(
                 return Ok(Pass::More);
             }
             let cached = seen.cached_rv.get(&w.node).cloned().flatten();
-            write_plan(ctx, api, cached, w).await.map(|()| Pass::Done)
+            let span = info_span!(
+                "plan",
+                node = %w.node,
+                guard = w.spec.guard.as_ref().map_or("", |g| g.name.as_str())
+            );
+            write_plan(ctx, api, cached, w)
+                .instrument(span)
+                .await
+                .map(|()| Pass::Done)
         }
     });
     let mut pass = Pass::Done;
@@ -932,6 +940,7 @@ async fn write_guard_statuses(
     let refs = &seen.refs;
     let writes = statuses.into_iter().map(|mut w| {
         let (guards, fresh_rv) = (&guards, &*fresh_rv);
+        let span = info_span!("guard_status", guard = %w.guard);
         async move {
             for e in &w.events {
                 event(ctx, refs.get(&w.guard), e).await;
@@ -948,6 +957,7 @@ async fn write_guard_statuses(
                 .await?;
             Ok((w.guard, new.resource_version()))
         }
+        .instrument(span)
     });
     for r in parallel(writes).await {
         if let Ok((guard, rv)) = &r {
