@@ -154,16 +154,7 @@ fn run_prio<'a>(p: &'a Prio, pkt: &Packet) -> Option<&'a Filter> {
             continue;
         };
         let off = top.off;
-        let mut matched = true;
-        for k in &n.sel.keys {
-            let toff = off + i64::from(k.off) + (off2 & i64::from(k.offmask));
-            let w = pkt.word(toff)?;
-            if (w ^ k.val) & k.mask != 0 {
-                matched = false;
-                break;
-            }
-        }
-        if !matched {
+        if !keys_match(n, pkt, off, off2)? {
             top.idx += 1;
             continue;
         }
@@ -178,30 +169,8 @@ fn run_prio<'a>(p: &'a Prio, pkt: &Packet) -> Option<&'a Filter> {
             return None;
         }
         let (table, divisor) = table_of(p, link);
-        let mut bucket = 0u8;
-        if divisor > 1 {
-            let data = pkt.word(off + i64::from(n.sel.hoff))?;
-            let fshift = if n.sel.hmask == 0 {
-                0
-            } else {
-                n.sel.hmask.trailing_zeros()
-            };
-            bucket = (((data & n.sel.hmask) >> fshift) & (divisor - 1)) as u8;
-        }
-        let mut new_off = off;
-        if n.sel.flags & (U32_OFFSET | U32_VAROFFSET) != 0 {
-            off2 = i64::from(n.sel.off) + 3;
-            if n.sel.flags & U32_VAROFFSET != 0 {
-                let w = pkt.word(off + i64::from(n.sel.offoff))?;
-                let half = (w >> 16) as u16;
-                off2 += i64::from((half & n.sel.offmask) >> n.sel.offshift);
-            }
-            off2 &= !3;
-        }
-        if n.sel.flags & U32_EAT != 0 {
-            new_off += off2;
-            off2 = 0;
-        }
+        let bucket = bucket_of(n, pkt, off, divisor)?;
+        let new_off = next_offset(n, pkt, off, &mut off2)?;
         if new_off < pkt.bytes.len() as i64 {
             stack.push(Frame {
                 filters: table_filters(p, table, bucket),
@@ -215,6 +184,56 @@ fn run_prio<'a>(p: &'a Prio, pkt: &Packet) -> Option<&'a Filter> {
     None
 }
 
+/// Whether every key of `n` matches the packet at header offset `off`
+/// (`off2`: the offset a previous node computed, for keys with an
+/// `offmask`); `None` when a key reads past the packet.
+fn keys_match(n: &Filter, pkt: &Packet, off: i64, off2: i64) -> Option<bool> {
+    for k in &n.sel.keys {
+        let toff = off + i64::from(k.off) + (off2 & i64::from(k.offmask));
+        let w = pkt.word(toff)?;
+        if (w ^ k.val) & k.mask != 0 {
+            return Some(false);
+        }
+    }
+    Some(true)
+}
+
+/// The bucket of a table with `divisor` buckets that link node `n` hashes
+/// the packet into (the word at `hoff`, masked by `hmask` and shifted down).
+fn bucket_of(n: &Filter, pkt: &Packet, off: i64, divisor: u32) -> Option<u8> {
+    if divisor <= 1 {
+        return Some(0);
+    }
+    let data = pkt.word(off + i64::from(n.sel.hoff))?;
+    let fshift = if n.sel.hmask == 0 {
+        0
+    } else {
+        n.sel.hmask.trailing_zeros()
+    };
+    Some((((data & n.sel.hmask) >> fshift) & (divisor - 1)) as u8)
+}
+
+/// The header offset the linked table starts at: `off`, moved by what link
+/// node `n` computes into `off2` (`offset at ... mask ... shift ...`) when
+/// it eats it (`eat`), as the kernel does.
+fn next_offset(n: &Filter, pkt: &Packet, off: i64, off2: &mut i64) -> Option<i64> {
+    let mut new_off = off;
+    if n.sel.flags & (U32_OFFSET | U32_VAROFFSET) != 0 {
+        *off2 = i64::from(n.sel.off) + 3;
+        if n.sel.flags & U32_VAROFFSET != 0 {
+            let w = pkt.word(off + i64::from(n.sel.offoff))?;
+            let half = (w >> 16) as u16;
+            *off2 += i64::from((half & n.sel.offmask) >> n.sel.offshift);
+        }
+        *off2 &= !3;
+    }
+    if n.sel.flags & U32_EAT != 0 {
+        new_off += *off2;
+        *off2 = 0;
+    }
+    Some(new_off)
+}
+
 /// Classifies a packet through every prio in order, as `tcf_classify` does.
 pub fn classify<'a>(shape: &'a Shape, pkt: &Packet) -> Option<Verdict<'a>> {
     let mut prios: Vec<&Prio> = shape.prios.iter().collect();
@@ -223,4 +242,63 @@ pub fn classify<'a>(shape: &'a Shape, pkt: &Packet) -> Option<Verdict<'a>> {
         .into_iter()
         .filter(|p| p.protocol == pkt.protocol)
         .find_map(|p| run_prio(p, pkt).map(|node| Verdict { prio: p.prio, node }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(sel: Selector) -> Filter {
+        Filter {
+            table: Table::Root,
+            bucket: 0,
+            id: Some(1),
+            sel,
+            classid: None,
+            link: Some(0x200 << 20),
+            origin: Origin::Unknown,
+        }
+    }
+
+    /// `offset at 0 mask 0x0f00 shift 6 eat` steps over the IPv4 header,
+    /// options included; a hash link picks the bucket of the masked word.
+    #[test]
+    fn links_step_over_the_header_and_hash_into_buckets() {
+        let dst: IpAddr = "198.51.100.9".parse().expect("ip");
+        let ihl = link(Selector {
+            flags: U32_OFFSET | U32_VAROFFSET | U32_EAT,
+            offmask: 0x0f00,
+            offshift: 6,
+            ..Selector::default()
+        });
+        for (option_words, want) in [(0, 20), (2, 28), (10, 60)] {
+            let pkt = Packet::new(dst, L4::Tcp, 443, option_words);
+            let mut off2 = 0;
+            assert_eq!(next_offset(&ihl, &pkt, 0, &mut off2), Some(want));
+            assert_eq!(off2, 0, "eaten");
+        }
+        let hashed = link(Selector {
+            hoff: 16,
+            hmask: 0xff,
+            ..Selector::default()
+        });
+        let pkt = Packet::new(dst, L4::Tcp, 443, 0);
+        assert_eq!(bucket_of(&hashed, &pkt, 0, 256), Some(9));
+        assert_eq!(bucket_of(&hashed, &pkt, 0, 1), Some(0), "one bucket");
+        assert_eq!(bucket_of(&hashed, &pkt, 1000, 256), None, "past the end");
+        let key = |val: u32| Key {
+            mask: u32::MAX,
+            val,
+            off: 16,
+            offmask: 0,
+        };
+        let entry = |val| {
+            link(Selector {
+                keys: vec![key(val)],
+                ..Selector::default()
+            })
+        };
+        assert_eq!(keys_match(&entry(0xc633_6409), &pkt, 0, 0), Some(true));
+        assert_eq!(keys_match(&entry(0xc633_640a), &pkt, 0, 0), Some(false));
+    }
 }
