@@ -392,6 +392,30 @@ mod root_tests {
             RootState::Foreign { .. }
         ));
     }
+
+    /// Classes read back come out parents first, whatever the dump's order;
+    /// an orphan keeps its place at the end.
+    #[test]
+    fn classes_read_back_are_ordered_parents_first() {
+        let class = |classid: u32, parent: u32| Class {
+            classid,
+            parent,
+            rate: 0,
+            ceil: 0,
+            buffer: 0,
+            cbuffer: 0,
+            quantum: 0,
+            prio: 0,
+        };
+        let dumped = vec![
+            class(0x00e9_0010, 0x00e9_0001),
+            class(0x00e9_0077, 0x00e9_0066),
+            class(0x00e9_0001, ROOT),
+            class(0x00e9_0020, 0x00e9_0001),
+        ];
+        let ids: Vec<u32> = parents_first(dumped).iter().map(|c| c.classid).collect();
+        assert_eq!(ids, [0x00e9_0001, 0x00e9_0010, 0x00e9_0020, 0x00e9_0077]);
+    }
 }
 
 /// Reads root, classes, leaves and filters of `ifindex`.
@@ -424,35 +448,17 @@ pub fn observe(nl: &mut Netlink, ifindex: i32) -> io::Result<Observed> {
 /// whatever the whitelist. The filter dump is what costs at 100,000
 /// entries (the kernel re-walks a u32 prio for every 32 KiB batch).
 pub fn observe_light(nl: &mut Netlink, ifindex: i32) -> io::Result<Observed> {
-    let mut qdiscs = Vec::new();
-    for m in nl.dump(RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default()))? {
-        if let RouteNetlinkMessage::NewQueueDiscipline(q) = m {
-            if q.header.index == ifindex {
-                qdiscs.push(q);
-            }
-        }
-    }
+    let qdiscs = qdiscs_of(nl, ifindex)?;
     let root_msg = qdiscs
         .iter()
         .find(|q| u32::from(q.header.parent) == TC_H_ROOT);
-    let root_kind = root_msg
-        .map(|q| kind_of(&q.attributes))
-        .unwrap_or_else(|| "noop".into());
-    let root_handle = root_msg.map_or(0, |q| u32::from(q.header.handle));
-    let root_counters = root_msg
-        .map(|q| counters(&q.attributes))
-        .unwrap_or_default();
-    let children: Vec<(u32, u32)> = qdiscs
-        .iter()
-        .filter(|q| u32::from(q.header.parent) != TC_H_ROOT)
-        .map(|q| (u32::from(q.header.parent), u32::from(q.header.handle)))
-        .collect();
-    let root = root_state(&root_kind, root_handle, &children);
     let mut obs = Observed {
-        root,
+        root: root_state_of(root_msg, &qdiscs),
         shape: Shape::default(),
         counters: vec![],
-        root_counters,
+        root_counters: root_msg
+            .map(|q| counters(&q.attributes))
+            .unwrap_or_default(),
         direct_packets: 0,
         hooks: hooks(nl, ifindex, &qdiscs)?,
         local: local_addresses(nl, ifindex)?,
@@ -469,7 +475,48 @@ pub fn observe_light(nl: &mut Netlink, ifindex: i32) -> io::Result<Observed> {
         });
         obs.direct_packets = u32_at(&glob, 16);
     }
-    for q in &qdiscs {
+    obs.shape.leaves = leaves_of(&qdiscs);
+    let mut classes = Vec::new();
+    for (class, c) in dump_classes(nl, ifindex)? {
+        obs.counters.push((class.classid, c));
+        classes.push(class);
+    }
+    obs.shape.classes = parents_first(classes);
+    Ok(obs)
+}
+
+/// The qdiscs of interface `ifindex` (the dump holds every interface's).
+fn qdiscs_of(nl: &mut Netlink, ifindex: i32) -> io::Result<Vec<TcMessage>> {
+    let mut qdiscs = Vec::new();
+    for m in nl.dump(RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default()))? {
+        if let RouteNetlinkMessage::NewQueueDiscipline(q) = m {
+            if q.header.index == ifindex {
+                qdiscs.push(q);
+            }
+        }
+    }
+    Ok(qdiscs)
+}
+
+/// Whose root qdisc `root` is (none: `noop`), judged with the qdiscs
+/// under it.
+fn root_state_of(root: Option<&TcMessage>, qdiscs: &[TcMessage]) -> RootState {
+    let kind = root
+        .map(|q| kind_of(&q.attributes))
+        .unwrap_or_else(|| "noop".into());
+    let handle = root.map_or(0, |q| u32::from(q.header.handle));
+    let children: Vec<(u32, u32)> = qdiscs
+        .iter()
+        .filter(|q| u32::from(q.header.parent) != TC_H_ROOT)
+        .map(|q| (u32::from(q.header.parent), u32::from(q.header.handle)))
+        .collect();
+    root_state(&kind, handle, &children)
+}
+
+/// The leaf qdiscs under our classes.
+fn leaves_of(qdiscs: &[TcMessage]) -> Vec<Leaf> {
+    let mut leaves = Vec::new();
+    for q in qdiscs {
         let parent = u32::from(q.header.parent);
         if parent == TC_H_ROOT || parent >> 16 != ROOT >> 16 {
             continue;
@@ -482,18 +529,18 @@ pub fn observe_light(nl: &mut Netlink, ifindex: i32) -> io::Result<Observed> {
             "pfifo" => LeafKind::Pfifo,
             other => LeafKind::Other(other.to_string()),
         };
-        obs.shape.leaves.push(Leaf {
+        leaves.push(Leaf {
             handle: u32::from(q.header.handle),
             parent,
             kind,
         });
     }
-    for (class, c) in dump_classes(nl, ifindex)? {
-        obs.counters.push((class.classid, c));
-        obs.shape.classes.push(class);
-    }
-    // Parents before children, as plans list them.
-    let classes = std::mem::take(&mut obs.shape.classes);
+    leaves
+}
+
+/// `classes` with parents before children, as plans list them (classes
+/// whose parent never appears keep their order, last).
+fn parents_first(classes: Vec<Class>) -> Vec<Class> {
     let mut ordered: Vec<Class> = Vec::new();
     let mut rest = classes;
     while !rest.is_empty() {
@@ -509,8 +556,7 @@ pub fn observe_light(nl: &mut Netlink, ifindex: i32) -> io::Result<Observed> {
             ordered.append(&mut rest);
         }
     }
-    obs.shape.classes = ordered;
-    Ok(obs)
+    ordered
 }
 
 /// One u32 filter message of a dump, read in place.
