@@ -5,6 +5,7 @@
 //! are the process around them (watches, writes, status, Events, finalizers,
 //! leader election, the Prometheus client and the Alertmanager receiver).
 
+pub mod context;
 pub mod decide;
 pub mod enforcement;
 pub mod evaluate;
@@ -22,5 +23,7 @@ pub mod rbac;
 pub mod receiver;
 pub mod remediate;
 pub mod run;
+pub mod snapshot;
 pub mod status;
 pub mod webhook;
+pub mod writes;

@@ -21,15 +21,14 @@ use kube::{Client, Resource};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+use crate::context::{any_active, Caches, Ctx, OpMetrics, API_SLICE, HEARTBEAT_CHECK};
 use crate::kinds::Served;
 use crate::leader::Leader;
 use crate::own_writes::OwnWrites;
-use crate::pass::{
-    any_active, reconcile, Caches, Ctx, OpMetrics, Pass, PassError, API_SLICE, HEARTBEAT_CHECK,
-};
+use crate::pass::{reconcile, Pass, PassError};
 
 pub use crate::intent::FINALIZER;
-pub use crate::pass::MANAGER;
+pub use crate::writes::MANAGER;
 /// How the operator runs.
 #[derive(Debug, Clone)]
 pub struct OperatorConfig {
