@@ -70,9 +70,9 @@ fn comment(o: &Origin) -> String {
 
 /// One `tc` command per operation.
 pub fn tc_command(op: &Op, dev: &str) -> String {
-    let filt = |prio: u16, proto: u16| {
+    let filter = |verb: &str, prio: u16, proto: u16| {
         format!(
-            "tc filter {{}} dev {dev} parent e9: prio {prio} protocol {}",
+            "tc filter {verb} dev {dev} parent e9: prio {prio} protocol {}",
             proto_name(proto)
         )
     };
@@ -106,47 +106,154 @@ pub fn tc_command(op: &Op, dev: &str) -> String {
         }
         Op::AddTable { prio, protocol, table } => format!(
             "{} handle {} u32 divisor {}",
-            filt(*prio, *protocol).replace("{}", "add"),
+            filter("add", *prio, *protocol),
             table_id(table.handle),
             table.divisor
         ),
         Op::DelTable { prio, protocol, handle } | Op::SweepTable { prio, protocol, handle } => {
-            format!("{} handle {} u32", filt(*prio, *protocol).replace("{}", "del"), table_id(*handle))
+            format!("{} handle {} u32", filter("del", *prio, *protocol), table_id(*handle))
         }
-        Op::AddFilter { prio, protocol, filter: node } | Op::ChangeFilter { prio, protocol, filter: node, .. } => {
-            let verb = if matches!(op, Op::AddFilter { .. }) { "add" } else { "replace" };
-            let mut s = filt(*prio, *protocol).replace("{}", verb);
-            match (op, node.table) {
-                (Op::ChangeFilter { handle, .. }, _) => s.push_str(&format!(" handle {}", fmt_u32_handle(*handle))),
-                (_, Table::User(t)) => {
-                    s.push_str(&format!(" handle {:x}:{:x}:{:x}", t >> 20, node.bucket, node.id.unwrap_or(0)));
-                }
-                (_, Table::Root) => s.push_str(&format!(" handle ::{:x}", node.id.unwrap_or(0))),
-            }
-            s.push_str(" u32");
-            if let Some(c) = node.classid {
-                s.push_str(&format!(" classid {}", fmt_handle(c)));
-            }
-            if let Some(l) = node.link {
-                s.push_str(&format!(" link {}", table_id(l)));
-                if node.sel.hmask != 0 {
-                    s.push_str(&format!(" hashkey mask {:#010x} at {}", node.sel.hmask, node.sel.hoff));
-                }
-            }
-            if let (Table::User(t), Op::AddFilter { .. }) = (node.table, op) {
-                s.push_str(&format!(" ht {:x}:{:x}:", t >> 20, node.bucket));
-            }
-            s.push(' ');
-            s.push_str(&selector_words(&node.sel));
-            s.push_str(&comment(&node.origin));
-            s
+        Op::AddFilter { prio, protocol, filter: node } => {
+            u32_filter(filter("add", *prio, *protocol), node, None)
+        }
+        Op::ChangeFilter { prio, protocol, handle, filter: node } => {
+            u32_filter(filter("replace", *prio, *protocol), node, Some(*handle))
         }
         Op::Unlink { prio, protocol, handle } => {
-            format!("{} handle {} u32 link 0", filt(*prio, *protocol).replace("{}", "change"), fmt_u32_handle(*handle))
+            format!("{} handle {} u32 link 0", filter("change", *prio, *protocol), fmt_u32_handle(*handle))
         }
         Op::DelFilter { prio, protocol, handle } => {
-            format!("{} handle {} u32", filt(*prio, *protocol).replace("{}", "del"), fmt_u32_handle(*handle))
+            format!("{} handle {} u32", filter("del", *prio, *protocol), fmt_u32_handle(*handle))
         }
-        Op::DelPrio { prio, protocol } => filt(*prio, *protocol).replace("{}", "del"),
+        Op::DelPrio { prio, protocol } => filter("del", *prio, *protocol),
+    }
+}
+
+/// `head` (`tc filter add|replace dev ... protocol ...`) followed by the
+/// u32 node: its handle, classid or link (with its hash key), `ht` for a
+/// new node in a user table, the match words and where it comes from.
+/// `changed`: the handle of the node replaced in place (it keeps its table).
+fn u32_filter(mut s: String, node: &Filter, changed: Option<u32>) -> String {
+    match (changed, node.table) {
+        (Some(handle), _) => s.push_str(&format!(" handle {}", fmt_u32_handle(handle))),
+        (None, Table::User(t)) => {
+            s.push_str(&format!(
+                " handle {:x}:{:x}:{:x}",
+                t >> 20,
+                node.bucket,
+                node.id.unwrap_or(0)
+            ));
+        }
+        (None, Table::Root) => s.push_str(&format!(" handle ::{:x}", node.id.unwrap_or(0))),
+    }
+    s.push_str(" u32");
+    if let Some(c) = node.classid {
+        s.push_str(&format!(" classid {}", fmt_handle(c)));
+    }
+    if let Some(l) = node.link {
+        s.push_str(&format!(" link {}", table_id(l)));
+        if node.sel.hmask != 0 {
+            s.push_str(&format!(
+                " hashkey mask {:#010x} at {}",
+                node.sel.hmask, node.sel.hoff
+            ));
+        }
+    }
+    if let (Table::User(t), None) = (node.table, changed) {
+        s.push_str(&format!(" ht {:x}:{:x}:", t >> 20, node.bucket));
+    }
+    s.push(' ');
+    s.push_str(&selector_words(&node.sel));
+    s.push_str(&comment(&node.origin));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kind of operation reads as the tc command it mirrors.
+    #[test]
+    fn each_operation_reads_as_its_tc_command() {
+        let entry = Filter {
+            table: Table::User(0x103 << 20),
+            bucket: 0x64,
+            id: Some(2),
+            sel: Selector {
+                flags: U32_TERMINAL,
+                keys: vec![Key {
+                    mask: 0xffff_ff00,
+                    val: 0xc633_6400,
+                    off: 16,
+                    offmask: 0,
+                }],
+                ..Selector::default()
+            },
+            classid: Some(0x00e9_0030),
+            link: None,
+            origin: Origin::Whitelist {
+                group: None,
+                index: 0,
+            },
+        };
+        let link = Filter {
+            table: Table::Root,
+            bucket: 0,
+            id: Some(1),
+            sel: Selector {
+                hoff: 16,
+                hmask: 0xff,
+                ..Selector::default()
+            },
+            classid: None,
+            link: Some(0x103 << 20),
+            origin: Origin::Link("whitelist /24"),
+        };
+        let (prio, protocol, handle) = (13, ETH_P_IP, 0x1036_4002);
+        let ops = [
+            Op::AddFilter {
+                prio,
+                protocol,
+                filter: entry.clone(),
+            },
+            Op::AddFilter {
+                prio,
+                protocol,
+                filter: link,
+            },
+            Op::ChangeFilter {
+                prio,
+                protocol,
+                handle,
+                filter: entry,
+            },
+            Op::Unlink {
+                prio,
+                protocol: ETH_P_IPV6,
+                handle,
+            },
+            Op::DelFilter {
+                prio,
+                protocol,
+                handle,
+            },
+            Op::SweepTable {
+                prio,
+                protocol,
+                handle: 0x103 << 20,
+            },
+            Op::DelPrio { prio, protocol },
+        ];
+        let got: Vec<String> = ops.iter().map(|op| tc_command(op, "eth0")).collect();
+        let want = [
+            "tc filter add dev eth0 parent e9: prio 13 protocol ip handle 103:64:2 u32 classid e9:30 ht 103:64: match u32 0xc6336400 0xffffff00 at 16  # spec.whitelist[0]",
+            "tc filter add dev eth0 parent e9: prio 13 protocol ip handle ::1 u32 link 103: hashkey mask 0x000000ff at 16   # whitelist /24",
+            "tc filter replace dev eth0 parent e9: prio 13 protocol ip handle 103:64:2 u32 classid e9:30 match u32 0xc6336400 0xffffff00 at 16  # spec.whitelist[0]",
+            "tc filter change dev eth0 parent e9: prio 13 protocol ipv6 handle 103:64:2 u32 link 0",
+            "tc filter del dev eth0 parent e9: prio 13 protocol ip handle 103:64:2 u32",
+            "tc filter del dev eth0 parent e9: prio 13 protocol ip handle 103: u32",
+            "tc filter del dev eth0 parent e9: prio 13 protocol ip",
+        ];
+        assert_eq!(got, want);
     }
 }
