@@ -291,7 +291,7 @@ pub fn resolve_groups(
             }),
             Some(Err(why)) => bad.push(GroupProblem::Invalid {
                 name,
-                why: why.clone(),
+                why: why.to_string(),
             }),
             None => bad.push(GroupProblem::Missing(name)),
         }
@@ -604,7 +604,7 @@ impl Planner<'_> {
         };
         let valid = match &*parsed {
             Ok(valid) => valid,
-            Err(e) => return Err(Held::Invalid(e.clone())),
+            Err(e) => return Err(Held::Invalid(e.to_string())),
         };
         let unresolved = |e: GroupError| Held::Unresolved(e.to_string());
         let groups = resolve_groups(&g.spec, &self.extras.groups).map_err(unresolved)?;

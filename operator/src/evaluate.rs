@@ -334,6 +334,12 @@ pub struct Answer {
     pub answer: Result<Vec<Series>, QueryError>,
 }
 
+/// Why a guard's Prometheus readings are not all known: the first problem,
+/// in words (for its `MetricsAvailable` condition).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct MetricsUnavailable(pub String);
+
 /// What the evaluations found, kept between passes by the leader.
 #[derive(Debug, Default)]
 pub struct EvalState {
@@ -341,7 +347,7 @@ pub struct EvalState {
     /// Signals per (guard, node).
     pub signals: BTreeMap<(String, String), Signals>,
     /// Per guard with Prometheus triggers: Ok, or why metrics are unavailable.
-    pub available: BTreeMap<String, Result<(), String>>,
+    pub available: BTreeMap<String, Result<(), MetricsUnavailable>>,
     last: Option<Timestamp>,
 }
 
@@ -371,7 +377,7 @@ pub fn fold(
     // A sample older than two evaluations (or a minute) is stale.
     let stale_after = (2.0 * interval.as_secs_f64()).max(60.0);
     let mut signals: BTreeMap<(String, String), Signals> = BTreeMap::new();
-    let mut available: BTreeMap<String, Result<(), String>> = BTreeMap::new();
+    let mut available: BTreeMap<String, Result<(), MetricsUnavailable>> = BTreeMap::new();
     let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
     let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
     let none = Vec::new();
@@ -391,7 +397,7 @@ pub fn fold(
         let entry = available.entry(guard.clone()).or_insert(Ok(()));
         if let Some(p) = r.problems.first() {
             if entry.is_ok() {
-                *entry = Err(format!("trigger {trigger}: {p}"));
+                *entry = Err(MetricsUnavailable(format!("trigger {trigger}: {p}")));
             }
         }
         for (node, o) in &r.nodes {
@@ -425,7 +431,9 @@ pub fn fold(
                         s.unknown = Some(format!("trigger {trigger}: {why}"));
                     }
                     if entry.is_ok() {
-                        *entry = Err(format!("trigger {trigger}: node {node}: {why}"));
+                        *entry = Err(MetricsUnavailable(format!(
+                            "trigger {trigger}: node {node}: {why}"
+                        )));
                     }
                 }
             }

@@ -35,10 +35,11 @@ pub fn group_status(g: &CIDRGroup, facts: &GroupFacts, now: Timestamp) -> Option
             )],
         },
         Err(why) => {
-            let mut conditions = vec![cond(types::READY, false, group::INVALID_ENTRIES, why)];
+            let why = why.to_string();
+            let mut conditions = vec![cond(types::READY, false, group::INVALID_ENTRIES, &why)];
             conditions.extend(Progress::Stalled.condition(
                 group::INVALID_ENTRIES,
-                egressguard_crds::conditions::bounded(why, MAX_MESSAGE),
+                egressguard_crds::conditions::bounded(&why, MAX_MESSAGE),
                 gen,
                 previous,
                 at,

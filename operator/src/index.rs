@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use egressguard_crds::quarantine::{rules, QuarantineRules};
-use egressguard_crds::validate::{validate, ValidSpec};
+use egressguard_crds::validate::{validate, ValidSpec, ValidationErrors};
 use egressguard_crds::{CIDRGroup, EgressGuard};
 use kube::ResourceExt;
 
@@ -18,7 +18,7 @@ pub struct GroupFacts {
     /// Its labels (selectors match them).
     pub labels: BTreeMap<String, String>,
     /// Its content digest, or why its content is invalid.
-    pub digest: Result<String, String>,
+    pub digest: Result<String, ValidationErrors>,
     /// Its entries, parsed once (empty when invalid): a group matched by
     /// label must not widen the guards that select the label.
     pub entries: Arc<[ipnet::IpNet]>,
@@ -29,7 +29,7 @@ impl GroupFacts {
     pub fn of(g: &egressguard_crds::CIDRGroup) -> GroupFacts {
         let (digest, entries) = match g.spec.validate() {
             Ok(nets) => (Ok(g.spec.digest()), nets.into()),
-            Err(e) => (Err(e.to_string()), Vec::new().into()),
+            Err(e) => (Err(e), Vec::new().into()),
         };
         GroupFacts {
             labels: g.metadata.labels.clone().unwrap_or_default(),
@@ -43,7 +43,7 @@ impl GroupFacts {
 #[derive(Clone, Debug)]
 pub struct ParsedGuard {
     /// The validated spec, or every problem in words.
-    pub valid: Arc<Result<ValidSpec, String>>,
+    pub valid: Arc<Result<ValidSpec, ValidationErrors>>,
     /// Its quarantine rules, when it is valid and has a policy.
     pub rules: Option<QuarantineRules>,
 }
@@ -51,7 +51,7 @@ pub struct ParsedGuard {
 impl ParsedGuard {
     /// Parses `g` (what the index does once per generation).
     pub fn of(g: &EgressGuard) -> ParsedGuard {
-        let valid = validate(&g.spec).map_err(|e| e.to_string());
+        let valid = validate(&g.spec);
         let rules = valid.as_ref().ok().and_then(|_| {
             rules(g.spec.quarantine.as_ref(), g.spec.mode)
                 .ok()

@@ -132,7 +132,7 @@ pub struct GuardQuarantine {
     /// Nodes quarantined now.
     pub active: usize,
     /// For guards with Prometheus triggers: Ok, or why metrics are unavailable.
-    pub metrics: Option<Result<(), String>>,
+    pub metrics: Option<Result<(), crate::evaluate::MetricsUnavailable>>,
     /// CRDs of the API the server does not serve (an upgrade that left
     /// them out), by name: reported on every guard they affect.
     pub missing_kinds: Vec<&'static str>,
@@ -842,7 +842,7 @@ mod tests {
     #[test]
     fn metrics_and_selector_conditions_say_what_they_know() {
         let stamp = Stamp::new(Some(2), None);
-        let metrics = |m: Option<Result<(), String>>| {
+        let metrics = |m: Option<Result<(), crate::evaluate::MetricsUnavailable>>| {
             let q = GuardQuarantine {
                 metrics: m,
                 ..Default::default()
@@ -852,7 +852,9 @@ mod tests {
         assert_eq!(metrics(None), None, "no Prometheus triggers");
         assert_eq!(metrics(Some(Ok(()))).map(|c| c.0), Some("True".to_string()));
         assert_eq!(
-            metrics(Some(Err("prometheus down".into()))),
+            metrics(Some(Err(crate::evaluate::MetricsUnavailable(
+                "prometheus down".into()
+            )))),
             Some((
                 "False".into(),
                 guard::UNKNOWN.into(),
