@@ -39,7 +39,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{info, info_span, warn, Instrument};
 
 use inputs::Input;
 pub use metrics::Metrics;
@@ -400,9 +400,19 @@ struct Agent {
 
 impl Agent {
     /// One pass over `current` (the plan as the watch holds it; `None`:
-    /// absent) for `trigger`: decides the input, runs it on the kernel
-    /// thread, records it (metrics, tamper Events) and writes the status.
+    /// absent) for `trigger`, in its [`pass_span`].
     async fn pass(
+        &mut self,
+        current: Option<NodeShaping>,
+        trigger: Trigger,
+    ) -> Result<(), AgentError> {
+        let span = pass_span(&self.node, current.as_ref(), trigger);
+        self.pass_in_span(current, trigger).instrument(span).await
+    }
+
+    /// [`Agent::pass`]: decides the input, runs it on the kernel thread,
+    /// records it (metrics, tamper Events) and writes the status.
+    async fn pass_in_span(
         &mut self,
         current: Option<NodeShaping>,
         trigger: Trigger,
@@ -449,10 +459,13 @@ impl Agent {
         match verdict {
             uninstall::Verdict::Remove(why) => {
                 info!(%why, "SIGTERM: the chart was uninstalled; removing shaping so no node stays shaped with nothing to manage it");
+                let span = pass_span(&self.node, None, Trigger::Resync);
                 let (_, out) = self
                     .kernel
                     .pass(inputs::Input::Remove, Trigger::Resync)
+                    .instrument(span.clone())
                     .await?;
+                let _in_pass = span.enter();
                 for i in &out.interfaces {
                     info!(interface = %i.name, error = ?i.error, "shaping removed on uninstall");
                 }
@@ -463,6 +476,17 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// The span of one pass: this `node`, the guard `plan` names (left out when
+/// it names none: no plan, or one that carries its spec) and why it runs.
+/// The pass's log lines carry it, on this runtime and on the kernel thread
+/// ([`kernel::Kernel::pass`] takes the caller's span along).
+fn pass_span(node: &str, plan: Option<&NodeShaping>, trigger: Trigger) -> tracing::Span {
+    let guard = plan
+        .and_then(|n| n.spec.guard.as_ref())
+        .map(|g| g.name.as_str());
+    info_span!("pass", node = %node, guard, trigger = ?trigger)
 }
 
 /// The input to enforce when `input` waits for the plan's guard or groups
