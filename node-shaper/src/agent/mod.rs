@@ -26,6 +26,7 @@ pub mod kernel;
 mod metrics;
 mod reconcile;
 pub mod status;
+mod tamper;
 pub mod uninstall;
 
 use std::net::SocketAddr;
