@@ -195,8 +195,13 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     loop {
         match wake.next().await {
             Woken::Pass(trigger) => {
+                // The watch's read guard must go before the pass awaits: held
+                // across it (an `if let` keeps its scrutinee's temporaries
+                // for the whole block), the plan watcher's next send blocks
+                // this runtime's only thread on the channel's lock.
+                let current = wake.plan.borrow().clone();
                 // Nothing is decided before the first complete list.
-                if let Some(current) = wake.plan.borrow().clone() {
+                if let Some(current) = current {
                     agent.pass(current, trigger).await?;
                 }
             }
