@@ -315,6 +315,46 @@ impl Streaks {
     }
 }
 
+/// Folds one node's reading for one trigger into its signals: a breach
+/// counts once its streak (begun at `since`, unix seconds) held for the
+/// trigger's `for`; calm only if every trigger reads calm. Returns why the
+/// reading is unknown, if it is.
+fn judge<'r>(
+    s: &mut Signals,
+    a: &Answer,
+    o: &'r Reading,
+    since: f64,
+    now: Timestamp,
+) -> Option<&'r str> {
+    let now_s = now.as_millisecond() as f64 / 1000.0;
+    match o {
+        Reading::Breach { value } => {
+            s.calm = false;
+            if now_s - since >= a.hold.as_secs_f64() && s.breach.is_none() {
+                s.breach = Some(Breach {
+                    trigger: a.trigger.clone(),
+                    query: a.query.clone(),
+                    value: value.clone(),
+                    since: Timestamp::from_millisecond((since * 1000.0) as i64).unwrap_or(now),
+                    sample: now,
+                });
+            }
+            None
+        }
+        Reading::Ok { calm } => {
+            s.calm &= calm;
+            None
+        }
+        Reading::Unknown(why) => {
+            s.calm = false;
+            if s.unknown.is_none() {
+                s.unknown = Some(format!("trigger {}: {why}", a.trigger));
+            }
+            Some(why)
+        }
+    }
+}
+
 /// One trigger's answer from Prometheus, with what judging it takes.
 #[derive(Debug)]
 pub struct Answer {
@@ -409,33 +449,11 @@ pub fn fold(
                     ..Default::default()
                 });
             let began = state.streaks.record(guard, trigger, node, o, now_s);
-            match o {
-                Reading::Breach { value } => {
-                    s.calm = false;
-                    let since = began.unwrap_or(now_s);
-                    if now_s - since >= a.hold.as_secs_f64() && s.breach.is_none() {
-                        s.breach = Some(Breach {
-                            trigger: trigger.clone(),
-                            query: a.query.clone(),
-                            value: value.clone(),
-                            since: Timestamp::from_millisecond((since * 1000.0) as i64)
-                                .unwrap_or(now),
-                            sample: now,
-                        });
-                    }
-                }
-                Reading::Ok { calm } => s.calm &= calm,
-                Reading::Unknown(why) => {
-                    s.calm = false;
-                    if s.unknown.is_none() {
-                        s.unknown = Some(format!("trigger {trigger}: {why}"));
-                    }
-                    if entry.is_ok() {
-                        *entry = Err(MetricsUnavailable(format!(
-                            "trigger {trigger}: node {node}: {why}"
-                        )));
-                    }
-                }
+            let unknown = judge(s, a, o, began.unwrap_or(now_s), now);
+            if let (Some(why), true) = (unknown, entry.is_ok()) {
+                *entry = Err(MetricsUnavailable(format!(
+                    "trigger {trigger}: node {node}: {why}"
+                )));
             }
         }
     }

@@ -298,8 +298,9 @@ fn e2e_operator_runs_under_the_charts_rbac() {
     );
     // Only the schema's default status (nothing observed, no conditions).
     assert!(
-        c.get("eg", "idc").is_some_and(|g| g["status"]["observedGeneration"] == 0
-            && g["status"]["conditions"].is_null()),
+        c.get("eg", "idc").is_some_and(
+            |g| g["status"]["observedGeneration"] == 0 && g["status"]["conditions"].is_null()
+        ),
         "status written without the rule"
     );
     // The rule back (the chart's own ClusterRole): the operator converges.

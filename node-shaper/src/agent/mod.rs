@@ -40,7 +40,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use tokio::sync::watch;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{info, warn, Instrument};
 
 use inputs::Input;
 pub use metrics::Metrics;
@@ -492,7 +492,9 @@ fn pass_span(node: &str, plan: Option<&NodeShaping>, trigger: Trigger) -> tracin
     let guard = plan
         .and_then(|n| n.spec.guard.as_ref())
         .map(|g| g.name.as_str());
-    info_span!("pass", node = %node, guard, trigger = ?trigger)
+    // At WARN: the agent's default filter is `warn`, and a span below the
+    // filter's level is off, so its warnings would lose node and guard.
+    tracing::warn_span!("pass", node = %node, guard, trigger = ?trigger)
 }
 
 /// The input to enforce when `input` waits for the plan's guard or groups
