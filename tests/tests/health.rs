@@ -241,12 +241,13 @@ fn e2e_kstatus_and_argo_cd_read_every_kind_and_transition() {
         "by-hand",
         "egressguard.io/release=checked by on-call",
     ]);
-    t.settle(&c, ("egq", "by-hand"), "released", current, 30);
-    assert_eq!(
+    // An annotation moves no generation: wait for the release itself.
+    wait_for(&c, "the quarantine released", 30, || {
         c.get("egq", "by-hand")
-            .map(|q| q["status"]["phase"].clone()),
-        Some("Released".into())
-    );
+            .is_some_and(|q| q["status"]["phase"] == "Released")
+    });
+    let q = c.get("egq", "by-hand").expect("record");
+    t.judge(&q, "released", current);
 
     // Deleting while the node's agent is stopped: the finalizer holds the
     // guard until the node's shaping is gone.
