@@ -14,10 +14,9 @@ use crate::cluster::root;
 pub const KINDS: [&str; 4] = ["CIDRGroup", "EgressGuard", "NodeShaping", "Quarantine"];
 
 /// The check of `kind` shipped in the chart.
-pub fn check_file(kind: &str) -> PathBuf {
-    root().join(format!(
-        "charts/egressguard/files/argocd/egressguard.io_{kind}.lua"
-    ))
+pub fn check_file(_kind: &str) -> PathBuf {
+    // One script serves every kind (the chart renders it under each key).
+    root().join("charts/egressguard/files/argocd/health.lua")
 }
 
 /// Its key in `argocd-cm`.

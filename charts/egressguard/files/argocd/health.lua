@@ -2,10 +2,9 @@
 -- CIDRGroup, NodeShaping and Quarantine (argocd-cm key
 -- resource.customizations.health.egressguard.io_<Kind>).
 --
--- The four files egressguard.io_<Kind>.lua are identical copies of one script:
--- Argo runs each check alone, and the kind-specific rules are two tests on
--- obj.kind. Edit one, copy it over the other three; tests/tests/argocd.rs
--- fails while they differ, and runs tests/argocd/fixtures against each.
+-- One script serves the four keys (the chart renders it under each): Argo runs
+-- each check alone, and the kind-specific rules are two tests on obj.kind.
+-- tests/tests/argocd.rs runs tests/argocd/fixtures of every kind through it.
 --
 -- Argo opens only the base, table, package and a safe os library for a check
 -- from argocd-cm (no string, no math): this script uses none of them.
