@@ -116,28 +116,27 @@ impl Snapshot {
             groups: self.groups.clone(),
             parsed: self.parsed.clone(),
             // Agents from before plans by reference get the spec copied.
-            legacy_agents: self
-                .shapings
-                .iter()
-                .filter(|(_, s)| {
-                    s.status
-                        .as_ref()
-                        .is_some_and(|st| agent_wrote(st) && !st.by_reference)
-                })
-                .map(|(n, _)| n.clone())
-                .collect(),
+            legacy_agents: self.agents_lacking(|st| st.by_reference),
             // Agents from before digests in the guard's status get them in the plan.
-            digests_in_plan: self
-                .shapings
-                .iter()
-                .filter(|(_, s)| {
-                    s.status
-                        .as_ref()
-                        .is_some_and(|st| agent_wrote(st) && !st.digests_from_guard)
-                })
-                .map(|(n, _)| n.clone())
-                .collect(),
+            digests_in_plan: self.agents_lacking(|st| st.digests_from_guard),
         }
+    }
+
+    /// Nodes whose agent reported a status without `feature`: an agent
+    /// from before it, whose plans must keep the older form until it rolls.
+    fn agents_lacking(
+        &self,
+        feature: impl Fn(&egressguard_crds::NodeShapingStatus) -> bool,
+    ) -> BTreeSet<String> {
+        self.shapings
+            .iter()
+            .filter(|(_, s)| {
+                s.status
+                    .as_ref()
+                    .is_some_and(|st| agent_wrote(st) && !feature(st))
+            })
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     pub(crate) fn decide(&self, extras: &Extras) -> Decision {
