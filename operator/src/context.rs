@@ -151,8 +151,8 @@ impl Caches {
     /// The kinds whose CRD the API server does not serve.
     pub(crate) fn missing(&self) -> Vec<&'static str> {
         [
-            (&self.quarantines_served, "quarantines.egressguard.io"),
-            (&self.groups_served, "cidrgroups.egressguard.io"),
+            (&self.quarantines_served, crate::kinds::QUARANTINES),
+            (&self.groups_served, crate::kinds::CIDR_GROUPS),
         ]
         .into_iter()
         .filter(|(s, _)| s.missing())

@@ -9,6 +9,11 @@ use std::sync::Arc;
 
 use kube::runtime::watcher;
 
+/// The CRDs a later release added, which an upgrade may have left out.
+pub const QUARANTINES: &str = "quarantines.egressguard.io";
+/// See [`QUARANTINES`].
+pub const CIDR_GROUPS: &str = "cidrgroups.egressguard.io";
+
 /// What a kind's watch found, shared between its task and the passes.
 #[derive(Clone, Debug, Default)]
 pub struct Served(Arc<AtomicU8>);

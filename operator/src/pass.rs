@@ -134,7 +134,7 @@ fn decide(ctx: &Ctx, seen: &Snapshot, answers: Option<Vec<Answer>>) -> PassPlan 
             now,
         )
     });
-    let quarantines = if ctx.caches.quarantines_served.missing() {
+    let quarantines = if seen.missing_kinds.contains(&crate::kinds::QUARANTINES) {
         // Without the CRD there is nothing to record a quarantine in.
         QuarantinePlan::default()
     } else {

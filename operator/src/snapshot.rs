@@ -23,6 +23,8 @@ use crate::status::GuardQuarantine;
 /// The caches at the start of a pass, owned so the pass can borrow freely.
 pub(crate) struct Snapshot {
     pub(crate) guards: Vec<Arc<EgressGuard>>,
+    /// The CRDs the API server did not serve, read once for the whole pass.
+    pub(crate) missing_kinds: Vec<&'static str>,
     /// The guards as parsed once per change (the index's view).
     pub(crate) parsed: BTreeMap<String, ParsedGuard>,
     /// The CIDRGroups' facts, parsed once per change.
@@ -73,6 +75,7 @@ impl Snapshot {
             .unwrap_or_else(|p| p.into_inner())
             .overlay(&mut shapings);
         Snapshot {
+            missing_kinds: ctx.caches.missing(),
             node_names: nodes.iter().map(|n| n.name.clone()).collect(),
             refs: guards
                 .iter()
@@ -221,7 +224,7 @@ impl Snapshot {
                 let q = GuardQuarantine {
                     active: extras.quarantined.get(&name).map_or(0, |s| s.len()),
                     metrics: available.get(&name).cloned(),
-                    missing_kinds: ctx.caches.missing(),
+                    missing_kinds: self.missing_kinds.clone(),
                 };
                 (name, q)
             })

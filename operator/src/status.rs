@@ -162,8 +162,8 @@ fn missing_for(g: &EgressGuard, missing: &[&'static str]) -> Vec<&'static str> {
         .iter()
         .copied()
         .filter(|kind| match *kind {
-            "cidrgroups.egressguard.io" => !g.spec.whitelist_groups.is_empty(),
-            "quarantines.egressguard.io" => g.spec.mode == Mode::Auto,
+            crate::kinds::CIDR_GROUPS => !g.spec.whitelist_groups.is_empty(),
+            crate::kinds::QUARANTINES => g.spec.mode == Mode::Auto,
             _ => true,
         })
         .collect()

@@ -733,16 +733,19 @@ fn chart_admission_policy_keeps_the_operator_off_guard_specs() {
     let cp = ControlPlane::start(&dir, Options::default());
     cp.helm_install(&serde_json::json!({}));
 
+    let token = || {
+        cp.kubectl_ok(&[
+            "get",
+            "secret",
+            "-n",
+            cluster::NAMESPACE,
+            "eg-operator-webhook-token",
+            "-o",
+            "jsonpath={.data.token}",
+        ])
+    };
     // Installed without token values: a random token, kept by an upgrade.
-    let stored = cp.kubectl_ok(&[
-        "get",
-        "secret",
-        "-n",
-        cluster::NAMESPACE,
-        "eg-operator-webhook-token",
-        "-o",
-        "jsonpath={.data.token}",
-    ]);
+    let stored = token();
     assert!(stored.len() >= 32, "generated token: {stored:?}");
     // An upgrade's render against the cluster (lookup reads the Secret back).
     let upgrade = cp
@@ -775,17 +778,6 @@ fn chart_admission_policy_keeps_the_operator_off_guard_specs() {
     );
     // The real upgrade keeps it, and so does a rollback to the install.
     let chart = root().join("charts/egressguard");
-    let token = || {
-        cp.kubectl_ok(&[
-            "get",
-            "secret",
-            "-n",
-            cluster::NAMESPACE,
-            "eg-operator-webhook-token",
-            "-o",
-            "jsonpath={.data.token}",
-        ])
-    };
     for (what, o) in [
         (
             "helm upgrade",
