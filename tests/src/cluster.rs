@@ -79,23 +79,43 @@ fn in_netns(netns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Comman
 impl ControlPlane {
     /// Starts a control plane in `dir` (which must not exist yet).
     pub fn start(dir: &Path, opts: Options) -> ControlPlane {
-        let mut cmd = in_netns(opts.netns.as_deref(), "bash");
-        cmd.arg(root().join("scripts/dev-cluster.sh"))
-            .arg("up")
-            .arg(dir);
-        if let Some(b) = &opts.bind {
-            cmd.env("EG_CP_BIND", b);
+        let up = || {
+            let mut cmd = in_netns(opts.netns.as_deref(), "bash");
+            cmd.arg(root().join("scripts/dev-cluster.sh"))
+                .arg("up")
+                .arg(dir);
+            if let Some(b) = &opts.bind {
+                cmd.env("EG_CP_BIND", b);
+            }
+            if let Some(a) = &opts.advertise {
+                cmd.env("EG_CP_ADVERTISE", a);
+            }
+            if !opts.sans.is_empty() {
+                cmd.env("EG_CP_SANS", opts.sans.join(","));
+            }
+            if let Some(c) = &opts.controllers {
+                cmd.env("EG_CP_CONTROLLERS", c);
+            }
+            cmd.output().expect("run scripts/dev-cluster.sh")
+        };
+        let mut out = up();
+        // A port the script found free can be taken by another test's
+        // process before etcd or kube-apiserver binds it (tests start control
+        // planes in parallel): that start is stopped and tried again with new
+        // ports; any other failure fails at once.
+        for _ in 0..2 {
+            if out.status.success()
+                || !String::from_utf8_lossy(&out.stderr).contains("address already in use")
+            {
+                break;
+            }
+            let _ = in_netns(opts.netns.as_deref(), "bash")
+                .arg(root().join("scripts/dev-cluster.sh"))
+                .arg("down")
+                .arg(dir)
+                .output();
+            out = up();
         }
-        if let Some(a) = &opts.advertise {
-            cmd.env("EG_CP_ADVERTISE", a);
-        }
-        if !opts.sans.is_empty() {
-            cmd.env("EG_CP_SANS", opts.sans.join(","));
-        }
-        if let Some(c) = &opts.controllers {
-            cmd.env("EG_CP_CONTROLLERS", c);
-        }
-        let out = cmd.output().expect("run scripts/dev-cluster.sh");
         let mut cp = ControlPlane {
             dir: dir.to_path_buf(),
             kubeconfig: dir.join("kubeconfig"),
