@@ -1,18 +1,30 @@
 #!/usr/bin/env bash
-# A real Kubernetes control plane on this machine, for development and the tests:
-# etcd, kube-apiserver and kube-controller-manager built from their Go modules
-# (tests/control-plane) and started as processes on loopback. No kubelet, no
-# container runtime: register Nodes yourself and run the binaries as processes.
+# A real Kubernetes cluster on this machine, for development and the tests:
+# etcd, kube-apiserver, kube-controller-manager and kube-scheduler built from
+# their Go modules (tests/control-plane) and started as processes; with --nodes,
+# real kubelet nodes too (containerd, runc, a CNI bridge; scripts/lib/nodes.sh).
 #
-#   scripts/dev-cluster.sh build             build (or reuse) the binaries; prints their directory
-#   scripts/dev-cluster.sh up   [DIR]        start; writes DIR/kubeconfig (cluster-admin)
-#   scripts/dev-cluster.sh env  [DIR]        print `export KUBECONFIG=DIR/kubeconfig`
-#   scripts/dev-cluster.sh down [DIR]        stop exactly what `up` started, remove DIR
+#   scripts/dev-cluster.sh build                   build (or reuse) the binaries; prints their directory
+#   scripts/dev-cluster.sh up [--nodes N] [DIR]    start; writes DIR/kubeconfig (cluster-admin)
+#   scripts/dev-cluster.sh env  [DIR]              print `export KUBECONFIG=DIR/kubeconfig`
+#   scripts/dev-cluster.sh exec DIR NODE -- CMD... run CMD in NODE's network namespace (as over ssh)
+#   scripts/dev-cluster.sh node-stop  DIR NODE     stop NODE's kubelet and containerd (pods keep running)
+#   scripts/dev-cluster.sh node-start DIR NODE     start them again
+#   scripts/dev-cluster.sh down [DIR]              stop exactly what `up` started, remove DIR
+#
+# Without --nodes the API server listens on 127.0.0.1 and there is no kubelet:
+# register Nodes yourself and run the binaries as processes. With --nodes N:
+# nodes eg-node-1 ... eg-node-N, each a network namespace with eth0 on a bridge
+# (a private 10.231.x.0/24 chosen to overlap no route here) whose address .1 the
+# API server and an image registry (the chart's images, built by
+# scripts/build-images.sh) listen on. The kubelet sets kernel tunables of the
+# machine (vm.overcommit_memory=1, kernel.panic=10, kernel.panic_on_oops=1) and
+# creates cgroups: this is for test machines.
 #
 # DIR defaults to target/dev-cluster. Knobs (environment):
 #   EG_CP_CACHE      where built binaries are kept (default ~/.cache/egressguard/control-plane);
 #                    a binary set is rebuilt only when tests/control-plane's module files change
-#   EG_CP_BIND       kube-apiserver bind address (default 127.0.0.1)
+#   EG_CP_BIND       kube-apiserver bind address (default 127.0.0.1; with --nodes the bridge's address)
 #   EG_CP_ADVERTISE  address the API server advertises in the `kubernetes` EndpointSlice
 #                    (default: the bind address; a loopback address is not published there)
 #   EG_CP_SANS       extra IP SANs for the serving certificate, comma separated
@@ -25,26 +37,35 @@ module="$root/tests/control-plane"
 k8s_version=v1.37.2
 
 die() { echo "dev-cluster: $*" >&2; exit 1; }
+# shellcheck source=lib/nodes.sh
+source "$root/scripts/lib/nodes.sh"
 log() { echo "dev-cluster: $*" >&2; }
 
 cache_key() {
   cat "$module/go.mod" "$module/go.sum" "$module/tools.go" "$module/etcd/main.go" | sha256sum | cut -c1-16
 }
 
-# Builds kube-apiserver, kube-controller-manager and etcd unless this module
+built() {
+  local b
+  for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubelet; do
+    [[ -x "$1/$b" ]] || return 1
+  done
+}
+
+# Builds etcd and the Kubernetes binaries unless this module
 # version's binaries are already cached; prints the directory holding them.
 build() {
   command -v go >/dev/null || die "go not found: install Go 1.26+ (scripts/install-deps.sh checks for it)"
   local cache="${EG_CP_CACHE:-$HOME/.cache/egressguard/control-plane}"
   local bin="$cache/$(cache_key)"
-  if [[ -x "$bin/kube-apiserver" && -x "$bin/kube-controller-manager" && -x "$bin/etcd" ]]; then
+  if built "$bin"; then
     echo "$bin"
     return
   fi
   mkdir -p "$cache"
   local tmp
   tmp="$(mktemp -d "$cache/build.XXXXXX")"
-  log "building etcd, kube-apiserver and kube-controller-manager $k8s_version from Go modules"
+  log "building etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kubelet $k8s_version from Go modules"
   log "(the first build compiles ~3,000 packages: about 5 minutes on 2 cores, plus module downloads; later builds reuse Go's cache)"
   local start=$SECONDS ldflags="-s -w" minor
   minor="$(cut -d. -f2 <<<"$k8s_version")"
@@ -54,11 +75,12 @@ build() {
   done
   # -v names each package as it compiles: turn that into a progress line.
   (cd "$module" && go build -v -trimpath -ldflags "$ldflags" -o "$tmp/" \
-      k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager ./etcd) 2>&1 |
+      k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+      k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet ./etcd) 2>&1 |
     awk -v start="$start" '/^(#|go: |.*\.go:)/ { print > "/dev/stderr"; next }
          { n++; if (n % 250 == 0) printf "dev-cluster:   %d packages compiled\n", n > "/dev/stderr" }' ||
     { rm -rf "$tmp"; die "build failed (see above)"; }
-  [[ -x "$tmp/kube-apiserver" && -x "$tmp/kube-controller-manager" && -x "$tmp/etcd" ]] ||
+  built "$tmp" ||
     { rm -rf "$tmp"; die "build failed (see above)"; }
   rm -rf "$bin"
   mv "$tmp" "$bin"
@@ -97,7 +119,7 @@ spawn() {
 alive() { kill -0 "$1" 2>/dev/null; }
 
 wait_until() { # WHAT SECONDS COMMAND...
-  local what=$1 secs=$2; shift 2
+  local what=$1 secs=$2 pid name; shift 2
   local deadline=$((SECONDS + secs))
   until "$@" >/dev/null 2>&1; do
     while read -r pid name; do
@@ -126,6 +148,11 @@ pki() {
       -keyout "$p/admin.key" -out "$p/admin.csr"
     openssl x509 -req -in "$p/admin.csr" -CA "$p/ca.crt" -CAkey "$p/ca.key" -CAcreateserial -days 30 \
       -extfile <(printf "extendedKeyUsage=clientAuth") -out "$p/admin.crt"
+    # The API server's identity towards the kubelets (logs, exec, port-forward).
+    openssl req -newkey rsa:2048 -nodes -subj "/O=system:masters/CN=kube-apiserver-kubelet-client" \
+      -keyout "$p/kubelet-client.key" -out "$p/kubelet-client.csr"
+    openssl x509 -req -in "$p/kubelet-client.csr" -CA "$p/ca.crt" -CAkey "$p/ca.key" -CAcreateserial -days 30 \
+      -extfile <(printf "extendedKeyUsage=clientAuth") -out "$p/kubelet-client.crt"
     # Service-account token signing key (TokenRequest: `kubectl create token`).
     openssl genrsa -out "$p/sa.key" 2048
     openssl rsa -in "$p/sa.key" -pubout -out "$p/sa.pub"
@@ -159,10 +186,16 @@ Stop it and remove its files with: scripts/dev-cluster.sh down $dir"
   command -v openssl >/dev/null || die "openssl not found (apt-get install openssl; scripts/install-deps.sh does)"
   local bin start=$SECONDS
   bin="$(build)"
+  cp_bin="$bin"
   mkdir -p "$dir"
   dir="$(cd "$dir" && pwd)"
   : >"$dir/pids"
   bind="${EG_CP_BIND:-127.0.0.1}"
+  if ((nodes)); then
+    net_load "$nodes"
+    net_up
+    bind="${EG_CP_BIND:-$gateway}"
+  fi
   local advertise="${EG_CP_ADVERTISE:-$bind}"
   [[ $advertise == 0.0.0.0 ]] && advertise=127.0.0.1
   # The `kubernetes` EndpointSlice may not hold a loopback address: with one,
@@ -187,8 +220,11 @@ Stop it and remove its files with: scripts/dev-cluster.sh down $dir"
     --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$dir/pki/sa.pub" --service-account-signing-key-file "$dir/pki/sa.key" \
+    --kubelet-client-certificate "$dir/pki/kubelet-client.crt" --kubelet-client-key "$dir/pki/kubelet-client.key" \
+    --kubelet-certificate-authority "$dir/pki/ca.crt" --kubelet-preferred-address-types InternalIP \
     --endpoint-reconciler-type "$reconciler" --allow-privileged=true --v 1
   local server="https://127.0.0.1:$api_port"
+  [[ $bind == 0.0.0.0 || $bind == 127.* ]] || server="https://$bind:$api_port"
   kubeconfig "$server" >"$dir/kubeconfig"
   wait_until "kube-apiserver /readyz" 60 curl -sf --cacert "$dir/pki/ca.crt" \
     --cert "$dir/pki/admin.crt" --key "$dir/pki/admin.key" "$server/readyz"
@@ -200,9 +236,15 @@ Stop it and remove its files with: scripts/dev-cluster.sh down $dir"
     --use-service-account-credentials=true --leader-elect=false \
     --bind-address 127.0.0.1 --secure-port 0 \
     --controllers "${EG_CP_CONTROLLERS:-*}" --v 1
+  # Binds DaemonSet and Deployment pods to nodes.
+  spawn kube-scheduler "$bin/kube-scheduler" \
+    --kubeconfig "$dir/kubeconfig" --authentication-kubeconfig "$dir/kubeconfig" \
+    --authorization-kubeconfig "$dir/kubeconfig" --leader-elect=false \
+    --bind-address 127.0.0.1 --secure-port 0 --v 1
   # The serviceaccount controller creating "default" shows the controller manager is working.
   wait_until "kube-controller-manager (default ServiceAccount)" 60 \
     kubectl --kubeconfig "$dir/kubeconfig" --cache-dir "$dir/kube-cache" -n default get serviceaccount default
+  ((nodes)) && nodes_up "$nodes"
   {
     echo "server=$server"
     echo "etcd=http://127.0.0.1:$etcd_port"
@@ -214,6 +256,7 @@ Stop it and remove its files with: scripts/dev-cluster.sh down $dir"
 down() {
   [[ -d "$dir" ]] || { log "nothing to stop: $dir does not exist"; return; }
   dir="$(cd "$dir" && pwd)"
+  nodes_down
   if [[ -f "$dir/pids" ]]; then
     # Only processes this DIR started: the pid must still run a command naming DIR.
     local pids=()
@@ -236,13 +279,41 @@ down() {
 }
 
 cmd="${1:-}"
-dir="${2:-$root/target/dev-cluster}"
+shift || true
+nodes=0
+if [[ $cmd == up && ${1:-} == --nodes ]]; then
+  [[ ${2:-} =~ ^[1-9][0-9]?$ && ${2:-} -le 20 ]] || die "--nodes wants a number of nodes from 1 to 20, got '${2:-}'"
+  nodes=$2
+  shift 2
+fi
+dir="${1:-$root/target/dev-cluster}"
+node_dir() { # DIR NODE: checks both, loads the network
+  [[ -f "$dir/network" ]] || die "no nodes in $dir (start them with: $0 up --nodes N $dir)"
+  dir="$(cd "$dir" && pwd)"
+  net_load 0
+  node_index "$1" >/dev/null
+}
 case "$cmd" in
   build) build ;;
   up) up ;;
+  exec)
+    [[ -n ${2:-} && ${3:-} == -- && -n ${4:-} ]] || die "usage: $0 exec DIR NODE -- CMD..."
+    node_dir "$2"
+    ns="$(node_ns "$(node_index "$2")")"
+    shift 3
+    exec nsenter --net="/run/netns/$ns" -- "$@" ;;
+  node-stop)
+    node_dir "${2:?usage: $0 node-stop DIR NODE}"
+    node_stop "$2" ;;
+  node-start)
+    node_dir "${2:?usage: $0 node-start DIR NODE}"
+    node_bin="$("$root/scripts/build-node.sh")"
+    cp_bin="$(build)"
+    node_stop "$2"
+    node_start "$(node_index "$2")" ;;
   down) down ;;
   env)
     [[ -f "$dir/kubeconfig" ]] || die "no control plane in $dir: scripts/dev-cluster.sh up $dir"
     echo "export KUBECONFIG=$(cd "$dir" && pwd)/kubeconfig" ;;
-  *) die "usage: $0 build | up [DIR] | env [DIR] | down [DIR]" ;;
+  *) die "usage: $0 build | up [--nodes N] [DIR] | env [DIR] | exec DIR NODE -- CMD... | node-stop DIR NODE | node-start DIR NODE | down [DIR]" ;;
 esac

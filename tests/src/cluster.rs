@@ -37,6 +37,8 @@ pub struct Options {
     pub sans: Vec<String>,
     /// kube-controller-manager's `--controllers` (default `*`).
     pub controllers: Option<String>,
+    /// Kubelet nodes to start (`dev-cluster.sh up --nodes N`; 0: none).
+    pub nodes: usize,
 }
 
 /// A running control plane; dropped, it stops exactly its processes and
@@ -55,7 +57,9 @@ pub struct ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        let _ = Command::new("bash")
+        // In its namespace: the nodes' bridge and routes live there.
+        let _ = self
+            .command("bash")
             .arg(root().join("scripts/dev-cluster.sh"))
             .arg("down")
             .arg(&self.dir)
@@ -65,11 +69,14 @@ impl Drop for ControlPlane {
     }
 }
 
+/// A command in `netns`'s network namespace only: unlike `ip netns exec`,
+/// nsenter leaves the mount namespace (and /sys, with its cgroups) alone,
+/// which the kubelet and containerd need.
 fn in_netns(netns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
     match netns {
         Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(program);
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(program);
             c
         }
         None => Command::new(program),
@@ -81,9 +88,11 @@ impl ControlPlane {
     pub fn start(dir: &Path, opts: Options) -> ControlPlane {
         let up = || {
             let mut cmd = in_netns(opts.netns.as_deref(), "bash");
-            cmd.arg(root().join("scripts/dev-cluster.sh"))
-                .arg("up")
-                .arg(dir);
+            cmd.arg(root().join("scripts/dev-cluster.sh")).arg("up");
+            if opts.nodes > 0 {
+                cmd.args(["--nodes", &opts.nodes.to_string()]);
+            }
+            cmd.arg(dir);
             if let Some(b) = &opts.bind {
                 cmd.env("EG_CP_BIND", b);
             }
@@ -456,7 +465,7 @@ impl ControlPlane {
             .stderr(log)
             .spawn()
             .expect("restart kube-apiserver");
-        // `ip netns exec` execs, and setsid execs when it need not fork, so the
+        // nsenter execs, and setsid execs when it need not fork, so the
         // child's pid is the server's.
         let mut pids = std::fs::read_to_string(self.dir.join("pids")).unwrap_or_default();
         pids.push_str(&format!("{} kube-apiserver\n", child.id()));

@@ -3,6 +3,7 @@
 
 pub mod argocd;
 pub mod cluster;
+pub mod kubelet;
 pub mod lab;
 pub mod monitoring;
 pub mod plot;

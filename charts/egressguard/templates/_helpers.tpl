@@ -65,3 +65,33 @@ affinity:
               app.kubernetes.io/instance: {{ .Release.Name }}
               app.kubernetes.io/component: operator
 {{- end }}
+
+{{- /*
+The pod-level securityContext lines every pod of the chart shares (AppArmor).
+*/ -}}
+{{- define "egressguard.appArmor" -}}
+{{- with .Values.appArmorProfile }}
+{{- if not (has . (list "RuntimeDefault" "Unconfined")) }}
+{{- fail (printf "appArmorProfile: %q is not RuntimeDefault, Unconfined or \"\" (none, for kernels without AppArmor)" .) }}
+{{- end }}
+appArmorProfile: {type: {{ . }}}
+{{- end }}
+{{- end }}
+
+{{- /*
+KUBERNETES_SERVICE_HOST/PORT for clusters where the `kubernetes` Service has no
+proxy (values kubernetesApi); nothing otherwise.
+*/ -}}
+{{- define "egressguard.apiEnv" -}}
+{{- with .Values.kubernetesApi }}
+{{- if or .host .port }}
+{{- if not (and .host .port) }}
+{{- fail "kubernetesApi: set both host and port (or neither, to use the kubernetes Service)" }}
+{{- end }}
+- name: KUBERNETES_SERVICE_HOST
+  value: {{ .host | quote }}
+- name: KUBERNETES_SERVICE_PORT
+  value: {{ .port | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
