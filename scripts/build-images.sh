@@ -25,6 +25,14 @@ while (($#)); do
     *) die "unknown argument $1 (usage: $0 [--push REGISTRY] [--tag TAG]...)" ;;
   esac
 done
+if [[ -n "$registry" ]]; then
+  # The registries here are test registries on an address of this network
+  # namespace (dev-cluster.sh's bridge) or loopback: refuse any other, so a
+  # push run from the wrong namespace never leaves through the machine's uplink.
+  host="${registry%:*}"
+  [[ $host == 127.* || $host == localhost ]] || ip -o -4 addr show | grep -q " inet $host/" ||
+    die "--push $registry: $host is not an address of this network namespace (run this where the registry listens, e.g. dev-cluster.sh's namespace)"
+fi
 version="$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$root/charts/egressguard/Chart.yaml")"
 [[ -n "$version" ]] || die "no appVersion in charts/egressguard/Chart.yaml"
 ((${#tags[@]})) || tags=("$version")
@@ -34,6 +42,12 @@ node="$("$root/scripts/build-node.sh")"
 # static) and the binaries apart from target/release. Paths are remapped so a
 # clone elsewhere builds the same bytes.
 cargo_home="${CARGO_HOME:-$HOME/.cargo}"
+# Called from a test, cargo's variables for the test binary (CARGO_PKG_*,
+# CARGO_MANIFEST_DIR, ...) would change the build's fingerprint and rebuild
+# everything: the images come from the same build whoever asks.
+for v in $(compgen -e); do
+  case $v in CARGO_HOME | RUSTUP_HOME | RUSTUP_TOOLCHAIN) ;; CARGO* | RUST*) unset "$v" ;; esac
+done
 start=$SECONDS
 (
   cd "$root"
@@ -57,7 +71,9 @@ image() { # NAME EGIMAGE-ARGS...
       ref="$registry/$ref"
       push=(--push "$ref")
     fi
-    echo "$ref $("$node/egimage" build "$@" "${push[@]}")"
+    local built
+    built="$("$node/egimage" build "$@" "${push[@]}")" || die "egimage build of $ref failed (see above)"
+    echo "$ref $built"
   done
 }
 image egressguard-operator --file "$out/egressguard-operator:/usr/local/bin/egressguard-operator" \

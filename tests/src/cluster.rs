@@ -76,7 +76,9 @@ fn in_netns(netns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Comman
     match netns {
         Some(ns) => {
             let mut c = Command::new("nsenter");
-            c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(program);
+            c.arg(format!("--net=/run/netns/{ns}"))
+                .arg("--")
+                .arg(program);
             c
         }
         None => Command::new(program),

@@ -166,8 +166,9 @@ impl Nodes {
         let mut s = String::new();
         for name in &self.names {
             for c in ["kubelet", "containerd"] {
-                let log = std::fs::read_to_string(self.cp.dir.join(format!("nodes/{name}/{c}.log")))
-                    .unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(self.cp.dir.join(format!("nodes/{name}/{c}.log")))
+                        .unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(15).collect();
                 s.push_str(&format!("--- {name} {c} (last lines)\n"));
                 for l in tail.into_iter().rev() {
@@ -176,13 +177,11 @@ impl Nodes {
                 }
             }
         }
+        let o = self.cp.kubectl(&["get", "pods", "-A", "-o", "wide"]);
+        s.push_str(&String::from_utf8_lossy(&o.stdout));
         let o = self
             .cp
-            .kubectl(&["get", "pods", "-A", "-o", "wide"]);
-        s.push_str(&String::from_utf8_lossy(&o.stdout));
-        let o = self.cp.kubectl(&[
-            "get", "events", "-A", "--sort-by=.lastTimestamp",
-        ]);
+            .kubectl(&["get", "events", "-A", "--sort-by=.lastTimestamp"]);
         let ev = String::from_utf8_lossy(&o.stdout);
         let tail: Vec<&str> = ev.lines().rev().take(25).collect();
         for l in tail.into_iter().rev() {
@@ -208,9 +207,28 @@ impl Nodes {
             "ip", "-n", &self.api, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
             "netns", &ns,
         ]);
-        must(&["ip", "-n", &self.api, "link", "set", &veth, "master", &self.net.bridge, "up"]);
+        must(&[
+            "ip",
+            "-n",
+            &self.api,
+            "link",
+            "set",
+            &veth,
+            "master",
+            &self.net.bridge,
+            "up",
+        ]);
         let addr = format!("10.231.{}.200", self.net.octet);
-        must(&["ip", "-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        must(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ]);
         must(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
         must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
         Receiver {
@@ -224,11 +242,7 @@ impl Nodes {
     pub fn wait_agents_ready(&self, secs: u64) {
         let n = self.names.len();
         self.wait_for("every agent pod Ready", secs, || {
-            self.pods("node-shaper")
-                .iter()
-                .filter(|p| ready(p))
-                .count()
-                == n
+            self.pods("node-shaper").iter().filter(|p| ready(p)).count() == n
         });
     }
 }
@@ -246,7 +260,16 @@ impl Receiver {
     /// Starts `iperf3 -s` on `port` (one test; killed with the namespace).
     pub fn iperf3_server(&self, port: u16) {
         let child = std::process::Command::new("ip")
-            .args(["netns", "exec", &self.ns, "iperf3", "-s", "-p", &port.to_string()])
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "iperf3",
+                "-s",
+                "-J",
+                "-p",
+                &port.to_string(),
+            ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -327,17 +350,37 @@ impl Drop for Holder {
 impl Receiver {
     /// Holds `n` idle connections open to `addr:port` (see [`HOLDER`]).
     pub fn hold_idle(&self, addr: &str, port: u16, n: usize) -> Holder {
-        let base = self.addr.rsplit_once('.').map(|(b, _)| b.to_string()).expect("ipv4");
+        let base = self
+            .addr
+            .rsplit_once('.')
+            .map(|(b, _)| b.to_string())
+            .expect("ipv4");
         let mut sources = vec![];
         for i in 1..=10 {
             let a = format!("{base}.{}", 200 + i);
-            must(&["ip", "-n", &self.ns, "addr", "add", &format!("{a}/24"), "dev", "eth0"]);
+            must(&[
+                "ip",
+                "-n",
+                &self.ns,
+                "addr",
+                "add",
+                &format!("{a}/24"),
+                "dev",
+                "eth0",
+            ]);
             sources.push(a);
         }
         let file = std::env::temp_dir().join(format!("egk-holder-{}", cluster::unique()));
         let child = std::process::Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.ns))
-            .args(["python3", "-c", HOLDER, addr, &port.to_string(), &n.to_string()])
+            .args([
+                "python3",
+                "-c",
+                HOLDER,
+                addr,
+                &port.to_string(),
+                &n.to_string(),
+            ])
             .arg(&file)
             .arg(sources.join(","))
             .stdout(std::process::Stdio::null())
