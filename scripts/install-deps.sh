@@ -5,9 +5,11 @@
 # and node-exporter (the quarantine tests and the incident lab start their own;
 # the packages' services are not started),
 # lua5.1 and lua-cjson (the chart's Argo CD health checks, tests/tests/argocd.rs),
-# the Go modules of the test control plane (built by
-# scripts/dev-cluster.sh build), and the real Helm CLI v4 and the kstatus
-# helper (built from tests/tools by scripts/build-tools.sh).
+# the Go modules of the test control plane and kubelet (built by
+# scripts/dev-cluster.sh build), the real Helm CLI v4 and the kstatus
+# helper (built from tests/tools by scripts/build-tools.sh), and the nodes'
+# containerd, runc (with libseccomp-dev), CNI plugins and image tools
+# (tests/node, scripts/build-node.sh).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 need=()
@@ -15,6 +17,11 @@ for pair in ip:iproute2 tc:iproute2 iperf3:iperf3 hping3:hping3 strace:strace cu
   prometheus:prometheus prometheus-alertmanager:prometheus-alertmanager \
   prometheus-node-exporter:prometheus-node-exporter lua5.1:lua5.1; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
+done
+# libseccomp-dev and pkg-config: runc for the test nodes is built with cgo and
+# seccomp (scripts/build-node.sh); gcc for cgo.
+for pair in /usr/include/seccomp.h:libseccomp-dev /usr/bin/pkg-config:pkg-config /usr/bin/gcc:gcc; do
+  [[ -e "${pair%%:*}" ]] || need+=("${pair##*:}")
 done
 # lua-cjson: the JSON module the Argo CD health check tests load in lua5.1
 # (tests/argocd/run.lua).
@@ -51,3 +58,6 @@ command -v go >/dev/null 2>&1 || {
 # The real Helm CLI (v4.3.2) for the chart tests and for installing the chart
 # into the test control plane, and kstatus: Go modules too, cached the same way.
 "$root/scripts/build-tools.sh" >/dev/null
+# What a kubelet node runs besides the kubelet (built above with the control
+# plane): containerd, runc, CNI plugins, the pause program and egimage.
+"$root/scripts/build-node.sh" >/dev/null

@@ -11,6 +11,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 # End-to-end tests run the real binaries (node-shaper, egressguard-operator, and
 # etcd/kube-apiserver/kube-controller-manager, which install-deps.sh built): build them first.
 cargo build --workspace --bins
+# The chart's images for the kubelet-node tests (tests/tests/nodes.rs): static
+# release binaries in reproducible OCI images, pushed by each test cluster.
+scripts/build-images.sh
 cargo test --workspace --no-fail-fast
 # The benchmark's short smoke mode (the full benchmark is too slow for CI):
 # exercises every comparison and enforces the write-count and loss targets.

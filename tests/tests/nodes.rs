@@ -144,6 +144,57 @@ fn agent_pid(c: &Nodes, name: &str) -> Option<u32> {
         })
 }
 
+/// Resident memory of every process of the cluster, by component, in MiB.
+fn rss_report(c: &Nodes) -> String {
+    let mut rows: Vec<(String, f64)> = vec![];
+    let pids = std::fs::read_to_string(c.cp.dir.join("pids")).unwrap_or_default();
+    for (pid, name) in pids.lines().filter_map(|l| l.split_once(' ')) {
+        if let Ok(pid) = pid.parse::<u32>() {
+            rows.push((
+                name.trim_start_matches("nodes/").to_string(),
+                cluster::rss_mib(pid),
+            ));
+        }
+    }
+    let rundir = format!("/run/egressguard/{}/", c.net.prefix);
+    let by_comm = |comm: &str| -> Vec<u32> {
+        let o = Command::new("pgrep")
+            .args(["-x", comm])
+            .output()
+            .expect("pgrep");
+        String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    };
+    let shims: Vec<u32> = by_comm("containerd-shim")
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&rundir))
+        })
+        .collect();
+    let total: f64 = shims.iter().map(|p| cluster::rss_mib(*p)).sum();
+    rows.push((format!("containerd-shim-runc-v2 x{}", shims.len()), total));
+    for name in &c.names {
+        if let Some(pid) = agent_pid(c, name) {
+            rows.push((format!("node-shaper pod on {name}"), cluster::rss_mib(pid)));
+        }
+    }
+    // Operators of this cluster: in its nodes' pod cgroups (other tests run
+    // operators as plain processes).
+    let ours = format!("/{}-n", c.net.prefix);
+    for pid in by_comm("egressguard-ope").into_iter().filter(|p| {
+        std::fs::read_to_string(format!("/proc/{p}/cgroup")).is_ok_and(|g| g.contains(&ours))
+    }) {
+        rows.push(("operator pod".into(), cluster::rss_mib(pid)));
+    }
+    rows.iter()
+        .map(|(n, m)| format!("{n} {m:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn helm_ok(what: &str, o: std::process::Output) {
     assert!(
         o.status.success(),
@@ -171,6 +222,7 @@ fn e2e_chart_on_kubelet_nodes_install_survive_uninstall() {
     let t = Instant::now();
     helm_ok("helm install --wait", c.install(&c.values("0.1.0")));
     eprintln!("helm install --wait: {:.1} s", t.elapsed().as_secs_f64());
+    eprintln!("resident memory (MiB): {}", rss_report(&c));
 
     // The DaemonSet on every node, two operator replicas, one leader.
     let ds = c.cp.get(
