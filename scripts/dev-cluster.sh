@@ -28,6 +28,8 @@
 #   EG_CP_ADVERTISE  address the API server advertises in the `kubernetes` EndpointSlice
 #                    (default: the bind address; a loopback address is not published there)
 #   EG_CP_SANS       extra IP SANs for the serving certificate, comma separated
+#   EG_NODES_PREFIX  with --nodes: names of the nodes' namespaces (PREFIX-n1, ...), bridge and cgroups
+#                    (default: eg + 6 hex digits of DIR's path)
 #   EG_CP_CONTROLLERS kube-controller-manager --controllers (default *; the footprint bench drops
 #                    node-lifecycle-controller: its Nodes have no kubelet to heartbeat)
 set -euo pipefail

@@ -20,9 +20,11 @@ net_load() {
     return
   fi
   local p x
-  p="eg$(printf %s "$dir" | sha256sum | cut -c1-6)"
+  # EG_NODES_PREFIX: fixed names (the incident lab's eglab-n1, ...), else from DIR.
+  p="${EG_NODES_PREFIX:-eg$(printf %s "$dir" | sha256sum | cut -c1-6)}"
+  [[ $p =~ ^[a-z][a-z0-9]{1,9}$ ]] || die "EG_NODES_PREFIX '$p': 2 to 10 lowercase letters and digits (interface names are short)"
   # The third octet: from DIR's hash, then the next one free of every route here.
-  x=$((16#${p:2:2} % 200 + 20))
+  x=$((16#$(printf %s "$p" | sha256sum | cut -c1-2) % 200 + 20))
   x="$(python3 - "$x" "$1" <<'EOF'
 import ipaddress, subprocess, sys
 x, nodes = int(sys.argv[1]), int(sys.argv[2])
@@ -74,6 +76,8 @@ net_up() {
   ip addr add "$gateway/24" dev "$bridge"
   ip link set "$bridge" up
   mkdir -p "$rundir"
+  # Lets a later cleanup that knows only the prefix find DIR (incident-lab --clean).
+  echo "$dir" >"$rundir/dir"
 }
 
 # cgroup v1: every hierarchy gets the node's cgroup root (the kubelet's

@@ -39,6 +39,8 @@ pub struct Options {
     pub controllers: Option<String>,
     /// Kubelet nodes to start (`dev-cluster.sh up --nodes N`; 0: none).
     pub nodes: usize,
+    /// Their names' prefix (`EG_NODES_PREFIX`; default from the directory).
+    pub nodes_prefix: Option<String>,
 }
 
 /// A running control plane; dropped, it stops exactly its processes and
@@ -106,6 +108,9 @@ impl ControlPlane {
             }
             if let Some(c) = &opts.controllers {
                 cmd.env("EG_CP_CONTROLLERS", c);
+            }
+            if let Some(p) = &opts.nodes_prefix {
+                cmd.env("EG_NODES_PREFIX", p);
             }
             cmd.output().expect("run scripts/dev-cluster.sh")
         };

@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 use crate::cluster::{self, root, ControlPlane, Options, NAMESPACE, RELEASE};
 use crate::site::{must, sh, Netns};
 
+/// The chart's appVersion: the tag `dev-cluster.sh` pushes the images under.
+pub const APP_VERSION: &str = "0.1.0";
+
 /// The nodes' network, as `dev-cluster.sh` recorded it (DIR/network).
 #[derive(Debug, Clone)]
 pub struct Network {
@@ -37,25 +40,35 @@ pub struct Nodes {
     pub net: Network,
     /// `eg-node-1`, ...
     pub names: Vec<String>,
-    _dir: cluster::TempDir,
+    _dir: Option<cluster::TempDir>,
 }
 
 impl Nodes {
-    /// Starts a control plane and `n` kubelet nodes, all Ready.
+    /// Starts a control plane and `n` kubelet nodes, all Ready, with names
+    /// unique to this test.
     pub fn up(n: usize) -> Nodes {
         let id = cluster::unique();
-        let api = format!("egk-{id}");
         let dir = std::env::temp_dir().join(format!("egk-{id}"));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let tmp = cluster::TempDir(dir.clone());
-        must(&["ip", "netns", "add", &api]);
-        let netns = Netns(vec![api.clone()]);
-        must(&["ip", "-n", &api, "link", "set", "lo", "up"]);
+        let mut nodes = Nodes::create(&format!("egk-{id}"), &dir, None, n);
+        nodes._dir = Some(cluster::TempDir(dir));
+        nodes
+    }
+
+    /// Starts a control plane in network namespace `api` (created here) with
+    /// its files in `dir/cp` (removed on drop; the rest of `dir` is the
+    /// caller's) and `n` kubelet nodes; `prefix` fixes the nodes' names
+    /// (`PREFIX-n1`, ...; `EG_NODES_PREFIX`).
+    pub fn create(api: &str, dir: &std::path::Path, prefix: Option<&str>, n: usize) -> Nodes {
+        std::fs::create_dir_all(dir).expect("dir");
+        must(&["ip", "netns", "add", api]);
+        let netns = Netns(vec![api.to_string()]);
+        must(&["ip", "-n", api, "link", "set", "lo", "up"]);
         let cp = ControlPlane::start(
             &dir.join("cp"),
             Options {
-                netns: Some(api.clone()),
+                netns: Some(api.to_string()),
                 nodes: n,
+                nodes_prefix: prefix.map(String::from),
                 ..Options::default()
             },
         );
@@ -63,11 +76,16 @@ impl Nodes {
         Nodes {
             cp,
             _netns: netns,
-            api,
+            api: api.to_string(),
             net,
             names: (1..=n).map(|k| format!("eg-node-{k}")).collect(),
-            _dir: tmp,
+            _dir: None,
         }
+    }
+
+    /// Node K's network namespace.
+    pub fn node_ns(&self, k: usize) -> String {
+        format!("{}-n{k}", self.net.prefix)
     }
 
     /// Node K's address (eth0).

@@ -1,17 +1,18 @@
-//! The incident, replayed on one machine: a site of two nodes behind one
-//! shaped uplink, a real control plane, the operator, an agent per node,
-//! node-exporter, Prometheus with the chart's alert rule, and Alertmanager
-//! routed to the operator's authenticated receiver. One node is compromised
+//! The incident, replayed on one machine: a site of two kubelet nodes
+//! behind one shaped uplink, a real control plane, the chart installed with
+//! Helm (its operator and agent pods run by the kubelets, from images built
+//! here), node-exporter, Prometheus with the chart's alert rule, and
+//! Alertmanager routed to the operator pods' authenticated receiver. One node is compromised
 //! and floods TCP 80/443; the lab measures every flow each second and checks
 //! that the system ends the outage on its own.
 //!
 //! Topology (network namespaces, all created and removed by the lab):
 //!
 //! ```text
-//!  node-1 ─eg0┐                          ┌ 198.51.100.10:5201 business (whitelisted)
-//!             ├─ api (router, control    │ 203.0.113.80:80, .81:443 flood targets
-//!  node-2 ─eg0┘   plane, operator,  wan0 ┤ 203.0.113.20:8080 other node's server
-//!                 Prometheus, AM) ──TBF──┘ inet
+//!  eg-node-1 ─eth0┐                         ┌ 198.51.100.10:5201 business (whitelisted)
+//!  (eglab-n1)     ├ bridge ─ api (router,   │ 203.0.113.80:80, .81:443 flood targets
+//!  eg-node-2 ─eth0┘  control plane,   wan0 ┤ 203.0.113.20:8080 other node's server
+//!  (eglab-n2)        Prometheus, AM) ─TBF──┘ inet
 //!                           site uplink (the bottleneck)
 //! ```
 //!
@@ -33,11 +34,13 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::cluster;
+use crate::kubelet::Nodes;
 use crate::monitoring::{self, Ports};
-use crate::site::{Cluster, Names};
 
 /// Namespace names of the lab (fixed, so leftovers are recognisable).
-pub const NAMESPACES: [&str; 4] = ["eglab-api", "eglab-node1", "eglab-node2", "eglab-inet"];
+pub const NAMESPACES: [&str; 4] = ["eglab-api", "eglab-n1", "eglab-n2", "eglab-inet"];
+/// The nodes' names prefix (`dev-cluster.sh`'s `EG_NODES_PREFIX`).
+const PREFIX: &str = "eglab";
 const INET: &str = "eglab-inet";
 const BUSINESS: &str = "198.51.100.10";
 const FLOOD_80: &str = "203.0.113.80";
@@ -188,8 +191,23 @@ pub fn leftovers() -> Vec<String> {
         .collect()
 }
 
-/// Kills what runs in the lab's namespaces and deletes them.
+/// Kills what runs in the lab's namespaces and deletes them; first, if an
+/// interrupted run left its kubelet nodes, `dev-cluster.sh down` (shims,
+/// pods' cgroups, mounts, the bridge).
 pub fn clean() {
+    if let Ok(dir) = std::fs::read_to_string(format!("/run/egressguard/{PREFIX}/dir")) {
+        let mut down = Command::new("nsenter");
+        down.arg(format!("--net=/run/netns/{}", NAMESPACES[0]));
+        if !Path::new(&format!("/run/netns/{}", NAMESPACES[0])).exists() {
+            down = Command::new("env");
+        }
+        let _ = down
+            .arg("bash")
+            .arg(cluster::root().join("scripts/dev-cluster.sh"))
+            .arg("down")
+            .arg(dir.trim())
+            .output();
+    }
     for ns in leftovers() {
         let ns = ns.as_str();
         if let Ok(o) = Command::new("ip").args(["netns", "pids", ns]).output() {
@@ -230,7 +248,7 @@ impl Drop for Internet {
     }
 }
 
-fn build_internet(api: &str, nodes: &[String], uplink_mbit: u32) -> Result<Internet, LabError> {
+fn build_internet(api: &str, uplink_mbit: u32) -> Result<Internet, LabError> {
     run(&["ip", "netns", "add", INET])?;
     let guard = Internet;
     run(&["ip", "-n", INET, "link", "set", "lo", "up"])?;
@@ -278,7 +296,8 @@ fn build_internet(api: &str, nodes: &[String], uplink_mbit: u32) -> Result<Inter
         INET,
         "route",
         "add",
-        "10.230.0.0/16",
+        // The nodes (10.231.x.0/24) and their pods (10.232-10.251.x.0/24).
+        "10.224.0.0/11",
         "via",
         "192.0.2.1",
     ])?;
@@ -294,18 +313,6 @@ fn build_internet(api: &str, nodes: &[String], uplink_mbit: u32) -> Result<Inter
         "-qw",
         "net.ipv4.ip_forward=1",
     ])?;
-    for (i, ns) in nodes.iter().enumerate() {
-        run(&[
-            "ip",
-            "-n",
-            ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.230.{}.1", i + 1),
-        ])?;
-    }
     // The site's uplink: the one link every node's internet traffic shares.
     // (The lab's own plumbing; EgressGuard itself never runs tc.)
     run(&[
@@ -484,18 +491,16 @@ pub fn run_lab(
             Ok(())
         }
     };
-    progress("starting the control plane (etcd, kube-apiserver, kube-controller-manager) and installing the chart");
-    let mut c = Cluster::create(Names {
-        api: NAMESPACES[0].into(),
-        nodes: vec![NAMESPACES[1].into(), NAMESPACES[2].into()],
-        dir: out.join("logs"),
-        keep_dir: true,
-    });
-    // Dropped before the cluster: the internet namespace and its servers.
-    let internet = build_internet(&c.api, &c.nodes, settings.uplink_mbit)?;
+    progress("starting the control plane and two kubelet nodes (containerd, runc, CNI), pushing the images");
+    let dir = out.join("logs");
+    let c = Nodes::create(NAMESPACES[0], &dir, Some(PREFIX), 2);
+    // Dropped before the cluster, in this order: the pods' logs copied out,
+    // the processes the lab started, the internet namespace.
+    let _logs = KeepLogs(&c, dir.clone());
+    let mut others = Children(vec![]);
+    let internet = build_internet(&c.api, settings.uplink_mbit)?;
     check_stop()?;
-    c.cp.add_node("node-1", "site: idc-a", Some("10.230.1.2"));
-    c.cp.add_node("node-2", "site: idc-a", Some("10.230.2.2"));
+    c.cp.kubectl_ok(&["label", "node", "eg-node-1", "eg-node-2", "site=idc-a"]);
     // Servers on the internet, each measuring what it receives.
     let business: Samples = Default::default();
     let flood: Samples = Default::default();
@@ -507,40 +512,68 @@ pub fn run_lab(
         (FLOOD_443, 443, true, &flood),
         (OTHER, 8080, false, &other),
     ] {
-        c.others.push(server(addr, port, sum, t0, into.clone())?);
+        others.0.push(server(addr, port, sum, t0, into.clone())?);
     }
     // node-exporter on each node, scraped by Prometheus across the node's uplink.
-    for (i, ns) in c.nodes.clone().iter().enumerate() {
-        let log = std::fs::File::create(c.dir.join(format!("node-exporter-{}.log", i + 1)))
+    for k in 1..=2 {
+        let log = std::fs::File::create(dir.join(format!("node-exporter-{k}.log")))
             .map_err(|e| LabError::Other(e.to_string()))?;
         let child = Command::new("ip")
-            .args(["netns", "exec", ns, "prometheus-node-exporter"])
-            .arg(format!("--web.listen-address=10.230.{}.2:9100", i + 1))
+            .args(["netns", "exec", &c.node_ns(k), "prometheus-node-exporter"])
+            .arg(format!("--web.listen-address={}:9100", c.node_ip(k)))
             .args(["--collector.disable-defaults", "--collector.netdev"])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .map_err(|e| LabError::Other(format!("prometheus-node-exporter: {e}")))?;
-        c.others.push(child);
+        others.0.push(child);
     }
+    // The chart, as a user installs it: the operator asks the lab's
+    // Prometheus (on the bridge's address) and receives Alertmanager's
+    // webhooks with the lab's token; agents resync every 2 s.
+    progress("helm install --wait (operator and agent pods)");
+    let token = random_token();
+    let mut values = c.values(crate::kubelet::APP_VERSION);
+    values["operator"]["quarantine"] = serde_json::json!({
+        "prometheusUrl": format!("http://{}:{}", c.net.gateway, PORTS.prometheus),
+        "evaluationInterval": "1s",
+        "webhook": {"token": token},
+    });
+    values["nodeShaper"]["resyncSeconds"] = serde_json::json!(2);
+    let installed = c.install(&values);
+    if !installed.status.success() {
+        return Err(LabError::Other(format!(
+            "helm install --wait: {}\n{}",
+            String::from_utf8_lossy(&installed.stderr),
+            c.context()
+        )));
+    }
+    let operators: Vec<String> = c
+        .pods("operator")
+        .iter()
+        .filter_map(|p| p["status"]["podIP"].as_str().map(String::from))
+        .collect();
     // Prometheus with the chart's own alert rule, rendered by Helm.
-    let promql = write_prometheus_config(&c.dir)?;
-    let queries = lab_queries(&promql)?;
-    c.others
-        .push(monitoring::start_prometheus(&c.api, &c.dir, PORTS));
-    let token_file = c.dir.join("webhook-token");
-    std::fs::write(&token_file, random_token()).map_err(|e| LabError::Other(e.to_string()))?;
-    c.others.push(monitoring::start_alertmanager(
+    let promql = write_prometheus_config(&dir, &c, &operators)?;
+    let queries = lab_queries(&promql, &c.node_ip(1))?;
+    others.0.push(monitoring::start_prometheus_at(
         &c.api,
-        &c.dir,
+        &dir,
+        &format!("0.0.0.0:{}", PORTS.prometheus),
+    ));
+    let token_file = dir.join("webhook-token");
+    std::fs::write(&token_file, &token).map_err(|e| LabError::Other(e.to_string()))?;
+    let receivers: Vec<String> = operators
+        .iter()
+        .map(|ip| format!("http://{ip}:{}/alertmanager", PORTS.receiver))
+        .collect();
+    others.0.push(monitoring::start_alertmanager_to(
+        &c.api,
+        &dir,
         PORTS,
+        &receivers,
         &token_file,
     ));
-    let flags = monitoring::operator_flags(PORTS, &token_file);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    c.start_operator_with("lab", &flags);
-    start_agent_scraped(&mut c, 1)?;
-    start_agent_scraped(&mut c, 2)?;
     check_stop()?;
 
     // The story starts: business traffic on node-1, ordinary traffic on node-2.
@@ -548,8 +581,8 @@ pub fn run_lab(
     let b = format!("{}M", settings.business_mbit);
     let o = format!("{}M", settings.other_mbit);
     let mut flows = Flows(vec![
-        flow(&c.nodes[0], BUSINESS, 5201, &["-b", &b])?,
-        flow(&c.nodes[1], OTHER, 8080, &["-b", &o])?,
+        flow(&c.node_ns(1), BUSINESS, 5201, &["-b", &b])?,
+        flow(&c.node_ns(2), OTHER, 8080, &["-b", &o])?,
     ]);
     let mut tl = Timeline::default();
     let guard = settings.guard.display().to_string();
@@ -605,7 +638,7 @@ pub fn run_lab(
         "the guard to watch both nodes",
         "baseline",
         &mut || {
-            c.get("eg", "incident")
+            c.cp.get("eg", "incident")
                 .is_some_and(|g| cluster::condition(&g, "Ready").1 == "Watching")
         },
         progress,
@@ -623,18 +656,18 @@ pub fn run_lab(
     let streams = settings.flood_streams.to_string();
     flows
         .0
-        .push(flow(&c.nodes[0], FLOOD_80, 80, &["-P", &streams])?);
+        .push(flow(&c.node_ns(1), FLOOD_80, 80, &["-P", &streams])?);
     flows
         .0
-        .push(flow(&c.nodes[0], FLOOD_443, 443, &["-P", &streams])?);
+        .push(flow(&c.node_ns(1), FLOOD_443, 443, &["-P", &streams])?);
     let prom_q =
-        "sum by (instance) (rate(node_network_transmit_bytes_total{device=\"eg0\"}[5s])) * 8";
+        "sum by (instance) (rate(node_network_transmit_bytes_total{device=\"eth0\"}[5s])) * 8";
     let mut last_q = Instant::now() - Duration::from_secs(5);
     let mut breach = None;
-    let q_active = |c: &Cluster, phase: &str| -> bool {
+    let q_active = |c: &Nodes, phase: &str| -> bool {
         egq(c)
             .iter()
-            .any(|q| q["spec"]["nodeName"] == "node-1" && q["status"]["phase"] == phase)
+            .any(|q| q["spec"]["nodeName"] == "eg-node-1" && q["status"]["phase"] == phase)
     };
     tl.quarantined = wait(
         "node-1 quarantined",
@@ -654,10 +687,10 @@ pub fn run_lab(
     tl.throttled = wait(
         "node-1's kernel throttled",
         "quarantined: enforcing",
-        &mut || c.shaped(1),
+        &mut || c.shaped("eg-node-1"),
         progress,
     )?;
-    let show_quarantined = show(&c, 0);
+    let show_quarantined = show(&c, 1);
     // The uplink is free once the kernel throttles, but a TCP flow that
     // lost packets throughout the flood retransmits only when its backed-off
     // timer fires (up to ~13 s after a 6 s flood, a property of TCP and not
@@ -693,13 +726,13 @@ pub fn run_lab(
         .args([
             "netns",
             "exec",
-            &c.nodes[0],
+            &c.node_ns(1),
             "tc",
             "-s",
             "class",
             "show",
             "dev",
-            "eg0",
+            "eth0",
         ])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -709,17 +742,17 @@ pub fn run_lab(
     // The malware is stopped the way a responder would: its connections
     // aborted (ss -K), then the process killed. Killing alone leaves the
     // kernel draining megabytes of socket buffers at the throttled rate.
-    abort_flood(&c.nodes[0]);
+    abort_flood(&c.node_ns(1));
     let mut flood_children: Vec<Child> = flows.0.drain(2..).collect();
     for ch in &mut flood_children {
         stop(ch);
     }
-    abort_flood(&c.nodes[0]);
+    abort_flood(&c.node_ns(1));
     tl.flood_stop = at();
     tl.released = wait(
         "node-1 released",
         "flood stopped: calm window",
-        &mut || q_active(&c, "Released") && !c.shaped(1),
+        &mut || q_active(&c, "Released") && !c.shaped("eg-node-1"),
         progress,
     )?;
     let until = at() + 5.0;
@@ -730,10 +763,10 @@ pub fn run_lab(
         progress,
     )?;
     tl.end = at();
-    let show_end = show(&c, 0);
+    let show_end = show(&c, 1);
     let get_eg = c.cp.kubectl_ok(&["get", "eg"]);
     let get_egq = c.cp.kubectl_ok(&["get", "egq"]);
-    let node2_quarantined = egq(&c).iter().any(|q| q["spec"]["nodeName"] == "node-2");
+    let node2_quarantined = egq(&c).iter().any(|q| q["spec"]["nodeName"] == "eg-node-2");
     // After the release: what only a release writes.
     let queries: Vec<QueryCount> = queries
         .into_iter()
@@ -848,7 +881,7 @@ fn abort_flood(ns: &str) {
         .output();
 }
 
-fn egq(c: &Cluster) -> Vec<Value> {
+fn egq(c: &Nodes) -> Vec<Value> {
     let out = c.cp.kubectl(&["get", "quarantines", "-o", "json"]);
     serde_json::from_slice::<Value>(&out.stdout)
         .ok()
@@ -856,22 +889,28 @@ fn egq(c: &Cluster) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-fn show(c: &Cluster, node: usize) -> String {
-    let o = Command::new("ip")
-        .args(["netns", "exec", &c.nodes[node]])
-        .arg(crate::site::target_bin("node-shaper"))
-        .args(["show", "--interface", "eg0"])
-        .env(
-            "EGRESSGUARD_STATE_DIR",
-            c.dir.join(format!("state-{}", node + 1)),
-        )
-        .output();
-    o.map(|o| String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
-        .unwrap_or_default()
+/// `node-shaper show` in node `k`'s agent pod (`kubectl exec`).
+fn show(c: &Nodes, k: usize) -> String {
+    let Some(pod) = c.agent_pod(&format!("eg-node-{k}")) else {
+        return format!("(no agent pod on eg-node-{k})");
+    };
+    let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+    let o = c.cp.kubectl(&[
+        "exec",
+        "-n",
+        cluster::NAMESPACE,
+        name,
+        "--",
+        "node-shaper",
+        "show",
+        "--interface",
+        "eth0",
+    ]);
+    String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
 }
 
 /// node-1's transmit rate as Prometheus sees it (bit/s).
-fn node1_rate(c: &Cluster, q: &str) -> Option<f64> {
+fn node1_rate(c: &Nodes, q: &str) -> Option<f64> {
     let o = Command::new("ip")
         .args(["netns", "exec", &c.api, "curl", "-sS", "--max-time", "2"])
         .arg(format!(
@@ -883,7 +922,7 @@ fn node1_rate(c: &Cluster, q: &str) -> Option<f64> {
         .ok()?;
     let v: Value = serde_json::from_slice(&o.stdout).ok()?;
     v["data"]["result"].as_array()?.iter().find_map(|s| {
-        (s["metric"]["instance"] == "10.230.1.2:9100")
+        (s["metric"]["instance"] == format!("{}:9100", c.node_ip(1)).as_str())
             .then(|| s["value"][1].as_str()?.parse().ok())?
     })
 }
@@ -896,63 +935,86 @@ fn random_token() -> String {
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Where the lab's operator serves /metrics (`Cluster::start_operator_with`
-/// gives the first operator 9465), in the api namespace with Prometheus.
-const OPERATOR_METRICS: &str = "127.0.0.1:9465";
-/// The agents' /metrics port, on each node's address (`start_agent_scraped`).
+/// The operator pods' /metrics port (the chart's `operator.metricsPort`).
+const OPERATOR_METRICS_PORT: u16 = 9465;
+/// The agents' /metrics port, on each node's address (the chart's
+/// `nodeShaper.metricsPort`, served on the host's IP).
 const AGENT_METRICS_PORT: u16 = 9464;
 /// The scrape jobs, named like the chart's ServiceMonitor names them (after
 /// the Services of release `eg`), which the dashboard's job variables list.
 const OPERATOR_JOB: &str = "eg-operator-metrics";
 const AGENT_JOB: &str = "eg-node-shaper-metrics";
 
-/// Prometheus scrapes both nodes' node-exporter and agent, and the operator,
-/// every second, and evaluates the chart's alert rules (rendered by real Helm
-/// with the lab's threshold) every second. Returns what the chart renders for
-/// monitoring (its rules and its dashboard), for `lab_queries`.
-fn write_prometheus_config(dir: &Path) -> Result<ChartPromql, LabError> {
+/// Prometheus scrapes both nodes' node-exporter and agent pod, and the
+/// operator pods (at `operators`, their pod IPs), every second, and evaluates
+/// the chart's alert rules (rendered by real Helm with the lab's threshold)
+/// every second. Returns what the chart renders for monitoring (its rules and
+/// its dashboard), for `lab_queries`.
+fn write_prometheus_config(
+    dir: &Path,
+    c: &Nodes,
+    operators: &[String],
+) -> Result<ChartPromql, LabError> {
     let values = serde_json::json!({"prometheusRule": {"thresholdBitsPerSecond": "20e6", "for": "3s", "rateWindow": "5s"}});
     let promql = chart_promql(&values).map_err(|e| LabError::Other(format!("helm render: {e}")))?;
     let rules = serde_json::json!({"groups": promql.rule_groups});
     let rules_path = dir.join("rules.yml");
     std::fs::write(&rules_path, rules.to_string()).map_err(|e| LabError::Other(e.to_string()))?;
+    let targets = |addrs: Vec<String>, port: u16| {
+        addrs
+            .iter()
+            .map(|a| format!("'{a}:{port}'"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let nodes = vec![c.node_ip(1), c.node_ip(2)];
     let cfg = format!(
-        "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [{}]\nalerting:\n  alertmanagers:\n  - static_configs: [{{targets: ['127.0.0.1:{}']}}]\nscrape_configs:\n- job_name: node\n  static_configs: [{{targets: ['10.230.1.2:9100', '10.230.2.2:9100']}}]\n- job_name: {AGENT_JOB}\n  static_configs: [{{targets: ['10.230.1.2:{AGENT_METRICS_PORT}', '10.230.2.2:{AGENT_METRICS_PORT}']}}]\n- job_name: {OPERATOR_JOB}\n  static_configs: [{{targets: ['{OPERATOR_METRICS}']}}]\n",
+        "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [{}]\nalerting:\n  alertmanagers:\n  - static_configs: [{{targets: ['127.0.0.1:{}']}}]\nscrape_configs:\n- job_name: node\n  static_configs: [{{targets: [{}]}}]\n- job_name: {AGENT_JOB}\n  static_configs: [{{targets: [{}]}}]\n- job_name: {OPERATOR_JOB}\n  static_configs: [{{targets: [{}]}}]\n",
         rules_path.display(),
-        PORTS.alertmanager
+        PORTS.alertmanager,
+        targets(nodes.clone(), 9100),
+        targets(nodes, AGENT_METRICS_PORT),
+        targets(operators.to_vec(), OPERATOR_METRICS_PORT),
     );
     std::fs::write(dir.join("prometheus.yml"), cfg).map_err(|e| LabError::Other(e.to_string()))?;
     Ok(promql)
 }
 
-/// Starts node `i`'s agent as `Cluster::start_agent` does, but with /metrics
-/// on the node's address (as the chart's DaemonSet serves it, on the host's
-/// IP), where the lab's Prometheus in the api namespace reaches it.
-fn start_agent_scraped(c: &mut Cluster, i: usize) -> Result<(), LabError> {
-    let server = format!("https://10.230.{i}.1:{}", c.cp.port);
-    let kc = c.cp.agent_kubeconfig(&format!("node-{i}"), &server);
-    let log = std::fs::File::create(c.dir.join(format!("agent-{i}.log")))
-        .map_err(|e| LabError::Other(e.to_string()))?;
-    let child = Command::new("ip")
-        .args(["netns", "exec", &c.nodes[i - 1]])
-        .arg(crate::site::target_bin("node-shaper"))
-        .args([
-            "run",
-            "--node-name",
-            &format!("node-{i}"),
-            "--metrics-addr",
-            &format!("10.230.{i}.2:{AGENT_METRICS_PORT}"),
-            "--resync-seconds",
-            "2",
-        ])
-        .env("KUBECONFIG", kc)
-        .env("EGRESSGUARD_STATE_DIR", c.dir.join(format!("state-{i}")))
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| LabError::Other(format!("node-shaper: {e}")))?;
-    c.agents.push(child);
-    Ok(())
+/// Child processes killed and reaped on drop.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// On drop, before the cluster goes: the chart's pods' logs and the nodes'
+/// kubelet and containerd logs copied into the lab's log folder.
+struct KeepLogs<'a>(&'a Nodes, PathBuf);
+
+impl Drop for KeepLogs<'_> {
+    fn drop(&mut self) {
+        let (c, dir) = (self.0, &self.1);
+        for component in ["operator", "node-shaper"] {
+            for p in c.pods(component) {
+                let name = p["metadata"]["name"].as_str().unwrap_or_default();
+                let o = c.cp.kubectl(&["logs", "-n", cluster::NAMESPACE, name]);
+                let _ = std::fs::write(dir.join(format!("{name}.log")), &o.stdout);
+            }
+        }
+        for name in &c.names {
+            for what in ["kubelet", "containerd"] {
+                let _ = std::fs::copy(
+                    c.cp.dir.join(format!("nodes/{name}/{what}.log")),
+                    dir.join(format!("{name}-{what}.log")),
+                );
+            }
+        }
+    }
 }
 
 /// When a query of the chart must return data in the lab.
@@ -986,11 +1048,12 @@ pub struct QueryCount {
 /// escaped again for the PromQL string); the lab's scrape jobs; rate windows
 /// for its 1 s scrapes (Grafana's `$__rate_interval` is at least 4 scrape
 /// intervals). Variables with a default (`exclude_devices`) keep it.
-fn lab_variables(dashboard: &Value) -> Vec<(String, String)> {
+fn lab_variables(dashboard: &Value, node1: &str) -> Vec<(String, String)> {
     let mut vars = dashboard_defaults(dashboard);
+    let node = node1.replace('.', r"\\.");
     vars.extend(
         [
-            ("node", r"10\\.230\\.1\\.2"),
+            ("node", node.as_str()),
             ("operator_job", OPERATOR_JOB),
             ("agent_job", AGENT_JOB),
             ("__rate_interval", "10s"),
@@ -1026,8 +1089,8 @@ pub fn dashboard_defaults(dashboard: &Value) -> Vec<(String, String)> {
 /// nothing tampers): the left side of the comparison is what the rule reads
 /// every evaluation, and it must exist for the rule to ever fire. An alert
 /// that does not end in a comparison with a number is queried whole.
-fn lab_queries(promql: &ChartPromql) -> Result<Vec<(Expr, String)>, LabError> {
-    let vars = lab_variables(&promql.dashboard);
+fn lab_queries(promql: &ChartPromql, node1: &str) -> Result<Vec<(Expr, String)>, LabError> {
+    let vars = lab_variables(&promql.dashboard, node1);
     let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut out = vec![];
     for e in rule_exprs(&promql.rule_groups) {
@@ -1097,7 +1160,7 @@ fn queries_check(queries: &[QueryCount]) -> (String, bool) {
 }
 
 /// How many series `query` returns from the lab's Prometheus now.
-fn prom_series(c: &Cluster, query: &str) -> Result<usize, String> {
+fn prom_series(c: &Nodes, query: &str) -> Result<usize, String> {
     let o = Command::new("ip")
         .args(["netns", "exec", &c.api, "curl", "-sS", "--max-time", "5"])
         .arg(format!(

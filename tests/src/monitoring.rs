@@ -85,6 +85,11 @@ pub fn prometheus_config(dir: &Path, ports: Ports, alert_above: f64) -> PathBuf 
 
 /// Starts Prometheus in `netns`; its data stays in `dir` across restarts.
 pub fn start_prometheus(netns: &str, dir: &Path, ports: Ports) -> Child {
+    start_prometheus_at(netns, dir, &format!("127.0.0.1:{}", ports.prometheus))
+}
+
+/// Starts Prometheus in `netns` listening on `listen` (`HOST:PORT`).
+pub fn start_prometheus_at(netns: &str, dir: &Path, listen: &str) -> Child {
     let log = std::fs::File::create(dir.join("prometheus.log")).expect("log");
     Command::new("ip")
         .args(["netns", "exec", netns, "prometheus"])
@@ -96,10 +101,7 @@ pub fn start_prometheus(netns: &str, dir: &Path, ports: Ports) -> Child {
             "--storage.tsdb.path={}",
             dir.join("tsdb").display()
         ))
-        .arg(format!(
-            "--web.listen-address=127.0.0.1:{}",
-            ports.prometheus
-        ))
+        .arg(format!("--web.listen-address={listen}"))
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -109,13 +111,33 @@ pub fn start_prometheus(netns: &str, dir: &Path, ports: Ports) -> Child {
 /// Starts Alertmanager in `netns`, routing every alert to the operator's
 /// receiver with the bearer token in `token_file`.
 pub fn start_alertmanager(netns: &str, dir: &Path, ports: Ports, token_file: &Path) -> Child {
+    let url = format!("http://127.0.0.1:{}/alertmanager", ports.receiver);
+    start_alertmanager_to(netns, dir, ports, &[url], token_file)
+}
+
+/// Starts Alertmanager in `netns`, routing every alert to each of `urls`
+/// (every operator replica: any one receives, the leader decides).
+pub fn start_alertmanager_to(
+    netns: &str,
+    dir: &Path,
+    ports: Ports,
+    urls: &[String],
+    token_file: &Path,
+) -> Child {
     let cfg = dir.join("alertmanager.yml");
+    let hooks: String = urls
+        .iter()
+        .map(|u| {
+            format!(
+                "  - url: {u}\n    send_resolved: true\n    max_alerts: 1000\n    http_config:\n      authorization: {{credentials_file: {}}}\n",
+                token_file.display()
+            )
+        })
+        .collect();
     std::fs::write(
         &cfg,
         format!(
-            "route:\n  receiver: egressguard\n  group_by: [alertname, node]\n  group_wait: 1s\n  group_interval: 1s\n  repeat_interval: 1h\nreceivers:\n- name: egressguard\n  webhook_configs:\n  - url: http://127.0.0.1:{}/alertmanager\n    send_resolved: true\n    max_alerts: 1000\n    http_config:\n      authorization: {{credentials_file: {}}}\n",
-            ports.receiver,
-            token_file.display()
+            "route:\n  receiver: egressguard\n  group_by: [alertname, node]\n  group_wait: 1s\n  group_interval: 1s\n  repeat_interval: 1h\nreceivers:\n- name: egressguard\n  webhook_configs:\n{hooks}"
         ),
     )
     .expect("alertmanager.yml");
