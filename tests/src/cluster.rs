@@ -59,9 +59,14 @@ pub struct ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        // In its namespace: the nodes' bridge and routes live there.
-        let _ = self
-            .command("bash")
+        // In its namespace (the nodes' bridge and routes live there), or
+        // here if that namespace is already gone: the processes must stop.
+        let netns = self
+            .opts
+            .netns
+            .as_deref()
+            .filter(|ns| Path::new(&format!("/run/netns/{ns}")).exists());
+        let _ = in_netns(netns, "bash")
             .arg(root().join("scripts/dev-cluster.sh"))
             .arg("down")
             .arg(&self.dir)
