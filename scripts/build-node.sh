@@ -20,15 +20,8 @@ runc_version=1.5.3
 die() { echo "build-node: $*" >&2; exit 1; }
 log() { echo "build-node: $*" >&2; }
 
-cache_key() {
-  (
-    cd "$module"
-    for f in go.mod go.sum $(find . -name '*.go' -type f | LC_ALL=C sort); do
-      printf '%s\n' "$f"
-      cat "$f"
-    done
-  ) | sha256sum | cut -c1-16
-}
+# shellcheck source=lib/cache.sh
+source "$root/scripts/lib/cache.sh"
 
 built() {
   local b
@@ -39,7 +32,7 @@ built() {
 
 command -v go >/dev/null || die "go not found: install Go 1.26+ (scripts/install-deps.sh checks for it)"
 cache="${EG_NODE_CACHE:-$HOME/.cache/egressguard/node}"
-bin="$cache/$(cache_key)"
+bin="$cache/$(module_key "$module")"
 if built "$bin"; then
   echo "$bin"
   exit 0

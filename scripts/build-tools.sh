@@ -18,20 +18,12 @@ helm_version=v4.3.2
 die() { echo "build-tools: $*" >&2; exit 1; }
 log() { echo "build-tools: $*" >&2; }
 
-cache_key() {
-  # go.mod, go.sum, then every .go file in a stable order, each named.
-  (
-    cd "$module"
-    for f in go.mod go.sum $(find . -name '*.go' -type f | LC_ALL=C sort); do
-      printf '%s\n' "$f"
-      cat "$f"
-    done
-  ) | sha256sum | cut -c1-16
-}
+# shellcheck source=lib/cache.sh
+source "$root/scripts/lib/cache.sh"
 
 command -v go >/dev/null || die "go not found: install Go 1.26+ (scripts/install-deps.sh checks for it)"
 cache="${EG_TOOLS_CACHE:-$HOME/.cache/egressguard/tools}"
-bin="$cache/$(cache_key)"
+bin="$cache/$(module_key "$module")"
 if [[ -x "$bin/helm" && -x "$bin/kstatus" ]]; then
   echo "$bin"
   exit 0

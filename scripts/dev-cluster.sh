@@ -120,6 +120,26 @@ spawn() {
 
 alive() { kill -0 "$1" 2>/dev/null; }
 
+# Stops the processes FILE lists ("PID NAME" lines, last started first) that
+# this DIR started (the pid must still run a command naming DIR): SIGCONT and
+# SIGTERM, then SIGKILL after TENTHS tenths of a second.
+stop_listed() { # FILE TENTHS
+  local pid what pids=()
+  while read -r pid what; do
+    if alive "$pid" && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$dir"; then
+      kill -CONT "$pid" 2>/dev/null || true
+      kill "$pid" 2>/dev/null && pids+=("$pid")
+    fi
+  done < <(tac "$1")
+  for _ in $(seq "$2"); do
+    local left=0
+    for pid in "${pids[@]}"; do alive "$pid" && left=1; done
+    ((left)) || break
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+}
+
 wait_until() { # WHAT SECONDS COMMAND...
   local what=$1 secs=$2 pid name; shift 2
   local deadline=$((SECONDS + secs))
@@ -259,23 +279,7 @@ down() {
   [[ -d "$dir" ]] || { log "nothing to stop: $dir does not exist"; return; }
   dir="$(cd "$dir" && pwd)"
   nodes_down
-  if [[ -f "$dir/pids" ]]; then
-    # Only processes this DIR started: the pid must still run a command naming DIR.
-    local pids=()
-    while read -r pid name; do
-      if alive "$pid" && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$dir"; then
-        kill -CONT "$pid" 2>/dev/null || true
-        kill "$pid" 2>/dev/null && pids+=("$pid")
-      fi
-    done < <(tac "$dir/pids")
-    for _ in $(seq 50); do
-      local left=0
-      for pid in "${pids[@]}"; do alive "$pid" && left=1; done
-      ((left)) || break
-      sleep 0.1
-    done
-    for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-  fi
+  [[ -f "$dir/pids" ]] && stop_listed "$dir/pids" 50
   rm -rf "$dir"
   log "stopped and removed $dir"
 }

@@ -295,20 +295,9 @@ nodes_ready() { # N
 # Stops a node's kubelet and containerd (SIGTERM, then SIGKILL after 10 s);
 # its pods (their shims) keep running, as on a real node whose services restart.
 node_stop() { # NAME
-  local name=$1 pids=() pid what
+  local name=$1
   [[ -f "$dir/nodes/$name/pids" ]] || return 0
-  while read -r pid what; do
-    if alive "$pid" && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$dir"; then
-      kill "$pid" 2>/dev/null && pids+=("$pid")
-    fi
-  done < <(tac "$dir/nodes/$name/pids")
-  for _ in $(seq 100); do
-    local left=0
-    for pid in "${pids[@]}"; do alive "$pid" && left=1; done
-    ((left)) || break
-    sleep 0.1
-  done
-  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+  stop_listed "$dir/nodes/$name/pids" 100
   : >"$dir/nodes/$name/pids"
   # Out of the cluster's list too: `up`'s waits treat a listed dead pid as a failure.
   grep -vF " nodes/$name/" "$dir/pids" >"$dir/pids.new" || true
