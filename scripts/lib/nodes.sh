@@ -23,7 +23,7 @@ net_load() {
   # EG_NODES_PREFIX: fixed names (the incident lab's eglab-n1, ...), else from DIR.
   p="${EG_NODES_PREFIX:-eg$(printf %s "$dir" | sha256sum | cut -c1-6)}"
   [[ $p =~ ^[a-z][a-z0-9]{1,9}$ ]] || die "EG_NODES_PREFIX '$p': 2 to 10 lowercase letters and digits (interface names are short)"
-  # The third octet: from DIR's hash, then the next one free of every route here.
+  # The third octet: from the prefix's hash, then the next one free of every route here.
   x=$((16#$(printf %s "$p" | sha256sum | cut -c1-2) % 200 + 20))
   x="$(python3 - "$x" "$1" <<'EOF'
 import ipaddress, subprocess, sys
