@@ -32,7 +32,7 @@ built() {
 
 command -v go >/dev/null || die "go not found: install Go 1.26+ (scripts/install-deps.sh checks for it)"
 cache="${EG_NODE_CACHE:-$HOME/.cache/egressguard/node}"
-bin="$cache/$(module_key "$module")"
+bin="$cache/$(module_key "$module" "$root/scripts/build-node.sh")"
 if built "$bin"; then
   echo "$bin"
   exit 0

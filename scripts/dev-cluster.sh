@@ -39,6 +39,8 @@ module="$root/tests/control-plane"
 k8s_version=v1.37.2
 
 die() { echo "dev-cluster: $*" >&2; exit 1; }
+# The nodes' addresses (10.231.x.x, pods 10.232+) are never behind a proxy.
+export NO_PROXY="${NO_PROXY:+$NO_PROXY,}10.224.0.0/11" no_proxy="${no_proxy:+$no_proxy,}10.224.0.0/11"
 # shellcheck source=lib/nodes.sh
 source "$root/scripts/lib/nodes.sh"
 log() { echo "dev-cluster: $*" >&2; }
@@ -101,13 +103,17 @@ free_ports() {
   python3 -c 'import random, socket, sys
 lo = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
 ss = []
-while len(ss) < int(sys.argv[1]):
+for _ in range(1000):
+    if len(ss) == int(sys.argv[1]):
+        break
     s = socket.socket()
     try:
         s.bind(("127.0.0.1", random.randint(10000, lo - 1) if lo > 11000 else 0))
         ss.append(s)
     except OSError:
         s.close()
+else:
+    sys.exit("dev-cluster: no free port on 127.0.0.1 (is the loopback interface up here?)")
 print(" ".join(str(s.getsockname()[1]) for s in ss))' "$1"
 }
 
@@ -226,7 +232,9 @@ Stop it and remove its files with: scripts/dev-cluster.sh down $dir"
   [[ $advertise == 127.* ]] && reconciler=none
   pki
   local etcd_port peer_port api_port
-  read -r etcd_port peer_port api_port < <(free_ports 3)
+  local ports
+  ports="$(free_ports 3)" || die "could not pick ports"
+  read -r etcd_port peer_port api_port <<<"$ports"
   # etcd: one member, no fsync (test data; much faster on a shared disk).
   spawn etcd "$bin/etcd" --name dev --data-dir "$dir/etcd" --unsafe-no-fsync \
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \

@@ -72,12 +72,19 @@ node_index() { # NAME -> K
 
 # The bridge, before the control plane (which listens on its address).
 net_up() {
+  # The nodes' cgroup layout (cgroupfs, a root per node in every v1 hierarchy)
+  # is written for cgroup v1, what this project's machines have.
+  [[ "$(stat -fc %T /sys/fs/cgroup)" == tmpfs && -d /sys/fs/cgroup/memory ]] ||
+    die "--nodes needs cgroup v1 (/sys/fs/cgroup a tmpfs of v1 hierarchies); this machine has $(stat -fc %T /sys/fs/cgroup)"
+  # The prefix is global (namespaces, cgroups, $rundir): claim it, or refuse
+  # while another DIR holds it.
+  mkdir -p "$(dirname "$rundir")"
+  mkdir "$rundir" 2>/dev/null ||
+    die "prefix $prefix is in use by $(cat "$rundir/dir" 2>/dev/null || echo 'another cluster'); stop that one first (dev-cluster.sh down DIR)"
+  echo "$dir" >"$rundir/dir"
   ip link add "$bridge" type bridge || die "could not create bridge $bridge"
   ip addr add "$gateway/24" dev "$bridge"
   ip link set "$bridge" up
-  mkdir -p "$rundir"
-  # Lets a later cleanup that knows only the prefix find DIR (incident-lab --clean).
-  echo "$dir" >"$rundir/dir"
 }
 
 # cgroup v1: every hierarchy gets the node's cgroup root (the kubelet's
@@ -161,6 +168,7 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
     runtime_type = "io.containerd.runc.v2"
     [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
       BinaryName = "$node_bin/runc"
+      Root = "$run/runc"
       SystemdCgroup = false
   [plugins.'io.containerd.cri.v1.runtime'.cni]
     bin_dirs = ["$node_bin/cni"]
@@ -221,6 +229,8 @@ EOF
 node_start() { # K
   local k=$1 name="eg-node-$1" n="$dir/nodes/eg-node-$1" run="$rundir/n$1" ns
   ns="$(node_ns "$k")"
+  # A containerd that was SIGKILLed leaves its socket: the wait below must see a new one.
+  rm -f "$run/containerd.sock"
   PATH="$node_bin:$PATH" spawn_node "$name" containerd \
     nsenter --net="/run/netns/$ns" -- "$node_bin/containerd" --config "$n/containerd.toml"
   wait_until "$name's containerd" 30 test -S "$run/containerd.sock"
@@ -272,7 +282,7 @@ nodes_up() { # N
   node_bin="$("$root/scripts/build-node.sh")"
   # The image registry on the bridge, then the images the nodes run.
   local reg_port
-  read -r reg_port < <(free_ports 1)
+  reg_port="$(free_ports 1)" || die "could not pick a port for the registry"
   registry="$gateway:$reg_port"
   spawn registry "$node_bin/egimage" serve --addr "$registry" --log "$dir/registry-requests.log"
   wait_until "the image registry" 15 curl -sf "http://$registry/v2/"
@@ -309,9 +319,20 @@ node_stop() { # NAME
 nodes_down() {
   [[ -f "$dir/network" ]] || return 0
   net_load 0
+  # Only what this DIR claimed: an `up` refused for a prefix in use owns nothing.
+  [[ "$(cat "$rundir/dir" 2>/dev/null)" == "$dir" ]] || return 0
   local n name k pid m
   for n in "$dir"/nodes/eg-node-*; do
     [[ -d $n ]] && node_stop "$(basename "$n")"
+  done
+  # The shims' sockets live in /run/containerd/s (not configurable); each
+  # task's bootstrap.json names its own.
+  { cat "$rundir"/n*/state/io.containerd.runtime.v2.task/k8s.io/*/bootstrap.json 2>/dev/null || true; } |
+    { grep -o 'unix:///run/containerd/s/[0-9a-f]*' || true; } | sed 's|^unix://||' | sort -u |
+    while read -r m; do rm -f "$m"; done
+  # libcni's result cache is shared (/var/lib/cni/results): this DIR's sandboxes only.
+  for n in "$dir"/nodes/eg-node-*/containerd/io.containerd.grpc.v1.cri/sandboxes/*; do
+    [[ -d $n ]] && rm -f /var/lib/cni/results/eg-"$(basename "$n")"-*
   done
   # Shims name their containerd's socket, which lives under $rundir.
   for pid in $(pgrep -f "containerd-shim-runc-v2 .*-address $rundir/" || true); do kill -9 "$pid" 2>/dev/null || true; done
@@ -324,10 +345,15 @@ nodes_down() {
   done
   # Mounts (container root filesystems, pod volumes, network namespaces),
   # deepest first.
-  awk '{print $5}' /proc/self/mountinfo | grep -E "^($dir|$rundir)/" | sort -r |
-    while read -r m; do umount -l "$m" 2>/dev/null || true; done
-  for c in /sys/fs/cgroup/*/"$prefix"-n*; do
-    [[ -d $c ]] && find "$c" -depth -type d -exec rmdir {} + 2>/dev/null
+  awk -v a="$dir/" -v b="$rundir/" 'index($5, a) == 1 || index($5, b) == 1 { print $5 }' \
+    /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+  # A process still exiting keeps its cgroup a moment: try for a few seconds.
+  for _ in $(seq 20); do
+    for c in /sys/fs/cgroup/*/"$prefix"-n*; do
+      [[ -d $c ]] && { find "$c" -depth -type d -exec rmdir {} + 2>/dev/null || true; }
+    done
+    compgen -G "/sys/fs/cgroup/*/$prefix-n*" >/dev/null || break
+    sleep 0.2
   done
   for c in /sys/fs/cgroup/*/"$prefix"-n*; do
     [[ -d $c ]] && log "warning: could not remove cgroup $c"

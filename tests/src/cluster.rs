@@ -50,7 +50,8 @@ pub struct ControlPlane {
     pub dir: PathBuf,
     /// The admin kubeconfig (system:masters).
     pub kubeconfig: PathBuf,
-    /// `https://127.0.0.1:PORT`, as seen inside its namespace.
+    /// `https://127.0.0.1:PORT` as seen inside its namespace (with nodes,
+    /// `https://BRIDGE:PORT`).
     pub server: String,
     /// The API server's port.
     pub port: u16,

@@ -49,8 +49,10 @@ impl Nodes {
     pub fn up(n: usize) -> Nodes {
         let id = cluster::unique();
         let dir = std::env::temp_dir().join(format!("egk-{id}"));
+        // Removed even when the start panics.
+        let guard = cluster::TempDir(dir.clone());
         let mut nodes = Nodes::create(&format!("egk-{id}"), &dir, None, n);
-        nodes._dir = Some(cluster::TempDir(dir));
+        nodes._dir = Some(guard);
         nodes
     }
 
@@ -154,7 +156,8 @@ impl Nodes {
         )
     }
 
-    /// The chart's pods of a component (`node-shaper`, `operator`) as JSON.
+    /// The chart's pods of a component (`node-shaper`, `operator`) as JSON;
+    /// panics when kubectl fails (an empty list must mean no pods).
     pub fn pods(&self, component: &str) -> Vec<serde_json::Value> {
         let o = self.cp.kubectl(&[
             "get",
@@ -166,10 +169,15 @@ impl Nodes {
             "-o",
             "json",
         ]);
+        assert!(
+            o.status.success(),
+            "kubectl get pods: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         serde_json::from_slice::<serde_json::Value>(&o.stdout)
             .ok()
             .and_then(|v| v["items"].as_array().cloned())
-            .unwrap_or_default()
+            .expect("kubectl get pods -o json: a list")
     }
 
     /// The agent pod on node `name`, if any.
@@ -348,8 +356,11 @@ pub struct Holder {
 }
 
 impl Holder {
-    /// Connections open now.
-    pub fn held(&self) -> usize {
+    /// Connections open now (0 once the holder is gone: its file outlives it).
+    pub fn held(&mut self) -> usize {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return 0;
+        }
         std::fs::read_to_string(&self.file)
             .ok()
             .and_then(|s| s.split_whitespace().next()?.parse().ok())
@@ -404,7 +415,7 @@ impl Receiver {
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("python3");
-        let h = Holder { child, file };
+        let mut h = Holder { child, file };
         let deadline = Instant::now() + Duration::from_secs(20);
         while h.held() < n && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(200));

@@ -494,8 +494,8 @@ pub fn run_lab(
     progress("starting the control plane and two kubelet nodes (containerd, runc, CNI), pushing the images");
     let dir = out.join("logs");
     let c = Nodes::create(NAMESPACES[0], &dir, Some(PREFIX), 2);
-    // Dropped before the cluster, in this order: the pods' logs copied out,
-    // the processes the lab started, the internet namespace.
+    // Dropped before the cluster, last declared first: the internet
+    // namespace, the processes the lab started, then the pods' logs copied out.
     let _logs = KeepLogs(&c, dir.clone());
     let mut others = Children(vec![]);
     let internet = build_internet(&c.api, settings.uplink_mbit)?;

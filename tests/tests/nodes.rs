@@ -37,7 +37,7 @@ fn guard(extra_spec: serde_json::Value) -> serde_json::Value {
 /// returns (polls, polls that found a node unshaped, the longest unshaped run).
 struct ShapingWatch {
     stop: Arc<AtomicBool>,
-    handle: std::thread::JoinHandle<(u32, u32, Duration)>,
+    handle: Option<std::thread::JoinHandle<(u32, u32, Duration)>>,
 }
 
 impl ShapingWatch {
@@ -72,12 +72,29 @@ impl ShapingWatch {
             }
             (polls, bad, worst)
         });
-        ShapingWatch { stop, handle }
+        ShapingWatch {
+            stop,
+            handle: Some(handle),
+        }
     }
 
-    fn stop(self) -> (u32, u32, Duration) {
+    fn stop(mut self) -> (u32, u32, Duration) {
         self.stop.store(true, Ordering::SeqCst);
-        self.handle.join().expect("watch thread")
+        self.handle
+            .take()
+            .expect("running")
+            .join()
+            .expect("watch thread")
+    }
+}
+
+/// A test that panics mid-way stops the polling too.
+impl Drop for ShapingWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
     }
 }
 
@@ -533,7 +550,7 @@ fn e2e_chart_on_kubelet_nodes_upgrade_roll_and_probes() {
 
     // The kubelet's probes: 300 idle connections on the agent's metrics port
     // of eg-node-1, then a 100,000-entry whitelist applied on every node.
-    let holder = rx.hold_idle(&c.node_ip(1), 9464, 300);
+    let mut holder = rx.hold_idle(&c.node_ip(1), 9464, 300);
     eprintln!(
         "{} idle connections open to eg-node-1's metrics port",
         holder.held()
@@ -577,6 +594,7 @@ fn e2e_chart_on_kubelet_nodes_upgrade_roll_and_probes() {
     std::thread::sleep(Duration::from_secs(20));
     let held = holder.held();
     let pods = c.pods("node-shaper");
+    assert_eq!(pods.len(), 2, "agent pods: {}", c.context());
     let counts: Vec<u64> = pods.iter().map(restarts).collect();
     eprintln!(
         "{entries} entries enforced on both nodes in {:.1} s; {held} idle connections held on eg-node-1's metrics port; agent restartCounts {counts:?}, all Ready: {}",
