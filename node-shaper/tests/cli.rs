@@ -14,12 +14,27 @@ fn run(args: &[&str]) -> (Option<i32>, String) {
     )
 }
 
-fn temp(name: &str, body: &str) -> std::path::PathBuf {
+/// A guard file in a directory of its own, removed on drop (and on panic).
+struct Temp(std::path::PathBuf);
+
+impl Temp {
+    fn to_string_lossy(&self) -> String {
+        self.0.join("g.yaml").to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Temp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp(name: &str, body: &str) -> Temp {
     let dir = std::env::temp_dir().join(format!("egcli-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
-    let p = dir.join("g.yaml");
-    std::fs::write(&p, body).expect("write");
-    p
+    let t = Temp(dir);
+    std::fs::write(t.0.join("g.yaml"), body).expect("write");
+    t
 }
 
 #[test]
