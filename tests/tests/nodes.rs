@@ -242,22 +242,16 @@ fn e2e_chart_on_kubelet_nodes_install_survive_uninstall() {
     eprintln!("resident memory (MiB): {}", rss_report(&c));
 
     // The DaemonSet on every node, two operator replicas, one leader.
-    let ds = c.cp.get(
+    let ds: serde_json::Value = serde_json::from_str(&c.cp.kubectl_ok(&[
+        "get",
         "ds",
-        &format!("{}-node-shaper -n {NAMESPACE}", cluster::RELEASE),
-    );
-    let ds = ds.unwrap_or_else(|| {
-        let o = c.cp.kubectl(&[
-            "get",
-            "ds",
-            "-n",
-            NAMESPACE,
-            &format!("{}-node-shaper", cluster::RELEASE),
-            "-o",
-            "json",
-        ]);
-        serde_json::from_slice(&o.stdout).expect("daemonset")
-    });
+        "-n",
+        NAMESPACE,
+        &format!("{}-node-shaper", cluster::RELEASE),
+        "-o",
+        "json",
+    ]))
+    .expect("the DaemonSet as JSON");
     assert_eq!(ds["status"]["numberReady"], 2, "{}", c.context());
     let operators = c.pods("operator");
     assert_eq!(
