@@ -43,9 +43,7 @@ struct ShapingWatch {
 impl ShapingWatch {
     fn start(c: &Nodes) -> ShapingWatch {
         let stop = Arc::new(AtomicBool::new(false));
-        let namespaces: Vec<String> = (1..=c.names.len())
-            .map(|k| format!("{}-n{k}", c.net.prefix))
-            .collect();
+        let namespaces: Vec<String> = (1..=c.names.len()).map(|k| c.node_ns(k)).collect();
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {
             let (mut polls, mut bad, mut worst) = (0, 0, Duration::ZERO);
@@ -144,7 +142,7 @@ fn mean(v: &[f64]) -> f64 {
 /// The agent's process on node `name` (its pid in this machine's pid space).
 fn agent_pid(c: &Nodes, name: &str) -> Option<u32> {
     let k: usize = name.trim_start_matches("eg-node-").parse().ok()?;
-    let ns = format!("{}-n{k}", c.net.prefix);
+    let ns = c.node_ns(k);
     let o = Command::new("pgrep")
         .args(["-x", "node-shaper"])
         .output()
